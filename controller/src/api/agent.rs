@@ -1,0 +1,172 @@
+//! `sentinel.v1.AgentService`: one long-lived stream per agent. The first message must be a
+//! hello naming the same host as the certificate; then reports, heartbeats and job events flow
+//! up while the registry holds the sender for messages down.
+
+use std::pin::Pin;
+use std::sync::Arc;
+use std::time::Duration;
+
+use futures::Stream;
+use sentinel_proto::v1::agent_service_server::AgentService;
+use sentinel_proto::v1::{
+    agent_message, controller_message, AgentMessage, BundleChunk, ControllerMessage, Welcome,
+};
+use tokio::sync::mpsc;
+use tokio_stream::wrappers::ReceiverStream;
+use tonic::{Request, Response, Status, Streaming};
+use tracing::{debug, info, warn, Instrument};
+
+use crate::identity::Identity;
+use crate::registry::Registry;
+
+/// How long an agent may take between opening the stream and sending its hello.
+const HELLO_TIMEOUT: Duration = Duration::from_secs(10);
+/// Messages queued towards one agent before senders wait.
+const OUTBOUND_QUEUE: usize = 64;
+
+/// The agent channel service.
+pub struct AgentApi {
+    registry: Arc<Registry>,
+}
+
+impl AgentApi {
+    /// A service over the shared registry.
+    pub fn new(registry: Arc<Registry>) -> Self {
+        Self { registry }
+    }
+}
+
+type OutboundStream = Pin<Box<dyn Stream<Item = Result<ControllerMessage, Status>> + Send>>;
+
+#[tonic::async_trait]
+impl AgentService for AgentApi {
+    type ConnectStream = OutboundStream;
+
+    async fn connect(
+        &self,
+        request: Request<Streaming<AgentMessage>>,
+    ) -> Result<Response<Self::ConnectStream>, Status> {
+        let peer = super::peer(&request)?;
+        let Identity::Host(cert_name) = peer.identity else {
+            return Err(Status::permission_denied(
+                "the agent channel takes host certificates only",
+            ));
+        };
+        let mut inbound = request.into_inner();
+        let first = tokio::time::timeout(HELLO_TIMEOUT, inbound.message())
+            .await
+            .map_err(|_| Status::deadline_exceeded("no hello within 10s"))??;
+        let hello = match first.and_then(|m| m.msg) {
+            Some(agent_message::Msg::Hello(hello)) => hello,
+            Some(_) => {
+                return Err(Status::invalid_argument(
+                    "the first message must be a hello",
+                ))
+            }
+            None => return Err(Status::invalid_argument("stream ended before the hello")),
+        };
+        let info = hello
+            .host
+            .ok_or_else(|| Status::invalid_argument("hello carries no host info"))?;
+        if info.name != cert_name {
+            warn!(
+                certificate = %cert_name,
+                claimed = %info.name,
+                peer = ?peer.addr,
+                "hello claims another host's name; refused"
+            );
+            return Err(Status::permission_denied(format!(
+                "certificate is for host {cert_name:?}, hello claims {:?}",
+                info.name
+            )));
+        }
+
+        let (tx, rx) = mpsc::channel(OUTBOUND_QUEUE);
+        let liveness = self.registry.liveness();
+        let welcome = Welcome {
+            controller_version: crate::VERSION.to_string(),
+            server_time: Some(sentinel_proto::time::now()),
+            heartbeat_interval: Some(sentinel_proto::time::duration(liveness.heartbeat_interval)),
+            missed_heartbeats_offline: liveness.missed_heartbeats_offline,
+        };
+        tx.send(Ok(ControllerMessage {
+            msg: Some(controller_message::Msg::Welcome(welcome)),
+        }))
+        .await
+        .map_err(|_| Status::unavailable("stream closed"))?;
+
+        let version = info.agent_version.clone();
+        let conn_id = self.registry.connect(info, peer.addr, tx.clone());
+        info!(host = %cert_name, peer = ?peer.addr, agent_version = %version, "agent connected");
+        let registry = self.registry.clone();
+        let span = tracing::info_span!("agent_stream", host = %cert_name, conn = conn_id);
+        tokio::spawn(
+            async move {
+                let reason = serve_stream(&registry, &cert_name, inbound, tx).await;
+                info!(reason = %reason, "agent disconnected");
+                registry.disconnect(&cert_name, conn_id, &reason);
+            }
+            .instrument(span),
+        );
+        Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
+    }
+}
+
+/// Reads the agent's messages until the stream ends; returns why it ended.
+async fn serve_stream(
+    registry: &Registry,
+    host: &str,
+    mut inbound: Streaming<AgentMessage>,
+    tx: mpsc::Sender<Result<ControllerMessage, Status>>,
+) -> String {
+    let liveness = registry.liveness();
+    let limit = liveness.silence_limit();
+    loop {
+        let next = tokio::select! {
+            next = tokio::time::timeout(limit, inbound.message()) => next,
+            // The registry dropped its sender (a newer connection took over) and the response
+            // stream is gone: stop reading this one.
+            _ = tx.closed() => return "superseded by a newer connection".into(),
+        };
+        let msg = match next {
+            Err(_) => {
+                return format!(
+                    "missed {} heartbeats: nothing heard for {}s",
+                    liveness.missed_heartbeats_offline,
+                    limit.as_secs()
+                )
+            }
+            Ok(Err(status)) => return format!("stream failed: {}", status.message()),
+            Ok(Ok(None)) => return "agent closed the stream".into(),
+            Ok(Ok(Some(msg))) => msg,
+        };
+        registry.touch(host);
+        match msg.msg {
+            Some(agent_message::Msg::Report(report)) => {
+                debug!(seq = report.seq, full = report.full, "state report");
+                registry.apply_report(host, report);
+            }
+            Some(agent_message::Msg::Heartbeat(_)) => {}
+            Some(agent_message::Msg::JobEvent(event)) => {
+                info!(job_id = %event.job_id, event = ?event.event, "job event");
+            }
+            Some(agent_message::Msg::BundleRequest(req)) => {
+                let chunk = BundleChunk {
+                    sha256: req.sha256.clone(),
+                    offset: req.offset,
+                    error: format!("no release bundle {} on this controller", req.sha256),
+                    ..Default::default()
+                };
+                let _ = tx
+                    .send(Ok(ControllerMessage {
+                        msg: Some(controller_message::Msg::BundleChunk(chunk)),
+                    }))
+                    .await;
+            }
+            Some(agent_message::Msg::Hello(_)) => {
+                return "protocol error: a second hello on the same stream".into();
+            }
+            None => {}
+        }
+    }
+}

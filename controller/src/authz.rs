@@ -1,0 +1,67 @@
+//! A tower layer in front of every gRPC service that checks the caller's certificate identity
+//! against the path it calls, before any handler runs. Refusals are PERMISSION_DENIED and are
+//! logged with the peer.
+
+use std::future::Future;
+use std::pin::Pin;
+use std::task::{Context, Poll};
+
+use tower::{Layer, Service};
+use tracing::warn;
+
+use crate::identity::{self, PeerInfo};
+
+/// Adds [`Authz`] around a service.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct AuthzLayer;
+
+impl<S> Layer<S> for AuthzLayer {
+    type Service = Authz<S>;
+
+    fn layer(&self, inner: S) -> Self::Service {
+        Authz { inner }
+    }
+}
+
+/// The authorising service.
+#[derive(Debug, Clone)]
+pub struct Authz<S> {
+    inner: S,
+}
+
+type BoxFuture<T, E> = Pin<Box<dyn Future<Output = Result<T, E>> + Send>>;
+
+impl<S, B, R> Service<http::Request<B>> for Authz<S>
+where
+    S: Service<http::Request<B>, Response = http::Response<R>>,
+    S::Future: Send + 'static,
+    R: Default + Send + 'static,
+    S::Error: Send + 'static,
+{
+    type Response = http::Response<R>;
+    type Error = S::Error;
+    type Future = BoxFuture<Self::Response, Self::Error>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, req: http::Request<B>) -> Self::Future {
+        let path = req.uri().path().to_string();
+        let verdict = match req.extensions().get::<PeerInfo>() {
+            // Every connection passes through our TLS acceptor, which always attaches this;
+            // its absence means a misconfigured server, so fail closed.
+            None => Err("no authenticated peer on this connection".to_string()),
+            Some(peer) => identity::authorize(&peer.identity, &path).inspect_err(|_| {
+                warn!(peer = ?peer.addr, identity = %peer.identity, path = %path, "call refused");
+            }),
+        };
+        match verdict {
+            Ok(()) => Box::pin(self.inner.call(req)),
+            Err(reason) => {
+                let response = tonic::Status::permission_denied(reason).into_http();
+                Box::pin(async move { Ok(response) })
+            }
+        }
+    }
+}

@@ -1,0 +1,160 @@
+//! The controller's TOML configuration (`/etc/sentinel/sentinel.toml`) and its defaults.
+
+use std::fmt;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use hostagent::config::{load_toml, ConfigError};
+use hostagent::tls::TlsFiles;
+use serde::Deserialize;
+
+/// The controller's configuration.
+#[derive(Clone, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct ControllerConfig {
+    /// Where agents and operators connect (mTLS, gRPC).
+    #[serde(default = "defaults::listen")]
+    pub listen: SocketAddr,
+    /// Where the embedded store lives.
+    #[serde(default = "defaults::data_dir")]
+    pub data_dir: PathBuf,
+    /// Fleet CA, the controller's certificate and key.
+    pub tls: TlsFiles,
+    /// Agent liveness.
+    #[serde(default)]
+    pub agents: AgentsConfig,
+}
+
+/// How agents are kept track of.
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct AgentsConfig {
+    /// How often agents must send a heartbeat (told to them in the welcome).
+    #[serde(default = "defaults::heartbeat_interval", with = "humantime_serde")]
+    pub heartbeat_interval: Duration,
+    /// Missed heartbeats after which a host is offline and its stream is closed.
+    #[serde(default = "defaults::missed_heartbeats_offline")]
+    pub missed_heartbeats_offline: u32,
+}
+
+impl Default for AgentsConfig {
+    fn default() -> Self {
+        Self {
+            heartbeat_interval: defaults::heartbeat_interval(),
+            missed_heartbeats_offline: defaults::missed_heartbeats_offline(),
+        }
+    }
+}
+
+/// Every default in one place.
+mod defaults {
+    use std::net::SocketAddr;
+    use std::path::PathBuf;
+    use std::time::Duration;
+
+    pub fn listen() -> SocketAddr {
+        SocketAddr::from(([0, 0, 0, 0], 7443))
+    }
+    pub fn data_dir() -> PathBuf {
+        PathBuf::from("/var/lib/sentinel")
+    }
+    pub fn heartbeat_interval() -> Duration {
+        Duration::from_secs(10)
+    }
+    pub fn missed_heartbeats_offline() -> u32 {
+        3
+    }
+}
+
+impl ControllerConfig {
+    /// Loads and validates the config file at `path`.
+    pub fn load(path: &Path) -> Result<Self, ConfigError> {
+        let config: Self = load_toml(path)?;
+        config.validate(path)?;
+        Ok(config)
+    }
+
+    /// Checks values that parse but cannot work.
+    pub fn validate(&self, path: &Path) -> Result<(), ConfigError> {
+        let invalid = |key: &str, message: String| ConfigError::Invalid {
+            path: path.to_path_buf(),
+            key: key.into(),
+            message,
+        };
+        if self.agents.heartbeat_interval < Duration::from_millis(100) {
+            return Err(invalid(
+                "agents.heartbeat_interval",
+                format!(
+                    "{:?} is below the minimum of 100ms",
+                    self.agents.heartbeat_interval
+                ),
+            ));
+        }
+        if self.agents.missed_heartbeats_offline == 0 {
+            return Err(invalid(
+                "agents.missed_heartbeats_offline",
+                "must be at least 1".into(),
+            ));
+        }
+        Ok(())
+    }
+
+    /// The embedded store's file.
+    pub fn store_path(&self) -> PathBuf {
+        self.data_dir.join("sentinel.redb")
+    }
+}
+
+impl fmt::Debug for ControllerConfig {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("ControllerConfig")
+            .field("listen", &self.listen)
+            .field("data_dir", &self.data_dir)
+            .field("tls", &self.tls)
+            .field("agents", &self.agents)
+            .finish()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use hostagent::config::parse_toml;
+
+    const GOOD: &str = r#"
+listen = "127.0.0.1:7443"
+data_dir = "/tmp/s"
+
+[tls]
+ca = "ca.pem"
+cert = "controller.pem"
+key = "controller.key"
+
+[agents]
+heartbeat_interval = "2s"
+"#;
+
+    #[test]
+    fn a_good_config_parses() {
+        let c: ControllerConfig = parse_toml(Path::new("s.toml"), GOOD).unwrap();
+        c.validate(Path::new("s.toml")).unwrap();
+        assert_eq!(c.agents.heartbeat_interval, Duration::from_secs(2));
+        assert_eq!(c.agents.missed_heartbeats_offline, 3);
+    }
+
+    #[test]
+    fn errors_name_file_line_and_key() {
+        let text = GOOD.replace("heartbeat_interval", "heartbeat");
+        let err = parse_toml::<ControllerConfig>(Path::new("/etc/sentinel/sentinel.toml"), &text)
+            .unwrap_err()
+            .to_string();
+        assert!(err.starts_with("/etc/sentinel/sentinel.toml:11:"), "{err}");
+        assert!(err.contains("heartbeat"), "{err}");
+        let text = GOOD.replace("127.0.0.1:7443", "nowhere");
+        let err = parse_toml::<ControllerConfig>(Path::new("s.toml"), &text)
+            .unwrap_err()
+            .to_string();
+        assert!(err.starts_with("s.toml:2:"), "{err}");
+    }
+}

@@ -1,0 +1,17 @@
+//! The Sentinel controller as a library: the `sentinel` binary's subcommands call into it, and
+//! the end-to-end tests run it as a process.
+#![forbid(unsafe_code)]
+
+pub mod api;
+pub mod authz;
+pub mod config;
+pub mod dev;
+pub mod identity;
+pub mod pki;
+pub mod registry;
+pub mod server;
+pub mod store;
+pub mod tls;
+
+/// The controller's version, sent in welcomes.
+pub const VERSION: &str = env!("CARGO_PKG_VERSION");

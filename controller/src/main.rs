@@ -1,0 +1,240 @@
+//! `sentinel`: parses the command line and starts the controller, dev mode, or a PKI or config
+//! subcommand.
+#![forbid(unsafe_code)]
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Duration;
+
+use clap::{Parser, Subcommand};
+use hostagent::logging::{self, LogFormat};
+use sentinel::config::ControllerConfig;
+use sentinel::pki::{self, Role};
+use tokio_util::sync::CancellationToken;
+
+/// Sentinel controller: fleet state, signed jobs and deploys over mTLS.
+#[derive(Debug, Parser)]
+#[command(name = "sentinel", version, about)]
+struct Cli {
+    /// Log line format.
+    #[arg(long, global = true, value_enum, default_value_t = LogFormat::Text)]
+    log_format: LogFormat,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Run the controller.
+    Serve {
+        /// Config file.
+        #[arg(
+            long,
+            short,
+            default_value = "/etc/sentinel/sentinel.toml",
+            env = "SENTINEL_CONFIG"
+        )]
+        config: PathBuf,
+    },
+    /// Run a controller and a local agent with a dev PKI, all in this process.
+    Dev {
+        /// Where state and dev certificates live.
+        #[arg(long, default_value = "./.sentinel-dev")]
+        data_dir: PathBuf,
+        /// The controller's listen address.
+        #[arg(long, default_value = "127.0.0.1:7443")]
+        listen: SocketAddr,
+        /// The local agent's report interval.
+        #[arg(long, default_value = "10s", value_parser = humantime::parse_duration)]
+        report_interval: Duration,
+    },
+    /// Create dev certificates and keys.
+    #[command(subcommand)]
+    Pki(PkiCommand),
+    /// Work with config files.
+    #[command(subcommand)]
+    Config(ConfigCommand),
+}
+
+#[derive(Debug, Subcommand)]
+enum PkiCommand {
+    /// Create a fleet CA, controller, host and admin certificates and the job-signing keys.
+    Init {
+        /// Directory to write into.
+        #[arg(long)]
+        dir: PathBuf,
+        /// Extra subject alternative names for the controller certificate.
+        #[arg(long = "san")]
+        sans: Vec<String>,
+        /// Hosts to issue certificates for (default: the dev fleet and this machine).
+        #[arg(long = "host")]
+        hosts: Vec<String>,
+        /// Overwrite existing files.
+        #[arg(long)]
+        force: bool,
+    },
+    /// Issue a host certificate signed by the CA in DIR.
+    IssueHost {
+        /// The host name, as the agent will present it.
+        name: String,
+        #[arg(long)]
+        dir: PathBuf,
+        #[arg(long)]
+        force: bool,
+    },
+    /// Issue an operator certificate with a role.
+    IssueOperator {
+        /// The operator's name.
+        name: String,
+        #[arg(long, value_enum)]
+        role: Role,
+        #[arg(long)]
+        dir: PathBuf,
+        #[arg(long)]
+        force: bool,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+enum ConfigCommand {
+    /// Validate a controller config file; exit 64 with the reason when it is invalid.
+    Check {
+        /// The file.
+        file: PathBuf,
+    },
+}
+
+/// sysexits' EX_USAGE: bad input, retrying will not help.
+const EX_USAGE: u8 = 64;
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    logging::init(cli.log_format);
+    match cli.command {
+        Command::Serve { config } => {
+            let config = match ControllerConfig::load(&config) {
+                Ok(c) => c,
+                Err(e) => {
+                    eprintln!("sentinel: invalid config: {e}");
+                    return ExitCode::from(EX_USAGE);
+                }
+            };
+            run_async(|shutdown| async move {
+                tracing::info!(config = ?config, "sentinel starting");
+                sentinel::server::run(config, shutdown, None).await
+            })
+        }
+        Command::Dev {
+            data_dir,
+            listen,
+            report_interval,
+        } => run_async(|shutdown| {
+            sentinel::dev::run(
+                sentinel::dev::DevOptions {
+                    data_dir,
+                    listen,
+                    report_interval,
+                },
+                shutdown,
+            )
+        }),
+        Command::Pki(cmd) => {
+            let result = match cmd {
+                PkiCommand::Init {
+                    dir,
+                    sans,
+                    hosts,
+                    force,
+                } => {
+                    let hosts = if hosts.is_empty() {
+                        pki::default_hosts(&sentinel::dev::local_host_name())
+                    } else {
+                        hosts
+                    };
+                    pki::init(&pki::InitOptions {
+                        dir,
+                        extra_sans: sans,
+                        hosts,
+                        force,
+                    })
+                }
+                PkiCommand::IssueHost { name, dir, force } => pki::issue_host(&dir, &name, force),
+                PkiCommand::IssueOperator {
+                    name,
+                    role,
+                    dir,
+                    force,
+                } => pki::issue_operator(&dir, &name, role, force),
+            };
+            match result {
+                Ok(files) => {
+                    for f in files {
+                        println!("wrote {}", f.display());
+                    }
+                    ExitCode::SUCCESS
+                }
+                Err(e) => {
+                    eprintln!("sentinel pki: {e}");
+                    ExitCode::from(EX_USAGE)
+                }
+            }
+        }
+        Command::Config(ConfigCommand::Check { file }) => match ControllerConfig::load(&file) {
+            Ok(_) => {
+                println!("{}: ok", file.display());
+                ExitCode::SUCCESS
+            }
+            Err(e) => {
+                eprintln!("sentinel: invalid config: {e}");
+                ExitCode::from(EX_USAGE)
+            }
+        },
+    }
+}
+
+/// Runs `f` on a multi-threaded runtime until it ends or SIGTERM/SIGINT asks it to stop.
+fn run_async<F, Fut>(f: F) -> ExitCode
+where
+    F: FnOnce(CancellationToken) -> Fut,
+    Fut: std::future::Future<Output = anyhow::Result<()>> + Send + 'static,
+{
+    let runtime = match tokio::runtime::Runtime::new() {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("sentinel: starting the runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    runtime.block_on(async move {
+        let shutdown = CancellationToken::new();
+        let mut task = tokio::spawn(f(shutdown.clone()));
+        let result = tokio::select! {
+            r = &mut task => r,
+            _ = hostagent::shutdown_signal() => {
+                tracing::info!("shutting down");
+                shutdown.cancel();
+                // Grace period: long enough to flush the store and close streams cleanly,
+                // short enough for systemd's default stop timeout.
+                match tokio::time::timeout(Duration::from_secs(10), &mut task).await {
+                    Ok(r) => r,
+                    Err(_) => {
+                        tracing::warn!("shutdown grace period over; exiting");
+                        return ExitCode::FAILURE;
+                    }
+                }
+            }
+        };
+        match result {
+            Ok(Ok(())) => ExitCode::SUCCESS,
+            Ok(Err(e)) => {
+                eprintln!("sentinel: {e:#}");
+                ExitCode::FAILURE
+            }
+            Err(e) => {
+                eprintln!("sentinel: task failed: {e}");
+                ExitCode::FAILURE
+            }
+        }
+    })
+}

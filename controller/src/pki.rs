@@ -1,0 +1,1501 @@
+//! Development PKI for a Sentinel fleet.
+//!
+//! This module creates the certificates and keys a development fleet needs:
+//!
+//! * a fleet CA (`ca.pem` / `ca.key`, ECDSA P-256, ten years),
+//! * the controller's TLS server certificate (`controller.pem` / `controller.key`),
+//! * one mTLS client certificate per host (`host-NAME.pem` / `host-NAME.key`),
+//! * operator client certificates (`operator-NAME.pem` / `operator-NAME.key`),
+//! * the Ed25519 job-signing key pair (`signing.key` PKCS#8 PEM, `signing.pub` SPKI PEM).
+//!
+//! Identity is carried in the certificates, and the controller's identity checks
+//! parse exactly this encoding:
+//!
+//! * host: subject `CN=NAME, O=Sentinel fleet, OU=host`, SAN URI
+//!   `sentinel://host/NAME` ([`HOST_URI_PREFIX`]), EKU clientAuth;
+//! * operator: subject `CN=NAME, O=Sentinel fleet, OU=operator`, SAN URI
+//!   `sentinel://operator/ROLE/NAME` ([`OPERATOR_URI_PREFIX`]), EKU clientAuth.
+//!
+//! Files are written atomically (temporary file in the same directory, then
+//! rename or hard link), private keys are created with mode 0600 and
+//! certificates get mode 0644. No existing file is replaced unless `force` is
+//! set, and every target is checked before anything is written, so a refused
+//! run leaves the directory untouched.
+//!
+//! This PKI is for development only: the CA key sits next to the certificates
+//! and there is no revocation. Production fleets use their own offline CA with
+//! the same subject and SAN scheme.
+
+use std::fmt;
+use std::fs;
+use std::io::{self, Write};
+use std::net::IpAddr;
+use std::path::{Path, PathBuf};
+use std::str::FromStr;
+
+use ed25519_dalek::pkcs8::spki::der::pem::LineEnding;
+use ed25519_dalek::pkcs8::{DecodePrivateKey, DecodePublicKey, EncodePrivateKey, EncodePublicKey};
+use rand::rngs::OsRng;
+use rand::RngCore;
+use rcgen::string::{Ia5String, PrintableString};
+use rcgen::{
+    BasicConstraints, CertificateParams, DistinguishedName, DnType, DnValue,
+    ExtendedKeyUsagePurpose, IsCa, Issuer, KeyIdMethod, KeyPair, KeyUsagePurpose, SanType,
+    SerialNumber,
+};
+use sha2::{Digest, Sha256};
+use time::{Duration, OffsetDateTime};
+use x509_parser::asn1_rs::Tag;
+use x509_parser::extensions::ParsedExtension;
+use x509_parser::x509::X509Name;
+
+/// Prefix of the SAN URI that names a host: `sentinel://host/NAME`.
+pub const HOST_URI_PREFIX: &str = "sentinel://host/";
+/// Prefix of the SAN URI that names an operator: `sentinel://operator/ROLE/NAME`.
+pub const OPERATOR_URI_PREFIX: &str = "sentinel://operator/";
+/// Subject organisation (O) of every fleet certificate.
+pub const FLEET_ORGANIZATION: &str = "Sentinel fleet";
+/// Subject organisational unit (OU) of host certificates.
+pub const HOST_OU: &str = "host";
+/// Subject organisational unit (OU) of operator certificates.
+pub const OPERATOR_OU: &str = "operator";
+/// Subject organisational unit (OU) of the controller's server certificate.
+pub const CONTROLLER_OU: &str = "controller";
+/// Common name (CN) of the development fleet CA.
+pub const CA_COMMON_NAME: &str = "Sentinel dev fleet CA";
+/// Common name (CN) of the controller's server certificate.
+pub const CONTROLLER_COMMON_NAME: &str = "Sentinel controller";
+
+/// File name of the fleet CA certificate.
+pub const CA_CERT_FILE: &str = "ca.pem";
+/// File name of the fleet CA private key.
+pub const CA_KEY_FILE: &str = "ca.key";
+/// File name of the controller's server certificate.
+pub const CONTROLLER_CERT_FILE: &str = "controller.pem";
+/// File name of the controller's server private key.
+pub const CONTROLLER_KEY_FILE: &str = "controller.key";
+/// File name of the Ed25519 job-signing private key (PKCS#8 PEM).
+pub const SIGNING_KEY_FILE: &str = "signing.key";
+/// File name of the Ed25519 job-signing public key (SPKI PEM).
+pub const SIGNING_PUB_FILE: &str = "signing.pub";
+/// Name of the operator whose certificate `init` issues (with role admin).
+pub const INIT_OPERATOR: &str = "admin";
+
+/// Host names seeded by [`default_hosts`] for a development fleet.
+const SEED_HOSTS: [&str; 4] = ["hub-alfa", "prod-alfa", "argus", "cerebro"];
+/// Validity of the fleet CA.
+const CA_VALIDITY: Duration = Duration::days(3650);
+/// Validity of leaf certificates (capped at the CA's expiry).
+const LEAF_VALIDITY: Duration = Duration::days(365);
+/// How far in the past `not_before` is set, to tolerate clock skew.
+const CLOCK_SKEW: Duration = Duration::hours(1);
+/// Longest accepted host or operator name.
+const MAX_NAME_LEN: usize = 63;
+/// Mode of private key files.
+const KEY_MODE: u32 = 0o600;
+/// Mode of certificate and public key files.
+const PUBLIC_MODE: u32 = 0o644;
+/// Mode of a PKI directory created by [`init`].
+const DIR_MODE: u32 = 0o700;
+
+/// Operator roles, ordered by privilege: viewer < deployer < admin.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, clap::ValueEnum)]
+pub enum Role {
+    /// Read-only access to fleet state.
+    Viewer,
+    /// May deploy, in addition to viewing.
+    Deployer,
+    /// Full control of the fleet.
+    Admin,
+}
+
+impl Role {
+    /// Every role, lowest privilege first.
+    pub const ALL: [Role; 3] = [Role::Viewer, Role::Deployer, Role::Admin];
+
+    /// The role's name as used on the command line and in SAN URIs.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Role::Viewer => "viewer",
+            Role::Deployer => "deployer",
+            Role::Admin => "admin",
+        }
+    }
+}
+
+impl fmt::Display for Role {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl FromStr for Role {
+    type Err = PkiError;
+
+    /// Parses `viewer`, `deployer` or `admin` (exactly, lowercase).
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        Role::ALL
+            .into_iter()
+            .find(|role| role.as_str() == s)
+            .ok_or_else(|| PkiError::InvalidRole {
+                value: s.to_owned(),
+            })
+    }
+}
+
+/// Errors from creating or loading the development PKI. Every variant names
+/// the file, directory or name it is about.
+#[derive(Debug, thiserror::Error)]
+pub enum PkiError {
+    /// A target file exists and `force` was not given.
+    #[error("{} already exists (use --force to replace it)", path.display())]
+    Exists {
+        /// The existing file.
+        path: PathBuf,
+    },
+    /// Reading, creating or renaming a file or directory failed.
+    #[error("I/O error on {}", path.display())]
+    Io {
+        /// The file or directory involved.
+        path: PathBuf,
+        /// The underlying error.
+        #[source]
+        source: io::Error,
+    },
+    /// A host or operator name is not acceptable.
+    #[error("invalid name {name:?}: {reason}")]
+    InvalidName {
+        /// The rejected name.
+        name: String,
+        /// Why it was rejected.
+        reason: String,
+    },
+    /// An extra subject alternative name for the controller is not acceptable.
+    #[error("invalid subject alternative name {san:?}: {reason}")]
+    InvalidSan {
+        /// The rejected SAN.
+        san: String,
+        /// Why it was rejected.
+        reason: String,
+    },
+    /// A role string is not one of `viewer`, `deployer`, `admin`.
+    #[error("invalid role {value:?} (expected viewer, deployer or admin)")]
+    InvalidRole {
+        /// The rejected value.
+        value: String,
+    },
+    /// Certificate or key generation failed.
+    #[error("cannot {what}")]
+    Rcgen {
+        /// What was being done, naming the certificate involved.
+        what: String,
+        /// The underlying error.
+        #[source]
+        source: rcgen::Error,
+    },
+    /// `ca.pem` or `ca.key` is missing from the PKI directory.
+    #[error(
+        "no fleet CA in {} ({CA_CERT_FILE} and {CA_KEY_FILE} are required); \
+         run `sentinel pki init --dir {}` first",
+        dir.display(),
+        dir.display()
+    )]
+    MissingCa {
+        /// The directory that was searched.
+        dir: PathBuf,
+    },
+    /// The CA certificate or key exists but cannot be used.
+    #[error("unusable fleet CA file {}: {reason}", path.display())]
+    InvalidCa {
+        /// The offending file.
+        path: PathBuf,
+        /// What is wrong with it.
+        reason: String,
+    },
+    /// A signing key file cannot be parsed or encoded.
+    #[error("invalid key {}: {reason}", path.display())]
+    InvalidKey {
+        /// The key file.
+        path: PathBuf,
+        /// What is wrong with it.
+        reason: String,
+    },
+}
+
+/// Options for [`init`].
+#[derive(Debug, Clone, Default)]
+pub struct InitOptions {
+    /// Directory to write into; created with mode 0700 if missing.
+    pub dir: PathBuf,
+    /// Extra SANs for the controller certificate (IP if it parses as one, else DNS).
+    pub extra_sans: Vec<String>,
+    /// Hosts to issue certificates for (see [`default_hosts`]).
+    pub hosts: Vec<String>,
+    /// Replace existing files instead of refusing.
+    pub force: bool,
+}
+
+/// Creates a fresh development PKI in `opts.dir`: fleet CA, controller server
+/// certificate, one certificate per host, the `admin` operator certificate
+/// and the job-signing key pair. Returns the files written, in write order.
+///
+/// Refuses (writing nothing) if any target exists and `opts.force` is unset.
+pub fn init(opts: &InitOptions) -> Result<Vec<PathBuf>, PkiError> {
+    let dir = opts.dir.as_path();
+    let hosts = dedup(&opts.hosts);
+    for host in &hosts {
+        validate_name(host)?;
+    }
+    let controller_sans = controller_sans(&opts.extra_sans)?;
+
+    let mut targets = vec![
+        dir.join(CA_KEY_FILE),
+        dir.join(CA_CERT_FILE),
+        dir.join(CONTROLLER_KEY_FILE),
+        dir.join(CONTROLLER_CERT_FILE),
+    ];
+    for host in &hosts {
+        let (cert, key) = host_files(dir, host);
+        targets.extend([key, cert]);
+    }
+    let (op_cert, op_key) = operator_files(dir, INIT_OPERATOR);
+    targets.extend([op_key.clone(), op_cert.clone()]);
+    targets.extend([dir.join(SIGNING_KEY_FILE), dir.join(SIGNING_PUB_FILE)]);
+    check_targets(&targets, opts.force)?;
+
+    // Generate everything in memory before touching the disk.
+    let ca = Ca::generate()?;
+    let mut planned = vec![
+        PlannedFile::secret(dir.join(CA_KEY_FILE), ca.issuer.key().serialize_pem()),
+        PlannedFile::public(dir.join(CA_CERT_FILE), ca.cert_pem.clone()),
+    ];
+    let controller = ca.issue(&Leaf::Controller {
+        sans: &controller_sans,
+    })?;
+    planned.extend(controller.into_files(
+        dir.join(CONTROLLER_CERT_FILE),
+        dir.join(CONTROLLER_KEY_FILE),
+    ));
+    for host in &hosts {
+        let (cert, key) = host_files(dir, host);
+        planned.extend(ca.issue(&Leaf::Host(host))?.into_files(cert, key));
+    }
+    planned.extend(
+        ca.issue(&Leaf::Operator(INIT_OPERATOR, Role::Admin))?
+            .into_files(op_cert, op_key),
+    );
+    planned.extend(signing_key_files(dir)?);
+    debug_assert_eq!(
+        planned.iter().map(|f| &f.path).collect::<Vec<_>>(),
+        targets.iter().collect::<Vec<_>>()
+    );
+
+    ensure_dir(dir)?;
+    write_planned(dir, &planned, opts.force)
+}
+
+/// Issues a host certificate (`host-NAME.pem` / `host-NAME.key`) signed by the
+/// fleet CA found in `dir`. Returns the files written.
+pub fn issue_host(dir: &Path, name: &str, force: bool) -> Result<Vec<PathBuf>, PkiError> {
+    validate_name(name)?;
+    let (cert, key) = host_files(dir, name);
+    issue_one(dir, &Leaf::Host(name), cert, key, force)
+}
+
+/// Issues an operator certificate (`operator-NAME.pem` / `operator-NAME.key`)
+/// carrying `role`, signed by the fleet CA found in `dir`. Returns the files written.
+pub fn issue_operator(
+    dir: &Path,
+    name: &str,
+    role: Role,
+    force: bool,
+) -> Result<Vec<PathBuf>, PkiError> {
+    validate_name(name)?;
+    let (cert, key) = operator_files(dir, name);
+    issue_one(dir, &Leaf::Operator(name, role), cert, key, force)
+}
+
+/// The development fleet's default hosts: the seed names `hub-alfa`,
+/// `prod-alfa`, `argus`, `cerebro`, then `local_hostname` (trimmed and
+/// lowercased), without duplicates. The local name is skipped, with a
+/// warning, if it is not a valid name (see [`validate_name`]).
+pub fn default_hosts(local_hostname: &str) -> Vec<String> {
+    let mut hosts: Vec<String> = SEED_HOSTS.iter().map(|h| (*h).to_owned()).collect();
+    let local = local_hostname.trim().to_ascii_lowercase();
+    if local.is_empty() {
+        return hosts;
+    }
+    match validate_name(&local) {
+        Ok(()) => {
+            if !hosts.contains(&local) {
+                hosts.push(local);
+            }
+        }
+        Err(err) => {
+            tracing::warn!("not issuing a certificate for the local host: {err}");
+        }
+    }
+    hosts
+}
+
+/// Checks that `name` is usable as a host or operator name: a lowercase
+/// DNS-label-like string matching `[a-z0-9]([a-z0-9-.]{0,61}[a-z0-9])?`,
+/// additionally without empty labels (`..`).
+pub fn validate_name(name: &str) -> Result<(), PkiError> {
+    let invalid = |reason: String| {
+        Err(PkiError::InvalidName {
+            name: name.to_owned(),
+            reason,
+        })
+    };
+    if name.is_empty() {
+        return invalid("must not be empty".to_owned());
+    }
+    if name.len() > MAX_NAME_LEN {
+        return invalid(format!("must be at most {MAX_NAME_LEN} characters"));
+    }
+    if let Some(c) = name
+        .chars()
+        .find(|c| !matches!(c, 'a'..='z' | '0'..='9' | '-' | '.'))
+    {
+        return invalid(format!(
+            "contains {c:?}; only lowercase letters, digits, '-' and '.' are allowed"
+        ));
+    }
+    let alnum = |c: Option<char>| c.is_some_and(|c| c.is_ascii_alphanumeric());
+    if !alnum(name.chars().next()) || !alnum(name.chars().last()) {
+        return invalid("must start and end with a lowercase letter or digit".to_owned());
+    }
+    if name.contains("..") {
+        return invalid("must not contain \"..\"".to_owned());
+    }
+    Ok(())
+}
+
+/// Short identifier of a job-signing public key: the first 16 hex characters
+/// of SHA-256 over the raw 32-byte Ed25519 public key.
+pub fn signing_key_id(public_key: &ed25519_dalek::VerifyingKey) -> String {
+    let digest = Sha256::digest(public_key.as_bytes());
+    let mut id = hex::encode(digest);
+    id.truncate(16);
+    id
+}
+
+/// Loads an Ed25519 job-signing private key from a PKCS#8 PEM file
+/// (as written to `signing.key`).
+pub fn load_signing_key(path: &Path) -> Result<ed25519_dalek::SigningKey, PkiError> {
+    let pem = read_string(path)?;
+    ed25519_dalek::SigningKey::from_pkcs8_pem(&pem).map_err(|e| PkiError::InvalidKey {
+        path: path.to_owned(),
+        reason: format!("not an Ed25519 PKCS#8 PEM private key: {e}"),
+    })
+}
+
+/// Loads an Ed25519 job-signing public key from an SPKI PEM file
+/// (as written to `signing.pub`).
+pub fn load_verifying_key(path: &Path) -> Result<ed25519_dalek::VerifyingKey, PkiError> {
+    let pem = read_string(path)?;
+    ed25519_dalek::VerifyingKey::from_public_key_pem(&pem).map_err(|e| PkiError::InvalidKey {
+        path: path.to_owned(),
+        reason: format!("not an Ed25519 SPKI PEM public key: {e}"),
+    })
+}
+
+/// Paths of a host's certificate and key in `dir`: `(host-NAME.pem, host-NAME.key)`.
+pub fn host_files(dir: &Path, name: &str) -> (PathBuf, PathBuf) {
+    (
+        dir.join(format!("host-{name}.pem")),
+        dir.join(format!("host-{name}.key")),
+    )
+}
+
+/// Paths of an operator's certificate and key in `dir`:
+/// `(operator-NAME.pem, operator-NAME.key)`.
+pub fn operator_files(dir: &Path, name: &str) -> (PathBuf, PathBuf) {
+    (
+        dir.join(format!("operator-{name}.pem")),
+        dir.join(format!("operator-{name}.key")),
+    )
+}
+
+// ---------------------------------------------------------------------------
+// Certificate generation
+// ---------------------------------------------------------------------------
+
+/// A CA able to sign leaf certificates.
+struct Ca {
+    issuer: Issuer<'static, KeyPair>,
+    cert_pem: String,
+    /// Raw DER of the CA's subject, to check issued certificates against.
+    subject_der: Vec<u8>,
+    not_after: OffsetDateTime,
+}
+
+/// The kinds of leaf certificate this module issues.
+enum Leaf<'a> {
+    Controller { sans: &'a [SanType] },
+    Host(&'a str),
+    Operator(&'a str, Role),
+}
+
+impl Leaf<'_> {
+    fn describe(&self) -> String {
+        match self {
+            Leaf::Controller { .. } => "controller certificate".to_owned(),
+            Leaf::Host(name) => format!("host certificate for {name:?}"),
+            Leaf::Operator(name, role) => format!("{role} operator certificate for {name:?}"),
+        }
+    }
+}
+
+/// A freshly issued certificate and its private key, PEM encoded.
+struct IssuedPair {
+    cert_pem: String,
+    key_pem: String,
+}
+
+impl IssuedPair {
+    /// The key file first, so a certificate never appears without its key.
+    fn into_files(self, cert_path: PathBuf, key_path: PathBuf) -> [PlannedFile; 2] {
+        [
+            PlannedFile::secret(key_path, self.key_pem),
+            PlannedFile::public(cert_path, self.cert_pem),
+        ]
+    }
+}
+
+impl Ca {
+    /// Creates a new self-signed fleet CA.
+    fn generate() -> Result<Ca, PkiError> {
+        let key = new_key_pair("the fleet CA")?;
+        let mut params = CertificateParams::default();
+        params.distinguished_name = fleet_dn(CA_COMMON_NAME, None);
+        params.is_ca = IsCa::Ca(BasicConstraints::Constrained(0));
+        params.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign];
+        params.serial_number = Some(random_serial());
+        let (not_before, not_after) = validity(CA_VALIDITY, None);
+        params.not_before = not_before;
+        params.not_after = not_after;
+        let cert = params.self_signed(&key).map_err(|source| PkiError::Rcgen {
+            what: "self-sign the fleet CA certificate".to_owned(),
+            source,
+        })?;
+        let subject_der = {
+            let (_, parsed) = x509_parser::parse_x509_certificate(cert.der()).map_err(|e| {
+                PkiError::InvalidCa {
+                    path: PathBuf::from(CA_CERT_FILE),
+                    reason: format!("generated CA certificate does not parse: {e}"),
+                }
+            })?;
+            parsed.subject().as_raw().to_vec()
+        };
+        Ok(Ca {
+            cert_pem: cert.pem(),
+            issuer: Issuer::new(params, key),
+            subject_der,
+            not_after,
+        })
+    }
+
+    /// Loads `ca.pem` and `ca.key` from `dir`, checking that they belong together.
+    fn load(dir: &Path) -> Result<Ca, PkiError> {
+        let cert_path = dir.join(CA_CERT_FILE);
+        let key_path = dir.join(CA_KEY_FILE);
+        let read_ca_file = |path: &Path| match fs::read_to_string(path) {
+            Ok(s) => Ok(s),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => Err(PkiError::MissingCa {
+                dir: dir.to_owned(),
+            }),
+            Err(source) => Err(PkiError::Io {
+                path: path.to_owned(),
+                source,
+            }),
+        };
+        let cert_pem = read_ca_file(&cert_path)?;
+        let key_pem = read_ca_file(&key_path)?;
+        let bad_cert = |reason: String| PkiError::InvalidCa {
+            path: cert_path.clone(),
+            reason,
+        };
+
+        let (_, pem) = x509_parser::pem::parse_x509_pem(cert_pem.as_bytes())
+            .map_err(|e| bad_cert(format!("not a PEM certificate: {e}")))?;
+        if pem.label != "CERTIFICATE" {
+            return Err(bad_cert(format!(
+                "expected a CERTIFICATE PEM block, found {:?}",
+                pem.label
+            )));
+        }
+        let (_, x509) = x509_parser::parse_x509_certificate(&pem.contents)
+            .map_err(|e| bad_cert(format!("cannot parse certificate: {e}")))?;
+        let is_ca = x509
+            .basic_constraints()
+            .map_err(|e| bad_cert(format!("bad basic constraints: {e}")))?
+            .is_some_and(|bc| bc.value.ca);
+        if !is_ca {
+            return Err(bad_cert("not a CA certificate".to_owned()));
+        }
+        let not_after = x509.validity().not_after.to_datetime();
+        if not_after <= OffsetDateTime::now_utc() {
+            return Err(bad_cert(format!("expired on {not_after}")));
+        }
+
+        let key = KeyPair::from_pem(&key_pem).map_err(|e| PkiError::InvalidCa {
+            path: key_path.clone(),
+            reason: format!("cannot load the private key (PKCS#8 PEM expected): {e}"),
+        })?;
+        if key.public_key_raw() != x509.public_key().subject_public_key.data.as_ref() {
+            return Err(PkiError::InvalidCa {
+                path: key_path,
+                reason: format!("does not match the public key in {}", cert_path.display()),
+            });
+        }
+
+        let mut params = CertificateParams::default();
+        params.distinguished_name = dn_from_x509(x509.subject()).map_err(bad_cert)?;
+        params.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign];
+        // Use the CA's own subject key identifier as the authority key
+        // identifier of issued certificates, whatever method produced it.
+        params.key_identifier_method = x509
+            .iter_extensions()
+            .find_map(|ext| match ext.parsed_extension() {
+                ParsedExtension::SubjectKeyIdentifier(kid) => {
+                    Some(KeyIdMethod::PreSpecified(kid.0.to_vec()))
+                }
+                _ => None,
+            })
+            .unwrap_or(KeyIdMethod::Sha256);
+        let subject_der = x509.subject().as_raw().to_vec();
+
+        Ok(Ca {
+            issuer: Issuer::new(params, key),
+            cert_pem,
+            subject_der,
+            not_after,
+        })
+    }
+
+    /// Issues a leaf certificate with a fresh ECDSA P-256 key.
+    fn issue(&self, leaf: &Leaf<'_>) -> Result<IssuedPair, PkiError> {
+        let what = leaf.describe();
+        let rcgen_err = |action: &'static str| {
+            let what = &what;
+            move |source| PkiError::Rcgen {
+                what: format!("{action} {what}"),
+                source,
+            }
+        };
+        let key = new_key_pair(&what)?;
+        let mut params = CertificateParams::default();
+        match leaf {
+            Leaf::Controller { sans } => {
+                params.distinguished_name = fleet_dn(CONTROLLER_COMMON_NAME, Some(CONTROLLER_OU));
+                params.subject_alt_names = sans.to_vec();
+                params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth];
+            }
+            Leaf::Host(name) => {
+                params.distinguished_name = fleet_dn(name, Some(HOST_OU));
+                let uri = Ia5String::try_from(format!("{HOST_URI_PREFIX}{name}"))
+                    .map_err(rcgen_err("encode the SAN URI of the"))?;
+                params.subject_alt_names = vec![SanType::URI(uri)];
+                params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ClientAuth];
+            }
+            Leaf::Operator(name, role) => {
+                params.distinguished_name = fleet_dn(name, Some(OPERATOR_OU));
+                let uri = Ia5String::try_from(format!("{OPERATOR_URI_PREFIX}{role}/{name}"))
+                    .map_err(rcgen_err("encode the SAN URI of the"))?;
+                params.subject_alt_names = vec![SanType::URI(uri)];
+                params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ClientAuth];
+            }
+        }
+        params.is_ca = IsCa::ExplicitNoCa;
+        params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
+        params.use_authority_key_identifier_extension = true;
+        params.serial_number = Some(random_serial());
+        let (not_before, not_after) = validity(LEAF_VALIDITY, Some(self.not_after));
+        params.not_before = not_before;
+        params.not_after = not_after;
+
+        let cert = params
+            .signed_by(&key, &self.issuer)
+            .map_err(rcgen_err("sign the"))?;
+
+        // Belt and braces: the issuer name must be byte-identical to the CA's
+        // subject, or TLS peers will not build the chain.
+        let (_, parsed) =
+            x509_parser::parse_x509_certificate(cert.der()).map_err(|e| PkiError::InvalidCa {
+                path: PathBuf::from(CA_CERT_FILE),
+                reason: format!("issued {what} does not parse: {e}"),
+            })?;
+        if parsed.issuer().as_raw() != self.subject_der.as_slice() {
+            return Err(PkiError::InvalidCa {
+                path: PathBuf::from(CA_CERT_FILE),
+                reason: format!("issuer name of the {what} does not match the CA subject"),
+            });
+        }
+
+        Ok(IssuedPair {
+            cert_pem: cert.pem(),
+            key_pem: key.serialize_pem(),
+        })
+    }
+}
+
+/// Loads the CA from `dir` and writes one certificate/key pair.
+fn issue_one(
+    dir: &Path,
+    leaf: &Leaf<'_>,
+    cert_path: PathBuf,
+    key_path: PathBuf,
+    force: bool,
+) -> Result<Vec<PathBuf>, PkiError> {
+    let ca = Ca::load(dir)?;
+    check_targets(&[key_path.clone(), cert_path.clone()], force)?;
+    let planned = ca.issue(leaf)?.into_files(cert_path, key_path);
+    write_planned(dir, &planned, force)
+}
+
+/// Generates the Ed25519 job-signing key pair as planned files.
+fn signing_key_files(dir: &Path) -> Result<[PlannedFile; 2], PkiError> {
+    let key_path = dir.join(SIGNING_KEY_FILE);
+    let pub_path = dir.join(SIGNING_PUB_FILE);
+    let signing_key = ed25519_dalek::SigningKey::generate(&mut OsRng);
+    // PKCS#8 v1 (no embedded public key): OpenSSL 3.0 cannot read the v2
+    // form ed25519-dalek writes by default; dalek reads both.
+    let key_bytes = ed25519_dalek::pkcs8::KeypairBytes {
+        secret_key: signing_key.to_bytes(),
+        public_key: None,
+    };
+    let key_pem = key_bytes
+        .to_pkcs8_pem(LineEnding::LF)
+        .map_err(|e| PkiError::InvalidKey {
+            path: key_path.clone(),
+            reason: format!("cannot encode the signing key: {e}"),
+        })?;
+    let pub_pem = signing_key
+        .verifying_key()
+        .to_public_key_pem(LineEnding::LF)
+        .map_err(|e| PkiError::InvalidKey {
+            path: pub_path.clone(),
+            reason: format!("cannot encode the signing public key: {e}"),
+        })?;
+    Ok([
+        PlannedFile::secret(key_path, key_pem.as_str().to_owned()),
+        PlannedFile::public(pub_path, pub_pem),
+    ])
+}
+
+/// The controller's SANs: DNS `localhost`, IP 127.0.0.1, then every extra
+/// SAN (IP if it parses as one, else DNS), without duplicates.
+fn controller_sans(extra: &[String]) -> Result<Vec<SanType>, PkiError> {
+    let mut sans = vec![
+        SanType::DnsName(
+            Ia5String::try_from("localhost").map_err(|source| PkiError::Rcgen {
+                what: "encode the controller SAN \"localhost\"".to_owned(),
+                source,
+            })?,
+        ),
+        SanType::IpAddress(IpAddr::from([127, 0, 0, 1])),
+    ];
+    for raw in extra {
+        let san = raw.trim();
+        let invalid = |reason: &str| PkiError::InvalidSan {
+            san: raw.clone(),
+            reason: reason.to_owned(),
+        };
+        let entry = if let Ok(ip) = san.parse::<IpAddr>() {
+            SanType::IpAddress(ip)
+        } else {
+            if san.is_empty() {
+                return Err(invalid("must not be empty"));
+            }
+            if san.len() > 253 {
+                return Err(invalid("DNS names are at most 253 characters"));
+            }
+            if !san
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '.' | '_' | '*'))
+            {
+                return Err(invalid(
+                    "not an IP address, and a DNS name may only contain letters, digits, '-', '.', '_' and '*'",
+                ));
+            }
+            SanType::DnsName(
+                Ia5String::try_from(san.to_ascii_lowercase())
+                    .map_err(|_| invalid("not encodable as IA5String"))?,
+            )
+        };
+        if !sans.contains(&entry) {
+            sans.push(entry);
+        }
+    }
+    Ok(sans)
+}
+
+/// A subject DN `O=Sentinel fleet[, OU=ou], CN=cn` (UTF8String values).
+fn fleet_dn(common_name: &str, unit: Option<&str>) -> DistinguishedName {
+    let mut dn = DistinguishedName::new();
+    dn.push(DnType::OrganizationName, FLEET_ORGANIZATION);
+    if let Some(unit) = unit {
+        dn.push(DnType::OrganizationalUnitName, unit);
+    }
+    dn.push(DnType::CommonName, common_name);
+    dn
+}
+
+/// Rebuilds an rcgen distinguished name from a parsed certificate name,
+/// preserving attribute order and string types so that issued certificates'
+/// issuer field is byte-identical to the CA's subject.
+fn dn_from_x509(name: &X509Name<'_>) -> Result<DistinguishedName, String> {
+    let mut dn = DistinguishedName::new();
+    for rdn in name.iter() {
+        let mut attrs = rdn.iter();
+        let (Some(attr), None) = (attrs.next(), attrs.next()) else {
+            return Err("subject has an empty or multi-valued RDN (unsupported)".to_owned());
+        };
+        let oid: Vec<u64> = attr
+            .attr_type()
+            .iter()
+            .ok_or_else(|| format!("subject attribute OID {} is too large", attr.attr_type()))?
+            .collect();
+        let value = attr.attr_value();
+        let text = || {
+            std::str::from_utf8(value.data)
+                .map_err(|_| format!("subject attribute {} is not valid text", attr.attr_type()))
+        };
+        let dn_value = match value.tag() {
+            Tag::Utf8String => DnValue::Utf8String(text()?.to_owned()),
+            Tag::PrintableString => DnValue::PrintableString(
+                PrintableString::try_from(text()?).map_err(|e| e.to_string())?,
+            ),
+            Tag::Ia5String => {
+                DnValue::Ia5String(Ia5String::try_from(text()?).map_err(|e| e.to_string())?)
+            }
+            other => {
+                return Err(format!(
+                    "subject attribute {} uses unsupported string type {other}",
+                    attr.attr_type()
+                ))
+            }
+        };
+        dn.push(DnType::from_oid(&oid), dn_value);
+    }
+    Ok(dn)
+}
+
+fn new_key_pair(what: &str) -> Result<KeyPair, PkiError> {
+    KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).map_err(|source| PkiError::Rcgen {
+        what: format!("generate a key pair for {what}"),
+        source,
+    })
+}
+
+/// A random positive 128-bit serial number.
+fn random_serial() -> SerialNumber {
+    let mut bytes = [0u8; 16];
+    OsRng.fill_bytes(&mut bytes);
+    // Positive, and exactly 16 bytes in DER (no leading zero octet needed).
+    bytes[0] = (bytes[0] & 0x7f) | 0x40;
+    SerialNumber::from_slice(&bytes)
+}
+
+/// `(now - CLOCK_SKEW, now + lifetime)`, the end capped at `cap`, whole seconds.
+fn validity(lifetime: Duration, cap: Option<OffsetDateTime>) -> (OffsetDateTime, OffsetDateTime) {
+    let now = OffsetDateTime::now_utc();
+    let now = now.replace_nanosecond(0).unwrap_or(now);
+    let mut not_after = now + lifetime;
+    if let Some(cap) = cap {
+        not_after = not_after.min(cap);
+    }
+    (now - CLOCK_SKEW, not_after)
+}
+
+fn dedup(names: &[String]) -> Vec<String> {
+    let mut out: Vec<String> = Vec::with_capacity(names.len());
+    for name in names {
+        if !out.contains(name) {
+            out.push(name.clone());
+        }
+    }
+    out
+}
+
+// ---------------------------------------------------------------------------
+// Files
+// ---------------------------------------------------------------------------
+
+/// A file to write: contents and whether it is a private key.
+struct PlannedFile {
+    path: PathBuf,
+    contents: String,
+    secret: bool,
+}
+
+impl PlannedFile {
+    fn secret(path: PathBuf, contents: String) -> Self {
+        PlannedFile {
+            path,
+            contents,
+            secret: true,
+        }
+    }
+
+    fn public(path: PathBuf, contents: String) -> Self {
+        PlannedFile {
+            path,
+            contents,
+            secret: false,
+        }
+    }
+
+    fn mode(&self) -> u32 {
+        if self.secret {
+            KEY_MODE
+        } else {
+            PUBLIC_MODE
+        }
+    }
+}
+
+fn io_err(path: &Path) -> impl FnOnce(io::Error) -> PkiError + '_ {
+    move |source| PkiError::Io {
+        path: path.to_owned(),
+        source,
+    }
+}
+
+fn read_string(path: &Path) -> Result<String, PkiError> {
+    fs::read_to_string(path).map_err(io_err(path))
+}
+
+/// Without `force`, fails with [`PkiError::Exists`] on the first target that
+/// exists (including dangling symlinks).
+fn check_targets(targets: &[PathBuf], force: bool) -> Result<(), PkiError> {
+    if force {
+        return Ok(());
+    }
+    for path in targets {
+        match fs::symlink_metadata(path) {
+            Ok(_) => return Err(PkiError::Exists { path: path.clone() }),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+            Err(e) => return Err(io_err(path)(e)),
+        }
+    }
+    Ok(())
+}
+
+/// Creates `dir` (and parents) with mode 0700 if missing; warns if an
+/// existing directory is accessible to group or others.
+fn ensure_dir(dir: &Path) -> Result<(), PkiError> {
+    match fs::metadata(dir) {
+        Ok(meta) if meta.is_dir() => {
+            #[cfg(unix)]
+            {
+                use std::os::unix::fs::PermissionsExt;
+                let mode = meta.permissions().mode() & 0o777;
+                if mode & 0o077 != 0 {
+                    tracing::warn!(
+                        dir = %dir.display(),
+                        "PKI directory has mode {mode:o}; 0700 is recommended"
+                    );
+                }
+            }
+            Ok(())
+        }
+        Ok(_) => Err(PkiError::Io {
+            path: dir.to_owned(),
+            source: io::Error::new(io::ErrorKind::NotADirectory, "not a directory"),
+        }),
+        Err(e) if e.kind() == io::ErrorKind::NotFound => {
+            let mut builder = fs::DirBuilder::new();
+            builder.recursive(true);
+            #[cfg(unix)]
+            {
+                use std::os::unix::fs::DirBuilderExt;
+                builder.mode(DIR_MODE);
+            }
+            builder.create(dir).map_err(io_err(dir))
+        }
+        Err(e) => Err(io_err(dir)(e)),
+    }
+}
+
+/// Writes every planned file atomically. On failure, files this call created
+/// are removed again (files replaced under `force` cannot be restored).
+fn write_planned(
+    dir: &Path,
+    planned: &[PlannedFile],
+    force: bool,
+) -> Result<Vec<PathBuf>, PkiError> {
+    let mut written = Vec::with_capacity(planned.len());
+    let mut created: Vec<PathBuf> = Vec::new();
+    for file in planned {
+        let existed = fs::symlink_metadata(&file.path).is_ok();
+        if let Err(err) = write_atomic(&file.path, file.contents.as_bytes(), file.mode(), force) {
+            for path in &created {
+                if let Err(e) = fs::remove_file(path) {
+                    tracing::warn!(path = %path.display(), "cannot roll back: {e}");
+                }
+            }
+            return Err(err);
+        }
+        tracing::debug!(path = %file.path.display(), "wrote");
+        if !existed {
+            created.push(file.path.clone());
+        }
+        written.push(file.path.clone());
+    }
+    sync_dir(dir)?;
+    Ok(written)
+}
+
+/// Writes `contents` to a temporary file in the target's directory (created
+/// with `mode`, so a key is never readable by others), then moves it into
+/// place: by rename under `force`, otherwise by hard link, which fails rather
+/// than replace a file that appeared meanwhile.
+fn write_atomic(path: &Path, contents: &[u8], mode: u32, force: bool) -> Result<(), PkiError> {
+    let parent = match path.parent() {
+        Some(p) if !p.as_os_str().is_empty() => p,
+        _ => Path::new("."),
+    };
+    let file_name = path
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    let tmp = parent.join(format!(
+        ".{file_name}.tmp-{}-{:016x}",
+        std::process::id(),
+        OsRng.next_u64()
+    ));
+
+    let mut options = fs::OpenOptions::new();
+    options.write(true).create_new(true);
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::OpenOptionsExt;
+        options.mode(mode);
+    }
+    let mut file = options.open(&tmp).map_err(io_err(&tmp))?;
+    let filled = (|| {
+        // Exact mode regardless of umask (the umask can only have narrowed it).
+        #[cfg(unix)]
+        {
+            use std::os::unix::fs::PermissionsExt;
+            file.set_permissions(fs::Permissions::from_mode(mode))?;
+        }
+        #[cfg(not(unix))]
+        let _ = mode;
+        file.write_all(contents)?;
+        file.sync_all()
+    })();
+    drop(file);
+    if let Err(e) = filled {
+        remove_temp(&tmp);
+        return Err(io_err(&tmp)(e));
+    }
+
+    if force {
+        return fs::rename(&tmp, path).map_err(|e| {
+            remove_temp(&tmp);
+            io_err(path)(e)
+        });
+    }
+    match fs::hard_link(&tmp, path) {
+        Ok(()) => {
+            remove_temp(&tmp);
+            Ok(())
+        }
+        Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {
+            remove_temp(&tmp);
+            Err(PkiError::Exists {
+                path: path.to_owned(),
+            })
+        }
+        Err(_) => {
+            // Filesystem without hard links: check, then rename.
+            if fs::symlink_metadata(path).is_ok() {
+                remove_temp(&tmp);
+                return Err(PkiError::Exists {
+                    path: path.to_owned(),
+                });
+            }
+            fs::rename(&tmp, path).map_err(|e| {
+                remove_temp(&tmp);
+                io_err(path)(e)
+            })
+        }
+    }
+}
+
+fn remove_temp(tmp: &Path) {
+    if let Err(e) = fs::remove_file(tmp) {
+        if e.kind() != io::ErrorKind::NotFound {
+            tracing::warn!(path = %tmp.display(), "cannot remove temporary file: {e}");
+        }
+    }
+}
+
+/// Makes the renames in `dir` durable.
+fn sync_dir(dir: &Path) -> Result<(), PkiError> {
+    #[cfg(unix)]
+    {
+        fs::File::open(dir)
+            .and_then(|d| d.sync_all())
+            .map_err(io_err(dir))?;
+    }
+    #[cfg(not(unix))]
+    let _ = dir;
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::collections::{BTreeMap, BTreeSet};
+    use std::os::unix::fs::PermissionsExt;
+    use std::sync::Arc;
+
+    use ed25519_dalek::{Signer, Verifier};
+    use rustls::client::danger::ServerCertVerifier;
+    use rustls_pki_types::pem::PemObject;
+    use rustls_pki_types::{CertificateDer, ServerName, UnixTime};
+    use x509_parser::certificate::X509Certificate;
+    use x509_parser::extensions::GeneralName;
+
+    fn opts(dir: &Path) -> InitOptions {
+        InitOptions {
+            dir: dir.to_owned(),
+            extra_sans: vec!["sentinel.example".into(), "10.0.0.5".into()],
+            hosts: vec!["hub-alfa".into(), "argus".into()],
+            force: false,
+        }
+    }
+
+    fn expected_files() -> BTreeSet<&'static str> {
+        [
+            "ca.pem",
+            "ca.key",
+            "controller.pem",
+            "controller.key",
+            "host-hub-alfa.pem",
+            "host-hub-alfa.key",
+            "host-argus.pem",
+            "host-argus.key",
+            "operator-admin.pem",
+            "operator-admin.key",
+            "signing.key",
+            "signing.pub",
+        ]
+        .into_iter()
+        .collect()
+    }
+
+    fn listing(dir: &Path) -> BTreeSet<String> {
+        fs::read_dir(dir)
+            .expect("read dir")
+            .map(|e| e.expect("entry").file_name().to_string_lossy().into_owned())
+            .collect()
+    }
+
+    fn snapshot(dir: &Path) -> BTreeMap<String, Vec<u8>> {
+        listing(dir)
+            .into_iter()
+            .map(|name| {
+                let bytes = fs::read(dir.join(&name)).expect("read file");
+                (name, bytes)
+            })
+            .collect()
+    }
+
+    fn mode(path: &Path) -> u32 {
+        fs::metadata(path).expect("metadata").permissions().mode() & 0o777
+    }
+
+    fn der(path: &Path) -> CertificateDer<'static> {
+        CertificateDer::from_pem_file(path).expect("PEM certificate")
+    }
+
+    fn parse<'a>(der: &'a [u8]) -> X509Certificate<'a> {
+        x509_parser::parse_x509_certificate(der).expect("x509").1
+    }
+
+    fn uris<'a>(cert: &'a X509Certificate<'_>) -> Vec<&'a str> {
+        cert.subject_alternative_name()
+            .expect("san ext")
+            .expect("san present")
+            .value
+            .general_names
+            .iter()
+            .filter_map(|gn| match gn {
+                GeneralName::URI(u) => Some(*u),
+                _ => None,
+            })
+            .collect()
+    }
+
+    fn attr(name: &X509Name<'_>, which: &str) -> String {
+        let mut values = match which {
+            "CN" => name.iter_common_name().collect::<Vec<_>>(),
+            "O" => name.iter_organization().collect(),
+            "OU" => name.iter_organizational_unit().collect(),
+            _ => unreachable!(),
+        };
+        assert_eq!(values.len(), 1, "{which} must appear once");
+        values.remove(0).as_str().expect("string").to_owned()
+    }
+
+    fn provider() -> Arc<rustls::crypto::CryptoProvider> {
+        Arc::new(rustls::crypto::ring::default_provider())
+    }
+
+    fn roots(dir: &Path) -> Arc<rustls::RootCertStore> {
+        let mut roots = rustls::RootCertStore::empty();
+        roots.add(der(&dir.join(CA_CERT_FILE))).expect("add root");
+        Arc::new(roots)
+    }
+
+    /// Full chain validation as the controller's mTLS server will do it.
+    fn assert_client_cert_accepted(dir: &Path, cert: &Path) {
+        let verifier =
+            rustls::server::WebPkiClientVerifier::builder_with_provider(roots(dir), provider())
+                .build()
+                .expect("client verifier");
+        verifier
+            .verify_client_cert(&der(cert), &[], UnixTime::now())
+            .expect("client certificate chains to the fleet CA");
+    }
+
+    #[test]
+    fn init_writes_every_file_with_the_right_modes() {
+        let tmp = tempfile::tempdir().expect("tempdir");
+        let dir = tmp.path().join("certs");
+        let written = init(&opts(&dir)).expect("init");
+
+        let names: BTreeSet<String> = written
+            .iter()
+            .map(|p| {
+                assert_eq!(p.parent(), Some(dir.as_path()));
+                p.file_name().expect("name").to_string_lossy().into_owned()
+            })
+            .collect();
+        let expected: BTreeSet<String> = expected_files().iter().map(|s| s.to_string()).collect();
+        assert_eq!(names, expected);
+        assert_eq!(written.len(), expected.len());
+        // Nothing else (no temporary files) in the directory.
+        assert_eq!(listing(&dir), expected);
+
+        assert_eq!(mode(&dir), 0o700);
+        for name in &expected {
+            let want = if name.ends_with(".key") { 0o600 } else { 0o644 };
+            assert_eq!(mode(&dir.join(name)), want, "mode of {name}");
+        }
+
+        let ca_der = der(&dir.join(CA_CERT_FILE));
+        let ca = parse(&ca_der);
+        assert_eq!(attr(ca.subject(), "CN"), CA_COMMON_NAME);
+        let bc = ca.basic_constraints().expect("bc").expect("bc present");
+        assert!(bc.value.ca);
+        let ku = ca.key_usage().expect("ku").expect("ku present").value;
+        assert!(ku.key_cert_sign() && ku.crl_sign());
+        let lifetime = ca.validity().not_after.timestamp() - ca.validity().not_before.timestamp();
+        assert!(lifetime > 3640 * 86400, "CA valid for ~10 years");
+        assert!(
+            ca.validity().not_before.timestamp()
+                < OffsetDateTime::now_utc().unix_timestamp() - 3000
+        );
+    }
+
+    #[test]
+    fn second_init_without_force_fails_and_changes_nothing() {
+        let tmp = tempfile::tempdir().expect("tempdir");
+        let dir = tmp.path().to_owned();
+        init(&opts(&dir)).expect("first init");
+        let before = snapshot(&dir);
+
+        match init(&opts(&dir)) {
+            Err(PkiError::Exists { path }) => assert_eq!(path.parent(), Some(dir.as_path())),
+            other => panic!("expected Exists, got {other:?}"),
+        }
+        assert_eq!(snapshot(&dir), before);
+
+        let mut forced = opts(&dir);
+        forced.force = true;
+        let written = init(&forced).expect("forced init");
+        assert_eq!(written.len(), expected_files().len());
+        let after = snapshot(&dir);
+        assert_eq!(
+            after.keys().collect::<Vec<_>>(),
+            before.keys().collect::<Vec<_>>()
+        );
+        assert_ne!(after["ca.pem"], before["ca.pem"]);
+        assert_eq!(mode(&dir.join(CA_KEY_FILE)), 0o600);
+        assert_client_cert_accepted(&dir, &dir.join("host-argus.pem"));
+    }
+
+    #[test]
+    fn a_single_existing_target_blocks_the_whole_init() {
+        let tmp = tempfile::tempdir().expect("tempdir");
+        let dir = tmp.path().to_owned();
+        fs::write(dir.join("signing.pub"), b"keep me").expect("write");
+        match init(&opts(&dir)) {
+            Err(PkiError::Exists { path }) => assert_eq!(path, dir.join("signing.pub")),
+            other => panic!("expected Exists, got {other:?}"),
+        }
+        assert_eq!(listing(&dir), BTreeSet::from(["signing.pub".to_owned()]));
+        assert_eq!(fs::read(dir.join("signing.pub")).expect("read"), b"keep me");
+    }
+
+    #[test]
+    fn host_certificate_carries_identity_and_chains_to_the_ca() {
+        let tmp = tempfile::tempdir().expect("tempdir");
+        let dir = tmp.path().to_owned();
+        init(&opts(&dir)).expect("init");
+
+        let ca_der = der(&dir.join(CA_CERT_FILE));
+        let ca = parse(&ca_der);
+        let host_path = dir.join("host-hub-alfa.pem");
+        let host_der = der(&host_path);
+        let host = parse(&host_der);
+
+        assert_eq!(attr(host.subject(), "CN"), "hub-alfa");
+        assert_eq!(attr(host.subject(), "O"), FLEET_ORGANIZATION);
+        assert_eq!(attr(host.subject(), "OU"), HOST_OU);
+        assert_eq!(uris(&host), vec!["sentinel://host/hub-alfa"]);
+        let eku = host
+            .extended_key_usage()
+            .expect("eku")
+            .expect("eku present")
+            .value;
+        assert!(eku.client_auth && !eku.server_auth);
+        assert_eq!(host.issuer().as_raw(), ca.subject().as_raw());
+        let bc = host.basic_constraints().expect("bc").expect("bc present");
+        assert!(!bc.value.ca);
+        assert!(host.validity().not_after.timestamp() <= ca.validity().not_after.timestamp());
+
+        assert_client_cert_accepted(&dir, &host_path);
+        assert_client_cert_accepted(&dir, &dir.join("operator-admin.pem"));
+
+        // A host issued later from the loaded CA chains as well.
+        let written = issue_host(&dir, "cerebro", false).expect("issue host");
+        assert_eq!(
+            written,
+            vec![dir.join("host-cerebro.key"), dir.join("host-cerebro.pem")]
+        );
+        assert_eq!(mode(&dir.join("host-cerebro.key")), 0o600);
+        assert_eq!(mode(&dir.join("host-cerebro.pem")), 0o644);
+        assert_client_cert_accepted(&dir, &dir.join("host-cerebro.pem"));
+        let later_der = der(&dir.join("host-cerebro.pem"));
+        let later = parse(&later_der);
+        assert_eq!(later.issuer().as_raw(), ca.subject().as_raw());
+        assert_eq!(uris(&later), vec!["sentinel://host/cerebro"]);
+    }
+
+    #[test]
+    fn controller_certificate_is_a_server_certificate_for_its_sans() {
+        let tmp = tempfile::tempdir().expect("tempdir");
+        let dir = tmp.path().to_owned();
+        init(&opts(&dir)).expect("init");
+
+        let cert_der = der(&dir.join(CONTROLLER_CERT_FILE));
+        let cert = parse(&cert_der);
+        let eku = cert
+            .extended_key_usage()
+            .expect("eku")
+            .expect("eku present")
+            .value;
+        assert!(eku.server_auth && !eku.client_auth);
+
+        let verifier =
+            rustls::client::WebPkiServerVerifier::builder_with_provider(roots(&dir), provider())
+                .build()
+                .expect("server verifier");
+        for name in ["localhost", "127.0.0.1", "sentinel.example", "10.0.0.5"] {
+            let server_name = ServerName::try_from(name).expect("server name");
+            verifier
+                .verify_server_cert(&cert_der, &[], &server_name, &[], UnixTime::now())
+                .unwrap_or_else(|e| panic!("controller cert not valid for {name}: {e}"));
+        }
+        let other = ServerName::try_from("evil.example").expect("server name");
+        assert!(verifier
+            .verify_server_cert(&cert_der, &[], &other, &[], UnixTime::now())
+            .is_err());
+    }
+
+    #[test]
+    fn operator_role_round_trips() {
+        let tmp = tempfile::tempdir().expect("tempdir");
+        let dir = tmp.path().to_owned();
+        init(&opts(&dir)).expect("init");
+
+        for (name, role) in [
+            ("vera", Role::Viewer),
+            ("dan", Role::Deployer),
+            ("ada", Role::Admin),
+        ] {
+            issue_operator(&dir, name, role, false).expect("issue operator");
+            let path = dir.join(format!("operator-{name}.pem"));
+            assert_client_cert_accepted(&dir, &path);
+            let cert_der = der(&path);
+            let cert = parse(&cert_der);
+            assert_eq!(attr(cert.subject(), "CN"), name);
+            assert_eq!(attr(cert.subject(), "O"), FLEET_ORGANIZATION);
+            assert_eq!(attr(cert.subject(), "OU"), OPERATOR_OU);
+            let uri = uris(&cert);
+            assert_eq!(uri.len(), 1);
+            let rest = uri[0].strip_prefix(OPERATOR_URI_PREFIX).expect("prefix");
+            let (role_str, parsed_name) = rest.split_once('/').expect("ROLE/NAME");
+            assert_eq!(role_str.parse::<Role>().expect("role"), role);
+            assert_eq!(parsed_name, name);
+        }
+
+        let admin_der = der(&dir.join("operator-admin.pem"));
+        let admin = parse(&admin_der);
+        assert_eq!(uris(&admin), vec!["sentinel://operator/admin/admin"]);
+
+        // Re-issuing needs force.
+        assert!(matches!(
+            issue_operator(&dir, "dan", Role::Admin, false),
+            Err(PkiError::Exists { .. })
+        ));
+        issue_operator(&dir, "dan", Role::Admin, true).expect("forced re-issue");
+        let dan_der = der(&dir.join("operator-dan.pem"));
+        assert_eq!(
+            uris(&parse(&dan_der)),
+            vec!["sentinel://operator/admin/dan"]
+        );
+    }
+
+    #[test]
+    fn roles_parse_display_and_order() {
+        for role in Role::ALL {
+            assert_eq!(role.to_string().parse::<Role>().expect("parse"), role);
+        }
+        assert!(Role::Viewer < Role::Deployer && Role::Deployer < Role::Admin);
+        assert!(matches!(
+            "Admin".parse::<Role>(),
+            Err(PkiError::InvalidRole { .. })
+        ));
+        assert!(matches!(
+            "root".parse::<Role>(),
+            Err(PkiError::InvalidRole { .. })
+        ));
+    }
+
+    #[test]
+    fn invalid_names_are_refused() {
+        for bad in [
+            "Bad_Name",
+            "",
+            "../x",
+            "a/b",
+            "-a",
+            "a-",
+            ".a",
+            "a..b",
+            "UPPER",
+            "sp ace",
+            &"a".repeat(64),
+        ] {
+            match validate_name(bad) {
+                Err(PkiError::InvalidName { name, .. }) => assert_eq!(name, bad),
+                other => panic!("{bad:?} accepted: {other:?}"),
+            }
+        }
+        for good in ["a", "0", "hub-alfa", "web1.example", &"a".repeat(63)] {
+            validate_name(good).unwrap_or_else(|e| panic!("{good:?} refused: {e}"));
+        }
+
+        let tmp = tempfile::tempdir().expect("tempdir");
+        let dir = tmp.path().to_owned();
+        init(&opts(&dir)).expect("init");
+        let before = listing(&dir);
+        assert!(matches!(
+            issue_host(&dir, "../x", false),
+            Err(PkiError::InvalidName { .. })
+        ));
+        assert!(matches!(
+            issue_operator(&dir, "Bad_Name", Role::Viewer, false),
+            Err(PkiError::InvalidName { .. })
+        ));
+        assert_eq!(listing(&dir), before);
+
+        let mut bad_host = opts(&tmp.path().join("other"));
+        bad_host.hosts.push("Bad_Name".into());
+        assert!(matches!(init(&bad_host), Err(PkiError::InvalidName { .. })));
+        assert!(!tmp.path().join("other").exists());
+
+        let mut bad_san = opts(&tmp.path().join("other"));
+        bad_san.extra_sans.push("no spaces".into());
+        assert!(matches!(init(&bad_san), Err(PkiError::InvalidSan { .. })));
+    }
+
+    #[test]
+    fn issuing_without_a_ca_is_a_clear_error() {
+        let tmp = tempfile::tempdir().expect("tempdir");
+        let dir = tmp.path().to_owned();
+        match issue_host(&dir, "argus", false) {
+            Err(PkiError::MissingCa { dir: d }) => assert_eq!(d, dir),
+            other => panic!("expected MissingCa, got {other:?}"),
+        }
+        assert!(matches!(
+            issue_operator(&dir.join("nope"), "ada", Role::Admin, false),
+            Err(PkiError::MissingCa { .. })
+        ));
+        assert!(listing(&dir).is_empty());
+    }
+
+    #[test]
+    fn mismatched_ca_key_is_refused() {
+        let a = tempfile::tempdir().expect("tempdir");
+        let b = tempfile::tempdir().expect("tempdir");
+        init(&opts(a.path())).expect("init a");
+        init(&opts(b.path())).expect("init b");
+        fs::copy(b.path().join(CA_KEY_FILE), a.path().join(CA_KEY_FILE)).expect("copy");
+        match issue_host(a.path(), "newhost", false) {
+            Err(PkiError::InvalidCa { path, .. }) => {
+                assert_eq!(path, a.path().join(CA_KEY_FILE))
+            }
+            other => panic!("expected InvalidCa, got {other:?}"),
+        }
+    }
+
+    #[test]
+    fn signing_key_pair_loads_and_verifies() {
+        let tmp = tempfile::tempdir().expect("tempdir");
+        let dir = tmp.path().to_owned();
+        init(&opts(&dir)).expect("init");
+
+        let signing = load_signing_key(&dir.join(SIGNING_KEY_FILE)).expect("signing.key");
+        let public = load_verifying_key(&dir.join(SIGNING_PUB_FILE)).expect("signing.pub");
+        assert_eq!(signing.verifying_key(), public);
+
+        let message = b"job: deploy web 1.2.3";
+        let signature = signing.sign(message);
+        public
+            .verify(message, &signature)
+            .expect("signature verifies");
+        assert!(public.verify(b"job: deploy evil", &signature).is_err());
+
+        let id = signing_key_id(&public);
+        assert_eq!(id.len(), 16);
+        assert!(id.chars().all(|c| c.is_ascii_hexdigit()));
+        assert_eq!(id, hex::encode(Sha256::digest(public.to_bytes()))[..16]);
+
+        assert!(matches!(
+            load_verifying_key(&dir.join(CA_CERT_FILE)),
+            Err(PkiError::InvalidKey { .. })
+        ));
+    }
+
+    #[test]
+    fn default_hosts_appends_the_local_host_once() {
+        let seed = ["hub-alfa", "prod-alfa", "argus", "cerebro"];
+        assert_eq!(default_hosts("argus"), seed);
+        assert_eq!(
+            default_hosts("MyLaptop"),
+            ["hub-alfa", "prod-alfa", "argus", "cerebro", "mylaptop"]
+        );
+        assert_eq!(default_hosts(""), seed);
+        assert_eq!(default_hosts("bad_name"), seed);
+    }
+}

@@ -1,0 +1,494 @@
+//! The fleet as the controller sees it right now: every host's latest merged state, whether its
+//! agent is connected, and the channel to send it messages. Reports land here first; a flusher
+//! writes changed hosts to the [`Store`] in batches, so thousands of agents cost one
+//! transaction per flush, not one per report.
+
+use std::collections::{HashMap, HashSet};
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex, RwLock};
+use std::time::{Duration, SystemTime};
+
+use sentinel_proto::time::{age_seconds, timestamp};
+use sentinel_proto::v1::{
+    docker_section, ControllerMessage, Host, HostInfo, HostState, HostStatus, HostSummary,
+    StateReport,
+};
+use tokio::sync::mpsc;
+use tonic::Status;
+
+use crate::store::{Store, StoreError};
+
+/// Where messages for a connected agent go.
+pub type AgentSender = mpsc::Sender<Result<ControllerMessage, Status>>;
+
+struct Connection {
+    id: u64,
+    tx: AgentSender,
+}
+
+struct Entry {
+    /// The durable part, as stored and as `GetHost` answers (status fields filled on read).
+    record: Host,
+    conn: Option<Connection>,
+    last_seen: SystemTime,
+}
+
+/// Liveness settings: how often agents heartbeat and how many misses make a host offline.
+#[derive(Debug, Clone, Copy)]
+pub struct Liveness {
+    /// Expected heartbeat interval.
+    pub heartbeat_interval: Duration,
+    /// Missed heartbeats before a host counts as offline.
+    pub missed_heartbeats_offline: u32,
+}
+
+impl Liveness {
+    /// How long a connected host may stay silent before it counts as offline.
+    pub fn silence_limit(&self) -> Duration {
+        self.heartbeat_interval * self.missed_heartbeats_offline.max(1)
+    }
+}
+
+/// The in-memory fleet.
+pub struct Registry {
+    hosts: RwLock<HashMap<String, Entry>>,
+    dirty: Mutex<HashSet<String>>,
+    next_conn: std::sync::atomic::AtomicU64,
+    liveness: Liveness,
+}
+
+impl Registry {
+    /// Builds the registry from the store: every known host starts offline until its agent
+    /// connects again.
+    pub fn load(store: &dyn Store, liveness: Liveness) -> Result<Arc<Self>, StoreError> {
+        let mut hosts = HashMap::new();
+        for mut record in store.load_hosts()? {
+            record.status = HostStatus::Offline as i32;
+            record.offline_reason = "controller restarted; agent has not reconnected yet".into();
+            record.connected_since = None;
+            let last_seen = record
+                .last_seen
+                .as_ref()
+                .map(sentinel_proto::time::system_time)
+                .unwrap_or(SystemTime::UNIX_EPOCH);
+            hosts.insert(
+                record.name.clone(),
+                Entry {
+                    record,
+                    conn: None,
+                    last_seen,
+                },
+            );
+        }
+        Ok(Arc::new(Self {
+            hosts: RwLock::new(hosts),
+            dirty: Mutex::new(HashSet::new()),
+            next_conn: std::sync::atomic::AtomicU64::new(1),
+            liveness,
+        }))
+    }
+
+    /// The liveness settings agents are told in their welcome.
+    pub fn liveness(&self) -> Liveness {
+        self.liveness
+    }
+
+    fn write(&self) -> std::sync::RwLockWriteGuard<'_, HashMap<String, Entry>> {
+        // A panic while holding the lock cannot leave an entry half-updated in a way that
+        // matters more than losing the whole fleet view, so keep serving.
+        self.hosts.write().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn read(&self) -> std::sync::RwLockReadGuard<'_, HashMap<String, Entry>> {
+        self.hosts.read().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn mark_dirty(&self, name: &str) {
+        self.dirty
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(name.to_string());
+    }
+
+    /// Registers a freshly authenticated agent connection and returns its id. A previous
+    /// connection of the same host is superseded: its sender is dropped, which ends its stream.
+    pub fn connect(&self, info: HostInfo, peer: Option<SocketAddr>, tx: AgentSender) -> u64 {
+        let id = self
+            .next_conn
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let now = SystemTime::now();
+        let name = info.name.clone();
+        {
+            let mut hosts = self.write();
+            let entry = hosts.entry(name.clone()).or_insert_with(|| Entry {
+                record: Host {
+                    name: name.clone(),
+                    ..Default::default()
+                },
+                conn: None,
+                last_seen: now,
+            });
+            if entry.conn.is_some() {
+                tracing::warn!(host = %name, "new connection supersedes an existing one");
+            }
+            entry.conn = Some(Connection { id, tx });
+            entry.last_seen = now;
+            entry.record.info = Some(info);
+            entry.record.peer_address = peer.map(|p| p.to_string()).unwrap_or_default();
+            entry.record.connected_since = Some(timestamp(now));
+            entry.record.last_seen = Some(timestamp(now));
+            entry.record.offline_reason.clear();
+        }
+        self.mark_dirty(&name);
+        id
+    }
+
+    /// Records that connection `conn_id` of `name` ended. Ignored if a newer connection of the
+    /// same host has taken over.
+    pub fn disconnect(&self, name: &str, conn_id: u64, reason: &str) {
+        let mut hosts = self.write();
+        if let Some(entry) = hosts.get_mut(name) {
+            if entry.conn.as_ref().is_some_and(|c| c.id == conn_id) {
+                entry.conn = None;
+                entry.record.offline_reason = reason.to_string();
+                entry.record.connected_since = None;
+                drop(hosts);
+                self.mark_dirty(name);
+            }
+        }
+    }
+
+    /// Notes that the host spoke (any message counts as a heartbeat).
+    pub fn touch(&self, name: &str) {
+        let now = SystemTime::now();
+        if let Some(entry) = self.write().get_mut(name) {
+            entry.last_seen = now;
+            entry.record.last_seen = Some(timestamp(now));
+        }
+    }
+
+    /// Merges a state report into the host's state. A full report replaces the state; a delta
+    /// replaces only the sections it carries.
+    pub fn apply_report(&self, name: &str, report: StateReport) {
+        let now = SystemTime::now();
+        let incoming = report.state.unwrap_or_default();
+        let newest_collection = newest_collection(&incoming);
+        {
+            let mut hosts = self.write();
+            let Some(entry) = hosts.get_mut(name) else {
+                return;
+            };
+            let state = entry.record.state.get_or_insert_with(HostState::default);
+            if report.full {
+                *state = incoming;
+            } else {
+                merge(state, incoming);
+            }
+            if newest_collection.is_some() {
+                entry.record.state_collected_at = newest_collection;
+            }
+            entry.record.state_received_at = Some(timestamp(now));
+            entry.last_seen = now;
+            entry.record.last_seen = Some(timestamp(now));
+        }
+        self.mark_dirty(name);
+    }
+
+    /// The sender of a connected host, if any.
+    pub fn sender(&self, name: &str) -> Option<AgentSender> {
+        self.read()
+            .get(name)
+            .and_then(|e| e.conn.as_ref().map(|c| c.tx.clone()))
+    }
+
+    fn status(&self, entry: &Entry, now: SystemTime) -> (HostStatus, String) {
+        match &entry.conn {
+            None => (HostStatus::Offline, entry.record.offline_reason.clone()),
+            Some(_) => {
+                let silent = now.duration_since(entry.last_seen).unwrap_or_default();
+                if silent > self.liveness.silence_limit() {
+                    (
+                        HostStatus::Offline,
+                        format!(
+                            "missed {} heartbeats: nothing heard for {}s",
+                            self.liveness.missed_heartbeats_offline,
+                            silent.as_secs()
+                        ),
+                    )
+                } else {
+                    (HostStatus::Online, String::new())
+                }
+            }
+        }
+    }
+
+    /// One host with its status and state age filled in.
+    pub fn host(&self, name: &str) -> Option<Host> {
+        let now = SystemTime::now();
+        let hosts = self.read();
+        let entry = hosts.get(name)?;
+        let mut host = entry.record.clone();
+        let (status, reason) = self.status(entry, now);
+        host.status = status as i32;
+        host.offline_reason = reason;
+        host.state_age_seconds = host
+            .state_collected_at
+            .as_ref()
+            .map_or(0.0, |t| age_seconds(t, now));
+        Some(host)
+    }
+
+    /// Every host's name, sorted.
+    pub fn names(&self) -> Vec<String> {
+        let mut names: Vec<String> = self.read().keys().cloned().collect();
+        names.sort();
+        names
+    }
+
+    /// A summary line per host, sorted by name.
+    pub fn summaries(&self) -> Vec<HostSummary> {
+        let now = SystemTime::now();
+        let hosts = self.read();
+        let mut out: Vec<HostSummary> = hosts
+            .values()
+            .map(|entry| {
+                let r = &entry.record;
+                let (status, _) = self.status(entry, now);
+                let (containers, running) = container_counts(r.state.as_ref());
+                HostSummary {
+                    name: r.name.clone(),
+                    status: status as i32,
+                    last_seen: r.last_seen,
+                    agent_version: r
+                        .info
+                        .as_ref()
+                        .map(|i| i.agent_version.clone())
+                        .unwrap_or_default(),
+                    containers,
+                    containers_running: running,
+                    failing_collectors: failing_collectors(r.state.as_ref()),
+                    state_age_seconds: r
+                        .state_collected_at
+                        .as_ref()
+                        .map_or(0.0, |t| age_seconds(t, now)),
+                }
+            })
+            .collect();
+        out.sort_by(|a, b| a.name.cmp(&b.name));
+        out
+    }
+
+    /// Takes the records changed since the last call, for the flusher.
+    pub fn take_dirty(&self) -> Vec<Host> {
+        let names: Vec<String> = self
+            .dirty
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .drain()
+            .collect();
+        if names.is_empty() {
+            return Vec::new();
+        }
+        let hosts = self.read();
+        names
+            .iter()
+            .filter_map(|n| hosts.get(n).map(|e| e.record.clone()))
+            .collect()
+    }
+
+    /// Puts records back after a failed flush so the next one retries them.
+    pub fn requeue(&self, hosts: &[Host]) {
+        let mut dirty = self.dirty.lock().unwrap_or_else(|p| p.into_inner());
+        dirty.extend(hosts.iter().map(|h| h.name.clone()));
+    }
+}
+
+fn merge(state: &mut HostState, delta: HostState) {
+    if delta.system.is_some() {
+        state.system = delta.system;
+    }
+    if delta.docker.is_some() {
+        state.docker = delta.docker;
+    }
+    if delta.nginx.is_some() {
+        state.nginx = delta.nginx;
+    }
+    if delta.redis.is_some() {
+        state.redis = delta.redis;
+    }
+    if delta.postgres.is_some() {
+        state.postgres = delta.postgres;
+    }
+}
+
+fn newest_collection(state: &HostState) -> Option<prost_types::Timestamp> {
+    [
+        state.system.as_ref().and_then(|s| s.collection),
+        state.docker.as_ref().and_then(|s| s.collection),
+        state.nginx.as_ref().and_then(|s| s.collection),
+        state.redis.as_ref().and_then(|s| s.collection),
+        state.postgres.as_ref().and_then(|s| s.collection),
+    ]
+    .into_iter()
+    .flatten()
+    .filter_map(|c| c.collected_at)
+    .max_by_key(|t| (t.seconds, t.nanos))
+}
+
+fn container_counts(state: Option<&HostState>) -> (u32, u32) {
+    let Some(docker_section::Result::State(docker)) = state
+        .and_then(|s| s.docker.as_ref())
+        .and_then(|d| d.result.as_ref())
+    else {
+        return (0, 0);
+    };
+    let total = u32::try_from(docker.containers.len()).unwrap_or(u32::MAX);
+    let running = docker
+        .containers
+        .iter()
+        .filter(|c| c.state == "running")
+        .count();
+    (total, u32::try_from(running).unwrap_or(u32::MAX))
+}
+
+fn failing_collectors(state: Option<&HostState>) -> Vec<String> {
+    use sentinel_proto::v1::{nginx_section, postgres_section, redis_section, system_section};
+    let Some(s) = state else { return Vec::new() };
+    let mut out = Vec::new();
+    if matches!(
+        s.system.as_ref().and_then(|x| x.result.as_ref()),
+        Some(system_section::Result::Error(_))
+    ) {
+        out.push("system".into());
+    }
+    if matches!(
+        s.docker.as_ref().and_then(|x| x.result.as_ref()),
+        Some(docker_section::Result::Error(_))
+    ) {
+        out.push("docker".into());
+    }
+    if matches!(
+        s.nginx.as_ref().and_then(|x| x.result.as_ref()),
+        Some(nginx_section::Result::Error(_))
+    ) {
+        out.push("nginx".into());
+    }
+    if matches!(
+        s.redis.as_ref().and_then(|x| x.result.as_ref()),
+        Some(redis_section::Result::Error(_))
+    ) {
+        out.push("redis".into());
+    }
+    if matches!(
+        s.postgres.as_ref().and_then(|x| x.result.as_ref()),
+        Some(postgres_section::Result::Error(_))
+    ) {
+        out.push("postgres".into());
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use sentinel_proto::v1::{system_section, Collection, DockerSection, SystemSection};
+
+    struct NoStore;
+    impl Store for NoStore {
+        fn save_hosts(&self, _: &[Host]) -> Result<(), StoreError> {
+            Ok(())
+        }
+        fn load_hosts(&self) -> Result<Vec<Host>, StoreError> {
+            Ok(Vec::new())
+        }
+    }
+
+    fn registry() -> Arc<Registry> {
+        Registry::load(
+            &NoStore,
+            Liveness {
+                heartbeat_interval: Duration::from_secs(10),
+                missed_heartbeats_offline: 3,
+            },
+        )
+        .unwrap()
+    }
+
+    fn info(name: &str) -> HostInfo {
+        HostInfo {
+            name: name.into(),
+            ..Default::default()
+        }
+    }
+
+    fn system_error(msg: &str) -> Option<SystemSection> {
+        Some(SystemSection {
+            collection: Some(Collection::default()),
+            result: Some(system_section::Result::Error(msg.into())),
+        })
+    }
+
+    #[test]
+    fn deltas_merge_and_full_reports_replace() {
+        let r = registry();
+        let (tx, _rx) = mpsc::channel(1);
+        r.connect(info("argus"), None, tx);
+        let docker = Some(DockerSection::default());
+        r.apply_report(
+            "argus",
+            StateReport {
+                seq: 1,
+                full: true,
+                state: Some(HostState {
+                    system: system_error("a"),
+                    docker: docker.clone(),
+                    ..Default::default()
+                }),
+            },
+        );
+        r.apply_report(
+            "argus",
+            StateReport {
+                seq: 2,
+                full: false,
+                state: Some(HostState {
+                    system: system_error("b"),
+                    ..Default::default()
+                }),
+            },
+        );
+        let host = r.host("argus").unwrap();
+        let state = host.state.unwrap();
+        assert_eq!(state.system, system_error("b"));
+        assert_eq!(state.docker, docker);
+        assert_eq!(
+            r.summaries()[0].failing_collectors,
+            vec!["system".to_string()]
+        );
+
+        r.apply_report(
+            "argus",
+            StateReport {
+                seq: 3,
+                full: true,
+                state: Some(HostState::default()),
+            },
+        );
+        assert!(r.host("argus").unwrap().state.unwrap().docker.is_none());
+    }
+
+    #[test]
+    fn a_superseded_connection_does_not_mark_the_host_offline() {
+        let r = registry();
+        let (tx1, _rx1) = mpsc::channel(1);
+        let (tx2, _rx2) = mpsc::channel(1);
+        let first = r.connect(info("argus"), None, tx1);
+        let second = r.connect(info("argus"), None, tx2);
+        r.disconnect("argus", first, "old stream closed");
+        assert_eq!(r.host("argus").unwrap().status, HostStatus::Online as i32);
+        r.disconnect("argus", second, "agent closed the stream");
+        let host = r.host("argus").unwrap();
+        assert_eq!(host.status, HostStatus::Offline as i32);
+        assert_eq!(host.offline_reason, "agent closed the stream");
+    }
+}

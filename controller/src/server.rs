@@ -1,0 +1,135 @@
+//! Assembles and runs the controller: store, registry, TLS listener, the gRPC services
+//! (agent channel, operator API, health, reflection v1 and v1alpha) behind the authz layer.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context;
+use sentinel_proto::v1::agent_service_server::AgentServiceServer;
+use sentinel_proto::v1::fleet_service_server::FleetServiceServer;
+use tokio::sync::oneshot;
+use tokio_util::sync::CancellationToken;
+use tracing::{info, warn, Instrument};
+
+use crate::api::{agent::AgentApi, fleet::FleetApi};
+use crate::authz::AuthzLayer;
+use crate::config::ControllerConfig;
+use crate::registry::{Liveness, Registry};
+use crate::store::{embedded::EmbeddedStore, Store};
+
+/// How often changed host records are written to the store. Short enough that a crash loses
+/// at most a second of state, long enough that thousands of agents share one transaction.
+const FLUSH_INTERVAL: Duration = Duration::from_secs(1);
+
+/// Runs the controller until `shutdown` is cancelled. `ready` receives the bound address once
+/// the listener is up (used by `sentinel dev` and tests that listen on port 0).
+pub async fn run(
+    config: ControllerConfig,
+    shutdown: CancellationToken,
+    ready: Option<oneshot::Sender<SocketAddr>>,
+) -> anyhow::Result<()> {
+    std::fs::create_dir_all(&config.data_dir)
+        .with_context(|| format!("creating data directory {}", config.data_dir.display()))?;
+    let store: Arc<dyn Store> = Arc::new(
+        EmbeddedStore::open(&config.store_path())
+            .with_context(|| format!("opening the store {}", config.store_path().display()))?,
+    );
+    let registry = Registry::load(
+        store.as_ref(),
+        Liveness {
+            heartbeat_interval: config.agents.heartbeat_interval,
+            missed_heartbeats_offline: config.agents.missed_heartbeats_offline,
+        },
+    )
+    .context("loading hosts from the store")?;
+    let tls =
+        crate::tls::server_config(&config.tls).context("loading the controller's TLS files")?;
+    let listener = tokio::net::TcpListener::bind(config.listen)
+        .await
+        .with_context(|| format!("binding {}", config.listen))?;
+    let local = listener.local_addr().context("reading the bound address")?;
+    info!(listen = %local, store = %config.store_path().display(), "controller listening (mTLS, gRPC)");
+
+    let (health_reporter, health_service) = tonic_health::server::health_reporter();
+    health_reporter
+        .set_serving::<AgentServiceServer<AgentApi>>()
+        .await;
+    health_reporter
+        .set_serving::<FleetServiceServer<FleetApi>>()
+        .await;
+    let reflection_v1 = reflection().build_v1().context("building reflection v1")?;
+    let reflection_v1alpha = reflection()
+        .build_v1alpha()
+        .context("building reflection v1alpha")?;
+
+    let flusher = tokio::spawn(
+        flush_loop(registry.clone(), store.clone(), shutdown.clone())
+            .instrument(tracing::info_span!("store_flush")),
+    );
+
+    let incoming = crate::tls::incoming(listener, tls, shutdown.clone());
+    if let Some(ready) = ready {
+        let _ = ready.send(local);
+    }
+    tonic::transport::Server::builder()
+        .http2_keepalive_interval(Some(Duration::from_secs(30)))
+        .http2_keepalive_timeout(Some(Duration::from_secs(20)))
+        .layer(AuthzLayer)
+        .add_service(AgentServiceServer::new(AgentApi::new(registry.clone())))
+        .add_service(FleetServiceServer::new(FleetApi::new(registry.clone())))
+        .add_service(health_service)
+        .add_service(reflection_v1)
+        .add_service(reflection_v1alpha)
+        .serve_with_incoming_shutdown(incoming, shutdown.cancelled())
+        .await
+        .context("serving gRPC")?;
+    info!("controller stopped serving; flushing state");
+    let _ = flusher.await;
+    Ok(())
+}
+
+/// Reflection over every service we serve. Both reflection versions know each other's
+/// descriptors, so `grpcurl list` shows the same services whichever version it speaks.
+fn reflection() -> tonic_reflection::server::Builder<'static> {
+    tonic_reflection::server::Builder::configure()
+        .register_encoded_file_descriptor_set(sentinel_proto::FILE_DESCRIPTOR_SET)
+        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+        .register_encoded_file_descriptor_set(tonic_reflection::pb::v1::FILE_DESCRIPTOR_SET)
+        .register_encoded_file_descriptor_set(tonic_reflection::pb::v1alpha::FILE_DESCRIPTOR_SET)
+}
+
+async fn flush_loop(registry: Arc<Registry>, store: Arc<dyn Store>, shutdown: CancellationToken) {
+    let mut tick = tokio::time::interval(FLUSH_INTERVAL);
+    loop {
+        let stopping = tokio::select! {
+            _ = tick.tick() => false,
+            _ = shutdown.cancelled() => true,
+        };
+        flush(&registry, &store).await;
+        if stopping {
+            return;
+        }
+    }
+}
+
+async fn flush(registry: &Arc<Registry>, store: &Arc<dyn Store>) {
+    let hosts = registry.take_dirty();
+    if hosts.is_empty() {
+        return;
+    }
+    let store = store.clone();
+    let result = tokio::task::spawn_blocking(move || {
+        let outcome = store.save_hosts(&hosts);
+        (hosts, outcome)
+    })
+    .await;
+    match result {
+        Ok((_, Ok(()))) => {}
+        Ok((hosts, Err(e))) => {
+            warn!(error = %e, "saving host state failed; will retry");
+            registry.requeue(&hosts);
+        }
+        Err(e) => warn!(error = %e, "store task failed"),
+    }
+}

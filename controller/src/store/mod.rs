@@ -1,0 +1,41 @@
+//! Durable controller state behind a trait. The embedded backend (redb, one file, nothing to
+//! install) is the default. Every method is one transaction of the backend, with no reliance on
+//! an in-process lock, so a PostgreSQL backend shared by several controllers can implement the
+//! same trait.
+//!
+//! Methods are synchronous: callers on the async runtime go through `spawn_blocking`.
+
+pub mod embedded;
+
+use sentinel_proto::v1::Host;
+
+/// A storage failure, naming what was being done.
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    /// The backend failed.
+    #[error("store: {action}: {message}")]
+    Backend {
+        /// What we were doing ("saving 3 hosts").
+        action: String,
+        /// The backend's error.
+        message: String,
+    },
+    /// A stored record could not be decoded (the key is named so it can be inspected).
+    #[error("store: record {key:?} is corrupt: {message}")]
+    Corrupt {
+        /// The record's key.
+        key: String,
+        /// The decoding error.
+        message: String,
+    },
+}
+
+/// What the controller keeps across restarts.
+pub trait Store: Send + Sync + 'static {
+    /// Upserts host records (their last known info, state and timestamps) atomically: either
+    /// all of them are stored or none.
+    fn save_hosts(&self, hosts: &[Host]) -> Result<(), StoreError>;
+
+    /// Every stored host record.
+    fn load_hosts(&self) -> Result<Vec<Host>, StoreError>;
+}

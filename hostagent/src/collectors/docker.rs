@@ -1,0 +1,832 @@
+//! The Docker collector: every container of the local Docker Engine (running or not), read
+//! through the Engine API on its unix socket with `bollard`.
+//!
+//! One collection is a `GET /containers/json?all=1` followed by an inspect of each container
+//! (for the restart count, the health and the start time, which the list does not give
+//! reliably), the inspects running concurrently. The client connects lazily, negotiates the
+//! API version with the daemon (older daemons reject bollard's default version), caches the
+//! engine version, and is dropped after a transport error so the next run reconnects.
+
+use std::error::Error as _;
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use bollard::errors::Error as BollardError;
+use bollard::models::{ContainerInspectResponse, ContainerSummary, HealthStatusEnum};
+use bollard::query_parameters::ListContainersOptions;
+use bollard::{ClientVersion, Docker, API_DEFAULT_VERSION};
+use futures::stream::{self, StreamExt};
+use sentinel_proto::v1::{Container, DockerState, Port};
+
+use super::CollectorError;
+
+/// How many containers are inspected at the same time.
+const INSPECT_CONCURRENCY: usize = 16;
+/// Timeout of every Engine API request (bollard counts it in whole seconds).
+const REQUEST_TIMEOUT_SECS: u64 = 10;
+/// How long a cached engine version is trusted: the daemon may be upgraded and restarted
+/// without any request of ours failing.
+const VERSION_MAX_AGE: Duration = Duration::from_secs(600);
+
+const COMPOSE_PROJECT_LABEL: &str = "com.docker.compose.project";
+const COMPOSE_SERVICE_LABEL: &str = "com.docker.compose.service";
+
+/// Lists every container (running or not) through the Docker Engine API (bollard), unix
+/// socket.
+pub struct DockerCollector {
+    /// The socket path, without any `unix://` scheme.
+    socket: String,
+    /// The live client, created on first use and dropped after errors.
+    connection: Option<Connection>,
+}
+
+/// A client speaking an API version the daemon accepts, with the engine version it reported.
+struct Connection {
+    docker: Docker,
+    engine_version: String,
+    version_fetched: Instant,
+}
+
+/// How one container's inspect ended.
+enum Inspected {
+    Found(Box<ContainerInspectResponse>),
+    /// It was removed between the list and the inspect.
+    Gone,
+    /// The daemon did not answer for this container; the list data is used alone.
+    Failed(BollardError),
+}
+
+impl DockerCollector {
+    /// A collector for the daemon at `socket`, a path like `/var/run/docker.sock` (or
+    /// `unix:///var/run/docker.sock`). Never fails and does no I/O: a missing socket or a
+    /// stopped daemon is reported by [`collect`](Self::collect).
+    pub fn new(socket: &str) -> Self {
+        let path = socket.strip_prefix("unix://").unwrap_or(socket);
+        Self {
+            socket: path.to_owned(),
+            connection: None,
+        }
+    }
+
+    /// Lists every container with its state, sorted by name.
+    ///
+    /// A missing socket, an unreachable daemon or a failed list is a
+    /// [`CollectorError::Failed`] naming the socket; the connection is then rebuilt on the
+    /// next run. A container removed while it is being inspected is left out.
+    pub async fn collect(&mut self) -> Result<DockerState, CollectorError> {
+        let connection = self.connection().await?;
+        let docker = connection.docker.clone();
+        let engine_version = connection.engine_version.clone();
+        match collect_containers(&docker).await {
+            Ok(containers) => Ok(DockerState {
+                engine_version,
+                containers,
+            }),
+            Err(e) => {
+                self.connection = None;
+                Err(self.failed(format!(
+                    "cannot list containers through {}: {}",
+                    self.socket,
+                    describe(&e)
+                )))
+            }
+        }
+    }
+
+    /// The live connection, made (or its engine version refreshed) when needed.
+    async fn connection(&mut self) -> Result<&Connection, CollectorError> {
+        let stale = self
+            .connection
+            .as_ref()
+            .is_none_or(|c| c.version_fetched.elapsed() >= VERSION_MAX_AGE);
+        if stale {
+            self.connection = None;
+            let connection = self.connect().await.map_err(|m| self.failed(m))?;
+            return Ok(self.connection.insert(connection));
+        }
+        match &self.connection {
+            Some(connection) => Ok(connection),
+            None => Err(self.failed("no connection".to_owned())),
+        }
+    }
+
+    /// Connects to the socket and negotiates the API version through `GET /version`.
+    async fn connect(&self) -> Result<Connection, String> {
+        let socket = &self.socket;
+        match std::fs::metadata(socket) {
+            Ok(_) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                return Err(format!(
+                    "Docker socket {socket} does not exist (is Docker installed and running?)"
+                ));
+            }
+            Err(e) => return Err(format!("cannot access Docker socket {socket}: {e}")),
+        }
+        let unreachable = |e: &BollardError| {
+            format!(
+                "cannot reach the Docker daemon at {socket}: {}",
+                describe(e)
+            )
+        };
+        let docker = Docker::connect_with_unix(socket, REQUEST_TIMEOUT_SECS, API_DEFAULT_VERSION)
+            .map_err(|e| unreachable(&e))?;
+        let (docker, version) = match docker.version().await {
+            Ok(version) => (docker, version),
+            Err(BollardError::DockerResponseServerError {
+                status_code: 400,
+                message,
+            }) => {
+                // "client version 1.53 is too new. Maximum supported API version is 1.41":
+                // speak the daemon's version instead.
+                let Some(supported) = supported_api_version(&message) else {
+                    return Err(format!(
+                        "the Docker daemon at {socket} refused the API version: {message}"
+                    ));
+                };
+                let docker = Docker::connect_with_unix(socket, REQUEST_TIMEOUT_SECS, &supported)
+                    .map_err(|e| unreachable(&e))?;
+                let version = docker.version().await.map_err(|e| unreachable(&e))?;
+                (docker, version)
+            }
+            Err(e) => return Err(unreachable(&e)),
+        };
+        let engine_version = version.version.unwrap_or_default();
+        tracing::debug!(
+            socket = %socket,
+            engine = %engine_version,
+            api = %docker.client_version(),
+            "connected to Docker"
+        );
+        Ok(Connection {
+            docker,
+            engine_version,
+            version_fetched: Instant::now(),
+        })
+    }
+
+    fn failed(&self, message: String) -> CollectorError {
+        CollectorError::Failed {
+            what: "docker".to_owned(),
+            message,
+        }
+    }
+}
+
+/// Lists all containers and inspects them, [`INSPECT_CONCURRENCY`] at a time.
+async fn collect_containers(docker: &Docker) -> Result<Vec<Container>, BollardError> {
+    let options = ListContainersOptions {
+        all: true,
+        ..Default::default()
+    };
+    let summaries = docker.list_containers(Some(options)).await?;
+
+    let inspected: Vec<(ContainerSummary, Inspected)> = stream::iter(summaries)
+        .filter_map(|summary| async move { summary.id.is_some().then_some(summary) })
+        .map(|summary| async move {
+            let id = summary.id.as_deref().unwrap_or_default();
+            let inspected = match docker.inspect_container(id, None).await {
+                Ok(response) => Inspected::Found(Box::new(response)),
+                Err(BollardError::DockerResponseServerError {
+                    status_code: 404, ..
+                }) => Inspected::Gone,
+                Err(e) => Inspected::Failed(e),
+            };
+            (summary, inspected)
+        })
+        .buffer_unordered(INSPECT_CONCURRENCY)
+        .collect()
+        .await;
+
+    let mut containers = Vec::with_capacity(inspected.len());
+    for (summary, inspected) in inspected {
+        let inspect = match inspected {
+            Inspected::Found(response) => Some(response),
+            Inspected::Gone => continue,
+            // The daemon itself is gone: the whole collection is void.
+            Inspected::Failed(e) if is_transport_error(&e) => return Err(e),
+            // One container did not answer (e.g. a timeout while it is stuck): report what
+            // the list says about it rather than hide it or fail everything.
+            Inspected::Failed(e) => {
+                tracing::warn!(
+                    container = summary.id.as_deref().unwrap_or_default(),
+                    error = %describe(&e),
+                    "cannot inspect container; using the list data only"
+                );
+                None
+            }
+        };
+        containers.push(container(summary, inspect.as_deref()));
+    }
+    containers.sort_by(|a, b| a.name.cmp(&b.name).then_with(|| a.id.cmp(&b.id)));
+    Ok(containers)
+}
+
+/// Builds the container from its list entry and, when available, its inspect.
+fn container(summary: ContainerSummary, inspect: Option<&ContainerInspectResponse>) -> Container {
+    let state = inspect.and_then(|i| i.state.as_ref());
+    let labels = summary.labels.unwrap_or_default();
+    let status = summary.status.unwrap_or_default();
+
+    let name = inspect
+        .and_then(|i| i.name.as_deref())
+        .or_else(|| primary_name(summary.names.as_deref().unwrap_or_default()))
+        .unwrap_or_default()
+        .trim_start_matches('/')
+        .to_owned();
+    let state_word = match state.and_then(|s| s.status) {
+        Some(status) => status.to_string(),
+        None => summary.state.map(|s| s.to_string()).unwrap_or_default(),
+    };
+    let health = match inspect {
+        Some(_) => match state.and_then(|s| s.health.as_ref()).and_then(|h| h.status) {
+            Some(HealthStatusEnum::HEALTHY) => "healthy",
+            Some(HealthStatusEnum::UNHEALTHY) => "unhealthy",
+            Some(HealthStatusEnum::STARTING) => "starting",
+            Some(HealthStatusEnum::NONE | HealthStatusEnum::EMPTY) | None => "none",
+        },
+        None => health_from_status(&status),
+    };
+
+    let mut ports: Vec<Port> = summary
+        .ports
+        .unwrap_or_default()
+        .into_iter()
+        .map(|p| Port {
+            private_port: u32::from(p.private_port),
+            public_port: p.public_port.map_or(0, u32::from),
+            ip: p.ip.unwrap_or_default(),
+            protocol: p.typ.map(|t| t.to_string()).unwrap_or_default(),
+        })
+        .collect();
+    // Stable order, so an unchanged container compares equal between runs.
+    ports.sort_by(|a, b| {
+        (a.private_port, &a.protocol, &a.ip, a.public_port).cmp(&(
+            b.private_port,
+            &b.protocol,
+            &b.ip,
+            b.public_port,
+        ))
+    });
+    ports.dedup();
+
+    Container {
+        id: summary.id.unwrap_or_default(),
+        name,
+        image: summary.image.unwrap_or_default(),
+        image_id: summary
+            .image_id
+            .or_else(|| inspect.and_then(|i| i.image.clone()))
+            .unwrap_or_default(),
+        compose_project: labels
+            .get(COMPOSE_PROJECT_LABEL)
+            .cloned()
+            .unwrap_or_default(),
+        compose_service: labels
+            .get(COMPOSE_SERVICE_LABEL)
+            .cloned()
+            .unwrap_or_default(),
+        state: state_word,
+        status,
+        health: health.to_owned(),
+        restart_count: inspect
+            .and_then(|i| i.restart_count)
+            .map_or(0, |n| u32::try_from(n.max(0)).unwrap_or(u32::MAX)),
+        ports,
+        created: summary
+            .created
+            .and_then(|secs| u64::try_from(secs).ok())
+            .filter(|&secs| secs > 0)
+            .map(|secs| sentinel_proto::time::timestamp(UNIX_EPOCH + Duration::from_secs(secs))),
+        started_at: state
+            .and_then(|s| s.started_at.as_deref())
+            .and_then(parse_rfc3339)
+            .map(sentinel_proto::time::timestamp),
+        exit_code: state.and_then(|s| s.exit_code).unwrap_or_default(),
+    }
+}
+
+/// The container's own name among the list's names (legacy links add `/other/alias` names).
+fn primary_name(names: &[String]) -> Option<&str> {
+    names
+        .iter()
+        .find(|n| !n.trim_start_matches('/').contains('/'))
+        .or_else(|| names.first())
+        .map(String::as_str)
+}
+
+/// The health as the list's status text shows it: "Up 2 hours (healthy)".
+fn health_from_status(status: &str) -> &'static str {
+    if status.contains("(unhealthy)") {
+        "unhealthy"
+    } else if status.contains("(healthy)") {
+        "healthy"
+    } else if status.contains("(health: starting)") {
+        "starting"
+    } else {
+        "none"
+    }
+}
+
+/// Whether the request never got a usable answer from the daemon (as opposed to an answer
+/// about one container).
+fn is_transport_error(error: &BollardError) -> bool {
+    matches!(
+        error,
+        BollardError::HyperLegacyError { .. }
+            | BollardError::HyperResponseError { .. }
+            | BollardError::IOError { .. }
+            | BollardError::SocketNotFoundError(_)
+    )
+}
+
+/// An error with its causes, e.g. "Error in the hyper legacy client: client error (Connect):
+/// Permission denied (os error 13)".
+fn describe(error: &BollardError) -> String {
+    let mut text = error.to_string();
+    let mut source = error.source();
+    while let Some(cause) = source {
+        let cause_text = cause.to_string();
+        if !text.contains(&cause_text) {
+            text.push_str(": ");
+            text.push_str(&cause_text);
+        }
+        source = cause.source();
+    }
+    text
+}
+
+/// The API version to retry with, from a daemon's refusal of ours: "client version 1.53 is too
+/// new. Maximum supported API version is 1.41" (or "... too old. Minimum supported ...").
+fn supported_api_version(message: &str) -> Option<ClientVersion> {
+    let (_, rest) = message
+        .split_once("Maximum supported API version is ")
+        .or_else(|| message.split_once("Minimum supported API version is "))?;
+    let version: String = rest
+        .chars()
+        .take_while(|c| c.is_ascii_digit() || *c == '.')
+        .collect();
+    let (major, minor) = version.trim_end_matches('.').split_once('.')?;
+    Some(ClientVersion {
+        major_version: major.parse().ok()?,
+        minor_version: minor.parse().ok()?,
+    })
+}
+
+/// Parses the RFC 3339 times Docker reports ("2024-05-01T12:34:56.123456789Z", or with an
+/// offset). Docker's zero time ("0001-01-01T00:00:00Z", never started) and anything else
+/// before 1970 give `None`.
+fn parse_rfc3339(text: &str) -> Option<SystemTime> {
+    let bytes = text.as_bytes();
+    let number = |range: std::ops::Range<usize>| -> Option<i64> {
+        let digits = bytes.get(range)?;
+        if digits.is_empty() || !digits.iter().all(u8::is_ascii_digit) {
+            return None;
+        }
+        std::str::from_utf8(digits).ok()?.parse().ok()
+    };
+    if bytes.len() < 20
+        || bytes[4] != b'-'
+        || bytes[7] != b'-'
+        || !matches!(bytes[10], b'T' | b't' | b' ')
+        || bytes[13] != b':'
+        || bytes[16] != b':'
+    {
+        return None;
+    }
+    let (year, month, day) = (number(0..4)?, number(5..7)?, number(8..10)?);
+    let (hour, minute, second) = (number(11..13)?, number(14..16)?, number(17..19)?);
+    if !(1..=12).contains(&month) || !(1..=31).contains(&day) || hour > 23 || minute > 59 {
+        return None;
+    }
+    // A leap second reads as the last second of its minute.
+    let second = second.min(59);
+
+    let mut rest = &text[19..];
+    let mut nanos: u32 = 0;
+    if let Some(fraction) = rest.strip_prefix('.') {
+        let len = fraction.bytes().take_while(u8::is_ascii_digit).count();
+        if len == 0 {
+            return None;
+        }
+        for (i, digit) in fraction.bytes().take(len).enumerate() {
+            if i < 9 {
+                nanos = nanos * 10 + u32::from(digit - b'0');
+            }
+        }
+        nanos *= 10u32.pow(9u32.saturating_sub(u32::try_from(len).unwrap_or(9)));
+        rest = &fraction[len..];
+    }
+    let offset_seconds = match rest {
+        "Z" | "z" => 0,
+        _ => {
+            let sign = match rest.as_bytes().first() {
+                Some(b'+') => 1,
+                Some(b'-') => -1,
+                _ => return None,
+            };
+            let (hours, minutes) = rest.get(1..)?.split_once(':')?;
+            if hours.len() != 2 || minutes.len() != 2 {
+                return None;
+            }
+            let hours: i64 = hours.parse().ok()?;
+            let minutes: i64 = minutes.parse().ok()?;
+            sign * (hours * 3600 + minutes * 60)
+        }
+    };
+
+    let days = days_from_civil(year, month, day);
+    let seconds = days * 86_400 + hour * 3600 + minute * 60 + second - offset_seconds;
+    let seconds = u64::try_from(seconds).ok()?;
+    if seconds == 0 && nanos == 0 {
+        return None;
+    }
+    Some(UNIX_EPOCH + Duration::new(seconds, nanos))
+}
+
+/// Days from 1970-01-01 to a proleptic Gregorian date (Howard Hinnant's algorithm).
+fn days_from_civil(year: i64, month: i64, day: i64) -> i64 {
+    let year = if month <= 2 { year - 1 } else { year };
+    let era = year.div_euclid(400);
+    let year_of_era = year - era * 400;
+    let month_index = (month + 9) % 12; // March = 0
+    let day_of_year = (153 * month_index + 2) / 5 + day - 1;
+    let day_of_era = year_of_era * 365 + year_of_era / 4 - year_of_era / 100 + day_of_year;
+    era * 146_097 + day_of_era - 719_468
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::HashMap;
+    use std::path::Path;
+
+    use super::*;
+
+    fn unix(seconds: u64, nanos: u32) -> Option<SystemTime> {
+        Some(UNIX_EPOCH + Duration::new(seconds, nanos))
+    }
+
+    #[tokio::test]
+    async fn missing_socket_is_a_failure_naming_the_path() {
+        let dir = std::env::temp_dir().join(format!("sentinel-no-docker-{}", std::process::id()));
+        let socket = dir.join("docker.sock");
+        let socket = socket.to_string_lossy().into_owned();
+        for spec in [socket.clone(), format!("unix://{socket}")] {
+            let mut collector = DockerCollector::new(&spec);
+            for _ in 0..2 {
+                match collector.collect().await {
+                    Err(CollectorError::Failed { what, message }) => {
+                        assert_eq!(what, "docker");
+                        assert!(message.contains(&socket), "{message}");
+                        assert!(message.contains("does not exist"), "{message}");
+                        println!("{message}");
+                    }
+                    Ok(state) => panic!("collected from a missing socket: {state:?}"),
+                }
+            }
+        }
+    }
+
+    #[tokio::test]
+    async fn a_socket_nobody_listens_on_is_a_failure_naming_the_path() {
+        let dir = match tempfile::tempdir() {
+            Ok(dir) => dir,
+            Err(e) => panic!("tempdir: {e}"),
+        };
+        let path = dir.path().join("docker.sock");
+        // Bound and dropped: the file stays, nothing accepts.
+        drop(std::os::unix::net::UnixListener::bind(&path));
+        let socket = path.to_string_lossy().into_owned();
+        let mut collector = DockerCollector::new(&socket);
+        match collector.collect().await {
+            Err(CollectorError::Failed { what, message }) => {
+                assert_eq!(what, "docker");
+                assert!(message.contains(&socket), "{message}");
+                println!("{message}");
+            }
+            Ok(state) => panic!("collected from a dead socket: {state:?}"),
+        }
+    }
+
+    #[test]
+    fn parses_docker_times() {
+        assert_eq!(parse_rfc3339("1970-01-01T00:00:01Z"), unix(1, 0));
+        assert_eq!(
+            parse_rfc3339("2024-02-29T12:34:56.123456789Z"),
+            unix(1_709_210_096, 123_456_789)
+        );
+        assert_eq!(
+            parse_rfc3339("2024-02-29T12:34:56.5Z"),
+            unix(1_709_210_096, 500_000_000)
+        );
+        assert_eq!(
+            parse_rfc3339("2024-02-29T14:34:56.5+02:00"),
+            unix(1_709_210_096, 500_000_000)
+        );
+        assert_eq!(
+            parse_rfc3339("2024-02-29T12:34:56.1234567891Z"),
+            unix(1_709_210_096, 123_456_789)
+        );
+        assert_eq!(parse_rfc3339("0001-01-01T00:00:00Z"), None);
+        assert_eq!(parse_rfc3339(""), None);
+        assert_eq!(parse_rfc3339("2024-02-29T12:34:56"), None);
+        assert_eq!(parse_rfc3339("2024-13-01T00:00:00Z"), None);
+        assert_eq!(parse_rfc3339("2024-02-29T12:34:56.Z"), None);
+    }
+
+    #[test]
+    fn reads_the_supported_api_version_from_a_refusal() {
+        let v = supported_api_version(
+            "client version 1.53 is too new. Maximum supported API version is 1.41",
+        );
+        assert_eq!(v.map(|v| (v.major_version, v.minor_version)), Some((1, 41)));
+        let v = supported_api_version(
+            "client version 1.24 is too old. Minimum supported API version is 1.44, please upgrade",
+        );
+        assert_eq!(v.map(|v| (v.major_version, v.minor_version)), Some((1, 44)));
+        assert!(supported_api_version("page not found").is_none());
+    }
+
+    #[test]
+    fn builds_containers_from_the_list_alone() {
+        let summary = ContainerSummary {
+            id: Some("abc".into()),
+            names: Some(vec!["/web/db".into(), "/db".into()]),
+            image: Some("postgres:16".into()),
+            image_id: Some("sha256:1".into()),
+            created: Some(1_700_000_000),
+            labels: Some(HashMap::from([
+                (COMPOSE_PROJECT_LABEL.to_owned(), "shop".to_owned()),
+                (COMPOSE_SERVICE_LABEL.to_owned(), "db".to_owned()),
+            ])),
+            status: Some("Up 2 hours (unhealthy)".into()),
+            ..Default::default()
+        };
+        let c = container(summary, None);
+        assert_eq!(c.name, "db");
+        assert_eq!(
+            (c.compose_project.as_str(), c.compose_service.as_str()),
+            ("shop", "db")
+        );
+        assert_eq!(c.health, "unhealthy");
+        assert_eq!(c.created.map(|t| t.seconds), Some(1_700_000_000));
+        assert_eq!(c.started_at, None);
+        assert_eq!(
+            health_from_status("Up 1 second (health: starting)"),
+            "starting"
+        );
+        assert_eq!(health_from_status("Exited (0) 2 minutes ago"), "none");
+    }
+
+    /// Runs `docker` with `args`; `None` (with the reason printed) when it fails.
+    fn docker_cli(args: &[&str]) -> Option<String> {
+        match std::process::Command::new("docker").args(args).output() {
+            Ok(out) if out.status.success() => {
+                Some(String::from_utf8_lossy(&out.stdout).trim().to_owned())
+            }
+            Ok(out) => {
+                println!(
+                    "docker {}: {}",
+                    args.join(" "),
+                    String::from_utf8_lossy(&out.stderr).trim()
+                );
+                None
+            }
+            Err(e) => {
+                println!("docker {}: {e}", args.join(" "));
+                None
+            }
+        }
+    }
+
+    /// Removes the test's containers and image, even when an assertion fails.
+    struct Cleanup {
+        containers: Vec<String>,
+        image: String,
+    }
+
+    impl Drop for Cleanup {
+        fn drop(&mut self) {
+            if !self.containers.is_empty() {
+                let mut args = vec!["rm", "-f", "-v"];
+                args.extend(self.containers.iter().map(String::as_str));
+                let _ = docker_cli(&args);
+            }
+            let _ = docker_cli(&["rmi", "-f", &self.image]);
+        }
+    }
+
+    /// Against the real daemon: builds a `FROM scratch` busybox image (no registry needed),
+    /// runs a healthy compose-labelled container with a published port, a container that
+    /// exited with code 3 and one never started, and checks what the collector reports.
+    #[tokio::test]
+    async fn reports_real_containers() {
+        const SOCKET: &str = "/var/run/docker.sock";
+        if !Path::new(SOCKET).exists() {
+            println!("skipped: {SOCKET} does not exist");
+            return;
+        }
+        let busybox = ["/bin/busybox", "/usr/bin/busybox"]
+            .into_iter()
+            .find(|p| Path::new(p).exists());
+        let Some(busybox) = busybox else {
+            println!("skipped: no busybox binary (apt-get install busybox-static)");
+            return;
+        };
+        if docker_cli(&["version", "--format", "{{.Server.Version}}"]).is_none() {
+            println!("skipped: the docker CLI cannot talk to the daemon");
+            return;
+        }
+
+        let tag = format!("sentinel-test-{}", std::process::id());
+        let image = format!("{tag}:latest");
+        let mut cleanup = Cleanup {
+            containers: Vec::new(),
+            image: image.clone(),
+        };
+        let context = match tempfile::tempdir() {
+            Ok(dir) => dir,
+            Err(e) => panic!("tempdir: {e}"),
+        };
+        if let Err(e) = std::fs::copy(busybox, context.path().join("busybox")) {
+            panic!("copy busybox: {e}");
+        }
+        let dockerfile = "FROM scratch\nCOPY busybox /bin/busybox\n\
+                          HEALTHCHECK --interval=1s CMD [\"/bin/busybox\", \"true\"]\n";
+        if let Err(e) = std::fs::write(context.path().join("Dockerfile"), dockerfile) {
+            panic!("write Dockerfile: {e}");
+        }
+        let context_path = context.path().to_string_lossy().into_owned();
+        if docker_cli(&["build", "-q", "-t", &image, &context_path]).is_none() {
+            panic!("docker build failed (see the output above)");
+        }
+
+        let running = format!("{tag}-running");
+        let exited = format!("{tag}-exited");
+        let created = format!("{tag}-created");
+        cleanup.containers = vec![running.clone(), exited.clone(), created.clone()];
+        let project_label = format!("{COMPOSE_PROJECT_LABEL}=sentinel-test");
+        let service_label = format!("{COMPOSE_SERVICE_LABEL}=web");
+        let run = [
+            "run",
+            "-d",
+            "--name",
+            &running,
+            "-l",
+            &project_label,
+            "-l",
+            &service_label,
+            "-p",
+            "127.0.0.1::8080",
+            &image,
+            "/bin/busybox",
+            "sleep",
+            "300",
+        ];
+        let published = docker_cli(&run).is_some();
+        if !published {
+            // Port publishing needs the host's network plumbing; retry without it.
+            let _ = docker_cli(&["rm", "-f", &running]);
+            let run = [
+                "run",
+                "-d",
+                "--name",
+                &running,
+                "-l",
+                &project_label,
+                "-l",
+                &service_label,
+                &image,
+                "/bin/busybox",
+                "sleep",
+                "300",
+            ];
+            if docker_cli(&run).is_none() {
+                panic!("docker run failed (see the output above)");
+            }
+        }
+        let exit_3 = [
+            "run",
+            "-d",
+            "--name",
+            &exited,
+            "--no-healthcheck",
+            &image,
+            "/bin/busybox",
+            "sh",
+            "-c",
+            "exit 3",
+        ];
+        if docker_cli(&exit_3).is_none() {
+            panic!("docker run failed (see the output above)");
+        }
+        assert_eq!(docker_cli(&["wait", &exited]).as_deref(), Some("3"));
+        if docker_cli(&["create", "--name", &created, &image, "/bin/busybox", "true"]).is_none() {
+            panic!("docker create failed (see the output above)");
+        }
+
+        let mut collector = DockerCollector::new(SOCKET);
+        // The health check runs every second; wait for its first verdict.
+        let mut state = DockerState::default();
+        for _ in 0..50 {
+            state = match collector.collect().await {
+                Ok(state) => state,
+                Err(e) => panic!("docker collection failed: {e}"),
+            };
+            let healthy = state
+                .containers
+                .iter()
+                .any(|c| c.name == running && c.health == "healthy");
+            if healthy {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+        assert!(!state.engine_version.is_empty());
+        let names: Vec<&str> = state.containers.iter().map(|c| c.name.as_str()).collect();
+        let mut sorted = names.clone();
+        sorted.sort_unstable();
+        assert_eq!(names, sorted, "containers are sorted by name");
+        let find = |name: &str| match state.containers.iter().find(|c| c.name == name) {
+            Some(c) => c.clone(),
+            None => panic!("{name} missing from {names:?}"),
+        };
+
+        let web = find(&running);
+        assert_eq!(web.state, "running");
+        assert_eq!(web.health, "healthy");
+        assert!(web.status.starts_with("Up"), "{}", web.status);
+        assert_eq!(web.image, image);
+        assert!(web.image_id.starts_with("sha256:"), "{}", web.image_id);
+        assert_eq!(web.id.len(), 64);
+        assert_eq!(web.compose_project, "sentinel-test");
+        assert_eq!(web.compose_service, "web");
+        assert_eq!(web.restart_count, 0);
+        assert_eq!(web.exit_code, 0);
+        let now = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map_or(0, |d| d.as_secs());
+        let now = i64::try_from(now).unwrap_or(i64::MAX);
+        let created_at = web.created.as_ref().map_or(0, |t| t.seconds);
+        let started_at = web.started_at.as_ref().map_or(0, |t| t.seconds);
+        assert!(
+            (now - 600..=now + 5).contains(&created_at),
+            "created {created_at}"
+        );
+        assert!(
+            started_at >= created_at && started_at <= now + 5,
+            "started {started_at}"
+        );
+        assert_eq!(web.ports.is_empty(), !published, "{:?}", web.ports);
+        for port in &web.ports {
+            assert_eq!(port.private_port, 8080);
+            assert_eq!(port.protocol, "tcp");
+            assert_eq!(port.ip, "127.0.0.1");
+            assert!(port.public_port > 0);
+        }
+
+        let done = find(&exited);
+        assert_eq!(done.state, "exited");
+        assert_eq!(done.exit_code, 3);
+        assert_eq!(done.health, "none");
+        assert!(done.started_at.is_some());
+        assert!(done.compose_project.is_empty());
+
+        let fresh = find(&created);
+        assert_eq!(fresh.state, "created");
+        assert_eq!(fresh.started_at, None);
+        // Docker keeps no health state before the first start.
+        assert_eq!(fresh.health, "none");
+
+        // A removed container disappears; the connection survives.
+        let _ = docker_cli(&["rm", "-f", &created]);
+        match collector.collect().await {
+            Ok(state) => assert!(state.containers.iter().all(|c| c.name != created)),
+            Err(e) => panic!("docker collection failed: {e}"),
+        }
+        drop(cleanup);
+    }
+
+    /// Times collections against the real daemon with whatever containers exist:
+    /// `cargo test -p hostagent docker::tests::timing -- --ignored --nocapture`.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    #[ignore = "measures the local daemon"]
+    async fn timing() {
+        let mut collector = DockerCollector::new("/var/run/docker.sock");
+        for run in 0..6 {
+            let started = Instant::now();
+            match collector.collect().await {
+                Ok(state) => {
+                    let elapsed = started.elapsed();
+                    if run == 0 {
+                        println!("first container: {:#?}", state.containers.first());
+                    }
+                    println!(
+                        "run {run}: {} containers in {elapsed:?} (engine {})",
+                        state.containers.len(),
+                        state.engine_version
+                    );
+                }
+                Err(e) => println!("run {run}: {e}"),
+            }
+        }
+    }
+}

@@ -1,0 +1,175 @@
+//! State collectors. Each collector fills its own section of [`HostState`]; a failing collector
+//! puts its error in its section and the others carry on.
+
+pub mod docker;
+pub mod system;
+
+use std::time::{Instant, SystemTime};
+
+use sentinel_proto::v1::{
+    docker_section, system_section, Collection, DockerSection, HostState, SystemSection,
+};
+
+use crate::config::CollectorsConfig;
+
+/// A collector run that failed.
+#[derive(Debug, thiserror::Error)]
+pub enum CollectorError {
+    /// `what` could not be collected, and why.
+    #[error("{what}: {message}")]
+    Failed {
+        /// The collector or the resource it needed (e.g. "docker").
+        what: String,
+        /// What went wrong, naming the resource (socket path, address...).
+        message: String,
+    },
+}
+
+/// The enabled collectors, kept between runs (CPU usage is a delta, the Docker client is reused).
+pub struct Collectors {
+    system: Option<system::SystemCollector>,
+    docker: Option<docker::DockerCollector>,
+}
+
+impl Collectors {
+    /// Builds the collectors the config enables. Never fails: problems show up per run.
+    pub fn new(config: &CollectorsConfig) -> Self {
+        Self {
+            system: config.system.then(system::SystemCollector::new),
+            docker: config
+                .docker
+                .then(|| docker::DockerCollector::new(&config.docker_socket)),
+        }
+    }
+
+    /// Capability strings for the hello.
+    pub fn capabilities(&self) -> Vec<String> {
+        let mut caps = Vec::new();
+        if self.system.is_some() {
+            caps.push("collector.system".to_string());
+        }
+        if self.docker.is_some() {
+            caps.push("collector.docker".to_string());
+        }
+        caps
+    }
+
+    /// Runs every enabled collector once.
+    pub async fn collect(&mut self) -> HostState {
+        let mut state = HostState::default();
+        if let Some(c) = self.system.as_mut() {
+            let (collection, result) = timed(|| c.collect());
+            state.system = Some(SystemSection {
+                collection: Some(collection),
+                result: Some(match result {
+                    Ok(s) => system_section::Result::State(s),
+                    Err(e) => system_section::Result::Error(e.to_string()),
+                }),
+            });
+        }
+        if let Some(c) = self.docker.as_mut() {
+            let started = Instant::now();
+            let at = SystemTime::now();
+            let result = c.collect().await;
+            state.docker = Some(DockerSection {
+                collection: Some(collection(at, started)),
+                result: Some(match result {
+                    Ok(s) => docker_section::Result::State(s),
+                    Err(e) => {
+                        tracing::debug!(error = %e, "docker collection failed");
+                        docker_section::Result::Error(e.to_string())
+                    }
+                }),
+            });
+        }
+        state
+    }
+}
+
+fn collection(at: SystemTime, started: Instant) -> Collection {
+    Collection {
+        collected_at: Some(sentinel_proto::time::timestamp(at)),
+        duration_micros: u64::try_from(started.elapsed().as_micros()).unwrap_or(u64::MAX),
+    }
+}
+
+fn timed<T>(f: impl FnOnce() -> T) -> (Collection, T) {
+    let started = Instant::now();
+    let at = SystemTime::now();
+    let out = f();
+    (collection(at, started), out)
+}
+
+/// Turns successive full collections into delta reports: a section is sent only when its data
+/// (not its collection time) changed since the last report, or when a full report is due.
+#[derive(Default)]
+pub struct DeltaTracker {
+    last: HostState,
+}
+
+impl DeltaTracker {
+    /// Forgets what was sent (after a reconnect the controller needs everything again).
+    pub fn reset(&mut self) {
+        self.last = HostState::default();
+    }
+
+    /// The report to send for `fresh`: everything when `full`, else only changed sections.
+    pub fn report(&mut self, fresh: HostState, full: bool) -> HostState {
+        let mut out = HostState::default();
+        if full || changed(&self.last.system, &fresh.system, |s| &s.result) {
+            out.system = fresh.system.clone();
+        }
+        if full || changed(&self.last.docker, &fresh.docker, |s| &s.result) {
+            out.docker = fresh.docker.clone();
+        }
+        self.last = fresh;
+        out
+    }
+}
+
+fn changed<S, R: PartialEq>(old: &Option<S>, new: &Option<S>, result: impl Fn(&S) -> &R) -> bool {
+    match (old, new) {
+        (Some(o), Some(n)) => result(o) != result(n),
+        (None, None) => false,
+        _ => true,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use sentinel_proto::v1::DockerState;
+
+    fn docker(version: &str) -> HostState {
+        HostState {
+            docker: Some(DockerSection {
+                collection: Some(Collection::default()),
+                result: Some(docker_section::Result::State(DockerState {
+                    engine_version: version.into(),
+                    containers: vec![],
+                })),
+            }),
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn unchanged_sections_are_left_out_of_deltas() {
+        let mut t = DeltaTracker::default();
+        assert!(t.report(docker("1"), false).docker.is_some());
+        let mut again = docker("1");
+        again
+            .docker
+            .as_mut()
+            .unwrap()
+            .collection
+            .as_mut()
+            .unwrap()
+            .duration_micros = 7;
+        assert!(t.report(again.clone(), false).docker.is_none());
+        assert!(t.report(again, true).docker.is_some());
+        assert!(t.report(docker("2"), false).docker.is_some());
+        t.reset();
+        assert!(t.report(docker("2"), false).docker.is_some());
+    }
+}

@@ -1,0 +1,313 @@
+//! The agent's TOML configuration, its defaults, and the TOML loading (with errors that name
+//! file, line and key) that the controller's config reuses.
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::de::DeserializeOwned;
+use serde::Deserialize;
+
+use crate::tls::TlsFiles;
+
+/// A config file that could not be used.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    /// The file could not be read.
+    #[error("reading {path}: {source}")]
+    Read {
+        /// The file.
+        path: PathBuf,
+        /// The I/O error.
+        source: std::io::Error,
+    },
+    /// The TOML is malformed or a key has the wrong type or name.
+    #[error("{path}:{line}:{column}: {message}")]
+    Parse {
+        /// The file.
+        path: PathBuf,
+        /// 1-based line of the offending key or value.
+        line: usize,
+        /// 1-based column.
+        column: usize,
+        /// What is wrong, naming the key.
+        message: String,
+    },
+    /// The file parsed but a value is not acceptable.
+    #[error("{path}: key `{key}`: {message}")]
+    Invalid {
+        /// The file.
+        path: PathBuf,
+        /// Dotted key path, e.g. `collectors.docker_socket`.
+        key: String,
+        /// What is wrong with it.
+        message: String,
+    },
+}
+
+/// Parses TOML text into `T`, turning serde errors into [`ConfigError::Parse`] with the line
+/// and column of the offending key.
+pub fn parse_toml<T: DeserializeOwned>(path: &Path, text: &str) -> Result<T, ConfigError> {
+    toml::from_str(text).map_err(|e| {
+        let (line, column) = e
+            .span()
+            .map(|span| line_col(text, span.start))
+            .unwrap_or((0, 0));
+        ConfigError::Parse {
+            path: path.to_path_buf(),
+            line,
+            column,
+            message: e.message().trim().to_string(),
+        }
+    })
+}
+
+/// Reads and parses a TOML file.
+pub fn load_toml<T: DeserializeOwned>(path: &Path) -> Result<T, ConfigError> {
+    let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+        path: path.to_path_buf(),
+        source,
+    })?;
+    parse_toml(path, &text)
+}
+
+fn line_col(text: &str, offset: usize) -> (usize, usize) {
+    let before = &text[..offset.min(text.len())];
+    let line = before.matches('\n').count() + 1;
+    let column = before
+        .rfind('\n')
+        .map_or(before.len(), |nl| before.len() - nl - 1)
+        + 1;
+    (line, column)
+}
+
+/// The agent's configuration (`/etc/hostagent/agent.toml`).
+#[derive(Clone, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct AgentConfig {
+    /// This host's name; must equal the name in its certificate. Default: the system host name.
+    #[serde(default)]
+    pub host_name: Option<String>,
+    /// The controller's address, `host:port`.
+    pub controller: String,
+    /// TLS server name to expect in the controller's certificate; default: the address's host.
+    #[serde(default)]
+    pub server_name: Option<String>,
+    /// Fleet CA, host certificate and key.
+    pub tls: TlsFiles,
+    /// How often state is collected and reported.
+    #[serde(default = "defaults::report_interval", with = "humantime_serde")]
+    pub report_interval: Duration,
+    /// Every this many reports, send a full snapshot even if nothing changed.
+    #[serde(default = "defaults::full_report_every")]
+    pub full_report_every: u32,
+    /// Reconnect backoff.
+    #[serde(default)]
+    pub backoff: BackoffConfig,
+    /// Which collectors run.
+    #[serde(default)]
+    pub collectors: CollectorsConfig,
+    /// Free-form labels sent in the hello.
+    #[serde(default)]
+    pub labels: BTreeMap<String, String>,
+}
+
+/// Reconnect backoff: exponential from `initial` to `max`, each delay jittered.
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct BackoffConfig {
+    /// First delay after a failure.
+    #[serde(default = "defaults::backoff_initial", with = "humantime_serde")]
+    pub initial: Duration,
+    /// Upper bound on the delay.
+    #[serde(default = "defaults::backoff_max", with = "humantime_serde")]
+    pub max: Duration,
+}
+
+impl Default for BackoffConfig {
+    fn default() -> Self {
+        Self {
+            initial: defaults::backoff_initial(),
+            max: defaults::backoff_max(),
+        }
+    }
+}
+
+/// Which collectors run, and their settings.
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct CollectorsConfig {
+    /// CPU, memory, disks, load, uptime.
+    #[serde(default = "defaults::yes")]
+    pub system: bool,
+    /// Containers through the Docker Engine API.
+    #[serde(default = "defaults::yes")]
+    pub docker: bool,
+    /// The Docker socket.
+    #[serde(default = "defaults::docker_socket")]
+    pub docker_socket: String,
+}
+
+impl Default for CollectorsConfig {
+    fn default() -> Self {
+        Self {
+            system: true,
+            docker: true,
+            docker_socket: defaults::docker_socket(),
+        }
+    }
+}
+
+/// Every default in one place.
+mod defaults {
+    use std::time::Duration;
+
+    pub fn report_interval() -> Duration {
+        Duration::from_secs(15)
+    }
+    pub fn full_report_every() -> u32 {
+        20
+    }
+    pub fn backoff_initial() -> Duration {
+        Duration::from_millis(500)
+    }
+    pub fn backoff_max() -> Duration {
+        Duration::from_secs(30)
+    }
+    pub fn yes() -> bool {
+        true
+    }
+    pub fn docker_socket() -> String {
+        "/var/run/docker.sock".into()
+    }
+}
+
+impl AgentConfig {
+    /// Loads and validates the config file at `path`.
+    pub fn load(path: &Path) -> Result<Self, ConfigError> {
+        let config: Self = load_toml(path)?;
+        config.validate(path)?;
+        Ok(config)
+    }
+
+    /// Checks values that parse but cannot work.
+    pub fn validate(&self, path: &Path) -> Result<(), ConfigError> {
+        let invalid = |key: &str, message: String| ConfigError::Invalid {
+            path: path.to_path_buf(),
+            key: key.into(),
+            message,
+        };
+        if let Err(e) = crate::tls::server_name_for(&self.controller, self.server_name.as_deref()) {
+            return Err(invalid("controller", e));
+        }
+        if self.report_interval < Duration::from_secs(1) {
+            return Err(invalid(
+                "report_interval",
+                format!("{:?} is below the minimum of 1s", self.report_interval),
+            ));
+        }
+        if self.full_report_every == 0 {
+            return Err(invalid("full_report_every", "must be at least 1".into()));
+        }
+        if self.backoff.initial.is_zero() || self.backoff.max < self.backoff.initial {
+            return Err(invalid(
+                "backoff",
+                format!(
+                    "need 0 < initial ({:?}) <= max ({:?})",
+                    self.backoff.initial, self.backoff.max
+                ),
+            ));
+        }
+        if let Some(name) = &self.host_name {
+            if name.is_empty() || name.chars().any(|c| c.is_whitespace()) {
+                return Err(invalid("host_name", format!("{name:?} is not a host name")));
+            }
+        }
+        Ok(())
+    }
+
+    /// The host name this agent speaks as.
+    pub fn host_name(&self) -> String {
+        self.host_name
+            .clone()
+            .or_else(|| sysinfo::System::host_name().ok())
+            .unwrap_or_else(|| "localhost".into())
+    }
+}
+
+// Keeps the config loggable at start-up without dumping paths of private keys as if they were
+// secrets: nothing in this config is secret, but labels may be long, so this stays compact.
+impl fmt::Debug for AgentConfig {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("AgentConfig")
+            .field("host_name", &self.host_name())
+            .field("controller", &self.controller)
+            .field("report_interval", &self.report_interval)
+            .field("collectors", &self.collectors)
+            .field("labels", &self.labels.len())
+            .finish_non_exhaustive()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const GOOD: &str = r#"
+controller = "127.0.0.1:7443"
+host_name = "hub-alfa"
+report_interval = "5s"
+
+[tls]
+ca = "/etc/hostagent/ca.pem"
+cert = "/etc/hostagent/host.pem"
+key = "/etc/hostagent/host.key"
+
+[labels]
+role = "staging"
+"#;
+
+    #[test]
+    fn a_good_config_parses_with_defaults() {
+        let c: AgentConfig = parse_toml(Path::new("agent.toml"), GOOD).unwrap();
+        c.validate(Path::new("agent.toml")).unwrap();
+        assert_eq!(c.report_interval, Duration::from_secs(5));
+        assert_eq!(c.full_report_every, 20);
+        assert!(c.collectors.docker);
+        assert_eq!(c.labels["role"], "staging");
+        assert_eq!(c.host_name(), "hub-alfa");
+    }
+
+    #[test]
+    fn an_unknown_key_names_file_line_and_key() {
+        let text = GOOD.replace("report_interval = \"5s\"", "report_intervall = \"5s\"");
+        let err = parse_toml::<AgentConfig>(Path::new("/etc/hostagent/agent.toml"), &text)
+            .unwrap_err()
+            .to_string();
+        assert!(err.starts_with("/etc/hostagent/agent.toml:4:"), "{err}");
+        assert!(err.contains("report_intervall"), "{err}");
+    }
+
+    #[test]
+    fn a_bad_value_names_the_key() {
+        let text = GOOD.replace("\"5s\"", "\"five\"");
+        let err = parse_toml::<AgentConfig>(Path::new("a.toml"), &text)
+            .unwrap_err()
+            .to_string();
+        assert!(err.starts_with("a.toml:4:"), "{err}");
+        let text = GOOD.replace("\"5s\"", "\"10ms\"");
+        let c: AgentConfig = parse_toml(Path::new("a.toml"), &text).unwrap();
+        let err = c.validate(Path::new("a.toml")).unwrap_err().to_string();
+        assert!(err.contains("`report_interval`"), "{err}");
+    }
+
+    #[test]
+    fn a_missing_required_key_is_named() {
+        let text = GOOD.replace("controller = \"127.0.0.1:7443\"", "");
+        let err = parse_toml::<AgentConfig>(Path::new("a.toml"), &text)
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("controller"), "{err}");
+    }
+}

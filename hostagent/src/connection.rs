@@ -1,0 +1,347 @@
+//! The agent's channel to the controller: dial out over mTLS, say hello, stream state reports
+//! and heartbeats, and reconnect with exponential backoff and jitter, forever.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use hyper_util::rt::TokioIo;
+use rand::Rng;
+use sentinel_proto::v1::agent_service_client::AgentServiceClient;
+use sentinel_proto::v1::{
+    agent_message, controller_message, AgentMessage, ControllerMessage, Heartbeat, Hello, HostInfo,
+    JobEvent, JobRefused, RefusalReason, SignedJob, StateReport,
+};
+use tokio::sync::mpsc;
+use tokio_stream::wrappers::ReceiverStream;
+use tokio_util::sync::CancellationToken;
+use tonic::transport::{Channel, Endpoint};
+use tracing::{debug, info, warn, Instrument};
+
+use crate::collectors::{Collectors, DeltaTracker};
+use crate::config::AgentConfig;
+
+/// How long the TCP connect plus TLS handshake may take before the attempt counts as failed.
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long to wait for the controller's welcome after the hello.
+const WELCOME_TIMEOUT: Duration = Duration::from_secs(10);
+/// Used until a welcome says otherwise.
+const DEFAULT_HEARTBEAT: Duration = Duration::from_secs(10);
+/// Outbound queue depth: a report or heartbeat waits here while the stream is busy.
+const OUTBOUND_QUEUE: usize = 32;
+
+/// Why a session with the controller ended.
+#[derive(Debug, thiserror::Error)]
+pub enum SessionError {
+    /// The connection could not be opened (TCP, TLS, HTTP/2).
+    #[error("connecting to {addr}: {message}")]
+    Connect {
+        /// The controller address.
+        addr: String,
+        /// The cause, including TLS errors.
+        message: String,
+    },
+    /// The controller answered with an error status (e.g. PERMISSION_DENIED).
+    #[error("controller refused the channel: {0}")]
+    Refused(tonic::Status),
+    /// The controller broke the protocol.
+    #[error("protocol error: {0}")]
+    Protocol(String),
+    /// The stream ended or failed after it was established.
+    #[error("channel lost: {0}")]
+    Lost(String),
+}
+
+/// Exponential backoff with equal jitter: each delay lies in [base/2, base], and base doubles
+/// from `initial` up to `max`. Jitter keeps a fleet from reconnecting in lock step after a
+/// controller restart.
+#[derive(Debug, Clone)]
+pub struct Backoff {
+    initial: Duration,
+    max: Duration,
+    attempt: u32,
+}
+
+impl Backoff {
+    /// A backoff starting at `initial`, capped at `max`.
+    pub fn new(initial: Duration, max: Duration) -> Self {
+        Self {
+            initial,
+            max,
+            attempt: 0,
+        }
+    }
+
+    /// Starts over after a successful session.
+    pub fn reset(&mut self) {
+        self.attempt = 0;
+    }
+
+    /// The next delay.
+    pub fn next_delay(&mut self) -> Duration {
+        let factor = 1u32.checked_shl(self.attempt.min(20)).unwrap_or(u32::MAX);
+        let base = self.initial.saturating_mul(factor).min(self.max);
+        self.attempt = self.attempt.saturating_add(1);
+        let half = base / 2;
+        half + rand::thread_rng().gen_range(Duration::ZERO..=half)
+    }
+}
+
+/// Runs sessions until `shutdown` is cancelled.
+pub async fn run(config: AgentConfig, tls: Arc<rustls::ClientConfig>, shutdown: CancellationToken) {
+    let host = config.host_name();
+    let mut collectors = Collectors::new(&config.collectors);
+    let mut backoff = Backoff::new(config.backoff.initial, config.backoff.max);
+    let mut attempts: u64 = 0;
+    let span = tracing::info_span!("agent", host = %host, controller = %config.controller);
+    async {
+        loop {
+            attempts += 1;
+            let mut welcomed = false;
+            let outcome = tokio::select! {
+                r = session(&config, &host, tls.clone(), &mut collectors, &mut welcomed) => r,
+                _ = shutdown.cancelled() => {
+                    info!("agent stopping");
+                    return;
+                }
+            };
+            if welcomed {
+                backoff.reset();
+            }
+            match outcome {
+                Ok(()) => info!("controller closed the channel"),
+                Err(SessionError::Refused(status)) => warn!(
+                    code = ?status.code(),
+                    message = status.message(),
+                    "controller refused this agent; check the host name and certificate"
+                ),
+                Err(e) => warn!(error = %e, attempts, "no channel to the controller"),
+            }
+            let delay = backoff.next_delay();
+            debug!(?delay, "reconnecting after backoff");
+            tokio::select! {
+                _ = tokio::time::sleep(delay) => {}
+                _ = shutdown.cancelled() => {
+                    info!("agent stopping");
+                    return;
+                }
+            }
+        }
+    }
+    .instrument(span)
+    .await
+}
+
+async fn open_channel(
+    config: &AgentConfig,
+    tls: Arc<rustls::ClientConfig>,
+) -> Result<Channel, SessionError> {
+    let connect_err = |message: String| SessionError::Connect {
+        addr: config.controller.clone(),
+        message,
+    };
+    let server_name =
+        crate::tls::server_name_for(&config.controller, config.server_name.as_deref())
+            .map_err(connect_err)?;
+    // The URI only feeds HTTP/2's :authority; the connector below does the real dialing, over
+    // our own TLS config (TLS 1.3 only, client certificate), which tonic's built-in TLS cannot
+    // be told to enforce.
+    let endpoint = Endpoint::from_shared(format!("http://{}", config.controller))
+        .map_err(|e| connect_err(e.to_string()))?
+        .connect_timeout(CONNECT_TIMEOUT)
+        .http2_keep_alive_interval(Duration::from_secs(30))
+        .keep_alive_timeout(Duration::from_secs(20));
+    let addr = config.controller.clone();
+    let connector = tower::service_fn(move |_uri: http::Uri| {
+        let (addr, name, tls) = (addr.clone(), server_name.clone(), tls.clone());
+        async move {
+            let stream =
+                tokio::time::timeout(CONNECT_TIMEOUT, crate::tls::connect(&addr, name, tls))
+                    .await
+                    .map_err(|_| {
+                        std::io::Error::new(std::io::ErrorKind::TimedOut, "TLS handshake timed out")
+                    })??;
+            Ok::<_, std::io::Error>(TokioIo::new(stream))
+        }
+    });
+    endpoint
+        .connect_with_connector(connector)
+        .await
+        .map_err(|e| connect_err(error_chain(&e)))
+}
+
+/// One connected session: hello, welcome, then reports and heartbeats until the stream ends.
+async fn session(
+    config: &AgentConfig,
+    host: &str,
+    tls: Arc<rustls::ClientConfig>,
+    collectors: &mut Collectors,
+    welcomed: &mut bool,
+) -> Result<(), SessionError> {
+    let channel = open_channel(config, tls).await?;
+    let mut client = AgentServiceClient::new(channel);
+    let (tx, rx) = mpsc::channel::<AgentMessage>(OUTBOUND_QUEUE);
+    let hello = Hello {
+        host: Some(host_info(config, host, collectors)),
+        journal_job_ids: vec![],
+    };
+    send(&tx, agent_message::Msg::Hello(hello)).await?;
+    let mut inbound = client
+        .connect(ReceiverStream::new(rx))
+        .await
+        .map_err(|status| match status.code() {
+            tonic::Code::Unavailable | tonic::Code::Unknown | tonic::Code::Internal => {
+                SessionError::Lost(status.to_string())
+            }
+            _ => SessionError::Refused(status),
+        })?
+        .into_inner();
+
+    let welcome = match tokio::time::timeout(WELCOME_TIMEOUT, inbound.message()).await {
+        Err(_) => return Err(SessionError::Protocol("no welcome within 10s".into())),
+        Ok(Err(status)) => return Err(SessionError::Refused(status)),
+        Ok(Ok(None)) => return Err(SessionError::Lost("stream closed before welcome".into())),
+        Ok(Ok(Some(ControllerMessage {
+            msg: Some(controller_message::Msg::Welcome(w)),
+        }))) => w,
+        Ok(Ok(Some(other))) => {
+            return Err(SessionError::Protocol(format!(
+                "expected a welcome, got {other:?}"
+            )))
+        }
+    };
+    *welcomed = true;
+    let heartbeat = welcome
+        .heartbeat_interval
+        .as_ref()
+        .map(sentinel_proto::time::std_duration)
+        .filter(|d| *d >= Duration::from_millis(100))
+        .unwrap_or(DEFAULT_HEARTBEAT);
+    info!(controller_version = %welcome.controller_version, ?heartbeat, "connected to controller");
+
+    let mut delta = DeltaTracker::default();
+    let mut report_seq: u64 = 0;
+    let mut heartbeat_seq: u64 = 0;
+    let mut force_full = true;
+    let mut reports = tokio::time::interval(config.report_interval);
+    reports.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut heartbeats =
+        tokio::time::interval_at(tokio::time::Instant::now() + heartbeat, heartbeat);
+    heartbeats.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+
+    loop {
+        tokio::select! {
+            _ = reports.tick() => {
+                let started = Instant::now();
+                let fresh = collectors.collect().await;
+                let full = force_full || report_seq.is_multiple_of(u64::from(config.full_report_every));
+                force_full = false;
+                report_seq += 1;
+                let state = delta.report(fresh, full);
+                debug!(seq = report_seq, full, took = ?started.elapsed(), "state report");
+                send(&tx, agent_message::Msg::Report(StateReport {
+                    seq: report_seq,
+                    full,
+                    state: Some(state),
+                })).await?;
+            }
+            _ = heartbeats.tick() => {
+                heartbeat_seq += 1;
+                send(&tx, agent_message::Msg::Heartbeat(Heartbeat {
+                    seq: heartbeat_seq,
+                    sent_at: Some(sentinel_proto::time::now()),
+                })).await?;
+            }
+            msg = inbound.message() => match msg {
+                Ok(Some(ControllerMessage { msg: Some(m) })) => match m {
+                    controller_message::Msg::RequestFullReport(_) => {
+                        force_full = true;
+                        reports.reset_immediately();
+                    }
+                    controller_message::Msg::Job(job) => refuse_job(&tx, job).await?,
+                    other => debug!(message = ?other, "ignoring controller message"),
+                },
+                Ok(Some(ControllerMessage { msg: None })) => {}
+                Ok(None) => return Ok(()),
+                Err(status) => return Err(SessionError::Lost(status.to_string())),
+            },
+        }
+    }
+}
+
+// This build of the agent runs no jobs yet: it says so instead of leaving the job hanging.
+async fn refuse_job(tx: &mpsc::Sender<AgentMessage>, job: SignedJob) -> Result<(), SessionError> {
+    use prost::Message;
+    let job_id = sentinel_proto::v1::JobSpec::decode(job.spec.as_slice())
+        .map(|spec| spec.job_id)
+        .unwrap_or_default();
+    warn!(job_id = %job_id, "refusing job: this agent build does not execute jobs");
+    send(
+        tx,
+        agent_message::Msg::JobEvent(JobEvent {
+            job_id,
+            seq: 1,
+            at: Some(sentinel_proto::time::now()),
+            event: Some(sentinel_proto::v1::job_event::Event::Refused(JobRefused {
+                reason: RefusalReason::Policy as i32,
+                detail: "this agent build does not execute jobs".into(),
+            })),
+        }),
+    )
+    .await
+}
+
+async fn send(
+    tx: &mpsc::Sender<AgentMessage>,
+    msg: agent_message::Msg,
+) -> Result<(), SessionError> {
+    tx.send(AgentMessage { msg: Some(msg) })
+        .await
+        .map_err(|_| SessionError::Lost("outbound stream closed".into()))
+}
+
+fn host_info(config: &AgentConfig, host: &str, collectors: &Collectors) -> HostInfo {
+    HostInfo {
+        name: host.to_string(),
+        agent_version: crate::VERSION.to_string(),
+        os: sysinfo::System::long_os_version().unwrap_or_default(),
+        kernel: sysinfo::System::kernel_version().unwrap_or_default(),
+        arch: std::env::consts::ARCH.to_string(),
+        capabilities: collectors.capabilities(),
+        labels: config.labels.clone().into_iter().collect(),
+    }
+}
+
+/// Formats an error with its sources, so TLS and connect failures say what really happened.
+pub fn error_chain(e: &(dyn std::error::Error + 'static)) -> String {
+    let mut out = e.to_string();
+    let mut source = e.source();
+    while let Some(s) = source {
+        let s_text = s.to_string();
+        if !out.contains(&s_text) {
+            out.push_str(": ");
+            out.push_str(&s_text);
+        }
+        source = s.source();
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn backoff_grows_to_its_cap_with_jitter_and_resets() {
+        let mut b = Backoff::new(Duration::from_millis(100), Duration::from_secs(2));
+        let first = b.next_delay();
+        assert!(first >= Duration::from_millis(50) && first <= Duration::from_millis(100));
+        for _ in 0..30 {
+            let d = b.next_delay();
+            assert!(d <= Duration::from_secs(2), "{d:?}");
+        }
+        let capped = b.next_delay();
+        assert!(capped >= Duration::from_secs(1), "{capped:?}");
+        b.reset();
+        assert!(b.next_delay() <= Duration::from_millis(100));
+    }
+}

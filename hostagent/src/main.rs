@@ -1,0 +1,79 @@
+//! `hostagent`: parses the command line, loads the config and runs the agent until SIGTERM.
+#![forbid(unsafe_code)]
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::Parser;
+use hostagent::logging::{self, LogFormat};
+use hostagent::AgentConfig;
+use tokio_util::sync::CancellationToken;
+
+/// Sentinel host agent: reports this host's state to the controller over mTLS and runs the
+/// jobs the controller signed.
+#[derive(Debug, Parser)]
+#[command(version, about)]
+struct Cli {
+    /// Config file.
+    #[arg(
+        long,
+        short,
+        default_value = "/etc/hostagent/agent.toml",
+        env = "HOSTAGENT_CONFIG"
+    )]
+    config: PathBuf,
+    /// Check the config file and exit (0 when valid, 64 when not).
+    #[arg(long)]
+    check_config: bool,
+    /// Log line format.
+    #[arg(long, value_enum, default_value_t = LogFormat::Text)]
+    log_format: LogFormat,
+}
+
+/// sysexits' EX_USAGE: the config was wrong, restarting will not help.
+const EX_USAGE: u8 = 64;
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    logging::init(cli.log_format);
+    let config = match AgentConfig::load(&cli.config) {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("hostagent: invalid config: {e}");
+            return ExitCode::from(EX_USAGE);
+        }
+    };
+    if cli.check_config {
+        println!("{}: ok", cli.config.display());
+        return ExitCode::SUCCESS;
+    }
+    // One thread is plenty for an agent that mostly sleeps, and keeps its footprint small.
+    let runtime = match tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("hostagent: starting the runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    runtime.block_on(async move {
+        tracing::info!(config = ?config, "hostagent starting");
+        let shutdown = CancellationToken::new();
+        let agent = tokio::spawn(hostagent::run(config, shutdown.clone()));
+        hostagent::shutdown_signal().await;
+        shutdown.cancel();
+        match agent.await {
+            Ok(Ok(())) => ExitCode::SUCCESS,
+            Ok(Err(e)) => {
+                tracing::error!(error = format!("{e:#}"), "agent failed");
+                ExitCode::FAILURE
+            }
+            Err(e) => {
+                tracing::error!(error = %e, "agent task panicked");
+                ExitCode::FAILURE
+            }
+        }
+    })
+}

@@ -1,0 +1,176 @@
+//! TLS material: loading PEM certificates and keys, and the agent's TLS 1.3-only client config
+//! that presents the host certificate and trusts only the fleet CA.
+
+use std::io;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use rustls::pki_types::pem::PemObject;
+use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName};
+use serde::Deserialize;
+
+/// Where a party's TLS files are.
+#[derive(Debug, Clone, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct TlsFiles {
+    /// The fleet CA certificate (PEM) that peers must chain to.
+    pub ca: PathBuf,
+    /// Our own certificate (PEM).
+    pub cert: PathBuf,
+    /// Our private key (PEM, PKCS#8 or SEC1).
+    pub key: PathBuf,
+}
+
+/// What went wrong while loading TLS material.
+#[derive(Debug, thiserror::Error)]
+pub enum TlsError {
+    /// A file could not be read or parsed as PEM.
+    #[error("reading {what} {path}: {message}")]
+    Read {
+        /// "CA certificate", "certificate" or "private key".
+        what: &'static str,
+        /// The file.
+        path: PathBuf,
+        /// The reason.
+        message: String,
+    },
+    /// The material was read but rustls refused it.
+    #[error("building TLS config: {0}")]
+    Config(String),
+}
+
+/// Reads every certificate in a PEM file; an empty file is an error.
+pub fn load_certs(
+    path: &Path,
+    what: &'static str,
+) -> Result<Vec<CertificateDer<'static>>, TlsError> {
+    let read_err = |message: String| TlsError::Read {
+        what,
+        path: path.to_path_buf(),
+        message,
+    };
+    let certs = CertificateDer::pem_file_iter(path)
+        .map_err(|e| read_err(e.to_string()))?
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|e| read_err(e.to_string()))?;
+    if certs.is_empty() {
+        return Err(read_err("no PEM certificate found".into()));
+    }
+    Ok(certs)
+}
+
+/// Reads the first private key in a PEM file.
+pub fn load_key(path: &Path) -> Result<PrivateKeyDer<'static>, TlsError> {
+    PrivateKeyDer::from_pem_file(path).map_err(|e| TlsError::Read {
+        what: "private key",
+        path: path.to_path_buf(),
+        message: e.to_string(),
+    })
+}
+
+/// A root store holding only the fleet CA(s) from `path`.
+pub fn load_roots(path: &Path) -> Result<rustls::RootCertStore, TlsError> {
+    let mut roots = rustls::RootCertStore::empty();
+    for cert in load_certs(path, "CA certificate")? {
+        roots.add(cert).map_err(|e| TlsError::Read {
+            what: "CA certificate",
+            path: path.to_path_buf(),
+            message: e.to_string(),
+        })?;
+    }
+    Ok(roots)
+}
+
+/// The crypto provider both sides use (ring: no C toolchain beyond what rustls needs anyway).
+pub fn provider() -> Arc<rustls::crypto::CryptoProvider> {
+    Arc::new(rustls::crypto::ring::default_provider())
+}
+
+/// The agent's client config: TLS 1.3 only, the fleet CA as the only root, our host certificate
+/// as client certificate, ALPN h2 for gRPC.
+pub fn client_config(files: &TlsFiles) -> Result<Arc<rustls::ClientConfig>, TlsError> {
+    let roots = load_roots(&files.ca)?;
+    let certs = load_certs(&files.cert, "certificate")?;
+    let key = load_key(&files.key)?;
+    let mut config = rustls::ClientConfig::builder_with_provider(provider())
+        .with_protocol_versions(&[&rustls::version::TLS13])
+        .map_err(|e| TlsError::Config(e.to_string()))?
+        .with_root_certificates(roots)
+        .with_client_auth_cert(certs, key)
+        .map_err(|e| {
+            TlsError::Config(format!(
+                "{} / {}: {e}",
+                files.cert.display(),
+                files.key.display()
+            ))
+        })?;
+    config.alpn_protocols = vec![b"h2".to_vec()];
+    Ok(Arc::new(config))
+}
+
+/// Opens a TCP connection to `addr` and runs the TLS handshake, checking the server
+/// certificate against `server_name`.
+pub async fn connect(
+    addr: &str,
+    server_name: ServerName<'static>,
+    config: Arc<rustls::ClientConfig>,
+) -> io::Result<tokio_rustls::client::TlsStream<tokio::net::TcpStream>> {
+    let tcp = tokio::net::TcpStream::connect(addr).await?;
+    tcp.set_nodelay(true)?;
+    tokio_rustls::TlsConnector::from(config)
+        .connect(server_name, tcp)
+        .await
+}
+
+/// The TLS server name to check for a controller address: its host part (an IP address or a
+/// DNS name), unless the config overrides it.
+pub fn server_name_for(
+    addr: &str,
+    overridden: Option<&str>,
+) -> Result<ServerName<'static>, String> {
+    let host = match overridden {
+        Some(name) => name.to_string(),
+        None => match addr.parse::<SocketAddr>() {
+            Ok(sa) => sa.ip().to_string(),
+            Err(_) => addr
+                .rsplit_once(':')
+                .map(|(h, _)| h.trim_matches(['[', ']']).to_string())
+                .ok_or_else(|| format!("controller address {addr:?} has no :port"))?,
+        },
+    };
+    ServerName::try_from(host.clone()).map_err(|e| format!("invalid TLS server name {host:?}: {e}"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn server_name_comes_from_the_address_host() {
+        assert_eq!(
+            server_name_for("127.0.0.1:7443", None).unwrap().to_str(),
+            "127.0.0.1"
+        );
+        assert_eq!(
+            server_name_for("sentinel.example:7443", None)
+                .unwrap()
+                .to_str(),
+            "sentinel.example"
+        );
+        assert_eq!(server_name_for("[::1]:7443", None).unwrap().to_str(), "::1");
+        assert_eq!(
+            server_name_for("10.0.0.1:7443", Some("localhost"))
+                .unwrap()
+                .to_str(),
+            "localhost"
+        );
+        assert!(server_name_for("no-port", None).is_err());
+    }
+
+    #[test]
+    fn missing_files_name_the_path() {
+        let err = load_certs(Path::new("/nonexistent/ca.pem"), "CA certificate").unwrap_err();
+        assert!(err.to_string().contains("/nonexistent/ca.pem"), "{err}");
+    }
+}
