@@ -158,3 +158,16 @@ heartbeat_interval = "2s"
         assert!(err.starts_with("s.toml:2:"), "{err}");
     }
 }
+
+#[cfg(test)]
+mod shipped {
+    use super::*;
+
+    #[test]
+    fn the_shipped_default_config_is_valid() {
+        let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../packaging/config/sentinel.toml");
+        let config = ControllerConfig::load(&path).unwrap();
+        assert_eq!(config.listen, defaults::listen());
+        assert_eq!(config.agents, AgentsConfig::default());
+    }
+}

@@ -175,7 +175,7 @@ fn main() -> ExitCode {
                     ExitCode::SUCCESS
                 }
                 Err(e) => {
-                    eprintln!("sentinel pki: {e}");
+                    eprintln!("sentinel pki: {:#}", anyhow::Error::from(e));
                     ExitCode::from(EX_USAGE)
                 }
             }

@@ -1048,7 +1048,7 @@ fn sync_dir(dir: &Path) -> Result<(), PkiError> {
     Ok(())
 }
 
-#[cfg(test)]
+#[cfg(all(test, unix))]
 mod tests {
     use super::*;
     use std::collections::{BTreeMap, BTreeSet};

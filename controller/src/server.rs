@@ -76,7 +76,10 @@ pub async fn run(
         .http2_keepalive_interval(Some(Duration::from_secs(30)))
         .http2_keepalive_timeout(Some(Duration::from_secs(20)))
         .layer(AuthzLayer)
-        .add_service(AgentServiceServer::new(AgentApi::new(registry.clone())))
+        .add_service(AgentServiceServer::new(AgentApi::new(
+            registry.clone(),
+            shutdown.clone(),
+        )))
         .add_service(FleetServiceServer::new(FleetApi::new(registry.clone())))
         .add_service(health_service)
         .add_service(reflection_v1)

@@ -311,3 +311,19 @@ role = "staging"
         assert!(err.contains("controller"), "{err}");
     }
 }
+
+#[cfg(test)]
+mod shipped {
+    use super::*;
+
+    #[test]
+    fn the_shipped_default_config_is_valid() {
+        let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../packaging/config/agent.toml");
+        let config = AgentConfig::load(&path).unwrap();
+        assert_eq!(config, {
+            let mut c = config.clone();
+            c.report_interval = defaults::report_interval();
+            c
+        });
+    }
+}

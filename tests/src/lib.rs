@@ -1,1 +1,467 @@
-//! placeholder
+//! The shared end-to-end harness: real `sentinel` and `hostagent` processes, a dev PKI made by
+//! the real CLI, grpcurl as the operator client, and Docker for containers. Every test gets its
+//! own temp dir and ports, so tests run in parallel; waits are conditions with a deadline
+//! (`SENTINEL_TEST_PATIENCE` seconds, default 30), never fixed sleeps.
+
+use std::fs;
+use std::net::TcpListener;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+pub use serde_json::Value;
+
+/// How long [`eventually`] waits before failing.
+pub fn patience() -> Duration {
+    let secs = std::env::var("SENTINEL_TEST_PATIENCE")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(30);
+    Duration::from_secs(secs)
+}
+
+/// Polls `check` until it returns `Some`, or panics after [`patience`] with `what` and the
+/// last failure reason.
+pub fn eventually<T>(what: &str, mut check: impl FnMut() -> Result<T, String>) -> T {
+    let deadline = Instant::now() + patience();
+    let mut last = String::new();
+    while Instant::now() < deadline {
+        match check() {
+            Ok(v) => return v,
+            Err(e) => last = e,
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    panic!(
+        "timed out after {:?} waiting for {what}; last: {last}",
+        patience()
+    );
+}
+
+/// The directory holding the built binaries (`SENTINEL_BIN_DIR`, else the workspace's
+/// `target/debug`).
+pub fn bin_dir() -> PathBuf {
+    if let Ok(dir) = std::env::var("SENTINEL_BIN_DIR") {
+        return PathBuf::from(dir);
+    }
+    let target = std::env::var("CARGO_TARGET_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|_| Path::new(env!("CARGO_MANIFEST_DIR")).join("../target"));
+    target.join("debug")
+}
+
+/// Path of a workspace binary; panics with the fix when it was not built.
+pub fn bin(name: &str) -> PathBuf {
+    let path = bin_dir().join(name);
+    assert!(
+        path.exists(),
+        "{} is missing: run `cargo build --workspace --bins` before the end-to-end tests",
+        path.display()
+    );
+    path
+}
+
+/// A free loopback port (bound and released; the tiny race is acceptable in tests).
+pub fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("binding a loopback port")
+}
+
+/// Runs a command to completion and returns its output.
+pub fn run(cmd: &mut Command) -> Output {
+    cmd.stdin(Stdio::null())
+        .output()
+        .unwrap_or_else(|e| panic!("running {cmd:?}: {e}"))
+}
+
+/// A child process killed when dropped; its output goes to files in the test's dir.
+pub struct Proc {
+    child: Option<Child>,
+    /// Where its stderr goes.
+    pub log: PathBuf,
+    name: String,
+}
+
+impl Proc {
+    fn spawn(mut cmd: Command, log: PathBuf, name: &str) -> Self {
+        let out = fs::File::create(&log).expect("creating a log file");
+        let err = out.try_clone().expect("cloning a log file handle");
+        let child = cmd
+            .stdin(Stdio::null())
+            .stdout(out)
+            .stderr(err)
+            .env("RUST_LOG", "info,sentinel=debug,hostagent=debug")
+            .spawn()
+            .unwrap_or_else(|e| panic!("starting {cmd:?}: {e}"));
+        Self {
+            child: Some(child),
+            log,
+            name: name.into(),
+        }
+    }
+
+    /// The process id.
+    pub fn pid(&self) -> u32 {
+        self.child.as_ref().map(|c| c.id()).unwrap_or(0)
+    }
+
+    /// Sends a signal (by name, e.g. "TERM", "STOP", "CONT").
+    pub fn signal(&self, sig: &str) {
+        run(Command::new("kill")
+            .arg(format!("-{sig}"))
+            .arg(self.pid().to_string()));
+    }
+
+    /// SIGTERM, then waits for exit (killing after the patience runs out); returns the status.
+    pub fn stop(&mut self) -> Option<std::process::ExitStatus> {
+        let mut child = self.child.take()?;
+        self.signal_child(&child, "TERM");
+        let deadline = Instant::now() + patience();
+        while Instant::now() < deadline {
+            if let Ok(Some(status)) = child.try_wait() {
+                return Some(status);
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        let _ = child.kill();
+        child.wait().ok()
+    }
+
+    fn signal_child(&self, child: &Child, sig: &str) {
+        run(Command::new("kill")
+            .arg(format!("-{sig}"))
+            .arg(child.id().to_string()));
+    }
+
+    /// The process's log so far.
+    pub fn log_text(&self) -> String {
+        fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    /// Whether the process is still running.
+    pub fn is_running(&mut self) -> bool {
+        matches!(self.child.as_mut().map(|c| c.try_wait()), Some(Ok(None)))
+    }
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+        if std::thread::panicking() {
+            eprintln!(
+                "---- log of {} ({}) ----\n{}",
+                self.name,
+                self.log.display(),
+                self.log_text()
+            );
+        }
+    }
+}
+
+/// A test's world: a temp dir with a dev PKI made by `sentinel pki init`.
+pub struct Fleet {
+    /// The temp dir (removed on drop).
+    pub dir: tempfile::TempDir,
+    /// The PKI directory.
+    pub certs: PathBuf,
+}
+
+impl Fleet {
+    /// A new temp dir with a dev PKI for the given hosts.
+    pub fn new(hosts: &[&str]) -> Self {
+        let dir = tempfile::Builder::new()
+            .prefix("sentinel-e2e-")
+            .tempdir()
+            .expect("creating a temp dir");
+        let certs = dir.path().join("certs");
+        let mut cmd = Command::new(bin("sentinel"));
+        cmd.args(["pki", "init", "--dir"]).arg(&certs);
+        for h in hosts {
+            cmd.args(["--host", h]);
+        }
+        let out = run(&mut cmd);
+        assert!(
+            out.status.success(),
+            "pki init failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        Self { dir, certs }
+    }
+
+    /// A path inside the test's dir.
+    pub fn path(&self, name: &str) -> PathBuf {
+        self.dir.path().join(name)
+    }
+
+    /// Issues another operator certificate.
+    pub fn issue_operator(&self, name: &str, role: &str) {
+        let out = run(Command::new(bin("sentinel"))
+            .args(["pki", "issue-operator", name, "--role", role, "--dir"])
+            .arg(&self.certs));
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+
+    /// Writes a controller config and starts `sentinel serve` on `port`.
+    pub fn start_controller(&self, port: u16, extra_toml: &str) -> Controller {
+        let config = self.path("sentinel.toml");
+        let c = self.certs.display();
+        fs::write(
+            &config,
+            format!(
+                "listen = \"127.0.0.1:{port}\"\ndata_dir = \"{data}\"\n\n[tls]\nca = \"{c}/ca.pem\"\ncert = \"{c}/controller.pem\"\nkey = \"{c}/controller.key\"\n\n{extra_toml}\n",
+                data = self.path("data").display()
+            ),
+        )
+        .expect("writing controller config");
+        let mut cmd = Command::new(bin("sentinel"));
+        cmd.arg("serve").arg("--config").arg(&config);
+        let log = self.path(&format!("controller-{}.log", unique()));
+        let proc = Proc::spawn(cmd, log, "controller");
+        let controller = Controller {
+            proc,
+            addr: format!("127.0.0.1:{port}"),
+            certs: self.certs.clone(),
+        };
+        controller.wait_ready();
+        controller
+    }
+
+    /// Writes an agent config for `host` (using `cert_host`'s certificate) and starts it.
+    pub fn start_agent(
+        &self,
+        host: &str,
+        cert_host: &str,
+        controller: &str,
+        extra_toml: &str,
+    ) -> Proc {
+        let config = self.write_agent_config(host, cert_host, controller, extra_toml);
+        let mut cmd = Command::new(bin("hostagent"));
+        cmd.arg("--config").arg(&config);
+        Proc::spawn(
+            cmd,
+            self.path(&format!("agent-{host}-{}.log", unique())),
+            &format!("agent {host}"),
+        )
+    }
+
+    /// The agent config file for `host`, written into the test's dir.
+    pub fn write_agent_config(
+        &self,
+        host: &str,
+        cert_host: &str,
+        controller: &str,
+        extra_toml: &str,
+    ) -> PathBuf {
+        let config = self.path(&format!("agent-{host}.toml"));
+        let c = self.certs.display();
+        fs::write(
+            &config,
+            format!(
+                "host_name = \"{host}\"\ncontroller = \"{controller}\"\nreport_interval = \"1s\"\n{extra_toml}\n\n[backoff]\ninitial = \"200ms\"\nmax = \"2s\"\n\n[tls]\nca = \"{c}/ca.pem\"\ncert = \"{c}/host-{cert_host}.pem\"\nkey = \"{c}/host-{cert_host}.key\"\n"
+            ),
+        )
+        .expect("writing agent config");
+        config
+    }
+}
+
+fn unique() -> u128 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_nanos())
+        .unwrap_or(0)
+}
+
+/// A running controller process.
+pub struct Controller {
+    /// The process.
+    pub proc: Proc,
+    /// `127.0.0.1:PORT`.
+    pub addr: String,
+    certs: PathBuf,
+}
+
+impl Controller {
+    fn wait_ready(&self) {
+        eventually("the controller to serve health checks", || {
+            let r = self.grpcurl_as("operator-admin", &[], "grpc.health.v1.Health/Check");
+            if r.ok {
+                Ok(())
+            } else {
+                Err(r.stderr)
+            }
+        });
+    }
+
+    /// Calls `method` as operator `admin`.
+    pub fn grpcurl(&self, data: Option<&str>, method: &str) -> GrpcResult {
+        let mut args = Vec::new();
+        if let Some(d) = data {
+            args.extend(["-d", d]);
+        }
+        self.grpcurl_as("operator-admin", &args, method)
+    }
+
+    /// Calls `method` with the certificate `certs/NAME.pem`, extra grpcurl flags first.
+    pub fn grpcurl_as(&self, cert: &str, flags: &[&str], method: &str) -> GrpcResult {
+        let c = &self.certs;
+        let mut cmd = Command::new("grpcurl");
+        cmd.arg("-cacert")
+            .arg(c.join("ca.pem"))
+            .arg("-cert")
+            .arg(c.join(format!("{cert}.pem")))
+            .arg("-key")
+            .arg(c.join(format!("{cert}.key")))
+            .args(flags)
+            .arg(&self.addr);
+        if !method.is_empty() {
+            cmd.args(method.split(' '));
+        }
+        GrpcResult::from(run(&mut cmd))
+    }
+
+    /// `GetHost` for `name`, parsed.
+    pub fn get_host(&self, name: &str) -> Result<Value, String> {
+        let r = self.grpcurl(
+            Some(&format!("{{\"name\":\"{name}\"}}")),
+            "sentinel.v1.FleetService/GetHost",
+        );
+        r.json()
+    }
+
+    /// Waits until `name` is online and has a state report; returns its `GetHost` answer.
+    pub fn wait_online(&self, name: &str) -> Value {
+        eventually(&format!("host {name} online with state"), || {
+            let host = self.get_host(name)?;
+            if host["status"] == "HOST_STATUS_ONLINE" && host["state"].is_object() {
+                Ok(host)
+            } else {
+                Err(host.to_string())
+            }
+        })
+    }
+}
+
+/// What a grpcurl call gave.
+#[derive(Debug)]
+pub struct GrpcResult {
+    /// Exit status 0.
+    pub ok: bool,
+    /// Standard output (JSON for calls).
+    pub stdout: String,
+    /// Standard error (the status for failed calls).
+    pub stderr: String,
+}
+
+impl From<Output> for GrpcResult {
+    fn from(o: Output) -> Self {
+        Self {
+            ok: o.status.success(),
+            stdout: String::from_utf8_lossy(&o.stdout).into_owned(),
+            stderr: String::from_utf8_lossy(&o.stderr).into_owned(),
+        }
+    }
+}
+
+impl GrpcResult {
+    /// The answer as JSON, or the failure text.
+    pub fn json(&self) -> Result<Value, String> {
+        if !self.ok {
+            return Err(self.stderr.clone());
+        }
+        serde_json::from_str(&self.stdout).map_err(|e| format!("{e}: {}", self.stdout))
+    }
+}
+
+/// Docker helpers: images are built `FROM scratch` with busybox, since nothing can be pulled.
+pub mod docker {
+    use super::*;
+
+    /// The test image's tag.
+    pub const IMAGE: &str = "sentinel-e2e-busybox:latest";
+
+    /// Whether a Docker daemon answers.
+    pub fn available() -> bool {
+        Command::new("docker")
+            .args(["info", "--format", "{{.ServerVersion}}"])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .status()
+            .map(|s| s.success())
+            .unwrap_or(false)
+    }
+
+    /// Builds the busybox image (idempotent).
+    pub fn build_busybox_image() {
+        let busybox = ["/bin/busybox", "/usr/bin/busybox"]
+            .into_iter()
+            .map(Path::new)
+            .find(|p| p.exists())
+            .expect("busybox-static is not installed (apt-get install busybox-static)");
+        let ctx = tempfile::tempdir().expect("temp dir");
+        fs::copy(busybox, ctx.path().join("busybox")).expect("copying busybox");
+        fs::write(
+            ctx.path().join("Dockerfile"),
+            "FROM scratch\nCOPY busybox /bin/busybox\nRUN [\"/bin/busybox\", \"--install\", \"-s\", \"/bin\"]\nENTRYPOINT []\n",
+        )
+        .expect("writing Dockerfile");
+        let out = run(Command::new("docker")
+            .args(["build", "-q", "-t", IMAGE])
+            .arg(ctx.path()));
+        assert!(
+            out.status.success(),
+            "docker build: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+
+    /// A container removed on drop.
+    pub struct Container {
+        /// Its name.
+        pub name: String,
+    }
+
+    impl Container {
+        /// Runs `sleep` in a new container with compose labels.
+        pub fn run(name: &str, project: &str, service: &str) -> Self {
+            let out = run(Command::new("docker").args([
+                "run",
+                "-d",
+                "--name",
+                name,
+                "--label",
+                &format!("com.docker.compose.project={project}"),
+                "--label",
+                &format!("com.docker.compose.service={service}"),
+                IMAGE,
+                "/bin/sleep",
+                "600",
+            ]));
+            assert!(
+                out.status.success(),
+                "docker run: {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+            Self { name: name.into() }
+        }
+    }
+
+    impl Drop for Container {
+        fn drop(&mut self) {
+            let _ = Command::new("docker")
+                .args(["rm", "-f", &self.name])
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .status();
+        }
+    }
+}

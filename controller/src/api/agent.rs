@@ -7,12 +7,14 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use futures::Stream;
+use futures::StreamExt;
 use sentinel_proto::v1::agent_service_server::AgentService;
 use sentinel_proto::v1::{
     agent_message, controller_message, AgentMessage, BundleChunk, ControllerMessage, Welcome,
 };
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
+use tokio_util::sync::CancellationToken;
 use tonic::{Request, Response, Status, Streaming};
 use tracing::{debug, info, warn, Instrument};
 
@@ -27,12 +29,14 @@ const OUTBOUND_QUEUE: usize = 64;
 /// The agent channel service.
 pub struct AgentApi {
     registry: Arc<Registry>,
+    shutdown: CancellationToken,
 }
 
 impl AgentApi {
-    /// A service over the shared registry.
-    pub fn new(registry: Arc<Registry>) -> Self {
-        Self { registry }
+    /// A service over the shared registry. Agent streams end when `shutdown` is cancelled, so
+    /// that a graceful shutdown is not held up by streams that never end on their own.
+    pub fn new(registry: Arc<Registry>, shutdown: CancellationToken) -> Self {
+        Self { registry, shutdown }
     }
 }
 
@@ -99,16 +103,21 @@ impl AgentService for AgentApi {
         let conn_id = self.registry.connect(info, peer.addr, tx.clone());
         info!(host = %cert_name, peer = ?peer.addr, agent_version = %version, "agent connected");
         let registry = self.registry.clone();
+        let shutdown = self.shutdown.clone();
         let span = tracing::info_span!("agent_stream", host = %cert_name, conn = conn_id);
         tokio::spawn(
             async move {
-                let reason = serve_stream(&registry, &cert_name, inbound, tx).await;
+                let reason = tokio::select! {
+                    reason = serve_stream(&registry, &cert_name, inbound, tx) => reason,
+                    _ = shutdown.cancelled() => "controller shutting down".to_string(),
+                };
                 info!(reason = %reason, "agent disconnected");
                 registry.disconnect(&cert_name, conn_id, &reason);
             }
             .instrument(span),
         );
-        Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
+        let outbound = ReceiverStream::new(rx).take_until(self.shutdown.clone().cancelled_owned());
+        Ok(Response::new(Box::pin(outbound)))
     }
 }
 

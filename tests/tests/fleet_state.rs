@@ -1,0 +1,160 @@
+//! The operator's view through grpcurl: services listed by reflection, hosts and their state.
+
+use sentinel_e2e::{docker, eventually, free_port, Fleet};
+
+#[test]
+fn grpcurl_lists_every_service_through_reflection() {
+    let fleet = Fleet::new(&["hub-alfa"]);
+    let controller = fleet.start_controller(free_port(), "");
+    let r = controller.grpcurl(None, "list");
+    assert!(r.ok, "{}", r.stderr);
+    for service in [
+        "sentinel.v1.AgentService",
+        "sentinel.v1.FleetService",
+        "grpc.health.v1.Health",
+        "grpc.reflection.v1.ServerReflection",
+        "grpc.reflection.v1alpha.ServerReflection",
+    ] {
+        assert!(
+            r.stdout.lines().any(|l| l == service),
+            "{service} missing from:\n{}",
+            r.stdout
+        );
+    }
+    let described = controller.grpcurl(None, "describe sentinel.v1.FleetService");
+    assert!(
+        described.stdout.contains("rpc GetHost"),
+        "{}",
+        described.stdout
+    );
+    let health = controller
+        .grpcurl(None, "grpc.health.v1.Health/Check")
+        .json()
+        .unwrap();
+    assert_eq!(health["status"], "SERVING");
+}
+
+#[test]
+fn an_agent_reports_system_state_and_a_container_the_test_started() {
+    assert!(docker::available(), "these tests need a Docker daemon");
+    docker::build_busybox_image();
+    let name = format!("sentinel-e2e-web-{}", std::process::id());
+    let _container = docker::Container::run(&name, "shop", "web");
+
+    let fleet = Fleet::new(&["hub-alfa"]);
+    let controller = fleet.start_controller(free_port(), "");
+    let _agent = fleet.start_agent(
+        "hub-alfa",
+        "hub-alfa",
+        &controller.addr,
+        "[labels]\nrole = \"staging\"",
+    );
+
+    let host = eventually("the container in GetHost", || {
+        let host = controller.wait_online("hub-alfa");
+        let containers = host["state"]["docker"]["state"]["containers"]
+            .as_array()
+            .cloned()
+            .unwrap_or_default();
+        containers
+            .iter()
+            .find(|c| c["name"] == name.as_str())
+            .cloned()
+            .map(|c| (host.clone(), c))
+            .ok_or_else(|| format!("{name} not among {} containers", containers.len()))
+    });
+    let (host, container) = host;
+    assert_eq!(container["composeProject"], "shop");
+    assert_eq!(container["composeService"], "web");
+    assert_eq!(container["state"], "running");
+    assert_eq!(container["image"], docker::IMAGE);
+    assert!(container["created"].is_string());
+
+    let system = &host["state"]["system"]["state"];
+    assert!(system["cpuCount"].as_u64().unwrap_or(0) >= 1, "{system}");
+    assert!(system["memoryTotalBytes"].as_str().is_some(), "{system}");
+    assert!(host["stateCollectedAt"].is_string());
+    assert!(host["stateAgeSeconds"].as_f64().is_some());
+    assert_eq!(host["info"]["labels"]["role"], "staging");
+    assert!(host["info"]["capabilities"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .any(|c| c == "collector.docker"));
+
+    let list = controller
+        .grpcurl(None, "sentinel.v1.FleetService/ListHosts")
+        .json()
+        .unwrap();
+    let summary = &list["hosts"][0];
+    assert_eq!(summary["name"], "hub-alfa");
+    assert_eq!(summary["status"], "HOST_STATUS_ONLINE");
+    assert!(
+        summary["containersRunning"].as_u64().unwrap_or(0) >= 1,
+        "{summary}"
+    );
+}
+
+#[test]
+fn a_failing_collector_reports_its_error_while_the_others_keep_flowing() {
+    let fleet = Fleet::new(&["argus"]);
+    let controller = fleet.start_controller(free_port(), "");
+    let _agent = fleet.start_agent(
+        "argus",
+        "argus",
+        &controller.addr,
+        "[collectors]\ndocker_socket = \"/nonexistent/docker.sock\"",
+    );
+    let host = controller.wait_online("argus");
+    let error = host["state"]["docker"]["error"]
+        .as_str()
+        .unwrap_or_default();
+    assert!(error.contains("/nonexistent/docker.sock"), "{host}");
+    assert!(host["state"]["system"]["state"].is_object(), "{host}");
+    let list = controller
+        .grpcurl(None, "sentinel.v1.FleetService/ListHosts")
+        .json()
+        .unwrap();
+    assert_eq!(list["hosts"][0]["failingCollectors"][0], "docker");
+}
+
+#[test]
+fn an_unknown_host_is_not_found_with_the_known_names() {
+    let fleet = Fleet::new(&["argus"]);
+    let controller = fleet.start_controller(free_port(), "");
+    let _agent = fleet.start_agent("argus", "argus", &controller.addr, "");
+    controller.wait_online("argus");
+    let err = controller.get_host("nosuch").unwrap_err();
+    assert!(err.contains("NotFound") && err.contains("argus"), "{err}");
+}
+
+#[test]
+fn a_silent_agent_is_marked_offline_after_missed_heartbeats_and_recovers() {
+    let fleet = Fleet::new(&["cerebro"]);
+    let controller = fleet.start_controller(
+        free_port(),
+        "[agents]\nheartbeat_interval = \"300ms\"\nmissed_heartbeats_offline = 3",
+    );
+    let agent = fleet.start_agent("cerebro", "cerebro", &controller.addr, "");
+    controller.wait_online("cerebro");
+    agent.signal("STOP");
+    let host = eventually("cerebro offline", || {
+        let h = controller.get_host("cerebro")?;
+        if h["status"] == "HOST_STATUS_OFFLINE" {
+            Ok(h)
+        } else {
+            Err(h["status"].to_string())
+        }
+    });
+    agent.signal("CONT");
+    assert!(
+        host["offlineReason"]
+            .as_str()
+            .unwrap_or_default()
+            .contains("missed 3 heartbeats"),
+        "{host}"
+    );
+    // The state it had is still there, with its age.
+    assert!(host["state"]["system"].is_object());
+    controller.wait_online("cerebro");
+}
