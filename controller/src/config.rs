@@ -24,6 +24,50 @@ pub struct ControllerConfig {
     /// Agent liveness.
     #[serde(default)]
     pub agents: AgentsConfig,
+    /// The job-signing key; without it no job can be sent.
+    #[serde(default)]
+    pub signing: Option<SigningConfig>,
+    /// Job queue settings.
+    #[serde(default)]
+    pub jobs: JobsConfig,
+    /// Deploy pipeline settings (backup hook, report webhooks).
+    #[serde(default)]
+    pub pipeline: crate::pipeline::PipelineConfig,
+    /// The apps the pipeline deploys.
+    #[serde(default)]
+    pub apps: Vec<crate::pipeline::AppConfig>,
+    /// Database isolation policy and auditor (`[isolation]`); absent: no isolation checks.
+    #[serde(default)]
+    pub isolation: Option<crate::isolation::IsolationConfig>,
+}
+
+/// The Ed25519 key that signs every job.
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct SigningConfig {
+    /// PKCS#8 PEM private key (`signing.key` from `sentinel pki init`), mode 0600.
+    pub key: PathBuf,
+}
+
+/// Job queue settings.
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct JobsConfig {
+    /// How long a job may wait for its host before it expires (the signed window).
+    #[serde(default = "defaults::job_ttl", with = "humantime_serde")]
+    pub ttl: Duration,
+    /// How long a started job may run past its window before it counts as timed out.
+    #[serde(default = "defaults::job_run_timeout", with = "humantime_serde")]
+    pub run_timeout: Duration,
+}
+
+impl Default for JobsConfig {
+    fn default() -> Self {
+        Self {
+            ttl: defaults::job_ttl(),
+            run_timeout: defaults::job_run_timeout(),
+        }
+    }
 }
 
 /// How agents are kept track of.
@@ -65,6 +109,12 @@ mod defaults {
     pub fn missed_heartbeats_offline() -> u32 {
         3
     }
+    pub fn job_ttl() -> Duration {
+        Duration::from_secs(600)
+    }
+    pub fn job_run_timeout() -> Duration {
+        Duration::from_secs(3600)
+    }
 }
 
 impl ControllerConfig {
@@ -91,11 +141,15 @@ impl ControllerConfig {
                 ),
             ));
         }
+        crate::pipeline::config::validate(path, &self.pipeline, &self.apps)?;
         if self.agents.missed_heartbeats_offline == 0 {
             return Err(invalid(
                 "agents.missed_heartbeats_offline",
                 "must be at least 1".into(),
             ));
+        }
+        if let Some((key, message)) = self.isolation.as_ref().and_then(|i| i.problem()) {
+            return Err(invalid(&format!("isolation.{key}"), message));
         }
         Ok(())
     }
@@ -113,7 +167,11 @@ impl fmt::Debug for ControllerConfig {
             .field("data_dir", &self.data_dir)
             .field("tls", &self.tls)
             .field("agents", &self.agents)
-            .finish()
+            .field("signing", &self.signing)
+            .field("jobs", &self.jobs)
+            .field("apps", &self.apps.iter().map(|a| &a.name).collect::<Vec<_>>())
+            .field("isolation", &self.isolation)
+            .finish_non_exhaustive()
     }
 }
 

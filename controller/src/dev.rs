@@ -12,7 +12,7 @@ use hostagent::tls::TlsFiles;
 use tokio::sync::oneshot;
 use tokio_util::sync::CancellationToken;
 
-use crate::config::{AgentsConfig, ControllerConfig};
+use crate::config::{AgentsConfig, ControllerConfig, SigningConfig};
 use crate::pki;
 
 /// What `sentinel dev` runs.
@@ -89,6 +89,13 @@ pub async fn run(opts: DevOptions, shutdown: CancellationToken) -> anyhow::Resul
             key: certs.join(pki::CONTROLLER_KEY_FILE),
         },
         agents: AgentsConfig::default(),
+        signing: Some(SigningConfig {
+            key: certs.join(pki::SIGNING_KEY_FILE),
+        }),
+        jobs: crate::config::JobsConfig::default(),
+        pipeline: Default::default(),
+        apps: Vec::new(),
+        isolation: None,
     };
     let (ready_tx, ready_rx) = oneshot::channel();
     let mut controller_task = tokio::spawn(crate::server::run(
@@ -124,6 +131,13 @@ pub async fn run(opts: DevOptions, shutdown: CancellationToken) -> anyhow::Resul
         backoff: BackoffConfig::default(),
         collectors: CollectorsConfig::default(),
         labels: [("mode".to_string(), "dev".to_string())].into(),
+        jobs: hostagent::config::JobsConfig {
+            state_dir: opts.data_dir.join("agent"),
+            trusted_keys: vec![certs.join(pki::SIGNING_PUB_FILE)],
+            allowed_kinds: hostagent::jobs::KINDS.iter().map(|(n, _)| n.to_string()).collect(),
+            app_dirs: vec![opts.data_dir.join("apps")],
+            ..hostagent::config::JobsConfig::default()
+        },
     };
     let agent_task = tokio::spawn(hostagent::run(agent, shutdown.clone()));
     print_banner(&certs, dial, &host);

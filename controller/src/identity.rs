@@ -141,10 +141,10 @@ pub fn requirement(path: &str) -> Requirement {
 
 fn fleet_method_role(method: &str) -> Role {
     match method {
-        "ListHosts" | "GetHost" | "ListJobs" | "GetJob" | "GetDeployment" | "ListDeployments"
-        | "GetIsolationReport" | "ListBackups" => Role::Viewer,
-        "Deploy" | "Rollback" | "RunIsolationCheck" | "RunBackup" | "VerifyBackups"
-        | "RunRestoreTest" => Role::Deployer,
+        "ListHosts" | "GetHost" | "ListJobs" | "GetJob" | "GetDeploy" | "ListDeploys"
+        | "WatchDeploy" | "GetIsolationReport" | "ListBackups" => Role::Viewer,
+        "SubmitDeploy" | "CancelDeploy" | "Rollback" | "RunIsolationCheck" | "RunBackup"
+        | "VerifyBackups" | "RunRestoreTest" => Role::Deployer,
         _ => Role::Admin,
     }
 }
@@ -213,8 +213,8 @@ mod tests {
         let path = "/sentinel.v1.FleetService/";
         assert!(authorize(&op(Role::Viewer), "/sentinel.v1.AgentService/Connect").is_err());
         assert!(authorize(&op(Role::Viewer), &format!("{path}GetHost")).is_ok());
-        assert!(authorize(&op(Role::Viewer), &format!("{path}Deploy")).is_err());
-        assert!(authorize(&op(Role::Deployer), &format!("{path}Deploy")).is_ok());
+        assert!(authorize(&op(Role::Viewer), &format!("{path}SubmitDeploy")).is_err());
+        assert!(authorize(&op(Role::Deployer), &format!("{path}SubmitDeploy")).is_ok());
         assert!(authorize(&op(Role::Deployer), &format!("{path}CancelJob")).is_err());
         assert!(authorize(&op(Role::Admin), &format!("{path}CancelJob")).is_ok());
         assert!(authorize(&op(Role::Deployer), &format!("{path}SomethingNew")).is_err());

@@ -4,9 +4,14 @@
 
 pub mod api;
 pub mod authz;
+pub mod cli;
 pub mod config;
+pub mod context;
 pub mod dev;
 pub mod identity;
+pub mod isolation;
+pub mod jobs;
+pub mod pipeline;
 pub mod pki;
 pub mod registry;
 pub mod server;

@@ -10,6 +10,8 @@ use std::time::Duration;
 use clap::{Parser, Subcommand};
 use hostagent::logging::{self, LogFormat};
 use sentinel::config::ControllerConfig;
+use sentinel::cli::deploy::DeployArgs;
+use sentinel::cli::ClientArgs;
 use sentinel::pki::{self, Role};
 use tokio_util::sync::CancellationToken;
 
@@ -55,6 +57,47 @@ enum Command {
     /// Work with config files.
     #[command(subcommand)]
     Config(ConfigCommand),
+    /// Audit database isolation, or print (and apply) the fix.
+    #[command(subcommand)]
+    Isolation(IsolationCommand),
+    /// List the fleet's hosts.
+    Hosts {
+        #[command(flatten)]
+        client: ClientArgs,
+        /// JSON for scripts.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Show one host.
+    Host {
+        /// The host's name.
+        name: String,
+        #[command(flatten)]
+        client: ClientArgs,
+    },
+    /// Deploy an app: staging, E2E, production.
+    Deploy {
+        #[command(flatten)]
+        args: DeployArgs,
+        #[command(flatten)]
+        client: ClientArgs,
+    },
+    /// Roll an app's environment back to its previous (or a given) release.
+    Rollback {
+        /// The app.
+        app: String,
+        /// staging or production.
+        #[arg(long)]
+        env: String,
+        /// The release to go back to [default: the previous one].
+        #[arg(long)]
+        to: Option<String>,
+        /// Follow it and exit with its outcome.
+        #[arg(long)]
+        wait: bool,
+        #[command(flatten)]
+        client: ClientArgs,
+    },
 }
 
 #[derive(Debug, Subcommand)]
@@ -93,6 +136,47 @@ enum PkiCommand {
         dir: PathBuf,
         #[arg(long)]
         force: bool,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+enum IsolationCommand {
+    /// Audit the cluster against the config's [isolation] policy and print the report. Exit 0:
+    /// isolated; 1: violations or policy problems; 2: the check could not run.
+    Check {
+        /// Controller config file with an [isolation] section.
+        #[arg(
+            long,
+            short,
+            default_value = "/etc/sentinel/sentinel.toml",
+            env = "SENTINEL_CONFIG"
+        )]
+        config: PathBuf,
+        /// Print the report as JSON (the API's field names) instead of a table.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Print the statements that close every hole found; with --apply run them in one
+    /// transaction and check again. Exit codes as for `check` (after --apply: of the new check).
+    Fix {
+        /// Controller config file with an [isolation] section.
+        #[arg(
+            long,
+            short,
+            default_value = "/etc/sentinel/sentinel.toml",
+            env = "SENTINEL_CONFIG"
+        )]
+        config: PathBuf,
+        /// Run the statements (one transaction), then check again.
+        #[arg(long)]
+        apply: bool,
+        /// Apply as this DSN (a file) instead of the auditor, which needs no privilege while
+        /// fixing needs the databases' owner or a superuser.
+        #[arg(long, requires = "apply")]
+        dsn_file: Option<PathBuf>,
+        /// The password for --dsn-file (a file).
+        #[arg(long, requires = "dsn_file")]
+        password_file: Option<PathBuf>,
     },
 }
 
@@ -180,6 +264,17 @@ fn main() -> ExitCode {
                 }
             }
         }
+        Command::Hosts { client, json } => client_call(sentinel::cli::fleet::hosts(&client, json)),
+        Command::Host { name, client } => client_call(sentinel::cli::fleet::host(&client, name)),
+        Command::Deploy { args, client } => client_call(sentinel::cli::deploy::deploy(&client, args)),
+        Command::Rollback {
+            app,
+            env,
+            to,
+            wait,
+            client,
+        } => client_call(sentinel::cli::deploy::rollback(&client, app, env, to, wait)),
+        Command::Isolation(cmd) => isolation(cmd),
         Command::Config(ConfigCommand::Check { file }) => match ControllerConfig::load(&file) {
             Ok(_) => {
                 println!("{}: ok", file.display());
@@ -191,6 +286,77 @@ fn main() -> ExitCode {
             }
         },
     }
+}
+
+/// Runs one operator call on a small runtime; its error means the controller was unreachable
+/// or refused the call.
+fn client_call(f: impl std::future::Future<Output = anyhow::Result<u8>>) -> ExitCode {
+    let runtime = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("sentinel: starting the runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match runtime.block_on(f) {
+        Ok(code) => ExitCode::from(code),
+        Err(e) => {
+            eprintln!("sentinel: {e:#}");
+            ExitCode::from(sentinel::cli::EXIT_UNAVAILABLE)
+        }
+    }
+}
+
+/// `sentinel isolation check|fix`: exit 64 on a bad config, else the command's own code.
+fn isolation(cmd: IsolationCommand) -> ExitCode {
+    use sentinel::isolation::cli;
+    let file = match &cmd {
+        IsolationCommand::Check { config, .. } | IsolationCommand::Fix { config, .. } => config,
+    };
+    let policy = match ControllerConfig::load(file) {
+        Ok(ControllerConfig {
+            isolation: Some(policy),
+            ..
+        }) => policy,
+        Ok(_) => {
+            eprintln!(
+                "sentinel isolation: {} has no [isolation] section",
+                file.display()
+            );
+            return ExitCode::from(EX_USAGE);
+        }
+        Err(e) => {
+            eprintln!("sentinel: invalid config: {e}");
+            return ExitCode::from(EX_USAGE);
+        }
+    };
+    let runtime = match tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("sentinel: starting the runtime: {e}");
+            return ExitCode::from(cli::EXIT_ERROR);
+        }
+    };
+    ExitCode::from(runtime.block_on(async {
+        match cmd {
+            IsolationCommand::Check { json, .. } => cli::check_command(&policy, json).await,
+            IsolationCommand::Fix {
+                apply,
+                dsn_file,
+                password_file,
+                ..
+            } => {
+                let apply_as = cli::ApplyAs {
+                    dsn_file,
+                    password_file,
+                };
+                cli::fix_command(&policy, apply, &apply_as).await
+            }
+        }
+    }))
 }
 
 /// Runs `f` on a multi-threaded runtime until it ends or SIGTERM/SIGINT asks it to stop.

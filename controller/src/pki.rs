@@ -43,7 +43,7 @@ use rcgen::{
     ExtendedKeyUsagePurpose, IsCa, Issuer, KeyIdMethod, KeyPair, KeyUsagePurpose, SanType,
     SerialNumber,
 };
-use sha2::{Digest, Sha256};
+
 use time::{Duration, OffsetDateTime};
 use x509_parser::asn1_rs::Tag;
 use x509_parser::extensions::ParsedExtension;
@@ -375,10 +375,7 @@ pub fn validate_name(name: &str) -> Result<(), PkiError> {
 /// Short identifier of a job-signing public key: the first 16 hex characters
 /// of SHA-256 over the raw 32-byte Ed25519 public key.
 pub fn signing_key_id(public_key: &ed25519_dalek::VerifyingKey) -> String {
-    let digest = Sha256::digest(public_key.as_bytes());
-    let mut id = hex::encode(digest);
-    id.truncate(16);
-    id
+    sentinel_proto::envelope::key_id(public_key)
 }
 
 /// Loads an Ed25519 job-signing private key from a PKCS#8 PEM file
@@ -1479,6 +1476,7 @@ mod tests {
         let id = signing_key_id(&public);
         assert_eq!(id.len(), 16);
         assert!(id.chars().all(|c| c.is_ascii_hexdigit()));
+        use sha2::{Digest, Sha256};
         assert_eq!(id, hex::encode(Sha256::digest(public.to_bytes()))[..16]);
 
         assert!(matches!(

@@ -401,6 +401,18 @@ mod tests {
         fn load_hosts(&self) -> Result<Vec<Host>, StoreError> {
             Ok(Vec::new())
         }
+        fn save_jobs(&self, _: &[crate::store::StoredJob]) -> Result<(), StoreError> {
+            Ok(())
+        }
+        fn load_jobs(&self) -> Result<Vec<crate::store::StoredJob>, StoreError> {
+            Ok(Vec::new())
+        }
+        fn save_deploys(&self, _: &[sentinel_proto::v1::Deployment]) -> Result<(), StoreError> {
+            Ok(())
+        }
+        fn load_deploys(&self) -> Result<Vec<sentinel_proto::v1::Deployment>, StoreError> {
+            Ok(Vec::new())
+        }
     }
 
     fn registry() -> Arc<Registry> {

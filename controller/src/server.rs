@@ -15,6 +15,9 @@ use tracing::{info, warn, Instrument};
 use crate::api::{agent::AgentApi, fleet::FleetApi};
 use crate::authz::AuthzLayer;
 use crate::config::ControllerConfig;
+use crate::context::Context as Shared;
+use crate::jobs::{JobQueue, Signer};
+use crate::pipeline::Pipeline;
 use crate::registry::{Liveness, Registry};
 use crate::store::{embedded::EmbeddedStore, Store};
 
@@ -43,6 +46,42 @@ pub async fn run(
         },
     )
     .context("loading hosts from the store")?;
+    let signer = match &config.signing {
+        Some(s) => Some(
+            Signer::load(&s.key)
+                .with_context(|| format!("loading the job-signing key {}", s.key.display()))?,
+        ),
+        None => {
+            warn!("no [signing] key configured: jobs cannot be sent");
+            None
+        }
+    };
+    let jobs = JobQueue::load(store.as_ref(), registry.clone(), signer, config.jobs.run_timeout)
+        .context("loading jobs from the store")?;
+    let bundles_dir = config.data_dir.join("bundles");
+    let pipeline = Pipeline::load(
+        store.as_ref(),
+        &config.apps,
+        config.pipeline.clone(),
+        jobs.clone(),
+        bundles_dir.clone(),
+        config.jobs.ttl,
+    )
+    .context("loading the deploy history from the store")?;
+    let ctx = Arc::new(Shared {
+        registry: registry.clone(),
+        jobs: jobs.clone(),
+        pipeline,
+        bundles_dir,
+    });
+    // Database isolation: deploys consult its latest report, and check again before production.
+    let isolation = config
+        .isolation
+        .clone()
+        .map(crate::isolation::IsolationState::new);
+    if let Some(isolation) = &isolation {
+        ctx.pipeline.set_gate(isolation.clone());
+    }
     let tls =
         crate::tls::server_config(&config.tls).context("loading the controller's TLS files")?;
     let listener = tokio::net::TcpListener::bind(config.listen)
@@ -64,9 +103,17 @@ pub async fn run(
         .context("building reflection v1alpha")?;
 
     let flusher = tokio::spawn(
-        flush_loop(registry.clone(), store.clone(), shutdown.clone())
+        flush_loop(ctx.clone(), store.clone(), shutdown.clone())
             .instrument(tracing::info_span!("store_flush")),
     );
+    if let Some(isolation) = &isolation {
+        tokio::spawn(
+            isolation
+                .clone()
+                .run_schedule(shutdown.clone())
+                .instrument(tracing::info_span!("isolation")),
+        );
+    }
 
     let incoming = crate::tls::incoming(listener, tls, shutdown.clone());
     if let Some(ready) = ready {
@@ -76,11 +123,10 @@ pub async fn run(
         .http2_keepalive_interval(Some(Duration::from_secs(30)))
         .http2_keepalive_timeout(Some(Duration::from_secs(20)))
         .layer(AuthzLayer)
-        .add_service(AgentServiceServer::new(AgentApi::new(
-            registry.clone(),
-            shutdown.clone(),
-        )))
-        .add_service(FleetServiceServer::new(FleetApi::new(registry.clone())))
+        .add_service(AgentServiceServer::new(AgentApi::new(ctx.clone(), shutdown.clone())))
+        .add_service(FleetServiceServer::new(
+            FleetApi::new(ctx.clone()).with_isolation(isolation.clone()),
+        ))
         .add_service(health_service)
         .add_service(reflection_v1)
         .add_service(reflection_v1alpha)
@@ -102,36 +148,51 @@ fn reflection() -> tonic_reflection::server::Builder<'static> {
         .register_encoded_file_descriptor_set(tonic_reflection::pb::v1alpha::FILE_DESCRIPTOR_SET)
 }
 
-async fn flush_loop(registry: Arc<Registry>, store: Arc<dyn Store>, shutdown: CancellationToken) {
+async fn flush_loop(ctx: Arc<Shared>, store: Arc<dyn Store>, shutdown: CancellationToken) {
     let mut tick = tokio::time::interval(FLUSH_INTERVAL);
     loop {
         let stopping = tokio::select! {
             _ = tick.tick() => false,
             _ = shutdown.cancelled() => true,
         };
-        flush(&registry, &store).await;
+        ctx.jobs.sweep();
+        flush(&ctx, &store).await;
         if stopping {
             return;
         }
     }
 }
 
-async fn flush(registry: &Arc<Registry>, store: &Arc<dyn Store>) {
-    let hosts = registry.take_dirty();
-    if hosts.is_empty() {
+/// Writes what changed since the last flush; on failure, puts it back for the next one.
+async fn flush(ctx: &Arc<Shared>, store: &Arc<dyn Store>) {
+    let hosts = ctx.registry.take_dirty();
+    let jobs = ctx.jobs.take_dirty();
+    let deploys = ctx.pipeline.take_dirty();
+    if hosts.is_empty() && jobs.is_empty() && deploys.is_empty() {
         return;
     }
     let store = store.clone();
     let result = tokio::task::spawn_blocking(move || {
-        let outcome = store.save_hosts(&hosts);
-        (hosts, outcome)
+        let saved_hosts = if hosts.is_empty() { Ok(()) } else { store.save_hosts(&hosts) };
+        let saved_jobs = if jobs.is_empty() { Ok(()) } else { store.save_jobs(&jobs) };
+        let saved_deploys = if deploys.is_empty() { Ok(()) } else { store.save_deploys(&deploys) };
+        (hosts, saved_hosts, jobs, saved_jobs, deploys, saved_deploys)
     })
     .await;
     match result {
-        Ok((_, Ok(()))) => {}
-        Ok((hosts, Err(e))) => {
-            warn!(error = %e, "saving host state failed; will retry");
-            registry.requeue(&hosts);
+        Ok((hosts, saved_hosts, jobs, saved_jobs, deploys, saved_deploys)) => {
+            if let Err(e) = saved_deploys {
+                warn!(error = %e, "saving deploys failed; will retry");
+                ctx.pipeline.requeue(&deploys);
+            }
+            if let Err(e) = saved_hosts {
+                warn!(error = %e, "saving host state failed; will retry");
+                ctx.registry.requeue(&hosts);
+            }
+            if let Err(e) = saved_jobs {
+                warn!(error = %e, "saving jobs failed; will retry");
+                ctx.jobs.requeue(&jobs);
+            }
         }
         Err(e) => warn!(error = %e, "store task failed"),
     }

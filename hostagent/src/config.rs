@@ -111,6 +111,44 @@ pub struct AgentConfig {
     /// Free-form labels sent in the hello.
     #[serde(default)]
     pub labels: BTreeMap<String, String>,
+    /// Which signed jobs this host runs, and whose signatures it trusts.
+    #[serde(default)]
+    pub jobs: JobsConfig,
+}
+
+/// The agent's job policy: the controller can only ask, this decides.
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct JobsConfig {
+    /// Where the job journal (replay record) and fetched bundles live.
+    #[serde(default = "defaults::state_dir")]
+    pub state_dir: PathBuf,
+    /// PEM public keys (Ed25519, SPKI) whose signatures are trusted. Several, so keys can
+    /// rotate. Empty: every job is refused.
+    #[serde(default)]
+    pub trusted_keys: Vec<PathBuf>,
+    /// Job kinds this host runs: deploy, rollback, backup, verify_backups, restore_test,
+    /// isolation_probe. Empty: none.
+    #[serde(default)]
+    pub allowed_kinds: Vec<String>,
+    /// App directories deploys may write to must lie under one of these.
+    #[serde(default)]
+    pub app_dirs: Vec<PathBuf>,
+    /// Clock difference tolerated at both ends of a job's validity window.
+    #[serde(default = "defaults::max_clock_skew", with = "humantime_serde")]
+    pub max_clock_skew: Duration,
+}
+
+impl Default for JobsConfig {
+    fn default() -> Self {
+        Self {
+            state_dir: defaults::state_dir(),
+            trusted_keys: Vec::new(),
+            allowed_kinds: Vec::new(),
+            app_dirs: Vec::new(),
+            max_clock_skew: defaults::max_clock_skew(),
+        }
+    }
 }
 
 /// Reconnect backoff: exponential from `initial` to `max`, each delay jittered.
@@ -147,6 +185,16 @@ pub struct CollectorsConfig {
     /// The Docker socket.
     #[serde(default = "defaults::docker_socket")]
     pub docker_socket: String,
+    /// The nginx collector (`[collectors.nginx]`), off by default.
+    #[serde(default)]
+    pub nginx: NginxCollectorConfig,
+    /// The Redis instances to watch (`[[collectors.redis]]`); none by default, and the Redis
+    /// collector runs only when there is at least one.
+    #[serde(default, deserialize_with = "redis_instances")]
+    pub redis: Vec<RedisInstanceConfig>,
+    /// The PostgreSQL roles collector (`[collectors.postgres]`), off by default.
+    #[serde(default, deserialize_with = "postgres_collector")]
+    pub postgres: PostgresCollectorConfig,
 }
 
 impl Default for CollectorsConfig {
@@ -155,13 +203,259 @@ impl Default for CollectorsConfig {
             system: true,
             docker: true,
             docker_socket: defaults::docker_socket(),
+            nginx: NginxCollectorConfig::default(),
+            redis: Vec::new(),
+            postgres: PostgresCollectorConfig::default(),
         }
     }
 }
 
+/// The nginx collector: is it running, its version, the `nginx -t` verdict, and what its
+/// config serves.
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct NginxCollectorConfig {
+    /// Whether the collector runs.
+    #[serde(default)]
+    pub enabled: bool,
+    /// The nginx binary: a path, or a name looked up in `PATH`.
+    #[serde(default = "defaults::nginx_binary")]
+    pub binary: String,
+    /// The main config file, as given to `nginx -c`; relative paths are relative to the prefix.
+    #[serde(default = "defaults::nginx_config")]
+    pub config: PathBuf,
+    /// nginx's prefix (`nginx -p`); default: the prefix nginx was built with.
+    #[serde(default)]
+    pub prefix: Option<PathBuf>,
+}
+
+impl Default for NginxCollectorConfig {
+    fn default() -> Self {
+        Self {
+            enabled: false,
+            binary: defaults::nginx_binary(),
+            config: defaults::nginx_config(),
+            prefix: None,
+        }
+    }
+}
+
+/// One Redis instance the Redis collector reads (`[[collectors.redis]]`).
+///
+/// Its `Debug` hides the password, whether given as `password` or inside `url`.
+#[derive(Clone, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct RedisInstanceConfig {
+    /// The name the instance is reported under, e.g. `cache`.
+    pub name: String,
+    /// `redis://host:port/db`, `rediss://host:port/db` (TLS) or `unix:///path/redis.sock`.
+    pub url: String,
+    /// ACL user name; default: the URL's, else Redis's `default` user.
+    #[serde(default)]
+    pub username: Option<String>,
+    /// The password. Prefer `password_file`, which keeps it out of this file.
+    #[serde(default)]
+    pub password: Option<String>,
+    /// A file holding the password (the `*_FILE` convention); read at every collection, so a
+    /// rotated secret is picked up. A trailing newline is ignored.
+    #[serde(default)]
+    pub password_file: Option<PathBuf>,
+    /// CA certificate (PEM) that signed the server's certificate, for `rediss://`; default: the
+    /// system's trusted roots.
+    #[serde(default)]
+    pub ca: Option<PathBuf>,
+}
+
+impl RedisInstanceConfig {
+    /// The URL with any password in it replaced by `<redacted>`, for logs and errors.
+    pub fn redacted_url(&self) -> String {
+        let Some((scheme, rest)) = self.url.split_once("://") else {
+            return self.url.clone();
+        };
+        let authority_end = rest.find(['/', '?', '#']).unwrap_or(rest.len());
+        let (authority, tail) = rest.split_at(authority_end);
+        // The last `@` ends the user info: a password may itself contain `@` unescaped.
+        let Some((user_info, host)) = authority.rsplit_once('@') else {
+            return self.url.clone();
+        };
+        match user_info.split_once(':') {
+            Some((user, _)) => format!("{scheme}://{user}:<redacted>@{host}{tail}"),
+            None => self.url.clone(),
+        }
+    }
+
+    /// Why this entry cannot work, if it cannot.
+    fn problem(&self) -> Option<String> {
+        if self.name.trim().is_empty() {
+            return Some("`name` must not be empty".into());
+        }
+        // The redis crate's own parser, so that what passes here also connects; its error is
+        // not shown because it may quote the URL, password included.
+        let info = match ::redis::IntoConnectionInfo::into_connection_info(self.url.as_str()) {
+            Ok(info) => info,
+            Err(_) => {
+                return Some(format!(
+                    "`url` {} is not a Redis URL (redis://HOST:PORT/DB, rediss://... or unix:///PATH)",
+                    self.redacted_url()
+                ))
+            }
+        };
+        let in_url = info.redis_settings().password().is_some();
+        if [in_url, self.password.is_some(), self.password_file.is_some()]
+            .iter()
+            .filter(|set| **set)
+            .count()
+            > 1
+        {
+            return Some(
+                "give the password only once: in `url`, `password` or `password_file`".into(),
+            );
+        }
+        let tls = matches!(info.addr(), ::redis::ConnectionAddr::TcpTls { .. });
+        if self.ca.is_some() && !tls {
+            return Some("`ca` needs a rediss:// URL".into());
+        }
+        None
+    }
+}
+
+impl fmt::Debug for RedisInstanceConfig {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("RedisInstanceConfig")
+            .field("name", &self.name)
+            .field("url", &self.redacted_url())
+            .field("username", &self.username)
+            .field("password", &self.password.as_ref().map(|_| "<redacted>"))
+            .field("password_file", &self.password_file)
+            .field("ca", &self.ca)
+            .finish()
+    }
+}
+
+/// Deserializes `[[collectors.redis]]` and rejects entries that cannot work, so that a bad one
+/// fails at start-up (exit 64, naming the file and line) rather than at every collection.
+fn redis_instances<'de, D>(deserializer: D) -> Result<Vec<RedisInstanceConfig>, D::Error>
+where
+    D: serde::Deserializer<'de>,
+{
+    let instances = Vec::<RedisInstanceConfig>::deserialize(deserializer)?;
+    let mut names = std::collections::BTreeSet::new();
+    for instance in &instances {
+        if let Some(problem) = instance.problem() {
+            return Err(serde::de::Error::custom(format!(
+                "collectors.redis {:?}: {problem}",
+                instance.name
+            )));
+        }
+        if !names.insert(instance.name.as_str()) {
+            return Err(serde::de::Error::custom(format!(
+                "collectors.redis: the name {:?} is used twice",
+                instance.name
+            )));
+        }
+    }
+    Ok(instances)
+}
+
+/// The PostgreSQL roles collector (`[collectors.postgres]`): roles, memberships and database
+/// privileges of the cluster its DSN points to. Any login role can read them; give it one with
+/// no other privilege.
+///
+/// Its `Debug` hides the password, whether in `dsn` or in a file.
+#[derive(Clone, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct PostgresCollectorConfig {
+    /// Whether the collector runs.
+    #[serde(default)]
+    pub enabled: bool,
+    /// libpq DSN (`host=... user=... dbname=... sslmode=verify-full sslrootcert=...` or a
+    /// `postgresql://` URL). Prefer `dsn_file` when it carries a password.
+    #[serde(default)]
+    pub dsn: Option<String>,
+    /// A file holding the DSN; read at every collection.
+    #[serde(default)]
+    pub dsn_file: Option<PathBuf>,
+    /// A file holding the password (then not in the DSN); read at every collection.
+    #[serde(default)]
+    pub password_file: Option<PathBuf>,
+    /// Bound on connecting (TCP, TLS, authentication).
+    #[serde(
+        default = "crate::collectors::postgres::default_connect_timeout",
+        with = "humantime_serde"
+    )]
+    pub connect_timeout: Duration,
+    /// Bound on reading the catalog.
+    #[serde(
+        default = "crate::collectors::postgres::default_query_timeout",
+        with = "humantime_serde"
+    )]
+    pub timeout: Duration,
+}
+
+impl Default for PostgresCollectorConfig {
+    fn default() -> Self {
+        let client = crate::collectors::postgres::PgClientConfig::default();
+        Self {
+            enabled: false,
+            dsn: None,
+            dsn_file: None,
+            password_file: None,
+            connect_timeout: client.connect_timeout,
+            timeout: client.timeout,
+        }
+    }
+}
+
+impl PostgresCollectorConfig {
+    /// The connection settings, defaults filled in.
+    pub fn client(&self) -> crate::collectors::postgres::PgClientConfig {
+        crate::collectors::postgres::PgClientConfig {
+            dsn: self.dsn.clone(),
+            dsn_file: self.dsn_file.clone(),
+            password_file: self.password_file.clone(),
+            connect_timeout: self.connect_timeout,
+            timeout: self.timeout,
+        }
+    }
+}
+
+impl fmt::Debug for PostgresCollectorConfig {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("PostgresCollectorConfig")
+            .field("enabled", &self.enabled)
+            .field("client", &self.client())
+            .finish()
+    }
+}
+
+/// Deserializes `[collectors.postgres]` and rejects a config that cannot work when enabled, so
+/// that it fails at start-up (exit 64, naming file and line) rather than at every collection.
+fn postgres_collector<'de, D>(deserializer: D) -> Result<PostgresCollectorConfig, D::Error>
+where
+    D: serde::Deserializer<'de>,
+{
+    let config = PostgresCollectorConfig::deserialize(deserializer)?;
+    if config.enabled {
+        if let Some((key, problem)) = config.client().problem() {
+            return Err(serde::de::Error::custom(format!(
+                "collectors.postgres.{key}: {problem}"
+            )));
+        }
+    }
+    Ok(config)
+}
+
 /// Every default in one place.
 mod defaults {
+    use std::path::PathBuf;
     use std::time::Duration;
+
+    pub fn state_dir() -> PathBuf {
+        PathBuf::from("/var/lib/hostagent")
+    }
+    pub fn max_clock_skew() -> Duration {
+        Duration::from_secs(30)
+    }
 
     pub fn report_interval() -> Duration {
         Duration::from_secs(15)
@@ -180,6 +474,12 @@ mod defaults {
     }
     pub fn docker_socket() -> String {
         "/var/run/docker.sock".into()
+    }
+    pub fn nginx_binary() -> String {
+        "nginx".into()
+    }
+    pub fn nginx_config() -> PathBuf {
+        PathBuf::from("/etc/nginx/nginx.conf")
     }
 }
 

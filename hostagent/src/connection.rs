@@ -4,24 +4,22 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use hyper_util::rt::TokioIo;
 use rand::Rng;
 use sentinel_proto::v1::agent_service_client::AgentServiceClient;
 use sentinel_proto::v1::{
     agent_message, controller_message, AgentMessage, ControllerMessage, Heartbeat, Hello, HostInfo,
-    JobEvent, JobRefused, RefusalReason, SignedJob, StateReport,
+    StateReport,
 };
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 use tokio_util::sync::CancellationToken;
-use tonic::transport::{Channel, Endpoint};
+use tonic::transport::Channel;
 use tracing::{debug, info, warn, Instrument};
 
 use crate::collectors::{Collectors, DeltaTracker};
 use crate::config::AgentConfig;
+use crate::jobs::Jobs;
 
-/// How long the TCP connect plus TLS handshake may take before the attempt counts as failed.
-const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 /// How long to wait for the controller's welcome after the hello.
 const WELCOME_TIMEOUT: Duration = Duration::from_secs(10);
 /// Used until a welcome says otherwise.
@@ -87,7 +85,12 @@ impl Backoff {
 }
 
 /// Runs sessions until `shutdown` is cancelled.
-pub async fn run(config: AgentConfig, tls: Arc<rustls::ClientConfig>, shutdown: CancellationToken) {
+pub async fn run(
+    config: AgentConfig,
+    tls: Arc<rustls::ClientConfig>,
+    jobs: Arc<Jobs>,
+    shutdown: CancellationToken,
+) {
     let host = config.host_name();
     let mut collectors = Collectors::new(&config.collectors);
     let mut backoff = Backoff::new(config.backoff.initial, config.backoff.max);
@@ -98,7 +101,7 @@ pub async fn run(config: AgentConfig, tls: Arc<rustls::ClientConfig>, shutdown: 
             attempts += 1;
             let mut welcomed = false;
             let outcome = tokio::select! {
-                r = session(&config, &host, tls.clone(), &mut collectors, &mut welcomed) => r,
+                r = session(&config, &host, tls.clone(), &mut collectors, &jobs, &mut welcomed) => r,
                 _ = shutdown.cancelled() => {
                     info!("agent stopping");
                     return;
@@ -135,38 +138,12 @@ async fn open_channel(
     config: &AgentConfig,
     tls: Arc<rustls::ClientConfig>,
 ) -> Result<Channel, SessionError> {
-    let connect_err = |message: String| SessionError::Connect {
-        addr: config.controller.clone(),
-        message,
-    };
-    let server_name =
-        crate::tls::server_name_for(&config.controller, config.server_name.as_deref())
-            .map_err(connect_err)?;
-    // The URI only feeds HTTP/2's :authority; the connector below does the real dialing, over
-    // our own TLS config (TLS 1.3 only, client certificate), which tonic's built-in TLS cannot
-    // be told to enforce.
-    let endpoint = Endpoint::from_shared(format!("http://{}", config.controller))
-        .map_err(|e| connect_err(e.to_string()))?
-        .connect_timeout(CONNECT_TIMEOUT)
-        .http2_keep_alive_interval(Duration::from_secs(30))
-        .keep_alive_timeout(Duration::from_secs(20));
-    let addr = config.controller.clone();
-    let connector = tower::service_fn(move |_uri: http::Uri| {
-        let (addr, name, tls) = (addr.clone(), server_name.clone(), tls.clone());
-        async move {
-            let stream =
-                tokio::time::timeout(CONNECT_TIMEOUT, crate::tls::connect(&addr, name, tls))
-                    .await
-                    .map_err(|_| {
-                        std::io::Error::new(std::io::ErrorKind::TimedOut, "TLS handshake timed out")
-                    })??;
-            Ok::<_, std::io::Error>(TokioIo::new(stream))
-        }
-    });
-    endpoint
-        .connect_with_connector(connector)
+    crate::tls::channel(&config.controller, config.server_name.as_deref(), tls)
         .await
-        .map_err(|e| connect_err(error_chain(&e)))
+        .map_err(|message| SessionError::Connect {
+            addr: config.controller.clone(),
+            message,
+        })
 }
 
 /// One connected session: hello, welcome, then reports and heartbeats until the stream ends.
@@ -175,6 +152,7 @@ async fn session(
     host: &str,
     tls: Arc<rustls::ClientConfig>,
     collectors: &mut Collectors,
+    jobs: &Jobs,
     welcomed: &mut bool,
 ) -> Result<(), SessionError> {
     let channel = open_channel(config, tls).await?;
@@ -217,6 +195,9 @@ async fn session(
         .filter(|d| *d >= Duration::from_millis(100))
         .unwrap_or(DEFAULT_HEARTBEAT);
     info!(controller_version = %welcome.controller_version, ?heartbeat, "connected to controller");
+    jobs.report_recent();
+    let outbox = jobs.outbox().clone();
+    flush_outbox(&outbox, &tx).await?;
 
     let mut delta = DeltaTracker::default();
     let mut report_seq: u64 = 0;
@@ -251,14 +232,19 @@ async fn session(
                     sent_at: Some(sentinel_proto::time::now()),
                 })).await?;
             }
+            _ = outbox.notified() => flush_outbox(&outbox, &tx).await?,
             msg = inbound.message() => match msg {
                 Ok(Some(ControllerMessage { msg: Some(m) })) => match m {
                     controller_message::Msg::RequestFullReport(_) => {
                         force_full = true;
                         reports.reset_immediately();
                     }
-                    controller_message::Msg::Job(job) => refuse_job(&tx, job).await?,
-                    other => debug!(message = ?other, "ignoring controller message"),
+                    controller_message::Msg::Job(job) => jobs.receive(job),
+                    controller_message::Msg::CancelJob(c) => jobs.cancel(&c.job_id, &c.reason),
+                    controller_message::Msg::BundleChunk(chunk) => jobs.bundles().deliver(chunk),
+                    controller_message::Msg::Welcome(_) => {
+                        return Err(SessionError::Protocol("a second welcome".into()))
+                    }
                 },
                 Ok(Some(ControllerMessage { msg: None })) => {}
                 Ok(None) => return Ok(()),
@@ -268,26 +254,22 @@ async fn session(
     }
 }
 
-// This build of the agent runs no jobs yet: it says so instead of leaving the job hanging.
-async fn refuse_job(tx: &mpsc::Sender<AgentMessage>, job: SignedJob) -> Result<(), SessionError> {
-    use prost::Message;
-    let job_id = sentinel_proto::v1::JobSpec::decode(job.spec.as_slice())
-        .map(|spec| spec.job_id)
-        .unwrap_or_default();
-    warn!(job_id = %job_id, "refusing job: this agent build does not execute jobs");
-    send(
-        tx,
-        agent_message::Msg::JobEvent(JobEvent {
-            job_id,
-            seq: 1,
-            at: Some(sentinel_proto::time::now()),
-            event: Some(sentinel_proto::v1::job_event::Event::Refused(JobRefused {
-                reason: RefusalReason::Policy as i32,
-                detail: "this agent build does not execute jobs".into(),
-            })),
-        }),
-    )
-    .await
+/// Sends everything queued in the outbox (job events, bundle requests); whatever cannot be
+/// sent goes back for the next session.
+async fn flush_outbox(
+    outbox: &crate::jobs::Outbox,
+    tx: &mpsc::Sender<AgentMessage>,
+) -> Result<(), SessionError> {
+    let mut pending = outbox.drain().into_iter();
+    while let Some(msg) = pending.next() {
+        if let Err(mpsc::error::SendError(msg)) = tx.send(msg).await {
+            let mut rest = vec![msg];
+            rest.extend(pending);
+            outbox.requeue(rest);
+            return Err(SessionError::Lost("outbound stream closed".into()));
+        }
+    }
+    Ok(())
 }
 
 async fn send(

@@ -5,6 +5,8 @@
 pub mod collectors;
 pub mod config;
 pub mod connection;
+pub mod http;
+pub mod jobs;
 pub mod logging;
 pub mod tls;
 
@@ -19,7 +21,8 @@ pub const VERSION: &str = env!("CARGO_PKG_VERSION");
 /// reconnects with backoff whenever the channel drops.
 pub async fn run(config: AgentConfig, shutdown: CancellationToken) -> anyhow::Result<()> {
     let tls = tls::client_config(&config.tls)?;
-    connection::run(config, tls, shutdown).await;
+    let jobs = jobs::Jobs::start(&config.host_name(), &config.jobs, jobs::Outbox::default())?;
+    connection::run(config, tls, jobs, shutdown).await;
     Ok(())
 }
 

@@ -123,6 +123,39 @@ pub async fn connect(
         .await
 }
 
+/// How long the TCP connect plus TLS handshake may take.
+const CONNECT_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
+
+/// A gRPC channel to `addr` over our own TLS config (TLS 1.3 only, client certificate), which
+/// tonic's built-in TLS cannot be told to enforce. Used by the agent and the operator CLI.
+pub async fn channel(
+    addr: &str,
+    server_name: Option<&str>,
+    tls: Arc<rustls::ClientConfig>,
+) -> Result<tonic::transport::Channel, String> {
+    let server_name = server_name_for(addr, server_name)?;
+    // The URI only feeds HTTP/2's :authority; the connector does the real dialing.
+    let endpoint = tonic::transport::Endpoint::from_shared(format!("http://{addr}"))
+        .map_err(|e| format!("controller address {addr:?}: {e}"))?
+        .connect_timeout(CONNECT_TIMEOUT)
+        .http2_keep_alive_interval(std::time::Duration::from_secs(30))
+        .keep_alive_timeout(std::time::Duration::from_secs(20));
+    let addr = addr.to_string();
+    let connector = tower::service_fn(move |_uri: http::Uri| {
+        let (addr, name, tls) = (addr.clone(), server_name.clone(), tls.clone());
+        async move {
+            let stream = tokio::time::timeout(CONNECT_TIMEOUT, connect(&addr, name, tls))
+                .await
+                .map_err(|_| io::Error::new(io::ErrorKind::TimedOut, "TLS handshake timed out"))??;
+            Ok::<_, io::Error>(hyper_util::rt::TokioIo::new(stream))
+        }
+    });
+    endpoint
+        .connect_with_connector(connector)
+        .await
+        .map_err(|e| crate::connection::error_chain(&e))
+}
+
 /// The TLS server name to check for a controller address: its host part (an IP address or a
 /// DNS name), unless the config overrides it.
 pub fn server_name_for(

@@ -3,6 +3,7 @@
 //! helpers that belong to the contract itself.
 #![forbid(unsafe_code)]
 
+pub mod envelope;
 pub mod time;
 
 /// The `sentinel.v1` package: agent channel, operator API, host state and jobs.

@@ -11,6 +11,9 @@ use std::time::{Duration, Instant};
 
 pub use serde_json::Value;
 
+pub mod fixture;
+pub mod postgres;
+
 /// How long [`eventually`] waits before failing.
 pub fn patience() -> Duration {
     let secs = std::env::var("SENTINEL_TEST_PATIENCE")
@@ -22,8 +25,17 @@ pub fn patience() -> Duration {
 
 /// Polls `check` until it returns `Some`, or panics after [`patience`] with `what` and the
 /// last failure reason.
-pub fn eventually<T>(what: &str, mut check: impl FnMut() -> Result<T, String>) -> T {
-    let deadline = Instant::now() + patience();
+pub fn eventually<T>(what: &str, check: impl FnMut() -> Result<T, String>) -> T {
+    eventually_within(patience(), what, check)
+}
+
+/// [`eventually`] with a patience of its own, for slow things (a deploy that builds images).
+pub fn eventually_within<T>(
+    patience: Duration,
+    what: &str,
+    mut check: impl FnMut() -> Result<T, String>,
+) -> T {
+    let deadline = Instant::now() + patience;
     let mut last = String::new();
     while Instant::now() < deadline {
         match check() {
@@ -32,10 +44,7 @@ pub fn eventually<T>(what: &str, mut check: impl FnMut() -> Result<T, String>) -
         }
         std::thread::sleep(Duration::from_millis(100));
     }
-    panic!(
-        "timed out after {:?} waiting for {what}; last: {last}",
-        patience()
-    );
+    panic!("timed out after {patience:?} waiting for {what}; last: {last}");
 }
 
 /// The directory holding the built binaries (`SENTINEL_BIN_DIR`, else the workspace's

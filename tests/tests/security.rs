@@ -119,7 +119,7 @@ fn a_viewer_reads_but_cannot_start_work() {
     let write = controller.grpcurl_as(
         "operator-vera",
         &["-d", r#"{"app":"auth","commit":"abc"}"#],
-        "sentinel.v1.FleetService/Deploy",
+        "sentinel.v1.FleetService/SubmitDeploy",
     );
     assert!(!write.ok);
     assert!(

@@ -19,6 +19,7 @@ use tonic::{Request, Response, Status, Streaming};
 use tracing::{debug, info, warn, Instrument};
 
 use crate::identity::Identity;
+use crate::context::Context;
 use crate::registry::Registry;
 
 /// How long an agent may take between opening the stream and sending its hello.
@@ -28,6 +29,7 @@ const OUTBOUND_QUEUE: usize = 64;
 
 /// The agent channel service.
 pub struct AgentApi {
+    ctx: Arc<Context>,
     registry: Arc<Registry>,
     shutdown: CancellationToken,
 }
@@ -35,8 +37,12 @@ pub struct AgentApi {
 impl AgentApi {
     /// A service over the shared registry. Agent streams end when `shutdown` is cancelled, so
     /// that a graceful shutdown is not held up by streams that never end on their own.
-    pub fn new(registry: Arc<Registry>, shutdown: CancellationToken) -> Self {
-        Self { registry, shutdown }
+    pub fn new(ctx: Arc<Context>, shutdown: CancellationToken) -> Self {
+        Self {
+            registry: ctx.registry.clone(),
+            ctx,
+            shutdown,
+        }
     }
 }
 
@@ -102,13 +108,15 @@ impl AgentService for AgentApi {
         let version = info.agent_version.clone();
         let conn_id = self.registry.connect(info, peer.addr, tx.clone());
         info!(host = %cert_name, peer = ?peer.addr, agent_version = %version, "agent connected");
+        self.ctx.jobs.dispatch(&cert_name);
+        let ctx = self.ctx.clone();
         let registry = self.registry.clone();
         let shutdown = self.shutdown.clone();
         let span = tracing::info_span!("agent_stream", host = %cert_name, conn = conn_id);
         tokio::spawn(
             async move {
                 let reason = tokio::select! {
-                    reason = serve_stream(&registry, &cert_name, inbound, tx) => reason,
+                    reason = serve_stream(&ctx, &cert_name, inbound, tx) => reason,
                     _ = shutdown.cancelled() => "controller shutting down".to_string(),
                 };
                 info!(reason = %reason, "agent disconnected");
@@ -123,11 +131,12 @@ impl AgentService for AgentApi {
 
 /// Reads the agent's messages until the stream ends; returns why it ended.
 async fn serve_stream(
-    registry: &Registry,
+    ctx: &Context,
     host: &str,
     mut inbound: Streaming<AgentMessage>,
     tx: mpsc::Sender<Result<ControllerMessage, Status>>,
 ) -> String {
+    let registry = &ctx.registry;
     let liveness = registry.liveness();
     let limit = liveness.silence_limit();
     loop {
@@ -156,16 +165,9 @@ async fn serve_stream(
                 registry.apply_report(host, report);
             }
             Some(agent_message::Msg::Heartbeat(_)) => {}
-            Some(agent_message::Msg::JobEvent(event)) => {
-                info!(job_id = %event.job_id, event = ?event.event, "job event");
-            }
+            Some(agent_message::Msg::JobEvent(event)) => ctx.jobs.on_event(host, event),
             Some(agent_message::Msg::BundleRequest(req)) => {
-                let chunk = BundleChunk {
-                    sha256: req.sha256.clone(),
-                    offset: req.offset,
-                    error: format!("no release bundle {} on this controller", req.sha256),
-                    ..Default::default()
-                };
+                let chunk = bundle_chunk(ctx, host, &req).await;
                 let _ = tx
                     .send(Ok(ControllerMessage {
                         msg: Some(controller_message::Msg::BundleChunk(chunk)),
@@ -178,4 +180,42 @@ async fn serve_stream(
             None => {}
         }
     }
+}
+
+/// Reads the requested part of a bundle. Only the host whose unfinished deploy job names the
+/// bundle may read it: a bundle carries its environment's secrets.
+async fn bundle_chunk(ctx: &Context, host: &str, req: &sentinel_proto::v1::BundleRequest) -> BundleChunk {
+    /// Largest chunk served, whatever the agent asks: far below gRPC's 4 MiB message limit.
+    const MAX_CHUNK: u32 = 1024 * 1024;
+    let mut chunk = BundleChunk {
+        sha256: req.sha256.clone(),
+        offset: req.offset,
+        ..Default::default()
+    };
+    let path = match ctx.bundle_path(&req.sha256) {
+        Some(p) if ctx.jobs.bundle_allowed(host, &req.sha256) => p,
+        _ => {
+            warn!(host, sha256 = %req.sha256, "bundle request refused: no unfinished deploy job of this host names it");
+            chunk.error = format!("bundle {} is not available to {host}", req.sha256);
+            return chunk;
+        }
+    };
+    let len = req.max_len.clamp(1, MAX_CHUNK) as usize;
+    let read = async {
+        use tokio::io::{AsyncReadExt, AsyncSeekExt};
+        let mut f = tokio::fs::File::open(&path).await?;
+        let total = f.metadata().await?.len();
+        f.seek(std::io::SeekFrom::Start(req.offset)).await?;
+        let mut buf = vec![0u8; len.min(total.saturating_sub(req.offset) as usize)];
+        f.read_exact(&mut buf).await?;
+        Ok::<_, std::io::Error>((buf, total))
+    };
+    match read.await {
+        Ok((data, total)) => {
+            chunk.data = data;
+            chunk.total_size = total;
+        }
+        Err(e) => chunk.error = format!("reading bundle {}: {e}", req.sha256),
+    }
+    chunk
 }

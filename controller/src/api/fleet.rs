@@ -8,17 +8,42 @@ use sentinel_proto::v1::fleet_service_server::FleetService;
 use sentinel_proto::v1::*;
 use tonic::{Request, Response, Status};
 
+use crate::context::Context;
+use crate::isolation::IsolationState;
 use crate::registry::Registry;
 
 /// The operator API service.
 pub struct FleetApi {
+    ctx: Arc<Context>,
     registry: Arc<Registry>,
+    /// Database isolation, when `[isolation]` is configured.
+    isolation: Option<Arc<IsolationState>>,
 }
 
 impl FleetApi {
-    /// A service over the shared registry.
-    pub fn new(registry: Arc<Registry>) -> Self {
-        Self { registry }
+    /// A service over the shared controller state.
+    pub fn new(ctx: Arc<Context>) -> Self {
+        Self {
+            registry: ctx.registry.clone(),
+            ctx,
+            isolation: None,
+        }
+    }
+
+    /// The same service answering the isolation calls from `isolation` (None: they answer
+    /// FAILED_PRECONDITION saying isolation is not configured).
+    pub fn with_isolation(mut self, isolation: Option<Arc<IsolationState>>) -> Self {
+        self.isolation = isolation;
+        self
+    }
+
+    fn isolation(&self) -> Result<&Arc<IsolationState>, Status> {
+        self.isolation.as_ref().ok_or_else(|| {
+            Status::failed_precondition(
+                "database isolation is not configured: add an [isolation] section to the \
+                 controller config",
+            )
+        })
     }
 }
 
@@ -54,62 +79,174 @@ impl FleetService for FleetApi {
 
     async fn list_jobs(
         &self,
-        _request: Request<ListJobsRequest>,
+        request: Request<ListJobsRequest>,
     ) -> Result<Response<ListJobsResponse>, Status> {
-        Err(not_yet("the job queue"))
+        let req = request.into_inner();
+        let limit = if req.limit == 0 { 100 } else { req.limit as usize };
+        Ok(Response::new(ListJobsResponse {
+            jobs: self.ctx.jobs.list(&req.host, limit),
+        }))
     }
 
-    async fn get_job(&self, _request: Request<GetJobRequest>) -> Result<Response<Job>, Status> {
-        Err(not_yet("the job queue"))
+    async fn get_job(&self, request: Request<GetJobRequest>) -> Result<Response<Job>, Status> {
+        let id = request.into_inner().job_id;
+        self.ctx
+            .jobs
+            .get(&id)
+            .map(Response::new)
+            .ok_or_else(|| Status::not_found(format!("no job {id:?}")))
     }
 
     async fn cancel_job(
         &self,
-        _request: Request<CancelJobRequest>,
+        request: Request<CancelJobRequest>,
     ) -> Result<Response<Job>, Status> {
-        Err(not_yet("the job queue"))
+        let who = super::operator_name(&request)?;
+        let req = request.into_inner();
+        let reason = if req.reason.is_empty() {
+            format!("by {who}")
+        } else {
+            format!("{} (by {who})", req.reason)
+        };
+        self.ctx.jobs.cancel(&req.job_id, &reason).map(Response::new)
     }
 
-    async fn deploy(
+    async fn submit_deploy(
         &self,
-        _request: Request<DeployRequest>,
+        request: Request<DeployRequest>,
     ) -> Result<Response<Deployment>, Status> {
-        Err(not_yet("the deploy pipeline"))
+        let who = super::operator_name(&request)?;
+        let d = self.ctx.pipeline.submit(request.into_inner(), &who).await?;
+        Ok(Response::new(d))
+    }
+
+    async fn cancel_deploy(
+        &self,
+        request: Request<CancelDeployRequest>,
+    ) -> Result<Response<Deployment>, Status> {
+        let id = request.into_inner().deploy_id;
+        self.ctx.pipeline.cancel(&id).map(Response::new)
     }
 
     async fn rollback(
         &self,
-        _request: Request<RollbackRequest>,
+        request: Request<RollbackRequest>,
     ) -> Result<Response<Deployment>, Status> {
-        Err(not_yet("the deploy pipeline"))
+        let who = super::operator_name(&request)?;
+        let req = request.into_inner();
+        let d = self
+            .ctx
+            .pipeline
+            .rollback(&req.app, &req.environment, &req.to_commit, &who)
+            .await?;
+        Ok(Response::new(d))
     }
 
-    async fn get_deployment(
+    async fn get_deploy(
         &self,
-        _request: Request<GetDeploymentRequest>,
+        request: Request<GetDeployRequest>,
     ) -> Result<Response<Deployment>, Status> {
-        Err(not_yet("the deploy pipeline"))
+        let id = request.into_inner().deploy_id;
+        self.ctx
+            .pipeline
+            .get(&id)
+            .map(Response::new)
+            .ok_or_else(|| Status::not_found(format!("no deploy {id:?}")))
     }
 
-    async fn list_deployments(
+    async fn list_deploys(
         &self,
-        _request: Request<ListDeploymentsRequest>,
-    ) -> Result<Response<ListDeploymentsResponse>, Status> {
-        Err(not_yet("the deploy pipeline"))
+        request: Request<ListDeploysRequest>,
+    ) -> Result<Response<ListDeploysResponse>, Status> {
+        let req = request.into_inner();
+        let limit = if req.limit == 0 { 50 } else { req.limit as usize };
+        Ok(Response::new(ListDeploysResponse {
+            deployments: self.ctx.pipeline.list(&req.app, limit),
+        }))
+    }
+
+    type WatchDeployStream = std::pin::Pin<
+        Box<dyn futures::Stream<Item = Result<DeploymentEvent, Status>> + Send>,
+    >;
+
+    async fn watch_deploy(
+        &self,
+        request: Request<GetDeployRequest>,
+    ) -> Result<Response<Self::WatchDeployStream>, Status> {
+        let id = request.into_inner().deploy_id;
+        let (deploy, mut rx) = self.ctx.pipeline.watch(&id)?;
+        let (tx, out) = tokio::sync::mpsc::channel(256);
+        tokio::spawn(async move {
+            for step in deploy.steps.iter().cloned() {
+                let ev = DeploymentEvent {
+                    deploy_id: id.clone(),
+                    at: step.started_at,
+                    step: Some(step),
+                    ..Default::default()
+                };
+                if tx.send(Ok(ev)).await.is_err() {
+                    return;
+                }
+            }
+            if deploy.state() != DeploymentState::Running {
+                let _ = tx
+                    .send(Ok(DeploymentEvent {
+                        deploy_id: id.clone(),
+                        at: deploy.finished_at,
+                        final_state: deploy.state,
+                        ..Default::default()
+                    }))
+                    .await;
+                return;
+            }
+            loop {
+                match rx.recv().await {
+                    Ok(ev) if ev.deploy_id == id => {
+                        let last = ev.final_state != 0;
+                        if tx.send(Ok(ev)).await.is_err() || last {
+                            return;
+                        }
+                    }
+                    Ok(_) => {}
+                    Err(tokio::sync::broadcast::error::RecvError::Lagged(n)) => {
+                        let _ = tx
+                            .send(Ok(DeploymentEvent {
+                                deploy_id: id.clone(),
+                                log_line: format!("({n} events skipped: this watcher fell behind)"),
+                                ..Default::default()
+                            }))
+                            .await;
+                    }
+                    Err(_) => return,
+                }
+            }
+        });
+        Ok(Response::new(Box::pin(
+            tokio_stream::wrappers::ReceiverStream::new(out),
+        )))
     }
 
     async fn run_isolation_check(
         &self,
-        _request: Request<RunIsolationCheckRequest>,
+        request: Request<RunIsolationCheckRequest>,
     ) -> Result<Response<IsolationReport>, Status> {
-        Err(not_yet("database isolation checking"))
+        let isolation = self.isolation()?;
+        if request.into_inner().probe {
+            return Err(not_yet(
+                "probing from the hosts (`probe: true`, which needs signed isolation-probe \
+                 jobs)",
+            ));
+        }
+        Ok(Response::new(isolation.check_now().await))
     }
 
     async fn get_isolation_report(
         &self,
         _request: Request<GetIsolationReportRequest>,
     ) -> Result<Response<IsolationReport>, Status> {
-        Err(not_yet("database isolation checking"))
+        self.isolation()?.latest().map(Response::new).ok_or_else(|| {
+            Status::not_found("no isolation check has completed yet; RunIsolationCheck runs one")
+        })
     }
 
     async fn list_backups(

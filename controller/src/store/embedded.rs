@@ -4,13 +4,19 @@
 use std::path::{Path, PathBuf};
 
 use prost::Message;
-use redb::{Database, ReadableDatabase, ReadableTable, TableDefinition};
-use sentinel_proto::v1::Host;
+use redb::{Database, ReadableDatabase, ReadableTable, TableDefinition, TableHandle};
+use sentinel_proto::v1::{Deployment, Host, Job, SignedJob};
 
-use super::{Store, StoreError};
+use super::{Store, StoreError, StoredJob};
 
 /// Host name -> encoded `sentinel.v1.Host`.
 const HOSTS: TableDefinition<&str, &[u8]> = TableDefinition::new("hosts");
+/// Job id -> encoded `sentinel.v1.Job`.
+const JOBS: TableDefinition<&str, &[u8]> = TableDefinition::new("jobs");
+/// Job id -> encoded `sentinel.v1.SignedJob`.
+const ENVELOPES: TableDefinition<&str, &[u8]> = TableDefinition::new("job_envelopes");
+/// Deploy id -> encoded `sentinel.v1.Deployment`.
+const DEPLOYS: TableDefinition<&str, &[u8]> = TableDefinition::new("deploys");
 
 /// A redb-backed [`Store`].
 pub struct EmbeddedStore {
@@ -35,8 +41,10 @@ impl EmbeddedStore {
         let txn = db
             .begin_write()
             .map_err(|e| backend(action.clone())(e.into()))?;
-        txn.open_table(HOSTS)
-            .map_err(|e| backend(action.clone())(e.into()))?;
+        for table in [HOSTS, JOBS, ENVELOPES, DEPLOYS] {
+            txn.open_table(table)
+                .map_err(|e| backend(action.clone())(e.into()))?;
+        }
         txn.commit().map_err(|e| backend(action)(e.into()))?;
         Ok(Self {
             db,
@@ -50,36 +58,81 @@ impl EmbeddedStore {
     }
 }
 
-impl Store for EmbeddedStore {
-    fn save_hosts(&self, hosts: &[Host]) -> Result<(), StoreError> {
-        let action = format!("saving {} host(s)", hosts.len());
-        let err = |e: redb::Error| backend(action.clone())(e);
+impl EmbeddedStore {
+    /// Writes `(table, key, value)` rows in one transaction.
+    fn put(&self, action: &str, rows: &[(TableDefinition<&str, &[u8]>, &str, Vec<u8>)]) -> Result<(), StoreError> {
+        let err = |e: redb::Error| backend(action)(e);
         let txn = self.db.begin_write().map_err(|e| err(e.into()))?;
-        {
-            let mut table = txn.open_table(HOSTS).map_err(|e| err(e.into()))?;
-            for host in hosts {
-                table
-                    .insert(host.name.as_str(), host.encode_to_vec().as_slice())
-                    .map_err(|e| err(e.into()))?;
-            }
+        for (def, key, value) in rows {
+            let mut table = txn.open_table(*def).map_err(|e| err(e.into()))?;
+            table.insert(*key, value.as_slice()).map_err(|e| err(e.into()))?;
         }
         txn.commit().map_err(|e| err(e.into()))
     }
 
-    fn load_hosts(&self) -> Result<Vec<Host>, StoreError> {
-        let err = |e: redb::Error| backend("loading hosts")(e);
+    /// Every row of a table, decoded.
+    fn all<T: Message + Default>(&self, def: TableDefinition<&str, &[u8]>) -> Result<Vec<(String, T)>, StoreError> {
+        let err = |e: redb::Error| backend(format!("loading {}", def.name()))(e);
         let txn = self.db.begin_read().map_err(|e| err(e.into()))?;
-        let table = txn.open_table(HOSTS).map_err(|e| err(e.into()))?;
-        let mut hosts = Vec::new();
+        let table = txn.open_table(def).map_err(|e| err(e.into()))?;
+        let mut out = Vec::new();
         for entry in table.iter().map_err(|e| err(e.into()))? {
             let (key, value) = entry.map_err(|e| err(e.into()))?;
-            let host = Host::decode(value.value()).map_err(|e| StoreError::Corrupt {
-                key: key.value().to_string(),
+            let item = T::decode(value.value()).map_err(|e| StoreError::Corrupt {
+                key: format!("{}/{}", def.name(), key.value()),
                 message: e.to_string(),
             })?;
-            hosts.push(host);
+            out.push((key.value().to_string(), item));
         }
-        Ok(hosts)
+        Ok(out)
+    }
+}
+
+impl Store for EmbeddedStore {
+    fn save_hosts(&self, hosts: &[Host]) -> Result<(), StoreError> {
+        let rows: Vec<_> = hosts
+            .iter()
+            .map(|h| (HOSTS, h.name.as_str(), h.encode_to_vec()))
+            .collect();
+        self.put(&format!("saving {} host(s)", hosts.len()), &rows)
+    }
+
+    fn load_hosts(&self) -> Result<Vec<Host>, StoreError> {
+        Ok(self.all::<Host>(HOSTS)?.into_iter().map(|(_, h)| h).collect())
+    }
+
+    fn save_jobs(&self, jobs: &[StoredJob]) -> Result<(), StoreError> {
+        let mut rows = Vec::with_capacity(jobs.len() * 2);
+        for j in jobs {
+            rows.push((JOBS, j.job.job_id.as_str(), j.job.encode_to_vec()));
+            rows.push((ENVELOPES, j.job.job_id.as_str(), j.envelope.encode_to_vec()));
+        }
+        self.put(&format!("saving {} job(s)", jobs.len()), &rows)
+    }
+
+    fn load_jobs(&self) -> Result<Vec<StoredJob>, StoreError> {
+        let mut envelopes: std::collections::HashMap<String, SignedJob> =
+            self.all::<SignedJob>(ENVELOPES)?.into_iter().collect();
+        Ok(self
+            .all::<Job>(JOBS)?
+            .into_iter()
+            .map(|(id, job)| StoredJob {
+                envelope: envelopes.remove(&id).unwrap_or_default(),
+                job,
+            })
+            .collect())
+    }
+
+    fn save_deploys(&self, deploys: &[Deployment]) -> Result<(), StoreError> {
+        let rows: Vec<_> = deploys
+            .iter()
+            .map(|d| (DEPLOYS, d.deploy_id.as_str(), d.encode_to_vec()))
+            .collect();
+        self.put(&format!("saving {} deploy(s)", deploys.len()), &rows)
+    }
+
+    fn load_deploys(&self) -> Result<Vec<Deployment>, StoreError> {
+        Ok(self.all::<Deployment>(DEPLOYS)?.into_iter().map(|(_, d)| d).collect())
     }
 }
 

@@ -7,7 +7,7 @@
 
 pub mod embedded;
 
-use sentinel_proto::v1::Host;
+use sentinel_proto::v1::{Deployment, Host, Job, SignedJob};
 
 /// A storage failure, naming what was being done.
 #[derive(Debug, thiserror::Error)]
@@ -38,4 +38,26 @@ pub trait Store: Send + Sync + 'static {
 
     /// Every stored host record.
     fn load_hosts(&self) -> Result<Vec<Host>, StoreError>;
+
+    /// Upserts jobs (state and events) with their signed envelopes, atomically.
+    fn save_jobs(&self, jobs: &[StoredJob]) -> Result<(), StoreError>;
+
+    /// Every stored job.
+    fn load_jobs(&self) -> Result<Vec<StoredJob>, StoreError>;
+
+    /// Upserts deploys, atomically.
+    fn save_deploys(&self, deploys: &[Deployment]) -> Result<(), StoreError>;
+
+    /// Every stored deploy.
+    fn load_deploys(&self) -> Result<Vec<Deployment>, StoreError>;
+}
+
+/// A job as stored: its state and events, and the envelope exactly as signed (so that a job
+/// queued before a restart is sent with its original signature, nonce and expiry).
+#[derive(Debug, Clone, PartialEq)]
+pub struct StoredJob {
+    /// State and events.
+    pub job: Job,
+    /// The signed envelope.
+    pub envelope: SignedJob,
 }

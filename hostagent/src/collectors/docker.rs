@@ -1,12 +1,18 @@
 //! The Docker collector: every container of the local Docker Engine (running or not), read
 //! through the Engine API on its unix socket with `bollard`.
 //!
-//! One collection is a `GET /containers/json?all=1` followed by an inspect of each container
-//! (for the restart count, the health and the start time, which the list does not give
-//! reliably), the inspects running concurrently. The client connects lazily, negotiates the
-//! API version with the daemon (older daemons reject bollard's default version), caches the
-//! engine version, and is dropped after a transport error so the next run reconnects.
+//! One collection is a `GET /containers/json?all=1` plus an inspect of the containers whose
+//! details (restart count, health, start time, exit code, which the list does not give
+//! reliably) may have changed, the inspects running concurrently. Those details are kept
+//! between runs and read again whenever the list's state or status text of the container
+//! changes (a restart resets the uptime in "Up 3 hours", health and exit code appear in it),
+//! and at the latest after [`DETAILS_MAX_AGE`], so a steady host costs one list request.
+//!
+//! The client connects lazily, negotiates the API version with the daemon (older daemons
+//! reject bollard's default version), caches the engine version, and is dropped after an
+//! error so the next run reconnects.
 
+use std::collections::HashMap;
 use std::error::Error as _;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
@@ -15,6 +21,7 @@ use bollard::models::{ContainerInspectResponse, ContainerSummary, HealthStatusEn
 use bollard::query_parameters::ListContainersOptions;
 use bollard::{ClientVersion, Docker, API_DEFAULT_VERSION};
 use futures::stream::{self, StreamExt};
+use prost_types::Timestamp;
 use sentinel_proto::v1::{Container, DockerState, Port};
 
 use super::CollectorError;
@@ -26,6 +33,11 @@ const REQUEST_TIMEOUT_SECS: u64 = 10;
 /// How long a cached engine version is trusted: the daemon may be upgraded and restarted
 /// without any request of ours failing.
 const VERSION_MAX_AGE: Duration = Duration::from_secs(600);
+/// How long a container's inspected details are trusted while its list entry is unchanged.
+const DETAILS_MAX_AGE: Duration = Duration::from_secs(300);
+/// How many containers with expired (but otherwise unchanged) details are inspected again in
+/// one run, oldest first, so expiries never make one run inspect everything.
+const EXPIRED_PER_RUN: usize = INSPECT_CONCURRENCY;
 
 const COMPOSE_PROJECT_LABEL: &str = "com.docker.compose.project";
 const COMPOSE_SERVICE_LABEL: &str = "com.docker.compose.service";
@@ -37,6 +49,8 @@ pub struct DockerCollector {
     socket: String,
     /// The live client, created on first use and dropped after errors.
     connection: Option<Connection>,
+    /// Inspected details by container id, for the containers of the last run.
+    details: HashMap<String, CachedDetails>,
 }
 
 /// A client speaking an API version the daemon accepts, with the engine version it reported.
@@ -46,12 +60,32 @@ struct Connection {
     version_fetched: Instant,
 }
 
+/// What an inspect adds to a container's list entry.
+#[derive(Clone, Debug, Default)]
+struct Details {
+    name: String,
+    state: String,
+    health: &'static str,
+    restart_count: u32,
+    started_at: Option<Timestamp>,
+    exit_code: i64,
+    image_id: String,
+}
+
+/// A container's details with the list entry they were read for.
+struct CachedDetails {
+    list_state: String,
+    list_status: String,
+    details: Details,
+    fetched: Instant,
+}
+
 /// How one container's inspect ended.
 enum Inspected {
-    Found(Box<ContainerInspectResponse>),
+    Found(Details),
     /// It was removed between the list and the inspect.
     Gone,
-    /// The daemon did not answer for this container; the list data is used alone.
+    /// The daemon did not answer for this container.
     Failed(BollardError),
 }
 
@@ -64,6 +98,7 @@ impl DockerCollector {
         Self {
             socket: path.to_owned(),
             connection: None,
+            details: HashMap::new(),
         }
     }
 
@@ -76,13 +111,14 @@ impl DockerCollector {
         let connection = self.connection().await?;
         let docker = connection.docker.clone();
         let engine_version = connection.engine_version.clone();
-        match collect_containers(&docker).await {
+        match collect_containers(&docker, &mut self.details).await {
             Ok(containers) => Ok(DockerState {
                 engine_version,
                 containers,
             }),
             Err(e) => {
                 self.connection = None;
+                self.details.clear();
                 Err(self.failed(format!(
                     "cannot list containers through {}: {}",
                     self.socket,
@@ -171,80 +207,176 @@ impl DockerCollector {
     }
 }
 
-/// Lists all containers and inspects them, [`INSPECT_CONCURRENCY`] at a time.
-async fn collect_containers(docker: &Docker) -> Result<Vec<Container>, BollardError> {
+/// Lists all containers and inspects those whose `cache`d details are missing, outdated or
+/// expired, [`INSPECT_CONCURRENCY`] at a time; `cache` is left holding the details of the
+/// listed containers.
+async fn collect_containers(
+    docker: &Docker,
+    cache: &mut HashMap<String, CachedDetails>,
+) -> Result<Vec<Container>, BollardError> {
     let options = ListContainersOptions {
         all: true,
         ..Default::default()
     };
-    let summaries = docker.list_containers(Some(options)).await?;
+    let mut summaries = docker.list_containers(Some(options)).await?;
+    summaries.retain(|s| s.id.is_some());
 
-    let inspected: Vec<(ContainerSummary, Inspected)> = stream::iter(summaries)
-        .filter_map(|summary| async move { summary.id.is_some().then_some(summary) })
-        .map(|summary| async move {
-            let id = summary.id.as_deref().unwrap_or_default();
-            let inspected = match docker.inspect_container(id, None).await {
-                Ok(response) => Inspected::Found(Box::new(response)),
-                Err(BollardError::DockerResponseServerError {
-                    status_code: 404, ..
-                }) => Inspected::Gone,
-                Err(e) => Inspected::Failed(e),
-            };
-            (summary, inspected)
+    // Owned ids and a cloned client (one `Arc`) per inspect: futures that borrow make the
+    // collection future `Send` only for specific lifetimes, which `tokio::spawn` rejects.
+    let mut to_inspect: Vec<String> = Vec::new();
+    let mut expired: Vec<(Instant, &str)> = Vec::new();
+    for summary in &summaries {
+        let id = summary.id.as_deref().unwrap_or_default();
+        match cache.get(id) {
+            Some(cached) if cached.matches(summary) => {
+                if cached.fetched.elapsed() >= DETAILS_MAX_AGE {
+                    expired.push((cached.fetched, id));
+                }
+            }
+            _ => to_inspect.push(id.to_owned()),
+        }
+    }
+    expired.sort_unstable();
+    to_inspect.extend(
+        expired
+            .into_iter()
+            .take(EXPIRED_PER_RUN)
+            .map(|(_, id)| id.to_owned()),
+    );
+
+    let mut inspected: HashMap<String, Inspected> = stream::iter(to_inspect)
+        .map(|id| {
+            let docker = docker.clone();
+            async move {
+                let inspected = match docker.inspect_container(&id, None).await {
+                    Ok(response) => Inspected::Found(Details::from_inspect(&response)),
+                    Err(BollardError::DockerResponseServerError {
+                        status_code: 404, ..
+                    }) => Inspected::Gone,
+                    Err(e) => Inspected::Failed(e),
+                };
+                (id, inspected)
+            }
         })
         .buffer_unordered(INSPECT_CONCURRENCY)
         .collect()
         .await;
 
-    let mut containers = Vec::with_capacity(inspected.len());
-    for (summary, inspected) in inspected {
-        let inspect = match inspected {
-            Inspected::Found(response) => Some(response),
-            Inspected::Gone => continue,
+    let mut kept = HashMap::with_capacity(summaries.len());
+    let mut containers = Vec::with_capacity(summaries.len());
+    let fetched = Instant::now();
+    for summary in summaries {
+        let id = summary.id.clone().unwrap_or_default();
+        let cached = cache.remove(&id);
+        let (details, keep) = match inspected.remove(&id) {
+            None => match cached {
+                Some(cached) => (cached.details.clone(), Some(cached)),
+                None => (Details::from_list(&summary), None),
+            },
+            Some(Inspected::Found(details)) => {
+                let fresh = CachedDetails::new(&summary, details.clone(), fetched);
+                (details, Some(fresh))
+            }
+            Some(Inspected::Gone) => continue,
             // The daemon itself is gone: the whole collection is void.
-            Inspected::Failed(e) if is_transport_error(&e) => return Err(e),
-            // One container did not answer (e.g. a timeout while it is stuck): report what
-            // the list says about it rather than hide it or fail everything.
-            Inspected::Failed(e) => {
+            Some(Inspected::Failed(e)) if is_transport_error(&e) => return Err(e),
+            // One container did not answer (e.g. a timeout while it is stuck): report it
+            // with what is known rather than hide it or fail everything.
+            Some(Inspected::Failed(e)) => {
                 tracing::warn!(
-                    container = summary.id.as_deref().unwrap_or_default(),
+                    container = %id,
                     error = %describe(&e),
-                    "cannot inspect container; using the list data only"
+                    "cannot inspect container"
                 );
-                None
+                match cached {
+                    Some(cached) if cached.matches(&summary) => {
+                        (cached.details.clone(), Some(cached))
+                    }
+                    _ => (Details::from_list(&summary), None),
+                }
             }
         };
-        containers.push(container(summary, inspect.as_deref()));
+        if let Some(entry) = keep {
+            kept.insert(id, entry);
+        }
+        containers.push(container(summary, details));
     }
+    *cache = kept;
     containers.sort_by(|a, b| a.name.cmp(&b.name).then_with(|| a.id.cmp(&b.id)));
     Ok(containers)
 }
 
-/// Builds the container from its list entry and, when available, its inspect.
-fn container(summary: ContainerSummary, inspect: Option<&ContainerInspectResponse>) -> Container {
-    let state = inspect.and_then(|i| i.state.as_ref());
-    let labels = summary.labels.unwrap_or_default();
-    let status = summary.status.unwrap_or_default();
+impl CachedDetails {
+    fn new(summary: &ContainerSummary, details: Details, fetched: Instant) -> Self {
+        Self {
+            list_state: list_state(summary),
+            list_status: summary.status.clone().unwrap_or_default(),
+            details,
+            fetched,
+        }
+    }
 
-    let name = inspect
-        .and_then(|i| i.name.as_deref())
-        .or_else(|| primary_name(summary.names.as_deref().unwrap_or_default()))
-        .unwrap_or_default()
+    /// Whether the container's list entry is still the one the details were read for.
+    fn matches(&self, summary: &ContainerSummary) -> bool {
+        self.list_state == list_state(summary)
+            && Some(self.list_status.as_str()) == summary.status.as_deref()
+    }
+}
+
+impl Details {
+    fn from_inspect(inspect: &ContainerInspectResponse) -> Self {
+        let state = inspect.state.as_ref();
+        Self {
+            name: inspect.name.clone().unwrap_or_default(),
+            state: state
+                .and_then(|s| s.status)
+                .map(|s| s.to_string())
+                .unwrap_or_default(),
+            health: match state.and_then(|s| s.health.as_ref()).and_then(|h| h.status) {
+                Some(HealthStatusEnum::HEALTHY) => "healthy",
+                Some(HealthStatusEnum::UNHEALTHY) => "unhealthy",
+                Some(HealthStatusEnum::STARTING) => "starting",
+                Some(HealthStatusEnum::NONE | HealthStatusEnum::EMPTY) | None => "none",
+            },
+            restart_count: inspect
+                .restart_count
+                .map_or(0, |n| u32::try_from(n.max(0)).unwrap_or(u32::MAX)),
+            started_at: state
+                .and_then(|s| s.started_at.as_deref())
+                .and_then(parse_rfc3339)
+                .map(sentinel_proto::time::timestamp),
+            exit_code: state.and_then(|s| s.exit_code).unwrap_or_default(),
+            image_id: inspect.image.clone().unwrap_or_default(),
+        }
+    }
+
+    /// The little the list tells, for a container that could not be inspected.
+    fn from_list(summary: &ContainerSummary) -> Self {
+        Self {
+            state: list_state(summary),
+            health: health_from_status(summary.status.as_deref().unwrap_or_default()),
+            ..Self::default()
+        }
+    }
+}
+
+/// The list's state word ("running", "exited", ...).
+fn list_state(summary: &ContainerSummary) -> String {
+    summary.state.map(|s| s.to_string()).unwrap_or_default()
+}
+
+/// Builds the container from its list entry and its (inspected or cached) details.
+fn container(summary: ContainerSummary, details: Details) -> Container {
+    let state = match list_state(&summary) {
+        state if state.is_empty() => details.state,
+        state => state,
+    };
+    // The list knows about renames even when the details are cached.
+    let name = primary_name(summary.names.as_deref().unwrap_or_default())
+        .unwrap_or(&details.name)
         .trim_start_matches('/')
         .to_owned();
-    let state_word = match state.and_then(|s| s.status) {
-        Some(status) => status.to_string(),
-        None => summary.state.map(|s| s.to_string()).unwrap_or_default(),
-    };
-    let health = match inspect {
-        Some(_) => match state.and_then(|s| s.health.as_ref()).and_then(|h| h.status) {
-            Some(HealthStatusEnum::HEALTHY) => "healthy",
-            Some(HealthStatusEnum::UNHEALTHY) => "unhealthy",
-            Some(HealthStatusEnum::STARTING) => "starting",
-            Some(HealthStatusEnum::NONE | HealthStatusEnum::EMPTY) | None => "none",
-        },
-        None => health_from_status(&status),
-    };
+    let labels = summary.labels.unwrap_or_default();
 
     let mut ports: Vec<Port> = summary
         .ports
@@ -274,8 +406,8 @@ fn container(summary: ContainerSummary, inspect: Option<&ContainerInspectRespons
         image: summary.image.unwrap_or_default(),
         image_id: summary
             .image_id
-            .or_else(|| inspect.and_then(|i| i.image.clone()))
-            .unwrap_or_default(),
+            .filter(|id| !id.is_empty())
+            .unwrap_or(details.image_id),
         compose_project: labels
             .get(COMPOSE_PROJECT_LABEL)
             .cloned()
@@ -284,23 +416,18 @@ fn container(summary: ContainerSummary, inspect: Option<&ContainerInspectRespons
             .get(COMPOSE_SERVICE_LABEL)
             .cloned()
             .unwrap_or_default(),
-        state: state_word,
-        status,
-        health: health.to_owned(),
-        restart_count: inspect
-            .and_then(|i| i.restart_count)
-            .map_or(0, |n| u32::try_from(n.max(0)).unwrap_or(u32::MAX)),
+        state,
+        status: summary.status.unwrap_or_default(),
+        health: details.health.to_owned(),
+        restart_count: details.restart_count,
         ports,
         created: summary
             .created
             .and_then(|secs| u64::try_from(secs).ok())
             .filter(|&secs| secs > 0)
             .map(|secs| sentinel_proto::time::timestamp(UNIX_EPOCH + Duration::from_secs(secs))),
-        started_at: state
-            .and_then(|s| s.started_at.as_deref())
-            .and_then(parse_rfc3339)
-            .map(sentinel_proto::time::timestamp),
-        exit_code: state.and_then(|s| s.exit_code).unwrap_or_default(),
+        started_at: details.started_at,
+        exit_code: details.exit_code,
     }
 }
 
@@ -560,7 +687,8 @@ mod tests {
             status: Some("Up 2 hours (unhealthy)".into()),
             ..Default::default()
         };
-        let c = container(summary, None);
+        let details = Details::from_list(&summary);
+        let c = container(summary, details);
         assert_eq!(c.name, "db");
         assert_eq!(
             (c.compose_project.as_str(), c.compose_service.as_str()),
@@ -574,6 +702,15 @@ mod tests {
             "starting"
         );
         assert_eq!(health_from_status("Exited (0) 2 minutes ago"), "none");
+    }
+
+    #[test]
+    fn collections_can_be_spawned() {
+        fn spawnable<F: std::future::Future + Send + 'static>(_: F) {}
+        spawnable(async {
+            let mut collector = DockerCollector::new("/nonexistent/docker.sock");
+            let _ = collector.collect().await;
+        });
     }
 
     /// Runs `docker` with `args`; `None` (with the reason printed) when it fails.
@@ -616,7 +753,8 @@ mod tests {
 
     /// Against the real daemon: builds a `FROM scratch` busybox image (no registry needed),
     /// runs a healthy compose-labelled container with a published port, a container that
-    /// exited with code 3 and one never started, and checks what the collector reports.
+    /// exited with code 3 after two restarts and one never started, checks what the collector
+    /// reports, then restarts, renames and removes containers and checks that it follows.
     #[tokio::test]
     async fn reports_real_containers() {
         const SOCKET: &str = "/var/run/docker.sock";
@@ -703,11 +841,14 @@ mod tests {
                 panic!("docker run failed (see the output above)");
             }
         }
+        // Fails, is restarted twice by its policy, and stays exited.
         let exit_3 = [
             "run",
             "-d",
             "--name",
             &exited,
+            "--restart",
+            "on-failure:2",
             "--no-healthcheck",
             &image,
             "/bin/busybox",
@@ -718,13 +859,13 @@ mod tests {
         if docker_cli(&exit_3).is_none() {
             panic!("docker run failed (see the output above)");
         }
-        assert_eq!(docker_cli(&["wait", &exited]).as_deref(), Some("3"));
         if docker_cli(&["create", "--name", &created, &image, "/bin/busybox", "true"]).is_none() {
             panic!("docker create failed (see the output above)");
         }
 
         let mut collector = DockerCollector::new(SOCKET);
-        // The health check runs every second; wait for its first verdict.
+        // Wait for the health check's first verdict (it runs every second) and for the
+        // restart policy to give up.
         let mut state = DockerState::default();
         for _ in 0..50 {
             state = match collector.collect().await {
@@ -735,7 +876,11 @@ mod tests {
                 .containers
                 .iter()
                 .any(|c| c.name == running && c.health == "healthy");
-            if healthy {
+            let given_up = state
+                .containers
+                .iter()
+                .any(|c| c.name == exited && c.state == "exited" && c.restart_count == 2);
+            if healthy && given_up {
                 break;
             }
             tokio::time::sleep(Duration::from_millis(200)).await;
@@ -786,6 +931,7 @@ mod tests {
         let done = find(&exited);
         assert_eq!(done.state, "exited");
         assert_eq!(done.exit_code, 3);
+        assert_eq!(done.restart_count, 2);
         assert_eq!(done.health, "none");
         assert!(done.started_at.is_some());
         assert!(done.compose_project.is_empty());
@@ -796,12 +942,51 @@ mod tests {
         // Docker keeps no health state before the first start.
         assert_eq!(fresh.health, "none");
 
-        // A removed container disappears; the connection survives.
-        let _ = docker_cli(&["rm", "-f", &created]);
-        match collector.collect().await {
-            Ok(state) => assert!(state.containers.iter().all(|c| c.name != created)),
+        // Details read once are reused while a container's list entry does not change...
+        let again = match collector.collect().await {
+            Ok(state) => state,
             Err(e) => panic!("docker collection failed: {e}"),
+        };
+        // (The status text may have aged a second meanwhile: "Exited (3) 2 seconds ago".)
+        let without_status = |c: &Container| Container {
+            status: String::new(),
+            ..c.clone()
+        };
+        let unchanged = |name: &str| {
+            let found = again.containers.iter().find(|c| c.name == name);
+            found.map(without_status)
+        };
+        assert_eq!(unchanged(&exited), Some(without_status(&done)));
+        assert_eq!(unchanged(&created), Some(without_status(&fresh)));
+
+        // ...and read again when it does: a restart shows a new start time at once.
+        if docker_cli(&["restart", "-t", "0", &running]).is_none() {
+            panic!("docker restart failed (see the output above)");
         }
+        // A rename shows through cached details; a removed container disappears.
+        let renamed = format!("{tag}-renamed");
+        cleanup.containers.push(renamed.clone());
+        if docker_cli(&["rename", &exited, &renamed]).is_none() {
+            panic!("docker rename failed (see the output above)");
+        }
+        let _ = docker_cli(&["rm", "-f", &created]);
+        let after = match collector.collect().await {
+            Ok(state) => state,
+            Err(e) => panic!("docker collection failed: {e}"),
+        };
+        let restarted = after.containers.iter().find(|c| c.name == running);
+        let started = |c: &Container| c.started_at.as_ref().map(|t| (t.seconds, t.nanos));
+        assert!(
+            restarted.is_some_and(|c| c.state == "running" && started(c) > started(&web)),
+            "{restarted:?} after {web:?}"
+        );
+        assert!(after.containers.iter().all(|c| c.name != created));
+        assert!(after.containers.iter().all(|c| c.name != exited));
+        let moved = after.containers.iter().find(|c| c.name == renamed);
+        assert_eq!(
+            moved.map(|c| (c.id.as_str(), c.exit_code)),
+            Some((done.id.as_str(), 3))
+        );
         drop(cleanup);
     }
 

@@ -2,6 +2,7 @@
 //! puts its error in its section and the others carry on.
 
 pub mod docker;
+pub mod postgres;
 pub mod system;
 
 use std::time::{Instant, SystemTime};
@@ -29,6 +30,7 @@ pub enum CollectorError {
 pub struct Collectors {
     system: Option<system::SystemCollector>,
     docker: Option<docker::DockerCollector>,
+    postgres: Option<postgres::PostgresCollector>,
 }
 
 impl Collectors {
@@ -39,6 +41,10 @@ impl Collectors {
             docker: config
                 .docker
                 .then(|| docker::DockerCollector::new(&config.docker_socket)),
+            postgres: config
+                .postgres
+                .enabled
+                .then(|| postgres::PostgresCollector::new(config.postgres.client())),
         }
     }
 
@@ -50,6 +56,9 @@ impl Collectors {
         }
         if self.docker.is_some() {
             caps.push("collector.docker".to_string());
+        }
+        if self.postgres.is_some() {
+            caps.push("collector.postgres".to_string());
         }
         caps
     }
@@ -78,6 +87,22 @@ impl Collectors {
                     Err(e) => {
                         tracing::debug!(error = %e, "docker collection failed");
                         docker_section::Result::Error(e.to_string())
+                    }
+                }),
+            });
+        }
+        if let Some(c) = self.postgres.as_mut() {
+            use sentinel_proto::v1::{postgres_section, PostgresSection};
+            let started = Instant::now();
+            let at = SystemTime::now();
+            let result = c.collect().await;
+            state.postgres = Some(PostgresSection {
+                collection: Some(collection(at, started)),
+                result: Some(match result {
+                    Ok(s) => postgres_section::Result::State(s),
+                    Err(e) => {
+                        tracing::debug!(error = %e, "postgres collection failed");
+                        postgres_section::Result::Error(e.to_string())
                     }
                 }),
             });
@@ -121,6 +146,9 @@ impl DeltaTracker {
         }
         if full || changed(&self.last.docker, &fresh.docker, |s| &s.result) {
             out.docker = fresh.docker.clone();
+        }
+        if full || changed(&self.last.postgres, &fresh.postgres, |s| &s.result) {
+            out.postgres = fresh.postgres.clone();
         }
         self.last = fresh;
         out

@@ -1,0 +1,74 @@
+//! `sentinel hosts` and `sentinel host NAME`: the fleet at a glance, tables or JSON.
+
+use sentinel_proto::v1::{GetHostRequest, HostStatus, ListHostsRequest};
+
+use super::deploy::status_err;
+use super::ClientArgs;
+
+/// Prints every host.
+pub async fn hosts(client: &ClientArgs, json: bool) -> anyhow::Result<u8> {
+    let mut api = client.connect().await?;
+    let hosts = api
+        .list_hosts(ListHostsRequest {})
+        .await
+        .map_err(status_err)?
+        .into_inner()
+        .hosts;
+    if json {
+        let out: Vec<_> = hosts
+            .iter()
+            .map(|h| {
+                serde_json::json!({
+                    "name": h.name,
+                    "status": status_word(h.status),
+                    "agent_version": h.agent_version,
+                    "containers": h.containers,
+                    "containers_running": h.containers_running,
+                    "failing_collectors": h.failing_collectors,
+                    "state_age_seconds": h.state_age_seconds,
+                })
+            })
+            .collect();
+        println!("{}", serde_json::to_string_pretty(&out)?);
+        return Ok(0);
+    }
+    let rows: Vec<Vec<String>> = hosts
+        .iter()
+        .map(|h| {
+            vec![
+                h.name.clone(),
+                status_word(h.status),
+                format!("{}/{}", h.containers_running, h.containers),
+                format!("{:.0}s", h.state_age_seconds),
+                h.failing_collectors.join(","),
+                h.agent_version.clone(),
+            ]
+        })
+        .collect();
+    super::table(&["HOST", "STATUS", "RUNNING", "AGE", "FAILING", "VERSION"], &rows);
+    Ok(0)
+}
+
+/// Prints one host.
+pub async fn host(client: &ClientArgs, name: String) -> anyhow::Result<u8> {
+    let mut api = client.connect().await?;
+    let h = api
+        .get_host(GetHostRequest { name })
+        .await
+        .map_err(status_err)?
+        .into_inner();
+    println!("{} {}{}", h.name, status_word(h.status), if h.offline_reason.is_empty() { String::new() } else { format!(" ({})", h.offline_reason) });
+    println!("state age: {:.1}s", h.state_age_seconds);
+    if let Some(info) = &h.info {
+        println!("agent {} on {} {}", info.agent_version, info.os, info.arch);
+    }
+    Ok(0)
+}
+
+fn status_word(s: i32) -> String {
+    HostStatus::try_from(s)
+        .unwrap_or(HostStatus::Unspecified)
+        .as_str_name()
+        .trim_start_matches("HOST_STATUS_")
+        .to_ascii_lowercase()
+}

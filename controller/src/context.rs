@@ -1,0 +1,29 @@
+//! What the controller's services share: the live fleet, the job queue, the deploy pipeline.
+//! One struct, so adding a capability means adding a field, not rewiring every service.
+
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use crate::jobs::JobQueue;
+use crate::pipeline::Pipeline;
+use crate::registry::Registry;
+
+/// Shared controller state, handed to every service.
+pub struct Context {
+    /// Connected agents and the latest state of every host.
+    pub registry: Arc<Registry>,
+    /// Signed jobs and their lifecycle.
+    pub jobs: Arc<JobQueue>,
+    /// Deploys and their history.
+    pub pipeline: Arc<Pipeline>,
+    /// Where release bundles are kept (`DATA_DIR/bundles/<sha256>.tar.gz`).
+    pub bundles_dir: PathBuf,
+}
+
+impl Context {
+    /// The file of bundle `sha256`, if the name is a well-formed digest.
+    pub fn bundle_path(&self, sha256: &str) -> Option<PathBuf> {
+        (sha256.len() == 64 && sha256.bytes().all(|b| b.is_ascii_hexdigit()))
+            .then(|| self.bundles_dir.join(format!("{sha256}.tar.gz")))
+    }
+}

@@ -1,0 +1,340 @@
+//! Database isolation: the controller audits the shared PostgreSQL cluster's catalog against the
+//! policy (`[isolation]`: each environment's databases and users), on a schedule and on demand,
+//! keeps the latest report, and tells the deploy pipeline which violations block an
+//! environment.
+//!
+//! - [`policy`]: the config section and what each role is in it;
+//! - [`catalog`]: reading the cluster as the auditor;
+//! - [`audit`]: the rules, pure (catalog in, violations out);
+//! - [`fix`]: the REVOKE/ALTER statements that close the holes, applied in one transaction;
+//! - [`cli`]: `sentinel isolation check|fix`.
+//!
+//! Probing from the hosts (each agent connecting with its own environment's credentials to the
+//! other environments' databases, `JobKind::IsolationProbe`) needs the signed-job queue and is
+//! not built yet: `RunIsolationCheck { probe: true }` answers UNIMPLEMENTED saying so, and
+//! `IsolationReport.probes` stays empty. When the job queue lands, `check_now` is where the
+//! probe jobs' results would be merged in.
+
+pub mod audit;
+pub mod catalog;
+pub mod cli;
+pub mod fix;
+pub mod policy;
+
+use std::sync::{Arc, RwLock};
+use std::time::{Duration, Instant, SystemTime};
+
+use hostagent::collectors::postgres::PgError;
+use sentinel_proto::v1::{IsolationReport, IsolationViolation};
+use tokio_util::sync::CancellationToken;
+
+pub use audit::{Audit, Violation, ViolationKind};
+pub use policy::IsolationConfig;
+
+/// The result of one check, with what the report alone does not carry.
+#[derive(Debug, Clone)]
+pub struct CheckOutcome {
+    /// What operators and the deploy pipeline see.
+    pub report: IsolationReport,
+    /// The audit behind it; `None` when the check failed.
+    pub audit: Option<Audit>,
+    /// The server's version, when it was reached.
+    pub server_version: Option<String>,
+}
+
+/// Runs one check: connect as the auditor, read the catalog, audit. Never fails: a failure is
+/// a report with `error` set and `isolated` false, never a clean report.
+pub async fn check(policy: &IsolationConfig) -> CheckOutcome {
+    let started = Instant::now();
+    let checked_at = SystemTime::now();
+    let result: Result<(Audit, String), PgError> = async {
+        let mut connection = catalog::connect_auditor(policy).await?;
+        let snapshot = catalog::read(&mut connection, policy).await?;
+        let audit = audit::audit(policy, &snapshot.catalog, Some(&snapshot.effective_connect));
+        Ok((audit, snapshot.catalog.server_version))
+    }
+    .await;
+    let duration_micros = u64::try_from(started.elapsed().as_micros()).unwrap_or(u64::MAX);
+    let mut report = IsolationReport {
+        checked_at: Some(sentinel_proto::time::timestamp(checked_at)),
+        duration_micros,
+        ..Default::default()
+    };
+    match result {
+        Ok((audit, server_version)) => {
+            report.isolated = audit.is_clean();
+            report.violations = audit.violations.iter().map(to_proto).collect();
+            report.policy_problems = audit.problems.iter().map(|p| p.message.clone()).collect();
+            CheckOutcome {
+                report,
+                audit: Some(audit),
+                server_version: Some(server_version),
+            }
+        }
+        Err(e) => {
+            report.error = e.to_string();
+            CheckOutcome {
+                report,
+                audit: None,
+                server_version: None,
+            }
+        }
+    }
+}
+
+/// A violation as the API reports it.
+pub fn to_proto(v: &Violation) -> IsolationViolation {
+    IsolationViolation {
+        user: v.user.clone(),
+        user_environment: v.user_environment.clone(),
+        database: v.database.clone(),
+        database_environment: v.database_environment.clone(),
+        path: v.path.clone(),
+        fix: v.fix.join("; "),
+    }
+}
+
+/// The controller's isolation state: the policy and the latest check, shared (in an `Arc`) by
+/// the schedule, the operator API and the deploy pipeline.
+#[derive(Debug)]
+pub struct IsolationState {
+    policy: IsolationConfig,
+    latest: RwLock<Option<CheckOutcome>>,
+    /// One check at a time: a deploy's check waits for a scheduled one to finish, then runs
+    /// its own, so it always judges the cluster as it is now.
+    running: tokio::sync::Mutex<()>,
+}
+
+impl IsolationState {
+    /// A state with no check run yet.
+    pub fn new(policy: IsolationConfig) -> Arc<Self> {
+        Arc::new(Self {
+            policy,
+            latest: RwLock::new(None),
+            running: tokio::sync::Mutex::new(()),
+        })
+    }
+
+    /// The policy.
+    pub fn policy(&self) -> &IsolationConfig {
+        &self.policy
+    }
+
+    /// Checks now (e.g. before every production deploy), stores and returns the report.
+    pub async fn check_now(&self) -> IsolationReport {
+        let _one_at_a_time = self.running.lock().await;
+        let outcome = check(&self.policy).await;
+        self.log_change(&outcome.report);
+        let report = outcome.report.clone();
+        if let Ok(mut latest) = self.latest.write() {
+            *latest = Some(outcome);
+        }
+        report
+    }
+
+    /// The latest report, if a check has completed.
+    pub fn latest(&self) -> Option<IsolationReport> {
+        self.latest
+            .read()
+            .ok()
+            .and_then(|l| l.as_ref().map(|o| o.report.clone()))
+    }
+
+    /// What blocks a deploy to `environment`: every violation whose user or database belongs
+    /// to it, every policy problem of it, and, when the isolation of the cluster is unknown
+    /// (no check completed yet, or the last one failed), one entry saying so: unknown is not
+    /// clean. Empty for an environment the policy does not name.
+    pub fn blocking_violations(&self, environment: &str) -> Vec<IsolationViolation> {
+        if !self.policy.environments.contains_key(environment) {
+            return Vec::new();
+        }
+        let unknown = |path: String| {
+            vec![IsolationViolation {
+                user_environment: environment.to_string(),
+                database_environment: environment.to_string(),
+                path,
+                ..Default::default()
+            }]
+        };
+        let Ok(latest) = self.latest.read() else {
+            return unknown("the isolation state is unreadable".into());
+        };
+        let Some(outcome) = latest.as_ref() else {
+            return unknown("no isolation check has completed yet".into());
+        };
+        let Some(audit) = &outcome.audit else {
+            return unknown(format!(
+                "the last isolation check failed: {}",
+                outcome.report.error
+            ));
+        };
+        let mut out: Vec<IsolationViolation> = audit
+            .violations
+            .iter()
+            .filter(|v| v.user_environment == environment || v.database_environment == environment)
+            .map(to_proto)
+            .collect();
+        out.extend(
+            audit
+                .problems
+                .iter()
+                .filter(|p| p.environment.as_deref().is_none_or(|e| e == environment))
+                .map(|p| IsolationViolation {
+                    user_environment: environment.to_string(),
+                    database_environment: environment.to_string(),
+                    path: format!("policy problem: {}", p.message),
+                    ..Default::default()
+                }),
+        );
+        out
+    }
+
+    /// Checks at once, then every `interval`, until `shutdown`.
+    pub async fn run_schedule(self: Arc<Self>, shutdown: CancellationToken) {
+        let interval = self.policy.interval;
+        loop {
+            tokio::select! {
+                _ = self.check_now() => {}
+                _ = shutdown.cancelled() => return,
+            }
+            tokio::select! {
+                _ = tokio::time::sleep(interval) => {}
+                _ = shutdown.cancelled() => return,
+            }
+        }
+    }
+
+    /// One log event when the verdict changes, not one per check.
+    fn log_change(&self, report: &IsolationReport) {
+        let verdict =
+            |r: &IsolationReport| (r.error.clone(), r.violations.len(), r.policy_problems.len());
+        let previous = self
+            .latest
+            .read()
+            .ok()
+            .and_then(|l| l.as_ref().map(|o| verdict(&o.report)));
+        let now = verdict(report);
+        tracing::debug!(
+            violations = now.1,
+            policy_problems = now.2,
+            took = ?Duration::from_micros(report.duration_micros),
+            "isolation check done"
+        );
+        if previous.as_ref() == Some(&now) {
+            return;
+        }
+        if !report.error.is_empty() {
+            tracing::error!(error = %report.error, "isolation check failed");
+        } else if report.isolated {
+            tracing::info!("isolation check: every environment is isolated");
+        } else {
+            for v in &report.violations {
+                tracing::warn!(
+                    user = %v.user,
+                    database = %v.database,
+                    path = %v.path,
+                    "isolation violation"
+                );
+            }
+            for p in &report.policy_problems {
+                tracing::warn!(problem = %p, "isolation policy problem");
+            }
+            tracing::warn!(
+                violations = now.1,
+                policy_problems = now.2,
+                "isolation check: NOT isolated"
+            );
+        }
+    }
+}
+
+/// The deploy pipeline's gate: deploys are refused (FAILED_PRECONDITION, naming the violation)
+/// while a violation touches the environment, and production is checked afresh before it is
+/// touched.
+#[tonic::async_trait]
+impl crate::pipeline::DeployGate for IsolationState {
+    fn blocking(&self, environment: &str) -> Vec<String> {
+        self.blocking_violations(environment)
+            .into_iter()
+            .map(|v| v.path)
+            .collect()
+    }
+
+    async fn check_now(&self, environment: &str) -> Result<(), String> {
+        IsolationState::check_now(self).await;
+        let blocking = crate::pipeline::DeployGate::blocking(self, environment);
+        if blocking.is_empty() {
+            Ok(())
+        } else {
+            Err(format!(
+                "database isolation violations block {environment}: {}",
+                blocking.join("; ")
+            ))
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::isolation::policy::tests::policy;
+
+    fn state_with(outcome: Option<CheckOutcome>) -> Arc<IsolationState> {
+        let state = IsolationState::new(policy());
+        *state.latest.write().unwrap() = outcome;
+        state
+    }
+
+    fn violation(user_env: &str, db_env: &str) -> Violation {
+        Violation {
+            user: format!("{user_env}_user"),
+            user_environment: user_env.into(),
+            database: format!("{db_env}_db"),
+            database_environment: db_env.into(),
+            kind: ViolationKind::Connect,
+            path: "p".into(),
+            fix: vec!["REVOKE x".into()],
+        }
+    }
+
+    #[test]
+    fn unknown_isolation_blocks_and_says_why() {
+        let state = state_with(None);
+        let blocking = state.blocking_violations("production");
+        assert_eq!(blocking.len(), 1);
+        assert!(blocking[0].path.contains("no isolation check"));
+        let state = state_with(Some(CheckOutcome {
+            report: IsolationReport {
+                error: "connecting to a@b/c: password authentication failed".into(),
+                ..Default::default()
+            },
+            audit: None,
+            server_version: None,
+        }));
+        let blocking = state.blocking_violations("staging");
+        assert!(blocking[0].path.contains("password authentication failed"));
+        assert!(state.blocking_violations("nowhere").is_empty());
+    }
+
+    #[test]
+    fn violations_block_both_environments_they_touch() {
+        let audit = Audit {
+            violations: vec![violation("staging", "production")],
+            problems: vec![audit::PolicyProblem {
+                environment: Some("production".into()),
+                message: "database pulse_prod of production does not exist in the cluster".into(),
+            }],
+        };
+        let state = state_with(Some(CheckOutcome {
+            report: IsolationReport::default(),
+            audit: Some(audit),
+            server_version: None,
+        }));
+        assert_eq!(state.blocking_violations("staging").len(), 1);
+        let production = state.blocking_violations("production");
+        assert_eq!(production.len(), 2);
+        assert!(production[1]
+            .path
+            .starts_with("policy problem: database pulse_prod"));
+    }
+}

@@ -1,0 +1,238 @@
+//! The deploy pipeline's part of the controller config: apps, their environments, health and
+//! E2E checks, the pre-production backup hook and the report webhooks.
+
+use std::collections::HashSet;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use hostagent::config::ConfigError;
+use serde::Deserialize;
+
+/// `[pipeline]` and `[[apps]]` of the controller config.
+#[derive(Debug, Clone, Default, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct PipelineConfig {
+    /// Runs before production when a deploy has `db_change` (e.g. a pg_dump wrapper). Its
+    /// arguments may use `{app}`, `{commit}` and `{deploy_id}`. Empty: the step says it was
+    /// skipped because no hook is configured.
+    #[serde(default)]
+    pub backup_hook: Vec<String>,
+    /// How long the backup hook may run.
+    #[serde(default = "defaults::hook_timeout", with = "humantime_serde")]
+    pub backup_hook_timeout: Duration,
+    /// Where deploy reports are POSTed as JSON (the relay API: PM, requesting agent).
+    #[serde(default)]
+    pub webhooks: Vec<Webhook>,
+    /// Deliveries per webhook before giving up (with backoff in between).
+    #[serde(default = "defaults::webhook_attempts")]
+    pub webhook_attempts: u32,
+}
+
+/// One report receiver.
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct Webhook {
+    /// A name for logs and the deploy history.
+    pub name: String,
+    /// An http:// URL.
+    pub url: String,
+}
+
+/// One app: where its source is and where each environment runs.
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct AppConfig {
+    /// The app's name, as deploy requests give it.
+    pub name: String,
+    /// A git repository the controller can read (a path or anything `git -C` accepts).
+    pub repo: PathBuf,
+    /// Compose file, relative to the repository root.
+    #[serde(default = "defaults::compose_file")]
+    pub compose_file: String,
+    /// Releases each host keeps for rollbacks.
+    #[serde(default = "defaults::keep_releases")]
+    pub keep_releases: u32,
+    /// The compose service that runs migrations (`sh -c <migration>`).
+    #[serde(default)]
+    pub migration_service: String,
+    /// Staging: deployed first, E2E-checked.
+    pub staging: EnvironmentConfig,
+    /// Production: deployed only after staging passed.
+    pub production: EnvironmentConfig,
+    /// HTTP checks run against each environment's `base_url` after its deploy.
+    #[serde(default)]
+    pub e2e: Vec<E2eCheck>,
+}
+
+/// Where one environment of an app runs.
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct EnvironmentConfig {
+    /// The host (its agent's name).
+    pub host: String,
+    /// The app's directory on that host.
+    pub app_dir: PathBuf,
+    /// The environment's secrets, shipped as the release's `.env` (mode 0600 on the host).
+    #[serde(default)]
+    pub secrets_file: Option<PathBuf>,
+    /// Where E2E checks send their requests, e.g. `http://hub-alfa.internal:3100`.
+    #[serde(default)]
+    pub base_url: String,
+    /// The agent's health check after `up`.
+    #[serde(default)]
+    pub health: HealthConfig,
+}
+
+/// The health check an agent runs after `up`.
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct HealthConfig {
+    /// http:// URL probed from the host; empty: no HTTP probe.
+    #[serde(default)]
+    pub url: String,
+    /// Expected status.
+    #[serde(default = "defaults::status_ok")]
+    pub expect_status: u16,
+    /// Between probes.
+    #[serde(default = "defaults::probe_interval", with = "humantime_serde")]
+    pub interval: Duration,
+    /// Per probe.
+    #[serde(default = "defaults::probe_timeout", with = "humantime_serde")]
+    pub timeout: Duration,
+    /// Overall.
+    #[serde(default = "defaults::health_deadline", with = "humantime_serde")]
+    pub deadline: Duration,
+    /// Also wait for the containers' own health checks.
+    #[serde(default)]
+    pub container_health: bool,
+}
+
+impl Default for HealthConfig {
+    fn default() -> Self {
+        Self {
+            url: String::new(),
+            expect_status: defaults::status_ok(),
+            interval: defaults::probe_interval(),
+            timeout: defaults::probe_timeout(),
+            deadline: defaults::health_deadline(),
+            container_health: false,
+        }
+    }
+}
+
+/// One E2E check: `GET base_url + path` answers `expect_status` and contains `expect_body`.
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct E2eCheck {
+    /// Shown in the deploy's steps.
+    pub name: String,
+    /// Path (and query) under the environment's base URL.
+    pub path: String,
+    /// Expected status.
+    #[serde(default = "defaults::status_ok")]
+    pub expect_status: u16,
+    /// Text the body must contain; empty: anything.
+    #[serde(default)]
+    pub expect_body: String,
+    /// Part of the smoke subset (run on production and for smoke deploys); standard runs all.
+    #[serde(default)]
+    pub smoke: bool,
+    /// Per request.
+    #[serde(default = "defaults::probe_timeout", with = "humantime_serde")]
+    pub timeout: Duration,
+}
+
+mod defaults {
+    use std::time::Duration;
+
+    pub fn hook_timeout() -> Duration {
+        Duration::from_secs(1800)
+    }
+    pub fn webhook_attempts() -> u32 {
+        5
+    }
+    pub fn compose_file() -> String {
+        "docker-compose.yml".into()
+    }
+    pub fn keep_releases() -> u32 {
+        5
+    }
+    pub fn status_ok() -> u16 {
+        200
+    }
+    pub fn probe_interval() -> Duration {
+        Duration::from_secs(1)
+    }
+    pub fn probe_timeout() -> Duration {
+        Duration::from_secs(5)
+    }
+    pub fn health_deadline() -> Duration {
+        Duration::from_secs(60)
+    }
+}
+
+/// Checks the apps: unique names, usable paths and URLs, sane counts. Errors name the key as
+/// `apps[i].field` so the operator finds it.
+pub fn validate(path: &Path, pipeline: &PipelineConfig, apps: &[AppConfig]) -> Result<(), ConfigError> {
+    let invalid = |key: String, message: String| ConfigError::Invalid {
+        path: path.to_path_buf(),
+        key,
+        message,
+    };
+    for (i, hook) in pipeline.webhooks.iter().enumerate() {
+        if !hook.url.starts_with("http://") {
+            return Err(invalid(
+                format!("pipeline.webhooks[{i}].url"),
+                format!("{:?} must be an http:// URL", hook.url),
+            ));
+        }
+    }
+    let mut names = HashSet::new();
+    for (i, app) in apps.iter().enumerate() {
+        let key = |field: &str| format!("apps[{i}].{field}");
+        if app.name.is_empty()
+            || !app
+                .name
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
+        {
+            return Err(invalid(key("name"), format!("{:?} must be [A-Za-z0-9_-]+", app.name)));
+        }
+        if !names.insert(app.name.clone()) {
+            return Err(invalid(key("name"), format!("app {:?} is declared twice", app.name)));
+        }
+        if app.keep_releases < 2 {
+            return Err(invalid(key("keep_releases"), "must be at least 2 (current and previous)".into()));
+        }
+        if app.compose_file.starts_with('/') || app.compose_file.split('/').any(|c| c == "..") {
+            return Err(invalid(key("compose_file"), "must be relative to the repository, without `..`".into()));
+        }
+        for (env_name, env) in [("staging", &app.staging), ("production", &app.production)] {
+            let key = |field: &str| format!("apps[{i}].{env_name}.{field}");
+            if env.host.is_empty() {
+                return Err(invalid(key("host"), "must name the host's agent".into()));
+            }
+            if !env.app_dir.is_absolute() {
+                return Err(invalid(key("app_dir"), format!("{} must be absolute", env.app_dir.display())));
+            }
+            if !env.health.url.is_empty() && !env.health.url.starts_with("http://") {
+                return Err(invalid(key("health.url"), format!("{:?} must be an http:// URL", env.health.url)));
+            }
+            if !app.e2e.is_empty() && !env.base_url.starts_with("http://") {
+                return Err(invalid(key("base_url"), "E2E checks need an http:// base_url".into()));
+            }
+        }
+        if app.staging.host == app.production.host && app.staging.app_dir == app.production.app_dir {
+            return Err(invalid(
+                key("production.app_dir"),
+                "staging and production share host and app_dir".into(),
+            ));
+        }
+        for (j, check) in app.e2e.iter().enumerate() {
+            if !check.path.starts_with('/') {
+                return Err(invalid(format!("apps[{i}].e2e[{j}].path"), format!("{:?} must start with /", check.path)));
+            }
+        }
+    }
+    Ok(())
+}

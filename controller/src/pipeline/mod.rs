@@ -1,0 +1,722 @@
+//! The deploy pipeline: staging deploy -> E2E -> (db_change: backup hook) -> production deploy
+//! -> smoke -> report. One deploy per app at a time; any failure stops the pipeline, the failed
+//! host is rolled back (by its agent for deploy failures, by a rollback job for E2E failures),
+//! and production is never touched when staging failed.
+
+pub mod bundle;
+pub mod config;
+pub mod e2e;
+pub mod report;
+
+use std::collections::{HashMap, HashSet};
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use rand::RngCore;
+use sentinel_proto::time::now;
+use sentinel_proto::v1::{
+    job_event, job_spec, DeployParams, DeployRequest, Deployment, DeploymentEvent,
+    DeploymentState, DeploymentStep, E2eLevel, HealthCheck, Job, JobKind, JobState,
+    RollbackParams, StepStatus,
+};
+use tokio::sync::broadcast;
+use tokio_util::sync::CancellationToken;
+use tonic::Status;
+use tracing::{info, warn, Instrument};
+
+use crate::jobs::{JobQueue, NewJob};
+use crate::store::{Store, StoreError};
+pub use config::{AppConfig, EnvironmentConfig, PipelineConfig};
+
+/// Something that may hold deploys back (the isolation checker). `blocking` answers from the
+/// latest report at submission; `check_now` runs a fresh check before production.
+#[tonic::async_trait]
+pub trait DeployGate: Send + Sync {
+    /// Reasons deploys to `environment` are refused right now (empty: none).
+    fn blocking(&self, environment: &str) -> Vec<String>;
+    /// A fresh check for `environment`; the error says what blocks it.
+    async fn check_now(&self, environment: &str) -> Result<(), String>;
+}
+
+struct State {
+    deploys: HashMap<String, Deployment>,
+    /// App -> the deploy holding its lock.
+    running: HashMap<String, String>,
+}
+
+/// The pipeline and the deploy history.
+pub struct Pipeline {
+    apps: HashMap<String, AppConfig>,
+    config: PipelineConfig,
+    jobs: Arc<JobQueue>,
+    bundles_dir: PathBuf,
+    job_ttl: Duration,
+    state: Mutex<State>,
+    dirty: Mutex<HashSet<String>>,
+    events: broadcast::Sender<DeploymentEvent>,
+    cancels: Mutex<HashMap<String, CancellationToken>>,
+    gate: Mutex<Option<Arc<dyn DeployGate>>>,
+}
+
+/// How a pipeline run failed.
+struct Failure {
+    detail: String,
+    rolled_back: bool,
+    cancelled: bool,
+}
+
+impl Failure {
+    fn new(detail: impl Into<String>) -> Self {
+        Self {
+            detail: detail.into(),
+            rolled_back: false,
+            cancelled: false,
+        }
+    }
+}
+
+impl Pipeline {
+    /// Loads the deploy history. Deploys that were running when the controller stopped end as
+    /// failed, saying where they stood, so nothing is left half-applied without saying so.
+    pub fn load(
+        store: &dyn Store,
+        apps: &[AppConfig],
+        config: PipelineConfig,
+        jobs: Arc<JobQueue>,
+        bundles_dir: PathBuf,
+        job_ttl: Duration,
+    ) -> Result<Arc<Self>, StoreError> {
+        let mut deploys = HashMap::new();
+        let mut dirty = HashSet::new();
+        for mut d in store.load_deploys()? {
+            if d.state() == DeploymentState::Running {
+                let at = d
+                    .steps
+                    .last()
+                    .map(|s| {
+                        format!(
+                            "{} on {} ({}{})",
+                            s.name,
+                            s.host,
+                            StepStatus::try_from(s.status)
+                                .unwrap_or(StepStatus::Unspecified)
+                                .as_str_name(),
+                            if s.job_id.is_empty() { String::new() } else { format!(", job {}", s.job_id) }
+                        )
+                    })
+                    .unwrap_or_else(|| "before its first step".into());
+                d.state = DeploymentState::Failed as i32;
+                d.detail = format!(
+                    "interrupted by a controller restart at step {at}; the host keeps whatever that step left (see the job) and production was {}",
+                    if d.steps.iter().any(|s| s.environment == "production") { "possibly touched" } else { "not touched" }
+                );
+                d.finished_at = Some(now());
+                warn!(deploy_id = %d.deploy_id, detail = %d.detail, "deploy interrupted by restart");
+                dirty.insert(d.deploy_id.clone());
+            }
+            deploys.insert(d.deploy_id.clone(), d);
+        }
+        let (events, _) = broadcast::channel(4096);
+        Ok(Arc::new(Self {
+            apps: apps.iter().map(|a| (a.name.clone(), a.clone())).collect(),
+            config,
+            jobs,
+            bundles_dir,
+            job_ttl,
+            state: Mutex::new(State {
+                deploys,
+                running: HashMap::new(),
+            }),
+            dirty: Mutex::new(dirty),
+            events,
+            cancels: Mutex::new(HashMap::new()),
+            gate: Mutex::new(None),
+        }))
+    }
+
+    /// Installs the gate consulted before deploys (the isolation checker).
+    pub fn set_gate(&self, gate: Arc<dyn DeployGate>) {
+        *self.gate.lock().unwrap_or_else(|p| p.into_inner()) = Some(gate);
+    }
+
+    fn gate(&self) -> Option<Arc<dyn DeployGate>> {
+        self.gate.lock().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, State> {
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn app(&self, name: &str) -> Result<AppConfig, Status> {
+        self.apps.get(name).cloned().ok_or_else(|| {
+            let mut known: Vec<&str> = self.apps.keys().map(String::as_str).collect();
+            known.sort();
+            Status::not_found(format!("no app {name:?}; configured apps: {}", known.join(", ")))
+        })
+    }
+
+    /// Starts a deploy; refuses a second one of the same app with the running one's id, who
+    /// started it and when.
+    pub async fn submit(self: &Arc<Self>, req: DeployRequest, who: &str) -> Result<Deployment, Status> {
+        let app = self.app(&req.app)?;
+        if req.commit.is_empty() {
+            return Err(Status::invalid_argument("a deploy needs a commit (field `commit`)"));
+        }
+        if req.db_change && !req.migration.is_empty() && app.migration_service.is_empty() {
+            return Err(Status::invalid_argument(format!(
+                "app {} has no migration_service configured to run migration {:?}",
+                app.name, req.migration
+            )));
+        }
+        if let Some(gate) = self.gate() {
+            for env in ["staging", "production"] {
+                let reasons = gate.blocking(env);
+                if !reasons.is_empty() {
+                    return Err(Status::failed_precondition(format!(
+                        "deploys to {env} are blocked by database isolation violations: {}",
+                        reasons.join("; ")
+                    )));
+                }
+            }
+        }
+        let commit = bundle::resolve_commit(&app.repo, &req.commit)
+            .await
+            .map_err(|e| Status::invalid_argument(e.to_string()))?;
+        let requested_by = if req.requested_by.is_empty() {
+            who.to_string()
+        } else {
+            format!("{} (via {who})", req.requested_by)
+        };
+        let deploy = self.start(&app.name, &commit, &req, &requested_by)?;
+        let token = CancellationToken::new();
+        self.cancels
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(deploy.deploy_id.clone(), token.clone());
+        let me = self.clone();
+        let id = deploy.deploy_id.clone();
+        let span = tracing::info_span!("deploy", deploy_id = %id, app = %app.name);
+        tokio::spawn(
+            async move {
+                let outcome = tokio::select! {
+                    r = me.run(&id, &app, &commit, &req) => r,
+                    _ = token.cancelled() => Err(Failure { cancelled: true, ..Failure::new("cancelled") }),
+                };
+                me.finish(&id, &app.name, outcome).await;
+            }
+            .instrument(span),
+        );
+        Ok(deploy)
+    }
+
+    /// Records a new running deploy under the app's lock.
+    fn start(&self, app: &str, commit: &str, req: &DeployRequest, who: &str) -> Result<Deployment, Status> {
+        let mut state = self.lock();
+        if let Some(running) = state.running.get(app).and_then(|id| state.deploys.get(id)) {
+            let since = running
+                .started_at
+                .as_ref()
+                .map(|t| humantime::format_rfc3339_seconds(sentinel_proto::time::system_time(t)).to_string())
+                .unwrap_or_default();
+            return Err(Status::failed_precondition(format!(
+                "app {app} is being deployed by {} (deploy {}, started {since}); one deploy per app at a time",
+                running.requested_by, running.deploy_id
+            )));
+        }
+        let mut rnd = [0u8; 3];
+        rand::thread_rng().fill_bytes(&mut rnd);
+        let deploy_id = format!(
+            "d-{}-{}",
+            std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .unwrap_or_default()
+                .as_millis(),
+            hex::encode(rnd)
+        );
+        let d = Deployment {
+            deploy_id: deploy_id.clone(),
+            app: app.to_string(),
+            commit: commit.to_string(),
+            state: DeploymentState::Running as i32,
+            requested_by: who.to_string(),
+            started_at: Some(now()),
+            finished_at: None,
+            steps: Vec::new(),
+            db_change: req.db_change,
+            migration: req.migration.clone(),
+            e2e: req.e2e,
+            detail: String::new(),
+        };
+        state.running.insert(app.to_string(), deploy_id.clone());
+        state.deploys.insert(deploy_id.clone(), d.clone());
+        drop(state);
+        self.touch(&deploy_id);
+        info!(deploy_id = %deploy_id, app, commit, requested_by = who, "deploy started");
+        Ok(d)
+    }
+
+    fn touch(&self, id: &str) {
+        self.dirty
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(id.to_string());
+    }
+
+    /// Starts (or updates) a step and tells watchers.
+    fn step(&self, id: &str, step: DeploymentStep) {
+        {
+            let mut state = self.lock();
+            let Some(d) = state.deploys.get_mut(id) else { return };
+            match d
+                .steps
+                .iter_mut()
+                .rev()
+                .find(|s| s.name == step.name && s.environment == step.environment)
+            {
+                Some(existing) if existing.status == StepStatus::Started as i32 => *existing = step.clone(),
+                _ => d.steps.push(step.clone()),
+            }
+        }
+        self.touch(id);
+        let _ = self.events.send(DeploymentEvent {
+            deploy_id: id.to_string(),
+            at: Some(now()),
+            step: Some(step),
+            ..Default::default()
+        });
+    }
+
+    /// Runs `f` as a named step: STARTED, then SUCCEEDED or FAILED with its detail.
+    async fn run_step<T, F>(&self, id: &str, name: &str, env: &str, host: &str, f: F) -> Result<(T, String), Failure>
+    where
+        F: std::future::Future<Output = Result<(T, String), Failure>>,
+    {
+        let started = now();
+        let base = DeploymentStep {
+            name: name.to_string(),
+            environment: env.to_string(),
+            host: host.to_string(),
+            status: StepStatus::Started as i32,
+            started_at: Some(started),
+            ..Default::default()
+        };
+        self.step(id, base.clone());
+        let result = f.await;
+        let mut done = base;
+        done.finished_at = Some(now());
+        match &result {
+            Ok((_, detail)) => {
+                done.status = StepStatus::Succeeded as i32;
+                done.detail = detail.clone();
+            }
+            Err(f) => {
+                done.status = StepStatus::Failed as i32;
+                done.detail = f.detail.clone();
+            }
+        }
+        self.step(id, done);
+        result
+    }
+
+    fn set_step_job(&self, id: &str, name: &str, env: &str, job_id: &str) {
+        let mut state = self.lock();
+        if let Some(step) = state
+            .deploys
+            .get_mut(id)
+            .and_then(|d| d.steps.iter_mut().rev().find(|s| s.name == name && s.environment == env))
+        {
+            step.job_id = job_id.to_string();
+        }
+    }
+
+    async fn run(&self, id: &str, app: &AppConfig, commit: &str, req: &DeployRequest) -> Result<(), Failure> {
+        let staging_level = if req.e2e == E2eLevel::Standard as i32 { E2eLevel::Standard } else { E2eLevel::Smoke };
+        self.environment(id, app, "staging", &app.staging, commit, req, staging_level).await?;
+        if req.db_change {
+            self.backup_hook(id, app, commit).await?;
+        }
+        if let Some(gate) = self.gate() {
+            let host = app.production.host.clone();
+            self.run_step(id, "isolation-check", "production", &host, async {
+                gate.check_now("production")
+                    .await
+                    .map(|()| ((), "no isolation violation".to_string()))
+                    .map_err(Failure::new)
+            })
+            .await?;
+        }
+        self.environment(id, app, "production", &app.production, commit, req, E2eLevel::Smoke).await
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    async fn environment(
+        &self,
+        id: &str,
+        app: &AppConfig,
+        env_name: &str,
+        env: &EnvironmentConfig,
+        commit: &str,
+        req: &DeployRequest,
+        level: E2eLevel,
+    ) -> Result<(), Failure> {
+        let host = env.host.as_str();
+        let started = Instant::now();
+        let (bundle, _) = self
+            .run_step(id, "bundle", env_name, host, async {
+                let b = bundle::build(&app.repo, commit, env.secrets_file.as_deref(), &self.bundles_dir)
+                    .await
+                    .map_err(|e| Failure::new(e.to_string()))?;
+                let detail = format!("{} bytes, sha256 {}", b.size, b.sha256);
+                Ok((b, detail))
+            })
+            .await?;
+        let overhead = started.elapsed();
+        let params = DeployParams {
+            app: app.name.clone(),
+            environment: env_name.to_string(),
+            commit: commit.to_string(),
+            bundle_sha256: bundle.sha256.clone(),
+            bundle_size: bundle.size,
+            app_dir: env.app_dir.display().to_string(),
+            compose_file: app.compose_file.clone(),
+            health: Some(health_check(&env.health)),
+            keep_releases: app.keep_releases,
+            deploy_id: id.to_string(),
+            compose_project: format!("{}-{}", app.name, env_name),
+            migration: if req.db_change { req.migration.clone() } else { String::new() },
+            migration_service: app.migration_service.clone(),
+            build: true,
+        };
+        info!(env = env_name, host, overhead_ms = overhead.as_millis() as u64, "bundle ready");
+        self.run_step(id, "deploy", env_name, host, async {
+            let job = self
+                .run_job(id, "deploy", env_name, host, JobKind::Deploy, job_spec::Params::Deploy(params))
+                .await?;
+            Ok(((), job.detail))
+        })
+        .await?;
+
+        let checks = e2e::selected(&app.e2e, level);
+        if checks.is_empty() {
+            return Ok(());
+        }
+        let step_name = if level == E2eLevel::Standard { "e2e-standard" } else { "e2e-smoke" };
+        let e2e_result = self
+            .run_step(id, step_name, env_name, host, async {
+                let results = e2e::run(&env.base_url, &checks).await;
+                let failed: Vec<String> = results
+                    .iter()
+                    .filter(|r| !r.ok)
+                    .map(|r| format!("{}: {}", r.name, r.detail))
+                    .collect();
+                if failed.is_empty() {
+                    Ok(((), format!("{} check(s) passed", results.len())))
+                } else {
+                    Err(Failure::new(format!("E2E failed on {env_name}: {}", failed.join("; "))))
+                }
+            })
+            .await;
+        let Err(mut failure) = e2e_result else {
+            return Ok(());
+        };
+        // The release is up but wrong: put the previous one back.
+        let params = RollbackParams {
+            app: app.name.clone(),
+            environment: env_name.to_string(),
+            app_dir: env.app_dir.display().to_string(),
+            to_commit: String::new(),
+            compose_file: app.compose_file.clone(),
+            health: Some(health_check(&env.health)),
+            deploy_id: id.to_string(),
+            compose_project: format!("{}-{}", app.name, env_name),
+        };
+        let rollback = self
+            .run_step(id, "rollback", env_name, host, async {
+                let job = self
+                    .run_job(id, "rollback", env_name, host, JobKind::Rollback, job_spec::Params::Rollback(params))
+                    .await?;
+                Ok(((), job.detail))
+            })
+            .await;
+        match rollback {
+            Ok(_) => {
+                failure.detail.push_str(&format!("; {env_name} rolled back to its previous release"));
+                failure.rolled_back = true;
+            }
+            Err(e) => failure.detail.push_str(&format!("; rollback of {env_name} failed too: {}", e.detail)),
+        }
+        Err(failure)
+    }
+
+    /// Submits a job and waits for its end, relaying its log lines to the deploy's watchers.
+    async fn run_job(
+        &self,
+        id: &str,
+        step: &str,
+        env: &str,
+        host: &str,
+        kind: JobKind,
+        params: job_spec::Params,
+    ) -> Result<Job, Failure> {
+        let mut events = self.jobs.subscribe();
+        let job = self
+            .jobs
+            .submit(NewJob {
+                target: host.to_string(),
+                kind,
+                params,
+                ttl: self.job_ttl,
+                requested_by: format!("pipeline:{id}"),
+            })
+            .map_err(|s| Failure::new(s.message().to_string()))?;
+        self.set_step_job(id, step, env, &job.job_id);
+        let wait = self.jobs.wait_final(&job.job_id);
+        tokio::pin!(wait);
+        let finished = loop {
+            tokio::select! {
+                done = &mut wait => break done,
+                ev = events.recv() => {
+                    if let Ok(ev) = ev {
+                        if ev.job_id != job.job_id {
+                            continue;
+                        }
+                        let line = match ev.event {
+                            Some(job_event::Event::Log(l)) => format!("[{host} {}] {}", l.stream, l.line),
+                            Some(job_event::Event::Step(s)) => format!(
+                                "[{host}] step {} {}{}",
+                                s.name,
+                                StepStatus::try_from(s.status).unwrap_or(StepStatus::Unspecified).as_str_name(),
+                                if s.detail.is_empty() { String::new() } else { format!(": {}", s.detail) }
+                            ),
+                            _ => continue,
+                        };
+                        let _ = self.events.send(DeploymentEvent {
+                            deploy_id: id.to_string(),
+                            at: Some(now()),
+                            log_line: line,
+                            ..Default::default()
+                        });
+                    }
+                }
+            }
+        };
+        let job = finished.ok_or_else(|| Failure::new(format!("job {} vanished", job.job_id)))?;
+        if job.state() == JobState::Succeeded {
+            Ok(job)
+        } else {
+            // The agent rolls a failed deploy back itself and says so in the detail.
+            let rolled_back = job.detail.contains("rolled back to");
+            Err(Failure {
+                detail: format!(
+                    "{step} on {host} {}: {}",
+                    job.state().as_str_name().trim_start_matches("JOB_STATE_").to_ascii_lowercase(),
+                    job.detail
+                ),
+                rolled_back,
+                cancelled: false,
+            })
+        }
+    }
+
+    async fn backup_hook(&self, id: &str, app: &AppConfig, commit: &str) -> Result<(), Failure> {
+        let host = app.production.host.clone();
+        let hook = self.config.backup_hook.clone();
+        let timeout = self.config.backup_hook_timeout;
+        self.run_step(id, "backup", "production", &host, async move {
+            if hook.is_empty() {
+                return Ok((
+                    (),
+                    "skipped: no pipeline.backup_hook configured (the built-in backup job is not available yet)".to_string(),
+                ));
+            }
+            let args: Vec<String> = hook
+                .iter()
+                .map(|a| a.replace("{app}", &app.name).replace("{commit}", commit).replace("{deploy_id}", id))
+                .collect();
+            let mut cmd = tokio::process::Command::new(&args[0]);
+            cmd.args(&args[1..]).stdin(std::process::Stdio::null()).kill_on_drop(true);
+            match tokio::time::timeout(timeout, cmd.output()).await {
+                Err(_) => Err(Failure::new(format!("backup hook {:?} timed out after {timeout:?}; not migrating", args[0]))),
+                Ok(Err(e)) => Err(Failure::new(format!("backup hook {:?} could not start: {e}; not migrating", args[0]))),
+                Ok(Ok(out)) if !out.status.success() => Err(Failure::new(format!(
+                    "backup hook {:?} failed ({}): {}; not migrating",
+                    args[0],
+                    out.status,
+                    String::from_utf8_lossy(&out.stderr).trim()
+                ))),
+                Ok(Ok(_)) => Ok(((), format!("backup hook {:?} succeeded", args[0]))),
+            }
+        })
+        .await
+        .map(|_| ())
+    }
+
+    async fn finish(&self, id: &str, app: &str, outcome: Result<(), Failure>) {
+        let (state, detail) = match outcome {
+            Ok(()) => (DeploymentState::Succeeded, "deployed to staging and production".to_string()),
+            Err(f) if f.cancelled => (DeploymentState::Cancelled, f.detail),
+            Err(f) if f.rolled_back => (DeploymentState::RolledBack, f.detail),
+            Err(f) => (DeploymentState::Failed, f.detail),
+        };
+        let snapshot = {
+            let mut s = self.lock();
+            s.running.remove(app);
+            let Some(d) = s.deploys.get_mut(id) else { return };
+            d.state = state as i32;
+            d.detail = detail.clone();
+            d.finished_at = Some(now());
+            d.clone()
+        };
+        self.touch(id);
+        info!(state = state.as_str_name(), detail = %detail, "deploy finished");
+        // The report goes out after the state is final, so watchers never wait on webhooks.
+        let _ = self.events.send(DeploymentEvent {
+            deploy_id: id.to_string(),
+            at: Some(now()),
+            final_state: state as i32,
+            ..Default::default()
+        });
+        self.cancels.lock().unwrap_or_else(|p| p.into_inner()).remove(id);
+        if !self.config.webhooks.is_empty() {
+            let doc = report::document(&snapshot);
+            let mut lines = Vec::new();
+            for hook in &self.config.webhooks {
+                match report::deliver(hook, &doc, self.config.webhook_attempts).await {
+                    Ok(l) | Err(l) => lines.push(l),
+                }
+            }
+            let mut s = self.lock();
+            if let Some(d) = s.deploys.get_mut(id) {
+                d.steps.push(DeploymentStep {
+                    name: "report".into(),
+                    status: if lines.iter().all(|l| l.contains("delivered (")) {
+                        StepStatus::Succeeded
+                    } else {
+                        StepStatus::Failed
+                    } as i32,
+                    detail: lines.join("; "),
+                    started_at: Some(now()),
+                    finished_at: Some(now()),
+                    ..Default::default()
+                });
+            }
+            drop(s);
+            self.touch(id);
+        }
+    }
+
+    /// A manual rollback of one environment, recorded like a deploy (and under the app's lock).
+    pub async fn rollback(self: &Arc<Self>, app_name: &str, env_name: &str, to_commit: &str, who: &str) -> Result<Deployment, Status> {
+        let app = self.app(app_name)?;
+        let env = match env_name {
+            "staging" => app.staging.clone(),
+            "production" => app.production.clone(),
+            other => {
+                return Err(Status::invalid_argument(format!(
+                    "environment {other:?}: expected staging or production"
+                )))
+            }
+        };
+        let req = DeployRequest {
+            app: app_name.to_string(),
+            commit: to_commit.to_string(),
+            ..Default::default()
+        };
+        let d = self.start(app_name, to_commit, &req, who)?;
+        let me = self.clone();
+        let id = d.deploy_id.clone();
+        let env_name = env_name.to_string();
+        let to_commit = to_commit.to_string();
+        tokio::spawn(async move {
+            let params = RollbackParams {
+                app: app.name.clone(),
+                environment: env_name.clone(),
+                app_dir: env.app_dir.display().to_string(),
+                to_commit,
+                compose_file: app.compose_file.clone(),
+                health: Some(health_check(&env.health)),
+                deploy_id: id.clone(),
+                compose_project: format!("{}-{}", app.name, env_name),
+            };
+            let outcome = me
+                .run_step(&id, "rollback", &env_name, &env.host, async {
+                    let job = me
+                        .run_job(&id, "rollback", &env_name, &env.host, JobKind::Rollback, job_spec::Params::Rollback(params))
+                        .await?;
+                    Ok(((), job.detail))
+                })
+                .await
+                .map(|_| ());
+            me.finish(&id, &app.name, outcome).await;
+        });
+        Ok(d)
+    }
+
+    /// Cancels a running deploy (and its current job).
+    pub fn cancel(&self, id: &str) -> Result<Deployment, Status> {
+        let d = self.get(id).ok_or_else(|| Status::not_found(format!("no deploy {id:?}")))?;
+        if d.state() != DeploymentState::Running {
+            return Err(Status::failed_precondition(format!("deploy {id} already ended")));
+        }
+        for step in d.steps.iter().filter(|s| s.status == StepStatus::Started as i32 && !s.job_id.is_empty()) {
+            let _ = self.jobs.cancel(&step.job_id, &format!("deploy {id} cancelled"));
+        }
+        if let Some(token) = self.cancels.lock().unwrap_or_else(|p| p.into_inner()).get(id) {
+            token.cancel();
+        }
+        Ok(d)
+    }
+
+    /// One deploy.
+    pub fn get(&self, id: &str) -> Option<Deployment> {
+        self.lock().deploys.get(id).cloned()
+    }
+
+    /// Deploys, newest first.
+    pub fn list(&self, app: &str, limit: usize) -> Vec<Deployment> {
+        let mut out: Vec<Deployment> = self
+            .lock()
+            .deploys
+            .values()
+            .filter(|d| app.is_empty() || d.app == app)
+            .cloned()
+            .collect();
+        out.sort_by_key(|d| std::cmp::Reverse(d.started_at.map(|t| (t.seconds, t.nanos))));
+        out.truncate(limit);
+        out
+    }
+
+    /// Every event of deploy `id` from now on, after its steps so far.
+    pub fn watch(&self, id: &str) -> Result<(Deployment, broadcast::Receiver<DeploymentEvent>), Status> {
+        let rx = self.events.subscribe();
+        let d = self.get(id).ok_or_else(|| Status::not_found(format!("no deploy {id:?}")))?;
+        Ok((d, rx))
+    }
+
+    /// Takes the deploys changed since the last call, for the flusher.
+    pub fn take_dirty(&self) -> Vec<Deployment> {
+        let ids: Vec<String> = self.dirty.lock().unwrap_or_else(|p| p.into_inner()).drain().collect();
+        let s = self.lock();
+        ids.iter().filter_map(|id| s.deploys.get(id).cloned()).collect()
+    }
+
+    /// Puts deploys back after a failed flush.
+    pub fn requeue(&self, deploys: &[Deployment]) {
+        let mut dirty = self.dirty.lock().unwrap_or_else(|p| p.into_inner());
+        dirty.extend(deploys.iter().map(|d| d.deploy_id.clone()));
+    }
+}
+
+fn health_check(h: &config::HealthConfig) -> HealthCheck {
+    let ms = |d: Duration| u32::try_from(d.as_millis()).unwrap_or(u32::MAX);
+    HealthCheck {
+        http_url: h.url.clone(),
+        expect_status: u32::from(h.expect_status),
+        interval_ms: ms(h.interval),
+        timeout_ms: ms(h.timeout),
+        deadline_ms: ms(h.deadline),
+        container_health: h.container_health,
+    }
+}
+

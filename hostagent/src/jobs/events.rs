@@ -1,0 +1,182 @@
+//! Where a job's events go. Jobs outlive connections, so events wait in an agent-wide outbox
+//! that each session drains into its stream; secrets are masked before anything is queued.
+
+use std::collections::VecDeque;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use sentinel_proto::v1::{
+    agent_message, job_event, AgentMessage, JobEvent, JobFinished, JobLog, JobState, JobStep,
+    StepStatus,
+};
+use tokio::sync::Notify;
+
+/// Messages queued for the controller beyond this are dropped oldest-first (log lines only
+/// matter while someone watches; the final outcome is also in the journal).
+const OUTBOX_LIMIT: usize = 10_000;
+
+/// The agent-wide queue of messages for the controller.
+#[derive(Clone, Default)]
+pub struct Outbox {
+    inner: Arc<OutboxInner>,
+}
+
+#[derive(Default)]
+struct OutboxInner {
+    queue: Mutex<VecDeque<AgentMessage>>,
+    notify: Notify,
+}
+
+impl Outbox {
+    /// Queues a message and wakes the session.
+    pub fn push(&self, msg: agent_message::Msg) {
+        let mut q = self.inner.queue.lock().unwrap_or_else(|p| p.into_inner());
+        if q.len() >= OUTBOX_LIMIT {
+            q.pop_front();
+        }
+        q.push_back(AgentMessage { msg: Some(msg) });
+        drop(q);
+        self.inner.notify.notify_one();
+    }
+
+    /// Takes everything queued.
+    pub fn drain(&self) -> Vec<AgentMessage> {
+        let mut q = self.inner.queue.lock().unwrap_or_else(|p| p.into_inner());
+        q.drain(..).collect()
+    }
+
+    /// Puts messages back at the front (the session could not send them).
+    pub fn requeue(&self, msgs: Vec<AgentMessage>) {
+        let mut q = self.inner.queue.lock().unwrap_or_else(|p| p.into_inner());
+        for m in msgs.into_iter().rev() {
+            q.push_front(m);
+        }
+    }
+
+    /// Resolves when something was pushed since the last wait.
+    pub async fn notified(&self) {
+        self.inner.notify.notified().await
+    }
+}
+
+/// One job's event stream: numbered events, secrets masked.
+#[derive(Clone)]
+pub struct JobEvents {
+    job_id: String,
+    seq: Arc<AtomicU64>,
+    outbox: Outbox,
+    secrets: Arc<Mutex<Vec<String>>>,
+}
+
+impl JobEvents {
+    /// Events of `job_id`, numbered after `first_seq`.
+    pub fn new(job_id: &str, outbox: Outbox, first_seq: u64) -> Self {
+        Self {
+            job_id: job_id.to_string(),
+            seq: Arc::new(AtomicU64::new(first_seq)),
+            outbox,
+            secrets: Arc::new(Mutex::new(Vec::new())),
+        }
+    }
+
+    /// The job this stream belongs to.
+    pub fn job_id(&self) -> &str {
+        &self.job_id
+    }
+
+    /// Registers a secret value (e.g. from `.env`): it is masked in every later event.
+    /// Values shorter than 4 characters are not masked, since masking them would shred logs.
+    pub fn add_secret(&self, value: &str) {
+        if value.len() >= 4 {
+            self.secrets
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .push(value.to_string());
+        }
+    }
+
+    /// `text` with every registered secret replaced by `***`.
+    pub fn redact(&self, text: &str) -> String {
+        let secrets = self.secrets.lock().unwrap_or_else(|p| p.into_inner());
+        let mut out = text.to_string();
+        for s in secrets.iter() {
+            if out.contains(s.as_str()) {
+                out = out.replace(s.as_str(), "***");
+            }
+        }
+        out
+    }
+
+    fn emit(&self, event: job_event::Event) {
+        let seq = self.seq.fetch_add(1, Ordering::Relaxed) + 1;
+        self.outbox.push(agent_message::Msg::JobEvent(JobEvent {
+            job_id: self.job_id.clone(),
+            seq,
+            at: Some(sentinel_proto::time::now()),
+            event: Some(event),
+        }));
+    }
+
+    /// A log line from a command (`stream` is "stdout", "stderr" or "agent").
+    pub fn log(&self, stream: &str, line: &str) {
+        self.emit(job_event::Event::Log(JobLog {
+            stream: stream.to_string(),
+            line: self.redact(line),
+        }));
+    }
+
+    /// A step started, ended or was skipped.
+    pub fn step(&self, name: &str, status: StepStatus, detail: &str, duration: Duration) {
+        self.emit(job_event::Event::Step(JobStep {
+            name: name.to_string(),
+            status: status as i32,
+            detail: self.redact(detail),
+            duration_ms: u64::try_from(duration.as_millis()).unwrap_or(u64::MAX),
+        }));
+    }
+
+    /// The job's end. Sent once by the runner.
+    pub fn finished(&self, state: JobState, detail: &str, result_json: &str) {
+        self.emit(job_event::Event::Finished(JobFinished {
+            state: state as i32,
+            detail: self.redact(detail),
+            result_json: self.redact(result_json),
+        }));
+    }
+
+    /// Emits a raw event (accepted / refused).
+    pub fn raw(&self, event: job_event::Event) {
+        self.emit(event);
+    }
+}
+
+/// Why a job failed; the message is what the operator reads.
+#[derive(Debug, thiserror::Error)]
+pub enum JobError {
+    /// The job ran and failed.
+    #[error("{0}")]
+    Failed(String),
+    /// The controller cancelled it.
+    #[error("cancelled: {0}")]
+    Cancelled(String),
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn secrets_are_masked_in_every_event() {
+        let outbox = Outbox::default();
+        let ev = JobEvents::new("j1", outbox.clone(), 0);
+        ev.add_secret("hunter22");
+        ev.log("stdout", "DB_PASSWORD=hunter22 connecting");
+        ev.step("up", StepStatus::Failed, "password hunter22 refused", Duration::ZERO);
+        let msgs = outbox.drain();
+        assert_eq!(msgs.len(), 2);
+        let text = format!("{msgs:?}");
+        assert!(!text.contains("hunter22"), "{text}");
+        assert!(text.contains("***"));
+    }
+}

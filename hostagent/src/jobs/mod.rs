@@ -1,0 +1,311 @@
+//! Signed jobs on the agent: the agent is the security boundary. A job runs only when its
+//! signature verifies with a trusted key, it targets this host, it is inside its time window,
+//! its nonce was never seen (the journal survives restarts), and local policy allows its kind
+//! and app directory. Refusals go back to the controller and into the log.
+
+pub mod bundle;
+pub mod compose;
+pub mod deploy;
+pub mod events;
+pub mod health;
+pub mod journal;
+pub mod policy;
+pub mod release;
+
+use std::collections::HashMap;
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, SystemTime};
+
+use ed25519_dalek::VerifyingKey;
+use sentinel_proto::envelope;
+use sentinel_proto::v1::{
+    job_event, job_spec, JobAccepted, JobKind, JobRefused, JobSpec, JobState, RefusalReason,
+    SignedJob,
+};
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
+use tracing::{info, warn, Instrument};
+
+use crate::config::JobsConfig;
+pub use bundle::Bundles;
+pub use events::{JobError, JobEvents, Outbox};
+use journal::{Journal, Phase};
+
+/// Job kinds by their config names.
+pub const KINDS: &[(&str, JobKind)] = &[
+    ("deploy", JobKind::Deploy),
+    ("rollback", JobKind::Rollback),
+    ("backup", JobKind::Backup),
+    ("verify_backups", JobKind::VerifyBackups),
+    ("restore_test", JobKind::RestoreTest),
+    ("isolation_probe", JobKind::IsolationProbe),
+];
+
+/// The config name of a kind.
+pub fn kind_name(kind: JobKind) -> &'static str {
+    KINDS
+        .iter()
+        .find(|(_, k)| *k == kind)
+        .map_or("unspecified", |(n, _)| n)
+}
+
+/// A job-subsystem setup failure (at agent start).
+#[derive(Debug, thiserror::Error)]
+pub enum SetupError {
+    /// A trusted key file is unusable.
+    #[error("trusted key {path}: {message}")]
+    Key {
+        /// The file.
+        path: PathBuf,
+        /// Why.
+        message: String,
+    },
+    /// The journal cannot be opened.
+    #[error(transparent)]
+    Journal(#[from] journal::JournalError),
+}
+
+/// Loads PEM public keys and indexes them by key id.
+pub fn load_trusted_keys(paths: &[PathBuf]) -> Result<HashMap<String, VerifyingKey>, SetupError> {
+    use ed25519_dalek::pkcs8::DecodePublicKey;
+    let mut keys = HashMap::new();
+    for path in paths {
+        let pem = std::fs::read_to_string(path).map_err(|e| SetupError::Key {
+            path: path.clone(),
+            message: e.to_string(),
+        })?;
+        let key = VerifyingKey::from_public_key_pem(&pem).map_err(|e| SetupError::Key {
+            path: path.clone(),
+            message: format!("not an Ed25519 public key in PEM: {e}"),
+        })?;
+        keys.insert(envelope::key_id(&key), key);
+    }
+    Ok(keys)
+}
+
+/// The job subsystem of one agent: verification, journal, a worker that runs accepted jobs
+/// one at a time, and the outbox their events go through.
+pub struct Jobs {
+    host: String,
+    trusted: HashMap<String, VerifyingKey>,
+    config: JobsConfig,
+    journal: Journal,
+    outbox: Outbox,
+    bundles: Bundles,
+    queue: mpsc::UnboundedSender<JobSpec>,
+    running: Mutex<HashMap<String, CancellationToken>>,
+}
+
+impl Jobs {
+    /// Sets up the job subsystem and starts its worker. Jobs interrupted by the previous
+    /// agent run are reported right away (through the outbox).
+    pub fn start(host: &str, config: &JobsConfig, outbox: Outbox) -> Result<Arc<Self>, SetupError> {
+        let trusted = load_trusted_keys(&config.trusted_keys)?;
+        let (journal, interrupted) = Journal::open(&config.state_dir)?;
+        let (queue, rx) = mpsc::unbounded_channel();
+        let jobs = Arc::new(Self {
+            host: host.to_string(),
+            trusted,
+            config: config.clone(),
+            journal,
+            bundles: Bundles::new(outbox.clone(), config.state_dir.join("bundles")),
+            outbox,
+            queue,
+            running: Mutex::new(HashMap::new()),
+        });
+        for rec in interrupted {
+            warn!(job_id = %rec.job_id, "job was interrupted by an agent restart; reporting it");
+            JobEvents::new(&rec.job_id, jobs.outbox.clone(), 1_000_000).finished(
+                JobState::Interrupted,
+                &rec.detail,
+                "",
+            );
+        }
+        let worker = jobs.clone();
+        tokio::spawn(async move { worker.work(rx).await }.instrument(tracing::info_span!("jobs")));
+        Ok(jobs)
+    }
+
+    /// The outbox sessions drain.
+    pub fn outbox(&self) -> &Outbox {
+        &self.outbox
+    }
+
+    /// Bundle chunks arriving from the controller.
+    pub fn bundles(&self) -> &Bundles {
+        &self.bundles
+    }
+
+    /// Re-reports how recently finished jobs ended (after a reconnect the controller may have
+    /// missed it; it ignores duplicates).
+    pub fn report_recent(&self) {
+        let since = SystemTime::now() - Duration::from_secs(3600);
+        for rec in self.journal.finished_since(since) {
+            let state = match rec.phase {
+                Phase::Succeeded => JobState::Succeeded,
+                Phase::Failed => JobState::Failed,
+                Phase::Cancelled => JobState::Cancelled,
+                _ => JobState::Interrupted,
+            };
+            JobEvents::new(&rec.job_id, self.outbox.clone(), 1_000_000).finished(state, &rec.detail, "");
+        }
+    }
+
+    /// Handles a job from the controller: verify, check replay and policy, then queue it or
+    /// refuse it. Never blocks on the job itself.
+    pub fn receive(&self, job: SignedJob) {
+        let now = SystemTime::now();
+        let spec = match envelope::verify(&job, &self.trusted, &self.host, now, self.config.max_clock_skew) {
+            Ok(spec) => spec,
+            Err(e) => {
+                let job_id = best_effort_job_id(&job);
+                self.refuse(&job_id, e.reason(), &e.to_string());
+                return;
+            }
+        };
+        let nonce = hex_nonce(&spec.nonce);
+        if let Some(rec) = self.journal.job(&spec.job_id) {
+            // The controller re-sent a job we already have (it restarted, or missed our
+            // report): tell it how that job stands instead of running it again.
+            info!(job_id = %spec.job_id, phase = ?rec.phase, "job already known; reporting its state");
+            if rec.phase.is_final() {
+                self.report_recent_one(&rec);
+            }
+            return;
+        }
+        if let Some(owner) = self.journal.nonce_owner(&nonce) {
+            self.refuse(
+                &spec.job_id,
+                RefusalReason::Replayed,
+                &format!("nonce {nonce} was already used by job {owner}"),
+            );
+            return;
+        }
+        if let Err(reason) = policy::check(&spec, &self.config) {
+            self.refuse(&spec.job_id, RefusalReason::Policy, &reason);
+            return;
+        }
+        let expires = spec
+            .expires_at
+            .as_ref()
+            .map(sentinel_proto::time::system_time)
+            .unwrap_or(now);
+        if let Err(e) = self.journal.record(&spec.job_id, &nonce, expires, Phase::Accepted, "") {
+            // Without a durable replay record the job must not run.
+            self.refuse(&spec.job_id, RefusalReason::Policy, &format!("cannot record the job: {e}"));
+            return;
+        }
+        info!(job_id = %spec.job_id, kind = kind_name(spec.kind()), "job accepted");
+        JobEvents::new(&spec.job_id, self.outbox.clone(), 0).raw(job_event::Event::Accepted(JobAccepted {}));
+        let _ = self.queue.send(spec);
+    }
+
+    fn report_recent_one(&self, rec: &journal::Record) {
+        let state = match rec.phase {
+            Phase::Succeeded => JobState::Succeeded,
+            Phase::Failed => JobState::Failed,
+            Phase::Cancelled => JobState::Cancelled,
+            _ => JobState::Interrupted,
+        };
+        JobEvents::new(&rec.job_id, self.outbox.clone(), 1_000_000).finished(state, &rec.detail, "");
+    }
+
+    /// Cancels a queued or running job.
+    pub fn cancel(&self, job_id: &str, reason: &str) {
+        if let Some(token) = self
+            .running
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(job_id)
+        {
+            info!(job_id, reason, "cancelling job");
+            token.cancel();
+        }
+    }
+
+    fn refuse(&self, job_id: &str, reason: RefusalReason, detail: &str) {
+        warn!(job_id, reason = reason.as_str_name(), detail, "job refused");
+        JobEvents::new(job_id, self.outbox.clone(), 0).raw(job_event::Event::Refused(JobRefused {
+            reason: reason as i32,
+            detail: detail.to_string(),
+        }));
+    }
+
+    async fn work(self: Arc<Self>, mut rx: mpsc::UnboundedReceiver<JobSpec>) {
+        while let Some(spec) = rx.recv().await {
+            let token = CancellationToken::new();
+            self.running
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .insert(spec.job_id.clone(), token.clone());
+            let span = tracing::info_span!("job", job_id = %spec.job_id, kind = kind_name(spec.kind()));
+            self.run_one(spec.clone(), token).instrument(span).await;
+            self.running
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .remove(&spec.job_id);
+        }
+    }
+
+    async fn run_one(&self, spec: JobSpec, token: CancellationToken) {
+        let nonce = hex_nonce(&spec.nonce);
+        let expires = spec
+            .expires_at
+            .as_ref()
+            .map(sentinel_proto::time::system_time)
+            .unwrap_or_else(SystemTime::now);
+        let events = JobEvents::new(&spec.job_id, self.outbox.clone(), 1);
+        if let Err(e) = self.journal.record(&spec.job_id, &nonce, expires, Phase::Running, "") {
+            events.finished(JobState::Failed, &format!("cannot record the job start: {e}"), "");
+            return;
+        }
+        info!("job running");
+        let outcome = tokio::select! {
+            r = self.execute(&spec, &events) => r,
+            _ = token.cancelled() => Err(JobError::Cancelled("cancelled by the controller".into())),
+        };
+        let (phase, state, detail) = match outcome {
+            Ok(summary) => (Phase::Succeeded, JobState::Succeeded, summary),
+            Err(JobError::Cancelled(why)) => (Phase::Cancelled, JobState::Cancelled, why),
+            Err(JobError::Failed(why)) => (Phase::Failed, JobState::Failed, why),
+        };
+        let detail = events.redact(&detail);
+        if let Err(e) = self.journal.record(&spec.job_id, &nonce, expires, phase, &detail) {
+            warn!(error = %e, "could not record the job's end");
+        }
+        info!(state = state.as_str_name(), detail = %detail, "job finished");
+        events.finished(state, &detail, "");
+    }
+
+    async fn execute(&self, spec: &JobSpec, events: &JobEvents) -> Result<String, JobError> {
+        match &spec.params {
+            Some(job_spec::Params::Deploy(p)) => {
+                let bundle = self
+                    .bundles
+                    .fetch(&p.bundle_sha256, p.bundle_size, events)
+                    .await?;
+                let result = deploy::deploy(p, &bundle, events).await;
+                let _ = std::fs::remove_file(&bundle);
+                result
+            }
+            Some(job_spec::Params::Rollback(p)) => deploy::rollback(p, events).await,
+            _ => Err(JobError::Failed(format!(
+                "this agent build cannot run {} jobs",
+                kind_name(spec.kind())
+            ))),
+        }
+    }
+}
+
+fn best_effort_job_id(job: &SignedJob) -> String {
+    use prost::Message;
+    JobSpec::decode(job.spec.as_slice())
+        .map(|s| s.job_id)
+        .unwrap_or_default()
+}
+
+fn hex_nonce(nonce: &[u8]) -> String {
+    nonce.iter().map(|b| format!("{b:02x}")).collect()
+}
+

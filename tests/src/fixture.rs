@@ -1,0 +1,281 @@
+//! A tiny Compose app for deploy tests, in release bundles as the controller ships them: a
+//! gzipped tar of `docker-compose.yml`, `.env` (holding [`SECRET`]) and a build context whose
+//! image is `FROM scratch` plus Debian's static busybox (nothing can be pulled), serving
+//! `/health` with `busybox httpd` on a host port of its own. Variants build, start and answer
+//! in the ways a deploy must handle. [`FixtureApp`] removes its containers, networks and images
+//! when dropped.
+
+use std::fs;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::sync::atomic::{AtomicU32, Ordering};
+
+use sha2::{Digest, Sha256};
+
+use crate::{free_port, run};
+
+/// The variable in every bundle's `.env`.
+pub const SECRET_NAME: &str = "DB_PASSWORD";
+/// Its value: must never appear in a job event or the audit log.
+pub const SECRET: &str = "s3cr3t-value";
+
+/// How a release of the fixture app behaves.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Variant {
+    /// Builds, starts, answers `/health` with 200 and "version <v>", and its container
+    /// health check passes.
+    Healthy,
+    /// `compose build` fails (a `RUN` step exits 3 after printing an error).
+    BuildFails,
+    /// Starts, but `/health` answers 404 and the container health check fails.
+    Unhealthy,
+    /// Starts and exits with code 1 right away (after printing its config, secret included).
+    Exits,
+}
+
+/// A built bundle.
+#[derive(Clone, Debug)]
+pub struct Bundle {
+    /// The `.tar.gz`.
+    pub path: PathBuf,
+    /// Its SHA-256, lowercase hex.
+    pub sha256: String,
+    /// Its size in bytes.
+    pub size: u64,
+}
+
+/// One fixture app: a Compose project name, a host port, a work dir holding the bundles and
+/// the app directory deploys go to. Dropping it removes what Docker made for the project.
+pub struct FixtureApp {
+    /// The Compose project name (unique per app, `[a-z0-9-]`).
+    pub project: String,
+    /// The loopback port the app's HTTP server is published on.
+    pub port: u16,
+    dir: tempfile::TempDir,
+}
+
+impl FixtureApp {
+    /// A new app; `tag` (lowercase letters, digits, `-`) makes the project name readable.
+    pub fn new(tag: &str) -> Self {
+        static COUNTER: AtomicU32 = AtomicU32::new(0);
+        let project = format!(
+            "st-{tag}-{}-{}",
+            std::process::id(),
+            COUNTER.fetch_add(1, Ordering::Relaxed)
+        );
+        let dir = tempfile::Builder::new()
+            .prefix("sentinel-fixture-")
+            .tempdir()
+            .expect("creating a temp dir");
+        Self {
+            project,
+            port: free_port(),
+            dir,
+        }
+    }
+
+    /// Where deploys of this app go (not created).
+    pub fn app_dir(&self) -> PathBuf {
+        self.dir.path().join("app")
+    }
+
+    /// The URL answering "version <v>" when the app is healthy.
+    pub fn health_url(&self) -> String {
+        format!("http://127.0.0.1:{}/health", self.port)
+    }
+
+    /// Writes the bundle of release `version` (`[a-z0-9.-]`) in the given variant.
+    pub fn bundle(&self, version: &str, variant: Variant) -> Bundle {
+        let stage = self
+            .dir
+            .path()
+            .join(format!("stage-{version}-{variant:?}").to_lowercase());
+        let _ = fs::remove_dir_all(&stage);
+        let app = stage.join("app");
+        let www = app.join("www");
+        fs::create_dir_all(&www).expect("creating the build context");
+        fs::copy(busybox(), app.join("busybox")).expect("copying busybox");
+        fs::write(www.join("index.html"), format!("fixture {version}\n")).expect("writing www");
+        if variant != Variant::Unhealthy {
+            fs::write(www.join("health"), format!("ok version {version}\n")).expect("writing www");
+        }
+        fs::write(
+            app.join("Dockerfile"),
+            dockerfile(&self.project, version, variant),
+        )
+        .expect("writing Dockerfile");
+        fs::write(
+            stage.join("docker-compose.yml"),
+            compose_file(version, self.port),
+        )
+        .expect("writing docker-compose.yml");
+        fs::write(
+            stage.join(".env"),
+            format!("# the app's secrets\n{SECRET_NAME}={SECRET}\n"),
+        )
+        .expect("writing .env");
+
+        let path = self
+            .dir
+            .path()
+            .join(format!("{version}-{variant:?}.tar.gz"));
+        let out = run(Command::new("tar")
+            .args(["--owner=0", "--group=0", "--numeric-owner", "-czf"])
+            .arg(&path)
+            .arg("-C")
+            .arg(&stage)
+            .arg("."));
+        assert!(
+            out.status.success(),
+            "tar: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let bytes = fs::read(&path).expect("reading the bundle");
+        Bundle {
+            sha256: hex::encode(Sha256::digest(&bytes)),
+            size: bytes.len() as u64,
+            path,
+        }
+    }
+
+    /// Ids of the project's containers (running or not).
+    pub fn container_ids(&self) -> Vec<String> {
+        let out = run(Command::new("docker").args([
+            "ps",
+            "-aq",
+            "--no-trunc",
+            "--filter",
+            &format!("label=com.docker.compose.project={}", self.project),
+        ]));
+        String::from_utf8_lossy(&out.stdout)
+            .lines()
+            .map(str::to_string)
+            .collect()
+    }
+}
+
+impl Drop for FixtureApp {
+    fn drop(&mut self) {
+        // `down --rmi local -v` with whichever release's compose file is still there.
+        let releases = self.app_dir().join("releases");
+        let file = fs::read_dir(&releases).ok().and_then(|entries| {
+            entries
+                .flatten()
+                .map(|e| e.path().join("docker-compose.yml"))
+                .find(|f| f.is_file())
+        });
+        if let Some(file) = file {
+            let (program, prefix) = compose_program();
+            let _ = Command::new(program)
+                .args(prefix)
+                .args(["-p", &self.project, "-f"])
+                .arg(&file)
+                .args(["down", "--rmi", "local", "-v", "--remove-orphans"])
+                .stdin(Stdio::null())
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .status();
+        }
+        // Whatever `down` could not reach: containers, then every image this app built
+        // (rebuilds leave untagged ones behind), then the default network.
+        let ids = self.container_ids();
+        if !ids.is_empty() {
+            quiet(Command::new("docker").args(["rm", "-f"]).args(&ids));
+        }
+        let out = run(Command::new("docker").args([
+            "images",
+            "-q",
+            "--filter",
+            &format!("label=sentinel.fixture={}", self.project),
+        ]));
+        let images: Vec<String> = String::from_utf8_lossy(&out.stdout)
+            .lines()
+            .map(str::to_string)
+            .collect();
+        if !images.is_empty() {
+            quiet(Command::new("docker").args(["rmi", "-f"]).args(&images));
+        }
+        quiet(Command::new("docker").args(["network", "rm", &format!("{}_default", self.project)]));
+    }
+}
+
+fn quiet(cmd: &mut Command) {
+    let _ = cmd
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status();
+}
+
+/// `docker compose` where the v2 plugin works, else `docker-compose`.
+pub fn compose_program() -> (&'static str, &'static [&'static str]) {
+    let v2 = Command::new("docker")
+        .args(["compose", "version"])
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status()
+        .map(|s| s.success())
+        .unwrap_or(false);
+    if v2 {
+        ("docker", &["compose"])
+    } else {
+        ("docker-compose", &[])
+    }
+}
+
+fn busybox() -> &'static Path {
+    ["/bin/busybox", "/usr/bin/busybox"]
+        .into_iter()
+        .map(Path::new)
+        .find(|p| p.exists())
+        .expect("busybox-static is not installed (apt-get install busybox-static)")
+}
+
+fn dockerfile(project: &str, version: &str, variant: Variant) -> String {
+    let mut d = format!(
+        "FROM scratch\nLABEL sentinel.fixture={project}\nCOPY busybox /bin/busybox\n\
+         RUN [\"/bin/busybox\", \"--install\", \"-s\", \"/bin\"]\n"
+    );
+    if variant == Variant::BuildFails {
+        d.push_str(&format!(
+            "RUN [\"/bin/busybox\", \"sh\", \"-c\", \"echo compiling assets for {version}; echo 'error: assets failed to compile' >&2; exit 3\"]\n"
+        ));
+    }
+    d.push_str("COPY www /www\n");
+    // The app prints its config at start, secret included, as real apps sadly do.
+    let start = "echo \\\"app $APP_VERSION starting with DB_PASSWORD=$DB_PASSWORD\\\"";
+    let cmd = match variant {
+        Variant::Exits => format!("{start}; echo 'fatal: cannot reach the database' >&2; exit 1"),
+        // PID 1 ignores SIGTERM unless it handles it: without the trap every `down` would
+        // wait out Docker's 10 s stop timeout.
+        _ => {
+            format!("{start}; trap 'exit 0' TERM; /bin/busybox httpd -f -v -p 8080 -h /www & wait")
+        }
+    };
+    d.push_str(&format!(
+        "CMD [\"/bin/busybox\", \"sh\", \"-c\", \"{cmd}\"]\n"
+    ));
+    d
+}
+
+fn compose_file(version: &str, port: u16) -> String {
+    format!(
+        r#"# Fixture app, release {version}.
+version: "2.4"
+services:
+  web:
+    build: ./app
+    ports:
+      - "127.0.0.1:{port}:8080"
+    environment:
+      APP_VERSION: "{version}"
+      DB_PASSWORD: "${{DB_PASSWORD}}"
+    healthcheck:
+      test: ["CMD", "/bin/busybox", "wget", "-q", "-O", "/dev/null", "http://127.0.0.1:8080/health"]
+      interval: 1s
+      timeout: 2s
+      retries: 2
+"#
+    )
+}

@@ -1,0 +1,663 @@
+//! Database isolation against a real throwaway PostgreSQL with the seed's layout: the default
+//! setup leaks through PUBLIC and `sentinel isolation fix --apply` closes it; each classic
+//! mistake, seeded alone, is found with its path and fixed; bad credentials and a policy that
+//! names what the cluster lacks are never a clean report; the controller serves the report to
+//! grpcurl, and an agent reports the cluster's roles.
+//!
+//! Every verdict is also checked with real logins (psql as the app users), so the tests do not
+//! merely agree with the audit's own reading of the catalog.
+//!
+//! The benchmark (ignored by default) times a full audit of the seed's layout and of a cluster
+//! with 200 databases and 400 roles:
+//!
+//! ```sh
+//! cargo build --release --bins && SENTINEL_BIN_DIR=target/release cargo test --release -p sentinel-e2e --test isolation isolation_audit_benchmark -- --ignored --nocapture
+//! ```
+
+use std::fs;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use sentinel_e2e::postgres::{seed, Postgres, SUPERUSER, SUPERUSER_PASSWORD};
+use sentinel_e2e::{bin, eventually, free_port, run, Fleet, Value};
+
+/// What a `sentinel isolation ...` run gave.
+struct CliRun {
+    code: i32,
+    stdout: String,
+    stderr: String,
+}
+
+impl CliRun {
+    fn json(&self) -> Value {
+        serde_json::from_str(&self.stdout)
+            .unwrap_or_else(|e| panic!("not JSON ({e}): {}\n{}", self.stdout, self.stderr))
+    }
+}
+
+fn isolation_cli(config: &Path, args: &[&str]) -> CliRun {
+    let out = run(Command::new(bin("sentinel"))
+        .arg("isolation")
+        .args(args)
+        .arg("--config")
+        .arg(config));
+    CliRun {
+        code: out.status.code().unwrap_or(-1),
+        stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
+        stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
+    }
+}
+
+/// A controller config (TLS files are only read by `serve`) with the layout's policy.
+fn write_config(pg: &Postgres, isolation_toml: &str) -> PathBuf {
+    let path = pg.dir().join("sentinel.toml");
+    fs::write(
+        &path,
+        format!(
+            "listen = \"127.0.0.1:0\"\ndata_dir = \"{}\"\n\n[tls]\nca = \"ca.pem\"\ncert = \"c.pem\"\nkey = \"c.key\"\n\n{isolation_toml}",
+            pg.dir().join("data-sentinel").display()
+        ),
+    )
+    .expect("writing the controller config");
+    path
+}
+
+/// The superuser's DSN and password in files, for `fix --apply --dsn-file`.
+fn admin_files(pg: &Postgres) -> (PathBuf, PathBuf) {
+    let dsn = pg.dir().join("admin.dsn");
+    let password = pg.dir().join("admin.password");
+    fs::write(&dsn, pg.dsn_without_password(SUPERUSER, "postgres")).unwrap();
+    fs::write(&password, SUPERUSER_PASSWORD).unwrap();
+    (dsn, password)
+}
+
+fn apply_fix(pg: &Postgres, config: &Path) -> CliRun {
+    let (dsn, password) = admin_files(pg);
+    isolation_cli(
+        config,
+        &[
+            "fix",
+            "--apply",
+            "--dsn-file",
+            dsn.to_str().unwrap(),
+            "--password-file",
+            password.to_str().unwrap(),
+        ],
+    )
+}
+
+fn paths(report: &Value) -> Vec<String> {
+    report["violations"]
+        .as_array()
+        .map(|v| {
+            v.iter()
+                .map(|v| v["path"].as_str().unwrap_or_default().to_string())
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+/// Starts a cluster with the seed's layout and a config whose auditor uses `auditor_password`.
+fn layout(auditor_password: &str) -> (Postgres, PathBuf) {
+    let pg = Postgres::start();
+    seed::create(&pg);
+    let config = write_config(&pg, &seed::policy_toml(&pg, auditor_password, "1h"));
+    (pg, config)
+}
+
+fn can(pg: &Postgres, user: &str, db: &str) -> Result<(), String> {
+    pg.can_connect(user, &seed::password(user), db)
+}
+
+#[test]
+fn the_default_layout_leaks_through_public_and_fix_apply_closes_it() {
+    let (pg, config) = layout(&seed::password(seed::AUDITOR));
+
+    // The leak is real: a staging user logs into a production database.
+    can(&pg, "s60_hub_user", "s60_auth_prod").expect("the default setup lets anyone connect");
+
+    let check = isolation_cli(&config, &["check", "--json"]);
+    assert_eq!(check.code, 1, "{}{}", check.stdout, check.stderr);
+    let report = check.json();
+    assert_eq!(report["isolated"], false);
+    assert_eq!(report["error"], "");
+    let found = paths(&report);
+    assert!(
+        found.contains(&"s60_hub_user → PUBLIC has CONNECT on s60_auth_prod".to_string()),
+        "{found:#?}"
+    );
+    // 4 users, each reaching the 4 databases of the two other environments.
+    assert_eq!(found.len(), 16, "{found:#?}");
+    assert!(found.iter().all(|p| p.contains("→ PUBLIC has CONNECT on")));
+    let v = report["violations"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|v| v["user"] == "s60_hub_user" && v["database"] == "s60_auth_prod")
+        .expect("hub user on auth prod");
+    assert_eq!(v["userEnvironment"], "staging");
+    assert_eq!(v["databaseEnvironment"], "production");
+
+    let table = isolation_cli(&config, &["check"]);
+    println!("{}", table.stdout);
+    assert_eq!(table.code, 1);
+    assert!(
+        table.stdout.contains("NOT ISOLATED: 16 violations"),
+        "{}",
+        table.stdout
+    );
+    assert!(
+        table.stdout.lines().any(|l| l.starts_with("s60_dev_user ")
+            && l.ends_with("  s60_dev_user → PUBLIC has CONNECT on s60_auth_hub")),
+        "{}",
+        table.stdout
+    );
+
+    // Printing the fix changes nothing; it revokes PUBLIC and keeps the environment's users in.
+    let printed = isolation_cli(&config, &["fix"]);
+    println!("{}", printed.stdout);
+    assert_eq!(printed.code, 0, "{}", printed.stderr);
+    assert!(
+        printed
+            .stdout
+            .contains("REVOKE CONNECT ON DATABASE s60_auth_prod FROM PUBLIC;\n"),
+        "{}",
+        printed.stdout
+    );
+    assert!(printed.stdout.contains(
+        "GRANT CONNECT ON DATABASE s60_auth_prod TO s60_prod_user, s60_pulse_prod_user, s60_backup_ro;\n"
+    ));
+    assert!(printed.stdout.starts_with("BEGIN;\n") && printed.stdout.ends_with("COMMIT;\n"));
+    can(&pg, "s60_hub_user", "s60_auth_prod").expect("`fix` without --apply changes nothing");
+
+    // The auditor has no privilege to fix anything: the whole transaction is refused, nothing
+    // half-applied.
+    let refused = isolation_cli(&config, &["fix", "--apply"]);
+    assert_eq!(refused.code, 2, "{}{}", refused.stdout, refused.stderr);
+    assert!(refused.stderr.contains("rolled back"), "{}", refused.stderr);
+    assert_eq!(isolation_cli(&config, &["check"]).code, 1);
+
+    println!("{}", refused.stderr);
+    let applied = apply_fix(&pg, &config);
+    println!("{}", applied.stdout);
+    assert_eq!(applied.code, 0, "{}{}", applied.stdout, applied.stderr);
+    assert!(
+        applied.stdout.contains("ISOLATED: no user"),
+        "{}",
+        applied.stdout
+    );
+    let again = isolation_cli(&config, &["check", "--json"]);
+    assert_eq!(again.code, 0, "{}{}", again.stdout, again.stderr);
+    assert_eq!(again.json()["isolated"], true);
+
+    // And it holds for real logins: nobody crosses, every app and the backup role still get in.
+    let err = can(&pg, "s60_hub_user", "s60_auth_prod").unwrap_err();
+    assert!(err.contains("permission denied for database"), "{err}");
+    can(&pg, "s60_dev_user", "s60_pulse_hub").unwrap_err();
+    for env in seed::ENVIRONMENTS {
+        for db in env.databases {
+            for user in env.users.iter().chain([&seed::BACKUP_ROLE]) {
+                can(&pg, user, db).unwrap_or_else(|e| panic!("{user} locked out of {db}: {e}"));
+            }
+        }
+    }
+}
+
+/// A mistake: the SQL that makes it, the user and database that must show up, and the path.
+struct Mistake {
+    what: &'static str,
+    sql: &'static str,
+    user: &'static str,
+    database: &'static str,
+    path: &'static str,
+    /// Whether the user can then really log into the database (a CONNECT path), checked with
+    /// psql before the fix.
+    logs_in: bool,
+}
+
+const MISTAKES: &[Mistake] = &[
+    Mistake {
+        what: "a direct GRANT CONNECT",
+        sql: "GRANT CONNECT ON DATABASE s60_pulse_prod TO s60_dev_user;",
+        user: "s60_dev_user",
+        database: "s60_pulse_prod",
+        path: "s60_dev_user has CONNECT on s60_pulse_prod",
+        logs_in: true,
+    },
+    Mistake {
+        what: "a membership chain of two roles to a CONNECT grant",
+        sql: "CREATE ROLE ops_bridge NOLOGIN; CREATE ROLE prod_readers NOLOGIN;
+              GRANT CONNECT ON DATABASE s60_auth_prod TO prod_readers;
+              GRANT prod_readers TO ops_bridge; GRANT ops_bridge TO s60_hub_user;",
+        user: "s60_hub_user",
+        database: "s60_auth_prod",
+        path: "s60_hub_user → ops_bridge → prod_readers has CONNECT on s60_auth_prod",
+        logs_in: true,
+    },
+    Mistake {
+        what: "membership in another environment's user through a chain of two roles",
+        sql: "CREATE ROLE helper_a NOLOGIN; CREATE ROLE helper_b NOLOGIN;
+              GRANT s60_prod_user TO helper_b; GRANT helper_b TO helper_a;
+              GRANT helper_a TO s60_dev_user;",
+        user: "s60_dev_user",
+        database: "s60_auth_prod",
+        path: "s60_dev_user → helper_a → helper_b → s60_prod_user has CONNECT on s60_auth_prod",
+        logs_in: true,
+    },
+    Mistake {
+        what: "a superuser app user",
+        sql: "ALTER ROLE s60_pulse_prod_user SUPERUSER;",
+        user: "s60_pulse_prod_user",
+        database: "s60_auth_hub",
+        path: "s60_pulse_prod_user is SUPERUSER, which passes every privilege check \
+               (CONNECT on s60_auth_hub too)",
+        logs_in: true,
+    },
+    Mistake {
+        what: "a database owned by another environment's user",
+        sql: "ALTER DATABASE s60_pulse_hub OWNER TO s60_dev_user;",
+        user: "s60_dev_user",
+        database: "s60_pulse_hub",
+        path: "s60_dev_user owns s60_pulse_hub",
+        logs_in: true,
+    },
+    Mistake {
+        what: "BYPASSRLS",
+        sql: "ALTER ROLE s60_hub_user BYPASSRLS;",
+        user: "s60_hub_user",
+        database: "s60_pulse_prod",
+        path: "s60_hub_user has BYPASSRLS, so row-level security would not hold it back in \
+               s60_pulse_prod",
+        logs_in: false,
+    },
+    Mistake {
+        what: "CREATEROLE",
+        sql: "ALTER ROLE s60_dev_user CREATEROLE;",
+        user: "s60_dev_user",
+        database: "s60_auth_hub",
+        path: "s60_dev_user has CREATEROLE, so it can grant itself roles that reach s60_auth_hub",
+        logs_in: false,
+    },
+];
+
+#[test]
+fn each_mistake_seeded_alone_is_found_with_its_path_and_fixed() {
+    let (pg, config) = layout(&seed::password(seed::AUDITOR));
+    seed::isolate(&pg);
+    let clean = isolation_cli(&config, &["check", "--json"]);
+    assert_eq!(clean.code, 0, "{}{}", clean.stdout, clean.stderr);
+
+    for mistake in MISTAKES {
+        pg.sql(mistake.sql);
+        let check = isolation_cli(&config, &["check", "--json"]);
+        assert_eq!(
+            check.code, 1,
+            "{}: {}{}",
+            mistake.what, check.stdout, check.stderr
+        );
+        let report = check.json();
+        let violations = report["violations"].as_array().cloned().unwrap_or_default();
+        assert!(
+            violations.iter().any(|v| v["user"] == mistake.user
+                && v["database"] == mistake.database
+                && v["path"] == mistake.path),
+            "{}: no violation {:?} among {:#?}",
+            mistake.what,
+            mistake.path,
+            paths(&report)
+        );
+        assert!(
+            violations.iter().all(|v| v["user"] == mistake.user),
+            "{}: only {} is at fault, got {:#?}",
+            mistake.what,
+            mistake.user,
+            paths(&report)
+        );
+        if mistake.logs_in {
+            can(&pg, mistake.user, mistake.database)
+                .unwrap_or_else(|e| panic!("{}: the hole is real, yet: {e}", mistake.what));
+        }
+
+        let fixed = apply_fix(&pg, &config);
+        assert_eq!(
+            fixed.code, 0,
+            "{}: fix --apply: {}{}",
+            mistake.what, fixed.stdout, fixed.stderr
+        );
+        let err = can(&pg, mistake.user, mistake.database).unwrap_err();
+        assert!(
+            err.contains("permission denied for database"),
+            "{}: {err}",
+            mistake.what
+        );
+        for env in seed::ENVIRONMENTS {
+            for db in env.databases {
+                for user in env.users {
+                    can(&pg, user, db).unwrap_or_else(|e| {
+                        panic!("{}: the fix locked {user} out of {db}: {e}", mistake.what)
+                    });
+                }
+            }
+        }
+    }
+}
+
+#[test]
+fn bad_credentials_and_a_policy_the_cluster_lacks_are_never_a_clean_report() {
+    let (pg, config) = layout("not-the-Password");
+    seed::isolate(&pg);
+
+    let table = isolation_cli(&config, &["check"]);
+    assert_eq!(table.code, 2, "{}{}", table.stdout, table.stderr);
+    assert!(
+        table
+            .stderr
+            .contains("password authentication failed for user \"sentinel_auditor\""),
+        "{}",
+        table.stderr
+    );
+    assert!(!table.stdout.contains("ISOLATED"), "{}", table.stdout);
+    assert!(
+        !table.stderr.contains("not-the-Password"),
+        "{}",
+        table.stderr
+    );
+    let json = isolation_cli(&config, &["check", "--json"]);
+    assert_eq!(json.code, 2);
+    let report = json.json();
+    assert_eq!(report["isolated"], false);
+    assert!(report["error"]
+        .as_str()
+        .unwrap_or_default()
+        .contains(&format!("sentinel_auditor@127.0.0.1:{}/postgres", pg.port)));
+    let fix = isolation_cli(&config, &["fix"]);
+    assert_eq!(fix.code, 2, "{}", fix.stdout);
+
+    // A policy naming a database and a user the cluster does not have.
+    let policy = seed::policy_toml(&pg, &seed::password(seed::AUDITOR), "1h")
+        .replace(
+            "databases = [\"s60_auth_prod\", \"s60_pulse_prod\"]",
+            "databases = [\"s60_auth_prod\", \"s60_pulse_prod\", \"s60_mail_prod\"]",
+        )
+        .replace(
+            "users = [\"s60_dev_user\"]",
+            "users = [\"s60_dev_user\", \"s60_n8n_dev_user\"]",
+        );
+    let config = write_config(&pg, &policy);
+    let check = isolation_cli(&config, &["check", "--json"]);
+    assert_eq!(check.code, 1, "{}{}", check.stdout, check.stderr);
+    let report = check.json();
+    assert_eq!(report["isolated"], false);
+    assert_eq!(
+        report["policyProblems"],
+        serde_json::json!([
+            "user s60_n8n_dev_user of dev does not exist in the cluster",
+            "database s60_mail_prod of production does not exist in the cluster"
+        ])
+    );
+    let table = isolation_cli(&config, &["check"]);
+    assert!(
+        table.stdout.contains("0 violations, 2 policy problems"),
+        "{}",
+        table.stdout
+    );
+
+    // A policy that cannot work is a config error naming the key (exit 64).
+    let config = write_config(
+        &pg,
+        &policy.replace("users = [\"s60_hub_user\"]", "users = []"),
+    );
+    let bad = isolation_cli(&config, &["check"]);
+    assert_eq!(bad.code, 64, "{}", bad.stderr);
+    assert!(
+        bad.stderr.contains("isolation.environments.staging.users"),
+        "{}",
+        bad.stderr
+    );
+}
+
+#[test]
+fn the_controller_serves_isolation_reports_to_grpcurl_and_the_agent_reports_roles() {
+    let pg = Postgres::start();
+    seed::create(&pg);
+    let fleet = Fleet::new(&["hub-alfa"]);
+    fleet.issue_operator("vera", "viewer");
+    let policy = seed::policy_toml(&pg, &seed::password(seed::AUDITOR), "1h");
+    let controller = fleet.start_controller(free_port(), &policy);
+
+    // The scheduled check runs at start-up.
+    let report = eventually("the first scheduled isolation report", || {
+        controller
+            .grpcurl(None, "sentinel.v1.FleetService/GetIsolationReport")
+            .json()
+    });
+    assert!(report["isolated"].is_null() || report["isolated"] == false);
+    assert!(paths(&report).contains(&"s60_dev_user → PUBLIC has CONNECT on s60_auth_prod".into()));
+    assert!(report["checkedAt"].is_string());
+
+    // Viewers read the report; running a check takes a deployer.
+    let read = controller.grpcurl_as(
+        "operator-vera",
+        &[],
+        "sentinel.v1.FleetService/GetIsolationReport",
+    );
+    assert!(read.ok, "{}", read.stderr);
+    let run_as_viewer = controller.grpcurl_as(
+        "operator-vera",
+        &["-d", "{}"],
+        "sentinel.v1.FleetService/RunIsolationCheck",
+    );
+    assert!(!run_as_viewer.ok);
+    assert!(
+        run_as_viewer.stderr.contains("PermissionDenied"),
+        "{}",
+        run_as_viewer.stderr
+    );
+
+    // Fix with the CLI against the controller's own config, then check on demand.
+    let applied = apply_fix(&pg, &fleet.path("sentinel.toml"));
+    assert_eq!(applied.code, 0, "{}{}", applied.stdout, applied.stderr);
+    let report = controller
+        .grpcurl(Some("{}"), "sentinel.v1.FleetService/RunIsolationCheck")
+        .json()
+        .expect("RunIsolationCheck");
+    assert_eq!(report["isolated"], true, "{report}");
+    assert!(report["violations"].is_null(), "{report}");
+    let latest = controller
+        .grpcurl(None, "sentinel.v1.FleetService/GetIsolationReport")
+        .json()
+        .unwrap();
+    assert_eq!(latest["checkedAt"], report["checkedAt"]);
+
+    let probe = controller.grpcurl(
+        Some("{\"probe\": true}"),
+        "sentinel.v1.FleetService/RunIsolationCheck",
+    );
+    assert!(
+        !probe.ok && probe.stderr.contains("Unimplemented"),
+        "{}",
+        probe.stderr
+    );
+
+    // The agent's PostgreSQL collector, through the controller.
+    let dsn_file = pg.dir().join("agent.dsn");
+    fs::write(
+        &dsn_file,
+        pg.dsn(seed::AUDITOR, &seed::password(seed::AUDITOR), "postgres"),
+    )
+    .unwrap();
+    let _agent = fleet.start_agent(
+        "hub-alfa",
+        "hub-alfa",
+        &controller.addr,
+        &format!(
+            "[collectors.postgres]\nenabled = true\ndsn_file = \"{}\"",
+            dsn_file.display()
+        ),
+    );
+    let host = eventually("the postgres section in GetHost", || {
+        let host = controller.wait_online("hub-alfa");
+        if host["state"]["postgres"]["state"].is_object() {
+            Ok(host)
+        } else {
+            Err(host["state"]["postgres"].to_string())
+        }
+    });
+    let state = &host["state"]["postgres"]["state"];
+    let roles = state["roles"].as_array().unwrap();
+    assert!(roles
+        .iter()
+        .any(|r| r["name"] == "s60_hub_user" && r["login"] == true));
+    let auth_prod = state["databases"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|d| d["name"] == "s60_auth_prod")
+        .expect("s60_auth_prod reported");
+    assert_eq!(auth_prod["owner"], "s60_prod_user");
+    let grantees: Vec<&str> = auth_prod["grants"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|g| g["connect"] == true)
+        .filter_map(|g| g["grantee"].as_str())
+        .collect();
+    assert_eq!(
+        grantees,
+        ["s60_backup_ro", "s60_prod_user", "s60_pulse_prod_user"],
+        "after the fix, PUBLIC no longer connects"
+    );
+    let log = controller.proc.log_text();
+    assert!(
+        !log.contains(&seed::password(seed::AUDITOR)),
+        "a password reached the log"
+    );
+}
+
+/// Builds `dbs` databases and `roles` roles in four environments, isolated, with every fifth
+/// role a group role its environment's users are members of.
+fn big_layout(pg: &Postgres, dbs: usize, roles: usize) -> String {
+    let envs = 4;
+    let mut sql = String::new();
+    let mut policy = String::new();
+    for e in 0..envs {
+        let users: Vec<String> = (0..roles / envs)
+            .filter(|j| j % 5 != 0)
+            .map(|j| format!("bench_e{e}_u{j}"))
+            .collect();
+        let groups: Vec<String> = (0..roles / envs)
+            .filter(|j| j % 5 == 0)
+            .map(|j| format!("bench_e{e}_g{j}"))
+            .collect();
+        for g in &groups {
+            sql.push_str(&format!("CREATE ROLE {g} NOLOGIN;\n"));
+        }
+        for (i, u) in users.iter().enumerate() {
+            sql.push_str(&format!(
+                "CREATE ROLE {u} LOGIN;\nGRANT {} TO {u};\n",
+                groups[i % groups.len()]
+            ));
+        }
+        let databases: Vec<String> = (0..dbs / envs)
+            .map(|i| format!("bench_e{e}_db{i}"))
+            .collect();
+        for db in &databases {
+            sql.push_str(&format!(
+                "CREATE DATABASE {db} OWNER {} STRATEGY FILE_COPY;\nREVOKE CONNECT ON DATABASE {db} FROM PUBLIC;\nGRANT CONNECT ON DATABASE {db} TO {};\n",
+                users[0],
+                groups.join(", ")
+            ));
+        }
+        let quoted = |v: &[String]| {
+            v.iter()
+                .map(|s| format!("\"{s}\""))
+                .collect::<Vec<_>>()
+                .join(", ")
+        };
+        policy.push_str(&format!(
+            "\n[isolation.environments.env{e}]\ndatabases = [{}]\nusers = [{}]\n",
+            quoted(&databases),
+            quoted(
+                &users
+                    .iter()
+                    .chain(groups.iter())
+                    .cloned()
+                    .collect::<Vec<_>>()
+            )
+        ));
+    }
+    pg.sql(&sql);
+    policy
+}
+
+/// Runs `check --json` a few times; returns the in-process durations (connect, catalog, audit)
+/// and the wall-clock times of the whole process, sorted.
+fn time_checks(config: &Path, runs: usize) -> (Vec<Duration>, Vec<Duration>, Value) {
+    let mut inside = Vec::new();
+    let mut wall = Vec::new();
+    let mut last = Value::Null;
+    for _ in 0..runs {
+        let started = Instant::now();
+        let check = isolation_cli(config, &["check", "--json"]);
+        wall.push(started.elapsed());
+        assert!(check.code < 2, "{}{}", check.stdout, check.stderr);
+        last = check.json();
+        inside.push(Duration::from_micros(
+            last["durationMicros"].as_u64().unwrap_or(0),
+        ));
+    }
+    inside.sort();
+    wall.sort();
+    (inside, wall, last)
+}
+
+#[test]
+#[ignore = "benchmark: see the module doc for the command"]
+fn isolation_audit_benchmark() {
+    const RUNS: usize = 7;
+    let (pg, config) = layout(&seed::password(seed::AUDITOR));
+    let (inside, wall, report) = time_checks(&config, RUNS);
+    println!(
+        "seed layout ({} violations): audit median {:?} (min {:?}, max {:?}); whole process median {:?}",
+        paths(&report).len(),
+        inside[RUNS / 2],
+        inside[0],
+        inside[RUNS - 1],
+        wall[RUNS / 2]
+    );
+
+    let big = Postgres::start();
+    big.sql(&format!(
+        "CREATE ROLE {} LOGIN PASSWORD '{}';",
+        seed::AUDITOR,
+        seed::password(seed::AUDITOR)
+    ));
+    let built = Instant::now();
+    let environments = big_layout(&big, 200, 400);
+    println!("built 200 databases and 400 roles in {:?}", built.elapsed());
+    let policy = seed::policy_toml(&big, &seed::password(seed::AUDITOR), "1h");
+    let policy = policy[..policy
+        .find("\n[isolation.environments.")
+        .expect("environments in the policy")]
+        .to_string()
+        + &environments;
+    let config = write_config(
+        &big,
+        &policy.replace(&format!("\"{}\"", seed::BACKUP_ROLE), ""),
+    );
+    let (inside, wall, report) = time_checks(&config, RUNS);
+    assert_eq!(report["isolated"], true, "{}", report);
+    println!(
+        "200 databases, 400 roles: audit median {:?} (min {:?}, max {:?}); whole process median {:?}",
+        inside[RUNS / 2],
+        inside[0],
+        inside[RUNS - 1],
+        wall[RUNS / 2]
+    );
+    assert!(
+        inside[RUNS / 2] < Duration::from_secs(1),
+        "the target is under 1 s"
+    );
+    drop(pg);
+}
