@@ -566,6 +566,13 @@ async fn bad_bundles_are_refused_and_nothing_is_switched() {
         );
         assert!(!outside.exists(), "case {i}: wrote outside the app dir");
     }
+    let audit = w.audit_log();
+    assert!(
+        audit.contains(
+            "deploy_id=deploy-bad1 app=shop env=staging commit=bad1 step=unpack outcome=failed"
+        ),
+        "{audit}"
+    );
 
     // A bundle that is not the one the job signed.
     let mut params = w.params("v2", &good, w.health(1000));

@@ -178,21 +178,40 @@ impl Drop for FixtureApp {
         }
         // Whatever `down` could not reach: containers, then every image this app built
         // (rebuilds leave untagged ones behind), then the default network.
-        let ids = self.container_ids();
-        if !ids.is_empty() {
-            quiet(Command::new("docker").args(["rm", "-f"]).args(&ids));
-        }
+        let mut ids = self.container_ids();
+        // A failed legacy build leaves its intermediate container; it inherits the label.
         let out = run(Command::new("docker").args([
-            "images",
-            "-q",
+            "ps",
+            "-aq",
+            "--no-trunc",
             "--filter",
             &format!("label=sentinel.fixture={}", self.project),
         ]));
-        let images: Vec<String> = String::from_utf8_lossy(&out.stdout)
-            .lines()
-            .map(str::to_string)
-            .collect();
-        if !images.is_empty() {
+        ids.extend(
+            String::from_utf8_lossy(&out.stdout)
+                .lines()
+                .map(str::to_string),
+        );
+        if !ids.is_empty() {
+            quiet(Command::new("docker").args(["rm", "-f"]).args(&ids));
+        }
+        // With -a: intermediate images of the build cache carry the label too, and a parent
+        // can only go once its children are gone, hence a few rounds.
+        for _ in 0..3 {
+            let out = run(Command::new("docker").args([
+                "images",
+                "-aq",
+                "--filter",
+                &format!("label=sentinel.fixture={}", self.project),
+            ]));
+            let mut images: Vec<String> = String::from_utf8_lossy(&out.stdout)
+                .lines()
+                .map(str::to_string)
+                .collect();
+            images.dedup();
+            if images.is_empty() {
+                break;
+            }
             quiet(Command::new("docker").args(["rmi", "-f"]).args(&images));
         }
         quiet(Command::new("docker").args(["network", "rm", &format!("{}_default", self.project)]));

@@ -179,6 +179,14 @@ struct Context<'a> {
     graph: Graph<'a>,
     roles: BTreeMap<&'a str, &'a CatalogRole>,
     databases: BTreeMap<&'a str, &'a CatalogDatabase>,
+    /// Every policy role's side, looked up for every role on every path.
+    sides: BTreeMap<&'a str, Side<'a>>,
+}
+
+impl<'a> Context<'a> {
+    fn side(&self, role: &str) -> Side<'a> {
+        self.sides.get(role).copied().unwrap_or(Side::Neutral)
+    }
 }
 
 /// One user being audited, with the roles it reaches.
@@ -222,6 +230,13 @@ pub fn audit(
             .databases
             .iter()
             .map(|d| (d.name.as_str(), d))
+            .collect(),
+        sides: policy
+            .environments
+            .values()
+            .flat_map(|e| e.users.iter())
+            .chain(policy.cross_environment_roles.iter())
+            .map(|r| (r.as_str(), policy.side(r)))
             .collect(),
     };
     let mut audit = Audit {
@@ -395,8 +410,7 @@ fn ownership_rule(
     let Some(path) = subject.reachable.get(owner) else {
         return;
     };
-    let statements = if owner != subject.name && cx.policy.side(owner) == Side::Environment(db_env)
-    {
+    let statements = if owner != subject.name && cx.side(owner) == Side::Environment(db_env) {
         // The right owner; the way in is the membership.
         cut_at_boundary(cx, subject, path)
     } else {
@@ -413,7 +427,7 @@ fn ownership_rule(
 /// Membership (any chain) in a user of the database's environment.
 fn membership_rule(cx: &Context, subject: &Subject, db_env: &str, found: &mut Found) {
     for (role, path) in &subject.reachable {
-        if *role == subject.name || cx.policy.side(role) != Side::Environment(db_env) {
+        if *role == subject.name || cx.side(role) != Side::Environment(db_env) {
             continue;
         }
         found.push((
@@ -483,7 +497,7 @@ fn attribute_rules(cx: &Context, subject: &Subject, db: &CatalogDatabase, found:
 /// Whether `role` may hold CONNECT on a database of `db_env`: one of its users, or a role
 /// allowed to cross environments.
 fn legitimate_holder(cx: &Context, role: &str, db_env: &str) -> bool {
-    let side = cx.policy.side(role);
+    let side = cx.side(role);
     side == Side::Crossing || side == Side::Environment(db_env)
 }
 
@@ -531,7 +545,7 @@ fn alter_owner(cx: &Context, db: &CatalogDatabase, db_env: &str) -> Vec<String> 
 /// Revokes the membership where the path first enters a role of another environment (or a
 /// cross-environment role): the link that breaks isolation. Without one, the path's last link.
 fn cut_at_boundary(cx: &Context, subject: &Subject, path: &[&str]) -> Vec<String> {
-    let boundary = (1..path.len()).find(|&i| match cx.policy.side(path[i]) {
+    let boundary = (1..path.len()).find(|&i| match cx.side(path[i]) {
         Side::Environment(env) => env != subject.environment,
         Side::Crossing => true,
         Side::Neutral => false,

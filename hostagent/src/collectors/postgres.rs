@@ -595,7 +595,11 @@ fn key_values(dsn: &str) -> Result<Vec<KeyValue>, String> {
         let key = dsn[start..i].to_string();
         i = skip_space(i);
         if i >= bytes.len() || bytes[i] != b'=' {
-            return Err(format!("missing `=` after {key:?}"));
+            // Not quoting the word: in a malformed DSN it may be a stray password.
+            return Err(format!(
+                "expected `key=value` at byte {start} (the {}. word)",
+                out.len() + 1
+            ));
         }
         i = skip_space(i + 1);
         let mut value = Vec::new();
@@ -1173,6 +1177,7 @@ mod tests {
         for dsn in [
             "host=h user=u password=hunter2 bogus=1",
             "host=h user=u password='hunter2",
+            "host=h user=u hunter2",
             "postgresql://u:hunter2@h:notaport/db",
         ] {
             let err = PreparedDsn::parse(dsn).err().unwrap_or_default();

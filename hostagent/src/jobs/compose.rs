@@ -137,6 +137,17 @@ impl Compose {
             .join(" ")
     }
 
+    /// `compose build`. With v1 also `--force-rm`: the legacy builder otherwise leaves the
+    /// container of a failed step behind, one per failed deploy. (BuildKit, which v2 uses,
+    /// leaves none, and v2 has no such flag.)
+    pub async fn build(&self, events: &JobEvents, step: &str) -> Result<(), JobError> {
+        let args: &[&str] = match self.flavor {
+            ComposeFlavor::V1 => &["build", "--force-rm"],
+            ComposeFlavor::V2 => &["build"],
+        };
+        self.run(args, events, step).await
+    }
+
     /// Runs `compose -p PROJECT -f FILE args...` in the work directory, streaming its output
     /// lines into `events` (stream "stdout"/"stderr"); fails naming the command (as part of
     /// `step`), its exit code and its last output lines. The process is killed if the

@@ -78,6 +78,9 @@ async fn deploy_inner(
         0 => DEFAULT_KEEP_RELEASES,
         n => usize::try_from(n).unwrap_or(DEFAULT_KEEP_RELEASES),
     };
+    // Up front, so that even a refused bundle leaves its line in the audit log.
+    std::fs::create_dir_all(&app_dir)
+        .map_err(|e| failed(&format!("creating {}: {e}", app_dir.display())))?;
     let ctx = Ctx::new(
         events,
         &app_dir,
@@ -230,7 +233,7 @@ async fn run_release(
     let at = |step: &'static str| move |error| Failure { step, error };
 
     ctx.step("build", commit, Kind::Compose, async {
-        compose.run(&["build"], events, "build").await?;
+        compose.build(events, "build").await?;
         Ok("images built".to_string())
     })
     .await
@@ -352,7 +355,7 @@ async fn recover(
             }
             // The project's image tags now hold the failed release's images: rebuild
             // (from the layer cache) before stopping anything.
-            compose.run(&["build"], events, "rollback").await?;
+            compose.build(events, "rollback").await?;
             compose
                 .run(&["down", "--remove-orphans"], events, "rollback")
                 .await?;
@@ -449,14 +452,20 @@ async fn rollback_inner(params: &RollbackParams, events: &JobEvents) -> Result<S
             Ok(format!("current -> releases/{t}"))
         })
         .await?;
+        // The project's image tags hold the current release's images: rebuild the target's
+        // (from the layer cache) before stopping anything.
+        ctx.step("build", t, Kind::Compose, async {
+            compose.build(events, "build").await?;
+            Ok("images built".to_string())
+        })
+        .await?;
         for (step, args) in [
-            ("build", &["build"][..]),
             ("down", &["down", "--remove-orphans"][..]),
             ("up", &["up", "-d", "--remove-orphans"][..]),
         ] {
             ctx.step(step, t, Kind::Compose, async {
                 compose.run(args, events, step).await?;
-                Ok(String::new())
+                Ok(format!("{step} of project {}", compose.project))
             })
             .await?;
         }

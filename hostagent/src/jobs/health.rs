@@ -416,9 +416,8 @@ async fn send_container_logs(
         events.log(
             "agent",
             &format!(
-                "last {} log lines of {} ({}):",
+                "last {} log lines of {}:",
                 lines.len().min(LOG_TAIL_LINES),
-                c.name,
                 c.describe()
             ),
         );

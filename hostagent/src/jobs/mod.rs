@@ -99,7 +99,7 @@ pub struct Jobs {
 
 impl Jobs {
     /// Sets up the job subsystem and starts its worker. Jobs interrupted by the previous
-    /// agent run are reported right away (through the outbox).
+    /// agent run are marked so in the journal and reported once a session is up.
     pub fn start(host: &str, config: &JobsConfig, outbox: Outbox) -> Result<Arc<Self>, SetupError> {
         let trusted = load_trusted_keys(&config.trusted_keys)?;
         let (journal, interrupted) = Journal::open(&config.state_dir)?;
@@ -115,12 +115,8 @@ impl Jobs {
             running: Mutex::new(HashMap::new()),
         });
         for rec in interrupted {
-            warn!(job_id = %rec.job_id, "job was interrupted by an agent restart; reporting it");
-            JobEvents::new(&rec.job_id, jobs.outbox.clone(), 1_000_000).finished(
-                JobState::Interrupted,
-                &rec.detail,
-                "",
-            );
+            // Reported by `report_recent` as soon as a session is up.
+            warn!(job_id = %rec.job_id, "job was interrupted by an agent restart; it will not run again");
         }
         let worker = jobs.clone();
         tokio::spawn(async move { worker.work(rx).await }.instrument(tracing::info_span!("jobs")));
@@ -166,12 +162,19 @@ impl Jobs {
         };
         let nonce = hex_nonce(&spec.nonce);
         if let Some(rec) = self.journal.job(&spec.job_id) {
-            // The controller re-sent a job we already have (it restarted, or missed our
-            // report): tell it how that job stands instead of running it again.
-            info!(job_id = %spec.job_id, phase = ?rec.phase, "job already known; reporting its state");
-            if rec.phase.is_final() {
-                self.report_recent_one(&rec);
+            if !rec.phase.is_final() {
+                // The controller re-sends unfinished jobs after a reconnect; this one runs.
+                info!(job_id = %spec.job_id, "job already accepted and running");
+                return;
             }
+            // Seen and finished: say how it ended (the controller may have missed it), and
+            // refuse to run it again.
+            self.report_recent_one(&rec);
+            self.refuse(
+                &spec.job_id,
+                RefusalReason::Replayed,
+                &format!("job {} already ran ({:?}); never run twice", spec.job_id, rec.phase),
+            );
             return;
         }
         if let Some(owner) = self.journal.nonce_owner(&nonce) {
