@@ -15,6 +15,7 @@ pub use serde_json::Value;
 
 pub mod fixture;
 pub mod postgres;
+pub mod services;
 
 /// How long [`eventually`] waits before failing.
 pub fn patience() -> Duration {

@@ -98,6 +98,8 @@ fn webhook_receiver() -> (String, Arc<Mutex<Vec<String>>>) {
 
 struct Setup {
     controller: Controller,
+    controller_port: u16,
+    controller_extra: String,
     _agents: Vec<Proc>,
     app: FixtureApp,
     repo: Repo,
@@ -147,7 +149,8 @@ fn setup(tag: &str) -> Setup {
         staging = env_block("staging", "hub-alfa", staging_port),
         production = env_block("production", "prod-alfa", production_port),
     );
-    let controller = fleet.start_controller(free_port(), &extra);
+    let controller_port = free_port();
+    let controller = fleet.start_controller(controller_port, &extra);
     let mut agents = Vec::new();
     for host in ["hub-alfa", "prod-alfa"] {
         let jobs = format!(
@@ -162,6 +165,8 @@ fn setup(tag: &str) -> Setup {
     Setup {
         fleet,
         controller,
+        controller_port,
+        controller_extra: extra,
         _agents: agents,
         app,
         repo,
@@ -328,4 +333,91 @@ fn a_deploy_of_an_unknown_app_or_commit_is_refused_clearly() {
         "sentinel.v1.FleetService/SubmitDeploy",
     );
     assert!(r.stderr.contains("InvalidArgument") && r.stderr.contains("not found"), "{}", r.stderr);
+}
+
+#[test]
+fn a_controller_restart_mid_pipeline_ends_the_deploy_in_a_definite_state() {
+    let mut s = setup("restart");
+    let v1 = s.repo.commit(&s.app, "v1", Variant::Healthy, |_| {});
+    let d = s
+        .controller
+        .grpcurl(Some(&format!("{{\"app\":\"{}\",\"commit\":\"{v1}\"}}", s.name)), "sentinel.v1.FleetService/SubmitDeploy")
+        .json()
+        .unwrap();
+    let id = d["deployId"].as_str().unwrap().to_string();
+    let get = |c: &Controller| c.grpcurl(Some(&format!("{{\"deploy_id\":\"{id}\"}}")), "sentinel.v1.FleetService/GetDeploy").json();
+    // Stop the controller while the staging deploy job runs on the agent.
+    let job_id = eventually("the staging deploy step to start", || {
+        let d = get(&s.controller)?;
+        d["steps"]
+            .as_array()
+            .and_then(|steps| steps.iter().find(|st| st["name"] == "deploy" && st["status"] == "STEP_STATUS_STARTED" && st["jobId"].is_string()))
+            .map(|st| st["jobId"].as_str().unwrap_or_default().to_string())
+            .ok_or_else(|| d.to_string())
+    });
+    assert!(s.controller.proc.stop().is_some());
+    s.controller = s.fleet.start_controller(s.controller_port, &s.controller_extra);
+
+    let after = get(&s.controller).unwrap();
+    assert_eq!(after["state"], "DEPLOYMENT_STATE_FAILED", "{after}");
+    let detail = after["detail"].as_str().unwrap_or_default();
+    assert!(detail.contains("interrupted by a controller restart") && detail.contains("deploy on hub-alfa"), "{detail}");
+    assert!(detail.contains("production was not touched"), "{detail}");
+    // The job itself still ends in a definite state once the agent reports back.
+    let job = eventually_within(std::time::Duration::from_secs(180), "the interrupted deploy's job to settle", || {
+        let j = s.controller.grpcurl(Some(&format!("{{\"job_id\":\"{job_id}\"}}")), "sentinel.v1.FleetService/GetJob").json()?;
+        match j["state"].as_str().unwrap_or_default() {
+            "JOB_STATE_SUCCEEDED" | "JOB_STATE_FAILED" | "JOB_STATE_INTERRUPTED" => Ok(j),
+            other => Err(other.to_string()),
+        }
+    });
+    assert_eq!(job["state"], "JOB_STATE_SUCCEEDED", "{job}");
+    // And a new deploy may start: the app's lock did not survive as a stale one.
+    let again = s
+        .controller
+        .grpcurl(Some(&format!("{{\"app\":\"{}\",\"commit\":\"{v1}\"}}", s.name)), "sentinel.v1.FleetService/SubmitDeploy");
+    assert!(again.ok, "{}", again.stderr);
+}
+
+/// Benchmark, not a test: the pipeline's own overhead per environment (bundle, signing,
+/// dispatch, bundle transfer, unpack; not compose, health waits or E2E). Run with
+/// `cargo test -p sentinel-e2e --test deploy overhead -- --ignored --nocapture`.
+#[test]
+#[ignore]
+fn overhead_per_environment() {
+    let s = setup("bench");
+    let v1 = s.repo.commit(&s.app, "v1", Variant::Healthy, |_| {});
+    let (code, out) = cli_deploy(&s, &v1);
+    assert_eq!(code, 0, "{out}");
+    let d = latest_deploy(&s);
+    let secs = |t: &Value| -> f64 {
+        let text = t.as_str().unwrap_or_default();
+        humantime::parse_rfc3339(text)
+            .map(|t| t.duration_since(std::time::UNIX_EPOCH).unwrap_or_default().as_secs_f64())
+            .unwrap_or(0.0)
+    };
+    for env in ["staging", "production"] {
+        let steps: Vec<&Value> = d["steps"].as_array().unwrap().iter().filter(|st| st["environment"] == env).collect();
+        let bundle = steps.iter().find(|st| st["name"] == "bundle").unwrap();
+        let deploy = steps.iter().find(|st| st["name"] == "deploy").unwrap();
+        let bundle_ms = (secs(&bundle["finishedAt"]) - secs(&bundle["startedAt"])) * 1000.0;
+        let job_id = deploy["jobId"].as_str().unwrap();
+        let job = s.controller.grpcurl(Some(&format!("{{\"job_id\":\"{job_id}\"}}")), "sentinel.v1.FleetService/GetJob").json().unwrap();
+        let events = job["events"].as_array().unwrap();
+        let accepted = events.iter().find(|e| e["accepted"].is_object()).unwrap();
+        let dispatch_ms = (secs(&accepted["at"]) - secs(&job["createdAt"])) * 1000.0;
+        let finished = events.iter().find(|e| e["finished"].is_object()).unwrap();
+        let settle_ms = (secs(&deploy["finishedAt"]) - secs(&finished["at"])) * 1000.0;
+        let detail = deploy["detail"].as_str().unwrap_or_default();
+        let agent_ms = detail
+            .split("(agent ")
+            .nth(1)
+            .and_then(|r| r.split("ms").next())
+            .and_then(|v| v.parse::<f64>().ok())
+            .unwrap_or(f64::NAN);
+        println!(
+            "{env}: bundle {bundle_ms:.0} ms, sign+dispatch to accepted {dispatch_ms:.0} ms, agent's own work (fetch, unpack, switch, prune) {agent_ms:.0} ms, settle {settle_ms:.0} ms => controller+agent overhead {:.0} ms",
+            bundle_ms + dispatch_ms + agent_ms + settle_ms
+        );
+    }
 }

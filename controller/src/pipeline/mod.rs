@@ -274,7 +274,13 @@ impl Pipeline {
                 .rev()
                 .find(|s| s.name == step.name && s.environment == step.environment)
             {
-                Some(existing) if existing.status == StepStatus::Started as i32 => *existing = step.clone(),
+                Some(existing) if existing.status == StepStatus::Started as i32 => {
+                    let job_id = std::mem::take(&mut existing.job_id);
+                    *existing = step.clone();
+                    if existing.job_id.is_empty() {
+                        existing.job_id = job_id;
+                    }
+                }
                 _ => d.steps.push(step.clone()),
             }
         }

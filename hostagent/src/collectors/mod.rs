@@ -2,7 +2,9 @@
 //! puts its error in its section and the others carry on.
 
 pub mod docker;
+pub mod nginx;
 pub mod postgres;
+pub mod redis;
 pub mod system;
 
 use std::time::{Instant, SystemTime};
@@ -10,6 +12,7 @@ use std::time::{Instant, SystemTime};
 use sentinel_proto::v1::{
     docker_section, system_section, Collection, DockerSection, HostState, SystemSection,
 };
+use sentinel_proto::v1::{nginx_section, redis_section, NginxSection, RedisSection};
 
 use crate::config::CollectorsConfig;
 
@@ -30,6 +33,8 @@ pub enum CollectorError {
 pub struct Collectors {
     system: Option<system::SystemCollector>,
     docker: Option<docker::DockerCollector>,
+    nginx: Option<nginx::NginxCollector>,
+    redis: Option<redis::RedisCollector>,
     postgres: Option<postgres::PostgresCollector>,
 }
 
@@ -41,6 +46,11 @@ impl Collectors {
             docker: config
                 .docker
                 .then(|| docker::DockerCollector::new(&config.docker_socket)),
+            nginx: config
+                .nginx
+                .enabled
+                .then(|| nginx::NginxCollector::new(&config.nginx)),
+            redis: (!config.redis.is_empty()).then(|| redis::RedisCollector::new(&config.redis)),
             postgres: config
                 .postgres
                 .enabled
@@ -56,6 +66,12 @@ impl Collectors {
         }
         if self.docker.is_some() {
             caps.push("collector.docker".to_string());
+        }
+        if self.nginx.is_some() {
+            caps.push("collector.nginx".to_string());
+        }
+        if self.redis.is_some() {
+            caps.push("collector.redis".to_string());
         }
         if self.postgres.is_some() {
             caps.push("collector.postgres".to_string());
@@ -107,6 +123,38 @@ impl Collectors {
                 }),
             });
         }
+        // nginx and Redis mostly wait on other processes: they run side by side, each bounded
+        // by its own timeouts.
+        let (nginx, redis) = (self.nginx.as_ref(), self.redis.as_ref());
+        let (nginx, redis) = tokio::join!(
+            async move {
+                match nginx {
+                    Some(c) => Some(timed_async(c.collect()).await),
+                    None => None,
+                }
+            },
+            async move {
+                match redis {
+                    Some(c) => Some(timed_async(c.collect()).await),
+                    None => None,
+                }
+            },
+        );
+        state.nginx = nginx.map(|(collection, result)| NginxSection {
+            collection: Some(collection),
+            result: Some(match result {
+                Ok(s) => nginx_section::Result::State(s),
+                Err(e) => {
+                    tracing::debug!(error = %e, "nginx collection failed");
+                    nginx_section::Result::Error(e.to_string())
+                }
+            }),
+        });
+        // Redis failures are per instance, inside the state.
+        state.redis = redis.map(|(collection, s)| RedisSection {
+            collection: Some(collection),
+            result: Some(redis_section::Result::State(s)),
+        });
         state
     }
 }
@@ -116,6 +164,13 @@ fn collection(at: SystemTime, started: Instant) -> Collection {
         collected_at: Some(sentinel_proto::time::timestamp(at)),
         duration_micros: u64::try_from(started.elapsed().as_micros()).unwrap_or(u64::MAX),
     }
+}
+
+async fn timed_async<T>(f: impl std::future::Future<Output = T>) -> (Collection, T) {
+    let started = Instant::now();
+    let at = SystemTime::now();
+    let out = f.await;
+    (collection(at, started), out)
 }
 
 fn timed<T>(f: impl FnOnce() -> T) -> (Collection, T) {
@@ -146,6 +201,12 @@ impl DeltaTracker {
         }
         if full || changed(&self.last.docker, &fresh.docker, |s| &s.result) {
             out.docker = fresh.docker.clone();
+        }
+        if full || changed(&self.last.nginx, &fresh.nginx, |s| &s.result) {
+            out.nginx = fresh.nginx.clone();
+        }
+        if full || changed(&self.last.redis, &fresh.redis, |s| &s.result) {
+            out.redis = fresh.redis.clone();
         }
         if full || changed(&self.last.postgres, &fresh.postgres, |s| &s.result) {
             out.postgres = fresh.postgres.clone();
