@@ -18,6 +18,11 @@ const ENVELOPES: TableDefinition<&str, &[u8]> = TableDefinition::new("job_envelo
 /// Deploy id -> encoded `sentinel.v1.Deployment`.
 const DEPLOYS: TableDefinition<&str, &[u8]> = TableDefinition::new("deploys");
 
+/// One row to write: table, key, encoded value.
+type Row<'a> = (Table, &'a str, Vec<u8>);
+/// Every table maps a string key to an encoded protobuf message.
+type Table = TableDefinition<'static, &'static str, &'static [u8]>;
+
 /// A redb-backed [`Store`].
 pub struct EmbeddedStore {
     db: Database,
@@ -60,7 +65,7 @@ impl EmbeddedStore {
 
 impl EmbeddedStore {
     /// Writes `(table, key, value)` rows in one transaction.
-    fn put(&self, action: &str, rows: &[(TableDefinition<&str, &[u8]>, &str, Vec<u8>)]) -> Result<(), StoreError> {
+    fn put(&self, action: &str, rows: &[Row<'_>]) -> Result<(), StoreError> {
         let err = |e: redb::Error| backend(action)(e);
         let txn = self.db.begin_write().map_err(|e| err(e.into()))?;
         for (def, key, value) in rows {
