@@ -39,6 +39,31 @@ pub struct ControllerConfig {
     /// Database isolation policy and auditor (`[isolation]`); absent: no isolation checks.
     #[serde(default)]
     pub isolation: Option<crate::isolation::IsolationConfig>,
+    /// The Prometheus endpoint (`[metrics]`).
+    #[serde(default)]
+    pub metrics: MetricsConfig,
+}
+
+/// Where the controller serves its Prometheus metrics (`GET /metrics`, no authentication:
+/// keep it on loopback, or behind a firewall).
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct MetricsConfig {
+    /// Whether the endpoint runs.
+    #[serde(default = "defaults::metrics_enabled")]
+    pub enabled: bool,
+    /// The address it listens on.
+    #[serde(default = "defaults::metrics_listen")]
+    pub listen: SocketAddr,
+}
+
+impl Default for MetricsConfig {
+    fn default() -> Self {
+        Self {
+            enabled: defaults::metrics_enabled(),
+            listen: defaults::metrics_listen(),
+        }
+    }
 }
 
 /// The Ed25519 key that signs every job.
@@ -115,6 +140,14 @@ mod defaults {
     pub fn job_run_timeout() -> Duration {
         Duration::from_secs(3600)
     }
+    pub fn metrics_enabled() -> bool {
+        true
+    }
+    /// Loopback: the endpoint has no authentication. The agent's default is 9465, so both
+    /// can run on one host.
+    pub fn metrics_listen() -> SocketAddr {
+        SocketAddr::from(([127, 0, 0, 1], 9464))
+    }
 }
 
 impl ControllerConfig {
@@ -171,6 +204,7 @@ impl fmt::Debug for ControllerConfig {
             .field("jobs", &self.jobs)
             .field("apps", &self.apps.iter().map(|a| &a.name).collect::<Vec<_>>())
             .field("isolation", &self.isolation)
+            .field("metrics", &self.metrics)
             .finish_non_exhaustive()
     }
 }

@@ -24,6 +24,8 @@ pub struct DevOptions {
     pub listen: SocketAddr,
     /// The local agent's report interval.
     pub report_interval: Duration,
+    /// Where the controller's (and the local agent's) metrics are served.
+    pub metrics_listen: SocketAddr,
 }
 
 /// This machine's host name, made into a valid fleet name (lowercase, dashes for anything
@@ -96,6 +98,10 @@ pub async fn run(opts: DevOptions, shutdown: CancellationToken) -> anyhow::Resul
         pipeline: Default::default(),
         apps: Vec::new(),
         isolation: None,
+        metrics: crate::config::MetricsConfig {
+            enabled: true,
+            listen: opts.metrics_listen,
+        },
     };
     let (ready_tx, ready_rx) = oneshot::channel();
     let mut controller_task = tokio::spawn(crate::server::run(
@@ -138,9 +144,14 @@ pub async fn run(opts: DevOptions, shutdown: CancellationToken) -> anyhow::Resul
             app_dirs: vec![opts.data_dir.join("apps")],
             ..hostagent::config::JobsConfig::default()
         },
+        // The controller's listener serves the local agent's metrics too (one process).
+        metrics: hostagent::config::MetricsConfig {
+            enabled: false,
+            ..Default::default()
+        },
     };
     let agent_task = tokio::spawn(hostagent::run(agent, shutdown.clone()));
-    print_banner(&certs, dial, &host);
+    print_banner(&certs, dial, &host, opts.metrics_listen);
 
     let controller_result = controller_task.await.context("controller task")?;
     shutdown.cancel();
@@ -148,7 +159,7 @@ pub async fn run(opts: DevOptions, shutdown: CancellationToken) -> anyhow::Resul
     controller_result
 }
 
-fn print_banner(certs: &Path, addr: SocketAddr, host: &str) {
+fn print_banner(certs: &Path, addr: SocketAddr, host: &str, metrics: SocketAddr) {
     let c = certs.display();
     let grpcurl = format!(
         "grpcurl -cacert {c}/ca.pem -cert {c}/operator-admin.pem -key {c}/operator-admin.key"
@@ -160,6 +171,7 @@ fn print_banner(certs: &Path, addr: SocketAddr, host: &str) {
          {grpcurl} {addr} sentinel.v1.FleetService/ListHosts\n  \
          {grpcurl} -d '{{\"name\":\"{host}\"}}' {addr} sentinel.v1.FleetService/GetHost\n  \
          {grpcurl} {addr} grpc.health.v1.Health/Check\n\n\
+         Metrics (controller and local agent): curl http://{metrics}/metrics\n\n\
          Stop with Ctrl-C.\n"
     );
 }

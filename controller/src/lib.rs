@@ -11,6 +11,7 @@ pub mod dev;
 pub mod identity;
 pub mod isolation;
 pub mod jobs;
+pub mod metrics;
 pub mod pipeline;
 pub mod pki;
 pub mod registry;

@@ -50,6 +50,9 @@ enum Command {
         /// The local agent's report interval.
         #[arg(long, default_value = "10s", value_parser = humantime::parse_duration)]
         report_interval: Duration,
+        /// Where the controller's and the local agent's Prometheus metrics are served.
+        #[arg(long, default_value = "127.0.0.1:9464")]
+        metrics_listen: SocketAddr,
     },
     /// Create dev certificates and keys.
     #[command(subcommand)]
@@ -68,10 +71,27 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
-    /// Show one host.
+    /// Show one host: system, containers, nginx, Redis, PostgreSQL, collectors' errors.
     Host {
         /// The host's name.
         name: String,
+        #[command(flatten)]
+        client: ClientArgs,
+        /// JSON for scripts (the API's Host message, as grpcurl prints it).
+        #[arg(long)]
+        json: bool,
+    },
+    /// List jobs, newest first.
+    Jobs {
+        #[command(flatten)]
+        args: sentinel::cli::jobs::JobsArgs,
+        #[command(flatten)]
+        client: ClientArgs,
+    },
+    /// List deploys and rollbacks, newest first.
+    Deploys {
+        #[command(flatten)]
+        args: sentinel::cli::jobs::DeploysArgs,
         #[command(flatten)]
         client: ClientArgs,
     },
@@ -97,6 +117,12 @@ enum Command {
         wait: bool,
         #[command(flatten)]
         client: ClientArgs,
+    },
+    /// Write shell completions and man pages into DIR (used by packaging).
+    #[command(hide = true)]
+    GenerateAssets {
+        /// Where to write `completions/` and `man/`.
+        dir: PathBuf,
     },
 }
 
@@ -193,7 +219,15 @@ enum ConfigCommand {
 const EX_USAGE: u8 = 64;
 
 fn main() -> ExitCode {
-    let cli = Cli::parse();
+    // Usage errors exit 64 like config errors (clap's own default is 2, which here means "the
+    // controller could not be reached"); --help and --version exit 0.
+    let cli = match Cli::try_parse() {
+        Ok(cli) => cli,
+        Err(e) => {
+            let _ = e.print();
+            return ExitCode::from(if e.use_stderr() { EX_USAGE } else { 0 });
+        }
+    };
     logging::init(cli.log_format);
     match cli.command {
         Command::Serve { config } => {
@@ -206,19 +240,28 @@ fn main() -> ExitCode {
             };
             run_async(|shutdown| async move {
                 tracing::info!(config = ?config, "sentinel starting");
-                sentinel::server::run(config, shutdown, None).await
+                // systemd (Type=notify) hears READY=1 once the gRPC listener is bound.
+                let (ready, listening) = tokio::sync::oneshot::channel();
+                tokio::spawn(async move {
+                    if let Ok(addr) = listening.await {
+                        hostagent::systemd::ready(&format!("serving on {addr}"));
+                    }
+                });
+                sentinel::server::run(config, shutdown, Some(ready)).await
             })
         }
         Command::Dev {
             data_dir,
             listen,
             report_interval,
+            metrics_listen,
         } => run_async(|shutdown| {
             sentinel::dev::run(
                 sentinel::dev::DevOptions {
                     data_dir,
                     listen,
                     report_interval,
+                    metrics_listen,
                 },
                 shutdown,
             )
@@ -265,7 +308,22 @@ fn main() -> ExitCode {
             }
         }
         Command::Hosts { client, json } => client_call(sentinel::cli::fleet::hosts(&client, json)),
-        Command::Host { name, client } => client_call(sentinel::cli::fleet::host(&client, name)),
+        Command::Host { name, client, json } => {
+            client_call(sentinel::cli::host::show(&client, name, json))
+        }
+        Command::Jobs { args, client } => client_call(sentinel::cli::jobs::jobs(&client, args)),
+        Command::Deploys { args, client } => {
+            client_call(sentinel::cli::jobs::deploys(&client, args))
+        }
+        Command::GenerateAssets { dir } => {
+            match hostagent::docs::generate(<Cli as clap::CommandFactory>::command(), &dir) {
+                Ok(_) => ExitCode::SUCCESS,
+                Err(e) => {
+                    eprintln!("sentinel: {e:#}");
+                    ExitCode::FAILURE
+                }
+            }
+        }
         Command::Deploy { args, client } => client_call(sentinel::cli::deploy::deploy(&client, args)),
         Command::Rollback {
             app,
@@ -379,6 +437,7 @@ where
             r = &mut task => r,
             _ = hostagent::shutdown_signal() => {
                 tracing::info!("shutting down");
+                hostagent::systemd::stopping();
                 shutdown.cancel();
                 // Grace period: long enough to flush the store and close streams cleanly,
                 // short enough for systemd's default stop timeout.

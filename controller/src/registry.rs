@@ -140,6 +140,7 @@ impl Registry {
             entry.record.offline_reason.clear();
         }
         self.mark_dirty(&name);
+        crate::metrics::get().agent_connected();
         id
     }
 
@@ -191,6 +192,7 @@ impl Registry {
             entry.last_seen = now;
             entry.record.last_seen = Some(timestamp(now));
         }
+        crate::metrics::get().state_report();
         self.mark_dirty(name);
     }
 

@@ -116,12 +116,14 @@ pub async fn run(
     }
 
     let incoming = crate::tls::incoming(listener, tls, shutdown.clone());
+    crate::metrics::start(&config.metrics, registry.clone(), shutdown.clone()).await;
     if let Some(ready) = ready {
         let _ = ready.send(local);
     }
     tonic::transport::Server::builder()
         .http2_keepalive_interval(Some(Duration::from_secs(30)))
         .http2_keepalive_timeout(Some(Duration::from_secs(20)))
+        .layer(crate::metrics::GrpcMetricsLayer)
         .layer(AuthzLayer)
         .add_service(AgentServiceServer::new(AgentApi::new(ctx.clone(), shutdown.clone())))
         .add_service(FleetServiceServer::new(

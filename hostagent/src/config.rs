@@ -114,6 +114,31 @@ pub struct AgentConfig {
     /// Which signed jobs this host runs, and whose signatures it trusts.
     #[serde(default)]
     pub jobs: JobsConfig,
+    /// The Prometheus endpoint (`[metrics]`).
+    #[serde(default)]
+    pub metrics: MetricsConfig,
+}
+
+/// Where the agent serves its Prometheus metrics (`GET /metrics`, no authentication: keep it
+/// on loopback, or behind a firewall).
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct MetricsConfig {
+    /// Whether the endpoint runs.
+    #[serde(default = "defaults::yes")]
+    pub enabled: bool,
+    /// The address it listens on.
+    #[serde(default = "defaults::metrics_listen")]
+    pub listen: std::net::SocketAddr,
+}
+
+impl Default for MetricsConfig {
+    fn default() -> Self {
+        Self {
+            enabled: true,
+            listen: defaults::metrics_listen(),
+        }
+    }
 }
 
 /// The agent's job policy: the controller can only ask, this decides.
@@ -137,6 +162,9 @@ pub struct JobsConfig {
     /// Clock difference tolerated at both ends of a job's validity window.
     #[serde(default = "defaults::max_clock_skew", with = "humantime_serde")]
     pub max_clock_skew: Duration,
+    /// What backup, verify and restore-test jobs may do here (`[jobs.backups]`).
+    #[serde(default, deserialize_with = "backups_config")]
+    pub backups: BackupsConfig,
 }
 
 impl Default for JobsConfig {
@@ -147,8 +175,117 @@ impl Default for JobsConfig {
             allowed_kinds: Vec::new(),
             app_dirs: Vec::new(),
             max_clock_skew: defaults::max_clock_skew(),
+            backups: BackupsConfig::default(),
         }
     }
+}
+
+/// `[jobs.backups]`: the agent's side of backups. Jobs name databases by `dsn_ref`, a key of
+/// `dsns`: credentials stay on this host and never travel in a job. Jobs may only write under
+/// `backup_dirs`, only tar paths under `file_roots`, and only copy to `offsite_targets`.
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct BackupsConfig {
+    /// Named connections (`[jobs.backups.dsns.NAME]`: `dsn` or `dsn_file`, `password_file`,
+    /// `connect_timeout`). The DSN must not hold the password: it is handed to pg_dump on its
+    /// command line, so the password goes in `password_file` (passed through a private
+    /// PGPASSFILE).
+    #[serde(default)]
+    pub dsns: BTreeMap<String, crate::collectors::postgres::PgClientConfig>,
+    /// Directories backup jobs may write into (a job's `backup_dir` is one of them or below).
+    #[serde(default)]
+    pub backup_dirs: Vec<PathBuf>,
+    /// Paths file backups may read (each of a job's `file_paths` is one of them or below).
+    #[serde(default)]
+    pub file_roots: Vec<PathBuf>,
+    /// Offsite destinations jobs may copy to, exactly as jobs name them: a local directory,
+    /// `user@host:path` (rsync over ssh) or `rsync://host[:port]/module/path`.
+    #[serde(default)]
+    pub offsite_targets: Vec<String>,
+    /// The PostgreSQL and rsync programs: paths, or names looked up in `PATH`.
+    #[serde(default = "defaults::pg_dump")]
+    pub pg_dump: PathBuf,
+    /// `pg_dumpall`, for the cluster's globals.
+    #[serde(default = "defaults::pg_dumpall")]
+    pub pg_dumpall: PathBuf,
+    /// `pg_restore`, for verify (`--list`) and restore tests.
+    #[serde(default = "defaults::pg_restore")]
+    pub pg_restore: PathBuf,
+    /// `rsync`, for offsite copies.
+    #[serde(default = "defaults::rsync")]
+    pub rsync: PathBuf,
+    /// Refuse to dump as a role that can write (superuser, or INSERT/UPDATE/DELETE/TRUNCATE on
+    /// any table): backups read with a read-only role (e.g. one granted `pg_read_all_data`).
+    #[serde(default = "defaults::yes")]
+    pub require_read_only: bool,
+    /// Bound on each pg_dump, pg_restore, rsync and row count of a job.
+    #[serde(default = "defaults::backup_command_timeout", with = "humantime_serde")]
+    pub command_timeout: Duration,
+    /// Accept jobs that carry a simulated clock (`RetentionPolicy.simulated_now`). For test
+    /// fleets only: it lets whoever signs jobs backdate backups and so steer pruning.
+    #[serde(default)]
+    pub allow_simulated_clock: bool,
+}
+
+impl Default for BackupsConfig {
+    fn default() -> Self {
+        Self {
+            dsns: BTreeMap::new(),
+            backup_dirs: Vec::new(),
+            file_roots: Vec::new(),
+            offsite_targets: Vec::new(),
+            pg_dump: defaults::pg_dump(),
+            pg_dumpall: defaults::pg_dumpall(),
+            pg_restore: defaults::pg_restore(),
+            rsync: defaults::rsync(),
+            require_read_only: true,
+            command_timeout: defaults::backup_command_timeout(),
+            allow_simulated_clock: false,
+        }
+    }
+}
+
+/// Deserializes `[jobs.backups]` and rejects what cannot work (a DSN entry without a DSN, a
+/// password inside an inline DSN, relative directories), naming the key, at start-up.
+fn backups_config<'de, D>(deserializer: D) -> Result<BackupsConfig, D::Error>
+where
+    D: serde::Deserializer<'de>,
+{
+    use serde::de::Error;
+    let config = BackupsConfig::deserialize(deserializer)?;
+    for (name, dsn) in &config.dsns {
+        if let Some((key, problem)) = dsn.problem() {
+            return Err(D::Error::custom(format!(
+                "jobs.backups.dsns.{name}.{key}: {problem}"
+            )));
+        }
+        if let Some(inline) = &dsn.dsn {
+            if crate::jobs::backup::dsn::has_password(inline) {
+                return Err(D::Error::custom(format!(
+                    "jobs.backups.dsns.{name}.dsn: holds a password; pg_dump gets the DSN on \
+                     its command line, so put the password in `password_file`"
+                )));
+            }
+        }
+    }
+    for (key, dirs) in [
+        ("backup_dirs", &config.backup_dirs),
+        ("file_roots", &config.file_roots),
+    ] {
+        if let Some(dir) = dirs.iter().find(|d| !d.is_absolute()) {
+            return Err(D::Error::custom(format!(
+                "jobs.backups.{key}: {} must be an absolute path",
+                dir.display()
+            )));
+        }
+    }
+    if config.command_timeout < Duration::from_secs(1) {
+        return Err(D::Error::custom(format!(
+            "jobs.backups.command_timeout: {:?} is below the minimum of 1s",
+            config.command_timeout
+        )));
+    }
+    Ok(config)
 }
 
 /// Reconnect backoff: exponential from `initial` to `max`, each delay jittered.
@@ -481,6 +618,25 @@ mod defaults {
     pub fn nginx_config() -> PathBuf {
         PathBuf::from("/etc/nginx/nginx.conf")
     }
+    /// Next to the controller's 9464, so both can run on one host.
+    pub fn metrics_listen() -> std::net::SocketAddr {
+        std::net::SocketAddr::from(([127, 0, 0, 1], 9465))
+    }
+    pub fn pg_dump() -> PathBuf {
+        PathBuf::from("pg_dump")
+    }
+    pub fn pg_dumpall() -> PathBuf {
+        PathBuf::from("pg_dumpall")
+    }
+    pub fn pg_restore() -> PathBuf {
+        PathBuf::from("pg_restore")
+    }
+    pub fn rsync() -> PathBuf {
+        PathBuf::from("rsync")
+    }
+    pub fn backup_command_timeout() -> Duration {
+        Duration::from_secs(6 * 3600)
+    }
 }
 
 impl AgentConfig {
@@ -546,6 +702,7 @@ impl fmt::Debug for AgentConfig {
             .field("report_interval", &self.report_interval)
             .field("collectors", &self.collectors)
             .field("labels", &self.labels.len())
+            .field("metrics", &self.metrics)
             .finish_non_exhaustive()
     }
 }

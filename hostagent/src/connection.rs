@@ -107,6 +107,7 @@ pub async fn run(
                     return;
                 }
             };
+            crate::metrics::get().set_connected(false);
             if welcomed {
                 backoff.reset();
             }
@@ -120,6 +121,7 @@ pub async fn run(
                 Err(e) => warn!(error = %e, attempts, "no channel to the controller"),
             }
             let delay = backoff.next_delay();
+            crate::metrics::get().reconnecting();
             debug!(?delay, "reconnecting after backoff");
             tokio::select! {
                 _ = tokio::time::sleep(delay) => {}
@@ -188,6 +190,7 @@ async fn session(
         }
     };
     *welcomed = true;
+    crate::metrics::get().set_connected(true);
     let heartbeat = welcome
         .heartbeat_interval
         .as_ref()

@@ -5,9 +5,12 @@
 pub mod collectors;
 pub mod config;
 pub mod connection;
+pub mod docs;
 pub mod http;
 pub mod jobs;
 pub mod logging;
+pub mod metrics;
+pub mod systemd;
 pub mod tls;
 
 use tokio_util::sync::CancellationToken;
@@ -22,6 +25,8 @@ pub const VERSION: &str = env!("CARGO_PKG_VERSION");
 pub async fn run(config: AgentConfig, shutdown: CancellationToken) -> anyhow::Result<()> {
     let tls = tls::client_config(&config.tls)?;
     let jobs = jobs::Jobs::start(&config.host_name(), &config.jobs, jobs::Outbox::default())?;
+    metrics::start(&config.metrics, shutdown.clone()).await;
+    systemd::ready(&format!("connecting to {}", config.controller));
     connection::run(config, tls, jobs, shutdown).await;
     Ok(())
 }

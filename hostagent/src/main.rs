@@ -28,13 +28,32 @@ struct Cli {
     /// Log line format.
     #[arg(long, value_enum, default_value_t = LogFormat::Text)]
     log_format: LogFormat,
+    /// Write shell completions and man pages into DIR and exit (used by packaging).
+    #[arg(long, value_name = "DIR", hide = true)]
+    generate_assets: Option<PathBuf>,
 }
 
 /// sysexits' EX_USAGE: the config was wrong, restarting will not help.
 const EX_USAGE: u8 = 64;
 
 fn main() -> ExitCode {
-    let cli = Cli::parse();
+    // Usage errors exit 64 like config errors (clap's own default is 2); --help and --version 0.
+    let cli = match Cli::try_parse() {
+        Ok(cli) => cli,
+        Err(e) => {
+            let _ = e.print();
+            return ExitCode::from(if e.use_stderr() { EX_USAGE } else { 0 });
+        }
+    };
+    if let Some(dir) = &cli.generate_assets {
+        return match hostagent::docs::generate(<Cli as clap::CommandFactory>::command(), dir) {
+            Ok(_) => ExitCode::SUCCESS,
+            Err(e) => {
+                eprintln!("hostagent: {e:#}");
+                ExitCode::FAILURE
+            }
+        };
+    }
     logging::init(cli.log_format);
     let config = match AgentConfig::load(&cli.config) {
         Ok(c) => c,
@@ -61,10 +80,18 @@ fn main() -> ExitCode {
     runtime.block_on(async move {
         tracing::info!(config = ?config, "hostagent starting");
         let shutdown = CancellationToken::new();
-        let agent = tokio::spawn(hostagent::run(config, shutdown.clone()));
-        hostagent::shutdown_signal().await;
-        shutdown.cancel();
-        match agent.await {
+        let mut agent = tokio::spawn(hostagent::run(config, shutdown.clone()));
+        // A start-up failure (unreadable key, journal) ends the process at once, so that
+        // systemd sees it and restarts, instead of idling until SIGTERM.
+        let result = tokio::select! {
+            r = &mut agent => r,
+            _ = hostagent::shutdown_signal() => {
+                hostagent::systemd::stopping();
+                shutdown.cancel();
+                agent.await
+            }
+        };
+        match result {
             Ok(Ok(())) => ExitCode::SUCCESS,
             Ok(Err(e)) => {
                 tracing::error!(error = format!("{e:#}"), "agent failed");

@@ -1,6 +1,7 @@
-//! `sentinel hosts` and `sentinel host NAME`: the fleet at a glance, tables or JSON.
+//! `sentinel hosts`: the fleet at a glance, a table or JSON (`sentinel host NAME` is in
+//! [`super::host`]).
 
-use sentinel_proto::v1::{GetHostRequest, HostStatus, ListHostsRequest};
+use sentinel_proto::v1::{HostStatus, ListHostsRequest};
 
 use super::deploy::status_err;
 use super::ClientArgs;
@@ -32,12 +33,13 @@ pub async fn hosts(client: &ClientArgs, json: bool) -> anyhow::Result<u8> {
         println!("{}", serde_json::to_string_pretty(&out)?);
         return Ok(0);
     }
+    let colour = super::colour();
     let rows: Vec<Vec<String>> = hosts
         .iter()
         .map(|h| {
             vec![
                 h.name.clone(),
-                status_word(h.status),
+                super::format::state(&status_word(h.status), colour),
                 format!("{}/{}", h.containers_running, h.containers),
                 format!("{:.0}s", h.state_age_seconds),
                 h.failing_collectors.join(","),
@@ -49,20 +51,9 @@ pub async fn hosts(client: &ClientArgs, json: bool) -> anyhow::Result<u8> {
     Ok(0)
 }
 
-/// Prints one host.
+/// Prints one host (the full view of [`super::host`]).
 pub async fn host(client: &ClientArgs, name: String) -> anyhow::Result<u8> {
-    let mut api = client.connect().await?;
-    let h = api
-        .get_host(GetHostRequest { name })
-        .await
-        .map_err(status_err)?
-        .into_inner();
-    println!("{} {}{}", h.name, status_word(h.status), if h.offline_reason.is_empty() { String::new() } else { format!(" ({})", h.offline_reason) });
-    println!("state age: {:.1}s", h.state_age_seconds);
-    if let Some(info) = &h.info {
-        println!("agent {} on {} {}", info.agent_version, info.os, info.arch);
-    }
-    Ok(0)
+    super::host::show(client, name, false).await
 }
 
 fn status_word(s: i32) -> String {

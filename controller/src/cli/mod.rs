@@ -1,8 +1,18 @@
-//! The operator CLI: `sentinel hosts`, `sentinel deploy … --wait`, `sentinel rollback …`.
-//! It speaks the same mTLS operator API as grpcurl, with an operator certificate.
+//! The operator CLI: `sentinel hosts`, `sentinel host NAME`, `sentinel jobs`,
+//! `sentinel deploys`, `sentinel deploy … --wait`, `sentinel rollback …`: tables for people,
+//! `--json` for scripts, colour only on a terminal. It speaks the same mTLS operator API as
+//! grpcurl, with an operator certificate.
+//!
+//! Exit codes: 0 success; 1 the call worked but its outcome is a failure (a deploy that did not
+//! succeed); 2 the controller could not be reached or answered with an error (refused, unknown
+//! name); 64 a bad argument.
 
 pub mod deploy;
 pub mod fleet;
+pub mod format;
+pub mod host;
+pub mod jobs;
+pub mod json;
 
 use std::path::PathBuf;
 
@@ -61,26 +71,37 @@ pub fn colour() -> bool {
 
 /// Prints rows as aligned columns.
 pub fn table(headers: &[&str], rows: &[Vec<String>]) {
+    let mut out = String::new();
+    table_into(&mut out, "", headers, rows);
+    print!("{out}");
+}
+
+/// Appends rows as aligned columns, each line starting with `indent`. Widths count what shows
+/// on screen, so coloured cells line up too.
+pub fn table_into(out: &mut String, indent: &str, headers: &[&str], rows: &[Vec<String>]) {
+    use format::visible_width;
     let mut widths: Vec<usize> = headers.iter().map(|h| h.len()).collect();
     for row in rows {
         for (i, cell) in row.iter().enumerate() {
             if let Some(w) = widths.get_mut(i) {
-                *w = (*w).max(cell.chars().count());
+                *w = (*w).max(visible_width(cell));
             }
         }
     }
-    let line = |cells: Vec<String>| {
-        cells
+    let line = |cells: &[String]| {
+        let text = cells
             .iter()
             .enumerate()
-            .map(|(i, c)| format!("{c:<w$}", w = widths.get(i).copied().unwrap_or(0)))
+            .map(|(i, c)| {
+                let pad = widths.get(i).copied().unwrap_or(0).saturating_sub(visible_width(c));
+                format!("{c}{}", " ".repeat(pad))
+            })
             .collect::<Vec<_>>()
-            .join("  ")
-            .trim_end()
-            .to_string()
+            .join("  ");
+        format!("{indent}{}\n", text.trim_end())
     };
-    println!("{}", line(headers.iter().map(|h| h.to_string()).collect()));
+    out.push_str(&line(&headers.iter().map(|h| h.to_string()).collect::<Vec<_>>()));
     for row in rows {
-        println!("{}", line(row.clone()));
+        out.push_str(&line(row));
     }
 }

@@ -246,6 +246,9 @@ impl JobQueue {
                 }
                 _ => {}
             }
+            if !was_final && is_final(job.state()) {
+                crate::metrics::get().job_finished(job.kind(), job.state());
+            }
             job.updated_at = Some(sentinel_proto::time::now());
             if job.events.len() >= MAX_EVENTS {
                 job.events.remove(KEEP_FIRST_EVENTS);
@@ -302,6 +305,7 @@ impl JobQueue {
                 )));
             }
             entry.job.state = JobState::Cancelled as i32;
+            crate::metrics::get().job_finished(entry.job.kind(), JobState::Cancelled);
             entry.job.detail = format!("cancelled: {reason}");
             entry.job.updated_at = Some(sentinel_proto::time::now());
             entry.job.target_host.clone()
@@ -352,6 +356,7 @@ impl JobQueue {
                 };
                 if let Some(reason) = reason {
                     e.job.state = JobState::TimedOut as i32;
+                    crate::metrics::get().job_finished(e.job.kind(), JobState::TimedOut);
                     e.job.detail = reason;
                     e.job.updated_at = Some(sentinel_proto::time::now());
                     timed_out.push((e.job.job_id.clone(), e.job.target_host.clone()));

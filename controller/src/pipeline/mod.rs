@@ -367,6 +367,7 @@ impl Pipeline {
         level: E2eLevel,
     ) -> Result<(), Failure> {
         let host = env.host.as_str();
+        let _timer = crate::metrics::get().deploy_timer(&app.name, env_name);
         let started = Instant::now();
         let (bundle, _) = self
             .run_step(id, "bundle", env_name, host, async {
@@ -575,6 +576,7 @@ impl Pipeline {
             d.clone()
         };
         self.touch(id);
+        crate::metrics::get().deploy_finished(app, state);
         info!(state = state.as_str_name(), detail = %detail, "deploy finished");
         // The report goes out after the state is final, so watchers never wait on webhooks.
         let _ = self.events.send(DeploymentEvent {

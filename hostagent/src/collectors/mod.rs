@@ -155,6 +155,7 @@ impl Collectors {
             collection: Some(collection),
             result: Some(redis_section::Result::State(s)),
         });
+        crate::metrics::get().observe_collection(&state);
         state
     }
 }

@@ -3,6 +3,7 @@
 //! its nonce was never seen (the journal survives restarts), and local policy allows its kind
 //! and app directory. Refusals go back to the controller and into the log.
 
+pub mod backup;
 pub mod bundle;
 pub mod compose;
 pub mod deploy;
@@ -229,6 +230,7 @@ impl Jobs {
 
     fn refuse(&self, job_id: &str, reason: RefusalReason, detail: &str) {
         warn!(job_id, reason = reason.as_str_name(), detail, "job refused");
+        crate::metrics::get().job_refused(reason);
         JobEvents::new(job_id, self.outbox.clone(), 0).raw(job_event::Event::Refused(JobRefused {
             reason: reason as i32,
             detail: detail.to_string(),
@@ -264,9 +266,12 @@ impl Jobs {
             return;
         }
         info!("job running");
-        let outcome = tokio::select! {
+        let (outcome, result_json) = tokio::select! {
             r = self.execute(&spec, &events) => r,
-            _ = token.cancelled() => Err(JobError::Cancelled("cancelled by the controller".into())),
+            _ = token.cancelled() => (
+                Err(JobError::Cancelled("cancelled by the controller".into())),
+                String::new(),
+            ),
         };
         let (phase, state, detail) = match outcome {
             Ok(summary) => (Phase::Succeeded, JobState::Succeeded, summary),
@@ -278,10 +283,26 @@ impl Jobs {
             warn!(error = %e, "could not record the job's end");
         }
         info!(state = state.as_str_name(), detail = %detail, "job finished");
-        events.finished(state, &detail, "");
+        crate::metrics::get().job_finished(spec.kind(), state);
+        events.finished(state, &detail, &result_json);
     }
 
-    async fn execute(&self, spec: &JobSpec, events: &JobEvents) -> Result<String, JobError> {
+    /// Runs a job: its outcome and its JSON result (backups report what they wrote and hold).
+    async fn execute(&self, spec: &JobSpec, events: &JobEvents) -> backup::Outcome {
+        let backups = &self.config.backups;
+        match &spec.params {
+            Some(job_spec::Params::Backup(p)) => backup::run_backup(p, backups, events).await,
+            Some(job_spec::Params::VerifyBackups(p)) => {
+                backup::verify::run_verify(p, backups, events).await
+            }
+            Some(job_spec::Params::RestoreTest(p)) => {
+                backup::restore::run_restore_test(p, backups, events).await
+            }
+            _ => (self.execute_deploy(spec, events).await, String::new()),
+        }
+    }
+
+    async fn execute_deploy(&self, spec: &JobSpec, events: &JobEvents) -> Result<String, JobError> {
         match &spec.params {
             Some(job_spec::Params::Deploy(p)) => {
                 let bundle = self

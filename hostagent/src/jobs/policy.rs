@@ -1,12 +1,13 @@
 //! The agent's local policy: which job kinds it runs and where deploys may write. The
 //! controller's signature says a job is authentic; this says whether this host wants it.
 
-use std::path::{Component, Path};
+use std::path::{Component, Path, PathBuf};
 
 use sentinel_proto::v1::{job_spec, JobSpec};
 
+use super::backup::safe_name;
 use super::kind_name;
-use crate::config::JobsConfig;
+use crate::config::{BackupsConfig, JobsConfig};
 
 /// Checks `spec` against the policy; the error is the refusal's detail.
 pub fn check(spec: &JobSpec, config: &JobsConfig) -> Result<(), String> {
@@ -26,7 +27,79 @@ pub fn check(spec: &JobSpec, config: &JobsConfig) -> Result<(), String> {
     if let Some(dir) = app_dir {
         check_app_dir(Path::new(dir), config)?;
     }
-    Ok(())
+    check_backup(spec, &config.backups)
+}
+
+/// Backup, verify and restore-test jobs: the backup dir under `backup_dirs`, file paths under
+/// `file_roots`, an offsite target from `offsite_targets`, DSN refs this agent holds, names
+/// that are plain path components, and a simulated clock only where allowed.
+fn check_backup(spec: &JobSpec, config: &BackupsConfig) -> Result<(), String> {
+    let dsn = |name: &str| {
+        if config.dsns.contains_key(name) {
+            Ok(())
+        } else {
+            Err(format!("DSN ref {name:?} is not in this agent's [jobs.backups.dsns]"))
+        }
+    };
+    let name = |what: &str, n: &str| {
+        if safe_name(n) {
+            Ok(())
+        } else {
+            Err(format!("{what} {n:?} must be [A-Za-z0-9_.-]+ (it becomes a directory name)"))
+        }
+    };
+    match &spec.params {
+        Some(job_spec::Params::Backup(p)) => {
+            under("backup dir", &p.backup_dir, &config.backup_dirs, "jobs.backups.backup_dirs")?;
+            for db in &p.databases {
+                name("environment", &db.environment)?;
+                name("database", &db.database)?;
+                dsn(&db.dsn_ref)?;
+            }
+            if !p.globals_dsn_ref.is_empty() {
+                name("DSN ref", &p.globals_dsn_ref)?;
+                dsn(&p.globals_dsn_ref)?;
+            }
+            for path in &p.file_paths {
+                under("file path", path, &config.file_roots, "jobs.backups.file_roots")?;
+            }
+            if !p.offsite_target.is_empty() && !config.offsite_targets.contains(&p.offsite_target) {
+                return Err(format!(
+                    "offsite target {:?} is not in jobs.backups.offsite_targets",
+                    p.offsite_target
+                ));
+            }
+            if p.retention.as_ref().is_some_and(|r| r.simulated_now.is_some())
+                && !config.allow_simulated_clock
+            {
+                return Err("the job carries a simulated clock; this agent does not accept one \
+                            (jobs.backups.allow_simulated_clock = false)"
+                    .into());
+            }
+            Ok(())
+        }
+        Some(job_spec::Params::VerifyBackups(p)) => {
+            under("backup dir", &p.backup_dir, &config.backup_dirs, "jobs.backups.backup_dirs")
+        }
+        Some(job_spec::Params::RestoreTest(p)) => {
+            under("backup dir", &p.backup_dir, &config.backup_dirs, "jobs.backups.backup_dirs")?;
+            dsn(&p.test_cluster_dsn_ref)
+        }
+        _ => Ok(()),
+    }
+}
+
+/// `path` is absolute, has no `..`, and is one of `roots` or below one.
+fn under(what: &str, path: &str, roots: &[PathBuf], key: &str) -> Result<(), String> {
+    let p = Path::new(path);
+    if !p.is_absolute() || p.components().any(|c| matches!(c, Component::ParentDir)) {
+        return Err(format!("{what} {path:?} must be absolute without `..`"));
+    }
+    if roots.iter().any(|root| p.starts_with(root)) {
+        Ok(())
+    } else {
+        Err(format!("{what} {path} is outside {key} {roots:?}"))
+    }
 }
 
 fn check_app_dir(dir: &Path, config: &JobsConfig) -> Result<(), String> {

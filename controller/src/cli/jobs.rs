@@ -1,0 +1,137 @@
+//! `sentinel jobs` and `sentinel deploys`: the job and deploy history, newest first, as tables
+//! or (`--json`) as the API's `ListJobsResponse` / `ListDeploysResponse`.
+
+use sentinel_proto::v1::{
+    DeploymentState, JobKind, JobState, ListDeploysRequest, ListJobsRequest,
+};
+
+use super::deploy::status_err;
+use super::format::{ago, between, enum_word, state, truncate};
+use super::ClientArgs;
+
+/// Widest detail shown in a table; `--json` has it all.
+const DETAIL_WIDTH: usize = 72;
+
+/// What `sentinel jobs` shows.
+#[derive(Debug, Clone, clap::Args)]
+pub struct JobsArgs {
+    /// Only this host's jobs.
+    #[arg(long)]
+    pub host: Option<String>,
+    /// At most this many, newest first.
+    #[arg(long, default_value_t = 50)]
+    pub limit: u32,
+    /// JSON for scripts (the API's ListJobsResponse, as grpcurl prints it).
+    #[arg(long)]
+    pub json: bool,
+}
+
+/// What `sentinel deploys` shows.
+#[derive(Debug, Clone, clap::Args)]
+pub struct DeploysArgs {
+    /// Only this app's deploys.
+    #[arg(long)]
+    pub app: Option<String>,
+    /// At most this many, newest first.
+    #[arg(long, default_value_t = 20)]
+    pub limit: u32,
+    /// JSON for scripts (the API's ListDeploysResponse, as grpcurl prints it).
+    #[arg(long)]
+    pub json: bool,
+}
+
+/// Prints the job history.
+pub async fn jobs(client: &ClientArgs, args: JobsArgs) -> anyhow::Result<u8> {
+    let mut api = client.connect().await?;
+    let list = api
+        .list_jobs(ListJobsRequest {
+            host: args.host.unwrap_or_default(),
+            limit: args.limit,
+        })
+        .await
+        .map_err(status_err)?
+        .into_inner();
+    if args.json {
+        super::json::print(&list, "sentinel.v1.ListJobsResponse")?;
+        return Ok(0);
+    }
+    let colour = super::colour();
+    let rows: Vec<Vec<String>> = list
+        .jobs
+        .iter()
+        .map(|j| {
+            let kind = JobKind::try_from(j.kind).unwrap_or(JobKind::Unspecified);
+            let word = enum_word(
+                JobState::try_from(j.state)
+                    .unwrap_or(JobState::Unspecified)
+                    .as_str_name(),
+                "JOB_STATE_",
+            );
+            vec![
+                j.job_id.clone(),
+                j.target_host.clone(),
+                hostagent::jobs::kind_name(kind).to_string(),
+                state(&word, colour),
+                ago(j.created_at.as_ref()),
+                ago(j.updated_at.as_ref()),
+                truncate(&j.requested_by, 30),
+                truncate(&j.detail, DETAIL_WIDTH),
+            ]
+        })
+        .collect();
+    super::table(
+        &["JOB", "HOST", "KIND", "STATE", "CREATED", "UPDATED", "BY", "DETAIL"],
+        &rows,
+    );
+    Ok(0)
+}
+
+/// Prints the deploy history.
+pub async fn deploys(client: &ClientArgs, args: DeploysArgs) -> anyhow::Result<u8> {
+    let mut api = client.connect().await?;
+    let list = api
+        .list_deploys(ListDeploysRequest {
+            app: args.app.unwrap_or_default(),
+            limit: args.limit,
+        })
+        .await
+        .map_err(status_err)?
+        .into_inner();
+    if args.json {
+        super::json::print(&list, "sentinel.v1.ListDeploysResponse")?;
+        return Ok(0);
+    }
+    let colour = super::colour();
+    let rows: Vec<Vec<String>> = list
+        .deployments
+        .iter()
+        .map(|d| {
+            let word = enum_word(
+                DeploymentState::try_from(d.state)
+                    .unwrap_or(DeploymentState::Unspecified)
+                    .as_str_name(),
+                "DEPLOYMENT_STATE_",
+            );
+            let took = if d.finished_at.is_some() {
+                between(d.started_at.as_ref(), d.finished_at.as_ref())
+            } else {
+                between(d.started_at.as_ref(), Some(&sentinel_proto::time::now()))
+            };
+            vec![
+                d.deploy_id.clone(),
+                d.app.clone(),
+                d.commit.chars().take(12).collect(),
+                state(&word, colour),
+                ago(d.started_at.as_ref()),
+                took,
+                truncate(&d.requested_by, 30),
+                truncate(&d.detail, DETAIL_WIDTH),
+            ]
+        })
+        .collect();
+    super::table(
+        &["DEPLOY", "APP", "COMMIT", "STATE", "STARTED", "TOOK", "BY", "DETAIL"],
+        &rows,
+    );
+    Ok(0)
+}

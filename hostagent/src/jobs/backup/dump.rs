@@ -1,0 +1,357 @@
+//! Writing backup files: `pg_dump --format=custom` of a database, `pg_dumpall --globals-only
+//! --no-role-passwords` of a cluster, and a tar of configured paths. Each is written to a temp
+//! file, fsynced, hashed and only then renamed into place, so a file under its final name is
+//! always complete.
+//!
+//! A database dump runs in a snapshot the agent exports from its own read-only transaction
+//! (`pg_export_snapshot`, `pg_dump --snapshot`), and the agent counts every table's rows in
+//! that same transaction while pg_dump reads: the manifest's row counts describe exactly what
+//! the dump holds, however busy the database is.
+
+use std::collections::BTreeMap;
+use std::io::Write;
+use std::path::{Path, PathBuf};
+
+use jiff::Timestamp;
+use sentinel_proto::v1::BackupDatabase;
+use sha2::{Digest, Sha256};
+
+use super::dsn::{self, PassFile};
+use super::manifest::{Entry, Kind, Series};
+use super::{finalize, run_tool};
+use crate::collectors::postgres;
+use crate::config::BackupsConfig;
+use crate::jobs::JobEvents;
+
+/// What every file of one run shares.
+pub struct RunCtx<'a> {
+    /// The backup dir.
+    pub dir: &'a Path,
+    /// Its private temp dir (`.tmp`, mode 0700).
+    pub tmp: &'a Path,
+    /// The run's id (UTC stamp), part of every file name.
+    pub run_id: &'a str,
+    /// The run's clock.
+    pub taken_at: Timestamp,
+    /// The agent's backup config.
+    pub config: &'a BackupsConfig,
+    /// The job's events.
+    pub events: &'a JobEvents,
+}
+
+/// `NAME --version`, e.g. "pg_dump (PostgreSQL) 15.18".
+pub async fn tool_version(program: &Path) -> Result<String, String> {
+    let out = tokio::process::Command::new(program)
+        .arg("--version")
+        .stdin(std::process::Stdio::null())
+        .output()
+        .await
+        .map_err(|e| format!("running {} --version: {e}", program.display()))?;
+    if !out.status.success() {
+        return Err(format!("{} --version failed: {}", program.display(), out.status));
+    }
+    Ok(String::from_utf8_lossy(&out.stdout).trim().to_string())
+}
+
+/// Double-quotes an identifier for SQL.
+pub fn quote_ident(name: &str) -> String {
+    format!("\"{}\"", name.replace('"', "\"\""))
+}
+
+/// Tables whose data pg_dump writes (ordinary tables and partitions, not those of extensions).
+pub const TABLES_SQL: &str = "SELECT n.nspname::text, c.relname::text \
+     FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace \
+     WHERE c.relkind = 'r' AND n.nspname <> 'information_schema' AND n.nspname NOT LIKE 'pg\\_%' \
+       AND NOT EXISTS (SELECT 1 FROM pg_depend d WHERE d.classid = 'pg_class'::regclass \
+                       AND d.objid = c.oid AND d.deptype = 'e') \
+     ORDER BY 1, 2";
+
+/// Counts the rows of every table in `tables` (schema, name) on `client`.
+pub async fn count_rows(
+    client: &tokio_postgres::Client,
+    tables: &[(String, String)],
+) -> Result<BTreeMap<String, i64>, String> {
+    let mut counts = BTreeMap::new();
+    for (schema, table) in tables {
+        let sql = format!(
+            "SELECT count(*) FROM {}.{}",
+            quote_ident(schema),
+            quote_ident(table)
+        );
+        let row = client
+            .query_one(&sql, &[])
+            .await
+            .map_err(|e| format!("counting rows of {schema}.{table}: {}", postgres::describe(&e)))?;
+        counts.insert(format!("{schema}.{table}"), row.get::<_, i64>(0));
+    }
+    Ok(counts)
+}
+
+/// Dumps one database; the entry describes the file now in place.
+pub async fn database(ctx: &RunCtx<'_>, db: &BackupDatabase, tool: &str) -> Result<Entry, String> {
+    let started_at = Timestamp::now();
+    let resolved = dsn::resolve(ctx.config, &db.dsn_ref, ctx.events)?.with_database(&db.database);
+    let conn = postgres::connect(&resolved.client, "sentinel-backup")
+        .await
+        .map_err(|e| e.to_string())?;
+    let client = &conn.client;
+    let query_err = |what: &str, e: tokio_postgres::Error| {
+        format!("{what} on {}: {}", conn.target, postgres::describe(&e))
+    };
+    client
+        .batch_execute("BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY")
+        .await
+        .map_err(|e| query_err("starting a read-only transaction", e))?;
+    let row = client
+        .query_one(
+            "SELECT pg_export_snapshot(), current_user::text, current_setting('server_version'), \
+             (SELECT rolsuper FROM pg_roles WHERE rolname = current_user)",
+            &[],
+        )
+        .await
+        .map_err(|e| query_err("exporting a snapshot", e))?;
+    let snapshot: String = row.get(0);
+    let role: String = row.get(1);
+    let server_version: String = row.get(2);
+    let superuser: bool = row.get::<_, Option<bool>>(3).unwrap_or(false);
+    if ctx.config.require_read_only {
+        check_read_only(client, &role, superuser, &db.database)
+            .await
+            .map_err(|e| e.replace("{target}", &conn.target))?;
+    }
+    let tables: Vec<(String, String)> = client
+        .query(TABLES_SQL, &[])
+        .await
+        .map_err(|e| query_err("listing tables", e))?
+        .iter()
+        .map(|r| (r.get(0), r.get(1)))
+        .collect();
+
+    let file = format!(
+        "{env}/{db}/{db}-{run}.dump",
+        env = db.environment,
+        db = db.database,
+        run = ctx.run_id
+    );
+    let tmp = ctx.tmp.join(format!("{}-{}.dump.partial", db.environment, db.database));
+    let passfile = match &resolved.password {
+        Some(p) => Some(PassFile::write(ctx.tmp, &format!("{}-{}", db.environment, db.database), p)?),
+        None => None,
+    };
+    let mut cmd = tokio::process::Command::new(&ctx.config.pg_dump);
+    cmd.arg("--format=custom")
+        .arg(format!("--file={}", tmp.display()))
+        .arg(format!("--snapshot={snapshot}"))
+        .arg("--no-password")
+        .arg(format!("--dbname={}", resolved.conninfo));
+    dsn::tool_env(&mut cmd, &resolved, passfile.as_ref());
+    let timeout = ctx.config.command_timeout;
+    let dump = run_tool(cmd, "pg_dump", timeout, ctx.events);
+    let counting = async {
+        tokio::time::timeout(timeout, count_rows(client, &tables))
+            .await
+            .map_err(|_| format!("counting rows took longer than {timeout:?}"))?
+    };
+    // Both read the same snapshot: pg_dump imported it at its start, and our transaction
+    // stays open until pg_dump is done.
+    let (dumped, counted) = tokio::join!(dump, counting);
+    drop(passfile);
+    let _ = client.batch_execute("COMMIT").await;
+    drop(conn);
+    if let Err(e) = dumped {
+        let _ = std::fs::remove_file(&tmp);
+        return Err(e);
+    }
+    let row_counts = match counted {
+        Ok(c) => c,
+        Err(e) => {
+            let _ = std::fs::remove_file(&tmp);
+            return Err(e);
+        }
+    };
+    let (size, sha256) = finalize(&tmp, &ctx.dir.join(&file)).await?;
+    Ok(Entry {
+        series: Series {
+            kind: Kind::Database,
+            environment: db.environment.clone(),
+            database: db.database.clone(),
+        },
+        file,
+        size,
+        sha256,
+        taken_at: ctx.taken_at,
+        started_at,
+        finished_at: Timestamp::now(),
+        tool_version: tool.to_string(),
+        server_version,
+        row_counts,
+        paths: Vec::new(),
+        pruned_at: None,
+        verified_at: None,
+        damaged: None,
+    })
+}
+
+/// Refuses a role that can write: a superuser, or one holding INSERT, UPDATE, DELETE or
+/// TRUNCATE on any table of the database (owners hold all of them).
+async fn check_read_only(
+    client: &tokio_postgres::Client,
+    role: &str,
+    superuser: bool,
+    database: &str,
+) -> Result<(), String> {
+    let advice = "back up with a read-only role (e.g. one granted pg_read_all_data), or set \
+                  [jobs.backups] require_read_only = false on the agent";
+    if superuser {
+        return Err(format!(
+            "role {role} is a superuser, not a read-only role ({{target}}): {advice}"
+        ));
+    }
+    let writable: Vec<String> = client
+        .query(
+            "SELECT n.nspname || '.' || c.relname FROM pg_class c \
+             JOIN pg_namespace n ON n.oid = c.relnamespace \
+             WHERE c.relkind IN ('r', 'p') AND n.nspname <> 'information_schema' \
+               AND n.nspname NOT LIKE 'pg\\_%' \
+               AND has_table_privilege(c.oid, 'INSERT, UPDATE, DELETE, TRUNCATE') \
+             ORDER BY 1 LIMIT 5",
+            &[],
+        )
+        .await
+        .map_err(|e| format!("checking that role {role} is read-only: {}", postgres::describe(&e)))?
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    if writable.is_empty() {
+        Ok(())
+    } else {
+        Err(format!(
+            "role {role} is not read-only: it may write to {} in {database}: {advice}",
+            writable.join(", ")
+        ))
+    }
+}
+
+/// Dumps a cluster's globals (roles without passwords, memberships, tablespaces).
+pub async fn globals(ctx: &RunCtx<'_>, dsn_ref: &str, tool: &str) -> Result<Entry, String> {
+    let started_at = Timestamp::now();
+    let resolved = dsn::resolve(ctx.config, dsn_ref, ctx.events)?;
+    let file = format!("globals/{dsn_ref}/{dsn_ref}-{}.sql", ctx.run_id);
+    let tmp = ctx.tmp.join(format!("globals-{dsn_ref}.sql.partial"));
+    let passfile = match &resolved.password {
+        Some(p) => Some(PassFile::write(ctx.tmp, &format!("globals-{dsn_ref}"), p)?),
+        None => None,
+    };
+    let mut cmd = tokio::process::Command::new(&ctx.config.pg_dumpall);
+    cmd.arg("--globals-only")
+        .arg("--no-role-passwords")
+        .arg(format!("--file={}", tmp.display()))
+        .arg("--no-password")
+        .arg(format!("--dbname={}", resolved.conninfo));
+    dsn::tool_env(&mut cmd, &resolved, passfile.as_ref());
+    let result = run_tool(cmd, "pg_dumpall", ctx.config.command_timeout, ctx.events).await;
+    drop(passfile);
+    if let Err(e) = result {
+        let _ = std::fs::remove_file(&tmp);
+        return Err(e);
+    }
+    let (size, sha256) = finalize(&tmp, &ctx.dir.join(&file)).await?;
+    Ok(Entry {
+        series: Series {
+            kind: Kind::Globals,
+            environment: String::new(),
+            database: dsn_ref.to_string(),
+        },
+        file,
+        size,
+        sha256,
+        taken_at: ctx.taken_at,
+        started_at,
+        finished_at: Timestamp::now(),
+        tool_version: tool.to_string(),
+        server_version: String::new(),
+        row_counts: BTreeMap::new(),
+        paths: Vec::new(),
+        pruned_at: None,
+        verified_at: None,
+        damaged: None,
+    })
+}
+
+/// Tars `paths` (symlinks kept as links, not followed).
+pub async fn files(ctx: &RunCtx<'_>, paths: &[String]) -> Result<Entry, String> {
+    let started_at = Timestamp::now();
+    let file = format!("files/files-{}.tar", ctx.run_id);
+    let tmp = ctx.tmp.join("files.tar.partial");
+    let sources: Vec<PathBuf> = paths.iter().map(PathBuf::from).collect();
+    let tmp2 = tmp.clone();
+    let written = tokio::task::spawn_blocking(move || write_tar(&tmp2, &sources))
+        .await
+        .map_err(|e| format!("tar task failed: {e}"))?;
+    if let Err(e) = written {
+        let _ = std::fs::remove_file(&tmp);
+        return Err(e);
+    }
+    let (size, sha256) = finalize(&tmp, &ctx.dir.join(&file)).await?;
+    Ok(Entry {
+        series: Series {
+            kind: Kind::Files,
+            environment: String::new(),
+            database: "files".into(),
+        },
+        file,
+        size,
+        sha256,
+        taken_at: ctx.taken_at,
+        started_at,
+        finished_at: Timestamp::now(),
+        tool_version: String::new(),
+        server_version: String::new(),
+        row_counts: BTreeMap::new(),
+        paths: paths.to_vec(),
+        pruned_at: None,
+        verified_at: None,
+        damaged: None,
+    })
+}
+
+fn write_tar(tmp: &Path, sources: &[PathBuf]) -> Result<(), String> {
+    let out = std::fs::File::create(tmp).map_err(|e| format!("creating {}: {e}", tmp.display()))?;
+    let mut builder = tar::Builder::new(std::io::BufWriter::new(out));
+    builder.follow_symlinks(false);
+    for source in sources {
+        let name = source.strip_prefix("/").unwrap_or(source);
+        let meta = std::fs::symlink_metadata(source)
+            .map_err(|e| format!("reading {}: {e}", source.display()))?;
+        let added = if meta.is_dir() {
+            builder.append_dir_all(name, source)
+        } else {
+            builder.append_path_with_name(source, name)
+        };
+        added.map_err(|e| format!("adding {} to the tar: {e}", source.display()))?;
+    }
+    let mut out = builder
+        .into_inner()
+        .map_err(|e| format!("finishing the tar {}: {e}", tmp.display()))?;
+    out.flush()
+        .map_err(|e| format!("writing the tar {}: {e}", tmp.display()))?;
+    Ok(())
+}
+
+/// SHA-256 (hex) and size of a file, read in 1 MiB blocks.
+pub fn sha256_file(path: &Path) -> std::io::Result<(u64, String)> {
+    use std::io::Read;
+    let mut file = std::fs::File::open(path)?;
+    let mut hasher = Sha256::new();
+    let mut buf = vec![0u8; 1 << 20];
+    let mut size = 0u64;
+    loop {
+        let n = file.read(&mut buf)?;
+        if n == 0 {
+            break;
+        }
+        size += n as u64;
+        hasher.update(&buf[..n]);
+    }
+    Ok((size, hex::encode(hasher.finalize())))
+}

@@ -1,0 +1,238 @@
+//! The manifest of a backup run (`BACKUP_DIR/manifests/RUN.json`): what each file of the run
+//! holds, its size and sha256, the tool and server versions, when it was taken, and for
+//! database dumps the row count of every table. Verify checks files against it, restore tests
+//! compare row counts with it, and retention marks what it pruned in it; it is the backup
+//! directory's inventory.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+
+use jiff::Timestamp;
+use serde::{Deserialize, Serialize};
+
+use super::{write_atomic, BackupError};
+
+/// The manifests' directory under a backup dir.
+pub const MANIFESTS: &str = "manifests";
+
+/// What a backup file holds.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Kind {
+    /// `pg_dump --format=custom` of one database.
+    Database,
+    /// `pg_dumpall --globals-only --no-role-passwords` of a cluster.
+    Globals,
+    /// A tar of configured paths.
+    Files,
+}
+
+impl Kind {
+    /// Its name in results and messages.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Kind::Database => "database",
+            Kind::Globals => "globals",
+            Kind::Files => "files",
+        }
+    }
+}
+
+/// Which series of backups a file belongs to: retention works per series.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+pub struct Series {
+    /// What it holds.
+    pub kind: Kind,
+    /// The environment (databases), else empty.
+    pub environment: String,
+    /// The database; for globals the DSN ref; for files "files".
+    pub database: String,
+}
+
+impl std::fmt::Display for Series {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self.kind {
+            Kind::Database => write!(f, "{}/{}", self.environment, self.database),
+            Kind::Globals => write!(f, "globals of {}", self.database),
+            Kind::Files => write!(f, "files"),
+        }
+    }
+}
+
+/// One file of a run.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Entry {
+    /// Its series.
+    #[serde(flatten)]
+    pub series: Series,
+    /// Path relative to the backup dir.
+    pub file: String,
+    /// Bytes.
+    pub size: u64,
+    /// SHA-256 of the file, lowercase hex.
+    pub sha256: String,
+    /// The run's clock when it was taken (what retention and ages count from).
+    pub taken_at: Timestamp,
+    /// Wall-clock start and end of writing it.
+    pub started_at: Timestamp,
+    /// Wall-clock end.
+    pub finished_at: Timestamp,
+    /// `pg_dump --version` (or pg_dumpall's; empty for files).
+    #[serde(default)]
+    pub tool_version: String,
+    /// The server's `server_version` (databases).
+    #[serde(default)]
+    pub server_version: String,
+    /// Rows per table (`schema.table`), counted in the snapshot the dump was taken from.
+    #[serde(default)]
+    pub row_counts: BTreeMap<String, i64>,
+    /// The paths a files backup holds.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub paths: Vec<String>,
+    /// Set when retention deleted the file.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pruned_at: Option<Timestamp>,
+    /// When verify last checked it, and what it found wrong (None: good).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub verified_at: Option<Timestamp>,
+    /// What verify found wrong with it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub damaged: Option<String>,
+}
+
+/// A series whose backup failed in a run.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Failure {
+    /// The series.
+    #[serde(flatten)]
+    pub series: Series,
+    /// Why.
+    pub error: String,
+}
+
+/// One backup run.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Manifest {
+    /// Format version.
+    pub version: u32,
+    /// The run's id (its UTC stamp), also the manifest's file name.
+    pub run_id: String,
+    /// Why it ran (schedule, operator, pre-deploy).
+    #[serde(default)]
+    pub reason: String,
+    /// The run's clock.
+    pub taken_at: Timestamp,
+    /// True when the clock was simulated (test fleets).
+    #[serde(default)]
+    pub simulated_clock: bool,
+    /// Wall-clock start and end.
+    pub started_at: Timestamp,
+    /// Wall-clock end.
+    pub finished_at: Timestamp,
+    /// The files written.
+    pub entries: Vec<Entry>,
+    /// What failed.
+    #[serde(default)]
+    pub failures: Vec<Failure>,
+}
+
+impl Manifest {
+    /// Its path under `dir`.
+    pub fn path(dir: &Path, run_id: &str) -> PathBuf {
+        dir.join(MANIFESTS).join(format!("{run_id}.json"))
+    }
+
+    /// Its path relative to the backup dir.
+    pub fn relative(run_id: &str) -> String {
+        format!("{MANIFESTS}/{run_id}.json")
+    }
+
+    /// Writes it atomically (temp file, fsync, rename, fsync of the directory).
+    pub fn save(&self, dir: &Path) -> Result<(), BackupError> {
+        let path = Self::path(dir, &self.run_id);
+        let json = serde_json::to_vec_pretty(self).map_err(|e| BackupError::Io {
+            path: path.clone(),
+            message: e.to_string(),
+        })?;
+        write_atomic(&path, &json)
+    }
+
+    /// Whether every entry was pruned (the manifest then goes too).
+    pub fn all_pruned(&self) -> bool {
+        self.entries.iter().all(|e| e.pruned_at.is_some())
+    }
+}
+
+/// Every manifest under `dir`, oldest run first, and the ones that could not be read (path,
+/// reason): an unreadable manifest is reported, never silently skipped.
+pub fn load_all(dir: &Path) -> (Vec<Manifest>, Vec<(PathBuf, String)>) {
+    let mut manifests = Vec::new();
+    let mut problems = Vec::new();
+    let Ok(read) = std::fs::read_dir(dir.join(MANIFESTS)) else {
+        return (manifests, problems);
+    };
+    for entry in read.flatten() {
+        let path = entry.path();
+        if path.extension().and_then(|e| e.to_str()) != Some("json") {
+            continue;
+        }
+        match std::fs::read(&path)
+            .map_err(|e| e.to_string())
+            .and_then(|b| serde_json::from_slice::<Manifest>(&b).map_err(|e| e.to_string()))
+        {
+            Ok(m) => manifests.push(m),
+            Err(e) => problems.push((path, e)),
+        }
+    }
+    manifests.sort_by(|a, b| (a.taken_at, &a.run_id).cmp(&(b.taken_at, &b.run_id)));
+    (manifests, problems)
+}
+
+/// One retained backup, as results report it.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Item {
+    /// Path relative to the backup dir.
+    pub file: String,
+    /// When it was taken.
+    pub taken_at: Timestamp,
+    /// Bytes.
+    pub size: u64,
+    /// SHA-256.
+    pub sha256: String,
+    /// What verify found wrong with it (None: good, or not verified yet).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub damaged: Option<String>,
+}
+
+/// The retained backups of one series, oldest first.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct SeriesInventory {
+    /// The series.
+    #[serde(flatten)]
+    pub series: Series,
+    /// Its retained backups.
+    pub backups: Vec<Item>,
+}
+
+/// What the backup dir holds now, per series.
+pub fn inventory(manifests: &[Manifest]) -> Vec<SeriesInventory> {
+    let mut by_series: BTreeMap<Series, Vec<Item>> = BTreeMap::new();
+    for m in manifests {
+        for e in m.entries.iter().filter(|e| e.pruned_at.is_none()) {
+            by_series.entry(e.series.clone()).or_default().push(Item {
+                file: e.file.clone(),
+                taken_at: e.taken_at,
+                size: e.size,
+                sha256: e.sha256.clone(),
+                damaged: e.damaged.clone(),
+            });
+        }
+    }
+    by_series
+        .into_iter()
+        .map(|(series, mut backups)| {
+            backups.sort_by_key(|b| b.taken_at);
+            SeriesInventory { series, backups }
+        })
+        .collect()
+}

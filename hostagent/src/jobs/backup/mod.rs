@@ -1,0 +1,611 @@
+//! Backups on the agent (the backup host, Argus): backup, verify and restore-test jobs.
+//!
+//! A backup run dumps every database of the job with `pg_dump --format=custom` as a read-only
+//! role, the cluster's globals with `pg_dumpall --globals-only --no-role-passwords`, and tars
+//! configured paths; each file is written to a temp file, fsynced, hashed and renamed into
+//! place. The run's manifest records every file's size, sha256, tool and server versions and
+//! the row count of every table ([`manifest`]). Then, for each series whose new backup
+//! succeeded (and only those), retention prunes what the policy no longer names
+//! ([`retention`]), and the new files are copied offsite with rsync and checked there
+//! ([`offsite`]); what could not be copied is retried at the next run.
+//!
+//! Verify ([`verify`]) checks every retained file against its manifest and that pg_restore can
+//! read it; the restore test ([`restore`]) restores the newest good dump of each database into
+//! a scratch database, compares row counts with the manifest, checks invariants and drops it.
+//!
+//! Every job answers a JSON result (the `*Report` types here) that the controller keeps for
+//! `ListBackups`. Credentials never travel in jobs: `dsn_ref`s name DSNs in the agent's config.
+
+pub mod dsn;
+pub mod dump;
+pub mod manifest;
+pub mod offsite;
+pub mod restore;
+pub mod retention;
+pub mod verify;
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use jiff::Timestamp;
+use sentinel_proto::v1::{BackupParams, RetentionPolicy, StepStatus};
+use serde::{Deserialize, Serialize};
+
+use crate::config::BackupsConfig;
+use crate::jobs::{JobError, JobEvents};
+use manifest::{Entry, Failure, Kind, Manifest, Series, SeriesInventory};
+
+/// What a job answers: its outcome (the detail the operator reads) and its JSON result.
+pub type Outcome = (Result<String, JobError>, String);
+
+/// A file operation that failed.
+#[derive(Debug, thiserror::Error)]
+pub enum BackupError {
+    /// Reading or writing `path` failed.
+    #[error("{path}: {message}")]
+    Io {
+        /// The file.
+        path: PathBuf,
+        /// Why.
+        message: String,
+    },
+}
+
+/// The result of a backup job.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct BackupReport {
+    /// The run's id (its UTC stamp).
+    pub run_id: String,
+    /// The run's clock.
+    pub taken_at: Option<Timestamp>,
+    /// Why it ran.
+    pub reason: String,
+    /// The files written.
+    pub written: Vec<Entry>,
+    /// The series whose backup failed (nothing of theirs was pruned).
+    pub failures: Vec<Failure>,
+    /// Files retention removed.
+    pub pruned: Vec<String>,
+    /// The offsite copy, when a target is set.
+    pub offsite: Option<offsite::Report>,
+    /// What the backup dir holds after the run, per series.
+    pub inventory: Vec<SeriesInventory>,
+}
+
+/// Whether `name` can be a path component of the backup dir: environments, databases and DSN
+/// refs come from jobs and become directory names.
+pub fn safe_name(name: &str) -> bool {
+    !name.is_empty()
+        && name.len() <= 128
+        && !name.starts_with('.')
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'_' | b'-' | b'.'))
+}
+
+/// The run's clock: the job's simulated one when it has one (refused unless the agent allows
+/// it), else now.
+pub fn clock(
+    retention: Option<&RetentionPolicy>,
+    config: &BackupsConfig,
+) -> Result<(Timestamp, bool), String> {
+    match retention.and_then(|r| r.simulated_now.as_ref()) {
+        None => Ok((Timestamp::now(), false)),
+        Some(_) if !config.allow_simulated_clock => Err(
+            "the job carries a simulated clock, which this agent does not accept \
+             ([jobs.backups] allow_simulated_clock = false)"
+                .into(),
+        ),
+        Some(ts) => Timestamp::new(ts.seconds, ts.nanos.clamp(0, 999_999_999))
+            .map(|t| (t, true))
+            .map_err(|e| format!("simulated clock out of range: {e}")),
+    }
+}
+
+/// The policy a job asks for; the agent never keeps fewer than one backup of a series.
+fn policy_of(r: &RetentionPolicy) -> retention::Policy {
+    retention::Policy {
+        daily: r.daily,
+        weekly: r.weekly,
+        minimum: r.minimum.max(1),
+    }
+}
+
+/// Runs `cmd` with stdin closed, logging its stderr lines as job events, within `timeout`
+/// (the process is killed when it runs over or the job is cancelled). Returns its stdout; the
+/// error names the tool, its exit status and the last lines it printed.
+pub async fn run_tool(
+    mut cmd: tokio::process::Command,
+    what: &str,
+    timeout: Duration,
+    events: &JobEvents,
+) -> Result<String, String> {
+    use tokio::io::{AsyncBufReadExt, AsyncReadExt};
+    cmd.stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .kill_on_drop(true);
+    let program = cmd.as_std().get_program().to_string_lossy().into_owned();
+    let mut child = cmd
+        .spawn()
+        .map_err(|e| format!("starting {what} ({program}): {e}"))?;
+    let stdout = child.stdout.take();
+    let stderr = child.stderr.take();
+    let work = async move {
+        let read_out = async {
+            let mut buf = Vec::new();
+            if let Some(mut out) = stdout {
+                let _ = out.read_to_end(&mut buf).await;
+            }
+            buf
+        };
+        let read_err = async {
+            let mut tail: Vec<String> = Vec::new();
+            if let Some(err) = stderr {
+                let mut lines = tokio::io::BufReader::new(err).lines();
+                while let Ok(Some(line)) = lines.next_line().await {
+                    events.log("stderr", &format!("{what}: {line}"));
+                    tail.push(line);
+                    if tail.len() > 8 {
+                        tail.remove(0);
+                    }
+                }
+            }
+            tail
+        };
+        let (out, tail) = tokio::join!(read_out, read_err);
+        let status = child.wait().await;
+        (out, tail, status)
+    };
+    match tokio::time::timeout(timeout, work).await {
+        Err(_) => Err(format!("{what} took longer than {timeout:?} and was stopped")),
+        Ok((_, _, Err(e))) => Err(format!("waiting for {what}: {e}")),
+        Ok((out, tail, Ok(status))) => {
+            if status.success() {
+                Ok(String::from_utf8_lossy(&out).into_owned())
+            } else {
+                let said = tail.join(" / ");
+                Err(format!(
+                    "{what} failed ({status}){}",
+                    if said.is_empty() { String::new() } else { format!(": {said}") }
+                ))
+            }
+        }
+    }
+}
+
+/// Makes a finished temp file durable and puts it in place: fsync, hash, rename, fsync of the
+/// directory. Returns size and sha256.
+pub async fn finalize(tmp: &Path, dest: &Path) -> Result<(u64, String), String> {
+    let (tmp, dest) = (tmp.to_path_buf(), dest.to_path_buf());
+    tokio::task::spawn_blocking(move || {
+        let fail = |what: &str, p: &Path, e: std::io::Error| format!("{what} {}: {e}", p.display());
+        std::fs::File::open(&tmp)
+            .and_then(|f| f.sync_all())
+            .map_err(|e| fail("syncing", &tmp, e))?;
+        let (size, sha) = dump::sha256_file(&tmp).map_err(|e| fail("reading", &tmp, e))?;
+        let parent = dest.parent().unwrap_or(Path::new("."));
+        std::fs::create_dir_all(parent).map_err(|e| fail("creating", parent, e))?;
+        std::fs::rename(&tmp, &dest).map_err(|e| fail("renaming into", &dest, e))?;
+        sync_dir(parent).map_err(|e| fail("syncing", parent, e))?;
+        Ok((size, sha))
+    })
+    .await
+    .map_err(|e| format!("file task failed: {e}"))?
+}
+
+/// Writes `bytes` to `path` atomically: a temp file beside it, fsync, rename, fsync of the
+/// directory.
+pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<(), BackupError> {
+    use std::io::Write;
+    let io = |p: &Path, e: std::io::Error| BackupError::Io {
+        path: p.to_path_buf(),
+        message: e.to_string(),
+    };
+    let parent = path.parent().unwrap_or(Path::new("."));
+    std::fs::create_dir_all(parent).map_err(|e| io(parent, e))?;
+    let name = path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+    let tmp = parent.join(format!(".{name}.partial"));
+    let mut f = std::fs::File::create(&tmp).map_err(|e| io(&tmp, e))?;
+    f.write_all(bytes)
+        .and_then(|()| f.sync_all())
+        .map_err(|e| io(&tmp, e))?;
+    std::fs::rename(&tmp, path).map_err(|e| io(path, e))?;
+    sync_dir(parent).map_err(|e| io(parent, e))
+}
+
+fn sync_dir(dir: &Path) -> std::io::Result<()> {
+    std::fs::File::open(dir)?.sync_all()
+}
+
+/// A step: STARTED now, then SUCCEEDED or FAILED with its detail and duration.
+pub(crate) struct Step<'a> {
+    events: &'a JobEvents,
+    name: String,
+    started: Instant,
+}
+
+impl<'a> Step<'a> {
+    pub(crate) fn start(events: &'a JobEvents, name: impl Into<String>) -> Self {
+        let name = name.into();
+        events.step(&name, StepStatus::Started, "", Duration::ZERO);
+        Self {
+            events,
+            name,
+            started: Instant::now(),
+        }
+    }
+
+    pub(crate) fn end(self, result: &Result<String, String>) {
+        let (status, detail) = match result {
+            Ok(d) => (StepStatus::Succeeded, d.as_str()),
+            Err(e) => (StepStatus::Failed, e.as_str()),
+        };
+        self.events.step(&self.name, status, detail, self.started.elapsed());
+    }
+}
+
+/// Creates the backup dir and empties its private temp dir (`.tmp`, mode 0700): whatever a
+/// crashed run left there is incomplete by construction.
+pub(crate) fn prepare_dir(dir: &Path) -> Result<PathBuf, String> {
+    std::fs::create_dir_all(dir).map_err(|e| format!("creating {}: {e}", dir.display()))?;
+    let tmp = dir.join(".tmp");
+    if tmp.exists() {
+        std::fs::remove_dir_all(&tmp).map_err(|e| format!("clearing {}: {e}", tmp.display()))?;
+    }
+    let mut builder = std::fs::DirBuilder::new();
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::DirBuilderExt;
+        builder.mode(0o700);
+    }
+    builder
+        .create(&tmp)
+        .map_err(|e| format!("creating {}: {e}", tmp.display()))?;
+    Ok(tmp)
+}
+
+/// Human-readable bytes.
+pub fn human_bytes(n: u64) -> String {
+    const UNITS: [&str; 5] = ["B", "KiB", "MiB", "GiB", "TiB"];
+    let mut v = n as f64;
+    let mut unit = 0;
+    while v >= 1024.0 && unit < UNITS.len() - 1 {
+        v /= 1024.0;
+        unit += 1;
+    }
+    if unit == 0 {
+        format!("{n} B")
+    } else {
+        format!("{v:.1} {}", UNITS[unit])
+    }
+}
+
+/// Runs a backup job. See the module docs.
+pub async fn run_backup(p: &BackupParams, config: &BackupsConfig, events: &JobEvents) -> Outcome {
+    let mut report = BackupReport {
+        reason: p.reason.clone(),
+        ..Default::default()
+    };
+    let result = backup(p, config, events, &mut report).await;
+    (result, serde_json::to_string(&report).unwrap_or_default())
+}
+
+async fn backup(
+    p: &BackupParams,
+    config: &BackupsConfig,
+    events: &JobEvents,
+    report: &mut BackupReport,
+) -> Result<String, JobError> {
+    let failed = JobError::Failed;
+    let retention_params = p.retention.clone().unwrap_or_default();
+    let (taken_at, simulated) = clock(p.retention.as_ref(), config).map_err(failed)?;
+    let tz = retention::parse_time_zone(&retention_params.time_zone).map_err(failed)?;
+    let dir = PathBuf::from(&p.backup_dir);
+    let tmp = prepare_dir(&dir).map_err(failed)?;
+    let mut run_id = taken_at.strftime("%Y%m%dT%H%M%SZ").to_string();
+    let mut n = 2;
+    while Manifest::path(&dir, &run_id).exists() {
+        run_id = format!("{}-{n}", taken_at.strftime("%Y%m%dT%H%M%SZ"));
+        n += 1;
+    }
+    report.run_id = run_id.clone();
+    report.taken_at = Some(taken_at);
+    if simulated {
+        events.log("agent", &format!("using the job's simulated clock: {taken_at}"));
+    }
+    let started_at = Timestamp::now();
+    let ctx = dump::RunCtx {
+        dir: &dir,
+        tmp: &tmp,
+        run_id: &run_id,
+        taken_at,
+        config,
+        events,
+    };
+
+    let mut entries: Vec<Entry> = Vec::new();
+    let mut failures: Vec<Failure> = Vec::new();
+    let pg_dump_version = if p.databases.is_empty() {
+        Ok(String::new())
+    } else {
+        dump::tool_version(&config.pg_dump).await
+    };
+    for db in &p.databases {
+        let series = Series {
+            kind: Kind::Database,
+            environment: db.environment.clone(),
+            database: db.database.clone(),
+        };
+        let step = Step::start(events, format!("dump {series}"));
+        let result = match &pg_dump_version {
+            Ok(version) => dump::database(&ctx, db, version).await,
+            Err(e) => Err(e.clone()),
+        };
+        record(step, series, result, &mut entries, &mut failures);
+    }
+    if !p.globals_dsn_ref.is_empty() {
+        let series = Series {
+            kind: Kind::Globals,
+            environment: String::new(),
+            database: p.globals_dsn_ref.clone(),
+        };
+        let step = Step::start(events, format!("dump {series}"));
+        let result = match dump::tool_version(&config.pg_dumpall).await {
+            Ok(version) => dump::globals(&ctx, &p.globals_dsn_ref, &version).await,
+            Err(e) => Err(e),
+        };
+        record(step, series, result, &mut entries, &mut failures);
+    }
+    if !p.file_paths.is_empty() {
+        let series = Series {
+            kind: Kind::Files,
+            environment: String::new(),
+            database: "files".into(),
+        };
+        let step = Step::start(events, "tar files");
+        let result = dump::files(&ctx, &p.file_paths).await;
+        record(step, series, result, &mut entries, &mut failures);
+    }
+    let _ = std::fs::remove_dir_all(&tmp);
+
+    let manifest = Manifest {
+        version: 1,
+        run_id: run_id.clone(),
+        reason: p.reason.clone(),
+        taken_at,
+        simulated_clock: simulated,
+        started_at,
+        finished_at: Timestamp::now(),
+        entries: entries.clone(),
+        failures: failures.clone(),
+    };
+    let mut to_copy: Vec<offsite::Pending> = entries
+        .iter()
+        .map(|e| offsite::Pending {
+            file: e.file.clone(),
+            sha256: Some(e.sha256.clone()),
+        })
+        .collect();
+    if !entries.is_empty() {
+        manifest
+            .save(&dir)
+            .map_err(|e| JobError::Failed(format!("writing the run's manifest: {e}")))?;
+        to_copy.push(offsite::Pending {
+            file: Manifest::relative(&run_id),
+            sha256: None,
+        });
+    }
+    report.written = entries.clone();
+    report.failures = failures.clone();
+
+    // Retention, only for the series whose new backup just succeeded.
+    let done: BTreeSet<Series> = entries.iter().map(|e| e.series.clone()).collect();
+    if p.retention.is_some() && !done.is_empty() {
+        let step = Step::start(events, "prune");
+        let (mut manifests, problems) = manifest::load_all(&dir);
+        for (path, e) in &problems {
+            events.log("agent", &format!("manifest {} unreadable, left alone: {e}", path.display()));
+        }
+        let (pruned, rewritten, errors) =
+            prune(&dir, &mut manifests, &done, policy_of(&retention_params), taken_at, &tz);
+        for run in rewritten {
+            to_copy.push(offsite::Pending {
+                file: Manifest::relative(&run),
+                sha256: None,
+            });
+        }
+        let detail = if errors.is_empty() {
+            Ok(format!("removed {} file(s)", pruned.len()))
+        } else {
+            Err(format!("removed {} file(s); {}", pruned.len(), errors.join("; ")))
+        };
+        step.end(&detail);
+        report.pruned = pruned;
+    }
+
+    if !p.offsite_target.is_empty() {
+        let step = Step::start(events, "offsite");
+        let r = offsite::sync(config, &dir, &p.offsite_target, to_copy, events).await;
+        step.end(&match &r.error {
+            None => Ok(format!("copied and checked {} file(s)", r.copied.len())),
+            Some(e) => Err(format!("{e}; {} file(s) pending, retried at the next run", r.pending.len())),
+        });
+        report.offsite = Some(r);
+    }
+
+    let (manifests, _) = manifest::load_all(&dir);
+    report.inventory = manifest::inventory(&manifests);
+
+    let bytes: u64 = entries.iter().map(|e| e.size).sum();
+    let mut summary = format!(
+        "run {run_id}: backed up {} of {} ({})",
+        entries.len(),
+        entries.len() + failures.len(),
+        human_bytes(bytes)
+    );
+    if p.retention.is_some() {
+        summary.push_str(&format!("; pruned {} file(s)", report.pruned.len()));
+    }
+    if let Some(o) = &report.offsite {
+        match &o.error {
+            None => summary.push_str(&format!("; offsite: {} file(s) copied and checked", o.copied.len())),
+            Some(e) => summary.push_str(&format!(
+                "; offsite copy FAILED ({e}): {} file(s) pending, retried at the next run",
+                o.pending.len()
+            )),
+        }
+    }
+    if failures.is_empty() {
+        Ok(summary)
+    } else {
+        let what: Vec<String> = failures.iter().map(|f| format!("{}: {}", f.series, f.error)).collect();
+        Err(JobError::Failed(format!(
+            "backup failed for {}; nothing of {} was pruned ({summary})",
+            what.join("; "),
+            if failures.len() == 1 { "it" } else { "them" }
+        )))
+    }
+}
+
+fn record(
+    step: Step<'_>,
+    series: Series,
+    result: Result<Entry, String>,
+    entries: &mut Vec<Entry>,
+    failures: &mut Vec<Failure>,
+) {
+    match result {
+        Ok(entry) => {
+            let rows: i64 = entry.row_counts.values().sum();
+            let mut detail = format!(
+                "{}, {}, sha256 {}",
+                entry.file,
+                human_bytes(entry.size),
+                &entry.sha256[..16.min(entry.sha256.len())]
+            );
+            if entry.series.kind == Kind::Database {
+                detail.push_str(&format!(", {} table(s), {rows} row(s)", entry.row_counts.len()));
+            }
+            step.end(&Ok(detail));
+            entries.push(entry);
+        }
+        Err(error) => {
+            step.end(&Err(error.clone()));
+            failures.push(Failure { series, error });
+        }
+    }
+}
+
+/// Applies retention to each series in `done`: deletes the files the policy does not keep,
+/// marks them pruned in their manifests (a manifest whose files are all gone goes too).
+/// Returns the files removed, the runs whose manifests were rewritten, and errors.
+fn prune(
+    dir: &Path,
+    manifests: &mut [Manifest],
+    done: &BTreeSet<Series>,
+    policy: retention::Policy,
+    now: Timestamp,
+    tz: &jiff::tz::TimeZone,
+) -> (Vec<String>, Vec<String>, Vec<String>) {
+    let mut pruned = Vec::new();
+    let mut errors = Vec::new();
+    let mut changed: BTreeMap<usize, ()> = BTreeMap::new();
+    for series in done {
+        let slots: Vec<(usize, usize)> = manifests
+            .iter()
+            .enumerate()
+            .flat_map(|(mi, m)| {
+                m.entries
+                    .iter()
+                    .enumerate()
+                    .filter(|(_, e)| &e.series == series && e.pruned_at.is_none())
+                    .map(move |(ei, _)| (mi, ei))
+            })
+            .collect();
+        let candidates: Vec<retention::Candidate> = slots
+            .iter()
+            .map(|&(mi, ei)| {
+                let e = &manifests[mi].entries[ei];
+                retention::Candidate {
+                    taken_at: e.taken_at,
+                    good: e.damaged.is_none(),
+                }
+            })
+            .collect();
+        let keep = retention::keep(&candidates, policy, now, tz);
+        for (&(mi, ei), kept) in slots.iter().zip(keep) {
+            if kept {
+                continue;
+            }
+            let entry = &mut manifests[mi].entries[ei];
+            match std::fs::remove_file(dir.join(&entry.file)) {
+                Ok(()) => {}
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+                Err(e) => {
+                    errors.push(format!("removing {}: {e}", entry.file));
+                    continue;
+                }
+            }
+            entry.pruned_at = Some(now);
+            pruned.push(entry.file.clone());
+            changed.insert(mi, ());
+        }
+    }
+    let mut rewritten = Vec::new();
+    for mi in changed.keys() {
+        let m = &manifests[*mi];
+        if m.all_pruned() {
+            if let Err(e) = std::fs::remove_file(Manifest::path(dir, &m.run_id)) {
+                errors.push(format!("removing the manifest of run {}: {e}", m.run_id));
+            }
+        } else if let Err(e) = m.save(dir) {
+            errors.push(format!("rewriting the manifest of run {}: {e}", m.run_id));
+        } else {
+            rewritten.push(m.run_id.clone());
+        }
+    }
+    (pruned, rewritten, errors)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_plain_names_become_directories() {
+        assert!(safe_name("s60_auth_prod"));
+        assert!(safe_name("prod-alfa.1"));
+        assert!(!safe_name(""));
+        assert!(!safe_name(".."));
+        assert!(!safe_name("a/b"));
+        assert!(!safe_name(".hidden"));
+    }
+
+    #[test]
+    fn a_simulated_clock_needs_the_agents_consent() {
+        let mut retention = RetentionPolicy {
+            simulated_now: Some(prost_types::Timestamp {
+                seconds: 1_800_000_000,
+                nanos: 0,
+            }),
+            ..Default::default()
+        };
+        let mut config = BackupsConfig::default();
+        assert!(clock(Some(&retention), &config).unwrap_err().contains("allow_simulated_clock"));
+        config.allow_simulated_clock = true;
+        let (now, simulated) = clock(Some(&retention), &config).unwrap();
+        assert!(simulated);
+        assert_eq!(now.as_second(), 1_800_000_000);
+        retention.simulated_now = None;
+        assert!(!clock(Some(&retention), &config).unwrap().1);
+    }
+
+    #[test]
+    fn human_bytes_reads_well() {
+        assert_eq!(human_bytes(12), "12 B");
+        assert_eq!(human_bytes(1536), "1.5 KiB");
+        assert_eq!(human_bytes(5 << 30), "5.0 GiB");
+    }
+}

@@ -1,0 +1,206 @@
+//! The daily verify: every retained file against its manifest (present, size, sha256) and, for
+//! database dumps, `pg_restore --list` able to read its table of contents. What it finds is
+//! written back into the manifests (`verified_at`, `damaged`), so retention stops counting a
+//! damaged dump as its day's backup and `ListBackups` shows the newest *good* one.
+
+use std::collections::BTreeSet;
+use std::path::{Path, PathBuf};
+
+use jiff::Timestamp;
+use serde::{Deserialize, Serialize};
+use sentinel_proto::v1::VerifyBackupsParams;
+
+use super::dump::sha256_file;
+use super::manifest::{self, Kind, Series, SeriesInventory};
+use super::{human_bytes, run_tool, Outcome, Step};
+use crate::config::BackupsConfig;
+use crate::jobs::{JobError, JobEvents};
+
+/// A damaged backup.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Damage {
+    /// Its series.
+    #[serde(flatten)]
+    pub series: Series,
+    /// The file, relative to the backup dir.
+    pub file: String,
+    /// What is wrong.
+    pub error: String,
+}
+
+/// The result of a verify job.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct VerifyReport {
+    /// When it ran.
+    pub verified_at: Option<Timestamp>,
+    /// Files checked.
+    pub checked: u32,
+    /// Bytes read.
+    pub bytes: u64,
+    /// What is damaged.
+    pub damaged: Vec<Damage>,
+    /// Manifests that could not be read or rewritten.
+    pub problems: Vec<String>,
+    /// Files in the backup dir that no manifest lists (left alone, reported).
+    pub unlisted: Vec<String>,
+    /// What the backup dir holds, with what this run found.
+    pub inventory: Vec<SeriesInventory>,
+}
+
+/// Runs a verify job.
+pub async fn run_verify(p: &VerifyBackupsParams, config: &BackupsConfig, events: &JobEvents) -> Outcome {
+    let mut report = VerifyReport::default();
+    let result = verify(p, config, events, &mut report).await;
+    (result, serde_json::to_string(&report).unwrap_or_default())
+}
+
+async fn verify(
+    p: &VerifyBackupsParams,
+    config: &BackupsConfig,
+    events: &JobEvents,
+    report: &mut VerifyReport,
+) -> Result<String, JobError> {
+    let dir = PathBuf::from(&p.backup_dir);
+    if !dir.is_dir() {
+        return Err(JobError::Failed(format!(
+            "backup dir {} does not exist: nothing was ever backed up there",
+            dir.display()
+        )));
+    }
+    let now = Timestamp::now();
+    report.verified_at = Some(now);
+    let (mut manifests, problems) = manifest::load_all(&dir);
+    report.problems = problems
+        .iter()
+        .map(|(path, e)| format!("manifest {} unreadable: {e}", path.display()))
+        .collect();
+    let step = Step::start(events, "verify");
+    let mut listed = BTreeSet::new();
+    for m in manifests.iter_mut() {
+        let mut changed = false;
+        for entry in m.entries.iter_mut().filter(|e| e.pruned_at.is_none()) {
+            listed.insert(entry.file.clone());
+            let path = dir.join(&entry.file);
+            let list_toc = entry.series.kind == Kind::Database;
+            let found = check_file(config, &path, entry.size, &entry.sha256, list_toc, events).await;
+            report.checked += 1;
+            report.bytes += entry.size;
+            match &found {
+                Ok(()) => events.log("agent", &format!("ok: {}", entry.file)),
+                Err(e) => {
+                    events.log("agent", &format!("DAMAGED: {}: {e}", entry.file));
+                    report.damaged.push(Damage {
+                        series: entry.series.clone(),
+                        file: entry.file.clone(),
+                        error: e.clone(),
+                    });
+                }
+            }
+            entry.verified_at = Some(now);
+            entry.damaged = found.err();
+            changed = true;
+        }
+        if changed {
+            if let Err(e) = m.save(&dir) {
+                report.problems.push(format!("recording the verify in run {}: {e}", m.run_id));
+            }
+        }
+    }
+    report.unlisted = unlisted(&dir, &listed);
+    report.inventory = manifest::inventory(&manifests);
+    let summary = format!(
+        "checked {} file(s), {}: {} damaged{}{}",
+        report.checked,
+        human_bytes(report.bytes),
+        report.damaged.len(),
+        if report.problems.is_empty() { String::new() } else { format!(", {} problem(s)", report.problems.len()) },
+        if report.unlisted.is_empty() {
+            String::new()
+        } else {
+            format!(", {} file(s) in no manifest", report.unlisted.len())
+        }
+    );
+    let result = if report.damaged.is_empty() && report.problems.is_empty() {
+        Ok(summary)
+    } else {
+        let what: Vec<String> = report
+            .damaged
+            .iter()
+            .map(|d| format!("{}: {}", d.file, d.error))
+            .chain(report.problems.iter().cloned())
+            .collect();
+        Err(format!("{summary}: {}", what.join("; ")))
+    };
+    step.end(&result);
+    result.map_err(JobError::Failed)
+}
+
+/// Checks one file: present, its size and sha256 as recorded, and with `list_toc` (database
+/// dumps) readable by `pg_restore --list`.
+pub async fn check_file(
+    config: &BackupsConfig,
+    path: &Path,
+    size: u64,
+    sha256: &str,
+    list_toc: bool,
+    events: &JobEvents,
+) -> Result<(), String> {
+    let p = path.to_path_buf();
+    let (actual_size, actual) = tokio::task::spawn_blocking(move || sha256_file(&p))
+        .await
+        .map_err(|e| e.to_string())?
+        .map_err(|e| if e.kind() == std::io::ErrorKind::NotFound { "missing".to_string() } else { e.to_string() })?;
+    let mut problems = Vec::new();
+    if actual_size != size {
+        problems.push(format!("size {actual_size} instead of {size}"));
+    }
+    if actual != sha256 {
+        problems.push(format!(
+            "sha256 mismatch (manifest {}…, file {}…)",
+            &sha256[..12.min(sha256.len())],
+            &actual[..12]
+        ));
+    }
+    if list_toc {
+        let mut cmd = tokio::process::Command::new(&config.pg_restore);
+        cmd.arg("--list").arg(path);
+        match run_tool(cmd, "pg_restore --list", config.command_timeout, events).await {
+            Ok(toc) if toc.lines().any(|l| !l.starts_with(';') && !l.trim().is_empty()) => {}
+            Ok(_) => problems.push("pg_restore --list shows an empty archive".into()),
+            Err(e) => problems.push(e),
+        }
+    }
+    if problems.is_empty() {
+        Ok(())
+    } else {
+        Err(problems.join(", "))
+    }
+}
+
+/// Backup files that no manifest lists (dot-files, manifests and the pending list aside).
+fn unlisted(dir: &Path, listed: &BTreeSet<String>) -> Vec<String> {
+    let mut out = Vec::new();
+    let mut stack = vec![dir.to_path_buf()];
+    while let Some(d) = stack.pop() {
+        let Ok(read) = std::fs::read_dir(&d) else { continue };
+        for entry in read.flatten() {
+            let path = entry.path();
+            let name = entry.file_name().to_string_lossy().into_owned();
+            if name.starts_with('.') {
+                continue;
+            }
+            let Ok(rel) = path.strip_prefix(dir) else { continue };
+            let rel = rel.to_string_lossy().into_owned();
+            if rel == manifest::MANIFESTS || rel == super::offsite::PENDING_FILE {
+                continue;
+            }
+            match entry.file_type() {
+                Ok(t) if t.is_dir() => stack.push(path),
+                Ok(_) if !listed.contains(&rel) => out.push(rel),
+                _ => {}
+            }
+        }
+    }
+    out.sort();
+    out
+}
