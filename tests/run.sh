@@ -6,7 +6,10 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 need_apt=()
-for pkg in busybox-static rsync postgresql redis-server nginx-light docker-compose git; do
+# systemd (systemd-analyze), man-db and dpkg-dev check the .deb packages; prometheus brings
+# promtool for the alert rules.
+for pkg in busybox-static rsync postgresql redis-server nginx-light docker-compose git \
+    systemd man-db dpkg-dev prometheus; do
   dpkg -s "$pkg" >/dev/null 2>&1 || need_apt+=("$pkg")
 done
 if [ "${#need_apt[@]}" -gt 0 ]; then
@@ -24,6 +27,13 @@ if ! command -v grpcurl >/dev/null 2>&1; then
   hash -r
 fi
 grpcurl -version
+
+# cargo-deb builds the .deb packages (packaging/build-debs.sh); pinned so that packaging
+# behaves the same on every machine. Compiling it takes a few minutes, once per machine.
+if ! cargo deb --version 2>/dev/null | grep -q '3\.8\.0'; then
+  echo "== installing cargo-deb"
+  cargo install --locked cargo-deb --version 3.8.0
+fi
 
 if ! docker info >/dev/null 2>&1; then
   echo "== starting the Docker daemon"

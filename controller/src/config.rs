@@ -39,6 +39,10 @@ pub struct ControllerConfig {
     /// Database isolation policy and auditor (`[isolation]`); absent: no isolation checks.
     #[serde(default)]
     pub isolation: Option<crate::isolation::IsolationConfig>,
+    /// Backups (`[backups]`): what the backup host dumps, when, and how long it keeps it;
+    /// absent: no backups.
+    #[serde(default)]
+    pub backups: Option<crate::backups::BackupsConfig>,
     /// The Prometheus endpoint (`[metrics]`).
     #[serde(default)]
     pub metrics: MetricsConfig,
@@ -184,6 +188,9 @@ impl ControllerConfig {
         if let Some((key, message)) = self.isolation.as_ref().and_then(|i| i.problem()) {
             return Err(invalid(&format!("isolation.{key}"), message));
         }
+        if let Some((key, message)) = self.backups.as_ref().and_then(|b| b.problem()) {
+            return Err(invalid(&format!("backups.{key}"), message));
+        }
         Ok(())
     }
 
@@ -204,6 +211,7 @@ impl fmt::Debug for ControllerConfig {
             .field("jobs", &self.jobs)
             .field("apps", &self.apps.iter().map(|a| &a.name).collect::<Vec<_>>())
             .field("isolation", &self.isolation)
+            .field("backups", &self.backups)
             .field("metrics", &self.metrics)
             .finish_non_exhaustive()
     }

@@ -4,6 +4,7 @@
 use std::path::PathBuf;
 use std::sync::Arc;
 
+use crate::backups::Backups;
 use crate::jobs::JobQueue;
 use crate::pipeline::Pipeline;
 use crate::registry::Registry;
@@ -18,6 +19,8 @@ pub struct Context {
     pub pipeline: Arc<Pipeline>,
     /// Where release bundles are kept (`DATA_DIR/bundles/<sha256>.tar.gz`).
     pub bundles_dir: PathBuf,
+    /// Backups, when `[backups]` is configured (also the metrics' backup ages).
+    pub backups: Option<Arc<Backups>>,
 }
 
 impl Context {

@@ -98,6 +98,7 @@ pub async fn run(opts: DevOptions, shutdown: CancellationToken) -> anyhow::Resul
         pipeline: Default::default(),
         apps: Vec::new(),
         isolation: None,
+        backups: None,
         metrics: crate::config::MetricsConfig {
             enabled: true,
             listen: opts.metrics_listen,

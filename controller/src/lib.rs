@@ -4,6 +4,7 @@
 
 pub mod api;
 pub mod authz;
+pub mod backups;
 pub mod cli;
 pub mod config;
 pub mod context;

@@ -118,6 +118,13 @@ enum Command {
         #[command(flatten)]
         client: ClientArgs,
     },
+    /// Backups: list them, or run a backup, verify or restore test now.
+    Backups {
+        #[command(subcommand)]
+        command: sentinel::cli::backups::BackupsCommand,
+        #[command(flatten)]
+        client: ClientArgs,
+    },
     /// Write shell completions and man pages into DIR (used by packaging).
     #[command(hide = true)]
     GenerateAssets {
@@ -332,6 +339,9 @@ fn main() -> ExitCode {
             wait,
             client,
         } => client_call(sentinel::cli::deploy::rollback(&client, app, env, to, wait)),
+        Command::Backups { command, client } => {
+            client_call(sentinel::cli::backups::backups(&client, command))
+        }
         Command::Isolation(cmd) => isolation(cmd),
         Command::Config(ConfigCommand::Check { file }) => match ControllerConfig::load(&file) {
             Ok(_) => {

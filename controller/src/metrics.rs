@@ -190,6 +190,22 @@ impl ControllerMetrics {
         self.deploys.inc(&[app, &outcome]);
     }
 
+    /// Starts every app's deploy counters at 0, so that `increase()` sees an app's first
+    /// failure after a restart (a series that appears at 1 shows no increase).
+    pub fn init_deploys<'a>(&self, apps: impl IntoIterator<Item = &'a str>) {
+        for app in apps {
+            for state in [
+                DeploymentState::Succeeded,
+                DeploymentState::Failed,
+                DeploymentState::RolledBack,
+                DeploymentState::Cancelled,
+            ] {
+                let outcome = enum_word(state.as_str_name(), "DEPLOYMENT_STATE_");
+                self.deploys.inc_by(&[app, &outcome], 0);
+            }
+        }
+    }
+
     /// Starts timing one environment of a deploy; the duration is recorded when the returned
     /// timer is dropped, on every path out of the step.
     pub fn deploy_timer(&self, app: &str, environment: &str) -> DeployTimer {
@@ -209,7 +225,8 @@ impl ControllerMetrics {
 
     /// For the isolation checker, after each check: whether it could run at all.
     pub fn set_isolation_check(&self, ran: bool, at: SystemTime) {
-        self.isolation_check_ok.set(&[], if ran { 1.0 } else { 0.0 });
+        self.isolation_check_ok
+            .set(&[], if ran { 1.0 } else { 0.0 });
         self.isolation_check_time.set(&[], unix_seconds(at));
     }
 
@@ -299,7 +316,10 @@ fn encode_fleet(out: &mut String, registry: &Registry) {
         "sentinel_hosts",
         "Known hosts by status (online: agent connected and heard from recently).",
         &["status"],
-        [(["online"], up as f64), (["offline"], (hosts.len() - up) as f64)],
+        [
+            (["online"], up as f64),
+            (["offline"], (hosts.len() - up) as f64),
+        ],
     );
     gauge_family(
         out,
@@ -326,7 +346,10 @@ fn encode_fleet(out: &mut String, registry: &Registry) {
         &["host", "state"],
         hosts.iter().flat_map(|h| {
             [
-                ([h.name.as_str(), "running"], f64::from(h.containers_running)),
+                (
+                    [h.name.as_str(), "running"],
+                    f64::from(h.containers_running),
+                ),
                 (
                     [h.name.as_str(), "other"],
                     f64::from(h.containers.saturating_sub(h.containers_running)),

@@ -415,6 +415,12 @@ mod tests {
         fn load_deploys(&self) -> Result<Vec<sentinel_proto::v1::Deployment>, StoreError> {
             Ok(Vec::new())
         }
+        fn save_backup_records(&self, _: &[(String, Vec<u8>)]) -> Result<(), StoreError> {
+            Ok(())
+        }
+        fn load_backup_records(&self) -> Result<Vec<(String, Vec<u8>)>, StoreError> {
+            Ok(Vec::new())
+        }
     }
 
     fn registry() -> Arc<Registry> {

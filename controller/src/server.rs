@@ -68,11 +68,24 @@ pub async fn run(
         config.jobs.ttl,
     )
     .context("loading the deploy history from the store")?;
+    crate::metrics::get().init_deploys(config.apps.iter().map(|a| a.name.as_str()));
+    // Backups: schedules, job results, and the pre-production backup of db_change deploys.
+    let backups = match config.backups.clone() {
+        Some(b) => Some(
+            crate::backups::Backups::load(b, jobs.clone(), store.clone())
+                .context("loading backup state from the store")?,
+        ),
+        None => None,
+    };
+    if let Some(backups) = &backups {
+        pipeline.set_backups(backups.clone());
+    }
     let ctx = Arc::new(Shared {
         registry: registry.clone(),
         jobs: jobs.clone(),
         pipeline,
         bundles_dir,
+        backups: backups.clone(),
     });
     // Database isolation: deploys consult its latest report, and check again before production.
     let isolation = config
@@ -106,6 +119,9 @@ pub async fn run(
         flush_loop(ctx.clone(), store.clone(), shutdown.clone())
             .instrument(tracing::info_span!("store_flush")),
     );
+    if let Some(backups) = &backups {
+        backups.start(shutdown.clone());
+    }
     if let Some(isolation) = &isolation {
         tokio::spawn(
             isolation

@@ -76,13 +76,24 @@ mod tests {
             .iter()
             .map(|f| f.file_name().unwrap().to_string_lossy().into_owned())
             .collect();
-        for expected in ["demo.bash", "_demo", "demo.fish", "demo.1.gz", "demo-serve.1.gz"] {
-            assert!(names.iter().any(|n| n == expected), "{expected} missing: {names:?}");
+        for expected in [
+            "demo.bash",
+            "_demo",
+            "demo.fish",
+            "demo.1.gz",
+            "demo-serve.1.gz",
+        ] {
+            assert!(
+                names.iter().any(|n| n == expected),
+                "{expected} missing: {names:?}"
+            );
         }
         assert!(!names.iter().any(|n| n.contains("secret")), "{names:?}");
         let mut page = String::new();
         std::io::Read::read_to_string(
-            &mut flate2::read::GzDecoder::new(fs::File::open(dir.path().join("man/demo-serve.1.gz")).unwrap()),
+            &mut flate2::read::GzDecoder::new(
+                fs::File::open(dir.path().join("man/demo-serve.1.gz")).unwrap(),
+            ),
             &mut page,
         )
         .unwrap();

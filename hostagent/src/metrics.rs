@@ -193,13 +193,22 @@ impl AgentMetrics {
 
 /// Starts the agent's `/metrics` listener when the config enables it. A listener that cannot
 /// bind is logged and skipped (see [`serve::start`]).
-pub async fn start(config: &MetricsConfig, shutdown: CancellationToken) -> Option<std::net::SocketAddr> {
+pub async fn start(
+    config: &MetricsConfig,
+    shutdown: CancellationToken,
+) -> Option<std::net::SocketAddr> {
     let metrics = get();
     metrics.set_connected(false);
     if !config.enabled {
         return None;
     }
-    serve::start("agent", config.listen, Arc::new(|| get().render()), shutdown).await
+    serve::start(
+        "agent",
+        config.listen,
+        Arc::new(|| get().render()),
+        shutdown,
+    )
+    .await
 }
 
 #[cfg(test)]
@@ -255,10 +264,19 @@ mod tests {
         m.reconnecting();
         m.set_connected(true);
         let text = m.render();
-        assert!(text.contains("hostagent_jobs_total{kind=\"deploy\",outcome=\"succeeded\"} 1\n"), "{text}");
-        assert!(text.contains("hostagent_job_refusals_total{reason=\"bad_signature\"} 1\n"), "{text}");
+        assert!(
+            text.contains("hostagent_jobs_total{kind=\"deploy\",outcome=\"succeeded\"} 1\n"),
+            "{text}"
+        );
+        assert!(
+            text.contains("hostagent_job_refusals_total{reason=\"bad_signature\"} 1\n"),
+            "{text}"
+        );
         assert!(text.contains("hostagent_reconnects_total 1\n"), "{text}");
         assert!(text.contains("hostagent_connected 1\n"), "{text}");
-        assert!(text.contains("# TYPE process_start_time_seconds gauge\n"), "{text}");
+        assert!(
+            text.contains("# TYPE process_start_time_seconds gauge\n"),
+            "{text}"
+        );
     }
 }

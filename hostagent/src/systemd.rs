@@ -20,7 +20,10 @@ pub fn notify_to(socket: &OsStr, state: &str) -> io::Result<()> {
         None if bytes.starts_with(b"/") => sock.send_to(state.as_bytes(), socket).map(|_| ()),
         None => Err(io::Error::new(
             io::ErrorKind::Unsupported,
-            format!("{NOTIFY_SOCKET}={} is neither a path nor an abstract socket", socket.to_string_lossy()),
+            format!(
+                "{NOTIFY_SOCKET}={} is neither a path nor an abstract socket",
+                socket.to_string_lossy()
+            ),
         )),
     }
 }

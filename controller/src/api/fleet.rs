@@ -37,6 +37,14 @@ impl FleetApi {
         self
     }
 
+    fn backups(&self) -> Result<&Arc<crate::backups::Backups>, Status> {
+        self.ctx.backups.as_ref().ok_or_else(|| {
+            Status::failed_precondition(
+                "backups are not configured: add a [backups] section to the controller config",
+            )
+        })
+    }
+
     fn isolation(&self) -> Result<&Arc<IsolationState>, Status> {
         self.isolation.as_ref().ok_or_else(|| {
             Status::failed_precondition(
@@ -253,27 +261,38 @@ impl FleetService for FleetApi {
         &self,
         _request: Request<ListBackupsRequest>,
     ) -> Result<Response<ListBackupsResponse>, Status> {
-        Err(not_yet("backups"))
+        Ok(Response::new(self.backups()?.list()))
     }
 
-    async fn run_backup(
-        &self,
-        _request: Request<RunBackupRequest>,
-    ) -> Result<Response<Job>, Status> {
-        Err(not_yet("backups"))
+    async fn run_backup(&self, request: Request<RunBackupRequest>) -> Result<Response<Job>, Status> {
+        let who = super::operator_name(&request)?;
+        let req = request.into_inner();
+        let reason = if req.reason.is_empty() {
+            format!("requested by {who}")
+        } else {
+            format!("{} (requested by {who})", req.reason)
+        };
+        let (job, _) = self
+            .backups()?
+            .start_backup(&reason, &who, req.simulated_now)?;
+        Ok(Response::new(job))
     }
 
     async fn verify_backups(
         &self,
-        _request: Request<VerifyBackupsRequest>,
+        request: Request<VerifyBackupsRequest>,
     ) -> Result<Response<Job>, Status> {
-        Err(not_yet("backups"))
+        let who = super::operator_name(&request)?;
+        let (job, _) = self.backups()?.start_verify(&who)?;
+        Ok(Response::new(job))
     }
 
     async fn run_restore_test(
         &self,
-        _request: Request<RunRestoreTestRequest>,
+        request: Request<RunRestoreTestRequest>,
     ) -> Result<Response<Job>, Status> {
-        Err(not_yet("backups"))
+        let who = super::operator_name(&request)?;
+        let (job, _) = self.backups()?.start_restore_test(&who)?;
+        Ok(Response::new(job))
     }
 }

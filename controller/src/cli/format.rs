@@ -109,7 +109,10 @@ pub fn short_duration(d: Duration) -> String {
 }
 
 /// The time between two timestamps, or `-` when either is missing.
-pub fn between(from: Option<&prost_types::Timestamp>, to: Option<&prost_types::Timestamp>) -> String {
+pub fn between(
+    from: Option<&prost_types::Timestamp>,
+    to: Option<&prost_types::Timestamp>,
+) -> String {
     match (from, to) {
         (Some(a), Some(b)) if a.seconds > 0 && b.seconds > 0 => short_duration(
             sentinel_proto::time::system_time(b)

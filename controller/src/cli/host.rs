@@ -49,7 +49,11 @@ pub fn render(h: &Host, colour: bool) -> String {
             info.agent_version, info.os, info.kernel, info.arch
         );
         if !info.labels.is_empty() {
-            let mut labels: Vec<String> = info.labels.iter().map(|(k, v)| format!("{k}={v}")).collect();
+            let mut labels: Vec<String> = info
+                .labels
+                .iter()
+                .map(|(k, v)| format!("{k}={v}"))
+                .collect();
             labels.sort();
             let _ = writeln!(out, "labels: {}", labels.join(" "));
         }
@@ -59,10 +63,19 @@ pub fn render(h: &Host, colour: bool) -> String {
             out,
             "connected since {} from {}",
             when(h.connected_since.as_ref()),
-            if h.peer_address.is_empty() { "-" } else { &h.peer_address }
+            if h.peer_address.is_empty() {
+                "-"
+            } else {
+                &h.peer_address
+            }
         );
     }
-    let _ = writeln!(out, "last seen {} ({})", when(h.last_seen.as_ref()), ago(h.last_seen.as_ref()));
+    let _ = writeln!(
+        out,
+        "last seen {} ({})",
+        when(h.last_seen.as_ref()),
+        ago(h.last_seen.as_ref())
+    );
     let _ = writeln!(
         out,
         "state collected {} ({:.1}s old), received {}",
@@ -99,9 +112,19 @@ pub fn render(h: &Host, colour: bool) -> String {
                 .iter()
                 .map(|d| {
                     let used = d.total_bytes.saturating_sub(d.available_bytes);
-                    let pct = if d.total_bytes == 0 { 0.0 } else { used as f64 * 100.0 / d.total_bytes as f64 };
+                    let pct = if d.total_bytes == 0 {
+                        0.0
+                    } else {
+                        used as f64 * 100.0 / d.total_bytes as f64
+                    };
                     let pct_text = format!("{pct:.0}%");
-                    let tone = if pct >= 90.0 { Tone::Bad } else if pct >= 80.0 { Tone::Busy } else { Tone::Plain };
+                    let tone = if pct >= 90.0 {
+                        Tone::Bad
+                    } else if pct >= 80.0 {
+                        Tone::Busy
+                    } else {
+                        Tone::Plain
+                    };
                     vec![
                         d.mount_point.clone(),
                         d.device.clone(),
@@ -113,7 +136,12 @@ pub fn render(h: &Host, colour: bool) -> String {
                 })
                 .collect();
             if !rows.is_empty() {
-                super::table_into(&mut out, "  ", &["MOUNT", "DEVICE", "FS", "SIZE", "AVAILABLE", "USED"], &rows);
+                super::table_into(
+                    &mut out,
+                    "  ",
+                    &["MOUNT", "DEVICE", "FS", "SIZE", "AVAILABLE", "USED"],
+                    &rows,
+                );
             }
         }
         Some(system_section::Result::Error(e)) => errors.push(("system".into(), e.clone())),
@@ -131,7 +159,13 @@ pub fn render(h: &Host, colour: bool) -> String {
                 d.engine_version
             );
             let mut containers: Vec<&Container> = d.containers.iter().collect();
-            containers.sort_by(|a, b| (&a.compose_project, &a.compose_service, &a.name).cmp(&(&b.compose_project, &b.compose_service, &b.name)));
+            containers.sort_by(|a, b| {
+                (&a.compose_project, &a.compose_service, &a.name).cmp(&(
+                    &b.compose_project,
+                    &b.compose_service,
+                    &b.name,
+                ))
+            });
             let rows: Vec<Vec<String>> = containers
                 .iter()
                 .map(|c| {
@@ -141,7 +175,11 @@ pub fn render(h: &Host, colour: bool) -> String {
                         c.name.clone(),
                         truncate(&c.image, 40),
                         state(&c.state, colour),
-                        if c.health.is_empty() { "-".into() } else { state(&c.health, colour) },
+                        if c.health.is_empty() {
+                            "-".into()
+                        } else {
+                            state(&c.health, colour)
+                        },
                         c.restart_count.to_string(),
                         ports(c),
                     ]
@@ -153,7 +191,10 @@ pub fn render(h: &Host, colour: bool) -> String {
                 super::table_into(
                     &mut out,
                     "  ",
-                    &["PROJECT", "SERVICE", "NAME", "IMAGE", "STATE", "HEALTH", "RESTARTS", "PORTS"],
+                    &[
+                        "PROJECT", "SERVICE", "NAME", "IMAGE", "STATE", "HEALTH", "RESTARTS",
+                        "PORTS",
+                    ],
                     &rows,
                 );
             }
@@ -168,9 +209,17 @@ pub fn render(h: &Host, colour: bool) -> String {
             let _ = writeln!(
                 out,
                 "  {} {}, config {}, {} server block(s), {} certificate(s)",
-                if n.running { state("running", colour) } else { paint("not running", Tone::Bad, colour) },
+                if n.running {
+                    state("running", colour)
+                } else {
+                    paint("not running", Tone::Bad, colour)
+                },
                 dash(&n.version),
-                if n.config_ok { state("ok", colour) } else { paint("FAILS nginx -t", Tone::Bad, colour) },
+                if n.config_ok {
+                    state("ok", colour)
+                } else {
+                    paint("FAILS nginx -t", Tone::Bad, colour)
+                },
                 n.servers.len(),
                 n.certificates.len()
             );
@@ -187,7 +236,13 @@ pub fn render(h: &Host, colour: bool) -> String {
                     errors.push((format!("nginx certificate {}", c.path), c.error.clone()));
                     continue;
                 }
-                let _ = writeln!(out, "  certificate {} expires {} ({})", c.dns_names.join(","), when(c.not_after.as_ref()), c.path);
+                let _ = writeln!(
+                    out,
+                    "  certificate {} expires {} ({})",
+                    c.dns_names.join(","),
+                    when(c.not_after.as_ref()),
+                    c.path
+                );
             }
         }
         Some(nginx_section::Result::Error(e)) => errors.push(("nginx".into(), e.clone())),
@@ -199,7 +254,13 @@ pub fn render(h: &Host, colour: bool) -> String {
             out.push_str("\nREDIS\n");
             for i in &r.instances {
                 if !i.reachable || !i.error.is_empty() {
-                    let _ = writeln!(out, "  {} {}: {}", i.name, i.address, paint("unreachable", Tone::Bad, colour));
+                    let _ = writeln!(
+                        out,
+                        "  {} {}: {}",
+                        i.name,
+                        i.address,
+                        paint("unreachable", Tone::Bad, colour)
+                    );
                     errors.push((format!("redis {}", i.name), dash(&i.error)));
                     continue;
                 }
@@ -211,7 +272,11 @@ pub fn render(h: &Host, colour: bool) -> String {
                     dash(&i.version),
                     dash(&i.role),
                     bytes(i.used_memory_bytes),
-                    if i.maxmemory_bytes > 0 { format!(" of {}", bytes(i.maxmemory_bytes)) } else { String::new() },
+                    if i.maxmemory_bytes > 0 {
+                        format!(" of {}", bytes(i.maxmemory_bytes))
+                    } else {
+                        String::new()
+                    },
                     i.connected_clients,
                     ago(i.last_save.as_ref()),
                     if i.last_save_ok { "" } else { " (FAILED)" }
@@ -224,7 +289,12 @@ pub fn render(h: &Host, colour: bool) -> String {
 
     match s.postgres.as_ref().and_then(|x| x.result.as_ref()) {
         Some(postgres_section::Result::State(p)) => {
-            let superusers: Vec<&str> = p.roles.iter().filter(|r| r.superuser).map(|r| r.name.as_str()).collect();
+            let superusers: Vec<&str> = p
+                .roles
+                .iter()
+                .filter(|r| r.superuser)
+                .map(|r| r.name.as_str())
+                .collect();
             let _ = writeln!(
                 out,
                 "\nPOSTGRESQL\n  {}: {} roles ({} can log in), {} databases{}",
@@ -232,7 +302,11 @@ pub fn render(h: &Host, colour: bool) -> String {
                 p.roles.len(),
                 p.roles.iter().filter(|r| r.login).count(),
                 p.databases.len(),
-                if superusers.is_empty() { String::new() } else { format!(", superusers: {}", superusers.join(", ")) }
+                if superusers.is_empty() {
+                    String::new()
+                } else {
+                    format!(", superusers: {}", superusers.join(", "))
+                }
             );
         }
         Some(postgres_section::Result::Error(e)) => errors.push(("postgres".into(), e.clone())),
@@ -249,7 +323,11 @@ pub fn render(h: &Host, colour: bool) -> String {
 }
 
 fn dash(s: &str) -> String {
-    if s.is_empty() { "-".into() } else { s.to_string() }
+    if s.is_empty() {
+        "-".into()
+    } else {
+        s.to_string()
+    }
 }
 
 /// Published ports as `0.0.0.0:8080->80/tcp`; unpublished ones as `80/tcp`.
@@ -261,19 +339,29 @@ fn ports(c: &Container) -> String {
             if p.public_port == 0 {
                 format!("{}/{}", p.private_port, p.protocol)
             } else {
-                let ip = if p.ip.is_empty() { "0.0.0.0" } else { p.ip.as_str() };
+                let ip = if p.ip.is_empty() {
+                    "0.0.0.0"
+                } else {
+                    p.ip.as_str()
+                };
                 format!("{ip}:{}->{}/{}", p.public_port, p.private_port, p.protocol)
             }
         })
         .collect();
     out.dedup();
-    if out.is_empty() { "-".into() } else { out.join(", ") }
+    if out.is_empty() {
+        "-".into()
+    } else {
+        out.join(", ")
+    }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use sentinel_proto::v1::{DockerSection, DockerState, HostInfo, HostState, Port, SystemSection};
+    use sentinel_proto::v1::{
+        DockerSection, DockerState, HostInfo, HostState, Port, SystemSection,
+    };
 
     #[test]
     fn the_view_has_the_containers_table_and_the_collectors_errors() {
@@ -303,7 +391,12 @@ mod tests {
                             state: "running".into(),
                             health: "healthy".into(),
                             restart_count: 2,
-                            ports: vec![Port { private_port: 3002, public_port: 3002, ip: "127.0.0.1".into(), protocol: "tcp".into() }],
+                            ports: vec![Port {
+                                private_port: 3002,
+                                public_port: 3002,
+                                ip: "127.0.0.1".into(),
+                                protocol: "tcp".into(),
+                            }],
                             ..Default::default()
                         }],
                     })),
@@ -313,11 +406,20 @@ mod tests {
             ..Default::default()
         };
         let text = render(&host, false);
-        assert!(text.starts_with("hub-alfa online\nagent 0.1.0 on Debian 12"), "{text}");
-        assert!(text.contains("CONTAINERS (1 running of 1, Docker 24.0)"), "{text}");
+        assert!(
+            text.starts_with("hub-alfa online\nagent 0.1.0 on Debian 12"),
+            "{text}"
+        );
+        assert!(
+            text.contains("CONTAINERS (1 running of 1, Docker 24.0)"),
+            "{text}"
+        );
         assert!(text.contains("  PROJECT       SERVICE  NAME"), "{text}");
         assert!(text.contains("auth-staging  backend  auth-backend-1  s60/auth:abc  running  healthy  2         127.0.0.1:3002->3002/tcp"), "{text}");
-        assert!(text.contains("COLLECTOR ERRORS\n  system: no /proc\n"), "{text}");
+        assert!(
+            text.contains("COLLECTOR ERRORS\n  system: no /proc\n"),
+            "{text}"
+        );
         assert!(!text.contains('\x1b'), "no colour off a terminal");
     }
 }

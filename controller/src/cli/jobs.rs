@@ -1,9 +1,7 @@
 //! `sentinel jobs` and `sentinel deploys`: the job and deploy history, newest first, as tables
 //! or (`--json`) as the API's `ListJobsResponse` / `ListDeploysResponse`.
 
-use sentinel_proto::v1::{
-    DeploymentState, JobKind, JobState, ListDeploysRequest, ListJobsRequest,
-};
+use sentinel_proto::v1::{DeploymentState, JobKind, JobState, ListDeploysRequest, ListJobsRequest};
 
 use super::deploy::status_err;
 use super::format::{ago, between, enum_word, state, truncate};
@@ -80,7 +78,9 @@ pub async fn jobs(client: &ClientArgs, args: JobsArgs) -> anyhow::Result<u8> {
         })
         .collect();
     super::table(
-        &["JOB", "HOST", "KIND", "STATE", "CREATED", "UPDATED", "BY", "DETAIL"],
+        &[
+            "JOB", "HOST", "KIND", "STATE", "CREATED", "UPDATED", "BY", "DETAIL",
+        ],
         &rows,
     );
     Ok(0)
@@ -130,7 +130,9 @@ pub async fn deploys(client: &ClientArgs, args: DeploysArgs) -> anyhow::Result<u
         })
         .collect();
     super::table(
-        &["DEPLOY", "APP", "COMMIT", "STATE", "STARTED", "TOOK", "BY", "DETAIL"],
+        &[
+            "DEPLOY", "APP", "COMMIT", "STATE", "STARTED", "TOOK", "BY", "DETAIL",
+        ],
         &rows,
     );
     Ok(0)

@@ -18,23 +18,35 @@ fn pool() -> anyhow::Result<&'static DescriptorPool> {
     Ok(POOL.get_or_init(|| pool))
 }
 
-/// `message` (of the protobuf type `full_name`, e.g. `sentinel.v1.Host`) as JSON.
-pub fn to_json<M: prost::Message>(message: &M, full_name: &str) -> anyhow::Result<serde_json::Value> {
+fn dynamic<M: prost::Message>(message: &M, full_name: &str) -> anyhow::Result<DynamicMessage> {
     let descriptor = pool()?
         .get_message_by_name(full_name)
         .with_context(|| format!("no message {full_name} in the API's descriptors"))?;
-    let dynamic = DynamicMessage::decode(descriptor, message.encode_to_vec().as_slice())
-        .with_context(|| format!("re-reading a {full_name}"))?;
-    let mut out = serde_json::Serializer::new(Vec::new());
-    dynamic
+    DynamicMessage::decode(descriptor, message.encode_to_vec().as_slice())
+        .with_context(|| format!("re-reading a {full_name}"))
+}
+
+/// `message` (of the protobuf type `full_name`, e.g. `sentinel.v1.Host`) as indented JSON,
+/// fields in the API's order.
+pub fn to_string<M: prost::Message>(message: &M, full_name: &str) -> anyhow::Result<String> {
+    let mut out = serde_json::Serializer::pretty(Vec::new());
+    dynamic(message, full_name)?
         .serialize_with_options(&mut out, &SerializeOptions::new())
         .with_context(|| format!("writing a {full_name} as JSON"))?;
-    serde_json::from_slice(&out.into_inner()).context("re-reading the JSON")
+    String::from_utf8(out.into_inner()).context("JSON is UTF-8")
+}
+
+/// `message` as a JSON value.
+pub fn to_json<M: prost::Message>(
+    message: &M,
+    full_name: &str,
+) -> anyhow::Result<serde_json::Value> {
+    serde_json::from_str(&to_string(message, full_name)?).context("re-reading the JSON")
 }
 
 /// Prints `message` as indented JSON.
 pub fn print<M: prost::Message>(message: &M, full_name: &str) -> anyhow::Result<()> {
-    println!("{}", serde_json::to_string_pretty(&to_json(message, full_name)?)?);
+    println!("{}", to_string(message, full_name)?);
     Ok(())
 }
 

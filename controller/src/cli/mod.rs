@@ -7,6 +7,7 @@
 //! succeed); 2 the controller could not be reached or answered with an error (refused, unknown
 //! name); 64 a bad argument.
 
+pub mod backups;
 pub mod deploy;
 pub mod fleet;
 pub mod format;
@@ -93,14 +94,19 @@ pub fn table_into(out: &mut String, indent: &str, headers: &[&str], rows: &[Vec<
             .iter()
             .enumerate()
             .map(|(i, c)| {
-                let pad = widths.get(i).copied().unwrap_or(0).saturating_sub(visible_width(c));
+                let pad = widths
+                    .get(i)
+                    .copied()
+                    .unwrap_or(0)
+                    .saturating_sub(visible_width(c));
                 format!("{c}{}", " ".repeat(pad))
             })
             .collect::<Vec<_>>()
             .join("  ");
         format!("{indent}{}\n", text.trim_end())
     };
-    out.push_str(&line(&headers.iter().map(|h| h.to_string()).collect::<Vec<_>>()));
+    let headers: Vec<String> = headers.iter().map(|h| h.to_string()).collect();
+    out.push_str(&line(&headers));
     for row in rows {
         out.push_str(&line(row));
     }

@@ -207,7 +207,10 @@ mod tests {
     #[test]
     fn status_codes_get_their_canonical_names() {
         assert_eq!(code_name(&http::HeaderValue::from_static("0")), "OK");
-        assert_eq!(code_name(&http::HeaderValue::from_static("7")), "PERMISSION_DENIED");
+        assert_eq!(
+            code_name(&http::HeaderValue::from_static("7")),
+            "PERMISSION_DENIED"
+        );
         assert_eq!(code_name(&http::HeaderValue::from_static("99")), "UNKNOWN");
         assert_eq!(code_name(&http::HeaderValue::from_static("x")), "UNKNOWN");
     }

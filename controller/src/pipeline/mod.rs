@@ -18,7 +18,7 @@ use sentinel_proto::time::now;
 use sentinel_proto::v1::{
     job_event, job_spec, DeployParams, DeployRequest, Deployment, DeploymentEvent,
     DeploymentState, DeploymentStep, E2eLevel, HealthCheck, Job, JobKind, JobState,
-    RollbackParams, StepStatus,
+    BackupParams, RollbackParams, StepStatus,
 };
 use tokio::sync::broadcast;
 use tokio_util::sync::CancellationToken;
@@ -28,6 +28,14 @@ use tracing::{info, warn, Instrument};
 use crate::jobs::{JobQueue, NewJob};
 use crate::store::{Store, StoreError};
 pub use config::{AppConfig, EnvironmentConfig, PipelineConfig};
+
+/// The built-in backup before production (the backups module): the host and parameters of a
+/// fresh backup of an app's production databases, or None when none are configured (the
+/// `pipeline.backup_hook` command then runs instead, if there is one).
+pub trait PreDeployBackup: Send + Sync {
+    /// The backup job for a `db_change` deploy of `app`.
+    fn pre_deploy(&self, app: &str, deploy_id: &str, commit: &str) -> Option<(String, BackupParams)>;
+}
 
 /// Something that may hold deploys back (the isolation checker). `blocking` answers from the
 /// latest report at submission; `check_now` runs a fresh check before production.
@@ -57,6 +65,7 @@ pub struct Pipeline {
     events: broadcast::Sender<DeploymentEvent>,
     cancels: Mutex<HashMap<String, CancellationToken>>,
     gate: Mutex<Option<Arc<dyn DeployGate>>>,
+    backups: Mutex<Option<Arc<dyn PreDeployBackup>>>,
 }
 
 /// How a pipeline run failed.
@@ -132,6 +141,7 @@ impl Pipeline {
             events,
             cancels: Mutex::new(HashMap::new()),
             gate: Mutex::new(None),
+            backups: Mutex::new(None),
         }))
     }
 
@@ -142,6 +152,11 @@ impl Pipeline {
 
     fn gate(&self) -> Option<Arc<dyn DeployGate>> {
         self.gate.lock().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+
+    /// Installs the built-in pre-production backup (the backups module).
+    pub fn set_backups(&self, backups: Arc<dyn PreDeployBackup>) {
+        *self.backups.lock().unwrap_or_else(|p| p.into_inner()) = Some(backups);
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, State> {
@@ -527,6 +542,25 @@ impl Pipeline {
     }
 
     async fn backup_hook(&self, id: &str, app: &AppConfig, commit: &str) -> Result<(), Failure> {
+        let built_in = self
+            .backups
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+            .and_then(|b| b.pre_deploy(&app.name, id, commit));
+        if let Some((host, params)) = built_in {
+            // A fresh backup of the app's production databases; no migration without it.
+            return self
+                .run_step(id, "backup", "production", &host, async {
+                    let job = self
+                        .run_job(id, "backup", "production", &host, JobKind::Backup, job_spec::Params::Backup(params))
+                        .await
+                        .map_err(|f| Failure::new(format!("{}; not migrating", f.detail)))?;
+                    Ok(((), job.detail))
+                })
+                .await
+                .map(|_| ());
+        }
         let host = app.production.host.clone();
         let hook = self.config.backup_hook.clone();
         let timeout = self.config.backup_hook_timeout;

@@ -17,6 +17,13 @@ const JOBS: TableDefinition<&str, &[u8]> = TableDefinition::new("jobs");
 const ENVELOPES: TableDefinition<&str, &[u8]> = TableDefinition::new("job_envelopes");
 /// Deploy id -> encoded `sentinel.v1.Deployment`.
 const DEPLOYS: TableDefinition<&str, &[u8]> = TableDefinition::new("deploys");
+/// Backup bookkeeping key -> JSON (schedules' last runs, per-database summaries).
+const BACKUPS: TableDefinition<&str, &[u8]> = TableDefinition::new("backups");
+
+/// redb's page cache. Its default (1 GiB) fills with pages the flusher writes and nothing
+/// reads (the store is read once, at startup): at 5,000 agents it held 18 KiB of resident
+/// memory per host. A second's worth of writes at 10,000 agents is under 10 MiB.
+const CACHE_BYTES: usize = 32 * 1024 * 1024;
 
 /// One row to write: table, key, encoded value.
 type Row<'a> = (Table, &'a str, Vec<u8>);
@@ -41,12 +48,15 @@ impl EmbeddedStore {
     /// Opens (or creates) the store file at `path`.
     pub fn open(path: &Path) -> Result<Self, StoreError> {
         let action = format!("opening {}", path.display());
-        let db = Database::create(path).map_err(|e| backend(action.clone())(e.into()))?;
+        let db = Database::builder()
+            .set_cache_size(CACHE_BYTES)
+            .create(path)
+            .map_err(|e| backend(action.clone())(e.into()))?;
         // Create the tables up front so that readers never meet a missing table.
         let txn = db
             .begin_write()
             .map_err(|e| backend(action.clone())(e.into()))?;
-        for table in [HOSTS, JOBS, ENVELOPES, DEPLOYS] {
+        for table in [HOSTS, JOBS, ENVELOPES, DEPLOYS, BACKUPS] {
             txn.open_table(table)
                 .map_err(|e| backend(action.clone())(e.into()))?;
         }
@@ -94,6 +104,26 @@ impl EmbeddedStore {
 }
 
 impl Store for EmbeddedStore {
+    fn save_backup_records(&self, records: &[(String, Vec<u8>)]) -> Result<(), StoreError> {
+        let rows: Vec<_> = records
+            .iter()
+            .map(|(k, v)| (BACKUPS, k.as_str(), v.clone()))
+            .collect();
+        self.put(&format!("saving {} backup record(s)", records.len()), &rows)
+    }
+
+    fn load_backup_records(&self) -> Result<Vec<(String, Vec<u8>)>, StoreError> {
+        let err = |e: redb::Error| backend("loading backups")(e);
+        let txn = self.db.begin_read().map_err(|e| err(e.into()))?;
+        let table = txn.open_table(BACKUPS).map_err(|e| err(e.into()))?;
+        let mut out = Vec::new();
+        for entry in table.iter().map_err(|e| err(e.into()))? {
+            let (key, value) = entry.map_err(|e| err(e.into()))?;
+            out.push((key.value().to_string(), value.value().to_vec()));
+        }
+        Ok(out)
+    }
+
     fn save_hosts(&self, hosts: &[Host]) -> Result<(), StoreError> {
         let rows: Vec<_> = hosts
             .iter()

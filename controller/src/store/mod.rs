@@ -50,6 +50,13 @@ pub trait Store: Send + Sync + 'static {
 
     /// Every stored deploy.
     fn load_deploys(&self) -> Result<Vec<Deployment>, StoreError>;
+
+    /// Upserts backup bookkeeping records (schedules' last runs, per-database summaries) by
+    /// key, atomically. Values are opaque to the store (JSON written by `backups`).
+    fn save_backup_records(&self, records: &[(String, Vec<u8>)]) -> Result<(), StoreError>;
+
+    /// Every backup bookkeeping record.
+    fn load_backup_records(&self) -> Result<Vec<(String, Vec<u8>)>, StoreError>;
 }
 
 /// A job as stored: its state and events, and the envelope exactly as signed (so that a job

@@ -91,7 +91,15 @@ impl Counter {
     pub fn encode(&self, out: &mut String) {
         self.desc.header(out, "counter");
         for (key, v) in lock(&self.series).iter() {
-            sample(out, self.desc.name, "", self.desc.labels, key, None, *v as f64);
+            sample(
+                out,
+                self.desc.name,
+                "",
+                self.desc.labels,
+                key,
+                None,
+                *v as f64,
+            );
         }
     }
 }
@@ -218,9 +226,25 @@ impl Histogram {
             for (i, bound) in self.buckets.iter().enumerate() {
                 cumulative += s.counts.get(i).copied().unwrap_or(0);
                 let le = format_value(*bound);
-                sample(out, d.name, "_bucket", d.labels, key, Some(("le", &le)), cumulative as f64);
+                sample(
+                    out,
+                    d.name,
+                    "_bucket",
+                    d.labels,
+                    key,
+                    Some(("le", &le)),
+                    cumulative as f64,
+                );
             }
-            sample(out, d.name, "_bucket", d.labels, key, Some(("le", "+Inf")), s.count as f64);
+            sample(
+                out,
+                d.name,
+                "_bucket",
+                d.labels,
+                key,
+                Some(("le", "+Inf")),
+                s.count as f64,
+            );
             sample(out, d.name, "_sum", d.labels, key, None, s.sum);
             sample(out, d.name, "_count", d.labels, key, None, s.count as f64);
         }
@@ -363,7 +387,10 @@ mod tests {
         let c = Counter::new("jobs_total", "Jobs that ended.", &["kind", "outcome"]);
         let mut out = String::new();
         c.encode(&mut out);
-        assert_eq!(out, "# HELP jobs_total Jobs that ended.\n# TYPE jobs_total counter\n");
+        assert_eq!(
+            out,
+            "# HELP jobs_total Jobs that ended.\n# TYPE jobs_total counter\n"
+        );
         c.inc(&["deploy", "failed"]);
         c.inc_by(&["deploy", "failed"], 2);
         c.inc(&["backup", "succeeded"]);
@@ -389,7 +416,10 @@ mod tests {
         g.set(&["a\"b\\c\nd"], 2.0);
         let mut out = String::new();
         g.encode(&mut out);
-        assert!(out.contains("# HELP g Help with \\\\ and\\nnewline.\n"), "{out}");
+        assert!(
+            out.contains("# HELP g Help with \\\\ and\\nnewline.\n"),
+            "{out}"
+        );
         assert!(out.contains("g{host=\"a\\\"b\\\\c\\nd\"} 2\n"), "{out}");
     }
 

@@ -103,7 +103,11 @@ async fn answer(mut stream: TcpStream, render: &Render) {
     let response = if complete {
         route(&head, render)
     } else if head.len() > MAX_HEAD {
-        Response::text(431, "Request Header Fields Too Large", "request head too large\n")
+        Response::text(
+            431,
+            "Request Header Fields Too Large",
+            "request head too large\n",
+        )
     } else {
         return;
     };
@@ -211,34 +215,56 @@ mod tests {
         assert!(text.starts_with("HTTP/1.1 200 OK\r\n"), "{text}");
         assert!(text.contains("Content-Type: text/plain; version=0.0.4; charset=utf-8\r\n"));
         assert!(text.contains("Content-Length: 31\r\n"), "{text}");
-        assert!(text.ends_with("\r\n\r\n# HELP x X.\n# TYPE x gauge\nx 1\n"), "{text}");
+        assert!(
+            text.ends_with("\r\n\r\n# HELP x X.\n# TYPE x gauge\nx 1\n"),
+            "{text}"
+        );
 
-        assert_eq!(route(b"GET /metrics?x=1 HTTP/1.0\r\n\r\n", &render()).status(), 200);
+        assert_eq!(
+            route(b"GET /metrics?x=1 HTTP/1.0\r\n\r\n", &render()).status(),
+            200
+        );
         let head = route(b"HEAD /metrics HTTP/1.1\r\n\r\n", &render());
-        assert!(String::from_utf8(head.bytes()).unwrap().ends_with("\r\n\r\n"));
+        assert!(String::from_utf8(head.bytes())
+            .unwrap()
+            .ends_with("\r\n\r\n"));
         assert_eq!(route(b"GET / HTTP/1.1\r\n\r\n", &render()).status(), 404);
         let post = route(b"POST /metrics HTTP/1.1\r\n\r\n", &render());
         assert_eq!(post.status(), 405);
-        assert!(String::from_utf8(post.bytes()).unwrap().contains("Allow: GET, HEAD\r\n"));
+        assert!(String::from_utf8(post.bytes())
+            .unwrap()
+            .contains("Allow: GET, HEAD\r\n"));
         assert_eq!(route(b"garbage\r\n\r\n", &render()).status(), 400);
-        assert_eq!(route(b"GET /metrics SPDY/3\r\n\r\n", &render()).status(), 505);
+        assert_eq!(
+            route(b"GET /metrics SPDY/3\r\n\r\n", &render()).status(),
+            505
+        );
     }
 
     #[tokio::test]
     async fn a_real_client_gets_the_metrics_and_a_port_clash_is_not_fatal() {
         let shutdown = CancellationToken::new();
-        let addr = start("test", "127.0.0.1:0".parse().unwrap(), render(), shutdown.clone())
+        let addr = start(
+            "test",
+            "127.0.0.1:0".parse().unwrap(),
+            render(),
+            shutdown.clone(),
+        )
+        .await
+        .unwrap();
+        let mut s = TcpStream::connect(addr).await.unwrap();
+        s.write_all(b"GET /metrics HTTP/1.1\r\nHost: localhost\r\n\r\n")
             .await
             .unwrap();
-        let mut s = TcpStream::connect(addr).await.unwrap();
-        s.write_all(b"GET /metrics HTTP/1.1\r\nHost: localhost\r\n\r\n").await.unwrap();
         let mut text = String::new();
         s.read_to_string(&mut text).await.unwrap();
         assert!(text.starts_with("HTTP/1.1 200 OK"), "{text}");
         assert!(text.ends_with("x 1\n"), "{text}");
 
         // The same port again: logged, not fatal.
-        assert!(start("test", addr, render(), shutdown.clone()).await.is_none());
+        assert!(start("test", addr, render(), shutdown.clone())
+            .await
+            .is_none());
         shutdown.cancel();
     }
 }

@@ -1,0 +1,669 @@
+//! Backups on the controller: the schedules (nightly backup, daily verify, monthly restore
+//! test, as cron expressions in a time zone), the jobs they and operators start on the backup
+//! host, what those jobs reported (kept in the store), the operator's view (`ListBackups`),
+//! the pre-production backup of a `db_change` deploy, and the age of each database's newest
+//! good backup for the metrics.
+//!
+//! The agent does the work and is the security boundary (see `hostagent::jobs::backup`); the
+//! controller only decides when, and remembers what happened. Runs of one kind never overlap:
+//! a run starts only when the previous one's jobs have all ended (a scheduled occurrence that
+//! finds one still going is skipped and says so; an operator is told which job is running).
+
+pub mod config;
+pub mod schedule;
+pub mod state;
+
+use std::collections::{HashMap, HashSet};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use hostagent::jobs::backup::manifest::{Kind, Series};
+use hostagent::jobs::backup::restore::RestoreReport;
+use hostagent::jobs::backup::verify::VerifyReport;
+use hostagent::jobs::backup::BackupReport;
+use jiff::Timestamp;
+use sentinel_proto::v1::{
+    job_event, job_spec, BackupDatabase, BackupParams, BackupSchedule, Job, JobKind, JobState,
+    ListBackupsResponse, RestoreCheck, RestoreTestParams, RetentionPolicy, VerifyBackupsParams,
+};
+use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
+use tonic::Status;
+use tracing::{info, warn, Instrument};
+
+use crate::jobs::{is_final, JobQueue, NewJob};
+use crate::store::{Store, StoreError};
+pub use config::BackupsConfig;
+use schedule::{OnStart, Schedule};
+use state::State;
+
+/// Run kinds, named as their schedules.
+pub const BACKUP: &str = "backup";
+/// Verify runs.
+pub const VERIFY: &str = "verify";
+/// Restore-test runs.
+pub const RESTORE_TEST: &str = "restore_test";
+
+/// Why a run did not start.
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    /// The previous run of that kind is still going.
+    #[error("a {kind} run is already in progress (job {jobs}); runs of one kind never overlap")]
+    Busy {
+        /// The kind.
+        kind: &'static str,
+        /// Its jobs.
+        jobs: String,
+    },
+    /// It could not be submitted (no signing key, nothing configured...).
+    #[error("{0}")]
+    Refused(String),
+}
+
+impl From<StartError> for Status {
+    fn from(e: StartError) -> Self {
+        Status::failed_precondition(e.to_string())
+    }
+}
+
+/// A started run: its first job, and a handle that ends with the run's outcome.
+pub type Started = (Job, JoinHandle<String>);
+
+fn kind_of(kind: JobKind) -> Option<&'static str> {
+    match kind {
+        JobKind::Backup => Some(BACKUP),
+        JobKind::VerifyBackups => Some(VERIFY),
+        JobKind::RestoreTest => Some(RESTORE_TEST),
+        _ => None,
+    }
+}
+
+/// The controller's backups.
+pub struct Backups {
+    config: BackupsConfig,
+    jobs: Arc<JobQueue>,
+    store: Arc<dyn Store>,
+    schedules: Vec<Schedule>,
+    state: Mutex<State>,
+    /// Run kind -> the jobs of its run in flight.
+    running: Mutex<HashMap<&'static str, Vec<String>>>,
+    /// Job id -> the series it was meant to cover (jobs started here).
+    covered: Mutex<HashMap<String, Vec<Series>>>,
+    /// Jobs whose result is already in the state.
+    applied: Mutex<HashSet<String>>,
+    /// Keeps store writes in order.
+    persisting: tokio::sync::Mutex<()>,
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+fn proto_ts(t: Timestamp) -> prost_types::Timestamp {
+    prost_types::Timestamp {
+        seconds: t.as_second(),
+        nanos: t.subsec_nanosecond(),
+    }
+}
+
+impl Backups {
+    /// Loads what the store remembers. The config was validated with the rest of the file.
+    pub fn load(
+        config: BackupsConfig,
+        jobs: Arc<JobQueue>,
+        store: Arc<dyn Store>,
+    ) -> Result<Arc<Self>, StoreError> {
+        let (state, bad) = State::from_records(store.load_backup_records()?);
+        for key in bad {
+            warn!(key, "unreadable backup record ignored");
+        }
+        let mut schedules = Vec::new();
+        for (name, expr) in config.schedule.entries() {
+            match Schedule::parse(name, expr, &config.time_zone) {
+                Ok(s) => schedules.push(s),
+                Err(e) => warn!(schedule = name, error = %e, "schedule ignored"),
+            }
+        }
+        Ok(Arc::new(Self {
+            config,
+            jobs,
+            store,
+            schedules,
+            state: Mutex::new(state),
+            running: Mutex::new(HashMap::new()),
+            covered: Mutex::new(HashMap::new()),
+            applied: Mutex::new(HashSet::new()),
+            persisting: tokio::sync::Mutex::new(()),
+        }))
+    }
+
+    /// The backup host.
+    pub fn host(&self) -> &str {
+        &self.config.host
+    }
+
+    /// Starts the schedules and the task that records job results. Runs left going by a
+    /// previous controller are waited for, so a new run of their kind does not overlap them.
+    pub fn start(self: &Arc<Self>, shutdown: CancellationToken) {
+        let mut adopted: HashMap<&'static str, Vec<String>> = HashMap::new();
+        for job in self.jobs.list("", usize::MAX) {
+            if let (Some(kind), false) = (kind_of(job.kind()), is_final(job.state())) {
+                adopted.entry(kind).or_default().push(job.job_id);
+            }
+        }
+        for (kind, ids) in adopted {
+            info!(kind, jobs = ?ids, "waiting for the backup jobs a previous controller started");
+            lock(&self.running).insert(kind, ids.clone());
+            drop(self.watch(kind, ids));
+        }
+        let me = self.clone();
+        let stop = shutdown.clone();
+        tokio::spawn(
+            async move { me.record_results(stop).await }.instrument(tracing::info_span!("backup_results")),
+        );
+        for schedule in self.schedules.clone() {
+            let me = self.clone();
+            let stop = shutdown.clone();
+            let span = tracing::info_span!("backup_schedule", schedule = schedule.name);
+            tokio::spawn(async move { me.run_schedule(schedule, stop).await }.instrument(span));
+        }
+    }
+
+    fn retention(&self, simulated_now: Option<prost_types::Timestamp>) -> RetentionPolicy {
+        RetentionPolicy {
+            daily: self.config.retention.daily,
+            weekly: self.config.retention.weekly,
+            minimum: self.config.retention.minimum,
+            simulated_now,
+            time_zone: self.config.time_zone.clone(),
+        }
+    }
+
+    fn databases(&self, filter: impl Fn(&config::DatabaseConfig) -> bool) -> Vec<BackupDatabase> {
+        self.config
+            .databases
+            .iter()
+            .filter(|d| filter(d))
+            .map(|d| BackupDatabase {
+                environment: d.environment.clone(),
+                database: d.database.clone(),
+                dsn_ref: d.dsn_ref.clone(),
+            })
+            .collect()
+    }
+
+    fn files_host(&self) -> &str {
+        self.config.files_host.as_deref().unwrap_or(&self.config.host)
+    }
+
+    /// Every series the config asks for, in config order.
+    pub fn configured_series(&self) -> Vec<Series> {
+        let mut out: Vec<Series> = self
+            .config
+            .databases
+            .iter()
+            .map(|d| Series {
+                kind: Kind::Database,
+                environment: d.environment.clone(),
+                database: d.database.clone(),
+            })
+            .collect();
+        if !self.config.globals_dsn_ref.is_empty() {
+            out.push(Series {
+                kind: Kind::Globals,
+                environment: String::new(),
+                database: self.config.globals_dsn_ref.clone(),
+            });
+        }
+        if !self.config.file_paths.is_empty() {
+            out.push(Series {
+                kind: Kind::Files,
+                environment: String::new(),
+                database: "files".into(),
+            });
+        }
+        out
+    }
+
+    /// Claims `kind` for a new run.
+    fn begin(&self, kind: &'static str) -> Result<(), StartError> {
+        let mut running = lock(&self.running);
+        if let Some(ids) = running.get(kind) {
+            return Err(StartError::Busy {
+                kind,
+                jobs: ids.join(", "),
+            });
+        }
+        running.insert(kind, Vec::new());
+        Ok(())
+    }
+
+    fn submit(
+        &self,
+        kind: &'static str,
+        host: &str,
+        params: job_spec::Params,
+        who: &str,
+        covered: Vec<Series>,
+    ) -> Result<Job, StartError> {
+        let job_kind = match &params {
+            job_spec::Params::Backup(_) => JobKind::Backup,
+            job_spec::Params::VerifyBackups(_) => JobKind::VerifyBackups,
+            _ => JobKind::RestoreTest,
+        };
+        let job = self
+            .jobs
+            .submit(NewJob {
+                target: host.to_string(),
+                kind: job_kind,
+                params,
+                ttl: self.config.job_ttl,
+                requested_by: who.to_string(),
+            })
+            .map_err(|s| StartError::Refused(s.message().to_string()))?;
+        lock(&self.covered).insert(job.job_id.clone(), covered);
+        if let Some(ids) = lock(&self.running).get_mut(kind) {
+            ids.push(job.job_id.clone());
+        }
+        info!(kind, job_id = %job.job_id, host, requested_by = who, "backup run started");
+        Ok(job)
+    }
+
+    /// Waits for a run's jobs, records their results, frees the kind; ends with the outcome.
+    fn watch(self: &Arc<Self>, kind: &'static str, ids: Vec<String>) -> JoinHandle<String> {
+        let me = self.clone();
+        tokio::spawn(async move {
+            let mut outcomes = Vec::new();
+            for id in &ids {
+                match me.jobs.wait_final(id).await {
+                    Some(job) => {
+                        me.apply(&job).await;
+                        let state = job.state().as_str_name().trim_start_matches("JOB_STATE_").to_ascii_lowercase();
+                        outcomes.push(if job.state() == JobState::Succeeded {
+                            state
+                        } else {
+                            format!("{state}: {}", job.detail)
+                        });
+                    }
+                    None => outcomes.push(format!("job {id} vanished")),
+                }
+            }
+            lock(&me.running).remove(kind);
+            outcomes.join("; ")
+        })
+    }
+
+    /// Starts a backup of everything configured. `simulated_now` is for test fleets (the agent
+    /// refuses it unless its config allows a simulated clock).
+    pub fn start_backup(
+        self: &Arc<Self>,
+        reason: &str,
+        who: &str,
+        simulated_now: Option<prost_types::Timestamp>,
+    ) -> Result<Started, StartError> {
+        self.begin(BACKUP)?;
+        let result = (|| {
+            let separate_files = self.files_host() != self.config.host && !self.config.file_paths.is_empty();
+            let file_paths: Vec<String> = self.config.file_paths.iter().map(|p| p.display().to_string()).collect();
+            let base = BackupParams {
+                databases: Vec::new(),
+                file_paths: Vec::new(),
+                backup_dir: self.config.backup_dir.display().to_string(),
+                retention: Some(self.retention(simulated_now)),
+                offsite_target: self.config.offsite_target.clone(),
+                reason: reason.to_string(),
+                globals_dsn_ref: String::new(),
+            };
+            let main = BackupParams {
+                databases: self.databases(|_| true),
+                file_paths: if separate_files { Vec::new() } else { file_paths.clone() },
+                globals_dsn_ref: self.config.globals_dsn_ref.clone(),
+                ..base.clone()
+            };
+            let covered: Vec<Series> = self
+                .configured_series()
+                .into_iter()
+                .filter(|s| !(separate_files && s.kind == Kind::Files))
+                .collect();
+            let job = self.submit(BACKUP, &self.config.host, job_spec::Params::Backup(main), who, covered)?;
+            let mut ids = vec![job.job_id.clone()];
+            if separate_files {
+                let files = BackupParams { file_paths, ..base };
+                let covered = vec![Series {
+                    kind: Kind::Files,
+                    environment: String::new(),
+                    database: "files".into(),
+                }];
+                match self.submit(BACKUP, self.files_host(), job_spec::Params::Backup(files), who, covered) {
+                    Ok(j) => ids.push(j.job_id),
+                    Err(e) => warn!(error = %e, "the files backup could not start"),
+                }
+            }
+            Ok((job, ids))
+        })();
+        self.started(BACKUP, result)
+    }
+
+    /// Starts a verify of every retained backup.
+    pub fn start_verify(self: &Arc<Self>, who: &str) -> Result<Started, StartError> {
+        self.begin(VERIFY)?;
+        let result = (|| {
+            let params = VerifyBackupsParams {
+                backup_dir: self.config.backup_dir.display().to_string(),
+            };
+            let covered = self.configured_series();
+            let job = self.submit(VERIFY, &self.config.host, job_spec::Params::VerifyBackups(params), who, covered)?;
+            let ids = vec![job.job_id.clone()];
+            Ok((job, ids))
+        })();
+        self.started(VERIFY, result)
+    }
+
+    /// Starts a restore test of the newest good backup of every configured database.
+    pub fn start_restore_test(self: &Arc<Self>, who: &str) -> Result<Started, StartError> {
+        if self.config.restore_test.cluster_dsn_ref.is_empty() {
+            return Err(StartError::Refused(
+                "no restore test cluster: set [backups.restore_test] cluster_dsn_ref".into(),
+            ));
+        }
+        self.begin(RESTORE_TEST)?;
+        let result = (|| {
+            let databases = self.databases(|_| true);
+            let checks = self
+                .config
+                .databases
+                .iter()
+                .flat_map(|d| {
+                    d.invariants.iter().map(|sql| RestoreCheck {
+                        environment: d.environment.clone(),
+                        database: d.database.clone(),
+                        sql: sql.clone(),
+                    })
+                })
+                .collect();
+            let params = RestoreTestParams {
+                backup_dir: self.config.backup_dir.display().to_string(),
+                test_cluster_dsn_ref: self.config.restore_test.cluster_dsn_ref.clone(),
+                invariants: self.config.restore_test.invariants.clone(),
+                checks,
+                databases,
+            };
+            let covered = self
+                .configured_series()
+                .into_iter()
+                .filter(|s| s.kind == Kind::Database)
+                .collect();
+            let job = self.submit(RESTORE_TEST, &self.config.host, job_spec::Params::RestoreTest(params), who, covered)?;
+            let ids = vec![job.job_id.clone()];
+            Ok((job, ids))
+        })();
+        self.started(RESTORE_TEST, result)
+    }
+
+    fn started(
+        self: &Arc<Self>,
+        kind: &'static str,
+        result: Result<(Job, Vec<String>), StartError>,
+    ) -> Result<Started, StartError> {
+        match result {
+            Ok((job, ids)) => Ok((job, self.watch(kind, ids))),
+            Err(e) => {
+                lock(&self.running).remove(kind);
+                Err(e)
+            }
+        }
+    }
+
+    /// Records the result of a finished backup, verify or restore-test job (once per job).
+    async fn apply(&self, job: &Job) {
+        let Some(kind) = kind_of(job.kind()) else { return };
+        if !is_final(job.state()) || !lock(&self.applied).insert(job.job_id.clone()) {
+            return;
+        }
+        let covered = lock(&self.covered).remove(&job.job_id).unwrap_or_default();
+        let json = job.events.iter().rev().find_map(|e| match &e.event {
+            Some(job_event::Event::Finished(f)) if !f.result_json.is_empty() => Some(f.result_json.clone()),
+            _ => None,
+        });
+        let ok = job.state() == JobState::Succeeded;
+        let now = Timestamp::now();
+        {
+            let mut st = lock(&self.state);
+            match kind {
+                BACKUP => {
+                    let report = json.and_then(|j| serde_json::from_str::<BackupReport>(&j).ok());
+                    st.apply_backup(report.as_ref(), ok, &job.detail, &covered, now);
+                }
+                VERIFY => {
+                    let report = json.and_then(|j| serde_json::from_str::<VerifyReport>(&j).ok());
+                    st.apply_verify(report.as_ref(), ok, &job.detail, &covered, now);
+                }
+                _ => {
+                    let report = json.and_then(|j| serde_json::from_str::<RestoreReport>(&j).ok());
+                    st.apply_restore(report.as_ref(), ok, &job.detail, &covered, now);
+                }
+            }
+        }
+        info!(kind, job_id = %job.job_id, state = job.state().as_str_name(), "backup job result recorded");
+        self.persist().await;
+    }
+
+    /// Writes the state to the store (small: one record per series and schedule).
+    async fn persist(&self) {
+        let _order = self.persisting.lock().await;
+        let records = lock(&self.state).records();
+        let store = self.store.clone();
+        match tokio::task::spawn_blocking(move || store.save_backup_records(&records)).await {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => warn!(error = %e, "saving backup state failed; kept in memory"),
+            Err(e) => warn!(error = %e, "backup state task failed"),
+        }
+    }
+
+    /// Records every backup-kind job that ends, whoever started it (the deploy pipeline's
+    /// pre-production backups too).
+    async fn record_results(self: Arc<Self>, shutdown: CancellationToken) {
+        let mut rx = self.jobs.subscribe();
+        loop {
+            let event = tokio::select! {
+                e = rx.recv() => e,
+                _ = shutdown.cancelled() => return,
+            };
+            match event {
+                Ok(ev) => {
+                    if matches!(ev.event, Some(job_event::Event::Finished(_)) | Some(job_event::Event::Refused(_))) {
+                        if let Some(job) = self.jobs.get(&ev.job_id) {
+                            self.apply(&job).await;
+                        }
+                    }
+                }
+                Err(tokio::sync::broadcast::error::RecvError::Lagged(n)) => {
+                    warn!(skipped = n, "job events skipped; results of jobs started elsewhere may be missed until the next run");
+                }
+                Err(_) => return,
+            }
+        }
+    }
+
+    fn last_run(&self, name: &str) -> Option<Timestamp> {
+        lock(&self.state).schedules.get(name).and_then(|s| s.last_run_at)
+    }
+
+    async fn set_schedule(&self, name: &str, f: impl FnOnce(&mut state::ScheduleState)) {
+        {
+            let mut st = lock(&self.state);
+            f(st.schedules.entry(name.to_string()).or_default());
+        }
+        self.persist().await;
+    }
+
+    async fn run_schedule(self: Arc<Self>, schedule: Schedule, shutdown: CancellationToken) {
+        let now = Timestamp::now();
+        match schedule.on_start(self.last_run(schedule.name), now) {
+            OnStart::Baseline => {
+                info!(cron = %schedule.expr, tz = %schedule.time_zone, "schedule starts counting now");
+                self.set_schedule(schedule.name, |s| {
+                    s.last_run_at = Some(now);
+                    s.last_outcome = "counting from this controller's first start".into();
+                })
+                .await;
+            }
+            OnStart::UpToDate => {}
+            OnStart::RunMissed(occurrence) => {
+                warn!(missed = %schedule.local(occurrence), "a scheduled run was missed while the controller was down; running it now");
+                self.fire(&schedule, occurrence, true).await;
+            }
+        }
+        loop {
+            let last = self.last_run(schedule.name).unwrap_or_else(Timestamp::now);
+            let Some(next) = schedule.next_after(last) else {
+                warn!(cron = %schedule.expr, "schedule has no next occurrence; stopping it");
+                return;
+            };
+            // Sleeps in slices: wall-clock time can jump (suspend, NTP), tokio's clock does not.
+            loop {
+                let now = Timestamp::now();
+                if now >= next {
+                    break;
+                }
+                let wait = next.duration_since(now).as_secs_f64().clamp(0.01, 30.0);
+                tokio::select! {
+                    _ = tokio::time::sleep(Duration::from_secs_f64(wait)) => {}
+                    _ = shutdown.cancelled() => return,
+                }
+            }
+            let occurrence = schedule.latest_at_or_before(Timestamp::now()).unwrap_or(next);
+            self.fire(&schedule, occurrence, false).await;
+        }
+    }
+
+    /// Runs one occurrence of a schedule (or records why it was skipped).
+    async fn fire(self: &Arc<Self>, schedule: &Schedule, occurrence: Timestamp, missed: bool) {
+        let when = schedule.local(occurrence);
+        let who = format!(
+            "schedule:{} ({when}{})",
+            schedule.name,
+            if missed { ", missed while the controller was down" } else { "" }
+        );
+        let started = match schedule.name {
+            BACKUP => self.start_backup(&format!("nightly ({when})"), &who, None),
+            VERIFY => self.start_verify(&who),
+            _ => self.start_restore_test(&who),
+        };
+        let name = schedule.name;
+        match started {
+            Ok((job, handle)) => {
+                let job_id = job.job_id.clone();
+                self.set_schedule(name, |s| {
+                    s.last_run_at = Some(occurrence);
+                    s.last_job_id = job_id.clone();
+                    s.last_outcome = "running".into();
+                })
+                .await;
+                let me = self.clone();
+                tokio::spawn(
+                    async move {
+                        let outcome = handle.await.unwrap_or_else(|e| format!("watcher failed: {e}"));
+                        info!(job_id = %job_id, outcome = %outcome, "scheduled run ended");
+                        me.set_schedule(name, |s| {
+                            if s.last_job_id == job_id {
+                                s.last_outcome = outcome;
+                            }
+                        })
+                        .await;
+                    }
+                    .in_current_span(),
+                );
+            }
+            Err(e) => {
+                warn!(error = %e, occurrence = %when, "scheduled run skipped");
+                self.set_schedule(name, |s| {
+                    s.last_run_at = Some(occurrence);
+                    s.last_outcome = format!("skipped: {e}");
+                })
+                .await;
+            }
+        }
+    }
+
+    /// The operator's view: every configured series (and any other the backup host still
+    /// holds), the schedules and the offsite backlog.
+    pub fn list(&self) -> ListBackupsResponse {
+        let now = Timestamp::now();
+        let st = lock(&self.state);
+        let mut series = self.configured_series();
+        for (s, v) in &st.series {
+            if !series.contains(s) && !v.kept.is_empty() {
+                series.push(s.clone());
+            }
+        }
+        let running = lock(&self.running);
+        let schedules = self
+            .schedules
+            .iter()
+            .map(|s| {
+                let saved = st.schedules.get(s.name).cloned().unwrap_or_default();
+                BackupSchedule {
+                    name: s.name.to_string(),
+                    cron: s.expr.clone(),
+                    time_zone: s.time_zone.clone(),
+                    last_run_at: saved.last_run_at.map(proto_ts),
+                    next_run_at: s.next_after(saved.last_run_at.unwrap_or(now).max(now)).map(proto_ts),
+                    running: running.contains_key(s.name),
+                    last_job_id: saved.last_job_id,
+                    last_outcome: saved.last_outcome,
+                }
+            })
+            .collect();
+        ListBackupsResponse {
+            databases: series.iter().map(|s| st.summary(s, now)).collect(),
+            host: self.config.host.clone(),
+            schedules,
+            offsite_pending: st.offsite.pending.len() as u32,
+            offsite_error: st.offsite.error.clone().unwrap_or_default(),
+        }
+    }
+
+    /// Seconds since the newest good backup of each configured database, as (environment,
+    /// database, age); `f64::INFINITY` for a database that has none. For the metrics endpoint
+    /// (`sentinel_backup_newest_good_age_seconds`).
+    pub fn newest_good_ages(&self) -> Vec<(String, String, f64)> {
+        let now = Timestamp::now();
+        let st = lock(&self.state);
+        self.configured_series()
+            .into_iter()
+            .filter(|s| s.kind == Kind::Database)
+            .map(|s| {
+                let age = st
+                    .series
+                    .get(&s)
+                    .and_then(|v| v.newest_good())
+                    .map(|i| now.duration_since(i.taken_at).as_secs_f64().max(0.0))
+                    .unwrap_or(f64::INFINITY);
+                (s.environment, s.database, age)
+            })
+            .collect()
+    }
+}
+
+impl crate::pipeline::PreDeployBackup for Backups {
+    fn pre_deploy(&self, app: &str, deploy_id: &str, commit: &str) -> Option<(String, BackupParams)> {
+        let databases =
+            self.databases(|d| d.environment == "production" && d.app.as_deref() == Some(app));
+        if databases.is_empty() {
+            return None;
+        }
+        Some((
+            self.config.host.clone(),
+            BackupParams {
+                databases,
+                file_paths: Vec::new(),
+                backup_dir: self.config.backup_dir.display().to_string(),
+                retention: Some(self.retention(None)),
+                offsite_target: self.config.offsite_target.clone(),
+                reason: format!("before deploy {deploy_id} of {app} at {commit}"),
+                globals_dsn_ref: String::new(),
+            },
+        ))
+    }
+}

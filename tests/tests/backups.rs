@@ -1,0 +1,661 @@
+//! Backups end to end: a real PostgreSQL cluster with data, the real pg_dump, pg_dumpall,
+//! pg_restore and rsync, a backup agent ("argus") and a controller, driven through grpcurl and
+//! the `sentinel backups` CLI. Clocks: retention runs on a simulated clock that the job carries
+//! and the agent accepts only because its config allows it; the schedule test uses the real
+//! clock and a fixed-offset time zone chosen so that 02:00 falls inside the test.
+
+use std::collections::BTreeSet;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::Duration;
+
+use sentinel_e2e::postgres::{self, Postgres};
+use sentinel_e2e::{bin, eventually, eventually_within, free_port, patience, run, Controller, Fleet, Proc, Value};
+
+const BACKUP_PASSWORD: &str = "backup-Ro-Secret-77";
+const RESTORE_PASSWORD: &str = "restore-Tester-Secret-78";
+const CUSTOMERS: i64 = 1000;
+const ORDERS: i64 = 5000;
+const INVOICES: i64 = 200;
+
+/// What a test's world looks like.
+struct Options {
+    /// `[backups.retention]` as TOML lines.
+    retention: &'static str,
+    /// `[backups.schedule]` as TOML lines (default: every schedule off).
+    schedule: String,
+    /// The time zone.
+    time_zone: String,
+    /// The offsite target; None: none.
+    offsite: Option<String>,
+    /// Globals and files too.
+    everything: bool,
+}
+
+impl Default for Options {
+    fn default() -> Self {
+        Self {
+            retention: "daily = 7\nweekly = 4\nminimum = 3\n",
+            schedule: "backup = \"\"\nverify = \"\"\nrestore_test = \"\"\n".into(),
+            time_zone: "UTC".into(),
+            offsite: None,
+            everything: false,
+        }
+    }
+}
+
+struct World {
+    controller: Controller,
+    controller_port: u16,
+    controller_toml: String,
+    _agent: Proc,
+    backup_dir: PathBuf,
+    password_file: PathBuf,
+    pg: Postgres,
+    // Last: the processes' logs live in its temp dir and are printed when a test fails.
+    fleet: Fleet,
+}
+
+fn world(options: Options) -> World {
+    let fleet = Fleet::new(&["argus"]);
+    let pg = Postgres::start();
+    pg.sql(&format!(
+        "CREATE ROLE shop_owner LOGIN PASSWORD 'owner-Pw-1';
+         CREATE ROLE backup_ro LOGIN PASSWORD '{BACKUP_PASSWORD}';
+         GRANT pg_read_all_data TO backup_ro;
+         CREATE ROLE restore_tester LOGIN CREATEDB PASSWORD '{RESTORE_PASSWORD}';
+         CREATE DATABASE shop_prod OWNER shop_owner STRATEGY FILE_COPY;"
+    ));
+    pg.sql_on(
+        "shop_prod",
+        &format!(
+            "SET ROLE shop_owner;
+             CREATE TABLE customers (id int PRIMARY KEY, name text NOT NULL);
+             INSERT INTO customers SELECT g, 'customer ' || g FROM generate_series(1, {CUSTOMERS}) g;
+             CREATE TABLE orders (id int PRIMARY KEY, customer int REFERENCES customers, total numeric);
+             INSERT INTO orders SELECT g, 1 + g % {CUSTOMERS}, g * 1.5 FROM generate_series(1, {ORDERS}) g;
+             CREATE SCHEMA billing;
+             CREATE TABLE billing.invoices (id int PRIMARY KEY, body jsonb);
+             INSERT INTO billing.invoices SELECT g, jsonb_build_object('n', g) FROM generate_series(1, {INVOICES}) g;"
+        ),
+    );
+    let backup_dir = fleet.path("backups");
+    let files_dir = fleet.path("controller-files");
+    std::fs::create_dir_all(files_dir.join("secrets")).unwrap();
+    std::fs::write(files_dir.join("secrets/production.env"), "DB_PASSWORD=not-really\n").unwrap();
+    std::fs::write(files_dir.join("state.txt"), "controller state\n").unwrap();
+    let password_file = fleet.path("backup_ro.password");
+    std::fs::write(&password_file, format!("{BACKUP_PASSWORD}\n")).unwrap();
+    let restore_password = fleet.path("restore.password");
+    std::fs::write(&restore_password, format!("{RESTORE_PASSWORD}\n")).unwrap();
+
+    let c = fleet.certs.display();
+    let pg_bin = postgres::bin_dir();
+    let mut offsite_targets = Vec::new();
+    if let Some(t) = &options.offsite {
+        offsite_targets.push(format!("\"{t}\""));
+    }
+    let agent_toml = format!(
+        "[collectors]\ndocker = false\nsystem = false\n\
+         [jobs]\nstate_dir = \"{state}\"\ntrusted_keys = [\"{c}/signing.pub\"]\n\
+         allowed_kinds = [\"backup\", \"verify_backups\", \"restore_test\"]\n\
+         [jobs.backups]\nbackup_dirs = [\"{backups}\"]\nfile_roots = [\"{files}\"]\n\
+         offsite_targets = [{offsite}]\npg_dump = \"{b}/pg_dump\"\npg_dumpall = \"{b}/pg_dumpall\"\n\
+         pg_restore = \"{b}/pg_restore\"\nallow_simulated_clock = true\ncommand_timeout = \"5m\"\n\
+         [jobs.backups.dsns.backup_ro]\ndsn = \"{ro}\"\npassword_file = \"{pw}\"\n\
+         [jobs.backups.dsns.restore]\ndsn = \"{rt}\"\npassword_file = \"{rpw}\"\n",
+        state = fleet.path("agent-state").display(),
+        backups = backup_dir.display(),
+        files = files_dir.display(),
+        offsite = offsite_targets.join(", "),
+        b = pg_bin.display(),
+        ro = pg.dsn_without_password("backup_ro", "postgres"),
+        pw = password_file.display(),
+        rt = pg.dsn_without_password("restore_tester", "postgres"),
+        rpw = restore_password.display(),
+    );
+    let mut backups = format!(
+        "[signing]\nkey = \"{c}/signing.key\"\n\n[backups]\nhost = \"argus\"\nbackup_dir = \"{}\"\ntime_zone = \"{}\"\n",
+        backup_dir.display(),
+        options.time_zone
+    );
+    if let Some(t) = &options.offsite {
+        backups.push_str(&format!("offsite_target = \"{t}\"\n"));
+    }
+    if options.everything {
+        backups.push_str(&format!(
+            "globals_dsn_ref = \"backup_ro\"\nfile_paths = [\"{}\"]\n",
+            files_dir.display()
+        ));
+    }
+    backups.push_str(&format!(
+        "\n[backups.retention]\n{}\n[backups.schedule]\n{}\n\
+         [backups.restore_test]\ncluster_dsn_ref = \"restore\"\ninvariants = [\"SELECT true\"]\n\n\
+         [[backups.databases]]\nenvironment = \"production\"\ndatabase = \"shop_prod\"\ndsn_ref = \"backup_ro\"\napp = \"shop\"\n\
+         invariants = [\"SELECT count(*) = {CUSTOMERS} FROM customers\", \"SELECT sum(total) > 0 FROM orders\"]\n",
+        options.retention, options.schedule
+    ));
+    let port = free_port();
+    let controller = fleet.start_controller(port, &backups);
+    let agent = fleet.start_agent("argus", "argus", &controller.addr, &agent_toml);
+    controller.wait_online("argus");
+    World {
+        controller,
+        controller_port: port,
+        controller_toml: backups,
+        _agent: agent,
+        backup_dir,
+        password_file,
+        pg,
+        fleet,
+    }
+}
+
+fn is_final(state: &str) -> bool {
+    !matches!(state, "JOB_STATE_QUEUED" | "JOB_STATE_SENT" | "JOB_STATE_RUNNING" | "" )
+}
+
+impl World {
+    /// Starts a run with `method` (retrying while the previous run is still being recorded)
+    /// and waits for its job to end.
+    fn run(&self, method: &str, data: &str) -> Value {
+        let job = eventually(&format!("{method} to start"), || {
+            let r = self.controller.grpcurl(Some(data), &format!("sentinel.v1.FleetService/{method}"));
+            match r.json() {
+                Ok(j) => Ok(j),
+                Err(e) if e.contains("already in progress") => Err(e),
+                Err(e) => panic!("{method} refused: {e}"),
+            }
+        });
+        let id = job["jobId"].as_str().expect("a job id").to_string();
+        self.wait_job(&id)
+    }
+
+    fn wait_job(&self, id: &str) -> Value {
+        eventually_within(patience() * 4, &format!("job {id} to end"), || {
+            let j = self
+                .controller
+                .grpcurl(Some(&format!("{{\"job_id\":\"{id}\"}}")), "sentinel.v1.FleetService/GetJob")
+                .json()?;
+            if is_final(j["state"].as_str().unwrap_or("")) {
+                Ok(j)
+            } else {
+                Err(j["state"].to_string())
+            }
+        })
+    }
+
+    fn backup_at(&self, at: &str) -> Value {
+        self.run("RunBackup", &format!("{{\"reason\":\"test\",\"simulated_now\":\"{at}\"}}"))
+    }
+
+    fn list(&self) -> Value {
+        self.controller
+            .grpcurl(None, "sentinel.v1.FleetService/ListBackups")
+            .json()
+            .expect("ListBackups")
+    }
+
+    fn shop(&self) -> Value {
+        let list = self.list();
+        list["databases"]
+            .as_array()
+            .and_then(|a| a.iter().find(|d| d["database"] == "shop_prod").cloned())
+            .unwrap_or_else(|| panic!("shop_prod not in {list}"))
+    }
+
+    /// The shop_prod dumps on disk, by run stamp.
+    fn dumps(&self) -> BTreeSet<String> {
+        let dir = self.backup_dir.join("production/shop_prod");
+        std::fs::read_dir(&dir)
+            .map(|r| {
+                r.flatten()
+                    .filter_map(|e| {
+                        let name = e.file_name().to_string_lossy().into_owned();
+                        name.strip_prefix("shop_prod-")?.strip_suffix(".dump").map(String::from)
+                    })
+                    .collect()
+            })
+            .unwrap_or_default()
+    }
+
+    fn newest_dump(&self) -> PathBuf {
+        let newest = self.dumps().into_iter().next_back().expect("a dump");
+        self.backup_dir.join(format!("production/shop_prod/shop_prod-{newest}.dump"))
+    }
+
+    fn manifests(&self) -> Vec<Value> {
+        let mut out: Vec<Value> = std::fs::read_dir(self.backup_dir.join("manifests"))
+            .map(|r| {
+                r.flatten()
+                    .filter(|e| e.file_name().to_string_lossy().ends_with(".json"))
+                    .map(|e| serde_json::from_slice(&std::fs::read(e.path()).unwrap()).unwrap())
+                    .collect()
+            })
+            .unwrap_or_default();
+        out.sort_by_key(|m: &Value| m["run_id"].as_str().unwrap_or("").to_string());
+        out
+    }
+
+    fn entry_for(&self, file: &Path) -> Value {
+        let rel = file.strip_prefix(&self.backup_dir).unwrap().to_string_lossy().into_owned();
+        self.manifests()
+            .iter()
+            .flat_map(|m| m["entries"].as_array().cloned().unwrap_or_default())
+            .find(|e| e["file"] == rel.as_str())
+            .unwrap_or_else(|| panic!("{rel} in no manifest"))
+    }
+}
+
+fn sha256(path: &Path) -> String {
+    use sha2::{Digest, Sha256};
+    hex::encode(Sha256::digest(std::fs::read(path).unwrap()))
+}
+
+/// A proto3 bool as grpcurl prints it (false is left out).
+fn flag(v: &Value) -> bool {
+    v.as_bool().unwrap_or(false)
+}
+
+fn assert_state(job: &Value, state: &str) {
+    assert_eq!(job["state"], state, "{}", serde_json::to_string_pretty(job).unwrap());
+}
+
+#[test]
+fn a_backup_with_data_is_verified_and_restore_tested_with_equal_row_counts() {
+    let offsite = tempfile::tempdir().unwrap();
+    let w = world(Options {
+        offsite: Some(offsite.path().display().to_string()),
+        everything: true,
+        ..Default::default()
+    });
+    let job = w.run("RunBackup", r#"{"reason":"first"}"#);
+    assert_state(&job, "JOB_STATE_SUCCEEDED");
+    let text = job.to_string();
+    assert!(!text.contains(BACKUP_PASSWORD), "the password leaked into the job: {text}");
+
+    // The dump, the globals, the files tar and the run's manifest are in place.
+    let dump = w.newest_dump();
+    let entry = w.entry_for(&dump);
+    assert_eq!(entry["sha256"], sha256(&dump).as_str());
+    assert_eq!(entry["size"], std::fs::metadata(&dump).unwrap().len());
+    assert!(entry["tool_version"].as_str().unwrap().contains("pg_dump (PostgreSQL)"), "{entry}");
+    assert_eq!(entry["row_counts"]["public.customers"], CUSTOMERS);
+    assert_eq!(entry["row_counts"]["public.orders"], ORDERS);
+    assert_eq!(entry["row_counts"]["billing.invoices"], INVOICES);
+    let manifests = w.manifests();
+    let manifest = &manifests[0];
+    let kinds: BTreeSet<&str> = manifest["entries"].as_array().unwrap().iter().map(|e| e["kind"].as_str().unwrap()).collect();
+    assert_eq!(kinds, BTreeSet::from(["database", "globals", "files"]), "{manifest}");
+    let globals = manifest["entries"].as_array().unwrap().iter().find(|e| e["kind"] == "globals").unwrap();
+    let globals_sql = std::fs::read_to_string(w.backup_dir.join(globals["file"].as_str().unwrap())).unwrap();
+    assert!(globals_sql.contains("CREATE ROLE backup_ro"), "{globals_sql}");
+    assert!(!globals_sql.contains("SCRAM-SHA-256"), "role passwords were dumped");
+    let files = manifest["entries"].as_array().unwrap().iter().find(|e| e["kind"] == "files").unwrap();
+    let listing = run(Command::new("tar").arg("-tf").arg(w.backup_dir.join(files["file"].as_str().unwrap())));
+    let listing = String::from_utf8_lossy(&listing.stdout).to_string();
+    assert!(listing.contains("secrets/production.env"), "{listing}");
+    // pg_dump's own reader agrees it is a custom-format archive of our tables.
+    let toc = run(Command::new(postgres::bin_dir().join("pg_restore")).arg("--list").arg(&dump));
+    assert!(String::from_utf8_lossy(&toc.stdout).contains("TABLE DATA billing invoices"));
+
+    // The offsite copy is byte for byte the same.
+    let rel = dump.strip_prefix(&w.backup_dir).unwrap();
+    assert_eq!(sha256(&offsite.path().join(rel)), sha256(&dump));
+    assert!(offsite.path().join("manifests").read_dir().unwrap().count() >= 1);
+
+    let verify = w.run("VerifyBackups", "{}");
+    assert_state(&verify, "JOB_STATE_SUCCEEDED");
+    assert!(verify["detail"].as_str().unwrap().contains("checked 3 file(s)"), "{verify}");
+
+    let restore = w.run("RunRestoreTest", "{}");
+    assert_state(&restore, "JOB_STATE_SUCCEEDED");
+    // The scratch database is gone again.
+    let left = w.pg.sql("SELECT count(*) FROM pg_database WHERE datname LIKE 'sentinel_restore_%'");
+    assert_eq!(left, "0");
+
+    let shop = w.shop();
+    assert_eq!(shop["kept"], 1, "{shop}");
+    assert_eq!(shop["lastVerifyOk"], true, "{shop}");
+    assert_eq!(shop["lastRestoreTestOk"], true, "{shop}");
+    let detail = shop["lastRestoreTestDetail"].as_str().unwrap();
+    assert!(detail.contains("3 table(s) match the manifest") && detail.contains("3 invariant(s) hold"), "{detail}");
+    assert!(shop["newestGoodAgeSeconds"].as_f64().unwrap() < 600.0, "{shop}");
+    assert_eq!(shop["newestGoodSha256"], sha256(&dump).as_str());
+
+    // The operator CLI shows the same.
+    let c = &w.fleet.certs;
+    let out = run(Command::new(bin("sentinel"))
+        .args(["backups", "list", "--controller", &w.controller.addr])
+        .arg("--ca").arg(c.join("ca.pem"))
+        .arg("--cert").arg(c.join("operator-admin.pem"))
+        .arg("--key").arg(c.join("operator-admin.key")));
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{text}{}", String::from_utf8_lossy(&out.stderr));
+    assert!(text.contains("production/shop_prod") && text.contains("files") && text.contains("globals (backup_ro)"), "{text}");
+}
+
+/// The set of backups (as UTC stamps) the policy 7 daily + 4 weekly, minimum 3, keeps at
+/// `now` out of `taken` (unix seconds), worked out with the `time` crate (the agent uses jiff).
+fn expected_kept(taken: &[i64], now: i64) -> BTreeSet<String> {
+    use std::collections::BTreeMap;
+    use time::OffsetDateTime;
+    let date = |t: i64| OffsetDateTime::from_unix_timestamp(t).unwrap().date();
+    let today = date(now);
+    let mut newest_day: BTreeMap<i32, i64> = BTreeMap::new();
+    let mut newest_week: BTreeMap<(i32, u8), i64> = BTreeMap::new();
+    let weeks: Vec<(i32, u8)> = (0..4)
+        .map(|k| {
+            let d = today - time::Duration::days(7 * k);
+            let (y, w, _) = d.to_iso_week_date();
+            (y, w)
+        })
+        .collect();
+    for &t in taken.iter().filter(|&&t| t <= now) {
+        let d = date(t);
+        let age_days = today.to_julian_day() - d.to_julian_day();
+        if age_days < 7 {
+            let e = newest_day.entry(d.to_julian_day()).or_insert(t);
+            *e = (*e).max(t);
+        }
+        let (y, w, _) = d.to_iso_week_date();
+        if weeks.contains(&(y, w)) {
+            let e = newest_week.entry((y, w)).or_insert(t);
+            *e = (*e).max(t);
+        }
+    }
+    let mut kept: BTreeSet<i64> = newest_day.values().chain(newest_week.values()).copied().collect();
+    let mut newest_first: Vec<i64> = taken.iter().copied().filter(|&t| t <= now).collect();
+    newest_first.sort_unstable_by(|a, b| b.cmp(a));
+    for t in newest_first {
+        if kept.len() >= 3 {
+            break;
+        }
+        kept.insert(t);
+    }
+    kept.into_iter().map(stamp).collect()
+}
+
+fn stamp(t: i64) -> String {
+    let d = time::OffsetDateTime::from_unix_timestamp(t).unwrap();
+    format!(
+        "{:04}{:02}{:02}T{:02}{:02}{:02}Z",
+        d.year(),
+        u8::from(d.month()),
+        d.day(),
+        d.hour(),
+        d.minute(),
+        d.second()
+    )
+}
+
+fn rfc3339(t: i64) -> String {
+    let s = stamp(t);
+    format!("{}-{}-{}T{}:{}:{}Z", &s[0..4], &s[4..6], &s[6..8], &s[9..11], &s[11..13], &s[13..15])
+}
+
+#[test]
+fn retention_over_sixty_simulated_nights_keeps_exactly_what_the_policy_names() {
+    let w = world(Options::default());
+    // Nightly at 02:00 UTC from Thursday 2026-01-01, plus an afternoon backup every ninth day
+    // (a pre-deploy one, say), which then is that day's newest.
+    let start = 1_767_232_800; // 2026-01-01T02:00:00Z
+    let mut taken = Vec::new();
+    let mut runs = Vec::new();
+    for night in 0..60i64 {
+        runs.push(start + night * 86_400);
+        if night % 9 == 4 {
+            runs.push(start + night * 86_400 + 12 * 3600 + 17 * 60);
+        }
+    }
+    for t in runs {
+        let job = w.backup_at(&rfc3339(t));
+        assert_state(&job, "JOB_STATE_SUCCEEDED");
+        taken.push(t);
+        assert_eq!(w.dumps(), expected_kept(&taken, t), "after the run at {}", rfc3339(t));
+    }
+    // 7 days + the newest of 3 earlier ISO weeks, and nothing else: no orphaned manifest.
+    let kept = w.dumps();
+    assert_eq!(kept.len(), 10, "{kept:?}");
+    let listed: BTreeSet<String> = w
+        .manifests()
+        .iter()
+        .flat_map(|m| m["entries"].as_array().cloned().unwrap_or_default())
+        .filter(|e| e["pruned_at"].is_null())
+        .map(|e| e["file"].as_str().unwrap().to_string())
+        .collect();
+    assert_eq!(listed.len(), kept.len(), "{listed:?}");
+    assert_eq!(w.manifests().len(), kept.len(), "manifests whose files all went should go too");
+    assert_eq!(w.shop()["kept"], 10);
+}
+
+#[test]
+fn a_corrupted_byte_is_caught_by_verify_and_a_truncated_dump_fails_the_restore_test() {
+    let w = world(Options::default());
+    assert_state(&w.backup_at("2026-03-01T02:00:00Z"), "JOB_STATE_SUCCEEDED");
+    assert_state(&w.backup_at("2026-03-02T02:00:00Z"), "JOB_STATE_SUCCEEDED");
+    assert_state(&w.run("VerifyBackups", "{}"), "JOB_STATE_SUCCEEDED");
+
+    // One flipped byte in the middle of the newest dump.
+    let newest = w.newest_dump();
+    let mut bytes = std::fs::read(&newest).unwrap();
+    let middle = bytes.len() / 2;
+    bytes[middle] ^= 0x5a;
+    std::fs::write(&newest, &bytes).unwrap();
+    let verify = w.run("VerifyBackups", "{}");
+    assert_state(&verify, "JOB_STATE_FAILED");
+    let detail = verify["detail"].as_str().unwrap();
+    assert!(detail.contains("shop_prod-20260302T020000Z.dump") && detail.contains("sha256 mismatch"), "{detail}");
+    let shop = w.shop();
+    assert!(!flag(&shop["lastVerifyOk"]), "{shop}");
+    assert_eq!(shop["damaged"], 1, "{shop}");
+    // The newest *good* backup is now the older one.
+    assert!(shop["newestGoodFile"].as_str().unwrap().ends_with("shop_prod-20260301T020000Z.dump"), "{shop}");
+
+    // The restore test takes the newest good dump; cut it in half.
+    let older = w.backup_dir.join("production/shop_prod/shop_prod-20260301T020000Z.dump");
+    let len = std::fs::metadata(&older).unwrap().len();
+    std::fs::OpenOptions::new().write(true).open(&older).unwrap().set_len(len / 2).unwrap();
+    let restore = w.run("RunRestoreTest", "{}");
+    assert_state(&restore, "JOB_STATE_FAILED");
+    let detail = restore["detail"].as_str().unwrap();
+    assert!(detail.contains("pg_restore failed"), "the restore itself must fail: {detail}");
+    assert!(detail.contains("size"), "and the file check says why: {detail}");
+    let shop = w.shop();
+    assert!(!flag(&shop["lastRestoreTestOk"]), "{shop}");
+    let left = w.pg.sql("SELECT count(*) FROM pg_database WHERE datname LIKE 'sentinel_restore_%'");
+    assert_eq!(left, "0", "the scratch database is dropped after a failed restore too");
+}
+
+#[test]
+fn a_wrong_password_fails_the_backup_with_a_clear_error_and_prunes_nothing() {
+    let w = world(Options {
+        retention: "daily = 1\nweekly = 0\nminimum = 1\n",
+        ..Default::default()
+    });
+    assert_state(&w.backup_at("2026-05-01T02:00:00Z"), "JOB_STATE_SUCCEEDED");
+    assert_state(&w.backup_at("2026-05-02T02:00:00Z"), "JOB_STATE_SUCCEEDED");
+    let before = w.dumps();
+    assert_eq!(before, BTreeSet::from(["20260502T020000Z".to_string()]), "daily = 1 keeps one");
+
+    std::fs::write(&w.password_file, "not-the-password\n").unwrap();
+    let job = w.backup_at("2026-05-03T02:00:00Z");
+    assert_state(&job, "JOB_STATE_FAILED");
+    let detail = job["detail"].as_str().unwrap();
+    assert!(
+        detail.contains("production/shop_prod") && detail.contains("password authentication failed for user \"backup_ro\""),
+        "{detail}"
+    );
+    assert!(detail.contains("nothing of it was pruned"), "{detail}");
+    assert!(!job.to_string().contains("not-the-password"), "the (wrong) password leaked: {job}");
+    assert_eq!(w.dumps(), before, "a failed backup prunes nothing");
+    let shop = w.shop();
+    assert!(shop["lastError"].as_str().unwrap().contains("password authentication failed"), "{shop}");
+    assert!(shop["newestGoodFile"].as_str().unwrap().contains("20260502T020000Z"), "{shop}");
+
+    std::fs::write(&w.password_file, format!("{BACKUP_PASSWORD}\n")).unwrap();
+    assert_state(&w.backup_at("2026-05-04T02:00:00Z"), "JOB_STATE_SUCCEEDED");
+    assert_eq!(w.dumps(), BTreeSet::from(["20260504T020000Z".to_string()]));
+    assert_eq!(w.shop()["lastError"], Value::Null, "{}", w.shop());
+}
+
+/// A child process killed when dropped.
+struct Daemon(std::process::Child);
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// An rsync daemon on loopback serving module `offsite` from `dir`.
+fn rsync_daemon(world: &World, port: u16, dir: &Path) -> Daemon {
+    let config = world.fleet.path("rsyncd.conf");
+    let uid = String::from_utf8_lossy(&run(Command::new("id").arg("-u")).stdout).trim().to_string();
+    let gid = String::from_utf8_lossy(&run(Command::new("id").arg("-g")).stdout).trim().to_string();
+    std::fs::write(
+        &config,
+        format!(
+            "use chroot = no\npid file = {}\n[offsite]\npath = {}\nread only = no\nuid = {uid}\ngid = {gid}\n",
+            world.fleet.path("rsyncd.pid").display(),
+            dir.display()
+        ),
+    )
+    .unwrap();
+    let mut cmd = Command::new("rsync");
+    cmd.args(["--daemon", "--no-detach", "--address=127.0.0.1"])
+        .arg(format!("--port={port}"))
+        .arg(format!("--config={}", config.display()));
+    let log = std::fs::File::create(world.fleet.path("rsyncd.log")).unwrap();
+    let daemon = Daemon(
+        cmd.stdin(std::process::Stdio::null())
+            .stdout(log.try_clone().unwrap())
+            .stderr(log)
+            .spawn()
+            .expect("starting rsync --daemon"),
+    );
+    eventually("the rsync daemon to listen", || {
+        std::net::TcpStream::connect(("127.0.0.1", port)).map(|_| ()).map_err(|e| e.to_string())
+    });
+    daemon
+}
+
+#[test]
+fn an_offsite_target_that_is_down_leaves_local_backups_intact_and_is_caught_up_next_run() {
+    let port = free_port();
+    let target = format!("rsync://127.0.0.1:{port}/offsite");
+    let w = world(Options {
+        offsite: Some(target.clone()),
+        ..Default::default()
+    });
+    // Nothing listens yet: the copy fails, the backup does not.
+    let first = w.backup_at("2026-06-01T02:00:00Z");
+    assert_state(&first, "JOB_STATE_SUCCEEDED");
+    let detail = first["detail"].as_str().unwrap();
+    assert!(detail.contains("offsite copy FAILED") && detail.contains("retried at the next run"), "{detail}");
+    let dump = w.newest_dump();
+    assert_eq!(w.entry_for(&dump)["sha256"], sha256(&dump).as_str(), "the local backup is intact");
+    let list = w.list();
+    assert!(list["offsitePending"].as_u64().unwrap() >= 2, "dump and manifest pending: {list}");
+    assert!(list["offsiteError"].as_str().unwrap().contains("rsync"), "{list}");
+
+    // The target comes back; the next run copies both runs' files and checks them.
+    let remote = w.fleet.path("offsite");
+    std::fs::create_dir_all(&remote).unwrap();
+    let _daemon = rsync_daemon(&w, port, &remote);
+    let second = w.backup_at("2026-06-02T02:00:00Z");
+    assert_state(&second, "JOB_STATE_SUCCEEDED");
+    let detail = second["detail"].as_str().unwrap();
+    assert!(detail.contains("file(s) copied and checked"), "{detail}");
+    for stamp in ["20260601T020000Z", "20260602T020000Z"] {
+        let rel = format!("production/shop_prod/shop_prod-{stamp}.dump");
+        assert_eq!(sha256(&remote.join(&rel)), sha256(&w.backup_dir.join(&rel)), "{rel}");
+        assert!(remote.join(format!("manifests/{stamp}.json")).exists());
+    }
+    let list = w.list();
+    assert_eq!(list["offsitePending"], Value::Null, "nothing pending (0 is omitted): {list}");
+    assert_eq!(list["offsiteError"], Value::Null, "{list}");
+}
+
+/// A fixed UTC offset ("+HH:MM") in which `t` (unix seconds, on a minute) is 02:00.
+fn zone_where_two_oclock_is(t: i64) -> String {
+    let minute_of_day = (t.rem_euclid(86_400) / 60) as i32;
+    let mut offset = (120 - minute_of_day).rem_euclid(1440);
+    if offset > 720 {
+        offset -= 1440;
+    }
+    let sign = if offset < 0 { '-' } else { '+' };
+    format!("{sign}{:02}:{:02}", offset.abs() / 60, offset.abs() % 60)
+}
+
+fn scheduled_jobs(w: &World, schedule: &str) -> Vec<Value> {
+    let jobs = w
+        .controller
+        .grpcurl(Some(r#"{"host":"argus","limit":100}"#), "sentinel.v1.FleetService/ListJobs")
+        .json()
+        .unwrap();
+    jobs["jobs"]
+        .as_array()
+        .cloned()
+        .unwrap_or_default()
+        .into_iter()
+        .filter(|j| j["requestedBy"].as_str().unwrap_or("").starts_with(&format!("schedule:{schedule} ")))
+        .collect()
+}
+
+#[test]
+fn the_controller_down_over_two_oclock_runs_the_missed_backup_once_when_it_returns() {
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs() as i64;
+    // 02:00 in the chosen zone is the next whole minute at least 25 s away; 02:01 (verify)
+    // follows a minute later, while the controller is up again.
+    let two = (now + 25 + 59) / 60 * 60;
+    let zone = zone_where_two_oclock_is(two);
+    let mut w = world(Options {
+        time_zone: zone,
+        schedule: "backup = \"0 2 * * *\"\nverify = \"1 2 * * *\"\nrestore_test = \"\"\n".into(),
+        ..Default::default()
+    });
+    // The first start only starts counting (nothing is owed on a new install).
+    eventually("the schedule to start counting", || {
+        let list = w.list();
+        let s = list["schedules"].as_array().and_then(|a| a.iter().find(|s| s["name"] == "backup").cloned());
+        match s {
+            Some(s) if s["lastRunAt"].is_string() => Ok(()),
+            other => Err(format!("{other:?}")),
+        }
+    });
+    assert!(scheduled_jobs(&w, "backup").is_empty());
+    w.controller.proc.stop();
+
+    // Down over 02:00.
+    while (std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_secs() as i64) < two + 2 {
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    w.controller = w.fleet.start_controller(w.controller_port, &w.controller_toml);
+    let job = eventually("the missed backup to run", || {
+        let jobs = scheduled_jobs(&w, "backup");
+        jobs.into_iter().next().ok_or_else(|| "no scheduled backup yet".to_string())
+    });
+    let by = job["requestedBy"].as_str().unwrap();
+    assert!(by.contains("02:00:00") && by.contains("missed while the controller was down"), "{by}");
+    let done = w.wait_job(job["jobId"].as_str().unwrap());
+    assert_state(&done, "JOB_STATE_SUCCEEDED");
+    assert_eq!(w.dumps().len(), 1);
+
+    // Up at 02:01: the verify fires on time; the backup did not run a second time.
+    let verify = eventually_within(Duration::from_secs(120), "the 02:01 verify", || {
+        scheduled_jobs(&w, "verify").into_iter().next().ok_or_else(|| "not yet".to_string())
+    });
+    assert!(!verify["requestedBy"].as_str().unwrap().contains("missed"), "{verify}");
+    assert_state(&w.wait_job(verify["jobId"].as_str().unwrap()), "JOB_STATE_SUCCEEDED");
+    assert_eq!(scheduled_jobs(&w, "backup").len(), 1, "the missed backup ran exactly once");
+    let list = w.list();
+    let backup = list["schedules"].as_array().unwrap().iter().find(|s| s["name"] == "backup").unwrap().clone();
+    assert_eq!(backup["lastRunAt"], rfc3339(two).as_str(), "{backup}");
+    assert_eq!(backup["nextRunAt"], rfc3339(two + 86_400).as_str(), "{backup}");
+    assert_eq!(backup["lastOutcome"], "succeeded", "{backup}");
+}
