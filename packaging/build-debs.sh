@@ -54,8 +54,8 @@ fi
 
 # Completions and man pages, where [package.metadata.deb] takes them from.
 rm -rf packaging/generated
-"$binaries/sentinel" generate-assets packaging/generated/sentinel
-"$binaries/hostagent" --generate-assets packaging/generated/hostagent
+"$binaries/sentinel" __generate-assets packaging/generated/sentinel
+"$binaries/hostagent" __generate-assets packaging/generated/hostagent
 
 mkdir -p "$out"
 for package in hostagent sentinel; do

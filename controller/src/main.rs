@@ -125,12 +125,6 @@ enum Command {
         #[command(flatten)]
         client: ClientArgs,
     },
-    /// Write shell completions and man pages into DIR (used by packaging).
-    #[command(hide = true)]
-    GenerateAssets {
-        /// Where to write `completions/` and `man/`.
-        dir: PathBuf,
-    },
 }
 
 #[derive(Debug, Subcommand)]
@@ -226,6 +220,9 @@ enum ConfigCommand {
 const EX_USAGE: u8 = 64;
 
 fn main() -> ExitCode {
+    if let Some(dir) = hostagent::docs::requested(std::env::args_os()) {
+        return hostagent::docs::generate_main(<Cli as clap::CommandFactory>::command(), &dir);
+    }
     // Usage errors exit 64 like config errors (clap's own default is 2, which here means "the
     // controller could not be reached"); --help and --version exit 0.
     let cli = match Cli::try_parse() {
@@ -321,15 +318,6 @@ fn main() -> ExitCode {
         Command::Jobs { args, client } => client_call(sentinel::cli::jobs::jobs(&client, args)),
         Command::Deploys { args, client } => {
             client_call(sentinel::cli::jobs::deploys(&client, args))
-        }
-        Command::GenerateAssets { dir } => {
-            match hostagent::docs::generate(<Cli as clap::CommandFactory>::command(), &dir) {
-                Ok(_) => ExitCode::SUCCESS,
-                Err(e) => {
-                    eprintln!("sentinel: {e:#}");
-                    ExitCode::FAILURE
-                }
-            }
         }
         Command::Deploy { args, client } => client_call(sentinel::cli::deploy::deploy(&client, args)),
         Command::Rollback {

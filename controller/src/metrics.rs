@@ -253,6 +253,19 @@ impl ControllerMetrics {
             .set(&[environment, database], unix_seconds(at));
     }
 
+    /// For the backup scheduler: `database` is no longer backed up (its config went away), so
+    /// its series go too instead of alerting forever.
+    pub fn forget_database(&self, environment: &str, database: &str) {
+        for gauge in [
+            &self.backup_newest_good,
+            &self.backup_verify_ok,
+            &self.restore_test_ok,
+            &self.restore_test_time,
+        ] {
+            gauge.remove(&[environment, database]);
+        }
+    }
+
     /// Appends every controller metric, the fleet read from `registry` now.
     pub fn encode(&self, out: &mut String, registry: Option<&Registry>) {
         gauge_family(
@@ -398,6 +411,8 @@ mod tests {
         m.set_newest_good_backup("production", "s60_auth_prod", day_ago);
         m.set_restore_test("production", "s60_auth_prod", false, SystemTime::now());
         m.set_backup_verify("production", "s60_auth_prod", true);
+        m.set_newest_good_backup("staging", "gone", day_ago);
+        m.forget_database("staging", "gone");
         m.deploy_finished("auth", DeploymentState::RolledBack);
         m.job_finished(JobKind::VerifyBackups, JobState::TimedOut);
         drop(m.deploy_timer("auth", "staging"));
@@ -419,6 +434,7 @@ mod tests {
             .parse()
             .unwrap();
         assert!((86_400.0..86_500.0).contains(&age), "{age}");
+        assert!(!text.contains("database=\"gone\""), "{text}");
         // The timer recorded into the process-wide metrics.
         assert!(get().deploy_duration.count(&["auth", "staging"]) >= 1);
     }

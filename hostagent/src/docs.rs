@@ -1,13 +1,41 @@
 //! Shell completions (bash, zsh, fish) and man pages generated from a binary's clap
 //! definitions, so the ones the .deb packages install can never drift from the real flags.
-//! Both binaries expose this through a hidden option that `packaging/build-debs.sh` calls.
+//! `packaging/build-debs.sh` calls `NAME __generate-assets DIR`: an internal argument each
+//! binary checks before clap parses, so that it shows in no help, completion or man page
+//! (clap's completion generators list even hidden options).
 
+use std::ffi::OsString;
 use std::fs;
 use std::io::Write;
 use std::path::{Path, PathBuf};
+use std::process::ExitCode;
 
 use anyhow::Context;
 use clap_complete::Shell;
+
+/// The internal first argument that asks a binary for its completions and man pages.
+pub const GENERATE_ARG: &str = "__generate-assets";
+
+/// The directory asked for when the command line is `NAME __generate-assets DIR`.
+pub fn requested(args: impl IntoIterator<Item = OsString>) -> Option<PathBuf> {
+    let mut args = args.into_iter().skip(1);
+    if args.next()? != GENERATE_ARG {
+        return None;
+    }
+    args.next().map(PathBuf::from)
+}
+
+/// Runs [`generate`] for a binary's `main`: exit 0, or 1 with the reason.
+pub fn generate_main(cmd: clap::Command, dir: &Path) -> ExitCode {
+    let name = cmd.get_name().to_string();
+    match generate(cmd, dir) {
+        Ok(_) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("{name}: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
 
 /// Writes `DIR/completions/{NAME.bash,_NAME,NAME.fish}` and `DIR/man/NAME[-SUB…].1.gz` (one
 /// page per visible subcommand) for `cmd`; returns the files written.
@@ -63,6 +91,21 @@ fn man_pages(cmd: &clap::Command, dir: &Path, written: &mut Vec<PathBuf>) -> any
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn only_the_exact_internal_argument_asks_for_assets() {
+        let args = |a: &[&str]| a.iter().map(OsString::from).collect::<Vec<_>>();
+        assert_eq!(
+            requested(args(&["sentinel", "__generate-assets", "out"])),
+            Some(PathBuf::from("out"))
+        );
+        assert_eq!(requested(args(&["sentinel", "__generate-assets"])), None);
+        assert_eq!(
+            requested(args(&["sentinel", "hosts", "__generate-assets", "x"])),
+            None
+        );
+        assert_eq!(requested(args(&["sentinel"])), None);
+    }
 
     #[test]
     fn completions_and_pages_cover_every_visible_subcommand() {

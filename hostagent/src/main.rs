@@ -28,15 +28,15 @@ struct Cli {
     /// Log line format.
     #[arg(long, value_enum, default_value_t = LogFormat::Text)]
     log_format: LogFormat,
-    /// Write shell completions and man pages into DIR and exit (used by packaging).
-    #[arg(long, value_name = "DIR", hide = true)]
-    generate_assets: Option<PathBuf>,
 }
 
 /// sysexits' EX_USAGE: the config was wrong, restarting will not help.
 const EX_USAGE: u8 = 64;
 
 fn main() -> ExitCode {
+    if let Some(dir) = hostagent::docs::requested(std::env::args_os()) {
+        return hostagent::docs::generate_main(<Cli as clap::CommandFactory>::command(), &dir);
+    }
     // Usage errors exit 64 like config errors (clap's own default is 2); --help and --version 0.
     let cli = match Cli::try_parse() {
         Ok(cli) => cli,
@@ -45,15 +45,6 @@ fn main() -> ExitCode {
             return ExitCode::from(if e.use_stderr() { EX_USAGE } else { 0 });
         }
     };
-    if let Some(dir) = &cli.generate_assets {
-        return match hostagent::docs::generate(<Cli as clap::CommandFactory>::command(), dir) {
-            Ok(_) => ExitCode::SUCCESS,
-            Err(e) => {
-                eprintln!("hostagent: {e:#}");
-                ExitCode::FAILURE
-            }
-        };
-    }
     logging::init(cli.log_format);
     let config = match AgentConfig::load(&cli.config) {
         Ok(c) => c,

@@ -9,8 +9,11 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::Duration;
 
+use sentinel_e2e::fixture::{FixtureApp, Variant, SECRET};
 use sentinel_e2e::postgres::{self, Postgres};
-use sentinel_e2e::{bin, eventually, eventually_within, free_port, patience, run, Controller, Fleet, Proc, Value};
+use sentinel_e2e::{
+    bin, eventually, eventually_within, free_port, patience, run, Controller, Fleet, Proc, Value,
+};
 
 const BACKUP_PASSWORD: &str = "backup-Ro-Secret-77";
 const RESTORE_PASSWORD: &str = "restore-Tester-Secret-78";
@@ -30,6 +33,9 @@ struct Options {
     offsite: Option<String>,
     /// Globals and files too.
     everything: bool,
+    /// A fixture app `shop_prod` belongs to, deployed by agents hub-alfa (staging) and
+    /// prod-alfa (production) with Docker.
+    with_app: bool,
 }
 
 impl Default for Options {
@@ -40,11 +46,44 @@ impl Default for Options {
             time_zone: "UTC".into(),
             offsite: None,
             everything: false,
+            with_app: false,
+        }
+    }
+}
+
+/// The fixture app and its repository, when the world deploys.
+struct App {
+    app: FixtureApp,
+    repo: Repo,
+    production_port: u16,
+    _agents: Vec<Proc>,
+}
+
+impl Drop for App {
+    fn drop(&mut self) {
+        for env in ["staging", "production"] {
+            let project = format!("{}-{env}", self.app.project);
+            let out = run(Command::new("docker").args([
+                "ps",
+                "-aq",
+                "--filter",
+                &format!("label=com.docker.compose.project={project}"),
+            ]));
+            let ids: Vec<String> = String::from_utf8_lossy(&out.stdout)
+                .lines()
+                .map(str::to_string)
+                .collect();
+            if !ids.is_empty() {
+                let _ = run(Command::new("docker").args(["rm", "-f"]).args(&ids));
+            }
+            let _ =
+                run(Command::new("docker").args(["network", "rm", &format!("{project}_default")]));
         }
     }
 }
 
 struct World {
+    app: Option<App>,
     controller: Controller,
     controller_port: u16,
     controller_toml: String,
@@ -57,7 +96,15 @@ struct World {
 }
 
 fn world(options: Options) -> World {
-    let fleet = Fleet::new(&["argus"]);
+    let fleet = Fleet::new(&["argus", "hub-alfa", "prod-alfa"]);
+    let fixture = options.with_app.then(|| {
+        let app = FixtureApp::new("backup");
+        let repo = Repo::new(fleet.path("repo"));
+        (app, repo)
+    });
+    let app_name = fixture
+        .as_ref()
+        .map_or("shop".to_string(), |(a, _)| a.project.clone());
     let pg = Postgres::start();
     pg.sql(&format!(
         "CREATE ROLE shop_owner LOGIN PASSWORD 'owner-Pw-1';
@@ -82,7 +129,11 @@ fn world(options: Options) -> World {
     let backup_dir = fleet.path("backups");
     let files_dir = fleet.path("controller-files");
     std::fs::create_dir_all(files_dir.join("secrets")).unwrap();
-    std::fs::write(files_dir.join("secrets/production.env"), "DB_PASSWORD=not-really\n").unwrap();
+    std::fs::write(
+        files_dir.join("secrets/production.env"),
+        "DB_PASSWORD=not-really\n",
+    )
+    .unwrap();
     std::fs::write(files_dir.join("state.txt"), "controller state\n").unwrap();
     let password_file = fleet.path("backup_ro.password");
     std::fs::write(&password_file, format!("{BACKUP_PASSWORD}\n")).unwrap();
@@ -131,15 +182,58 @@ fn world(options: Options) -> World {
     backups.push_str(&format!(
         "\n[backups.retention]\n{}\n[backups.schedule]\n{}\n\
          [backups.restore_test]\ncluster_dsn_ref = \"restore\"\ninvariants = [\"SELECT true\"]\n\n\
-         [[backups.databases]]\nenvironment = \"production\"\ndatabase = \"shop_prod\"\ndsn_ref = \"backup_ro\"\napp = \"shop\"\n\
+         [[backups.databases]]\nenvironment = \"production\"\ndatabase = \"shop_prod\"\ndsn_ref = \"backup_ro\"\napp = \"{app_name}\"\n\
          invariants = [\"SELECT count(*) = {CUSTOMERS} FROM customers\", \"SELECT sum(total) > 0 FROM orders\"]\n",
         options.retention, options.schedule
     ));
+    let ports = (free_port(), free_port());
+    if let Some((_, repo)) = &fixture {
+        let env_block = |env: &str, host: &str, port: u16| {
+            std::fs::write(
+                fleet.path(&format!("{env}.env")),
+                format!("DB_PASSWORD={SECRET}\nPORT={port}\n"),
+            )
+            .unwrap();
+            format!(
+                "[apps.{env}]\nhost = \"{host}\"\napp_dir = \"{dir}\"\nsecrets_file = \"{secrets}\"\n[apps.{env}.health]\nurl = \"http://127.0.0.1:{port}/health\"\ndeadline = \"30s\"\n",
+                dir = fleet.path(&format!("apps-{host}/{app_name}")).display(),
+                secrets = fleet.path(&format!("{env}.env")).display(),
+            )
+        };
+        backups.push_str(&format!(
+            "\n[[apps]]\nname = \"{app_name}\"\nrepo = \"{}\"\nmigration_service = \"web\"\n{}{}",
+            repo.dir.display(),
+            env_block("staging", "hub-alfa", ports.0),
+            env_block("production", "prod-alfa", ports.1),
+        ));
+    }
     let port = free_port();
     let controller = fleet.start_controller(port, &backups);
     let agent = fleet.start_agent("argus", "argus", &controller.addr, &agent_toml);
     controller.wait_online("argus");
+    let app = fixture.map(|(app, repo)| {
+        let agents = ["hub-alfa", "prod-alfa"]
+            .iter()
+            .map(|host| {
+                let jobs = format!(
+                    "[collectors]\ndocker = false\n[jobs]\nstate_dir = \"{state}\"\ntrusted_keys = [\"{c}/signing.pub\"]\nallowed_kinds = [\"deploy\", \"rollback\"]\napp_dirs = [\"{apps}\"]\n",
+                    state = fleet.path(&format!("state-{host}")).display(),
+                    apps = fleet.path(&format!("apps-{host}")).display(),
+                );
+                let agent = fleet.start_agent(host, host, &controller.addr, &jobs);
+                controller.wait_online(host);
+                agent
+            })
+            .collect();
+        App {
+            app,
+            repo,
+            production_port: ports.1,
+            _agents: agents,
+        }
+    });
     World {
+        app,
         controller,
         controller_port: port,
         controller_toml: backups,
@@ -152,7 +246,10 @@ fn world(options: Options) -> World {
 }
 
 fn is_final(state: &str) -> bool {
-    !matches!(state, "JOB_STATE_QUEUED" | "JOB_STATE_SENT" | "JOB_STATE_RUNNING" | "" )
+    !matches!(
+        state,
+        "JOB_STATE_QUEUED" | "JOB_STATE_SENT" | "JOB_STATE_RUNNING" | ""
+    )
 }
 
 impl World {
@@ -160,7 +257,9 @@ impl World {
     /// and waits for its job to end.
     fn run(&self, method: &str, data: &str) -> Value {
         let job = eventually(&format!("{method} to start"), || {
-            let r = self.controller.grpcurl(Some(data), &format!("sentinel.v1.FleetService/{method}"));
+            let r = self
+                .controller
+                .grpcurl(Some(data), &format!("sentinel.v1.FleetService/{method}"));
             match r.json() {
                 Ok(j) => Ok(j),
                 Err(e) if e.contains("already in progress") => Err(e),
@@ -175,7 +274,10 @@ impl World {
         eventually_within(patience() * 4, &format!("job {id} to end"), || {
             let j = self
                 .controller
-                .grpcurl(Some(&format!("{{\"job_id\":\"{id}\"}}")), "sentinel.v1.FleetService/GetJob")
+                .grpcurl(
+                    Some(&format!("{{\"job_id\":\"{id}\"}}")),
+                    "sentinel.v1.FleetService/GetJob",
+                )
                 .json()?;
             if is_final(j["state"].as_str().unwrap_or("")) {
                 Ok(j)
@@ -186,7 +288,10 @@ impl World {
     }
 
     fn backup_at(&self, at: &str) -> Value {
-        self.run("RunBackup", &format!("{{\"reason\":\"test\",\"simulated_now\":\"{at}\"}}"))
+        self.run(
+            "RunBackup",
+            &format!("{{\"reason\":\"test\",\"simulated_now\":\"{at}\"}}"),
+        )
     }
 
     fn list(&self) -> Value {
@@ -212,7 +317,9 @@ impl World {
                 r.flatten()
                     .filter_map(|e| {
                         let name = e.file_name().to_string_lossy().into_owned();
-                        name.strip_prefix("shop_prod-")?.strip_suffix(".dump").map(String::from)
+                        name.strip_prefix("shop_prod-")?
+                            .strip_suffix(".dump")
+                            .map(String::from)
                     })
                     .collect()
             })
@@ -221,7 +328,8 @@ impl World {
 
     fn newest_dump(&self) -> PathBuf {
         let newest = self.dumps().into_iter().next_back().expect("a dump");
-        self.backup_dir.join(format!("production/shop_prod/shop_prod-{newest}.dump"))
+        self.backup_dir
+            .join(format!("production/shop_prod/shop_prod-{newest}.dump"))
     }
 
     fn manifests(&self) -> Vec<Value> {
@@ -238,7 +346,11 @@ impl World {
     }
 
     fn entry_for(&self, file: &Path) -> Value {
-        let rel = file.strip_prefix(&self.backup_dir).unwrap().to_string_lossy().into_owned();
+        let rel = file
+            .strip_prefix(&self.backup_dir)
+            .unwrap()
+            .to_string_lossy()
+            .into_owned();
         self.manifests()
             .iter()
             .flat_map(|m| m["entries"].as_array().cloned().unwrap_or_default())
@@ -258,7 +370,12 @@ fn flag(v: &Value) -> bool {
 }
 
 fn assert_state(job: &Value, state: &str) {
-    assert_eq!(job["state"], state, "{}", serde_json::to_string_pretty(job).unwrap());
+    assert_eq!(
+        job["state"],
+        state,
+        "{}",
+        serde_json::to_string_pretty(job).unwrap()
+    );
 }
 
 #[test]
@@ -272,31 +389,70 @@ fn a_backup_with_data_is_verified_and_restore_tested_with_equal_row_counts() {
     let job = w.run("RunBackup", r#"{"reason":"first"}"#);
     assert_state(&job, "JOB_STATE_SUCCEEDED");
     let text = job.to_string();
-    assert!(!text.contains(BACKUP_PASSWORD), "the password leaked into the job: {text}");
+    assert!(
+        !text.contains(BACKUP_PASSWORD),
+        "the password leaked into the job: {text}"
+    );
 
     // The dump, the globals, the files tar and the run's manifest are in place.
     let dump = w.newest_dump();
     let entry = w.entry_for(&dump);
     assert_eq!(entry["sha256"], sha256(&dump).as_str());
     assert_eq!(entry["size"], std::fs::metadata(&dump).unwrap().len());
-    assert!(entry["tool_version"].as_str().unwrap().contains("pg_dump (PostgreSQL)"), "{entry}");
+    assert!(
+        entry["tool_version"]
+            .as_str()
+            .unwrap()
+            .contains("pg_dump (PostgreSQL)"),
+        "{entry}"
+    );
     assert_eq!(entry["row_counts"]["public.customers"], CUSTOMERS);
     assert_eq!(entry["row_counts"]["public.orders"], ORDERS);
     assert_eq!(entry["row_counts"]["billing.invoices"], INVOICES);
     let manifests = w.manifests();
     let manifest = &manifests[0];
-    let kinds: BTreeSet<&str> = manifest["entries"].as_array().unwrap().iter().map(|e| e["kind"].as_str().unwrap()).collect();
-    assert_eq!(kinds, BTreeSet::from(["database", "globals", "files"]), "{manifest}");
-    let globals = manifest["entries"].as_array().unwrap().iter().find(|e| e["kind"] == "globals").unwrap();
-    let globals_sql = std::fs::read_to_string(w.backup_dir.join(globals["file"].as_str().unwrap())).unwrap();
-    assert!(globals_sql.contains("CREATE ROLE backup_ro"), "{globals_sql}");
-    assert!(!globals_sql.contains("SCRAM-SHA-256"), "role passwords were dumped");
-    let files = manifest["entries"].as_array().unwrap().iter().find(|e| e["kind"] == "files").unwrap();
-    let listing = run(Command::new("tar").arg("-tf").arg(w.backup_dir.join(files["file"].as_str().unwrap())));
+    let kinds: BTreeSet<&str> = manifest["entries"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| e["kind"].as_str().unwrap())
+        .collect();
+    assert_eq!(
+        kinds,
+        BTreeSet::from(["database", "globals", "files"]),
+        "{manifest}"
+    );
+    let globals = manifest["entries"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|e| e["kind"] == "globals")
+        .unwrap();
+    let globals_sql =
+        std::fs::read_to_string(w.backup_dir.join(globals["file"].as_str().unwrap())).unwrap();
+    assert!(
+        globals_sql.contains("CREATE ROLE backup_ro"),
+        "{globals_sql}"
+    );
+    assert!(
+        !globals_sql.contains("SCRAM-SHA-256"),
+        "role passwords were dumped"
+    );
+    let files = manifest["entries"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|e| e["kind"] == "files")
+        .unwrap();
+    let listing = run(Command::new("tar")
+        .arg("-tf")
+        .arg(w.backup_dir.join(files["file"].as_str().unwrap())));
     let listing = String::from_utf8_lossy(&listing.stdout).to_string();
     assert!(listing.contains("secrets/production.env"), "{listing}");
     // pg_dump's own reader agrees it is a custom-format archive of our tables.
-    let toc = run(Command::new(postgres::bin_dir().join("pg_restore")).arg("--list").arg(&dump));
+    let toc = run(Command::new(postgres::bin_dir().join("pg_restore"))
+        .arg("--list")
+        .arg(&dump));
     assert!(String::from_utf8_lossy(&toc.stdout).contains("TABLE DATA billing invoices"));
 
     // The offsite copy is byte for byte the same.
@@ -306,12 +462,19 @@ fn a_backup_with_data_is_verified_and_restore_tested_with_equal_row_counts() {
 
     let verify = w.run("VerifyBackups", "{}");
     assert_state(&verify, "JOB_STATE_SUCCEEDED");
-    assert!(verify["detail"].as_str().unwrap().contains("checked 3 file(s)"), "{verify}");
+    assert!(
+        verify["detail"]
+            .as_str()
+            .unwrap()
+            .contains("checked 3 file(s)"),
+        "{verify}"
+    );
 
     let restore = w.run("RunRestoreTest", "{}");
     assert_state(&restore, "JOB_STATE_SUCCEEDED");
     // The scratch database is gone again.
-    let left = w.pg.sql("SELECT count(*) FROM pg_database WHERE datname LIKE 'sentinel_restore_%'");
+    let left =
+        w.pg.sql("SELECT count(*) FROM pg_database WHERE datname LIKE 'sentinel_restore_%'");
     assert_eq!(left, "0");
 
     let shop = w.shop();
@@ -319,20 +482,50 @@ fn a_backup_with_data_is_verified_and_restore_tested_with_equal_row_counts() {
     assert_eq!(shop["lastVerifyOk"], true, "{shop}");
     assert_eq!(shop["lastRestoreTestOk"], true, "{shop}");
     let detail = shop["lastRestoreTestDetail"].as_str().unwrap();
-    assert!(detail.contains("3 table(s) match the manifest") && detail.contains("3 invariant(s) hold"), "{detail}");
-    assert!(shop["newestGoodAgeSeconds"].as_f64().unwrap() < 600.0, "{shop}");
+    assert!(
+        detail.contains("3 table(s) match the manifest") && detail.contains("3 invariant(s) hold"),
+        "{detail}"
+    );
+    assert!(
+        shop["newestGoodAgeSeconds"].as_f64().unwrap() < 600.0,
+        "{shop}"
+    );
     assert_eq!(shop["newestGoodSha256"], sha256(&dump).as_str());
 
-    // The operator CLI shows the same.
+    // The operator CLI shows the same, and follows a run to its end.
+    let (ok, text) = cli(&w, &["backups", "list"]);
+    assert!(ok, "{text}");
+    assert!(
+        text.contains("production/shop_prod")
+            && text.contains("files")
+            && text.contains("globals (backup_ro)"),
+        "{text}"
+    );
+    let (ok, text) = cli(&w, &["backups", "verify", "--wait"]);
+    assert!(
+        ok && text.contains("verify") && text.contains("succeeded"),
+        "{text}"
+    );
+}
+
+/// `sentinel ARGS` as an admin operator: (exit 0, stdout and stderr).
+fn cli(w: &World, args: &[&str]) -> (bool, String) {
     let c = &w.fleet.certs;
     let out = run(Command::new(bin("sentinel"))
-        .args(["backups", "list", "--controller", &w.controller.addr])
-        .arg("--ca").arg(c.join("ca.pem"))
-        .arg("--cert").arg(c.join("operator-admin.pem"))
-        .arg("--key").arg(c.join("operator-admin.key")));
-    let text = String::from_utf8_lossy(&out.stdout);
-    assert!(out.status.success(), "{text}{}", String::from_utf8_lossy(&out.stderr));
-    assert!(text.contains("production/shop_prod") && text.contains("files") && text.contains("globals (backup_ro)"), "{text}");
+        .args(args)
+        .args(["--controller", &w.controller.addr])
+        .arg("--ca")
+        .arg(c.join("ca.pem"))
+        .arg("--cert")
+        .arg(c.join("operator-admin.pem"))
+        .arg("--key")
+        .arg(c.join("operator-admin.key")));
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    (out.status.success(), text)
 }
 
 /// The set of backups (as UTC stamps) the policy 7 daily + 4 weekly, minimum 3, keeps at
@@ -364,7 +557,11 @@ fn expected_kept(taken: &[i64], now: i64) -> BTreeSet<String> {
             *e = (*e).max(t);
         }
     }
-    let mut kept: BTreeSet<i64> = newest_day.values().chain(newest_week.values()).copied().collect();
+    let mut kept: BTreeSet<i64> = newest_day
+        .values()
+        .chain(newest_week.values())
+        .copied()
+        .collect();
     let mut newest_first: Vec<i64> = taken.iter().copied().filter(|&t| t <= now).collect();
     newest_first.sort_unstable_by(|a, b| b.cmp(a));
     for t in newest_first {
@@ -391,7 +588,15 @@ fn stamp(t: i64) -> String {
 
 fn rfc3339(t: i64) -> String {
     let s = stamp(t);
-    format!("{}-{}-{}T{}:{}:{}Z", &s[0..4], &s[4..6], &s[6..8], &s[9..11], &s[11..13], &s[13..15])
+    format!(
+        "{}-{}-{}T{}:{}:{}Z",
+        &s[0..4],
+        &s[4..6],
+        &s[6..8],
+        &s[9..11],
+        &s[11..13],
+        &s[13..15]
+    )
 }
 
 #[test]
@@ -412,7 +617,12 @@ fn retention_over_sixty_simulated_nights_keeps_exactly_what_the_policy_names() {
         let job = w.backup_at(&rfc3339(t));
         assert_state(&job, "JOB_STATE_SUCCEEDED");
         taken.push(t);
-        assert_eq!(w.dumps(), expected_kept(&taken, t), "after the run at {}", rfc3339(t));
+        assert_eq!(
+            w.dumps(),
+            expected_kept(&taken, t),
+            "after the run at {}",
+            rfc3339(t)
+        );
     }
     // 7 days + the newest of 3 earlier ISO weeks, and nothing else: no orphaned manifest.
     let kept = w.dumps();
@@ -425,7 +635,11 @@ fn retention_over_sixty_simulated_nights_keeps_exactly_what_the_policy_names() {
         .map(|e| e["file"].as_str().unwrap().to_string())
         .collect();
     assert_eq!(listed.len(), kept.len(), "{listed:?}");
-    assert_eq!(w.manifests().len(), kept.len(), "manifests whose files all went should go too");
+    assert_eq!(
+        w.manifests().len(),
+        kept.len(),
+        "manifests whose files all went should go too"
+    );
     assert_eq!(w.shop()["kept"], 10);
 }
 
@@ -445,26 +659,52 @@ fn a_corrupted_byte_is_caught_by_verify_and_a_truncated_dump_fails_the_restore_t
     let verify = w.run("VerifyBackups", "{}");
     assert_state(&verify, "JOB_STATE_FAILED");
     let detail = verify["detail"].as_str().unwrap();
-    assert!(detail.contains("shop_prod-20260302T020000Z.dump") && detail.contains("sha256 mismatch"), "{detail}");
+    assert!(
+        detail.contains("shop_prod-20260302T020000Z.dump") && detail.contains("sha256 mismatch"),
+        "{detail}"
+    );
     let shop = w.shop();
     assert!(!flag(&shop["lastVerifyOk"]), "{shop}");
     assert_eq!(shop["damaged"], 1, "{shop}");
     // The newest *good* backup is now the older one.
-    assert!(shop["newestGoodFile"].as_str().unwrap().ends_with("shop_prod-20260301T020000Z.dump"), "{shop}");
+    assert!(
+        shop["newestGoodFile"]
+            .as_str()
+            .unwrap()
+            .ends_with("shop_prod-20260301T020000Z.dump"),
+        "{shop}"
+    );
 
     // The restore test takes the newest good dump; cut it in half.
-    let older = w.backup_dir.join("production/shop_prod/shop_prod-20260301T020000Z.dump");
+    let older = w
+        .backup_dir
+        .join("production/shop_prod/shop_prod-20260301T020000Z.dump");
     let len = std::fs::metadata(&older).unwrap().len();
-    std::fs::OpenOptions::new().write(true).open(&older).unwrap().set_len(len / 2).unwrap();
+    std::fs::OpenOptions::new()
+        .write(true)
+        .open(&older)
+        .unwrap()
+        .set_len(len / 2)
+        .unwrap();
     let restore = w.run("RunRestoreTest", "{}");
     assert_state(&restore, "JOB_STATE_FAILED");
     let detail = restore["detail"].as_str().unwrap();
-    assert!(detail.contains("pg_restore failed"), "the restore itself must fail: {detail}");
-    assert!(detail.contains("size"), "and the file check says why: {detail}");
+    assert!(
+        detail.contains("pg_restore failed"),
+        "the restore itself must fail: {detail}"
+    );
+    assert!(
+        detail.contains("size"),
+        "and the file check says why: {detail}"
+    );
     let shop = w.shop();
     assert!(!flag(&shop["lastRestoreTestOk"]), "{shop}");
-    let left = w.pg.sql("SELECT count(*) FROM pg_database WHERE datname LIKE 'sentinel_restore_%'");
-    assert_eq!(left, "0", "the scratch database is dropped after a failed restore too");
+    let left =
+        w.pg.sql("SELECT count(*) FROM pg_database WHERE datname LIKE 'sentinel_restore_%'");
+    assert_eq!(
+        left, "0",
+        "the scratch database is dropped after a failed restore too"
+    );
 }
 
 #[test]
@@ -476,22 +716,42 @@ fn a_wrong_password_fails_the_backup_with_a_clear_error_and_prunes_nothing() {
     assert_state(&w.backup_at("2026-05-01T02:00:00Z"), "JOB_STATE_SUCCEEDED");
     assert_state(&w.backup_at("2026-05-02T02:00:00Z"), "JOB_STATE_SUCCEEDED");
     let before = w.dumps();
-    assert_eq!(before, BTreeSet::from(["20260502T020000Z".to_string()]), "daily = 1 keeps one");
+    assert_eq!(
+        before,
+        BTreeSet::from(["20260502T020000Z".to_string()]),
+        "daily = 1 keeps one"
+    );
 
     std::fs::write(&w.password_file, "not-the-password\n").unwrap();
     let job = w.backup_at("2026-05-03T02:00:00Z");
     assert_state(&job, "JOB_STATE_FAILED");
     let detail = job["detail"].as_str().unwrap();
     assert!(
-        detail.contains("production/shop_prod") && detail.contains("password authentication failed for user \"backup_ro\""),
+        detail.contains("production/shop_prod")
+            && detail.contains("password authentication failed for user \"backup_ro\""),
         "{detail}"
     );
     assert!(detail.contains("nothing of it was pruned"), "{detail}");
-    assert!(!job.to_string().contains("not-the-password"), "the (wrong) password leaked: {job}");
+    assert!(
+        !job.to_string().contains("not-the-password"),
+        "the (wrong) password leaked: {job}"
+    );
     assert_eq!(w.dumps(), before, "a failed backup prunes nothing");
     let shop = w.shop();
-    assert!(shop["lastError"].as_str().unwrap().contains("password authentication failed"), "{shop}");
-    assert!(shop["newestGoodFile"].as_str().unwrap().contains("20260502T020000Z"), "{shop}");
+    assert!(
+        shop["lastError"]
+            .as_str()
+            .unwrap()
+            .contains("password authentication failed"),
+        "{shop}"
+    );
+    assert!(
+        shop["newestGoodFile"]
+            .as_str()
+            .unwrap()
+            .contains("20260502T020000Z"),
+        "{shop}"
+    );
 
     std::fs::write(&w.password_file, format!("{BACKUP_PASSWORD}\n")).unwrap();
     assert_state(&w.backup_at("2026-05-04T02:00:00Z"), "JOB_STATE_SUCCEEDED");
@@ -512,8 +772,12 @@ impl Drop for Daemon {
 /// An rsync daemon on loopback serving module `offsite` from `dir`.
 fn rsync_daemon(world: &World, port: u16, dir: &Path) -> Daemon {
     let config = world.fleet.path("rsyncd.conf");
-    let uid = String::from_utf8_lossy(&run(Command::new("id").arg("-u")).stdout).trim().to_string();
-    let gid = String::from_utf8_lossy(&run(Command::new("id").arg("-g")).stdout).trim().to_string();
+    let uid = String::from_utf8_lossy(&run(Command::new("id").arg("-u")).stdout)
+        .trim()
+        .to_string();
+    let gid = String::from_utf8_lossy(&run(Command::new("id").arg("-g")).stdout)
+        .trim()
+        .to_string();
     std::fs::write(
         &config,
         format!(
@@ -536,7 +800,9 @@ fn rsync_daemon(world: &World, port: u16, dir: &Path) -> Daemon {
             .expect("starting rsync --daemon"),
     );
     eventually("the rsync daemon to listen", || {
-        std::net::TcpStream::connect(("127.0.0.1", port)).map(|_| ()).map_err(|e| e.to_string())
+        std::net::TcpStream::connect(("127.0.0.1", port))
+            .map(|_| ())
+            .map_err(|e| e.to_string())
     });
     daemon
 }
@@ -553,12 +819,25 @@ fn an_offsite_target_that_is_down_leaves_local_backups_intact_and_is_caught_up_n
     let first = w.backup_at("2026-06-01T02:00:00Z");
     assert_state(&first, "JOB_STATE_SUCCEEDED");
     let detail = first["detail"].as_str().unwrap();
-    assert!(detail.contains("offsite copy FAILED") && detail.contains("retried at the next run"), "{detail}");
+    assert!(
+        detail.contains("offsite copy FAILED") && detail.contains("retried at the next run"),
+        "{detail}"
+    );
     let dump = w.newest_dump();
-    assert_eq!(w.entry_for(&dump)["sha256"], sha256(&dump).as_str(), "the local backup is intact");
+    assert_eq!(
+        w.entry_for(&dump)["sha256"],
+        sha256(&dump).as_str(),
+        "the local backup is intact"
+    );
     let list = w.list();
-    assert!(list["offsitePending"].as_u64().unwrap() >= 2, "dump and manifest pending: {list}");
-    assert!(list["offsiteError"].as_str().unwrap().contains("rsync"), "{list}");
+    assert!(
+        list["offsitePending"].as_u64().unwrap() >= 2,
+        "dump and manifest pending: {list}"
+    );
+    assert!(
+        list["offsiteError"].as_str().unwrap().contains("rsync"),
+        "{list}"
+    );
 
     // The target comes back; the next run copies both runs' files and checks them.
     let remote = w.fleet.path("offsite");
@@ -570,11 +849,19 @@ fn an_offsite_target_that_is_down_leaves_local_backups_intact_and_is_caught_up_n
     assert!(detail.contains("file(s) copied and checked"), "{detail}");
     for stamp in ["20260601T020000Z", "20260602T020000Z"] {
         let rel = format!("production/shop_prod/shop_prod-{stamp}.dump");
-        assert_eq!(sha256(&remote.join(&rel)), sha256(&w.backup_dir.join(&rel)), "{rel}");
+        assert_eq!(
+            sha256(&remote.join(&rel)),
+            sha256(&w.backup_dir.join(&rel)),
+            "{rel}"
+        );
         assert!(remote.join(format!("manifests/{stamp}.json")).exists());
     }
     let list = w.list();
-    assert_eq!(list["offsitePending"], Value::Null, "nothing pending (0 is omitted): {list}");
+    assert_eq!(
+        list["offsitePending"],
+        Value::Null,
+        "nothing pending (0 is omitted): {list}"
+    );
     assert_eq!(list["offsiteError"], Value::Null, "{list}");
 }
 
@@ -592,7 +879,10 @@ fn zone_where_two_oclock_is(t: i64) -> String {
 fn scheduled_jobs(w: &World, schedule: &str) -> Vec<Value> {
     let jobs = w
         .controller
-        .grpcurl(Some(r#"{"host":"argus","limit":100}"#), "sentinel.v1.FleetService/ListJobs")
+        .grpcurl(
+            Some(r#"{"host":"argus","limit":100}"#),
+            "sentinel.v1.FleetService/ListJobs",
+        )
         .json()
         .unwrap();
     jobs["jobs"]
@@ -600,7 +890,12 @@ fn scheduled_jobs(w: &World, schedule: &str) -> Vec<Value> {
         .cloned()
         .unwrap_or_default()
         .into_iter()
-        .filter(|j| j["requestedBy"].as_str().unwrap_or("").starts_with(&format!("schedule:{schedule} ")))
+        .filter(|j| {
+            j["requestedBy"]
+                .as_str()
+                .unwrap_or("")
+                .starts_with(&format!("schedule:{schedule} "))
+        })
         .collect()
 }
 
@@ -622,7 +917,9 @@ fn the_controller_down_over_two_oclock_runs_the_missed_backup_once_when_it_retur
     // The first start only starts counting (nothing is owed on a new install).
     eventually("the schedule to start counting", || {
         let list = w.list();
-        let s = list["schedules"].as_array().and_then(|a| a.iter().find(|s| s["name"] == "backup").cloned());
+        let s = list["schedules"]
+            .as_array()
+            .and_then(|a| a.iter().find(|s| s["name"] == "backup").cloned());
         match s {
             Some(s) if s["lastRunAt"].is_string() => Ok(()),
             other => Err(format!("{other:?}")),
@@ -632,30 +929,332 @@ fn the_controller_down_over_two_oclock_runs_the_missed_backup_once_when_it_retur
     w.controller.proc.stop();
 
     // Down over 02:00.
-    while (std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_secs() as i64) < two + 2 {
+    while (std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs() as i64)
+        < two + 2
+    {
         std::thread::sleep(Duration::from_millis(200));
     }
-    w.controller = w.fleet.start_controller(w.controller_port, &w.controller_toml);
+    w.controller = w
+        .fleet
+        .start_controller(w.controller_port, &w.controller_toml);
     let job = eventually("the missed backup to run", || {
         let jobs = scheduled_jobs(&w, "backup");
-        jobs.into_iter().next().ok_or_else(|| "no scheduled backup yet".to_string())
+        jobs.into_iter()
+            .next()
+            .ok_or_else(|| "no scheduled backup yet".to_string())
     });
     let by = job["requestedBy"].as_str().unwrap();
-    assert!(by.contains("02:00:00") && by.contains("missed while the controller was down"), "{by}");
+    assert!(
+        by.contains("02:00:00") && by.contains("missed while the controller was down"),
+        "{by}"
+    );
     let done = w.wait_job(job["jobId"].as_str().unwrap());
     assert_state(&done, "JOB_STATE_SUCCEEDED");
     assert_eq!(w.dumps().len(), 1);
 
     // Up at 02:01: the verify fires on time; the backup did not run a second time.
     let verify = eventually_within(Duration::from_secs(120), "the 02:01 verify", || {
-        scheduled_jobs(&w, "verify").into_iter().next().ok_or_else(|| "not yet".to_string())
+        scheduled_jobs(&w, "verify")
+            .into_iter()
+            .next()
+            .ok_or_else(|| "not yet".to_string())
     });
-    assert!(!verify["requestedBy"].as_str().unwrap().contains("missed"), "{verify}");
-    assert_state(&w.wait_job(verify["jobId"].as_str().unwrap()), "JOB_STATE_SUCCEEDED");
-    assert_eq!(scheduled_jobs(&w, "backup").len(), 1, "the missed backup ran exactly once");
+    assert!(
+        !verify["requestedBy"].as_str().unwrap().contains("missed"),
+        "{verify}"
+    );
+    assert_state(
+        &w.wait_job(verify["jobId"].as_str().unwrap()),
+        "JOB_STATE_SUCCEEDED",
+    );
+    assert_eq!(
+        scheduled_jobs(&w, "backup").len(),
+        1,
+        "the missed backup ran exactly once"
+    );
     let list = w.list();
-    let backup = list["schedules"].as_array().unwrap().iter().find(|s| s["name"] == "backup").unwrap().clone();
+    let backup = list["schedules"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|s| s["name"] == "backup")
+        .unwrap()
+        .clone();
     assert_eq!(backup["lastRunAt"], rfc3339(two).as_str(), "{backup}");
-    assert_eq!(backup["nextRunAt"], rfc3339(two + 86_400).as_str(), "{backup}");
+    assert_eq!(
+        backup["nextRunAt"],
+        rfc3339(two + 86_400).as_str(),
+        "{backup}"
+    );
     assert_eq!(backup["lastOutcome"], "succeeded", "{backup}");
+}
+
+/// Benchmark, not a test: a backup job of a database of `SENTINEL_BENCH_BACKUP_MIB` MiB
+/// (default 256) against plain `pg_dump --format=custom` to a file, same role, same cluster.
+/// `cargo test --release -p sentinel-e2e --test backups -- --ignored --nocapture backup_throughput`
+#[test]
+#[ignore]
+fn backup_throughput_against_plain_pg_dump() {
+    let mib: u64 = std::env::var("SENTINEL_BENCH_BACKUP_MIB")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(256);
+    let w = world(Options::default());
+    // ~0.5 KiB rows of random hex text (compresses about 2:1, like real text columns).
+    let rows = mib * 2048;
+    let filled = std::time::Instant::now();
+    w.pg.sql_on(
+        "shop_prod",
+        &format!(
+            "CREATE TABLE bulk (id bigint PRIMARY KEY, body text);
+             INSERT INTO bulk SELECT g, md5(random()::text) || md5(random()::text) || md5(random()::text)
+               || md5(random()::text) || md5(random()::text) || md5(random()::text) || md5(random()::text)
+               || md5(random()::text) || md5(random()::text) || md5(random()::text) || md5(random()::text)
+               || md5(random()::text) || md5(random()::text) || md5(random()::text) || md5(random()::text)
+               || md5(random()::text) FROM generate_series(1, {rows}) g;
+             VACUUM ANALYZE bulk;"
+        ),
+    );
+    let size: i64 =
+        w.pg.sql("SELECT pg_database_size('shop_prod')")
+            .parse()
+            .unwrap();
+    eprintln!(
+        "filled {} MiB (pg_database_size) in {:.1?}",
+        size >> 20,
+        filled.elapsed()
+    );
+
+    let plain_file = w.fleet.path("plain.dump");
+    let started = std::time::Instant::now();
+    let out = run(Command::new(postgres::bin_dir().join("pg_dump"))
+        .arg("--format=custom")
+        .arg(format!("--file={}", plain_file.display()))
+        .arg(format!(
+            "--dbname={}",
+            w.pg.dsn_without_password("backup_ro", "shop_prod")
+        ))
+        .env("PGPASSWORD", BACKUP_PASSWORD));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let plain = started.elapsed();
+
+    let started = std::time::Instant::now();
+    let job = w.run("RunBackup", r#"{"reason":"benchmark"}"#);
+    let job_time = started.elapsed();
+    assert_state(&job, "JOB_STATE_SUCCEEDED");
+    let step_ms = job["events"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter_map(|e| e.get("step"))
+        .find(|s| {
+            s["name"] == "dump production/shop_prod" && s["status"] == "STEP_STATUS_SUCCEEDED"
+        })
+        .and_then(|s| s["durationMs"].as_str().and_then(|v| v.parse::<f64>().ok()))
+        .unwrap_or(0.0);
+    let dump = std::fs::metadata(w.newest_dump()).unwrap().len();
+    let db_mib = size as f64 / 1048576.0;
+    eprintln!(
+        "database {db_mib:.0} MiB -> custom-format dump {:.0} MiB (plain {:.0} MiB)\n\
+         plain pg_dump to a file:              {:>6.1} s  {:>6.1} MiB/s of database\n\
+         backup step (dump, row counts, fsync, sha256): {:>6.1} s  {:>6.1} MiB/s\n\
+         whole backup job (API to final state):      {:>6.1} s  {:>6.1} MiB/s",
+        dump as f64 / 1048576.0,
+        std::fs::metadata(&plain_file).unwrap().len() as f64 / 1048576.0,
+        plain.as_secs_f64(),
+        db_mib / plain.as_secs_f64(),
+        step_ms / 1000.0,
+        db_mib / (step_ms / 1000.0),
+        job_time.as_secs_f64(),
+        db_mib / job_time.as_secs_f64(),
+    );
+}
+
+/// A git repository whose commits are releases of the fixture app (as in deploy.rs).
+struct Repo {
+    dir: PathBuf,
+}
+
+impl Repo {
+    fn new(path: PathBuf) -> Self {
+        std::fs::create_dir_all(&path).unwrap();
+        git(&path, &["init", "-q", "-b", "main"]);
+        git(&path, &["config", "user.email", "ci@example.invalid"]);
+        git(&path, &["config", "user.name", "ci"]);
+        Self { dir: path }
+    }
+
+    /// Commits release `version` of the healthy variant; returns the sha.
+    fn commit(&self, app: &FixtureApp, version: &str) -> String {
+        for entry in std::fs::read_dir(&self.dir).unwrap().flatten() {
+            if entry.file_name() != ".git" {
+                let p = entry.path();
+                if p.is_dir() {
+                    std::fs::remove_dir_all(&p).unwrap();
+                } else {
+                    std::fs::remove_file(&p).unwrap();
+                }
+            }
+        }
+        let bundle = app.bundle(version, Variant::Healthy);
+        let out = run(Command::new("tar")
+            .arg("-xzf")
+            .arg(&bundle.path)
+            .arg("-C")
+            .arg(&self.dir));
+        assert!(out.status.success());
+        // Secrets come from the controller, per environment; so does the port.
+        std::fs::remove_file(self.dir.join(".env")).unwrap();
+        let compose = self.dir.join("docker-compose.yml");
+        let text = std::fs::read_to_string(&compose).unwrap();
+        let text = text.replace(
+            &format!("127.0.0.1:{}:8080", app.port),
+            "127.0.0.1:${PORT}:8080",
+        );
+        std::fs::write(&compose, text).unwrap();
+        git(&self.dir, &["add", "-A"]);
+        git(&self.dir, &["commit", "-q", "-m", version]);
+        String::from_utf8(
+            run(Command::new("git")
+                .arg("-C")
+                .arg(&self.dir)
+                .args(["rev-parse", "HEAD"]))
+            .stdout,
+        )
+        .unwrap()
+        .trim()
+        .to_string()
+    }
+}
+
+fn git(dir: &Path, args: &[&str]) {
+    let out = run(Command::new("git").arg("-C").arg(dir).args(args));
+    assert!(
+        out.status.success(),
+        "git {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+impl World {
+    /// Submits a db_change deploy with a migration and waits for its end.
+    fn deploy_db_change(&self, commit: &str) -> Value {
+        let app = self.app.as_ref().expect("a world with an app");
+        let d = self
+            .controller
+            .grpcurl(
+                Some(&format!(
+                    "{{\"app\":\"{}\",\"commit\":\"{commit}\",\"db_change\":true,\"migration\":\"echo migrating the schema\"}}",
+                    app.app.project
+                )),
+                "sentinel.v1.FleetService/SubmitDeploy",
+            )
+            .json()
+            .expect("SubmitDeploy");
+        let id = d["deployId"].as_str().unwrap().to_string();
+        eventually_within(Duration::from_secs(300), "the deploy to end", || {
+            let d = self
+                .controller
+                .grpcurl(
+                    Some(&format!("{{\"deploy_id\":\"{id}\"}}")),
+                    "sentinel.v1.FleetService/GetDeploy",
+                )
+                .json()?;
+            if d["state"] == "DEPLOYMENT_STATE_RUNNING" {
+                Err("running".into())
+            } else {
+                Ok(d)
+            }
+        })
+    }
+}
+
+fn served(port: u16) -> String {
+    use std::io::{Read, Write};
+    let attempt = || -> std::io::Result<String> {
+        let mut stream = std::net::TcpStream::connect(("127.0.0.1", port))?;
+        stream.set_read_timeout(Some(Duration::from_secs(3)))?;
+        stream.write_all(b"GET /health HTTP/1.0\r\nHost: localhost\r\n\r\n")?;
+        let mut out = String::new();
+        stream.read_to_string(&mut out)?;
+        Ok(out)
+    };
+    attempt().unwrap_or_else(|e| format!("error: {e}"))
+}
+
+#[test]
+fn a_db_change_deploy_backs_up_the_apps_production_database_first_and_does_not_migrate_when_that_fails(
+) {
+    let w = world(Options {
+        with_app: true,
+        ..Default::default()
+    });
+    let app = w.app.as_ref().unwrap();
+    let v1 = app.repo.commit(&app.app, "v1");
+    let v2 = app.repo.commit(&app.app, "v2");
+
+    let d = w.deploy_db_change(&v1);
+    assert_eq!(d["state"], "DEPLOYMENT_STATE_SUCCEEDED", "{d}");
+    let steps = d["steps"].as_array().unwrap();
+    let at = |name: &str, env: &str| {
+        steps
+            .iter()
+            .position(|s| s["name"] == name && s["environment"] == env)
+    };
+    let backup = at("backup", "production").expect("a backup step");
+    assert!(
+        backup < at("deploy", "production").unwrap(),
+        "backed up before production: {d}"
+    );
+    assert_eq!(steps[backup]["host"], "argus");
+    assert!(steps[backup]["jobId"].is_string(), "{d}");
+    // The dump is of this app's production database, taken for this deploy.
+    let manifests = w.manifests();
+    assert_eq!(manifests.len(), 1);
+    assert!(
+        manifests[0]["reason"]
+            .as_str()
+            .unwrap()
+            .contains(d["deployId"].as_str().unwrap()),
+        "{}",
+        manifests[0]
+    );
+    assert_eq!(manifests[0]["entries"][0]["database"], "shop_prod");
+    assert!(served(app.production_port).contains("version v1"));
+    let job = w.wait_job(
+        steps[at("deploy", "production").unwrap()]["jobId"]
+            .as_str()
+            .unwrap(),
+    );
+    assert!(
+        job.to_string().contains("migrating the schema"),
+        "the migration ran after the backup: {job}"
+    );
+
+    // The backup cannot be taken: no migration, production untouched.
+    std::fs::write(&w.password_file, "wrong\n").unwrap();
+    let d = w.deploy_db_change(&v2);
+    assert_eq!(d["state"], "DEPLOYMENT_STATE_FAILED", "{d}");
+    let detail = d["detail"].as_str().unwrap();
+    assert!(
+        detail.contains("password authentication failed") && detail.contains("not migrating"),
+        "{detail}"
+    );
+    assert!(
+        !d["steps"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|s| s["environment"] == "production" && s["name"] == "deploy"),
+        "production was touched: {d}"
+    );
+    assert!(served(app.production_port).contains("version v1"));
+    assert_eq!(w.manifests().len(), 1, "no new backup");
 }

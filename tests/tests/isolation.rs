@@ -11,7 +11,7 @@
 //! with 200 databases and 400 roles:
 //!
 //! ```sh
-//! cargo build --release --bins && SENTINEL_BIN_DIR=target/release cargo test --release -p sentinel-e2e --test isolation isolation_audit_benchmark -- --ignored --nocapture
+//! cargo build --release --bins && SENTINEL_BIN_DIR=$PWD/target/release cargo test --release -p sentinel-e2e --test isolation isolation_audit_benchmark -- --ignored --nocapture
 //! ```
 
 use std::fs;

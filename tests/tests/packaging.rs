@@ -263,11 +263,19 @@ fn the_debs_install_binaries_hardened_units_configs_completions_and_man_pages() 
             );
         }
     }
-    let hidden = root.join("usr/share/man/man1/sentinel-generate-assets.1.gz");
-    assert!(
-        !hidden.exists(),
-        "the hidden packaging subcommand gets no man page"
-    );
+    // The internal entry point packaging uses shows nowhere.
+    for file in [
+        "usr/share/bash-completion/completions/sentinel",
+        "usr/share/bash-completion/completions/hostagent",
+        "usr/share/zsh/vendor-completions/_sentinel",
+        "usr/share/fish/vendor_completions.d/hostagent.fish",
+    ] {
+        let text = std::fs::read_to_string(root.join(file)).unwrap_or_default();
+        assert!(
+            !text.contains("generate-assets"),
+            "{file} offers the internal argument"
+        );
+    }
 
     // systemd's own checks, inside the throwaway root: its stock units are copied in (the
     // units name targets such as multi-user.target), and `man` looks for the pages the units'

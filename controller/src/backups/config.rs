@@ -182,13 +182,19 @@ impl BackupsConfig {
             return p("host", "must name the backup host's agent".into());
         }
         if !self.backup_dir.is_absolute() {
-            return p("backup_dir", format!("{} must be absolute", self.backup_dir.display()));
+            return p(
+                "backup_dir",
+                format!("{} must be absolute", self.backup_dir.display()),
+            );
         }
         if let Err(e) = hostagent::jobs::backup::retention::parse_time_zone(&self.time_zone) {
             return p("time_zone", e);
         }
         if self.retention.daily == 0 && self.retention.weekly == 0 {
-            return p("retention", "daily and weekly are both 0: nothing would be kept".into());
+            return p(
+                "retention",
+                "daily and weekly are both 0: nothing would be kept".into(),
+            );
         }
         if self.retention.minimum == 0 {
             return p("retention.minimum", "must be at least 1".into());
@@ -199,28 +205,48 @@ impl BackupsConfig {
             }
         }
         if !self.globals_dsn_ref.is_empty() && !plain(&self.globals_dsn_ref) {
-            return p("globals_dsn_ref", format!("{:?} must be [A-Za-z0-9_.-]+", self.globals_dsn_ref));
+            return p(
+                "globals_dsn_ref",
+                format!("{:?} must be [A-Za-z0-9_.-]+", self.globals_dsn_ref),
+            );
         }
         if let Some(path) = self.file_paths.iter().find(|f| !f.is_absolute()) {
             return p("file_paths", format!("{} must be absolute", path.display()));
         }
-        if self.files_host.as_deref().is_some_and(|h| h.trim().is_empty()) {
+        if self
+            .files_host
+            .as_deref()
+            .is_some_and(|h| h.trim().is_empty())
+        {
             return p("files_host", "must name an agent (or be left out)".into());
         }
         let mut seen = HashSet::new();
         for (i, db) in self.databases.iter().enumerate() {
             let key = |f: &str| format!("databases[{i}].{f}");
-            for (field, value) in [("environment", &db.environment), ("database", &db.database), ("dsn_ref", &db.dsn_ref)] {
+            for (field, value) in [
+                ("environment", &db.environment),
+                ("database", &db.database),
+                ("dsn_ref", &db.dsn_ref),
+            ] {
                 if !plain(value) {
                     return p(&key(field), format!("{value:?} must be [A-Za-z0-9_.-]+"));
                 }
             }
             if !seen.insert((db.environment.clone(), db.database.clone())) {
-                return p(&key("database"), format!("{}/{} is listed twice", db.environment, db.database));
+                return p(
+                    &key("database"),
+                    format!("{}/{} is listed twice", db.environment, db.database),
+                );
             }
         }
-        if self.databases.is_empty() && self.file_paths.is_empty() && self.globals_dsn_ref.is_empty() {
-            return p("databases", "nothing to back up: list databases, file_paths or globals_dsn_ref".into());
+        if self.databases.is_empty()
+            && self.file_paths.is_empty()
+            && self.globals_dsn_ref.is_empty()
+        {
+            return p(
+                "databases",
+                "nothing to back up: list databases, file_paths or globals_dsn_ref".into(),
+            );
         }
         None
     }
@@ -263,7 +289,14 @@ app = "auth"
     fn defaults_are_nightly_seven_days_four_weeks() {
         let c: BackupsConfig = parse_toml(Path::new("s.toml"), GOOD).unwrap();
         assert_eq!(c.problem(), None);
-        assert_eq!(c.retention, RetentionConfig { daily: 7, weekly: 4, minimum: 3 });
+        assert_eq!(
+            c.retention,
+            RetentionConfig {
+                daily: 7,
+                weekly: 4,
+                minimum: 3
+            }
+        );
         assert_eq!(c.schedule.backup, "0 2 * * *");
         assert_eq!(c.schedule.entries().len(), 3);
     }

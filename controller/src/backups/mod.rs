@@ -124,7 +124,7 @@ impl Backups {
                 Err(e) => warn!(schedule = name, error = %e, "schedule ignored"),
             }
         }
-        Ok(Arc::new(Self {
+        let backups = Arc::new(Self {
             config,
             jobs,
             store,
@@ -134,7 +134,35 @@ impl Backups {
             covered: Mutex::new(HashMap::new()),
             applied: Mutex::new(HashSet::new()),
             persisting: tokio::sync::Mutex::new(()),
-        }))
+        });
+        backups.publish_metrics();
+        Ok(backups)
+    }
+
+    /// Hands each configured database's newest good backup, last verify and last restore
+    /// test to the metrics endpoint.
+    fn publish_metrics(&self) {
+        let metrics = crate::metrics::get();
+        let st = lock(&self.state);
+        for series in self
+            .configured_series()
+            .iter()
+            .filter(|s| s.kind == Kind::Database)
+        {
+            let Some(s) = st.series.get(series) else {
+                continue;
+            };
+            let (env, db) = (series.environment.as_str(), series.database.as_str());
+            if let Some(newest) = s.newest_good() {
+                metrics.set_newest_good_backup(env, db, newest.taken_at.into());
+            }
+            if s.last_verify_at.is_some() {
+                metrics.set_backup_verify(env, db, s.last_verify_ok);
+            }
+            if let Some(at) = s.last_restore_at {
+                metrics.set_restore_test(env, db, s.last_restore_ok, at.into());
+            }
+        }
     }
 
     /// The backup host.
@@ -159,7 +187,8 @@ impl Backups {
         let me = self.clone();
         let stop = shutdown.clone();
         tokio::spawn(
-            async move { me.record_results(stop).await }.instrument(tracing::info_span!("backup_results")),
+            async move { me.record_results(stop).await }
+                .instrument(tracing::info_span!("backup_results")),
         );
         for schedule in self.schedules.clone() {
             let me = self.clone();
@@ -193,7 +222,10 @@ impl Backups {
     }
 
     fn files_host(&self) -> &str {
-        self.config.files_host.as_deref().unwrap_or(&self.config.host)
+        self.config
+            .files_host
+            .as_deref()
+            .unwrap_or(&self.config.host)
     }
 
     /// Every series the config asks for, in config order.
@@ -278,7 +310,11 @@ impl Backups {
                 match me.jobs.wait_final(id).await {
                     Some(job) => {
                         me.apply(&job).await;
-                        let state = job.state().as_str_name().trim_start_matches("JOB_STATE_").to_ascii_lowercase();
+                        let state = job
+                            .state()
+                            .as_str_name()
+                            .trim_start_matches("JOB_STATE_")
+                            .to_ascii_lowercase();
                         outcomes.push(if job.state() == JobState::Succeeded {
                             state
                         } else {
@@ -303,8 +339,14 @@ impl Backups {
     ) -> Result<Started, StartError> {
         self.begin(BACKUP)?;
         let result = (|| {
-            let separate_files = self.files_host() != self.config.host && !self.config.file_paths.is_empty();
-            let file_paths: Vec<String> = self.config.file_paths.iter().map(|p| p.display().to_string()).collect();
+            let separate_files =
+                self.files_host() != self.config.host && !self.config.file_paths.is_empty();
+            let file_paths: Vec<String> = self
+                .config
+                .file_paths
+                .iter()
+                .map(|p| p.display().to_string())
+                .collect();
             let base = BackupParams {
                 databases: Vec::new(),
                 file_paths: Vec::new(),
@@ -316,7 +358,11 @@ impl Backups {
             };
             let main = BackupParams {
                 databases: self.databases(|_| true),
-                file_paths: if separate_files { Vec::new() } else { file_paths.clone() },
+                file_paths: if separate_files {
+                    Vec::new()
+                } else {
+                    file_paths.clone()
+                },
                 globals_dsn_ref: self.config.globals_dsn_ref.clone(),
                 ..base.clone()
             };
@@ -325,7 +371,13 @@ impl Backups {
                 .into_iter()
                 .filter(|s| !(separate_files && s.kind == Kind::Files))
                 .collect();
-            let job = self.submit(BACKUP, &self.config.host, job_spec::Params::Backup(main), who, covered)?;
+            let job = self.submit(
+                BACKUP,
+                &self.config.host,
+                job_spec::Params::Backup(main),
+                who,
+                covered,
+            )?;
             let mut ids = vec![job.job_id.clone()];
             if separate_files {
                 let files = BackupParams { file_paths, ..base };
@@ -334,7 +386,13 @@ impl Backups {
                     environment: String::new(),
                     database: "files".into(),
                 }];
-                match self.submit(BACKUP, self.files_host(), job_spec::Params::Backup(files), who, covered) {
+                match self.submit(
+                    BACKUP,
+                    self.files_host(),
+                    job_spec::Params::Backup(files),
+                    who,
+                    covered,
+                ) {
                     Ok(j) => ids.push(j.job_id),
                     Err(e) => warn!(error = %e, "the files backup could not start"),
                 }
@@ -352,7 +410,13 @@ impl Backups {
                 backup_dir: self.config.backup_dir.display().to_string(),
             };
             let covered = self.configured_series();
-            let job = self.submit(VERIFY, &self.config.host, job_spec::Params::VerifyBackups(params), who, covered)?;
+            let job = self.submit(
+                VERIFY,
+                &self.config.host,
+                job_spec::Params::VerifyBackups(params),
+                who,
+                covered,
+            )?;
             let ids = vec![job.job_id.clone()];
             Ok((job, ids))
         })();
@@ -393,7 +457,13 @@ impl Backups {
                 .into_iter()
                 .filter(|s| s.kind == Kind::Database)
                 .collect();
-            let job = self.submit(RESTORE_TEST, &self.config.host, job_spec::Params::RestoreTest(params), who, covered)?;
+            let job = self.submit(
+                RESTORE_TEST,
+                &self.config.host,
+                job_spec::Params::RestoreTest(params),
+                who,
+                covered,
+            )?;
             let ids = vec![job.job_id.clone()];
             Ok((job, ids))
         })();
@@ -416,13 +486,17 @@ impl Backups {
 
     /// Records the result of a finished backup, verify or restore-test job (once per job).
     async fn apply(&self, job: &Job) {
-        let Some(kind) = kind_of(job.kind()) else { return };
+        let Some(kind) = kind_of(job.kind()) else {
+            return;
+        };
         if !is_final(job.state()) || !lock(&self.applied).insert(job.job_id.clone()) {
             return;
         }
         let covered = lock(&self.covered).remove(&job.job_id).unwrap_or_default();
         let json = job.events.iter().rev().find_map(|e| match &e.event {
-            Some(job_event::Event::Finished(f)) if !f.result_json.is_empty() => Some(f.result_json.clone()),
+            Some(job_event::Event::Finished(f)) if !f.result_json.is_empty() => {
+                Some(f.result_json.clone())
+            }
             _ => None,
         });
         let ok = job.state() == JobState::Succeeded;
@@ -445,6 +519,7 @@ impl Backups {
             }
         }
         info!(kind, job_id = %job.job_id, state = job.state().as_str_name(), "backup job result recorded");
+        self.publish_metrics();
         self.persist().await;
     }
 
@@ -471,7 +546,10 @@ impl Backups {
             };
             match event {
                 Ok(ev) => {
-                    if matches!(ev.event, Some(job_event::Event::Finished(_)) | Some(job_event::Event::Refused(_))) {
+                    if matches!(
+                        ev.event,
+                        Some(job_event::Event::Finished(_)) | Some(job_event::Event::Refused(_))
+                    ) {
                         if let Some(job) = self.jobs.get(&ev.job_id) {
                             self.apply(&job).await;
                         }
@@ -486,7 +564,10 @@ impl Backups {
     }
 
     fn last_run(&self, name: &str) -> Option<Timestamp> {
-        lock(&self.state).schedules.get(name).and_then(|s| s.last_run_at)
+        lock(&self.state)
+            .schedules
+            .get(name)
+            .and_then(|s| s.last_run_at)
     }
 
     async fn set_schedule(&self, name: &str, f: impl FnOnce(&mut state::ScheduleState)) {
@@ -532,7 +613,9 @@ impl Backups {
                     _ = shutdown.cancelled() => return,
                 }
             }
-            let occurrence = schedule.latest_at_or_before(Timestamp::now()).unwrap_or(next);
+            let occurrence = schedule
+                .latest_at_or_before(Timestamp::now())
+                .unwrap_or(next);
             self.fire(&schedule, occurrence, false).await;
         }
     }
@@ -543,7 +626,11 @@ impl Backups {
         let who = format!(
             "schedule:{} ({when}{})",
             schedule.name,
-            if missed { ", missed while the controller was down" } else { "" }
+            if missed {
+                ", missed while the controller was down"
+            } else {
+                ""
+            }
         );
         let started = match schedule.name {
             BACKUP => self.start_backup(&format!("nightly ({when})"), &who, None),
@@ -563,7 +650,9 @@ impl Backups {
                 let me = self.clone();
                 tokio::spawn(
                     async move {
-                        let outcome = handle.await.unwrap_or_else(|e| format!("watcher failed: {e}"));
+                        let outcome = handle
+                            .await
+                            .unwrap_or_else(|e| format!("watcher failed: {e}"));
                         info!(job_id = %job_id, outcome = %outcome, "scheduled run ended");
                         me.set_schedule(name, |s| {
                             if s.last_job_id == job_id {
@@ -608,7 +697,9 @@ impl Backups {
                     cron: s.expr.clone(),
                     time_zone: s.time_zone.clone(),
                     last_run_at: saved.last_run_at.map(proto_ts),
-                    next_run_at: s.next_after(saved.last_run_at.unwrap_or(now).max(now)).map(proto_ts),
+                    next_run_at: s
+                        .next_after(saved.last_run_at.unwrap_or(now).max(now))
+                        .map(proto_ts),
                     running: running.contains_key(s.name),
                     last_job_id: saved.last_job_id,
                     last_outcome: saved.last_outcome,
@@ -647,7 +738,12 @@ impl Backups {
 }
 
 impl crate::pipeline::PreDeployBackup for Backups {
-    fn pre_deploy(&self, app: &str, deploy_id: &str, commit: &str) -> Option<(String, BackupParams)> {
+    fn pre_deploy(
+        &self,
+        app: &str,
+        deploy_id: &str,
+        commit: &str,
+    ) -> Option<(String, BackupParams)> {
         let databases =
             self.databases(|d| d.environment == "production" && d.app.as_deref() == Some(app));
         if databases.is_empty() {
@@ -665,5 +761,65 @@ impl crate::pipeline::PreDeployBackup for Backups {
                 globals_dsn_ref: String::new(),
             },
         ))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::registry::{Liveness, Registry};
+    use crate::store::embedded::EmbeddedStore;
+
+    fn backups(dir: &std::path::Path) -> Arc<Backups> {
+        let store: Arc<dyn Store> = Arc::new(EmbeddedStore::open(&dir.join("s.redb")).unwrap());
+        let registry = Registry::load(
+            store.as_ref(),
+            Liveness {
+                heartbeat_interval: Duration::from_secs(10),
+                missed_heartbeats_offline: 3,
+            },
+        )
+        .unwrap();
+        let jobs = JobQueue::load(store.as_ref(), registry, None, Duration::from_secs(60)).unwrap();
+        let config: BackupsConfig = hostagent::config::parse_toml(
+            std::path::Path::new("s.toml"),
+            "host = \"argus\"\nbackup_dir = \"/var/backups/s\"\n[[databases]]\nenvironment = \"production\"\ndatabase = \"auth\"\ndsn_ref = \"ro\"\napp = \"auth\"\n",
+        )
+        .unwrap();
+        Backups::load(config, jobs, store).unwrap()
+    }
+
+    #[test]
+    fn runs_of_one_kind_never_overlap() {
+        let dir = tempfile::tempdir().unwrap();
+        let b = backups(dir.path());
+        b.begin(BACKUP).unwrap();
+        let busy = b.begin(BACKUP).unwrap_err().to_string();
+        assert!(busy.contains("already in progress"), "{busy}");
+        // Other kinds are independent.
+        b.begin(VERIFY).unwrap();
+        lock(&b.running).clear();
+        // A run that cannot start (no signing key here) frees its kind again.
+        let refused = b.start_backup("test", "me", None).unwrap_err();
+        assert!(matches!(refused, StartError::Refused(_)), "{refused}");
+        b.begin(BACKUP).unwrap();
+    }
+
+    #[test]
+    fn a_db_change_deploy_backs_up_only_that_apps_production_databases() {
+        use crate::pipeline::PreDeployBackup;
+        let dir = tempfile::tempdir().unwrap();
+        let b = backups(dir.path());
+        let (host, params) = b.pre_deploy("auth", "d-1", "abc").unwrap();
+        assert_eq!(host, "argus");
+        assert_eq!(params.databases.len(), 1);
+        assert!(params.reason.contains("d-1"));
+        assert!(params.file_paths.is_empty() && params.globals_dsn_ref.is_empty());
+        assert!(b.pre_deploy("pulse", "d-2", "abc").is_none());
+        let ages = b.newest_good_ages();
+        assert_eq!(
+            ages,
+            vec![("production".to_string(), "auth".to_string(), f64::INFINITY)]
+        );
     }
 }

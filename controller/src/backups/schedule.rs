@@ -83,7 +83,9 @@ impl Schedule {
 
     /// `t` in the schedule's time zone, for messages ("2026-04-09 02:00 CEST").
     pub fn local(&self, t: Timestamp) -> String {
-        t.to_zoned(self.tz.clone()).strftime("%Y-%m-%d %H:%M:%S %Z").to_string()
+        t.to_zoned(self.tz.clone())
+            .strftime("%Y-%m-%d %H:%M:%S %Z")
+            .to_string()
     }
 }
 
@@ -99,10 +101,19 @@ mod tests {
     fn daily_at_two_follows_the_time_zone_across_dst() {
         let s = Schedule::parse("backup", "0 2 * * *", "Europe/Prague").unwrap();
         // Winter: 02:00 CET is 01:00 UTC.
-        assert_eq!(s.next_after(at("2026-01-10T12:00:00Z")), Some(at("2026-01-11T01:00:00Z")));
+        assert_eq!(
+            s.next_after(at("2026-01-10T12:00:00Z")),
+            Some(at("2026-01-11T01:00:00Z"))
+        );
         // Summer: 02:00 CEST is 00:00 UTC.
-        assert_eq!(s.next_after(at("2026-07-10T12:00:00Z")), Some(at("2026-07-11T00:00:00Z")));
-        assert_eq!(s.latest_at_or_before(at("2026-07-11T00:00:00Z")), Some(at("2026-07-11T00:00:00Z")));
+        assert_eq!(
+            s.next_after(at("2026-07-10T12:00:00Z")),
+            Some(at("2026-07-11T00:00:00Z"))
+        );
+        assert_eq!(
+            s.latest_at_or_before(at("2026-07-11T00:00:00Z")),
+            Some(at("2026-07-11T00:00:00Z"))
+        );
     }
 
     #[test]
@@ -117,19 +128,27 @@ mod tests {
             s.on_start(Some(at("2026-04-09T02:00:00Z")), at("2026-04-10T01:59:00Z")),
             OnStart::UpToDate
         );
-        assert_eq!(s.on_start(None, at("2026-04-10T01:59:00Z")), OnStart::Baseline);
+        assert_eq!(
+            s.on_start(None, at("2026-04-10T01:59:00Z")),
+            OnStart::Baseline
+        );
     }
 
     #[test]
     fn monthly_restore_tests_and_fixed_offsets() {
         let s = Schedule::parse("restore_test", "0 4 1 * *", "+01:00").unwrap();
-        assert_eq!(s.next_after(at("2026-04-09T12:00:00Z")), Some(at("2026-05-01T03:00:00Z")));
+        assert_eq!(
+            s.next_after(at("2026-04-09T12:00:00Z")),
+            Some(at("2026-05-01T03:00:00Z"))
+        );
     }
 
     #[test]
     fn bad_expressions_and_zones_are_refused() {
         assert!(Schedule::parse("backup", "0 25 * * *", "UTC").is_err());
         assert!(Schedule::parse("backup", "0 2 * * *", "Nowhere/City").is_err());
-        assert!(Schedule::parse("backup", "0 0 30 2 *", "UTC").unwrap_err().contains("never"));
+        assert!(Schedule::parse("backup", "0 0 30 2 *", "UTC")
+            .unwrap_err()
+            .contains("never"));
     }
 }

@@ -113,7 +113,12 @@ pub struct State {
 
 /// A store key.
 fn series_key(s: &Series) -> String {
-    format!("series/{}/{}/{}", s.kind.as_str(), s.environment, s.database)
+    format!(
+        "series/{}/{}/{}",
+        s.kind.as_str(),
+        s.environment,
+        s.database
+    )
 }
 
 impl State {
@@ -152,12 +157,21 @@ impl State {
     pub fn records(&self) -> Vec<(String, Vec<u8>)> {
         let mut out = Vec::new();
         for s in self.series.values() {
-            out.push((series_key(&s.series), serde_json::to_vec(s).unwrap_or_default()));
+            out.push((
+                series_key(&s.series),
+                serde_json::to_vec(s).unwrap_or_default(),
+            ));
         }
         for (name, s) in &self.schedules {
-            out.push((format!("schedule/{name}"), serde_json::to_vec(s).unwrap_or_default()));
+            out.push((
+                format!("schedule/{name}"),
+                serde_json::to_vec(s).unwrap_or_default(),
+            ));
         }
-        out.push(("offsite".into(), serde_json::to_vec(&self.offsite).unwrap_or_default()));
+        out.push((
+            "offsite".into(),
+            serde_json::to_vec(&self.offsite).unwrap_or_default(),
+        ));
         out
     }
 
@@ -179,7 +193,14 @@ impl State {
 
     /// A finished backup job: its report (None when it ended without one), whether it
     /// succeeded and its detail, and the series it was meant to cover.
-    pub fn apply_backup(&mut self, report: Option<&BackupReport>, ok: bool, detail: &str, covered: &[Series], now: Timestamp) {
+    pub fn apply_backup(
+        &mut self,
+        report: Option<&BackupReport>,
+        ok: bool,
+        detail: &str,
+        covered: &[Series],
+        now: Timestamp,
+    ) {
         let at = report.and_then(|r| r.taken_at).unwrap_or(now);
         let mut seen = Vec::new();
         if let Some(r) = report {
@@ -217,7 +238,14 @@ impl State {
     }
 
     /// A finished verify job.
-    pub fn apply_verify(&mut self, report: Option<&VerifyReport>, ok: bool, detail: &str, covered: &[Series], now: Timestamp) {
+    pub fn apply_verify(
+        &mut self,
+        report: Option<&VerifyReport>,
+        ok: bool,
+        detail: &str,
+        covered: &[Series],
+        now: Timestamp,
+    ) {
         let Some(r) = report.filter(|r| r.verified_at.is_some()) else {
             for series in covered {
                 let s = self.entry(series);
@@ -252,7 +280,14 @@ impl State {
     }
 
     /// A finished restore-test job.
-    pub fn apply_restore(&mut self, report: Option<&RestoreReport>, ok: bool, detail: &str, covered: &[Series], now: Timestamp) {
+    pub fn apply_restore(
+        &mut self,
+        report: Option<&RestoreReport>,
+        ok: bool,
+        detail: &str,
+        covered: &[Series],
+        now: Timestamp,
+    ) {
         let at = report.and_then(|r| r.tested_at).unwrap_or(now);
         let mut seen = Vec::new();
         for r in report.map(|r| r.results.as_slice()).unwrap_or_default() {
@@ -372,8 +407,17 @@ mod tests {
     fn a_job_that_never_reported_marks_what_it_covered() {
         let mut state = State::default();
         let now = Timestamp::now();
-        state.apply_backup(None, false, "refused by the agent: POLICY", &[db("auth")], now);
-        assert_eq!(state.summary(&db("auth"), now).last_error, "refused by the agent: POLICY");
+        state.apply_backup(
+            None,
+            false,
+            "refused by the agent: POLICY",
+            &[db("auth")],
+            now,
+        );
+        assert_eq!(
+            state.summary(&db("auth"), now).last_error,
+            "refused by the agent: POLICY"
+        );
         state.apply_restore(None, false, "no test cluster", &[db("auth")], now);
         assert!(!state.summary(&db("auth"), now).last_restore_test_ok);
     }

@@ -101,7 +101,11 @@ async fn list(client: &ClientArgs, json: bool) -> anyhow::Result<u8> {
     let colour = super::colour();
     let verdict = |at: Option<&prost_types::Timestamp>, ok: bool| match at {
         None => "never".to_string(),
-        Some(_) => format!("{} {}", state(if ok { "ok" } else { "failed" }, colour), ago(at)),
+        Some(_) => format!(
+            "{} {}",
+            state(if ok { "ok" } else { "failed" }, colour),
+            ago(at)
+        ),
     };
     let rows: Vec<Vec<String>> = list
         .databases
@@ -114,10 +118,26 @@ async fn list(client: &ClientArgs, json: bool) -> anyhow::Result<u8> {
             };
             vec![
                 name,
-                if d.newest_good_at.is_some() { when(d.newest_good_at.as_ref()) } else { "none".into() },
-                if d.newest_good_at.is_some() { ago(d.newest_good_at.as_ref()) } else { "-".into() },
+                if d.newest_good_at.is_some() {
+                    when(d.newest_good_at.as_ref())
+                } else {
+                    "none".into()
+                },
+                if d.newest_good_at.is_some() {
+                    ago(d.newest_good_at.as_ref())
+                } else {
+                    "-".into()
+                },
                 bytes(d.newest_good_size),
-                format!("{}{}", d.kept, if d.damaged > 0 { format!(" ({} damaged)", d.damaged) } else { String::new() }),
+                format!(
+                    "{}{}",
+                    d.kept,
+                    if d.damaged > 0 {
+                        format!(" ({} damaged)", d.damaged)
+                    } else {
+                        String::new()
+                    }
+                ),
                 verdict(d.last_verify_at.as_ref(), d.last_verify_ok),
                 verdict(d.last_restore_test_at.as_ref(), d.last_restore_test_ok),
                 truncate(&d.last_error, 60),
@@ -126,7 +146,16 @@ async fn list(client: &ClientArgs, json: bool) -> anyhow::Result<u8> {
         .collect();
     println!("backups on {}", list.host);
     super::table(
-        &["BACKUP", "NEWEST GOOD", "AGE", "SIZE", "KEPT", "VERIFY", "RESTORE TEST", "LAST ERROR"],
+        &[
+            "BACKUP",
+            "NEWEST GOOD",
+            "AGE",
+            "SIZE",
+            "KEPT",
+            "VERIFY",
+            "RESTORE TEST",
+            "LAST ERROR",
+        ],
         &rows,
     );
     println!();
@@ -139,16 +168,27 @@ async fn list(client: &ClientArgs, json: bool) -> anyhow::Result<u8> {
                 format!("{} ({})", s.cron, s.time_zone),
                 when(s.last_run_at.as_ref()),
                 when(s.next_run_at.as_ref()),
-                if s.running { "running".into() } else { truncate(&s.last_outcome, 60) },
+                if s.running {
+                    "running".into()
+                } else {
+                    truncate(&s.last_outcome, 60)
+                },
             ]
         })
         .collect();
-    super::table(&["SCHEDULE", "CRON", "LAST RUN", "NEXT RUN", "OUTCOME"], &rows);
+    super::table(
+        &["SCHEDULE", "CRON", "LAST RUN", "NEXT RUN", "OUTCOME"],
+        &rows,
+    );
     if list.offsite_pending > 0 || !list.offsite_error.is_empty() {
         println!(
             "\noffsite: {} file(s) pending{}",
             list.offsite_pending,
-            if list.offsite_error.is_empty() { String::new() } else { format!(" ({})", list.offsite_error) }
+            if list.offsite_error.is_empty() {
+                String::new()
+            } else {
+                format!(" ({})", list.offsite_error)
+            }
         );
     }
     Ok(0)
@@ -173,7 +213,11 @@ async fn follow(client: &ClientArgs, job_id: &str) -> anyhow::Result<u8> {
                 Some(job_event::Event::Step(s)) => {
                     let status = StepStatus::try_from(s.status).unwrap_or(StepStatus::Unspecified);
                     let word = enum_word(status.as_str_name(), "STEP_STATUS_");
-                    let detail = if s.detail.is_empty() { String::new() } else { format!(": {}", s.detail) };
+                    let detail = if s.detail.is_empty() {
+                        String::new()
+                    } else {
+                        format!(": {}", s.detail)
+                    };
                     println!("{:<32} {}{detail}", s.name, state(&word, super::colour()));
                 }
                 Some(job_event::Event::Log(l)) => println!("    {}", l.line),
@@ -187,5 +231,9 @@ async fn follow(client: &ClientArgs, job_id: &str) -> anyhow::Result<u8> {
     };
     let word = enum_word(job.state().as_str_name(), "JOB_STATE_");
     println!("job {} {word}: {}", job.job_id, job.detail);
-    Ok(if job.state() == JobState::Succeeded { 0 } else { EXIT_FAILED })
+    Ok(if job.state() == JobState::Succeeded {
+        0
+    } else {
+        EXIT_FAILED
+    })
 }

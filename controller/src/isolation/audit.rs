@@ -601,6 +601,7 @@ mod tests {
 
     fn database(name: &str, owner: &str, public_connect: bool) -> CatalogDatabase {
         CatalogDatabase {
+            oid: 0,
             name: name.into(),
             owner: owner.into(),
             allow_connections: true,

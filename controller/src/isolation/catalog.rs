@@ -2,6 +2,7 @@
 //! agent's own catalog reader, so both see the same thing), plus the server's own CONNECT
 //! verdict for every audited pair, which the audit uses only as a cross-check.
 
+use std::collections::BTreeMap;
 use std::time::Duration;
 
 use hostagent::collectors::postgres::{
@@ -44,43 +45,56 @@ pub async fn read(
 }
 
 /// `has_database_privilege(user, db, 'CONNECT')` for every user × database of another
-/// environment that both exist (the function fails on names that do not).
+/// environment, both as they exist in `catalog`.
 async fn effective_connect(
     connection: &mut PgConnection,
     policy: &IsolationConfig,
     catalog: &Catalog,
     timeout: Duration,
 ) -> Result<EffectiveConnect, PgError> {
-    let role_exists = |r: &str| catalog.roles.iter().any(|x| x.name == r);
-    let db_exists = |d: &str| catalog.databases.iter().any(|x| x.name == d);
-    let mut users = Vec::new();
-    let mut databases = Vec::new();
+    let roles: BTreeMap<&str, u32> = catalog
+        .roles
+        .iter()
+        .map(|r| (r.name.as_str(), r.oid))
+        .collect();
+    let databases: BTreeMap<&str, u32> = catalog
+        .databases
+        .iter()
+        .map(|d| (d.name.as_str(), d.oid))
+        .collect();
+    let mut user_oids: Vec<u32> = Vec::new();
+    let mut database_oids: Vec<u32> = Vec::new();
     for (user_env, user_policy) in &policy.environments {
         for (db_env, db_policy) in &policy.environments {
             if user_env == db_env {
                 continue;
             }
-            for user in user_policy.users.iter().filter(|u| role_exists(u)) {
-                for db in db_policy.databases.iter().filter(|d| db_exists(d)) {
-                    users.push(user.clone());
-                    databases.push(db.clone());
+            for user in user_policy
+                .users
+                .iter()
+                .filter_map(|u| roles.get(u.as_str()))
+            {
+                for db in db_policy
+                    .databases
+                    .iter()
+                    .filter_map(|d| databases.get(d.as_str()))
+                {
+                    user_oids.push(*user);
+                    database_oids.push(*db);
                 }
             }
         }
     }
-    if users.is_empty() {
+    if user_oids.is_empty() {
         return Ok(EffectiveConnect::new());
     }
-    let params: [&(dyn tokio_postgres::types::ToSql + Sync); 2] = [&users, &databases];
-    // By OID: the name variants look every database up through an index scan, which for
-    // tens of thousands of pairs costs more than the rest of the audit; the joins also drop a
-    // role or database removed since the catalog was read instead of failing.
+    let params: [&(dyn tokio_postgres::types::ToSql + Sync); 2] = [&user_oids, &database_oids];
+    // By OID: the name variants look every database up through an index scan, several times
+    // slower over tens of thousands of pairs; and an OID dropped since the catalog was read
+    // gives NULL (not true) instead of an error.
     let query = connection.client.query(
-        "SELECT r.rolname::text, d.datname::text \
-         FROM unnest($1::text[], $2::text[]) AS p(u, d) \
-         JOIN pg_catalog.pg_roles r ON r.rolname = p.u \
-         JOIN pg_catalog.pg_database d ON d.datname = p.d \
-         WHERE pg_catalog.has_database_privilege(r.oid, d.oid, 'CONNECT')",
+        "SELECT p.u, p.d FROM unnest($1::oid[], $2::oid[]) AS p(u, d) \
+         WHERE pg_catalog.has_database_privilege(p.u, p.d, 'CONNECT')",
         &params,
     );
     let rows = match tokio::time::timeout(timeout, query).await {
@@ -100,21 +114,18 @@ async fn effective_connect(
         }
         Ok(Ok(rows)) => rows,
     };
+    let role_names: BTreeMap<u32, &str> = roles.iter().map(|(n, o)| (*o, *n)).collect();
+    let database_names: BTreeMap<u32, &str> = databases.iter().map(|(n, o)| (*o, *n)).collect();
     let mut out = EffectiveConnect::new();
     for row in rows {
-        let pair: Result<(String, String), _> =
-            row.try_get(0).and_then(|u| Ok((u, row.try_get(1)?)));
-        match pair {
-            Ok(pair) => {
-                out.insert(pair);
-            }
-            Err(e) => {
-                return Err(PgError::Query {
-                    what: "reading CONNECT privileges".into(),
-                    target: connection.target.clone(),
-                    message: describe(&e),
-                })
-            }
+        let pair: Result<(u32, u32), _> = row.try_get(0).and_then(|u| Ok((u, row.try_get(1)?)));
+        let (user, db) = pair.map_err(|e| PgError::Query {
+            what: "reading CONNECT privileges".into(),
+            target: connection.target.clone(),
+            message: describe(&e),
+        })?;
+        if let (Some(user), Some(db)) = (role_names.get(&user), database_names.get(&db)) {
+            out.insert((user.to_string(), db.to_string()));
         }
     }
     Ok(out)

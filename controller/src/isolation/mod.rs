@@ -49,8 +49,18 @@ pub async fn check(policy: &IsolationConfig) -> CheckOutcome {
     let checked_at = SystemTime::now();
     let result: Result<(Audit, String), PgError> = async {
         let mut connection = catalog::connect_auditor(policy).await?;
+        let connected = started.elapsed();
         let snapshot = catalog::read(&mut connection, policy).await?;
+        let read = started.elapsed();
         let audit = audit::audit(policy, &snapshot.catalog, Some(&snapshot.effective_connect));
+        tracing::debug!(
+            connect = ?connected,
+            read = ?(read - connected),
+            audit = ?(started.elapsed() - read),
+            roles = snapshot.catalog.roles.len(),
+            databases = snapshot.catalog.databases.len(),
+            "isolation check phases"
+        );
         Ok((audit, snapshot.catalog.server_version))
     }
     .await;

@@ -568,7 +568,7 @@ impl Pipeline {
             if hook.is_empty() {
                 return Ok((
                     (),
-                    "skipped: no pipeline.backup_hook configured (the built-in backup job is not available yet)".to_string(),
+                    "skipped: no [backups] database of this app and no pipeline.backup_hook configured".to_string(),
                 ));
             }
             let args: Vec<String> = hook

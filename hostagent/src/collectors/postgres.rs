@@ -717,6 +717,8 @@ pub struct Catalog {
 /// One role's attributes.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct CatalogRole {
+    /// The role's OID.
+    pub oid: u32,
     /// Role name.
     pub name: String,
     /// `rolcanlogin`.
@@ -789,6 +791,8 @@ pub struct DatabaseGrant {
 /// One database.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct CatalogDatabase {
+    /// The database's OID.
+    pub oid: u32,
     /// `datname`.
     pub name: String,
     /// The owner's role name.
@@ -808,7 +812,8 @@ SELECT rolname::text, rolcanlogin, rolsuper, rolcreaterole, rolcreatedb, rolbypa
        rolinherit, rolconnlimit, \
        CASE WHEN rolvaliduntil IS NULL OR rolvaliduntil = 'infinity' THEN NULL \
             WHEN rolvaliduntil = '-infinity' THEN 0::float8 \
-            ELSE extract(epoch FROM rolvaliduntil)::float8 END \
+            ELSE extract(epoch FROM rolvaliduntil)::float8 END, \
+       oid \
 FROM pg_catalog.pg_roles ORDER BY 1";
 
 /// Before PostgreSQL 16 inheritance is the member's attribute and SET ROLE always allowed.
@@ -840,7 +845,7 @@ SELECT d.datname::text, pg_catalog.pg_get_userbyid(d.datdba)::text, d.datallowco
        d.datistemplate, d.datacl IS NULL, \
        a.grantee::int8, \
        CASE WHEN a.grantee <> 0 THEN pg_catalog.pg_get_userbyid(a.grantee)::text END, \
-       a.privilege_type::text \
+       a.privilege_type::text, d.oid \
 FROM pg_catalog.pg_database d \
 LEFT JOIN LATERAL pg_catalog.aclexplode(\
     COALESCE(d.datacl, pg_catalog.acldefault('d', d.datdba))) a ON true \
@@ -896,6 +901,7 @@ pub async fn read_catalog(
         {
             let expires: Option<f64> = row.try_get(8).map_err(|e| query_error("pg_roles", e))?;
             roles.push(CatalogRole {
+                oid: row.try_get(9).map_err(|e| query_error("pg_roles", e))?,
                 name: row.try_get(0).map_err(|e| query_error("pg_roles", e))?,
                 login: row.try_get(1).map_err(|e| query_error("pg_roles", e))?,
                 superuser: row.try_get(2).map_err(|e| query_error("pg_roles", e))?,
@@ -944,6 +950,7 @@ pub async fn read_catalog(
                     last.grants = std::mem::take(&mut grants).into_values().collect();
                 }
                 databases.push(CatalogDatabase {
+                    oid: row.try_get(8).map_err(get)?,
                     name,
                     owner: row.try_get(1).map_err(get)?,
                     allow_connections: row.try_get(2).map_err(get)?,

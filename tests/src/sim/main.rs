@@ -34,7 +34,7 @@ use crate::stats::{Counter, Stats};
 
 /// Simulated Sentinel agents and benchmarks.
 #[derive(Debug, Parser)]
-#[command(name = "fleet-sim", about)]
+#[command(name = "fleet-sim", about, args_override_self = true)]
 struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -259,4 +259,30 @@ async fn run(args: RunArgs) -> Result<()> {
     json["seconds"] = started.elapsed().as_secs_f64().into();
     println!("{json}");
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn flags_given_again_replace_the_scripts_defaults() {
+        let cli = Cli::try_parse_from([
+            "fleet-sim",
+            "bench",
+            "steady",
+            "--agents",
+            "1000,5000,10000",
+            "--window",
+            "60s",
+            "--agents",
+            "200",
+            "--window",
+            "5s",
+        ])
+        .unwrap();
+        let text = format!("{cli:?}");
+        assert!(text.contains("agents: [200]"), "{text}");
+        assert!(text.contains("window: 5s"), "{text}");
+    }
 }

@@ -48,6 +48,22 @@ fn cpu_ticks(stat: &str) -> Option<u64> {
     Some(utime + stime)
 }
 
+/// Resident memory split into anonymous (heap, stacks: what the process allocated) and
+/// file-backed (mapped pages of the binary and libraries, clean and droppable), KiB.
+pub fn rss_split(pid: u32) -> Result<(u64, u64)> {
+    let status = fs::read_to_string(format!("/proc/{pid}/status"))
+        .with_context(|| format!("reading /proc/{pid}/status"))?;
+    let field = |name: &str| {
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix(name))
+            .and_then(|v| v.split_whitespace().next())
+            .and_then(|v| v.parse::<u64>().ok())
+            .ok_or_else(|| anyhow!("no {name} in /proc/{pid}/status"))
+    };
+    Ok((field("RssAnon:")?, field("RssFile:")?))
+}
+
 /// Clock ticks per second (`getconf CLK_TCK`, 100 on Linux in practice).
 pub fn clock_ticks() -> u64 {
     std::process::Command::new("getconf")

@@ -178,7 +178,13 @@ pub fn tool_env(
     resolved: &Resolved,
     passfile: Option<&PassFile>,
 ) {
-    for var in ["PGPASSWORD", "PGSERVICE", "PGSERVICEFILE", "PGPASSFILE", "PGOPTIONS"] {
+    for var in [
+        "PGPASSWORD",
+        "PGSERVICE",
+        "PGSERVICEFILE",
+        "PGPASSFILE",
+        "PGOPTIONS",
+    ] {
         cmd.env_remove(var);
     }
     if let Some(file) = passfile {
@@ -202,10 +208,16 @@ mod tests {
             "host=db port=5432 user=backup dbname=app dbname='scratch_1'"
         );
         assert_eq!(
-            with_dbname("postgresql://backup@db:5432/app?sslmode=verify-full", "scratch"),
+            with_dbname(
+                "postgresql://backup@db:5432/app?sslmode=verify-full",
+                "scratch"
+            ),
             "postgresql://backup@db:5432/scratch?sslmode=verify-full"
         );
-        assert_eq!(with_dbname("postgres://backup@db", "x y"), "postgres://backup@db/x%20y");
+        assert_eq!(
+            with_dbname("postgres://backup@db", "x y"),
+            "postgres://backup@db/x%20y"
+        );
     }
 
     #[test]

@@ -179,13 +179,31 @@ pub fn load_all(dir: &Path) -> (Vec<Manifest>, Vec<(PathBuf, String)>) {
         match std::fs::read(&path)
             .map_err(|e| e.to_string())
             .and_then(|b| serde_json::from_slice::<Manifest>(&b).map_err(|e| e.to_string()))
-        {
+            .and_then(
+                |m| match m.entries.iter().find(|e| !is_relative_inside(&e.file)) {
+                    // Retention deletes what manifests name: never outside the backup dir.
+                    Some(e) => Err(format!(
+                        "entry {:?} is not a path inside the backup dir",
+                        e.file
+                    )),
+                    None => Ok(m),
+                },
+            ) {
             Ok(m) => manifests.push(m),
             Err(e) => problems.push((path, e)),
         }
     }
     manifests.sort_by(|a, b| (a.taken_at, &a.run_id).cmp(&(b.taken_at, &b.run_id)));
     (manifests, problems)
+}
+
+/// Whether `file` is a relative path that stays inside the directory it is joined to.
+pub fn is_relative_inside(file: &str) -> bool {
+    let path = Path::new(file);
+    !file.is_empty()
+        && path
+            .components()
+            .all(|c| matches!(c, std::path::Component::Normal(_)))
 }
 
 /// One retained backup, as results report it.
@@ -235,4 +253,55 @@ pub fn inventory(manifests: &[Manifest]) -> Vec<SeriesInventory> {
             SeriesInventory { series, backups }
         })
         .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_manifest_naming_a_file_outside_the_backup_dir_is_refused() {
+        assert!(is_relative_inside("production/db/db-1.dump"));
+        assert!(!is_relative_inside("../etc/passwd"));
+        assert!(!is_relative_inside("/etc/passwd"));
+        assert!(!is_relative_inside("a/../../b"));
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::create_dir_all(dir.path().join(MANIFESTS)).unwrap();
+        let now = Timestamp::now();
+        let entry = Entry {
+            series: Series {
+                kind: Kind::Files,
+                environment: String::new(),
+                database: "files".into(),
+            },
+            file: "../../etc/passwd".into(),
+            size: 1,
+            sha256: String::new(),
+            taken_at: now,
+            started_at: now,
+            finished_at: now,
+            tool_version: String::new(),
+            server_version: String::new(),
+            row_counts: BTreeMap::new(),
+            paths: Vec::new(),
+            pruned_at: None,
+            verified_at: None,
+            damaged: None,
+        };
+        let m = Manifest {
+            version: 1,
+            run_id: "r1".into(),
+            reason: String::new(),
+            taken_at: now,
+            simulated_clock: false,
+            started_at: now,
+            finished_at: now,
+            entries: vec![entry],
+            failures: Vec::new(),
+        };
+        m.save(dir.path()).unwrap();
+        let (ok, problems) = load_all(dir.path());
+        assert!(ok.is_empty());
+        assert!(problems[0].1.contains("not a path inside"), "{problems:?}");
+    }
 }

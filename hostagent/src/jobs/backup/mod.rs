@@ -159,7 +159,9 @@ pub async fn run_tool(
         (out, tail, status)
     };
     match tokio::time::timeout(timeout, work).await {
-        Err(_) => Err(format!("{what} took longer than {timeout:?} and was stopped")),
+        Err(_) => Err(format!(
+            "{what} took longer than {timeout:?} and was stopped"
+        )),
         Ok((_, _, Err(e))) => Err(format!("waiting for {what}: {e}")),
         Ok((out, tail, Ok(status))) => {
             if status.success() {
@@ -168,7 +170,11 @@ pub async fn run_tool(
                 let said = tail.join(" / ");
                 Err(format!(
                     "{what} failed ({status}){}",
-                    if said.is_empty() { String::new() } else { format!(": {said}") }
+                    if said.is_empty() {
+                        String::new()
+                    } else {
+                        format!(": {said}")
+                    }
                 ))
             }
         }
@@ -205,7 +211,10 @@ pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<(), BackupError> {
     };
     let parent = path.parent().unwrap_or(Path::new("."));
     std::fs::create_dir_all(parent).map_err(|e| io(parent, e))?;
-    let name = path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+    let name = path
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default();
     let tmp = parent.join(format!(".{name}.partial"));
     let mut f = std::fs::File::create(&tmp).map_err(|e| io(&tmp, e))?;
     f.write_all(bytes)
@@ -242,7 +251,8 @@ impl<'a> Step<'a> {
             Ok(d) => (StepStatus::Succeeded, d.as_str()),
             Err(e) => (StepStatus::Failed, e.as_str()),
         };
-        self.events.step(&self.name, status, detail, self.started.elapsed());
+        self.events
+            .step(&self.name, status, detail, self.started.elapsed());
     }
 }
 
@@ -313,7 +323,10 @@ async fn backup(
     report.run_id = run_id.clone();
     report.taken_at = Some(taken_at);
     if simulated {
-        events.log("agent", &format!("using the job's simulated clock: {taken_at}"));
+        events.log(
+            "agent",
+            &format!("using the job's simulated clock: {taken_at}"),
+        );
     }
     let started_at = Timestamp::now();
     let ctx = dump::RunCtx {
@@ -406,10 +419,19 @@ async fn backup(
         let step = Step::start(events, "prune");
         let (mut manifests, problems) = manifest::load_all(&dir);
         for (path, e) in &problems {
-            events.log("agent", &format!("manifest {} unreadable, left alone: {e}", path.display()));
+            events.log(
+                "agent",
+                &format!("manifest {} unreadable, left alone: {e}", path.display()),
+            );
         }
-        let (pruned, rewritten, errors) =
-            prune(&dir, &mut manifests, &done, policy_of(&retention_params), taken_at, &tz);
+        let (pruned, rewritten, errors) = prune(
+            &dir,
+            &mut manifests,
+            &done,
+            policy_of(&retention_params),
+            taken_at,
+            &tz,
+        );
         for run in rewritten {
             to_copy.push(offsite::Pending {
                 file: Manifest::relative(&run),
@@ -419,7 +441,11 @@ async fn backup(
         let detail = if errors.is_empty() {
             Ok(format!("removed {} file(s)", pruned.len()))
         } else {
-            Err(format!("removed {} file(s); {}", pruned.len(), errors.join("; ")))
+            Err(format!(
+                "removed {} file(s); {}",
+                pruned.len(),
+                errors.join("; ")
+            ))
         };
         step.end(&detail);
         report.pruned = pruned;
@@ -430,7 +456,10 @@ async fn backup(
         let r = offsite::sync(config, &dir, &p.offsite_target, to_copy, events).await;
         step.end(&match &r.error {
             None => Ok(format!("copied and checked {} file(s)", r.copied.len())),
-            Some(e) => Err(format!("{e}; {} file(s) pending, retried at the next run", r.pending.len())),
+            Some(e) => Err(format!(
+                "{e}; {} file(s) pending, retried at the next run",
+                r.pending.len()
+            )),
         });
         report.offsite = Some(r);
     }
@@ -450,7 +479,10 @@ async fn backup(
     }
     if let Some(o) = &report.offsite {
         match &o.error {
-            None => summary.push_str(&format!("; offsite: {} file(s) copied and checked", o.copied.len())),
+            None => summary.push_str(&format!(
+                "; offsite: {} file(s) copied and checked",
+                o.copied.len()
+            )),
             Some(e) => summary.push_str(&format!(
                 "; offsite copy FAILED ({e}): {} file(s) pending, retried at the next run",
                 o.pending.len()
@@ -460,7 +492,10 @@ async fn backup(
     if failures.is_empty() {
         Ok(summary)
     } else {
-        let what: Vec<String> = failures.iter().map(|f| format!("{}: {}", f.series, f.error)).collect();
+        let what: Vec<String> = failures
+            .iter()
+            .map(|f| format!("{}: {}", f.series, f.error))
+            .collect();
         Err(JobError::Failed(format!(
             "backup failed for {}; nothing of {} was pruned ({summary})",
             what.join("; "),
@@ -486,7 +521,10 @@ fn record(
                 &entry.sha256[..16.min(entry.sha256.len())]
             );
             if entry.series.kind == Kind::Database {
-                detail.push_str(&format!(", {} table(s), {rows} row(s)", entry.row_counts.len()));
+                detail.push_str(&format!(
+                    ", {} table(s), {rows} row(s)",
+                    entry.row_counts.len()
+                ));
             }
             step.end(&Ok(detail));
             entries.push(entry);
@@ -593,7 +631,9 @@ mod tests {
             ..Default::default()
         };
         let mut config = BackupsConfig::default();
-        assert!(clock(Some(&retention), &config).unwrap_err().contains("allow_simulated_clock"));
+        assert!(clock(Some(&retention), &config)
+            .unwrap_err()
+            .contains("allow_simulated_clock"));
         config.allow_simulated_clock = true;
         let (now, simulated) = clock(Some(&retention), &config).unwrap();
         assert!(simulated);

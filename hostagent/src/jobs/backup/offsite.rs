@@ -89,8 +89,8 @@ pub async fn sync(
         items.retain(|i| i.file != item.file);
         items.push(item);
     }
-    // Pruned meanwhile: nothing to copy any more.
-    items.retain(|i| dir.join(&i.file).exists());
+    // Pruned meanwhile: nothing to copy any more (and never anything outside the dir).
+    items.retain(|i| super::manifest::is_relative_inside(&i.file) && dir.join(&i.file).exists());
     if carried > 0 {
         events.log(
             "agent",
@@ -149,9 +149,10 @@ async fn copy_and_check(
         match (actual, expected) {
             (Err(e), _) => bad.push(format!("{}: {e}", item.file)),
             (Ok((_, sha)), None) => item.sha256 = Some(sha),
-            (Ok((_, sha)), Some(want)) if sha != want => {
-                bad.push(format!("{}: local file no longer matches its manifest", item.file))
-            }
+            (Ok((_, sha)), Some(want)) if sha != want => bad.push(format!(
+                "{}: local file no longer matches its manifest",
+                item.file
+            )),
             (Ok(_), Some(_)) => {}
         }
     }
@@ -160,7 +161,10 @@ async fn copy_and_check(
         if !path.is_dir() {
             return Err((
                 Vec::new(),
-                format!("offsite target {} is not a directory (not mounted?)", path.display()),
+                format!(
+                    "offsite target {} is not a directory (not mounted?)",
+                    path.display()
+                ),
             ));
         }
     }
@@ -170,7 +174,8 @@ async fn copy_and_check(
         .collect();
     let list = dir.join(".offsite-files");
     let names: String = sendable.iter().map(|i| format!("{}\n", i.file)).collect();
-    std::fs::write(&list, names).map_err(|e| (Vec::new(), format!("writing {}: {e}", list.display())))?;
+    std::fs::write(&list, names)
+        .map_err(|e| (Vec::new(), format!("writing {}: {e}", list.display())))?;
     let source = format!("{}/", dir.display());
     let target_dir = format!("{}/", target.trim_end_matches('/'));
     let rsync = |extra: &[&str]| {
@@ -207,7 +212,9 @@ async fn copy_and_check(
                     .map_err(|e| e.to_string())
                     .and_then(|r| r.map_err(|e| e.to_string()));
                 match got {
-                    Ok((_, sha)) if Some(&sha) == item.sha256.as_ref() => ok.push(item.file.clone()),
+                    Ok((_, sha)) if Some(&sha) == item.sha256.as_ref() => {
+                        ok.push(item.file.clone())
+                    }
                     Ok(_) => mismatched.push(format!("{}: the copy's sha256 differs", item.file)),
                     Err(e) => mismatched.push(format!("{}: reading the copy: {e}", item.file)),
                 }
@@ -262,9 +269,18 @@ mod tests {
 
     #[test]
     fn destinations_are_told_apart() {
-        assert_eq!(destination("/mnt/offsite"), Destination::Local("/mnt/offsite".into()));
-        assert_eq!(destination("rsync://127.0.0.1:8873/offsite/"), Destination::Daemon);
+        assert_eq!(
+            destination("/mnt/offsite"),
+            Destination::Local("/mnt/offsite".into())
+        );
+        assert_eq!(
+            destination("rsync://127.0.0.1:8873/offsite/"),
+            Destination::Daemon
+        );
         assert_eq!(destination("backup.example::offsite"), Destination::Daemon);
-        assert_eq!(destination("backup@offsite.example:/srv/sentinel"), Destination::Ssh);
+        assert_eq!(
+            destination("backup@offsite.example:/srv/sentinel"),
+            Destination::Ssh
+        );
     }
 }

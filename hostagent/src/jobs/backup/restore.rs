@@ -10,8 +10,8 @@ use std::path::PathBuf;
 use std::time::Instant;
 
 use jiff::Timestamp;
-use serde::{Deserialize, Serialize};
 use sentinel_proto::v1::RestoreTestParams;
+use serde::{Deserialize, Serialize};
 
 use super::dsn::{self, PassFile, Resolved};
 use super::dump::{count_rows, quote_ident, TABLES_SQL};
@@ -138,7 +138,18 @@ async fn restore_test(
     let stamp = now.strftime("%Y%m%d%H%M%S").to_string();
     for (series, entry) in &newest {
         let step = Step::start(events, format!("restore {series}"));
-        let result = restore_one(config, p, &cluster, &admin.client, &dir, &tmp, entry, &stamp, events).await;
+        let result = restore_one(
+            config,
+            p,
+            &cluster,
+            &admin.client,
+            &dir,
+            &tmp,
+            entry,
+            &stamp,
+            events,
+        )
+        .await;
         step.end(&if result.ok {
             Ok(format!(
                 "{} restored in {:.1}s, {} table(s) match, {} invariant(s) hold",
@@ -185,7 +196,10 @@ async fn drop_leftovers(client: &tokio_postgres::Client, events: &JobEvents) {
     };
     for row in rows {
         let name: String = row.get(0);
-        events.log("agent", &format!("dropping {name}, left by an earlier restore test"));
+        events.log(
+            "agent",
+            &format!("dropping {name}, left by an earlier restore test"),
+        );
         drop_database(client, &name).await;
     }
 }
@@ -226,7 +240,9 @@ async fn restore_one(
     // A damaged file is reported as such, and restored anyway: whether it still restores is
     // worth knowing too.
     let path = dir.join(&entry.file);
-    if let Err(e) = verify::check_file(config, &path, entry.size, &entry.sha256, false, events).await {
+    if let Err(e) =
+        verify::check_file(config, &path, entry.size, &entry.sha256, false, events).await
+    {
         errors.push(e);
     }
     let short: String = entry.series.database.chars().take(30).collect();
@@ -235,7 +251,10 @@ async fn restore_one(
         .batch_execute(&format!("CREATE DATABASE {}", quote_ident(&scratch)))
         .await
     {
-        errors.push(format!("creating the scratch database {scratch}: {}", postgres::describe(&e)));
+        errors.push(format!(
+            "creating the scratch database {scratch}: {}",
+            postgres::describe(&e)
+        ));
         result.error = Some(errors.join("; "));
         return result;
     }
@@ -272,20 +291,26 @@ async fn restore_one(
         result.tables = counts.len() as u32;
         for (table, want) in &entry.row_counts {
             match counts.get(table) {
-                None => result.mismatches.push(format!("{table}: missing after the restore")),
-                Some(got) if got != want => result
+                None => result
                     .mismatches
-                    .push(format!("{table}: {want} row(s) in the manifest, {got} restored")),
+                    .push(format!("{table}: missing after the restore")),
+                Some(got) if got != want => result.mismatches.push(format!(
+                    "{table}: {want} row(s) in the manifest, {got} restored"
+                )),
                 Some(_) => {}
             }
         }
         for table in counts.keys().filter(|t| !entry.row_counts.contains_key(*t)) {
-            result.mismatches.push(format!("{table}: restored but not in the manifest"));
+            result
+                .mismatches
+                .push(format!("{table}: restored but not in the manifest"));
         }
         let checks = p.invariants.iter().cloned().chain(
             p.checks
                 .iter()
-                .filter(|c| c.environment == entry.series.environment && c.database == entry.series.database)
+                .filter(|c| {
+                    c.environment == entry.series.environment && c.database == entry.series.database
+                })
                 .map(|c| c.sql.clone()),
         );
         for sql in checks {
@@ -311,10 +336,17 @@ async fn restore_one(
         errors.push(e);
     }
     if !result.mismatches.is_empty() {
-        errors.push(format!("row counts differ: {}", result.mismatches.join(", ")));
+        errors.push(format!(
+            "row counts differ: {}",
+            result.mismatches.join(", ")
+        ));
     }
     for i in result.invariants.iter().filter(|i| !i.ok) {
-        errors.push(format!("invariant {:?} {}", i.sql, i.error.clone().unwrap_or_default()));
+        errors.push(format!(
+            "invariant {:?} {}",
+            i.sql,
+            i.error.clone().unwrap_or_default()
+        ));
     }
     if let Some(e) = drop_database(admin, &scratch).await {
         errors.push(e);

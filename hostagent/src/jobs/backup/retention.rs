@@ -51,7 +51,12 @@ pub fn keep(backups: &[Candidate], policy: Policy, now: Timestamp, tz: &TimeZone
     // The minimum: the newest not yet kept make up the difference, good ones first.
     let want = (policy.minimum as usize).min(backups.len());
     let mut order: Vec<usize> = (0..backups.len()).collect();
-    order.sort_by_key(|&i| (std::cmp::Reverse(backups[i].good), std::cmp::Reverse(backups[i].taken_at)));
+    order.sort_by_key(|&i| {
+        (
+            std::cmp::Reverse(backups[i].good),
+            std::cmp::Reverse(backups[i].taken_at),
+        )
+    });
     for i in order {
         if kept.iter().filter(|k| **k).count() >= want {
             break;
@@ -165,9 +170,17 @@ mod tests {
         let mut backups = Vec::new();
         for d in 0..40 {
             let ts = at("2026-03-01T02:00:00Z") + jiff::SignedDuration::from_hours(24 * d);
-            backups.push(Candidate { taken_at: ts, good: true });
+            backups.push(Candidate {
+                taken_at: ts,
+                good: true,
+            });
         }
-        let kept = kept_times(&backups, Policy::default(), "2026-04-09T03:00:00Z", &TimeZone::UTC);
+        let kept = kept_times(
+            &backups,
+            Policy::default(),
+            "2026-04-09T03:00:00Z",
+            &TimeZone::UTC,
+        );
         assert_eq!(
             kept,
             vec![
@@ -195,7 +208,11 @@ mod tests {
             good("2026-04-09T09:00:00Z"),
             good("2026-04-08T02:00:00Z"),
         ];
-        let policy = Policy { daily: 7, weekly: 0, minimum: 0 };
+        let policy = Policy {
+            daily: 7,
+            weekly: 0,
+            minimum: 0,
+        };
         let kept = kept_times(&backups, policy, "2026-04-09T20:00:00Z", &TimeZone::UTC);
         assert_eq!(kept, vec!["2026-04-09T14:30:00Z", "2026-04-08T02:00:00Z"]);
     }
@@ -204,13 +221,20 @@ mod tests {
     fn days_are_counted_in_the_time_zone() {
         // 23:30 UTC on Apr 8 is already Apr 9 in Prague (UTC+2 in summer).
         let backups = [good("2026-04-08T23:30:00Z"), good("2026-04-09T05:00:00Z")];
-        let policy = Policy { daily: 7, weekly: 0, minimum: 0 };
+        let policy = Policy {
+            daily: 7,
+            weekly: 0,
+            minimum: 0,
+        };
         let prague = parse_time_zone("Europe/Prague").unwrap();
         assert_eq!(
             kept_times(&backups, policy, "2026-04-09T12:00:00Z", &prague),
             vec!["2026-04-09T05:00:00Z"]
         );
-        assert_eq!(kept_times(&backups, policy, "2026-04-09T12:00:00Z", &TimeZone::UTC).len(), 2);
+        assert_eq!(
+            kept_times(&backups, policy, "2026-04-09T12:00:00Z", &TimeZone::UTC).len(),
+            2
+        );
     }
 
     #[test]
@@ -222,10 +246,19 @@ mod tests {
             good("2026-01-03T02:00:00Z"),
             good("2026-01-04T02:00:00Z"),
         ];
-        let kept = kept_times(&backups, Policy::default(), "2026-04-09T02:00:00Z", &TimeZone::UTC);
+        let kept = kept_times(
+            &backups,
+            Policy::default(),
+            "2026-04-09T02:00:00Z",
+            &TimeZone::UTC,
+        );
         assert_eq!(
             kept,
-            vec!["2026-01-02T02:00:00Z", "2026-01-03T02:00:00Z", "2026-01-04T02:00:00Z"]
+            vec![
+                "2026-01-02T02:00:00Z",
+                "2026-01-03T02:00:00Z",
+                "2026-01-04T02:00:00Z"
+            ]
         );
     }
 
@@ -233,8 +266,16 @@ mod tests {
     fn a_damaged_backup_does_not_stand_for_its_day_but_ages_out_normally() {
         let mut newest = good("2026-04-09T14:00:00Z");
         newest.good = false;
-        let backups = [good("2026-04-09T02:00:00Z"), newest, good("2026-03-01T02:00:00Z")];
-        let policy = Policy { daily: 7, weekly: 0, minimum: 0 };
+        let backups = [
+            good("2026-04-09T02:00:00Z"),
+            newest,
+            good("2026-03-01T02:00:00Z"),
+        ];
+        let policy = Policy {
+            daily: 7,
+            weekly: 0,
+            minimum: 0,
+        };
         // The good one of Apr 9 is kept; the damaged newest is kept too (it is in the window),
         // so it can be inspected, but never counts as the day's backup.
         assert_eq!(
@@ -251,8 +292,15 @@ mod tests {
     #[test]
     fn backups_from_the_future_are_kept() {
         let backups = [good("2026-05-01T02:00:00Z")];
-        let policy = Policy { daily: 1, weekly: 0, minimum: 0 };
-        assert_eq!(kept_times(&backups, policy, "2026-04-09T02:00:00Z", &TimeZone::UTC).len(), 1);
+        let policy = Policy {
+            daily: 1,
+            weekly: 0,
+            minimum: 0,
+        };
+        assert_eq!(
+            kept_times(&backups, policy, "2026-04-09T02:00:00Z", &TimeZone::UTC).len(),
+            1
+        );
     }
 
     #[test]
@@ -260,9 +308,20 @@ mod tests {
         assert_eq!(parse_time_zone("").unwrap(), TimeZone::UTC);
         assert!(parse_time_zone("Europe/Prague").is_ok());
         let plus = parse_time_zone("+05:30").unwrap();
-        assert_eq!(plus.to_offset(Timestamp::UNIX_EPOCH).seconds(), 5 * 3600 + 1800);
-        assert_eq!(parse_time_zone("-01:00").unwrap().to_offset(Timestamp::UNIX_EPOCH).seconds(), -3600);
-        assert!(parse_time_zone("Mars/Olympus").unwrap_err().contains("Mars/Olympus"));
+        assert_eq!(
+            plus.to_offset(Timestamp::UNIX_EPOCH).seconds(),
+            5 * 3600 + 1800
+        );
+        assert_eq!(
+            parse_time_zone("-01:00")
+                .unwrap()
+                .to_offset(Timestamp::UNIX_EPOCH)
+                .seconds(),
+            -3600
+        );
+        assert!(parse_time_zone("Mars/Olympus")
+            .unwrap_err()
+            .contains("Mars/Olympus"));
         assert!(parse_time_zone("+25:00").is_err());
     }
 }

@@ -7,8 +7,8 @@ use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
 
 use jiff::Timestamp;
-use serde::{Deserialize, Serialize};
 use sentinel_proto::v1::VerifyBackupsParams;
+use serde::{Deserialize, Serialize};
 
 use super::dump::sha256_file;
 use super::manifest::{self, Kind, Series, SeriesInventory};
@@ -48,7 +48,11 @@ pub struct VerifyReport {
 }
 
 /// Runs a verify job.
-pub async fn run_verify(p: &VerifyBackupsParams, config: &BackupsConfig, events: &JobEvents) -> Outcome {
+pub async fn run_verify(
+    p: &VerifyBackupsParams,
+    config: &BackupsConfig,
+    events: &JobEvents,
+) -> Outcome {
     let mut report = VerifyReport::default();
     let result = verify(p, config, events, &mut report).await;
     (result, serde_json::to_string(&report).unwrap_or_default())
@@ -82,7 +86,8 @@ async fn verify(
             listed.insert(entry.file.clone());
             let path = dir.join(&entry.file);
             let list_toc = entry.series.kind == Kind::Database;
-            let found = check_file(config, &path, entry.size, &entry.sha256, list_toc, events).await;
+            let found =
+                check_file(config, &path, entry.size, &entry.sha256, list_toc, events).await;
             report.checked += 1;
             report.bytes += entry.size;
             match &found {
@@ -102,7 +107,9 @@ async fn verify(
         }
         if changed {
             if let Err(e) = m.save(&dir) {
-                report.problems.push(format!("recording the verify in run {}: {e}", m.run_id));
+                report
+                    .problems
+                    .push(format!("recording the verify in run {}: {e}", m.run_id));
             }
         }
     }
@@ -113,7 +120,11 @@ async fn verify(
         report.checked,
         human_bytes(report.bytes),
         report.damaged.len(),
-        if report.problems.is_empty() { String::new() } else { format!(", {} problem(s)", report.problems.len()) },
+        if report.problems.is_empty() {
+            String::new()
+        } else {
+            format!(", {} problem(s)", report.problems.len())
+        },
         if report.unlisted.is_empty() {
             String::new()
         } else {
@@ -149,7 +160,13 @@ pub async fn check_file(
     let (actual_size, actual) = tokio::task::spawn_blocking(move || sha256_file(&p))
         .await
         .map_err(|e| e.to_string())?
-        .map_err(|e| if e.kind() == std::io::ErrorKind::NotFound { "missing".to_string() } else { e.to_string() })?;
+        .map_err(|e| {
+            if e.kind() == std::io::ErrorKind::NotFound {
+                "missing".to_string()
+            } else {
+                e.to_string()
+            }
+        })?;
     let mut problems = Vec::new();
     if actual_size != size {
         problems.push(format!("size {actual_size} instead of {size}"));
@@ -165,7 +182,10 @@ pub async fn check_file(
         let mut cmd = tokio::process::Command::new(&config.pg_restore);
         cmd.arg("--list").arg(path);
         match run_tool(cmd, "pg_restore --list", config.command_timeout, events).await {
-            Ok(toc) if toc.lines().any(|l| !l.starts_with(';') && !l.trim().is_empty()) => {}
+            Ok(toc)
+                if toc
+                    .lines()
+                    .any(|l| !l.starts_with(';') && !l.trim().is_empty()) => {}
             Ok(_) => problems.push("pg_restore --list shows an empty archive".into()),
             Err(e) => problems.push(e),
         }
@@ -182,14 +202,18 @@ fn unlisted(dir: &Path, listed: &BTreeSet<String>) -> Vec<String> {
     let mut out = Vec::new();
     let mut stack = vec![dir.to_path_buf()];
     while let Some(d) = stack.pop() {
-        let Ok(read) = std::fs::read_dir(&d) else { continue };
+        let Ok(read) = std::fs::read_dir(&d) else {
+            continue;
+        };
         for entry in read.flatten() {
             let path = entry.path();
             let name = entry.file_name().to_string_lossy().into_owned();
             if name.starts_with('.') {
                 continue;
             }
-            let Ok(rel) = path.strip_prefix(dir) else { continue };
+            let Ok(rel) = path.strip_prefix(dir) else {
+                continue;
+            };
             let rel = rel.to_string_lossy().into_owned();
             if rel == manifest::MANIFESTS || rel == super::offsite::PENDING_FILE {
                 continue;

@@ -50,17 +50,27 @@ pub struct AgentArgs {
 
 pub async fn run(args: AgentArgs) -> Result<()> {
     let env = BenchEnv::new(&args.env)?;
-    let idle = if args.no_idle {
-        None
-    } else {
-        Some(idle(&env, args.idle).await?)
-    };
-    let collection = if args.no_collection {
-        None
-    } else {
-        Some(collection(args.containers, args.collections).await?)
-    };
-    if let Some(row) = idle {
+    let mut idle_rows = Vec::new();
+    if !args.no_idle {
+        idle_rows.push(idle(&env, args.idle).await?);
+    }
+    let mut collection_rows = Vec::new();
+    if !args.no_collection {
+        docker_cli(&["version", "--format", "{{.Server.Version}}"])
+            .context("the collection benchmark needs a Docker daemon")?;
+        let cleanup = Cleanup::new(args.containers);
+        cleanup.clear();
+        build_image()?;
+        eprintln!("fleet-sim: starting {} containers", args.containers);
+        start_containers(&cleanup.names)?;
+        // The same agent again, now with the containers to collect every 15 s.
+        if !args.no_idle {
+            idle_rows.push(idle(&env, args.idle).await?);
+        }
+        collection_rows = collection(args.containers, args.collections).await?;
+        drop(cleanup);
+    }
+    if !idle_rows.is_empty() {
         header(&format!(
             "Agent idle (release build, default config: 15 s reports, system + Docker collectors; window {:?})",
             args.idle
@@ -68,15 +78,16 @@ pub async fn run(args: AgentArgs) -> Result<()> {
         table(
             &[
                 "containers on the machine",
-                "agent RSS",
+                "agent RSS (VmRSS)",
+                "of which anonymous + file-backed (binary, libc)",
                 "agent CPU (% of one core)",
                 "machine busy",
             ],
-            &[row],
+            &idle_rows,
         );
-        println!("Targets: under 10 MiB resident, under 0.5 % of a core. A 10-minute run: `fleet-sim bench agent --idle 10m --no-collection`.");
+        println!("Targets: under 10 MiB resident, under 0.5 % of a core. Ten-minute windows: `tests/bench/4-agent.sh --idle 10m`.");
     }
-    if let Some(rows) = collection {
+    if !collection_rows.is_empty() {
         header("One Docker collection (DockerCollector::collect, list + inspect every container)");
         table(
             &[
@@ -88,7 +99,7 @@ pub async fn run(args: AgentArgs) -> Result<()> {
                 "min",
                 "max",
             ],
-            &rows,
+            &collection_rows,
         );
         println!("Target: a 100-container collection under 50 ms.");
     }
@@ -105,8 +116,9 @@ async fn idle(env: &BenchEnv, window: Duration) -> Result<Vec<String>> {
     std::fs::write(
         &config,
         format!(
-            "host_name = \"{AGENT_HOST}\"\ncontroller = \"{}\"\n\n[tls]\nca = \"{c}/ca.pem\"\ncert = \"{c}/host-{AGENT_HOST}.pem\"\nkey = \"{c}/host-{AGENT_HOST}.key\"\n",
-            spec.addr
+            "host_name = \"{AGENT_HOST}\"\ncontroller = \"{}\"\n\n[tls]\nca = \"{c}/ca.pem\"\ncert = \"{c}/host-{AGENT_HOST}.pem\"\nkey = \"{c}/host-{AGENT_HOST}.key\"\n\n[jobs]\nstate_dir = \"{}\"\n",
+            spec.addr,
+            spec.run_dir.join("agent-state").display()
         ),
     )
     .with_context(|| format!("writing {}", config.display()))?;
@@ -135,7 +147,8 @@ async fn idle(env: &BenchEnv, window: Duration) -> Result<Vec<String>> {
         eprintln!("fleet-sim: agent online; settling 20s, then measuring {window:?}");
         tokio::time::sleep(Duration::from_secs(20)).await;
         let usage = procfs::measure(&[agent.id()], window).await?;
-        Ok(usage[0])
+        let split = procfs::rss_split(agent.id())?;
+        Ok((usage[0], split))
     }
     .await;
     let _ = Command::new("kill")
@@ -145,7 +158,7 @@ async fn idle(env: &BenchEnv, window: Duration) -> Result<Vec<String>> {
     let _ = agent.wait();
     let _ = controller.stop(Duration::from_secs(30)).await;
     remove_store(&spec);
-    let usage = result?;
+    let (usage, (anon, file)) = result?;
     let containers = docker_cli(&["ps", "-aq"])
         .map(|out| out.lines().count().to_string())
         .unwrap_or_else(|_| "Docker not reachable".into());
@@ -155,19 +168,22 @@ async fn idle(env: &BenchEnv, window: Duration) -> Result<Vec<String>> {
             "{:.1} MiB (max {:.1})",
             usage.rss_avg_mib, usage.rss_max_mib
         ),
-        format!("{:.2} %", usage.cpu_percent),
+        format!(
+            "{:.1} MiB + {:.1} MiB",
+            anon as f64 / 1024.0,
+            file as f64 / 1024.0
+        ),
+        format!(
+            "{:.3} % ({:.2} s in {:.0} s; one tick is 0.01 s)",
+            usage.cpu_percent,
+            usage.cpu_percent / 100.0 * usage.window.as_secs_f64(),
+            usage.window.as_secs_f64()
+        ),
         format!("{:.0} %", usage.machine_busy_percent),
     ])
 }
 
 async fn collection(count: usize, runs: usize) -> Result<Vec<Vec<String>>> {
-    docker_cli(&["version", "--format", "{{.Server.Version}}"])
-        .context("the collection benchmark needs a Docker daemon")?;
-    let cleanup = Cleanup::new(count);
-    cleanup.clear();
-    build_image()?;
-    eprintln!("fleet-sim: starting {count} containers");
-    start_containers(&cleanup.names)?;
     let mut collector = DockerCollector::new(DOCKER_SOCKET);
     let started = Instant::now();
     let first = collector
@@ -185,7 +201,6 @@ async fn collection(count: usize, runs: usize) -> Result<Vec<Vec<String>>> {
         sample.push(started.elapsed());
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
-    drop(cleanup);
     let p = Percentiles::of(sample.clone());
     let min = sample.iter().min().copied().unwrap_or_default();
     Ok(vec![vec![

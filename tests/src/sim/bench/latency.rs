@@ -29,7 +29,7 @@ const PROBE_TIMEOUT: Duration = Duration::from_secs(30);
 #[derive(Debug, Args)]
 pub struct LatencyArgs {
     /// Fleet sizes, ascending.
-    #[arg(long, value_delimiter = ',', default_value = "1000,10000")]
+    #[arg(long, value_delimiter = ',', action = clap::ArgAction::Set, default_value = "1000,10000")]
     agents: Vec<usize>,
     /// Single probes per fleet size.
     #[arg(long, default_value_t = 500)]

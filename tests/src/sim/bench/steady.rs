@@ -18,7 +18,7 @@ use crate::AgentArgs;
 #[derive(Debug, Args)]
 pub struct SteadyArgs {
     /// Fleet sizes, ascending.
-    #[arg(long, value_delimiter = ',', default_value = "1000,5000,10000")]
+    #[arg(long, value_delimiter = ',', action = clap::ArgAction::Set, default_value = "1000,5000,10000")]
     agents: Vec<usize>,
     /// Wait after the last agent connected, so that the connect burst and the first full
     /// reports are over.

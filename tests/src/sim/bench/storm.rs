@@ -19,7 +19,7 @@ use crate::AgentArgs;
 #[derive(Debug, Args)]
 pub struct StormArgs {
     /// Fleet sizes, ascending; the controller restarts once at each.
-    #[arg(long, value_delimiter = ',', default_value = "10000")]
+    #[arg(long, value_delimiter = ',', action = clap::ArgAction::Set, default_value = "10000")]
     agents: Vec<usize>,
     /// Wait after the last agent connected before the restart.
     #[arg(long, default_value = "20s", value_parser = humantime::parse_duration)]
