@@ -209,7 +209,10 @@ impl fmt::Debug for ControllerConfig {
             .field("agents", &self.agents)
             .field("signing", &self.signing)
             .field("jobs", &self.jobs)
-            .field("apps", &self.apps.iter().map(|a| &a.name).collect::<Vec<_>>())
+            .field(
+                "apps",
+                &self.apps.iter().map(|a| &a.name).collect::<Vec<_>>(),
+            )
             .field("isolation", &self.isolation)
             .field("backups", &self.backups)
             .field("metrics", &self.metrics)

@@ -141,7 +141,10 @@ pub async fn run(opts: DevOptions, shutdown: CancellationToken) -> anyhow::Resul
         jobs: hostagent::config::JobsConfig {
             state_dir: opts.data_dir.join("agent"),
             trusted_keys: vec![certs.join(pki::SIGNING_PUB_FILE)],
-            allowed_kinds: hostagent::jobs::KINDS.iter().map(|(n, _)| n.to_string()).collect(),
+            allowed_kinds: hostagent::jobs::KINDS
+                .iter()
+                .map(|(n, _)| n.to_string())
+                .collect(),
             app_dirs: vec![opts.data_dir.join("apps")],
             ..hostagent::config::JobsConfig::default()
         },

@@ -9,9 +9,9 @@ use std::time::Duration;
 
 use clap::{Parser, Subcommand};
 use hostagent::logging::{self, LogFormat};
-use sentinel::config::ControllerConfig;
 use sentinel::cli::deploy::DeployArgs;
 use sentinel::cli::ClientArgs;
+use sentinel::config::ControllerConfig;
 use sentinel::pki::{self, Role};
 use tokio_util::sync::CancellationToken;
 
@@ -319,7 +319,9 @@ fn main() -> ExitCode {
         Command::Deploys { args, client } => {
             client_call(sentinel::cli::jobs::deploys(&client, args))
         }
-        Command::Deploy { args, client } => client_call(sentinel::cli::deploy::deploy(&client, args)),
+        Command::Deploy { args, client } => {
+            client_call(sentinel::cli::deploy::deploy(&client, args))
+        }
         Command::Rollback {
             app,
             env,
@@ -347,7 +349,10 @@ fn main() -> ExitCode {
 /// Runs one operator call on a small runtime; its error means the controller was unreachable
 /// or refused the call.
 fn client_call(f: impl std::future::Future<Output = anyhow::Result<u8>>) -> ExitCode {
-    let runtime = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
+    let runtime = match tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    {
         Ok(rt) => rt,
         Err(e) => {
             eprintln!("sentinel: starting the runtime: {e}");

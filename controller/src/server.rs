@@ -56,8 +56,13 @@ pub async fn run(
             None
         }
     };
-    let jobs = JobQueue::load(store.as_ref(), registry.clone(), signer, config.jobs.run_timeout)
-        .context("loading jobs from the store")?;
+    let jobs = JobQueue::load(
+        store.as_ref(),
+        registry.clone(),
+        signer,
+        config.jobs.run_timeout,
+    )
+    .context("loading jobs from the store")?;
     let bundles_dir = config.data_dir.join("bundles");
     let pipeline = Pipeline::load(
         store.as_ref(),
@@ -141,7 +146,10 @@ pub async fn run(
         .http2_keepalive_timeout(Some(Duration::from_secs(20)))
         .layer(crate::metrics::GrpcMetricsLayer)
         .layer(AuthzLayer)
-        .add_service(AgentServiceServer::new(AgentApi::new(ctx.clone(), shutdown.clone())))
+        .add_service(AgentServiceServer::new(AgentApi::new(
+            ctx.clone(),
+            shutdown.clone(),
+        )))
         .add_service(FleetServiceServer::new(
             FleetApi::new(ctx.clone()).with_isolation(isolation.clone()),
         ))
@@ -191,9 +199,21 @@ async fn flush(ctx: &Arc<Shared>, store: &Arc<dyn Store>) {
     }
     let store = store.clone();
     let result = tokio::task::spawn_blocking(move || {
-        let saved_hosts = if hosts.is_empty() { Ok(()) } else { store.save_hosts(&hosts) };
-        let saved_jobs = if jobs.is_empty() { Ok(()) } else { store.save_jobs(&jobs) };
-        let saved_deploys = if deploys.is_empty() { Ok(()) } else { store.save_deploys(&deploys) };
+        let saved_hosts = if hosts.is_empty() {
+            Ok(())
+        } else {
+            store.save_hosts(&hosts)
+        };
+        let saved_jobs = if jobs.is_empty() {
+            Ok(())
+        } else {
+            store.save_jobs(&jobs)
+        };
+        let saved_deploys = if deploys.is_empty() {
+            Ok(())
+        } else {
+            store.save_deploys(&deploys)
+        };
         (hosts, saved_hosts, jobs, saved_jobs, deploys, saved_deploys)
     })
     .await;

@@ -430,18 +430,20 @@ impl RedisInstanceConfig {
         // not shown because it may quote the URL, password included.
         let info = match ::redis::IntoConnectionInfo::into_connection_info(self.url.as_str()) {
             Ok(info) => info,
-            Err(_) => {
-                return Some(format!(
-                    "`url` {} is not a Redis URL (redis://HOST:PORT/DB, rediss://... or unix:///PATH)",
-                    self.redacted_url()
-                ))
-            }
+            Err(_) => return Some(format!(
+                "`url` {} is not a Redis URL (redis://HOST:PORT/DB, rediss://... or unix:///PATH)",
+                self.redacted_url()
+            )),
         };
         let in_url = info.redis_settings().password().is_some();
-        if [in_url, self.password.is_some(), self.password_file.is_some()]
-            .iter()
-            .filter(|set| **set)
-            .count()
+        if [
+            in_url,
+            self.password.is_some(),
+            self.password_file.is_some(),
+        ]
+        .iter()
+        .filter(|set| **set)
+        .count()
             > 1
         {
             return Some(

@@ -146,7 +146,9 @@ pub async fn channel(
         async move {
             let stream = tokio::time::timeout(CONNECT_TIMEOUT, connect(&addr, name, tls))
                 .await
-                .map_err(|_| io::Error::new(io::ErrorKind::TimedOut, "TLS handshake timed out"))??;
+                .map_err(|_| {
+                    io::Error::new(io::ErrorKind::TimedOut, "TLS handshake timed out")
+                })??;
             Ok::<_, io::Error>(hyper_util::rt::TokioIo::new(stream))
         }
     });

@@ -114,15 +114,16 @@ pub fn verify(
         .ok_or_else(|| VerifyError::UnknownKey {
             key_id: job.key_id.clone(),
         })?;
-    let signature = Signature::from_slice(&job.signature).map_err(|_| VerifyError::BadSignature {
-        key_id: job.key_id.clone(),
-    })?;
+    let signature =
+        Signature::from_slice(&job.signature).map_err(|_| VerifyError::BadSignature {
+            key_id: job.key_id.clone(),
+        })?;
     key.verify(&signed_bytes(&job.spec), &signature)
         .map_err(|_| VerifyError::BadSignature {
             key_id: job.key_id.clone(),
         })?;
-    let spec = JobSpec::decode(job.spec.as_slice())
-        .map_err(|e| VerifyError::Malformed(e.to_string()))?;
+    let spec =
+        JobSpec::decode(job.spec.as_slice()).map_err(|e| VerifyError::Malformed(e.to_string()))?;
     if spec.key_id != job.key_id {
         return Err(VerifyError::Malformed(format!(
             "inner key id {:?} differs from envelope key id {:?}",
@@ -199,33 +200,50 @@ mod tests {
         let last = forged.spec.len() - 1;
         forged.spec[last] ^= 1;
         assert_eq!(
-            verify(&forged, &trusted(&k), "hub-alfa", now, SKEW).unwrap_err().reason(),
+            verify(&forged, &trusted(&k), "hub-alfa", now, SKEW)
+                .unwrap_err()
+                .reason(),
             RefusalReason::BadSignature
         );
 
         let other = sign(spec(now), &key(2));
         assert_eq!(
-            verify(&other, &trusted(&k), "hub-alfa", now, SKEW).unwrap_err().reason(),
+            verify(&other, &trusted(&k), "hub-alfa", now, SKEW)
+                .unwrap_err()
+                .reason(),
             RefusalReason::UnknownKey
         );
 
         assert_eq!(
-            verify(&job, &trusted(&k), "prod-alfa", now, SKEW).unwrap_err().reason(),
+            verify(&job, &trusted(&k), "prod-alfa", now, SKEW)
+                .unwrap_err()
+                .reason(),
             RefusalReason::WrongTarget
         );
 
         let late = now + Duration::from_secs(120);
         assert_eq!(
-            verify(&job, &trusted(&k), "hub-alfa", late, SKEW).unwrap_err().reason(),
+            verify(&job, &trusted(&k), "hub-alfa", late, SKEW)
+                .unwrap_err()
+                .reason(),
             RefusalReason::Expired
         );
         let early = now - Duration::from_secs(60);
         assert_eq!(
-            verify(&job, &trusted(&k), "hub-alfa", early, SKEW).unwrap_err().reason(),
+            verify(&job, &trusted(&k), "hub-alfa", early, SKEW)
+                .unwrap_err()
+                .reason(),
             RefusalReason::NotYetValid
         );
         // Within the allowed skew both ends still pass.
-        assert!(verify(&job, &trusted(&k), "hub-alfa", now + Duration::from_secs(80), SKEW).is_ok());
+        assert!(verify(
+            &job,
+            &trusted(&k),
+            "hub-alfa",
+            now + Duration::from_secs(80),
+            SKEW
+        )
+        .is_ok());
 
         let mut relabelled = job.clone();
         relabelled.key_id = "0000000000000000".into();

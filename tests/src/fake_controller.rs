@@ -50,7 +50,10 @@ impl AgentService for Service {
             .send(Ok(ControllerMessage {
                 msg: Some(controller_message::Msg::Welcome(Welcome {
                     controller_version: "fake".into(),
-                    heartbeat_interval: Some(prost_types::Duration { seconds: 5, nanos: 0 }),
+                    heartbeat_interval: Some(prost_types::Duration {
+                        seconds: 5,
+                        nanos: 0,
+                    }),
                     missed_heartbeats_offline: 3,
                     ..Default::default()
                 })),
@@ -73,7 +76,9 @@ impl AgentService for Service {
                 }
             }
         });
-        Ok(Response::new(Box::pin(tokio_stream::wrappers::ReceiverStream::new(rx))))
+        Ok(Response::new(Box::pin(
+            tokio_stream::wrappers::ReceiverStream::new(rx),
+        )))
     }
 }
 
@@ -136,7 +141,12 @@ impl FakeController {
 
     /// Sends an envelope to `host`'s current stream.
     pub fn send_job(&self, host: &str, job: SignedJob) {
-        let tx = self.lock().senders.get(host).cloned().expect("host connected");
+        let tx = self
+            .lock()
+            .senders
+            .get(host)
+            .cloned()
+            .expect("host connected");
         self.runtime
             .block_on(tx.send(Ok(ControllerMessage {
                 msg: Some(controller_message::Msg::Job(job)),

@@ -9,7 +9,9 @@ use std::process::Command;
 use std::sync::{Arc, Mutex};
 
 use sentinel_e2e::fixture::{FixtureApp, Variant, SECRET};
-use sentinel_e2e::{bin, eventually, eventually_within, free_port, run, Controller, Fleet, Proc, Value};
+use sentinel_e2e::{
+    bin, eventually, eventually_within, free_port, run, Controller, Fleet, Proc, Value,
+};
 
 /// A git repository whose commits are releases of the fixture app.
 struct Repo {
@@ -26,7 +28,13 @@ impl Repo {
     }
 
     /// Commits release `version` of `variant`; `tweak` may edit the tree first. Returns the sha.
-    fn commit(&self, app: &FixtureApp, version: &str, variant: Variant, tweak: impl Fn(&Path)) -> String {
+    fn commit(
+        &self,
+        app: &FixtureApp,
+        version: &str,
+        variant: Variant,
+        tweak: impl Fn(&Path),
+    ) -> String {
         for entry in std::fs::read_dir(&self.dir).unwrap().flatten() {
             if entry.file_name() != ".git" {
                 let p = entry.path();
@@ -38,27 +46,44 @@ impl Repo {
             }
         }
         let bundle = app.bundle(version, variant);
-        let out = run(Command::new("tar").arg("-xzf").arg(&bundle.path).arg("-C").arg(&self.dir));
+        let out = run(Command::new("tar")
+            .arg("-xzf")
+            .arg(&bundle.path)
+            .arg("-C")
+            .arg(&self.dir));
         assert!(out.status.success());
         // Secrets come from the controller, per environment; so does the port.
         std::fs::remove_file(self.dir.join(".env")).unwrap();
         let compose = self.dir.join("docker-compose.yml");
         let text = std::fs::read_to_string(&compose).unwrap();
-        let text = text.replace(&format!("127.0.0.1:{}:8080", app.port), "127.0.0.1:${PORT}:8080");
+        let text = text.replace(
+            &format!("127.0.0.1:{}:8080", app.port),
+            "127.0.0.1:${PORT}:8080",
+        );
         std::fs::write(&compose, text).unwrap();
         tweak(&self.dir);
         git(&self.dir, &["add", "-A"]);
         git(&self.dir, &["commit", "-q", "-m", version]);
-        String::from_utf8(run(Command::new("git").arg("-C").arg(&self.dir).args(["rev-parse", "HEAD"])).stdout)
-            .unwrap()
-            .trim()
-            .to_string()
+        String::from_utf8(
+            run(Command::new("git")
+                .arg("-C")
+                .arg(&self.dir)
+                .args(["rev-parse", "HEAD"]))
+            .stdout,
+        )
+        .unwrap()
+        .trim()
+        .to_string()
     }
 }
 
 fn git(dir: &Path, args: &[&str]) {
     let out = run(Command::new("git").arg("-C").arg(dir).args(args));
-    assert!(out.status.success(), "git {args:?}: {}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "git {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
 }
 
 /// Receives webhook POSTs and keeps their bodies.
@@ -82,7 +107,11 @@ fn webhook_receiver() -> (String, Arc<Mutex<Vec<String>>>) {
                 if let Some(split) = text.find("\r\n\r\n") {
                     let len = text[..split]
                         .lines()
-                        .find_map(|l| l.to_ascii_lowercase().strip_prefix("content-length:").map(|v| v.trim().parse::<usize>().unwrap_or(0)))
+                        .find_map(|l| {
+                            l.to_ascii_lowercase()
+                                .strip_prefix("content-length:")
+                                .map(|v| v.trim().parse::<usize>().unwrap_or(0))
+                        })
                         .unwrap_or(0);
                     if buf.len() >= split + 4 + len {
                         keep.lock().unwrap().push(text[split + 4..].to_string());
@@ -90,7 +119,8 @@ fn webhook_receiver() -> (String, Arc<Mutex<Vec<String>>>) {
                     }
                 }
             }
-            let _ = stream.write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\nconnection: close\r\n\r\nok");
+            let _ = stream
+                .write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\nconnection: close\r\n\r\nok");
         }
     });
     (url, bodies)
@@ -115,12 +145,21 @@ impl Drop for Setup {
     fn drop(&mut self) {
         for env in ["staging", "production"] {
             let project = format!("{}-{env}", self.name);
-            let out = run(Command::new("docker").args(["ps", "-aq", "--filter", &format!("label=com.docker.compose.project={project}")]));
-            let ids: Vec<String> = String::from_utf8_lossy(&out.stdout).lines().map(str::to_string).collect();
+            let out = run(Command::new("docker").args([
+                "ps",
+                "-aq",
+                "--filter",
+                &format!("label=com.docker.compose.project={project}"),
+            ]));
+            let ids: Vec<String> = String::from_utf8_lossy(&out.stdout)
+                .lines()
+                .map(str::to_string)
+                .collect();
             if !ids.is_empty() {
                 let _ = run(Command::new("docker").args(["rm", "-f"]).args(&ids));
             }
-            let _ = run(Command::new("docker").args(["network", "rm", &format!("{project}_default")]));
+            let _ =
+                run(Command::new("docker").args(["network", "rm", &format!("{project}_default")]));
         }
     }
 }
@@ -132,7 +171,11 @@ fn setup(tag: &str) -> Setup {
     let repo = Repo::new(fleet.path("repo"));
     let (staging_port, production_port) = (free_port(), free_port());
     for (env, port) in [("staging", staging_port), ("production", production_port)] {
-        std::fs::write(fleet.path(&format!("{env}.env")), format!("DB_PASSWORD={SECRET}\nPORT={port}\n")).unwrap();
+        std::fs::write(
+            fleet.path(&format!("{env}.env")),
+            format!("DB_PASSWORD={SECRET}\nPORT={port}\n"),
+        )
+        .unwrap();
     }
     let (hook_url, webhook) = webhook_receiver();
     let c = fleet.certs.display();
@@ -158,7 +201,12 @@ fn setup(tag: &str) -> Setup {
             state = fleet.path(&format!("state-{host}")).display(),
             apps = fleet.path(&format!("apps-{host}")).display(),
         );
-        agents.push(fleet.start_agent(host, host, &controller.addr, &format!("[collectors]\ndocker = false\n{jobs}")));
+        agents.push(fleet.start_agent(
+            host,
+            host,
+            &controller.addr,
+            &format!("[collectors]\ndocker = false\n{jobs}"),
+        ));
     }
     controller.wait_online("hub-alfa");
     controller.wait_online("prod-alfa");
@@ -194,18 +242,38 @@ fn served(port: u16) -> String {
 fn cli_deploy(s: &Setup, commit: &str) -> (i32, String) {
     let c = &s.fleet.certs;
     let out = run(Command::new(bin("sentinel"))
-        .args(["deploy", &s.name, "--commit", commit, "--e2e", "standard", "--wait", "--controller", &s.controller.addr])
-        .arg("--ca").arg(c.join("ca.pem"))
-        .arg("--cert").arg(c.join("operator-admin.pem"))
-        .arg("--key").arg(c.join("operator-admin.key")));
-    let text = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+        .args([
+            "deploy",
+            &s.name,
+            "--commit",
+            commit,
+            "--e2e",
+            "standard",
+            "--wait",
+            "--controller",
+            &s.controller.addr,
+        ])
+        .arg("--ca")
+        .arg(c.join("ca.pem"))
+        .arg("--cert")
+        .arg(c.join("operator-admin.pem"))
+        .arg("--key")
+        .arg(c.join("operator-admin.key")));
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
     (out.status.code().unwrap_or(-1), text)
 }
 
 fn latest_deploy(s: &Setup) -> Value {
     let list = s
         .controller
-        .grpcurl(Some(&format!("{{\"app\":\"{}\",\"limit\":1}}", s.name)), "sentinel.v1.FleetService/ListDeploys")
+        .grpcurl(
+            Some(&format!("{{\"app\":\"{}\",\"limit\":1}}", s.name)),
+            "sentinel.v1.FleetService/ListDeploys",
+        )
         .json()
         .unwrap();
     list["deployments"][0].clone()
@@ -219,12 +287,22 @@ fn assert_no_secret_anywhere(s: &Setup) {
             assert!(!text.contains(SECRET), "secret found in {name}");
         }
     }
-    let jobs = s.controller.grpcurl(Some("{\"limit\":100}"), "sentinel.v1.FleetService/ListJobs").json().unwrap();
+    let jobs = s
+        .controller
+        .grpcurl(Some("{\"limit\":100}"), "sentinel.v1.FleetService/ListJobs")
+        .json()
+        .unwrap();
     for job in jobs["jobs"].as_array().cloned().unwrap_or_default() {
         let id = job["jobId"].as_str().unwrap().to_string();
-        let full = s.controller.grpcurl(Some(&format!("{{\"job_id\":\"{id}\"}}")), "sentinel.v1.FleetService/GetJob");
+        let full = s.controller.grpcurl(
+            Some(&format!("{{\"job_id\":\"{id}\"}}")),
+            "sentinel.v1.FleetService/GetJob",
+        );
         assert!(full.ok, "{}", full.stderr);
-        assert!(!full.stdout.contains(SECRET), "secret in the events of job {id}");
+        assert!(
+            !full.stdout.contains(SECRET),
+            "secret in the events of job {id}"
+        );
     }
     for host in ["hub-alfa", "prod-alfa"] {
         let audit = s.fleet.path(&format!("apps-{host}/{}/audit.log", s.name));
@@ -248,7 +326,11 @@ fn a_release_goes_through_staging_e2e_and_production_and_failures_never_reach_pr
     let (code, out) = cli_deploy(&s, &v1);
     assert_eq!(code, 0, "{out}");
     assert!(out.contains("e2e-standard"), "{out}");
-    assert!(served(s.staging_port).contains("version v1"), "{out}\n{}", served(s.staging_port));
+    assert!(
+        served(s.staging_port).contains("version v1"),
+        "{out}\n{}",
+        served(s.staging_port)
+    );
     assert!(served(s.production_port).contains("version v1"));
     let d = latest_deploy(&s);
     assert_eq!(d["state"], "DEPLOYMENT_STATE_SUCCEEDED", "{d}");
@@ -264,21 +346,47 @@ fn a_release_goes_through_staging_e2e_and_production_and_failures_never_reach_pr
     // 2. A second deploy while one runs is refused, naming the running one and who started it.
     let first = s
         .controller
-        .grpcurl(Some(&format!("{{\"app\":\"{}\",\"commit\":\"{v2}\"}}", s.name)), "sentinel.v1.FleetService/SubmitDeploy")
+        .grpcurl(
+            Some(&format!("{{\"app\":\"{}\",\"commit\":\"{v2}\"}}", s.name)),
+            "sentinel.v1.FleetService/SubmitDeploy",
+        )
         .json()
         .unwrap();
-    let second = s
-        .controller
-        .grpcurl(Some(&format!("{{\"app\":\"{}\",\"commit\":\"{v2}\"}}", s.name)), "sentinel.v1.FleetService/SubmitDeploy");
+    let second = s.controller.grpcurl(
+        Some(&format!("{{\"app\":\"{}\",\"commit\":\"{v2}\"}}", s.name)),
+        "sentinel.v1.FleetService/SubmitDeploy",
+    );
     assert!(!second.ok);
-    assert!(second.stderr.contains("FailedPrecondition"), "{}", second.stderr);
-    assert!(second.stderr.contains(first["deployId"].as_str().unwrap()), "{}", second.stderr);
+    assert!(
+        second.stderr.contains("FailedPrecondition"),
+        "{}",
+        second.stderr
+    );
+    assert!(
+        second.stderr.contains(first["deployId"].as_str().unwrap()),
+        "{}",
+        second.stderr
+    );
     assert!(second.stderr.contains("admin"), "{}", second.stderr);
     let id = first["deployId"].as_str().unwrap().to_string();
-    let done = eventually_within(std::time::Duration::from_secs(300), "the v2 deploy to end", || {
-        let d = s.controller.grpcurl(Some(&format!("{{\"deploy_id\":\"{id}\"}}")), "sentinel.v1.FleetService/GetDeploy").json()?;
-        if d["state"] == "DEPLOYMENT_STATE_RUNNING" { Err("running".into()) } else { Ok(d) }
-    });
+    let done = eventually_within(
+        std::time::Duration::from_secs(300),
+        "the v2 deploy to end",
+        || {
+            let d = s
+                .controller
+                .grpcurl(
+                    Some(&format!("{{\"deploy_id\":\"{id}\"}}")),
+                    "sentinel.v1.FleetService/GetDeploy",
+                )
+                .json()?;
+            if d["state"] == "DEPLOYMENT_STATE_RUNNING" {
+                Err("running".into())
+            } else {
+                Ok(d)
+            }
+        },
+    );
     assert_eq!(done["state"], "DEPLOYMENT_STATE_SUCCEEDED", "{done}");
     assert!(served(s.production_port).contains("version v2"));
 
@@ -287,11 +395,17 @@ fn a_release_goes_through_staging_e2e_and_production_and_failures_never_reach_pr
     assert_eq!(code, 1, "{out}");
     let d = latest_deploy(&s);
     assert_eq!(d["state"], "DEPLOYMENT_STATE_ROLLED_BACK", "{d}");
-    assert!(!d.to_string().contains("\"production\""), "production was touched: {d}");
+    assert!(
+        !d.to_string().contains("\"production\""),
+        "production was touched: {d}"
+    );
     assert!(served(s.staging_port).contains("version v2"));
     assert!(served(s.production_port).contains("version v2"));
     // The failing container's log is in the events, its secret is not.
-    assert!(out.contains("container:") || d.to_string().contains("health"), "{out}");
+    assert!(
+        out.contains("container:") || d.to_string().contains("health"),
+        "{out}"
+    );
 
     // 4. Build failure on staging: production untouched, staging still serving v2.
     let (code, out) = cli_deploy(&s, &broken_build);
@@ -305,18 +419,42 @@ fn a_release_goes_through_staging_e2e_and_production_and_failures_never_reach_pr
     assert_eq!(code, 1, "{out}");
     let d = latest_deploy(&s);
     assert_eq!(d["state"], "DEPLOYMENT_STATE_ROLLED_BACK", "{d}");
-    assert!(d["detail"].as_str().unwrap_or_default().contains("E2E failed"), "{d}");
+    assert!(
+        d["detail"]
+            .as_str()
+            .unwrap_or_default()
+            .contains("E2E failed"),
+        "{d}"
+    );
     assert!(served(s.staging_port).contains("version v2"));
     assert!(served(s.production_port).contains("version v2"));
 
     // 6. A manual rollback of production to v1.
     let c = &s.fleet.certs;
     let out = run(Command::new(bin("sentinel"))
-        .args(["rollback", &s.name, "--env", "production", "--to", &v1, "--wait", "--controller", &s.controller.addr])
-        .arg("--ca").arg(c.join("ca.pem"))
-        .arg("--cert").arg(c.join("operator-admin.pem"))
-        .arg("--key").arg(c.join("operator-admin.key")));
-    assert!(out.status.success(), "{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+        .args([
+            "rollback",
+            &s.name,
+            "--env",
+            "production",
+            "--to",
+            &v1,
+            "--wait",
+            "--controller",
+            &s.controller.addr,
+        ])
+        .arg("--ca")
+        .arg(c.join("ca.pem"))
+        .arg("--cert")
+        .arg(c.join("operator-admin.pem"))
+        .arg("--key")
+        .arg(c.join("operator-admin.key")));
+    assert!(
+        out.status.success(),
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
     assert!(served(s.production_port).contains("version v1"));
 
     assert_no_secret_anywhere(&s);
@@ -326,13 +464,27 @@ fn a_release_goes_through_staging_e2e_and_production_and_failures_never_reach_pr
 fn a_deploy_of_an_unknown_app_or_commit_is_refused_clearly() {
     let s = setup("refuse");
     s.repo.commit(&s.app, "v1", Variant::Healthy, |_| {});
-    let r = s.controller.grpcurl(Some("{\"app\":\"nope\",\"commit\":\"abc\"}"), "sentinel.v1.FleetService/SubmitDeploy");
-    assert!(r.stderr.contains("NotFound") && r.stderr.contains(&s.name), "{}", r.stderr);
     let r = s.controller.grpcurl(
-        Some(&format!("{{\"app\":\"{}\",\"commit\":\"0123456789abcdef\"}}", s.name)),
+        Some("{\"app\":\"nope\",\"commit\":\"abc\"}"),
         "sentinel.v1.FleetService/SubmitDeploy",
     );
-    assert!(r.stderr.contains("InvalidArgument") && r.stderr.contains("not found"), "{}", r.stderr);
+    assert!(
+        r.stderr.contains("NotFound") && r.stderr.contains(&s.name),
+        "{}",
+        r.stderr
+    );
+    let r = s.controller.grpcurl(
+        Some(&format!(
+            "{{\"app\":\"{}\",\"commit\":\"0123456789abcdef\"}}",
+            s.name
+        )),
+        "sentinel.v1.FleetService/SubmitDeploy",
+    );
+    assert!(
+        r.stderr.contains("InvalidArgument") && r.stderr.contains("not found"),
+        "{}",
+        r.stderr
+    );
 }
 
 #[test]
@@ -341,41 +493,73 @@ fn a_controller_restart_mid_pipeline_ends_the_deploy_in_a_definite_state() {
     let v1 = s.repo.commit(&s.app, "v1", Variant::Healthy, |_| {});
     let d = s
         .controller
-        .grpcurl(Some(&format!("{{\"app\":\"{}\",\"commit\":\"{v1}\"}}", s.name)), "sentinel.v1.FleetService/SubmitDeploy")
+        .grpcurl(
+            Some(&format!("{{\"app\":\"{}\",\"commit\":\"{v1}\"}}", s.name)),
+            "sentinel.v1.FleetService/SubmitDeploy",
+        )
         .json()
         .unwrap();
     let id = d["deployId"].as_str().unwrap().to_string();
-    let get = |c: &Controller| c.grpcurl(Some(&format!("{{\"deploy_id\":\"{id}\"}}")), "sentinel.v1.FleetService/GetDeploy").json();
+    let get = |c: &Controller| {
+        c.grpcurl(
+            Some(&format!("{{\"deploy_id\":\"{id}\"}}")),
+            "sentinel.v1.FleetService/GetDeploy",
+        )
+        .json()
+    };
     // Stop the controller while the staging deploy job runs on the agent.
     let job_id = eventually("the staging deploy step to start", || {
         let d = get(&s.controller)?;
         d["steps"]
             .as_array()
-            .and_then(|steps| steps.iter().find(|st| st["name"] == "deploy" && st["status"] == "STEP_STATUS_STARTED" && st["jobId"].is_string()))
+            .and_then(|steps| {
+                steps.iter().find(|st| {
+                    st["name"] == "deploy"
+                        && st["status"] == "STEP_STATUS_STARTED"
+                        && st["jobId"].is_string()
+                })
+            })
             .map(|st| st["jobId"].as_str().unwrap_or_default().to_string())
             .ok_or_else(|| d.to_string())
     });
     assert!(s.controller.proc.stop().is_some());
-    s.controller = s.fleet.start_controller(s.controller_port, &s.controller_extra);
+    s.controller = s
+        .fleet
+        .start_controller(s.controller_port, &s.controller_extra);
 
     let after = get(&s.controller).unwrap();
     assert_eq!(after["state"], "DEPLOYMENT_STATE_FAILED", "{after}");
     let detail = after["detail"].as_str().unwrap_or_default();
-    assert!(detail.contains("interrupted by a controller restart") && detail.contains("deploy on hub-alfa"), "{detail}");
+    assert!(
+        detail.contains("interrupted by a controller restart")
+            && detail.contains("deploy on hub-alfa"),
+        "{detail}"
+    );
     assert!(detail.contains("production was not touched"), "{detail}");
     // The job itself still ends in a definite state once the agent reports back.
-    let job = eventually_within(std::time::Duration::from_secs(180), "the interrupted deploy's job to settle", || {
-        let j = s.controller.grpcurl(Some(&format!("{{\"job_id\":\"{job_id}\"}}")), "sentinel.v1.FleetService/GetJob").json()?;
-        match j["state"].as_str().unwrap_or_default() {
-            "JOB_STATE_SUCCEEDED" | "JOB_STATE_FAILED" | "JOB_STATE_INTERRUPTED" => Ok(j),
-            other => Err(other.to_string()),
-        }
-    });
+    let job = eventually_within(
+        std::time::Duration::from_secs(180),
+        "the interrupted deploy's job to settle",
+        || {
+            let j = s
+                .controller
+                .grpcurl(
+                    Some(&format!("{{\"job_id\":\"{job_id}\"}}")),
+                    "sentinel.v1.FleetService/GetJob",
+                )
+                .json()?;
+            match j["state"].as_str().unwrap_or_default() {
+                "JOB_STATE_SUCCEEDED" | "JOB_STATE_FAILED" | "JOB_STATE_INTERRUPTED" => Ok(j),
+                other => Err(other.to_string()),
+            }
+        },
+    );
     assert_eq!(job["state"], "JOB_STATE_SUCCEEDED", "{job}");
     // And a new deploy may start: the app's lock did not survive as a stale one.
-    let again = s
-        .controller
-        .grpcurl(Some(&format!("{{\"app\":\"{}\",\"commit\":\"{v1}\"}}", s.name)), "sentinel.v1.FleetService/SubmitDeploy");
+    let again = s.controller.grpcurl(
+        Some(&format!("{{\"app\":\"{}\",\"commit\":\"{v1}\"}}", s.name)),
+        "sentinel.v1.FleetService/SubmitDeploy",
+    );
     assert!(again.ok, "{}", again.stderr);
 }
 
@@ -393,16 +577,32 @@ fn overhead_per_environment() {
     let secs = |t: &Value| -> f64 {
         let text = t.as_str().unwrap_or_default();
         humantime::parse_rfc3339(text)
-            .map(|t| t.duration_since(std::time::UNIX_EPOCH).unwrap_or_default().as_secs_f64())
+            .map(|t| {
+                t.duration_since(std::time::UNIX_EPOCH)
+                    .unwrap_or_default()
+                    .as_secs_f64()
+            })
             .unwrap_or(0.0)
     };
     for env in ["staging", "production"] {
-        let steps: Vec<&Value> = d["steps"].as_array().unwrap().iter().filter(|st| st["environment"] == env).collect();
+        let steps: Vec<&Value> = d["steps"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter(|st| st["environment"] == env)
+            .collect();
         let bundle = steps.iter().find(|st| st["name"] == "bundle").unwrap();
         let deploy = steps.iter().find(|st| st["name"] == "deploy").unwrap();
         let bundle_ms = (secs(&bundle["finishedAt"]) - secs(&bundle["startedAt"])) * 1000.0;
         let job_id = deploy["jobId"].as_str().unwrap();
-        let job = s.controller.grpcurl(Some(&format!("{{\"job_id\":\"{job_id}\"}}")), "sentinel.v1.FleetService/GetJob").json().unwrap();
+        let job = s
+            .controller
+            .grpcurl(
+                Some(&format!("{{\"job_id\":\"{job_id}\"}}")),
+                "sentinel.v1.FleetService/GetJob",
+            )
+            .json()
+            .unwrap();
         let events = job["events"].as_array().unwrap();
         let accepted = events.iter().find(|e| e["accepted"].is_object()).unwrap();
         let dispatch_ms = (secs(&accepted["at"]) - secs(&job["createdAt"])) * 1000.0;

@@ -37,9 +37,15 @@ impl World {
             self.fleet.path("state").display(),
             self.fleet.path("apps").display(),
         );
-        let agent = self.fleet.start_agent("hub-alfa", "hub-alfa", &self.fake.addr, &jobs);
+        let agent = self
+            .fleet
+            .start_agent("hub-alfa", "hub-alfa", &self.fake.addr, &jobs);
         eventually("the agent to connect", || {
-            if self.fake.connects("hub-alfa") > before { Ok(()) } else { Err("not yet".into()) }
+            if self.fake.connects("hub-alfa") > before {
+                Ok(())
+            } else {
+                Err("not yet".into())
+            }
         });
         agent
     }
@@ -70,15 +76,25 @@ impl World {
 
     fn refusal(&self, job: SignedJob, id: &str) -> (RefusalReason, String) {
         self.fake.send_job("hub-alfa", job);
-        let ev = self.fake.wait_event(id, |e| matches!(e.event, Some(job_event::Event::Refused(_))));
-        let Some(job_event::Event::Refused(r)) = ev.event else { unreachable!() };
-        assert!(accepted(&self.fake.events(id)) == 0, "refused job {id} was also accepted");
+        let ev = self.fake.wait_event(id, |e| {
+            matches!(e.event, Some(job_event::Event::Refused(_)))
+        });
+        let Some(job_event::Event::Refused(r)) = ev.event else {
+            unreachable!()
+        };
+        assert!(
+            accepted(&self.fake.events(id)) == 0,
+            "refused job {id} was also accepted"
+        );
         (RefusalReason::try_from(r.reason).unwrap(), r.detail)
     }
 }
 
 fn accepted(events: &[JobEvent]) -> usize {
-    events.iter().filter(|e| matches!(e.event, Some(job_event::Event::Accepted(_)))).count()
+    events
+        .iter()
+        .filter(|e| matches!(e.event, Some(job_event::Event::Accepted(_))))
+        .count()
 }
 
 #[test]
@@ -92,20 +108,33 @@ fn forged_foreign_expired_early_misaddressed_and_disallowed_jobs_are_refused_wit
     assert_eq!(w.refusal(forged, "forged").0, RefusalReason::BadSignature);
 
     let stranger = SigningKey::from_bytes(&[7u8; 32]);
-    assert_eq!(w.refusal(envelope::sign(w.spec("foreign"), &stranger), "foreign").0, RefusalReason::UnknownKey);
+    assert_eq!(
+        w.refusal(envelope::sign(w.spec("foreign"), &stranger), "foreign")
+            .0,
+        RefusalReason::UnknownKey
+    );
 
     let mut expired = w.spec("expired");
     expired.expires_at = Some(timestamp(SystemTime::now() - Duration::from_secs(120)));
-    assert_eq!(w.refusal(envelope::sign(expired, &w.key), "expired").0, RefusalReason::Expired);
+    assert_eq!(
+        w.refusal(envelope::sign(expired, &w.key), "expired").0,
+        RefusalReason::Expired
+    );
 
     let mut early = w.spec("early");
     early.not_before = Some(timestamp(SystemTime::now() + Duration::from_secs(600)));
     early.expires_at = Some(timestamp(SystemTime::now() + Duration::from_secs(900)));
-    assert_eq!(w.refusal(envelope::sign(early, &w.key), "early").0, RefusalReason::NotYetValid);
+    assert_eq!(
+        w.refusal(envelope::sign(early, &w.key), "early").0,
+        RefusalReason::NotYetValid
+    );
 
     let mut elsewhere = w.spec("elsewhere");
     elsewhere.target_host = "prod-alfa".into();
-    assert_eq!(w.refusal(envelope::sign(elsewhere, &w.key), "elsewhere").0, RefusalReason::WrongTarget);
+    assert_eq!(
+        w.refusal(envelope::sign(elsewhere, &w.key), "elsewhere").0,
+        RefusalReason::WrongTarget
+    );
 
     let mut backup = w.spec("backup");
     backup.kind = JobKind::Backup as i32;
@@ -134,7 +163,9 @@ fn a_replayed_job_is_refused_also_after_an_agent_restart() {
     let job = envelope::sign(w.spec("once"), &w.key);
     w.fake.send_job("hub-alfa", job.clone());
     // It runs (and fails: there is no release to roll back to) exactly once.
-    w.fake.wait_event("once", |e| matches!(e.event, Some(job_event::Event::Finished(_))));
+    w.fake.wait_event("once", |e| {
+        matches!(e.event, Some(job_event::Event::Finished(_)))
+    });
 
     w.fake.send_job("hub-alfa", job.clone());
     w.fake.wait_event("once", |e| matches!(&e.event, Some(job_event::Event::Refused(r)) if r.reason == RefusalReason::Replayed as i32));
@@ -150,9 +181,17 @@ fn a_replayed_job_is_refused_also_after_an_agent_restart() {
             .iter()
             .filter(|e| matches!(&e.event, Some(job_event::Event::Refused(r)) if r.reason == RefusalReason::Replayed as i32))
             .count();
-        if refusals >= 2 && w.fake.events("once").len() > refusals_before { Ok(()) } else { Err(format!("{refusals}")) }
+        if refusals >= 2 && w.fake.events("once").len() > refusals_before {
+            Ok(())
+        } else {
+            Err(format!("{refusals}"))
+        }
     });
-    assert_eq!(accepted(&w.fake.events("once")), 1, "the job ran more than once");
+    assert_eq!(
+        accepted(&w.fake.events("once")),
+        1,
+        "the job ran more than once"
+    );
 }
 
 #[test]
@@ -176,13 +215,19 @@ fn an_agent_killed_mid_job_reports_it_interrupted_once_and_never_runs_it_again()
     }));
     let job = envelope::sign(spec, &w.key);
     w.fake.send_job("hub-alfa", job.clone());
-    w.fake.wait_event("midway", |e| matches!(e.event, Some(job_event::Event::Accepted(_))));
+    w.fake.wait_event("midway", |e| {
+        matches!(e.event, Some(job_event::Event::Accepted(_)))
+    });
     agent.signal("KILL");
     drop(agent);
 
     let _agent = w.start_agent();
-    let ev = w.fake.wait_event("midway", |e| matches!(e.event, Some(job_event::Event::Finished(_))));
-    let Some(job_event::Event::Finished(f)) = ev.event else { unreachable!() };
+    let ev = w.fake.wait_event("midway", |e| {
+        matches!(e.event, Some(job_event::Event::Finished(_)))
+    });
+    let Some(job_event::Event::Finished(f)) = ev.event else {
+        unreachable!()
+    };
     assert_eq!(f.state, JobState::Interrupted as i32, "{f:?}");
     assert!(f.detail.contains("will not be run again"), "{}", f.detail);
 

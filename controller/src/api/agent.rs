@@ -18,8 +18,8 @@ use tokio_util::sync::CancellationToken;
 use tonic::{Request, Response, Status, Streaming};
 use tracing::{debug, info, warn, Instrument};
 
-use crate::identity::Identity;
 use crate::context::Context;
+use crate::identity::Identity;
 use crate::registry::Registry;
 
 /// How long an agent may take between opening the stream and sending its hello.
@@ -184,7 +184,11 @@ async fn serve_stream(
 
 /// Reads the requested part of a bundle. Only the host whose unfinished deploy job names the
 /// bundle may read it: a bundle carries its environment's secrets.
-async fn bundle_chunk(ctx: &Context, host: &str, req: &sentinel_proto::v1::BundleRequest) -> BundleChunk {
+async fn bundle_chunk(
+    ctx: &Context,
+    host: &str,
+    req: &sentinel_proto::v1::BundleRequest,
+) -> BundleChunk {
     /// Largest chunk served, whatever the agent asks: far below gRPC's 4 MiB message limit.
     const MAX_CHUNK: u32 = 1024 * 1024;
     let mut chunk = BundleChunk {

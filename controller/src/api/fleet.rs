@@ -90,7 +90,11 @@ impl FleetService for FleetApi {
         request: Request<ListJobsRequest>,
     ) -> Result<Response<ListJobsResponse>, Status> {
         let req = request.into_inner();
-        let limit = if req.limit == 0 { 100 } else { req.limit as usize };
+        let limit = if req.limit == 0 {
+            100
+        } else {
+            req.limit as usize
+        };
         Ok(Response::new(ListJobsResponse {
             jobs: self.ctx.jobs.list(&req.host, limit),
         }))
@@ -116,7 +120,10 @@ impl FleetService for FleetApi {
         } else {
             format!("{} (by {who})", req.reason)
         };
-        self.ctx.jobs.cancel(&req.job_id, &reason).map(Response::new)
+        self.ctx
+            .jobs
+            .cancel(&req.job_id, &reason)
+            .map(Response::new)
     }
 
     async fn submit_deploy(
@@ -167,15 +174,18 @@ impl FleetService for FleetApi {
         request: Request<ListDeploysRequest>,
     ) -> Result<Response<ListDeploysResponse>, Status> {
         let req = request.into_inner();
-        let limit = if req.limit == 0 { 50 } else { req.limit as usize };
+        let limit = if req.limit == 0 {
+            50
+        } else {
+            req.limit as usize
+        };
         Ok(Response::new(ListDeploysResponse {
             deployments: self.ctx.pipeline.list(&req.app, limit),
         }))
     }
 
-    type WatchDeployStream = std::pin::Pin<
-        Box<dyn futures::Stream<Item = Result<DeploymentEvent, Status>> + Send>,
-    >;
+    type WatchDeployStream =
+        std::pin::Pin<Box<dyn futures::Stream<Item = Result<DeploymentEvent, Status>> + Send>>;
 
     async fn watch_deploy(
         &self,
@@ -252,9 +262,14 @@ impl FleetService for FleetApi {
         &self,
         _request: Request<GetIsolationReportRequest>,
     ) -> Result<Response<IsolationReport>, Status> {
-        self.isolation()?.latest().map(Response::new).ok_or_else(|| {
-            Status::not_found("no isolation check has completed yet; RunIsolationCheck runs one")
-        })
+        self.isolation()?
+            .latest()
+            .map(Response::new)
+            .ok_or_else(|| {
+                Status::not_found(
+                    "no isolation check has completed yet; RunIsolationCheck runs one",
+                )
+            })
     }
 
     async fn list_backups(
@@ -264,7 +279,10 @@ impl FleetService for FleetApi {
         Ok(Response::new(self.backups()?.list()))
     }
 
-    async fn run_backup(&self, request: Request<RunBackupRequest>) -> Result<Response<Job>, Status> {
+    async fn run_backup(
+        &self,
+        request: Request<RunBackupRequest>,
+    ) -> Result<Response<Job>, Status> {
         let who = super::operator_name(&request)?;
         let req = request.into_inner();
         let reason = if req.reason.is_empty() {

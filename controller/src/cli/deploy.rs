@@ -58,7 +58,10 @@ pub async fn deploy(client: &ClientArgs, args: DeployArgs) -> anyhow::Result<u8>
         .await
         .map_err(status_err)?
         .into_inner();
-    println!("deploy {} of {} at {} started", d.deploy_id, d.app, d.commit);
+    println!(
+        "deploy {} of {} at {} started",
+        d.deploy_id, d.app, d.commit
+    );
     if !args.wait {
         return Ok(0);
     }
@@ -66,7 +69,13 @@ pub async fn deploy(client: &ClientArgs, args: DeployArgs) -> anyhow::Result<u8>
 }
 
 /// Starts a manual rollback; with `wait`, follows it.
-pub async fn rollback(client: &ClientArgs, app: String, env: String, to: Option<String>, wait: bool) -> anyhow::Result<u8> {
+pub async fn rollback(
+    client: &ClientArgs,
+    app: String,
+    env: String,
+    to: Option<String>,
+    wait: bool,
+) -> anyhow::Result<u8> {
     let mut api = client.connect().await?;
     let d = api
         .rollback(RollbackRequest {
@@ -99,14 +108,25 @@ async fn follow(client: &ClientArgs, id: &str) -> anyhow::Result<u8> {
         let ev = ev.map_err(status_err)?;
         if let Some(step) = ev.step {
             let status = StepStatus::try_from(step.status).unwrap_or(StepStatus::Unspecified);
-            let word = status.as_str_name().trim_start_matches("STEP_STATUS_").to_ascii_lowercase();
+            let word = status
+                .as_str_name()
+                .trim_start_matches("STEP_STATUS_")
+                .to_ascii_lowercase();
             let word = match (colour, status) {
                 (true, StepStatus::Succeeded) => format!("\x1b[32m{word}\x1b[0m"),
                 (true, StepStatus::Failed) => format!("\x1b[31m{word}\x1b[0m"),
                 _ => word,
             };
-            let place = if step.environment.is_empty() { String::new() } else { format!(" [{} on {}]", step.environment, step.host) };
-            let detail = if step.detail.is_empty() { String::new() } else { format!(": {}", step.detail) };
+            let place = if step.environment.is_empty() {
+                String::new()
+            } else {
+                format!(" [{} on {}]", step.environment, step.host)
+            };
+            let detail = if step.detail.is_empty() {
+                String::new()
+            } else {
+                format!(": {}", step.detail)
+            };
             println!("{:<16} {word}{place}{detail}", step.name);
         } else if !ev.log_line.is_empty() {
             println!("    {}", ev.log_line);
@@ -116,7 +136,9 @@ async fn follow(client: &ClientArgs, id: &str) -> anyhow::Result<u8> {
         }
     }
     let d = api
-        .get_deploy(GetDeployRequest { deploy_id: id.to_string() })
+        .get_deploy(GetDeployRequest {
+            deploy_id: id.to_string(),
+        })
         .await
         .map_err(status_err)?
         .into_inner();
@@ -125,9 +147,24 @@ async fn follow(client: &ClientArgs, id: &str) -> anyhow::Result<u8> {
 
 fn summary(d: &Deployment) -> u8 {
     let state = d.state();
-    let word = state.as_str_name().trim_start_matches("DEPLOYMENT_STATE_").to_ascii_lowercase();
-    println!("deploy {} {word}{}", d.deploy_id, if d.detail.is_empty() { String::new() } else { format!(": {}", d.detail) });
-    if state == DeploymentState::Succeeded { 0 } else { EXIT_FAILED }
+    let word = state
+        .as_str_name()
+        .trim_start_matches("DEPLOYMENT_STATE_")
+        .to_ascii_lowercase();
+    println!(
+        "deploy {} {word}{}",
+        d.deploy_id,
+        if d.detail.is_empty() {
+            String::new()
+        } else {
+            format!(": {}", d.detail)
+        }
+    );
+    if state == DeploymentState::Succeeded {
+        0
+    } else {
+        EXIT_FAILED
+    }
 }
 
 /// A gRPC status as an error that says what the controller said.

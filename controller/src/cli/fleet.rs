@@ -47,7 +47,10 @@ pub async fn hosts(client: &ClientArgs, json: bool) -> anyhow::Result<u8> {
             ]
         })
         .collect();
-    super::table(&["HOST", "STATUS", "RUNNING", "AGE", "FAILING", "VERSION"], &rows);
+    super::table(
+        &["HOST", "STATUS", "RUNNING", "AGE", "FAILING", "VERSION"],
+        &rows,
+    );
     Ok(0)
 }
 

@@ -31,7 +31,12 @@ pub const EXIT_UNAVAILABLE: u8 = 2;
 #[derive(Debug, Clone, Args)]
 pub struct ClientArgs {
     /// Controller address.
-    #[arg(long, env = "SENTINEL_CONTROLLER", default_value = "127.0.0.1:7443", global = true)]
+    #[arg(
+        long,
+        env = "SENTINEL_CONTROLLER",
+        default_value = "127.0.0.1:7443",
+        global = true
+    )]
     pub controller: String,
     /// Fleet CA certificate [default: .sentinel-dev/certs/ca.pem].
     #[arg(long, env = "SENTINEL_CA", global = true)]
@@ -49,8 +54,14 @@ impl ClientArgs {
         let dev = PathBuf::from(".sentinel-dev/certs");
         TlsFiles {
             ca: self.ca.clone().unwrap_or_else(|| dev.join("ca.pem")),
-            cert: self.cert.clone().unwrap_or_else(|| dev.join("operator-admin.pem")),
-            key: self.key.clone().unwrap_or_else(|| dev.join("operator-admin.key")),
+            cert: self
+                .cert
+                .clone()
+                .unwrap_or_else(|| dev.join("operator-admin.pem")),
+            key: self
+                .key
+                .clone()
+                .unwrap_or_else(|| dev.join("operator-admin.key")),
         }
     }
 

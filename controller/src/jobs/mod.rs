@@ -12,8 +12,8 @@ use std::time::{Duration, SystemTime};
 use rand::RngCore;
 use sentinel_proto::time::{system_time, timestamp};
 use sentinel_proto::v1::{
-    controller_message, job_event, job_spec, CancelJob, ControllerMessage, Job, JobEvent,
-    JobKind, JobSpec, JobState, RefusalReason,
+    controller_message, job_event, job_spec, CancelJob, ControllerMessage, Job, JobEvent, JobKind,
+    JobSpec, JobState, RefusalReason,
 };
 use tokio::sync::{broadcast, Notify};
 use tonic::Status;
@@ -240,7 +240,11 @@ impl JobQueue {
                         return;
                     }
                     let state = JobState::try_from(f.state).unwrap_or(JobState::Failed);
-                    job.state = if is_final(state) { state } else { JobState::Failed } as i32;
+                    job.state = if is_final(state) {
+                        state
+                    } else {
+                        JobState::Failed
+                    } as i32;
                     job.detail = f.detail.clone();
                     info!(host, job_id = %id, state = state.as_str_name(), detail = %f.detail, "job finished");
                 }
@@ -319,7 +323,8 @@ impl JobQueue {
             }));
         }
         self.touch(id);
-        self.get(id).ok_or_else(|| Status::not_found(id.to_string()))
+        self.get(id)
+            .ok_or_else(|| Status::not_found(id.to_string()))
     }
 
     /// Waits until job `id` is final (or gone) and returns it.
@@ -347,10 +352,11 @@ impl JobQueue {
                     JobState::Queued | JobState::Sent if expires.is_some_and(|x| now > x) => {
                         Some("expired before the agent started it".to_string())
                     }
-                    JobState::Running
-                        if expires.is_some_and(|x| now > x + self.run_timeout) =>
-                    {
-                        Some(format!("still running {:?} after its start window", self.run_timeout))
+                    JobState::Running if expires.is_some_and(|x| now > x + self.run_timeout) => {
+                        Some(format!(
+                            "still running {:?} after its start window",
+                            self.run_timeout
+                        ))
                     }
                     _ => None,
                 };

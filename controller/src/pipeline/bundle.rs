@@ -55,13 +55,21 @@ pub async fn resolve_commit(repo: &Path, commit: &str) -> Result<String, BundleE
         repo: repo.to_path_buf(),
         message: format!("commit {commit:?} not found"),
     };
-    let out = git(repo, &["rev-parse", "--verify", "--quiet", &format!("{commit}^{{commit}}")])
-        .await
-        .map_err(|e| match e {
-            // --quiet: an unknown commit fails without a word; say which.
-            BundleError::Git { ref message, .. } if message.contains("rev-parse") => not_found(),
-            other => other,
-        })?;
+    let out = git(
+        repo,
+        &[
+            "rev-parse",
+            "--verify",
+            "--quiet",
+            &format!("{commit}^{{commit}}"),
+        ],
+    )
+    .await
+    .map_err(|e| match e {
+        // --quiet: an unknown commit fails without a word; say which.
+        BundleError::Git { ref message, .. } if message.contains("rev-parse") => not_found(),
+        other => other,
+    })?;
     let sha = String::from_utf8_lossy(&out).trim().to_string();
     if sha.is_empty() {
         return Err(not_found());
@@ -96,13 +104,22 @@ async fn git(repo: &Path, args: &[&str]) -> Result<Vec<u8>, BundleError> {
 }
 
 /// Builds the bundle of `commit` with `secrets` as `.env` into `dir`.
-pub async fn build(repo: &Path, commit: &str, secrets: Option<&Path>, dir: &Path) -> Result<Bundle, BundleError> {
+pub async fn build(
+    repo: &Path,
+    commit: &str,
+    secrets: Option<&Path>,
+    dir: &Path,
+) -> Result<Bundle, BundleError> {
     let tree = git(repo, &["archive", "--format=tar", commit]).await?;
     let env = match secrets {
-        Some(path) => Some(tokio::fs::read(path).await.map_err(|source| BundleError::Secrets {
-            path: path.to_path_buf(),
-            source,
-        })?),
+        Some(path) => Some(
+            tokio::fs::read(path)
+                .await
+                .map_err(|source| BundleError::Secrets {
+                    path: path.to_path_buf(),
+                    source,
+                })?,
+        ),
         None => None,
     };
     let dir = dir.to_path_buf();
@@ -137,7 +154,9 @@ fn pack(tree: &[u8], env: Option<&[u8]>, dir: &Path) -> Result<Bundle, BundleErr
         header.set_mode(0o600);
         header.set_entry_type(tar::EntryType::Regular);
         header.set_mtime(0);
-        builder.append_data(&mut header, ".env", env).map_err(pack_err)?;
+        builder
+            .append_data(&mut header, ".env", env)
+            .map_err(pack_err)?;
     }
     let bytes = builder
         .into_inner()

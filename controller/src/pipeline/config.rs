@@ -173,7 +173,11 @@ mod defaults {
 
 /// Checks the apps: unique names, usable paths and URLs, sane counts. Errors name the key as
 /// `apps[i].field` so the operator finds it.
-pub fn validate(path: &Path, pipeline: &PipelineConfig, apps: &[AppConfig]) -> Result<(), ConfigError> {
+pub fn validate(
+    path: &Path,
+    pipeline: &PipelineConfig,
+    apps: &[AppConfig],
+) -> Result<(), ConfigError> {
     let invalid = |key: String, message: String| ConfigError::Invalid {
         path: path.to_path_buf(),
         key,
@@ -196,16 +200,28 @@ pub fn validate(path: &Path, pipeline: &PipelineConfig, apps: &[AppConfig]) -> R
                 .bytes()
                 .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
         {
-            return Err(invalid(key("name"), format!("{:?} must be [A-Za-z0-9_-]+", app.name)));
+            return Err(invalid(
+                key("name"),
+                format!("{:?} must be [A-Za-z0-9_-]+", app.name),
+            ));
         }
         if !names.insert(app.name.clone()) {
-            return Err(invalid(key("name"), format!("app {:?} is declared twice", app.name)));
+            return Err(invalid(
+                key("name"),
+                format!("app {:?} is declared twice", app.name),
+            ));
         }
         if app.keep_releases < 2 {
-            return Err(invalid(key("keep_releases"), "must be at least 2 (current and previous)".into()));
+            return Err(invalid(
+                key("keep_releases"),
+                "must be at least 2 (current and previous)".into(),
+            ));
         }
         if app.compose_file.starts_with('/') || app.compose_file.split('/').any(|c| c == "..") {
-            return Err(invalid(key("compose_file"), "must be relative to the repository, without `..`".into()));
+            return Err(invalid(
+                key("compose_file"),
+                "must be relative to the repository, without `..`".into(),
+            ));
         }
         for (env_name, env) in [("staging", &app.staging), ("production", &app.production)] {
             let key = |field: &str| format!("apps[{i}].{env_name}.{field}");
@@ -213,16 +229,26 @@ pub fn validate(path: &Path, pipeline: &PipelineConfig, apps: &[AppConfig]) -> R
                 return Err(invalid(key("host"), "must name the host's agent".into()));
             }
             if !env.app_dir.is_absolute() {
-                return Err(invalid(key("app_dir"), format!("{} must be absolute", env.app_dir.display())));
+                return Err(invalid(
+                    key("app_dir"),
+                    format!("{} must be absolute", env.app_dir.display()),
+                ));
             }
             if !env.health.url.is_empty() && !env.health.url.starts_with("http://") {
-                return Err(invalid(key("health.url"), format!("{:?} must be an http:// URL", env.health.url)));
+                return Err(invalid(
+                    key("health.url"),
+                    format!("{:?} must be an http:// URL", env.health.url),
+                ));
             }
             if !app.e2e.is_empty() && !env.base_url.starts_with("http://") {
-                return Err(invalid(key("base_url"), "E2E checks need an http:// base_url".into()));
+                return Err(invalid(
+                    key("base_url"),
+                    "E2E checks need an http:// base_url".into(),
+                ));
             }
         }
-        if app.staging.host == app.production.host && app.staging.app_dir == app.production.app_dir {
+        if app.staging.host == app.production.host && app.staging.app_dir == app.production.app_dir
+        {
             return Err(invalid(
                 key("production.app_dir"),
                 "staging and production share host and app_dir".into(),
@@ -230,7 +256,10 @@ pub fn validate(path: &Path, pipeline: &PipelineConfig, apps: &[AppConfig]) -> R
         }
         for (j, check) in app.e2e.iter().enumerate() {
             if !check.path.starts_with('/') {
-                return Err(invalid(format!("apps[{i}].e2e[{j}].path"), format!("{:?} must start with /", check.path)));
+                return Err(invalid(
+                    format!("apps[{i}].e2e[{j}].path"),
+                    format!("{:?} must start with /", check.path),
+                ));
             }
         }
     }

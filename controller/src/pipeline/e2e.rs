@@ -33,7 +33,10 @@ pub async fn run(base_url: &str, checks: &[&E2eCheck]) -> Vec<CheckResult> {
             Ok(resp) if resp.status != check.expect_status => CheckResult {
                 name: check.name.clone(),
                 ok: false,
-                detail: format!("GET {url}: status {} (expected {})", resp.status, check.expect_status),
+                detail: format!(
+                    "GET {url}: status {} (expected {})",
+                    resp.status, check.expect_status
+                ),
             },
             Ok(resp) if !resp.body.contains(&check.expect_body) => CheckResult {
                 name: check.name.clone(),

@@ -16,9 +16,9 @@ use std::time::{Duration, Instant};
 use rand::RngCore;
 use sentinel_proto::time::now;
 use sentinel_proto::v1::{
-    job_event, job_spec, DeployParams, DeployRequest, Deployment, DeploymentEvent,
-    DeploymentState, DeploymentStep, E2eLevel, HealthCheck, Job, JobKind, JobState,
-    BackupParams, RollbackParams, StepStatus,
+    job_event, job_spec, BackupParams, DeployParams, DeployRequest, Deployment, DeploymentEvent,
+    DeploymentState, DeploymentStep, E2eLevel, HealthCheck, Job, JobKind, JobState, RollbackParams,
+    StepStatus,
 };
 use tokio::sync::broadcast;
 use tokio_util::sync::CancellationToken;
@@ -34,7 +34,12 @@ pub use config::{AppConfig, EnvironmentConfig, PipelineConfig};
 /// `pipeline.backup_hook` command then runs instead, if there is one).
 pub trait PreDeployBackup: Send + Sync {
     /// The backup job for a `db_change` deploy of `app`.
-    fn pre_deploy(&self, app: &str, deploy_id: &str, commit: &str) -> Option<(String, BackupParams)>;
+    fn pre_deploy(
+        &self,
+        app: &str,
+        deploy_id: &str,
+        commit: &str,
+    ) -> Option<(String, BackupParams)>;
 }
 
 /// Something that may hold deploys back (the isolation checker). `blocking` answers from the
@@ -111,7 +116,11 @@ impl Pipeline {
                             StepStatus::try_from(s.status)
                                 .unwrap_or(StepStatus::Unspecified)
                                 .as_str_name(),
-                            if s.job_id.is_empty() { String::new() } else { format!(", job {}", s.job_id) }
+                            if s.job_id.is_empty() {
+                                String::new()
+                            } else {
+                                format!(", job {}", s.job_id)
+                            }
                         )
                     })
                     .unwrap_or_else(|| "before its first step".into());
@@ -167,16 +176,25 @@ impl Pipeline {
         self.apps.get(name).cloned().ok_or_else(|| {
             let mut known: Vec<&str> = self.apps.keys().map(String::as_str).collect();
             known.sort();
-            Status::not_found(format!("no app {name:?}; configured apps: {}", known.join(", ")))
+            Status::not_found(format!(
+                "no app {name:?}; configured apps: {}",
+                known.join(", ")
+            ))
         })
     }
 
     /// Starts a deploy; refuses a second one of the same app with the running one's id, who
     /// started it and when.
-    pub async fn submit(self: &Arc<Self>, req: DeployRequest, who: &str) -> Result<Deployment, Status> {
+    pub async fn submit(
+        self: &Arc<Self>,
+        req: DeployRequest,
+        who: &str,
+    ) -> Result<Deployment, Status> {
         let app = self.app(&req.app)?;
         if req.commit.is_empty() {
-            return Err(Status::invalid_argument("a deploy needs a commit (field `commit`)"));
+            return Err(Status::invalid_argument(
+                "a deploy needs a commit (field `commit`)",
+            ));
         }
         if req.db_change && !req.migration.is_empty() && app.migration_service.is_empty() {
             return Err(Status::invalid_argument(format!(
@@ -226,13 +244,22 @@ impl Pipeline {
     }
 
     /// Records a new running deploy under the app's lock.
-    fn start(&self, app: &str, commit: &str, req: &DeployRequest, who: &str) -> Result<Deployment, Status> {
+    fn start(
+        &self,
+        app: &str,
+        commit: &str,
+        req: &DeployRequest,
+        who: &str,
+    ) -> Result<Deployment, Status> {
         let mut state = self.lock();
         if let Some(running) = state.running.get(app).and_then(|id| state.deploys.get(id)) {
             let since = running
                 .started_at
                 .as_ref()
-                .map(|t| humantime::format_rfc3339_seconds(sentinel_proto::time::system_time(t)).to_string())
+                .map(|t| {
+                    humantime::format_rfc3339_seconds(sentinel_proto::time::system_time(t))
+                        .to_string()
+                })
                 .unwrap_or_default();
             return Err(Status::failed_precondition(format!(
                 "app {app} is being deployed by {} (deploy {}, started {since}); one deploy per app at a time",
@@ -282,7 +309,9 @@ impl Pipeline {
     fn step(&self, id: &str, step: DeploymentStep) {
         {
             let mut state = self.lock();
-            let Some(d) = state.deploys.get_mut(id) else { return };
+            let Some(d) = state.deploys.get_mut(id) else {
+                return;
+            };
             match d
                 .steps
                 .iter_mut()
@@ -309,7 +338,14 @@ impl Pipeline {
     }
 
     /// Runs `f` as a named step: STARTED, then SUCCEEDED or FAILED with its detail.
-    async fn run_step<T, F>(&self, id: &str, name: &str, env: &str, host: &str, f: F) -> Result<(T, String), Failure>
+    async fn run_step<T, F>(
+        &self,
+        id: &str,
+        name: &str,
+        env: &str,
+        host: &str,
+        f: F,
+    ) -> Result<(T, String), Failure>
     where
         F: std::future::Future<Output = Result<(T, String), Failure>>,
     {
@@ -342,18 +378,30 @@ impl Pipeline {
 
     fn set_step_job(&self, id: &str, name: &str, env: &str, job_id: &str) {
         let mut state = self.lock();
-        if let Some(step) = state
-            .deploys
-            .get_mut(id)
-            .and_then(|d| d.steps.iter_mut().rev().find(|s| s.name == name && s.environment == env))
-        {
+        if let Some(step) = state.deploys.get_mut(id).and_then(|d| {
+            d.steps
+                .iter_mut()
+                .rev()
+                .find(|s| s.name == name && s.environment == env)
+        }) {
             step.job_id = job_id.to_string();
         }
     }
 
-    async fn run(&self, id: &str, app: &AppConfig, commit: &str, req: &DeployRequest) -> Result<(), Failure> {
-        let staging_level = if req.e2e == E2eLevel::Standard as i32 { E2eLevel::Standard } else { E2eLevel::Smoke };
-        self.environment(id, app, "staging", &app.staging, commit, req, staging_level).await?;
+    async fn run(
+        &self,
+        id: &str,
+        app: &AppConfig,
+        commit: &str,
+        req: &DeployRequest,
+    ) -> Result<(), Failure> {
+        let staging_level = if req.e2e == E2eLevel::Standard as i32 {
+            E2eLevel::Standard
+        } else {
+            E2eLevel::Smoke
+        };
+        self.environment(id, app, "staging", &app.staging, commit, req, staging_level)
+            .await?;
         if req.db_change {
             self.backup_hook(id, app, commit).await?;
         }
@@ -367,7 +415,16 @@ impl Pipeline {
             })
             .await?;
         }
-        self.environment(id, app, "production", &app.production, commit, req, E2eLevel::Smoke).await
+        self.environment(
+            id,
+            app,
+            "production",
+            &app.production,
+            commit,
+            req,
+            E2eLevel::Smoke,
+        )
+        .await
     }
 
     #[allow(clippy::too_many_arguments)]
@@ -386,9 +443,14 @@ impl Pipeline {
         let started = Instant::now();
         let (bundle, _) = self
             .run_step(id, "bundle", env_name, host, async {
-                let b = bundle::build(&app.repo, commit, env.secrets_file.as_deref(), &self.bundles_dir)
-                    .await
-                    .map_err(|e| Failure::new(e.to_string()))?;
+                let b = bundle::build(
+                    &app.repo,
+                    commit,
+                    env.secrets_file.as_deref(),
+                    &self.bundles_dir,
+                )
+                .await
+                .map_err(|e| Failure::new(e.to_string()))?;
                 let detail = format!("{} bytes, sha256 {}", b.size, b.sha256);
                 Ok((b, detail))
             })
@@ -406,14 +468,30 @@ impl Pipeline {
             keep_releases: app.keep_releases,
             deploy_id: id.to_string(),
             compose_project: format!("{}-{}", app.name, env_name),
-            migration: if req.db_change { req.migration.clone() } else { String::new() },
+            migration: if req.db_change {
+                req.migration.clone()
+            } else {
+                String::new()
+            },
             migration_service: app.migration_service.clone(),
             build: true,
         };
-        info!(env = env_name, host, overhead_ms = overhead.as_millis() as u64, "bundle ready");
+        info!(
+            env = env_name,
+            host,
+            overhead_ms = overhead.as_millis() as u64,
+            "bundle ready"
+        );
         self.run_step(id, "deploy", env_name, host, async {
             let job = self
-                .run_job(id, "deploy", env_name, host, JobKind::Deploy, job_spec::Params::Deploy(params))
+                .run_job(
+                    id,
+                    "deploy",
+                    env_name,
+                    host,
+                    JobKind::Deploy,
+                    job_spec::Params::Deploy(params),
+                )
                 .await?;
             Ok(((), job.detail))
         })
@@ -423,7 +501,11 @@ impl Pipeline {
         if checks.is_empty() {
             return Ok(());
         }
-        let step_name = if level == E2eLevel::Standard { "e2e-standard" } else { "e2e-smoke" };
+        let step_name = if level == E2eLevel::Standard {
+            "e2e-standard"
+        } else {
+            "e2e-smoke"
+        };
         let e2e_result = self
             .run_step(id, step_name, env_name, host, async {
                 let results = e2e::run(&env.base_url, &checks).await;
@@ -435,7 +517,10 @@ impl Pipeline {
                 if failed.is_empty() {
                     Ok(((), format!("{} check(s) passed", results.len())))
                 } else {
-                    Err(Failure::new(format!("E2E failed on {env_name}: {}", failed.join("; "))))
+                    Err(Failure::new(format!(
+                        "E2E failed on {env_name}: {}",
+                        failed.join("; ")
+                    )))
                 }
             })
             .await;
@@ -456,17 +541,29 @@ impl Pipeline {
         let rollback = self
             .run_step(id, "rollback", env_name, host, async {
                 let job = self
-                    .run_job(id, "rollback", env_name, host, JobKind::Rollback, job_spec::Params::Rollback(params))
+                    .run_job(
+                        id,
+                        "rollback",
+                        env_name,
+                        host,
+                        JobKind::Rollback,
+                        job_spec::Params::Rollback(params),
+                    )
                     .await?;
                 Ok(((), job.detail))
             })
             .await;
         match rollback {
             Ok(_) => {
-                failure.detail.push_str(&format!("; {env_name} rolled back to its previous release"));
+                failure
+                    .detail
+                    .push_str(&format!("; {env_name} rolled back to its previous release"));
                 failure.rolled_back = true;
             }
-            Err(e) => failure.detail.push_str(&format!("; rollback of {env_name} failed too: {}", e.detail)),
+            Err(e) => failure.detail.push_str(&format!(
+                "; rollback of {env_name} failed too: {}",
+                e.detail
+            )),
         }
         Err(failure)
     }
@@ -532,7 +629,10 @@ impl Pipeline {
             Err(Failure {
                 detail: format!(
                     "{step} on {host} {}: {}",
-                    job.state().as_str_name().trim_start_matches("JOB_STATE_").to_ascii_lowercase(),
+                    job.state()
+                        .as_str_name()
+                        .trim_start_matches("JOB_STATE_")
+                        .to_ascii_lowercase(),
                     job.detail
                 ),
                 rolled_back,
@@ -553,7 +653,14 @@ impl Pipeline {
             return self
                 .run_step(id, "backup", "production", &host, async {
                     let job = self
-                        .run_job(id, "backup", "production", &host, JobKind::Backup, job_spec::Params::Backup(params))
+                        .run_job(
+                            id,
+                            "backup",
+                            "production",
+                            &host,
+                            JobKind::Backup,
+                            job_spec::Params::Backup(params),
+                        )
                         .await
                         .map_err(|f| Failure::new(format!("{}; not migrating", f.detail)))?;
                     Ok(((), job.detail))
@@ -595,7 +702,10 @@ impl Pipeline {
 
     async fn finish(&self, id: &str, app: &str, outcome: Result<(), Failure>) {
         let (state, detail) = match outcome {
-            Ok(()) => (DeploymentState::Succeeded, "deployed to staging and production".to_string()),
+            Ok(()) => (
+                DeploymentState::Succeeded,
+                "deployed to staging and production".to_string(),
+            ),
             Err(f) if f.cancelled => (DeploymentState::Cancelled, f.detail),
             Err(f) if f.rolled_back => (DeploymentState::RolledBack, f.detail),
             Err(f) => (DeploymentState::Failed, f.detail),
@@ -603,7 +713,9 @@ impl Pipeline {
         let snapshot = {
             let mut s = self.lock();
             s.running.remove(app);
-            let Some(d) = s.deploys.get_mut(id) else { return };
+            let Some(d) = s.deploys.get_mut(id) else {
+                return;
+            };
             d.state = state as i32;
             d.detail = detail.clone();
             d.finished_at = Some(now());
@@ -619,7 +731,10 @@ impl Pipeline {
             final_state: state as i32,
             ..Default::default()
         });
-        self.cancels.lock().unwrap_or_else(|p| p.into_inner()).remove(id);
+        self.cancels
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(id);
         if !self.config.webhooks.is_empty() {
             let doc = report::document(&snapshot);
             let mut lines = Vec::new();
@@ -649,7 +764,13 @@ impl Pipeline {
     }
 
     /// A manual rollback of one environment, recorded like a deploy (and under the app's lock).
-    pub async fn rollback(self: &Arc<Self>, app_name: &str, env_name: &str, to_commit: &str, who: &str) -> Result<Deployment, Status> {
+    pub async fn rollback(
+        self: &Arc<Self>,
+        app_name: &str,
+        env_name: &str,
+        to_commit: &str,
+        who: &str,
+    ) -> Result<Deployment, Status> {
         let app = self.app(app_name)?;
         let env = match env_name {
             "staging" => app.staging.clone(),
@@ -684,7 +805,14 @@ impl Pipeline {
             let outcome = me
                 .run_step(&id, "rollback", &env_name, &env.host, async {
                     let job = me
-                        .run_job(&id, "rollback", &env_name, &env.host, JobKind::Rollback, job_spec::Params::Rollback(params))
+                        .run_job(
+                            &id,
+                            "rollback",
+                            &env_name,
+                            &env.host,
+                            JobKind::Rollback,
+                            job_spec::Params::Rollback(params),
+                        )
                         .await?;
                     Ok(((), job.detail))
                 })
@@ -697,14 +825,29 @@ impl Pipeline {
 
     /// Cancels a running deploy (and its current job).
     pub fn cancel(&self, id: &str) -> Result<Deployment, Status> {
-        let d = self.get(id).ok_or_else(|| Status::not_found(format!("no deploy {id:?}")))?;
+        let d = self
+            .get(id)
+            .ok_or_else(|| Status::not_found(format!("no deploy {id:?}")))?;
         if d.state() != DeploymentState::Running {
-            return Err(Status::failed_precondition(format!("deploy {id} already ended")));
+            return Err(Status::failed_precondition(format!(
+                "deploy {id} already ended"
+            )));
         }
-        for step in d.steps.iter().filter(|s| s.status == StepStatus::Started as i32 && !s.job_id.is_empty()) {
-            let _ = self.jobs.cancel(&step.job_id, &format!("deploy {id} cancelled"));
+        for step in d
+            .steps
+            .iter()
+            .filter(|s| s.status == StepStatus::Started as i32 && !s.job_id.is_empty())
+        {
+            let _ = self
+                .jobs
+                .cancel(&step.job_id, &format!("deploy {id} cancelled"));
         }
-        if let Some(token) = self.cancels.lock().unwrap_or_else(|p| p.into_inner()).get(id) {
+        if let Some(token) = self
+            .cancels
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(id)
+        {
             token.cancel();
         }
         Ok(d)
@@ -730,17 +873,29 @@ impl Pipeline {
     }
 
     /// Every event of deploy `id` from now on, after its steps so far.
-    pub fn watch(&self, id: &str) -> Result<(Deployment, broadcast::Receiver<DeploymentEvent>), Status> {
+    pub fn watch(
+        &self,
+        id: &str,
+    ) -> Result<(Deployment, broadcast::Receiver<DeploymentEvent>), Status> {
         let rx = self.events.subscribe();
-        let d = self.get(id).ok_or_else(|| Status::not_found(format!("no deploy {id:?}")))?;
+        let d = self
+            .get(id)
+            .ok_or_else(|| Status::not_found(format!("no deploy {id:?}")))?;
         Ok((d, rx))
     }
 
     /// Takes the deploys changed since the last call, for the flusher.
     pub fn take_dirty(&self) -> Vec<Deployment> {
-        let ids: Vec<String> = self.dirty.lock().unwrap_or_else(|p| p.into_inner()).drain().collect();
+        let ids: Vec<String> = self
+            .dirty
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .drain()
+            .collect();
         let s = self.lock();
-        ids.iter().filter_map(|id| s.deploys.get(id).cloned()).collect()
+        ids.iter()
+            .filter_map(|id| s.deploys.get(id).cloned())
+            .collect()
     }
 
     /// Puts deploys back after a failed flush.
@@ -761,4 +916,3 @@ fn health_check(h: &config::HealthConfig) -> HealthCheck {
         container_health: h.container_health,
     }
 }
-

@@ -3,8 +3,8 @@
 
 use std::time::Duration;
 
-use serde_json::json;
 use sentinel_proto::v1::{Deployment, DeploymentState, StepStatus};
+use serde_json::json;
 use tracing::{info, warn};
 
 use super::config::Webhook;
@@ -49,7 +49,11 @@ pub fn document(d: &Deployment) -> serde_json::Value {
 }
 
 /// POSTs the report to one webhook, retrying; returns what happened for the history.
-pub async fn deliver(hook: &Webhook, body: &serde_json::Value, attempts: u32) -> Result<String, String> {
+pub async fn deliver(
+    hook: &Webhook,
+    body: &serde_json::Value,
+    attempts: u32,
+) -> Result<String, String> {
     let bytes = body.to_string().into_bytes();
     let mut delay = Duration::from_millis(500);
     let mut last = String::new();
@@ -75,5 +79,8 @@ pub async fn deliver(hook: &Webhook, body: &serde_json::Value, attempts: u32) ->
             delay = (delay * 2).min(Duration::from_secs(30));
         }
     }
-    Err(format!("{}: not delivered after {attempts} attempts: {last}", hook.name))
+    Err(format!(
+        "{}: not delivered after {attempts} attempts: {last}",
+        hook.name
+    ))
 }

@@ -80,13 +80,18 @@ impl EmbeddedStore {
         let txn = self.db.begin_write().map_err(|e| err(e.into()))?;
         for (def, key, value) in rows {
             let mut table = txn.open_table(*def).map_err(|e| err(e.into()))?;
-            table.insert(*key, value.as_slice()).map_err(|e| err(e.into()))?;
+            table
+                .insert(*key, value.as_slice())
+                .map_err(|e| err(e.into()))?;
         }
         txn.commit().map_err(|e| err(e.into()))
     }
 
     /// Every row of a table, decoded.
-    fn all<T: Message + Default>(&self, def: TableDefinition<&str, &[u8]>) -> Result<Vec<(String, T)>, StoreError> {
+    fn all<T: Message + Default>(
+        &self,
+        def: TableDefinition<&str, &[u8]>,
+    ) -> Result<Vec<(String, T)>, StoreError> {
         let err = |e: redb::Error| backend(format!("loading {}", def.name()))(e);
         let txn = self.db.begin_read().map_err(|e| err(e.into()))?;
         let table = txn.open_table(def).map_err(|e| err(e.into()))?;
@@ -133,7 +138,11 @@ impl Store for EmbeddedStore {
     }
 
     fn load_hosts(&self) -> Result<Vec<Host>, StoreError> {
-        Ok(self.all::<Host>(HOSTS)?.into_iter().map(|(_, h)| h).collect())
+        Ok(self
+            .all::<Host>(HOSTS)?
+            .into_iter()
+            .map(|(_, h)| h)
+            .collect())
     }
 
     fn save_jobs(&self, jobs: &[StoredJob]) -> Result<(), StoreError> {
@@ -167,7 +176,11 @@ impl Store for EmbeddedStore {
     }
 
     fn load_deploys(&self) -> Result<Vec<Deployment>, StoreError> {
-        Ok(self.all::<Deployment>(DEPLOYS)?.into_iter().map(|(_, d)| d).collect())
+        Ok(self
+            .all::<Deployment>(DEPLOYS)?
+            .into_iter()
+            .map(|(_, d)| d)
+            .collect())
     }
 }
 

@@ -53,17 +53,28 @@ impl Bundles {
     }
 
     /// Fetches bundle `sha256` of `size` bytes into a file and checks its digest.
-    pub async fn fetch(&self, sha256: &str, size: u64, events: &JobEvents) -> Result<PathBuf, JobError> {
+    pub async fn fetch(
+        &self,
+        sha256: &str,
+        size: u64,
+        events: &JobEvents,
+    ) -> Result<PathBuf, JobError> {
         if sha256.len() != 64 || !sha256.bytes().all(|b| b.is_ascii_hexdigit()) {
-            return Err(JobError::Failed(format!("bundle digest {sha256:?} is not a sha256")));
+            return Err(JobError::Failed(format!(
+                "bundle digest {sha256:?} is not a sha256"
+            )));
         }
         if size > MAX_BUNDLE {
-            return Err(JobError::Failed(format!("bundle of {size} bytes exceeds the {MAX_BUNDLE}-byte limit")));
+            return Err(JobError::Failed(format!(
+                "bundle of {size} bytes exceeds the {MAX_BUNDLE}-byte limit"
+            )));
         }
         let io = |what: &str, e: std::io::Error| JobError::Failed(format!("{what}: {e}"));
-        std::fs::create_dir_all(&self.dir).map_err(|e| io(&format!("creating {}", self.dir.display()), e))?;
+        std::fs::create_dir_all(&self.dir)
+            .map_err(|e| io(&format!("creating {}", self.dir.display()), e))?;
         let path = self.dir.join(format!("{sha256}.tar.gz"));
-        let mut file = std::fs::File::create(&path).map_err(|e| io(&format!("creating {}", path.display()), e))?;
+        let mut file = std::fs::File::create(&path)
+            .map_err(|e| io(&format!("creating {}", path.display()), e))?;
         let (tx, mut rx) = mpsc::unbounded_channel();
         self.waiters
             .lock()
@@ -77,21 +88,20 @@ impl Bundles {
             let mut attempt = 0;
             let chunk = loop {
                 attempt += 1;
-                self.outbox.push(agent_message::Msg::BundleRequest(BundleRequest {
-                    sha256: sha256.to_string(),
-                    offset,
-                    max_len: CHUNK,
-                }));
+                self.outbox
+                    .push(agent_message::Msg::BundleRequest(BundleRequest {
+                        sha256: sha256.to_string(),
+                        offset,
+                        max_len: CHUNK,
+                    }));
                 match tokio::time::timeout(CHUNK_TIMEOUT, rx.recv()).await {
                     Ok(Some(c)) if c.offset == offset => break c,
                     Ok(Some(_)) => continue,
                     Ok(None) => return Err(JobError::Failed("bundle channel closed".into())),
                     Err(_) if attempt < ATTEMPTS => continue,
-                    Err(_) => {
-                        return Err(JobError::Failed(format!(
-                            "bundle {sha256}: no answer for offset {offset} after {ATTEMPTS} attempts"
-                        )))
-                    }
+                    Err(_) => return Err(JobError::Failed(format!(
+                        "bundle {sha256}: no answer for offset {offset} after {ATTEMPTS} attempts"
+                    ))),
                 }
             };
             if !chunk.error.is_empty() {
@@ -105,7 +115,8 @@ impl Bundles {
                 )));
             }
             hasher.update(&chunk.data);
-            file.write_all(&chunk.data).map_err(|e| io("writing the bundle", e))?;
+            file.write_all(&chunk.data)
+                .map_err(|e| io("writing the bundle", e))?;
             offset += chunk.data.len() as u64;
         }
         file.sync_all().map_err(|e| io("syncing the bundle", e))?;
@@ -118,16 +129,25 @@ impl Bundles {
         }
         events.log(
             "agent",
-            &format!("fetched bundle {sha256} ({size} bytes) in {:?}", started.elapsed()),
+            &format!(
+                "fetched bundle {sha256} ({size} bytes) in {:?}",
+                started.elapsed()
+            ),
         );
         Ok(path)
     }
 }
 
-struct WaiterGuard(Arc<Mutex<HashMap<String, mpsc::UnboundedSender<BundleChunk>>>>, String);
+struct WaiterGuard(
+    Arc<Mutex<HashMap<String, mpsc::UnboundedSender<BundleChunk>>>>,
+    String,
+);
 
 impl Drop for WaiterGuard {
     fn drop(&mut self) {
-        self.0.lock().unwrap_or_else(|p| p.into_inner()).remove(&self.1);
+        self.0
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(&self.1);
     }
 }

@@ -172,7 +172,12 @@ mod tests {
         let ev = JobEvents::new("j1", outbox.clone(), 0);
         ev.add_secret("hunter22");
         ev.log("stdout", "DB_PASSWORD=hunter22 connecting");
-        ev.step("up", StepStatus::Failed, "password hunter22 refused", Duration::ZERO);
+        ev.step(
+            "up",
+            StepStatus::Failed,
+            "password hunter22 refused",
+            Duration::ZERO,
+        );
         let msgs = outbox.drain();
         assert_eq!(msgs.len(), 2);
         let text = format!("{msgs:?}");

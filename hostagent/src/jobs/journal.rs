@@ -273,7 +273,10 @@ mod tests {
             let (j, _) = Journal::open(dir.path()).unwrap();
             j.record("a", "n1", exp, Phase::Succeeded, "").unwrap();
         }
-        let mut f = OpenOptions::new().append(true).open(dir.path().join("jobs.journal")).unwrap();
+        let mut f = OpenOptions::new()
+            .append(true)
+            .open(dir.path().join("jobs.journal"))
+            .unwrap();
         write!(f, "{{\"job_id\":\"b\",\"non").unwrap();
         drop(f);
         let (j, _) = Journal::open(dir.path()).unwrap();

@@ -145,7 +145,11 @@ impl Jobs {
                 Phase::Cancelled => JobState::Cancelled,
                 _ => JobState::Interrupted,
             };
-            JobEvents::new(&rec.job_id, self.outbox.clone(), 1_000_000).finished(state, &rec.detail, "");
+            JobEvents::new(&rec.job_id, self.outbox.clone(), 1_000_000).finished(
+                state,
+                &rec.detail,
+                "",
+            );
         }
     }
 
@@ -153,7 +157,13 @@ impl Jobs {
     /// refuse it. Never blocks on the job itself.
     pub fn receive(&self, job: SignedJob) {
         let now = SystemTime::now();
-        let spec = match envelope::verify(&job, &self.trusted, &self.host, now, self.config.max_clock_skew) {
+        let spec = match envelope::verify(
+            &job,
+            &self.trusted,
+            &self.host,
+            now,
+            self.config.max_clock_skew,
+        ) {
             Ok(spec) => spec,
             Err(e) => {
                 let job_id = best_effort_job_id(&job);
@@ -174,7 +184,10 @@ impl Jobs {
             self.refuse(
                 &spec.job_id,
                 RefusalReason::Replayed,
-                &format!("job {} already ran ({:?}); never run twice", spec.job_id, rec.phase),
+                &format!(
+                    "job {} already ran ({:?}); never run twice",
+                    spec.job_id, rec.phase
+                ),
             );
             return;
         }
@@ -195,13 +208,21 @@ impl Jobs {
             .as_ref()
             .map(sentinel_proto::time::system_time)
             .unwrap_or(now);
-        if let Err(e) = self.journal.record(&spec.job_id, &nonce, expires, Phase::Accepted, "") {
+        if let Err(e) = self
+            .journal
+            .record(&spec.job_id, &nonce, expires, Phase::Accepted, "")
+        {
             // Without a durable replay record the job must not run.
-            self.refuse(&spec.job_id, RefusalReason::Policy, &format!("cannot record the job: {e}"));
+            self.refuse(
+                &spec.job_id,
+                RefusalReason::Policy,
+                &format!("cannot record the job: {e}"),
+            );
             return;
         }
         info!(job_id = %spec.job_id, kind = kind_name(spec.kind()), "job accepted");
-        JobEvents::new(&spec.job_id, self.outbox.clone(), 0).raw(job_event::Event::Accepted(JobAccepted {}));
+        JobEvents::new(&spec.job_id, self.outbox.clone(), 0)
+            .raw(job_event::Event::Accepted(JobAccepted {}));
         let _ = self.queue.send(spec);
     }
 
@@ -212,7 +233,11 @@ impl Jobs {
             Phase::Cancelled => JobState::Cancelled,
             _ => JobState::Interrupted,
         };
-        JobEvents::new(&rec.job_id, self.outbox.clone(), 1_000_000).finished(state, &rec.detail, "");
+        JobEvents::new(&rec.job_id, self.outbox.clone(), 1_000_000).finished(
+            state,
+            &rec.detail,
+            "",
+        );
     }
 
     /// Cancels a queued or running job.
@@ -244,7 +269,8 @@ impl Jobs {
                 .lock()
                 .unwrap_or_else(|p| p.into_inner())
                 .insert(spec.job_id.clone(), token.clone());
-            let span = tracing::info_span!("job", job_id = %spec.job_id, kind = kind_name(spec.kind()));
+            let span =
+                tracing::info_span!("job", job_id = %spec.job_id, kind = kind_name(spec.kind()));
             self.run_one(spec.clone(), token).instrument(span).await;
             self.running
                 .lock()
@@ -261,8 +287,15 @@ impl Jobs {
             .map(sentinel_proto::time::system_time)
             .unwrap_or_else(SystemTime::now);
         let events = JobEvents::new(&spec.job_id, self.outbox.clone(), 1);
-        if let Err(e) = self.journal.record(&spec.job_id, &nonce, expires, Phase::Running, "") {
-            events.finished(JobState::Failed, &format!("cannot record the job start: {e}"), "");
+        if let Err(e) = self
+            .journal
+            .record(&spec.job_id, &nonce, expires, Phase::Running, "")
+        {
+            events.finished(
+                JobState::Failed,
+                &format!("cannot record the job start: {e}"),
+                "",
+            );
             return;
         }
         info!("job running");
@@ -279,7 +312,10 @@ impl Jobs {
             Err(JobError::Failed(why)) => (Phase::Failed, JobState::Failed, why),
         };
         let detail = events.redact(&detail);
-        if let Err(e) = self.journal.record(&spec.job_id, &nonce, expires, phase, &detail) {
+        if let Err(e) = self
+            .journal
+            .record(&spec.job_id, &nonce, expires, phase, &detail)
+        {
             warn!(error = %e, "could not record the job's end");
         }
         info!(state = state.as_str_name(), detail = %detail, "job finished");
@@ -332,4 +368,3 @@ fn best_effort_job_id(job: &SignedJob) -> String {
 fn hex_nonce(nonce: &[u8]) -> String {
     nonce.iter().map(|b| format!("{b:02x}")).collect()
 }
-

@@ -38,19 +38,28 @@ fn check_backup(spec: &JobSpec, config: &BackupsConfig) -> Result<(), String> {
         if config.dsns.contains_key(name) {
             Ok(())
         } else {
-            Err(format!("DSN ref {name:?} is not in this agent's [jobs.backups.dsns]"))
+            Err(format!(
+                "DSN ref {name:?} is not in this agent's [jobs.backups.dsns]"
+            ))
         }
     };
     let name = |what: &str, n: &str| {
         if safe_name(n) {
             Ok(())
         } else {
-            Err(format!("{what} {n:?} must be [A-Za-z0-9_.-]+ (it becomes a directory name)"))
+            Err(format!(
+                "{what} {n:?} must be [A-Za-z0-9_.-]+ (it becomes a directory name)"
+            ))
         }
     };
     match &spec.params {
         Some(job_spec::Params::Backup(p)) => {
-            under("backup dir", &p.backup_dir, &config.backup_dirs, "jobs.backups.backup_dirs")?;
+            under(
+                "backup dir",
+                &p.backup_dir,
+                &config.backup_dirs,
+                "jobs.backups.backup_dirs",
+            )?;
             for db in &p.databases {
                 name("environment", &db.environment)?;
                 name("database", &db.database)?;
@@ -61,7 +70,12 @@ fn check_backup(spec: &JobSpec, config: &BackupsConfig) -> Result<(), String> {
                 dsn(&p.globals_dsn_ref)?;
             }
             for path in &p.file_paths {
-                under("file path", path, &config.file_roots, "jobs.backups.file_roots")?;
+                under(
+                    "file path",
+                    path,
+                    &config.file_roots,
+                    "jobs.backups.file_roots",
+                )?;
             }
             if !p.offsite_target.is_empty() && !config.offsite_targets.contains(&p.offsite_target) {
                 return Err(format!(
@@ -69,20 +83,32 @@ fn check_backup(spec: &JobSpec, config: &BackupsConfig) -> Result<(), String> {
                     p.offsite_target
                 ));
             }
-            if p.retention.as_ref().is_some_and(|r| r.simulated_now.is_some())
+            if p.retention
+                .as_ref()
+                .is_some_and(|r| r.simulated_now.is_some())
                 && !config.allow_simulated_clock
             {
-                return Err("the job carries a simulated clock; this agent does not accept one \
+                return Err(
+                    "the job carries a simulated clock; this agent does not accept one \
                             (jobs.backups.allow_simulated_clock = false)"
-                    .into());
+                        .into(),
+                );
             }
             Ok(())
         }
-        Some(job_spec::Params::VerifyBackups(p)) => {
-            under("backup dir", &p.backup_dir, &config.backup_dirs, "jobs.backups.backup_dirs")
-        }
+        Some(job_spec::Params::VerifyBackups(p)) => under(
+            "backup dir",
+            &p.backup_dir,
+            &config.backup_dirs,
+            "jobs.backups.backup_dirs",
+        ),
         Some(job_spec::Params::RestoreTest(p)) => {
-            under("backup dir", &p.backup_dir, &config.backup_dirs, "jobs.backups.backup_dirs")?;
+            under(
+                "backup dir",
+                &p.backup_dir,
+                &config.backup_dirs,
+                "jobs.backups.backup_dirs",
+            )?;
             dsn(&p.test_cluster_dsn_ref)
         }
         _ => Ok(()),
@@ -104,9 +130,16 @@ fn under(what: &str, path: &str, roots: &[PathBuf], key: &str) -> Result<(), Str
 
 fn check_app_dir(dir: &Path, config: &JobsConfig) -> Result<(), String> {
     if !dir.is_absolute() || dir.components().any(|c| matches!(c, Component::ParentDir)) {
-        return Err(format!("app directory {} must be absolute without `..`", dir.display()));
+        return Err(format!(
+            "app directory {} must be absolute without `..`",
+            dir.display()
+        ));
     }
-    if config.app_dirs.iter().any(|allowed| dir.starts_with(allowed) && dir != allowed) {
+    if config
+        .app_dirs
+        .iter()
+        .any(|allowed| dir.starts_with(allowed) && dir != allowed)
+    {
         Ok(())
     } else {
         Err(format!(
@@ -144,11 +177,15 @@ mod tests {
     #[test]
     fn policy_allows_only_listed_kinds_and_app_dirs() {
         assert!(check(&deploy("/srv/apps/auth"), &config()).is_ok());
-        assert!(check(&deploy("/etc/passwd"), &config()).unwrap_err().contains("outside"));
+        assert!(check(&deploy("/etc/passwd"), &config())
+            .unwrap_err()
+            .contains("outside"));
         assert!(check(&deploy("/srv/apps/../../etc"), &config()).is_err());
         assert!(check(&deploy("/srv/apps"), &config()).is_err());
         let mut rollback = deploy("/srv/apps/auth");
         rollback.kind = JobKind::Backup as i32;
-        assert!(check(&rollback, &config()).unwrap_err().contains("not allowed"));
+        assert!(check(&rollback, &config())
+            .unwrap_err()
+            .contains("not allowed"));
     }
 }
