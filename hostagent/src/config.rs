@@ -430,10 +430,12 @@ impl RedisInstanceConfig {
         // not shown because it may quote the URL, password included.
         let info = match ::redis::IntoConnectionInfo::into_connection_info(self.url.as_str()) {
             Ok(info) => info,
-            Err(_) => return Some(format!(
+            Err(_) => {
+                return Some(format!(
                 "`url` {} is not a Redis URL (redis://HOST:PORT/DB, rediss://... or unix:///PATH)",
                 self.redacted_url()
-            )),
+            ))
+            }
         };
         let in_url = info.redis_settings().password().is_some();
         if [

@@ -13,7 +13,6 @@
 //! error so the next run reconnects.
 
 use std::collections::HashMap;
-use std::error::Error as _;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use bollard::errors::Error as BollardError;
@@ -468,17 +467,7 @@ fn is_transport_error(error: &BollardError) -> bool {
 /// An error with its causes, e.g. "Error in the hyper legacy client: client error (Connect):
 /// Permission denied (os error 13)".
 fn describe(error: &BollardError) -> String {
-    let mut text = error.to_string();
-    let mut source = error.source();
-    while let Some(cause) = source {
-        let cause_text = cause.to_string();
-        if !text.contains(&cause_text) {
-            text.push_str(": ");
-            text.push_str(&cause_text);
-        }
-        source = cause.source();
-    }
-    text
+    crate::connection::error_chain(error)
 }
 
 /// The API version to retry with, from a daemon's refusal of ours: "client version 1.53 is too

@@ -99,9 +99,11 @@ impl Bundles {
                     Ok(Some(_)) => continue,
                     Ok(None) => return Err(JobError::Failed("bundle channel closed".into())),
                     Err(_) if attempt < ATTEMPTS => continue,
-                    Err(_) => return Err(JobError::Failed(format!(
+                    Err(_) => {
+                        return Err(JobError::Failed(format!(
                         "bundle {sha256}: no answer for offset {offset} after {ATTEMPTS} attempts"
-                    ))),
+                    )))
+                    }
                 }
             };
             if !chunk.error.is_empty() {

@@ -491,18 +491,7 @@ fn supported_api_version(message: &str) -> Option<ClientVersion> {
 
 /// A bollard error with its causes ("error trying to connect: No such file or directory").
 fn describe(error: &BollardError) -> String {
-    use std::error::Error as _;
-    let mut text = error.to_string();
-    let mut source = error.source();
-    while let Some(cause) = source {
-        let cause_text = cause.to_string();
-        if !text.contains(&cause_text) {
-            text.push_str(": ");
-            text.push_str(&cause_text);
-        }
-        source = cause.source();
-    }
-    text
+    crate::connection::error_chain(error)
 }
 
 #[cfg(test)]
