@@ -93,10 +93,10 @@ pub async fn run(
         backups: backups.clone(),
     });
     // Database isolation: deploys consult its latest report, and check again before production.
-    let isolation = config
-        .isolation
-        .clone()
-        .map(crate::isolation::IsolationState::new);
+    let isolation = config.isolation.clone().map(|policy| {
+        let prober = crate::isolation::Prober::new(jobs.clone(), registry.clone());
+        crate::isolation::IsolationState::new(policy, Some(prober))
+    });
     if let Some(isolation) = &isolation {
         ctx.pipeline.set_gate(isolation.clone());
     }

@@ -165,6 +165,9 @@ pub struct JobsConfig {
     /// What backup, verify and restore-test jobs may do here (`[jobs.backups]`).
     #[serde(default, deserialize_with = "backups_config")]
     pub backups: BackupsConfig,
+    /// The credentials isolation probes try (`[jobs.isolation_probe]`).
+    #[serde(default, deserialize_with = "crate::jobs::probe::deserialize_config")]
+    pub isolation_probe: crate::jobs::probe::ProbeConfig,
 }
 
 impl Default for JobsConfig {
@@ -176,6 +179,7 @@ impl Default for JobsConfig {
             app_dirs: Vec::new(),
             max_clock_skew: defaults::max_clock_skew(),
             backups: BackupsConfig::default(),
+            isolation_probe: Default::default(),
         }
     }
 }
@@ -225,6 +229,66 @@ pub struct BackupsConfig {
     /// fleets only: it lets whoever signs jobs backdate backups and so steer pruning.
     #[serde(default)]
     pub allow_simulated_clock: bool,
+    /// Encryption at rest (`[jobs.backups.encryption]`): when set, every file a backup job
+    /// writes is encrypted to these age recipients. Absent: files are stored as written.
+    #[serde(default, deserialize_with = "encryption_config")]
+    pub encryption: Option<EncryptionConfig>,
+}
+
+/// `[jobs.backups.encryption]`: the age recipients every backup file is encrypted to, and the
+/// identity verify and restore tests decrypt with. The agent on the backup host is the
+/// security boundary: jobs cannot turn encryption off or choose the keys.
+#[derive(Debug, Clone, Default, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct EncryptionConfig {
+    /// X25519 age recipients (`age1…`), inline.
+    #[serde(default, deserialize_with = "age_recipients")]
+    pub recipients: Vec<String>,
+    /// A file of recipients, one per line (`#` comments and blank lines ignored), as
+    /// `age-keygen -y` writes them. Read at start-up and at every backup job.
+    #[serde(default, deserialize_with = "age_recipients_file")]
+    pub recipients_file: Option<PathBuf>,
+    /// The age identity file (`AGE-SECRET-KEY-1…`) verify and restore tests decrypt with; it
+    /// must hold the identity of at least one recipient. Without it verify still checks every
+    /// file's sha256 and age header but cannot read the archives, and restore tests of
+    /// encrypted dumps fail (keep the identity off the backup host on purpose that way).
+    #[serde(default, deserialize_with = "age_identity_file")]
+    pub identity_file: Option<PathBuf>,
+}
+
+// `[jobs.backups.encryption]` is checked key by key as it is read, so that an error carries
+// the line of the key that is wrong (a malformed recipient, an unreadable file), and then as a
+// whole, exactly as every job loads it (at least one recipient, an identity of one of them).
+fn age_recipients<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Vec<String>, D::Error> {
+    let values = Vec::<String>::deserialize(d)?;
+    crate::jobs::backup::encryption::parse_recipients(&values)
+        .map_err(|e| serde::de::Error::custom(format!("jobs.backups.encryption.{e}")))?;
+    Ok(values)
+}
+
+fn age_recipients_file<'de, D: serde::Deserializer<'de>>(
+    d: D,
+) -> Result<Option<PathBuf>, D::Error> {
+    let path = PathBuf::deserialize(d)?;
+    crate::jobs::backup::encryption::read_recipients_file(&path)
+        .map_err(|e| serde::de::Error::custom(format!("jobs.backups.encryption.{e}")))?;
+    Ok(Some(path))
+}
+
+fn age_identity_file<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<PathBuf>, D::Error> {
+    let path = PathBuf::deserialize(d)?;
+    crate::jobs::backup::encryption::read_identity_file(&path)
+        .map_err(|e| serde::de::Error::custom(format!("jobs.backups.encryption.{e}")))?;
+    Ok(Some(path))
+}
+
+fn encryption_config<'de, D: serde::Deserializer<'de>>(
+    d: D,
+) -> Result<Option<EncryptionConfig>, D::Error> {
+    let config = EncryptionConfig::deserialize(d)?;
+    crate::jobs::backup::encryption::Keys::load(&config)
+        .map_err(|e| serde::de::Error::custom(format!("jobs.backups.encryption: {e}")))?;
+    Ok(Some(config))
 }
 
 impl Default for BackupsConfig {
@@ -241,6 +305,7 @@ impl Default for BackupsConfig {
             require_read_only: true,
             command_timeout: defaults::backup_command_timeout(),
             allow_simulated_clock: false,
+            encryption: None,
         }
     }
 }

@@ -36,6 +36,8 @@ struct Options {
     /// A fixture app `shop_prod` belongs to, deployed by agents hub-alfa (staging) and
     /// prod-alfa (production) with Docker.
     with_app: bool,
+    /// The agent's `[jobs.backups.encryption]` body (TOML lines); None: no encryption.
+    encryption: Option<String>,
 }
 
 impl Default for Options {
@@ -47,6 +49,7 @@ impl Default for Options {
             offsite: None,
             everything: false,
             with_app: false,
+            encryption: None,
         }
     }
 }
@@ -146,7 +149,7 @@ fn world(options: Options) -> World {
     if let Some(t) = &options.offsite {
         offsite_targets.push(format!("\"{t}\""));
     }
-    let agent_toml = format!(
+    let mut agent_toml = format!(
         "[collectors]\ndocker = false\nsystem = false\n\
          [jobs]\nstate_dir = \"{state}\"\ntrusted_keys = [\"{c}/signing.pub\"]\n\
          allowed_kinds = [\"backup\", \"verify_backups\", \"restore_test\"]\n\
@@ -165,6 +168,9 @@ fn world(options: Options) -> World {
         rt = pg.dsn_without_password("restore_tester", "postgres"),
         rpw = restore_password.display(),
     );
+    if let Some(encryption) = &options.encryption {
+        agent_toml.push_str(&format!("[jobs.backups.encryption]\n{encryption}\n"));
+    }
     let mut backups = format!(
         "[signing]\nkey = \"{c}/signing.key\"\n\n[backups]\nhost = \"argus\"\nbackup_dir = \"{}\"\ntime_zone = \"{}\"\n",
         backup_dir.display(),
@@ -309,17 +315,23 @@ impl World {
             .unwrap_or_else(|| panic!("shop_prod not in {list}"))
     }
 
-    /// The shop_prod dumps on disk, by run stamp.
+    /// The shop_prod dumps on disk (plain `.dump` or encrypted `.dump.age`), by run stamp.
     fn dumps(&self) -> BTreeSet<String> {
+        self.dump_files().into_keys().collect()
+    }
+
+    fn dump_files(&self) -> std::collections::BTreeMap<String, PathBuf> {
         let dir = self.backup_dir.join("production/shop_prod");
         std::fs::read_dir(&dir)
             .map(|r| {
                 r.flatten()
                     .filter_map(|e| {
                         let name = e.file_name().to_string_lossy().into_owned();
-                        name.strip_prefix("shop_prod-")?
+                        let rest = name.strip_prefix("shop_prod-")?;
+                        let stamp = rest
                             .strip_suffix(".dump")
-                            .map(String::from)
+                            .or_else(|| rest.strip_suffix(".dump.age"))?;
+                        Some((stamp.to_string(), e.path()))
                     })
                     .collect()
             })
@@ -327,9 +339,7 @@ impl World {
     }
 
     fn newest_dump(&self) -> PathBuf {
-        let newest = self.dumps().into_iter().next_back().expect("a dump");
-        self.backup_dir
-            .join(format!("production/shop_prod/shop_prod-{newest}.dump"))
+        self.dump_files().into_values().next_back().expect("a dump")
     }
 
     fn manifests(&self) -> Vec<Value> {
@@ -505,6 +515,303 @@ fn a_backup_with_data_is_verified_and_restore_tested_with_equal_row_counts() {
     assert!(
         ok && text.contains("verify") && text.contains("succeeded"),
         "{text}"
+    );
+}
+
+/// How every age file starts.
+const AGE_HEADER: &[u8] = b"age-encryption.org/v1\n";
+
+/// A fresh key pair in `dir` and the `[jobs.backups.encryption]` lines naming it: the backup
+/// host's recipient inline, a second (offline) recipient in a recipients file, and the
+/// identity file when `with_identity`.
+fn age_keys(dir: &Path, with_identity: bool) -> String {
+    use hostagent::jobs::backup::encryption::generate_key_pair;
+    let (identity, recipient) = generate_key_pair();
+    let (_, offline) = generate_key_pair();
+    let recipients_file = dir.join("recipients.txt");
+    std::fs::write(&recipients_file, format!("# the offline key\n{offline}\n")).unwrap();
+    let identity_file = dir.join("identity.txt");
+    std::fs::write(&identity_file, format!("# the backup host\n{identity}\n")).unwrap();
+    let mut toml = format!(
+        "recipients = [\"{recipient}\"]\nrecipients_file = \"{}\"\n",
+        recipients_file.display()
+    );
+    if with_identity {
+        toml.push_str(&format!("identity_file = \"{}\"\n", identity_file.display()));
+    }
+    toml
+}
+
+fn contains(haystack: &[u8], needle: &[u8]) -> bool {
+    haystack.windows(needle.len()).any(|w| w == needle)
+}
+
+#[test]
+fn an_encrypted_backup_is_unreadable_as_plaintext_yet_verifies_and_restores_with_equal_row_counts(
+) {
+    let keys = tempfile::tempdir().unwrap();
+    let offsite = tempfile::tempdir().unwrap();
+    let w = world(Options {
+        offsite: Some(offsite.path().display().to_string()),
+        everything: true,
+        encryption: Some(age_keys(keys.path(), true)),
+        ..Default::default()
+    });
+    let job = w.run("RunBackup", r#"{"reason":"encrypted"}"#);
+    assert_state(&job, "JOB_STATE_SUCCEEDED");
+
+    // Every file of the run is an age file, recorded as such, hashed as stored, and copied
+    // offsite as the same ciphertext.
+    let manifests = w.manifests();
+    let entries = manifests[0]["entries"].as_array().unwrap().clone();
+    assert_eq!(entries.len(), 3, "{entries:?}");
+    for e in &entries {
+        let file = e["file"].as_str().unwrap();
+        assert!(file.ends_with(".age"), "{e}");
+        assert_eq!(e["encrypted"], true, "{e}");
+        let path = w.backup_dir.join(file);
+        let bytes = std::fs::read(&path).unwrap();
+        assert!(bytes.starts_with(AGE_HEADER), "{file} is not an age file");
+        assert_eq!(e["sha256"], sha256(&path).as_str(), "{e}");
+        assert_eq!(e["size"], bytes.len(), "{e}");
+        assert_eq!(sha256(&offsite.path().join(file)), sha256(&path), "{file}");
+    }
+    // Nothing in them reads as plaintext: not a custom-format archive, no role, no secret.
+    let dump = w.newest_dump();
+    let bytes = std::fs::read(&dump).unwrap();
+    assert!(!contains(&bytes, b"PGDMP"), "the dump is readable");
+    let toc = run(Command::new(postgres::bin_dir().join("pg_restore"))
+        .arg("--list")
+        .arg(&dump));
+    assert!(
+        !toc.status.success(),
+        "pg_restore read the encrypted dump: {}",
+        String::from_utf8_lossy(&toc.stdout)
+    );
+    for e in &entries {
+        let bytes = std::fs::read(w.backup_dir.join(e["file"].as_str().unwrap())).unwrap();
+        for plain in [&b"CREATE ROLE"[..], b"backup_ro", b"DB_PASSWORD", b"customer 1"] {
+            assert!(!contains(&bytes, plain), "{} holds {plain:?}", e["file"]);
+        }
+    }
+    // No plaintext left behind in the temp dir either.
+    assert!(!w.backup_dir.join(".tmp").exists());
+    // The row counts are still recorded (counted in the dump's snapshot).
+    let entry = w.entry_for(&dump);
+    assert_eq!(entry["row_counts"]["public.customers"], CUSTOMERS);
+    assert_eq!(entry["row_counts"]["public.orders"], ORDERS);
+    assert_eq!(entry["row_counts"]["billing.invoices"], INVOICES);
+
+    // Verify decrypts the dump into pg_restore --list; nothing is checked by hash alone.
+    let verify = w.run("VerifyBackups", "{}");
+    assert_state(&verify, "JOB_STATE_SUCCEEDED");
+    let detail = verify["detail"].as_str().unwrap();
+    assert!(
+        detail.contains("checked 3 file(s)") && !detail.contains("only"),
+        "{detail}"
+    );
+    // The restore test decrypts into pg_restore and finds the manifest's row counts.
+    let restore = w.run("RunRestoreTest", "{}");
+    assert_state(&restore, "JOB_STATE_SUCCEEDED");
+    let shop = w.shop();
+    assert_eq!(shop["lastVerifyOk"], true, "{shop}");
+    assert_eq!(shop["lastRestoreTestOk"], true, "{shop}");
+    let detail = shop["lastRestoreTestDetail"].as_str().unwrap();
+    assert!(detail.contains("3 table(s) match the manifest"), "{detail}");
+    let left =
+        w.pg.sql("SELECT count(*) FROM pg_database WHERE datname LIKE 'sentinel_restore_%'");
+    assert_eq!(left, "0");
+}
+
+#[test]
+fn a_plaintext_dump_planted_where_an_encrypted_one_belongs_is_reported_by_verify() {
+    let keys = tempfile::tempdir().unwrap();
+    let w = world(Options {
+        encryption: Some(age_keys(keys.path(), true)),
+        ..Default::default()
+    });
+    assert_state(&w.backup_at("2026-03-01T02:00:00Z"), "JOB_STATE_SUCCEEDED");
+    assert_state(&w.backup_at("2026-03-02T02:00:00Z"), "JOB_STATE_SUCCEEDED");
+    assert_state(&w.run("VerifyBackups", "{}"), "JOB_STATE_SUCCEEDED");
+
+    // A perfectly good plaintext dump of the same database under the newest encrypted name,
+    // with its manifest entry's sha256 and size made to match: only the header gives it away.
+    let newest = w.newest_dump();
+    let out = run(Command::new(postgres::bin_dir().join("pg_dump"))
+        .arg("--format=custom")
+        .arg(format!("--file={}", newest.display()))
+        .arg(format!(
+            "--dbname={}",
+            w.pg.dsn_without_password("backup_ro", "shop_prod")
+        ))
+        .env("PGPASSWORD", BACKUP_PASSWORD));
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let rel = newest
+        .strip_prefix(&w.backup_dir)
+        .unwrap()
+        .to_string_lossy()
+        .into_owned();
+    let manifests = w.backup_dir.join("manifests");
+    for m in std::fs::read_dir(&manifests).unwrap().flatten() {
+        let mut json: Value = serde_json::from_slice(&std::fs::read(m.path()).unwrap()).unwrap();
+        let mut changed = false;
+        for e in json["entries"].as_array_mut().unwrap() {
+            if e["file"] == rel.as_str() {
+                e["sha256"] = sha256(&newest).into();
+                e["size"] = std::fs::metadata(&newest).unwrap().len().into();
+                changed = true;
+            }
+        }
+        if changed {
+            std::fs::write(m.path(), serde_json::to_vec_pretty(&json).unwrap()).unwrap();
+        }
+    }
+    let verify = w.run("VerifyBackups", "{}");
+    assert_state(&verify, "JOB_STATE_FAILED");
+    let detail = verify["detail"].as_str().unwrap();
+    assert!(
+        detail.contains("shop_prod-20260302T020000Z.dump.age")
+            && detail.contains("should be encrypted but is not")
+            && !detail.contains("sha256 mismatch"),
+        "{detail}"
+    );
+    let shop = w.shop();
+    assert_eq!(shop["damaged"], 1, "{shop}");
+    assert!(
+        shop["newestGoodFile"]
+            .as_str()
+            .unwrap()
+            .ends_with("shop_prod-20260301T020000Z.dump.age"),
+        "{shop}"
+    );
+}
+
+#[test]
+fn without_an_identity_verify_checks_hashes_only_and_says_so_and_the_restore_test_fails() {
+    let keys = tempfile::tempdir().unwrap();
+    let w = world(Options {
+        encryption: Some(age_keys(keys.path(), false)),
+        ..Default::default()
+    });
+    assert_state(&w.run("RunBackup", "{}"), "JOB_STATE_SUCCEEDED");
+    assert!(std::fs::read(w.newest_dump())
+        .unwrap()
+        .starts_with(AGE_HEADER));
+    let verify = w.run("VerifyBackups", "{}");
+    assert_state(&verify, "JOB_STATE_SUCCEEDED");
+    let detail = verify["detail"].as_str().unwrap();
+    assert!(
+        detail.contains("1 encrypted file(s) checked by sha256 and age header only")
+            && detail.contains("identity_file"),
+        "{detail}"
+    );
+    let restore = w.run("RunRestoreTest", "{}");
+    assert_state(&restore, "JOB_STATE_FAILED");
+    let detail = restore["detail"].as_str().unwrap();
+    assert!(
+        detail.contains("no identity to decrypt it") && detail.contains("identity_file"),
+        "{detail}"
+    );
+}
+
+#[test]
+fn a_bad_recipient_or_identity_in_the_agent_config_stops_the_agent_at_start_naming_the_line() {
+    use hostagent::jobs::backup::encryption::generate_key_pair;
+    let fleet = Fleet::new(&["argus"]);
+    let backups = fleet.path("backups");
+    let (_, good) = generate_key_pair();
+    let config_with = |encryption: &str| {
+        let toml = format!(
+            "[jobs]\nallowed_kinds = [\"backup\"]\n[jobs.backups]\nbackup_dirs = [\"{}\"]\n\
+             [jobs.backups.encryption]\n{encryption}",
+            backups.display()
+        );
+        fleet.write_agent_config("argus", "argus", "127.0.0.1:9", &toml)
+    };
+    // Which line of the written config holds `key`.
+    let line_of = |config: &Path, key: &str| {
+        std::fs::read_to_string(config)
+            .unwrap()
+            .lines()
+            .position(|l| l.starts_with(key))
+            .map(|i| i + 1)
+            .unwrap()
+    };
+
+    let config = config_with(&format!("recipients = [\"{good}\", \"age1notakey\"]\n"));
+    let line = line_of(&config, "recipients");
+    let out = run(Command::new(bin("hostagent"))
+        .arg("--config")
+        .arg(&config)
+        .arg("--check-config"));
+    let err = String::from_utf8_lossy(&out.stderr).to_string();
+    assert_eq!(out.status.code(), Some(64), "{err}");
+    assert!(
+        err.contains(&format!("{}:{line}:", config.display()))
+            && err.contains("jobs.backups.encryption.recipients[1]")
+            && err.contains("age1notakey"),
+        "{err}"
+    );
+    // Started for real, the agent stops at once the same way, having written nothing.
+    let mut agent = Command::new(bin("hostagent"))
+        .arg("--config")
+        .arg(&config)
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let status = eventually("the agent to refuse its config", || {
+        agent
+            .try_wait()
+            .map_err(|e| e.to_string())?
+            .ok_or_else(|| "still running".to_string())
+    });
+    if status.code().is_none() {
+        let _ = agent.kill();
+    }
+    let mut err = String::new();
+    std::io::Read::read_to_string(&mut agent.stderr.take().unwrap(), &mut err).unwrap();
+    assert_eq!(status.code(), Some(64), "{err}");
+    assert!(err.contains("jobs.backups.encryption.recipients[1]"), "{err}");
+    assert!(!backups.exists());
+
+    let missing = fleet.path("no-such-identity.txt");
+    let config = config_with(&format!(
+        "recipients = [\"{good}\"]\nidentity_file = \"{}\"\n",
+        missing.display()
+    ));
+    let line = line_of(&config, "identity_file");
+    let out = run(Command::new(bin("hostagent"))
+        .arg("--config")
+        .arg(&config)
+        .arg("--check-config"));
+    let err = String::from_utf8_lossy(&out.stderr).to_string();
+    assert_eq!(out.status.code(), Some(64), "{err}");
+    assert!(
+        err.contains(&format!("{}:{line}:", config.display()))
+            && err.contains("identity_file")
+            && err.contains("no-such-identity.txt"),
+        "{err}"
+    );
+
+    // An identity that belongs to none of the recipients could never read a backup.
+    let (stranger, _) = generate_key_pair();
+    let identity = fleet.path("stranger.txt");
+    std::fs::write(&identity, format!("{stranger}\n")).unwrap();
+    let config = config_with(&format!(
+        "recipients = [\"{good}\"]\nidentity_file = \"{}\"\n",
+        identity.display()
+    ));
+    let out = run(Command::new(bin("hostagent"))
+        .arg("--config")
+        .arg(&config)
+        .arg("--check-config"));
+    let err = String::from_utf8_lossy(&out.stderr).to_string();
+    assert_eq!(out.status.code(), Some(64), "{err}");
+    assert!(
+        err.contains("none of its identities belongs to a recipient") && !err.contains(&stranger),
+        "{err}"
     );
 }
 

@@ -2,7 +2,8 @@
 //! setup leaks through PUBLIC and `sentinel isolation fix --apply` closes it; each classic
 //! mistake, seeded alone, is found with its path and fixed; bad credentials and a policy that
 //! names what the cluster lacks are never a clean report; the controller serves the report to
-//! grpcurl, and an agent reports the cluster's roles.
+//! grpcurl, and an agent reports the cluster's roles; agents probe with their own environments'
+//! credentials, getting into a leaking database and refused by an isolated one.
 //!
 //! Every verdict is also checked with real logins (psql as the app users), so the tests do not
 //! merely agree with the audit's own reading of the catalog.
@@ -475,7 +476,9 @@ fn the_controller_serves_isolation_reports_to_grpcurl_and_the_agent_reports_role
         "sentinel.v1.FleetService/RunIsolationCheck",
     );
     assert!(
-        !probe.ok && probe.stderr.contains("Unimplemented"),
+        !probe.ok
+            && probe.stderr.contains("FailedPrecondition")
+            && probe.stderr.contains("[isolation.probe]"),
         "{}",
         probe.stderr
     );
@@ -532,6 +535,220 @@ fn the_controller_serves_isolation_reports_to_grpcurl_and_the_agent_reports_role
     assert!(
         !log.contains(&seed::password(seed::AUDITOR)),
         "a password reached the log"
+    );
+}
+
+/// The probe results of a report, as (host, user, database) -> (connected, probed, message).
+fn probes(report: &Value) -> Vec<(String, String, String, bool, bool, String)> {
+    let text = |v: &Value, k: &str| v[k].as_str().unwrap_or_default().to_string();
+    report["probes"]
+        .as_array()
+        .map(|probes| {
+            probes
+                .iter()
+                .map(|p| {
+                    (
+                        text(p, "host"),
+                        text(p, "user"),
+                        text(p, "database"),
+                        p["connected"] == true,
+                        p["probed"] == true,
+                        text(p, "message"),
+                    )
+                })
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+#[test]
+fn agents_probe_with_their_own_credentials_and_get_into_leaking_databases_only() {
+    let pg = Postgres::start();
+    seed::create(&pg);
+    let fleet = Fleet::new(&["hub-alfa", "prod-alfa", "cerebro", "argus"]);
+    let c = fleet.certs.display();
+    let policy = seed::policy_toml(&pg, &seed::password(seed::AUDITOR), "1h");
+    let controller = fleet.start_controller(
+        free_port(),
+        &format!(
+            "[signing]\nkey = \"{c}/signing.key\"\n\n{policy}\n[isolation.probe]\n\
+             hosts = [\"hub-alfa\", \"prod-alfa\", \"cerebro\", \"argus\"]\n\
+             host = \"127.0.0.1\"\nport = {}\ntimeout = \"20s\"\nconnect_timeout = \"5s\"\n\
+             on_schedule = false\n",
+            pg.port
+        ),
+    );
+    let jobs = |host: &str, kinds: &str, probe: &str| {
+        format!(
+            "[collectors]\ndocker = false\nsystem = false\n[jobs]\nstate_dir = \"{}\"\n\
+             trusted_keys = [\"{c}/signing.pub\"]\nallowed_kinds = [{kinds}]\n{probe}",
+            fleet.path(&format!("state-{host}")).display()
+        )
+    };
+    // Staging reads its credentials from the app's .env, production from the agent config.
+    let env_file = fleet.path("hub-app.env");
+    fs::write(
+        &env_file,
+        format!(
+            "# the app's own settings\nAPP_ENV=staging\nDATABASE_URL=\"postgres://s60_hub_user:{}@db.internal:5432/s60_auth_hub\"\n",
+            seed::password("s60_hub_user")
+        ),
+    )
+    .unwrap();
+    let prod_password = fleet.path("prod.password");
+    fs::write(&prod_password, seed::password("s60_prod_user")).unwrap();
+    let _hub = fleet.start_agent(
+        "hub-alfa",
+        "hub-alfa",
+        &controller.addr,
+        &jobs(
+            "hub-alfa",
+            "\"isolation_probe\"",
+            &format!(
+                "[[jobs.isolation_probe.credentials]]\nenvironment = \"staging\"\nenv_file = \"{}\"\n",
+                env_file.display()
+            ),
+        ),
+    );
+    let _prod = fleet.start_agent(
+        "prod-alfa",
+        "prod-alfa",
+        &controller.addr,
+        &jobs(
+            "prod-alfa",
+            "\"isolation_probe\"",
+            &format!(
+                "[[jobs.isolation_probe.credentials]]\nenvironment = \"production\"\n\
+                 user = \"s60_prod_user\"\npassword_file = \"{}\"\n",
+                prod_password.display()
+            ),
+        ),
+    );
+    // cerebro runs but does not allow probes; argus is not running at all.
+    let _cerebro = fleet.start_agent(
+        "cerebro",
+        "cerebro",
+        &controller.addr,
+        &jobs("cerebro", "\"backup\"", ""),
+    );
+    for host in ["hub-alfa", "prod-alfa", "cerebro"] {
+        controller.wait_online(host);
+    }
+
+    let check =
+        |body: &str| controller.grpcurl(Some(body), "sentinel.v1.FleetService/RunIsolationCheck");
+
+    // The default layout leaks: every probe gets in.
+    let report = check("{\"probe\": true}")
+        .json()
+        .expect("RunIsolationCheck with probes");
+    assert_ne!(report["isolated"], true, "{report}");
+    assert!(report["probedAt"].is_string(), "{report}");
+    let found = probes(&report);
+    // hub: 4 databases of dev and production; prod: 4 of dev and staging.
+    let attempts: Vec<_> = found.iter().filter(|p| p.4).collect();
+    assert_eq!(attempts.len(), 8, "{found:#?}");
+    assert!(attempts.iter().all(|p| p.3), "{found:#?}");
+    assert!(paths(&report).contains(
+        &"probe from hub-alfa: s60_hub_user (staging) connected to s60_auth_prod (production)"
+            .to_string()
+    ));
+    let cerebro = found.iter().find(|p| p.0 == "cerebro").expect("cerebro");
+    assert!(
+        !cerebro.4 && cerebro.5.contains("not allowed"),
+        "{cerebro:?}"
+    );
+    let argus = found.iter().find(|p| p.0 == "argus").expect("argus");
+    assert!(!argus.4 && argus.5.contains("not connected"), "{argus:?}");
+
+    // Closed: every probe is refused, with the server's reason.
+    let applied = apply_fix(&pg, &fleet.path("sentinel.toml"));
+    assert_eq!(applied.code, 0, "{}{}", applied.stdout, applied.stderr);
+    // One hole left open on purpose: a direct grant to the staging user.
+    pg.sql("GRANT CONNECT ON DATABASE s60_pulse_dev TO s60_hub_user");
+    let report = check("{\"probe\": true}").json().unwrap();
+    let found = probes(&report);
+    let connected: Vec<_> = found.iter().filter(|p| p.3).collect();
+    assert_eq!(connected.len(), 1, "{found:#?}");
+    assert_eq!(
+        (
+            connected[0].0.as_str(),
+            connected[0].1.as_str(),
+            connected[0].2.as_str()
+        ),
+        ("hub-alfa", "s60_hub_user", "s60_pulse_dev")
+    );
+    let refused: Vec<_> = found.iter().filter(|p| p.4 && !p.3).collect();
+    assert_eq!(refused.len(), 7, "{found:#?}");
+    assert!(
+        refused
+            .iter()
+            .all(|p| p.5.contains("permission denied for database")),
+        "{refused:#?}"
+    );
+    assert_ne!(report["isolated"], true, "{report}");
+
+    // After closing it the probes and the audit agree: isolated.
+    pg.sql("REVOKE CONNECT ON DATABASE s60_pulse_dev FROM s60_hub_user");
+    let report = check("{\"probe\": true}").json().unwrap();
+    assert_eq!(report["isolated"], true, "{report}");
+    assert!(probes(&report).iter().all(|p| !p.3));
+    // A check without probes carries the latest probe results forward.
+    let plain = check("{}").json().unwrap();
+    assert_eq!(plain["probedAt"], report["probedAt"]);
+
+    // Probing from one host only; a host that is not a probe host is refused by name.
+    let one = check("{\"probe\": true, \"hosts\": [\"prod-alfa\"]}")
+        .json()
+        .unwrap();
+    let from: Vec<String> = probes(&one).into_iter().map(|p| p.0).collect();
+    assert!(
+        !from.is_empty() && from.iter().all(|h| h == "prod-alfa"),
+        "{from:?}"
+    );
+    let wrong = check("{\"probe\": true, \"hosts\": [\"web-9\"]}");
+    assert!(
+        !wrong.ok && wrong.stderr.contains("InvalidArgument") && wrong.stderr.contains("web-9"),
+        "{}",
+        wrong.stderr
+    );
+
+    // The passwords stayed on the hosts.
+    let log = controller.proc.log_text();
+    for user in ["s60_hub_user", "s60_prod_user"] {
+        assert!(
+            !log.contains(&seed::password(user)),
+            "{user}'s password in the log"
+        );
+    }
+    let jobs = controller
+        .grpcurl(
+            Some("{\"host\": \"hub-alfa\"}"),
+            "sentinel.v1.FleetService/ListJobs",
+        )
+        .stdout;
+    assert!(jobs.contains("JOB_KIND_ISOLATION_PROBE"), "{jobs}");
+    assert!(!jobs.contains(&seed::password("s60_hub_user")));
+}
+
+#[test]
+fn a_probe_credential_that_cannot_work_stops_the_agent_at_start_naming_the_key() {
+    let fleet = Fleet::new(&["hub-alfa"]);
+    let config = fleet.write_agent_config(
+        "hub-alfa",
+        "hub-alfa",
+        "127.0.0.1:1",
+        "[[jobs.isolation_probe.credentials]]\nenvironment = \"staging\"\nuser = \"s60_hub_user\"\n",
+    );
+    let out = run(Command::new(bin("hostagent"))
+        .arg("--check-config")
+        .arg("--config")
+        .arg(&config));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert!(
+        stderr.contains("jobs.isolation_probe.credentials[0].password_file"),
+        "{stderr}"
     );
 }
 

@@ -1,6 +1,6 @@
 //! `sentinel.v1.FleetService`: the operator API. Reads answer from the registry (the fleet's
-//! live state with its age); calls of capabilities this build does not have yet answer
-//! UNIMPLEMENTED with a message saying so.
+//! live state with its age); calls of capabilities the config leaves out answer
+//! FAILED_PRECONDITION naming the section that would enable them.
 
 use std::sync::Arc;
 
@@ -53,10 +53,6 @@ impl FleetApi {
             )
         })
     }
-}
-
-fn not_yet(what: &str) -> Status {
-    Status::unimplemented(format!("{what} is not available in this controller build"))
 }
 
 #[tonic::async_trait]
@@ -249,13 +245,24 @@ impl FleetService for FleetApi {
         request: Request<RunIsolationCheckRequest>,
     ) -> Result<Response<IsolationReport>, Status> {
         let isolation = self.isolation()?;
-        if request.into_inner().probe {
-            return Err(not_yet(
-                "probing from the hosts (`probe: true`, which needs signed isolation-probe \
-                 jobs)",
-            ));
+        let who = super::operator_name(&request)?;
+        let req = request.into_inner();
+        if !req.probe {
+            if !req.hosts.is_empty() {
+                return Err(Status::invalid_argument(
+                    "hosts names where to probe from: set probe too",
+                ));
+            }
+            return Ok(Response::new(isolation.check_now(None, &who).await));
         }
-        Ok(Response::new(isolation.check_now().await))
+        let hosts = isolation.probe_hosts(&req.hosts).map_err(|e| {
+            if isolation.policy().probe.is_none() {
+                Status::failed_precondition(e)
+            } else {
+                Status::invalid_argument(e)
+            }
+        })?;
+        Ok(Response::new(isolation.check_now(Some(&hosts), &who).await))
     }
 
     async fn get_isolation_report(

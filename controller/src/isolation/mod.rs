@@ -7,29 +7,26 @@
 //! - [`catalog`]: reading the cluster as the auditor;
 //! - [`audit`]: the rules, pure (catalog in, violations out);
 //! - [`fix`]: the REVOKE/ALTER statements that close the holes, applied in one transaction;
+//! - [`probe`]: probing from the hosts (signed `IsolationProbe` jobs), merged into the report;
 //! - [`cli`]: `sentinel isolation check|fix`.
-//!
-//! Probing from the hosts (each agent connecting with its own environment's credentials to the
-//! other environments' databases, `JobKind::IsolationProbe`) needs the signed-job queue and is
-//! not built yet: `RunIsolationCheck { probe: true }` answers UNIMPLEMENTED saying so, and
-//! `IsolationReport.probes` stays empty. When the job queue lands, `check_now` is where the
-//! probe jobs' results would be merged in.
 
 pub mod audit;
 pub mod catalog;
 pub mod cli;
 pub mod fix;
 pub mod policy;
+pub mod probe;
 
 use std::sync::{Arc, RwLock};
 use std::time::{Duration, Instant, SystemTime};
 
 use hostagent::collectors::postgres::PgError;
-use sentinel_proto::v1::{IsolationReport, IsolationViolation};
+use sentinel_proto::v1::{IsolationReport, IsolationViolation, ProbeResult};
 use tokio_util::sync::CancellationToken;
 
 pub use audit::{Audit, Violation, ViolationKind};
 pub use policy::IsolationConfig;
+pub use probe::Prober;
 
 /// The result of one check, with what the report alone does not carry.
 #[derive(Debug, Clone)]
@@ -110,17 +107,23 @@ pub fn to_proto(v: &Violation) -> IsolationViolation {
 pub struct IsolationState {
     policy: IsolationConfig,
     latest: RwLock<Option<CheckOutcome>>,
+    /// Sends probe jobs; None where there is no job queue (or no `[isolation.probe]`).
+    prober: Option<Prober>,
+    /// The latest probe run: when, and every attempt.
+    probes: RwLock<Option<(SystemTime, Vec<ProbeResult>)>>,
     /// One check at a time: a deploy's check waits for a scheduled one to finish, then runs
     /// its own, so it always judges the cluster as it is now.
     running: tokio::sync::Mutex<()>,
 }
 
 impl IsolationState {
-    /// A state with no check run yet.
-    pub fn new(policy: IsolationConfig) -> Arc<Self> {
+    /// A state with no check run yet. `prober` sends the probe jobs of `[isolation.probe]`.
+    pub fn new(policy: IsolationConfig, prober: Option<Prober>) -> Arc<Self> {
         Arc::new(Self {
             policy,
             latest: RwLock::new(None),
+            prober,
+            probes: RwLock::new(None),
             running: tokio::sync::Mutex::new(()),
         })
     }
@@ -130,16 +133,80 @@ impl IsolationState {
         &self.policy
     }
 
-    /// Checks now (e.g. before every production deploy), stores and returns the report.
-    pub async fn check_now(&self) -> IsolationReport {
+    /// The hosts a probe asked for, checked against `[isolation.probe] hosts`: all of them
+    /// when `asked` is empty. The error names the host that is not a probe host.
+    pub fn probe_hosts(&self, asked: &[String]) -> Result<Vec<String>, String> {
+        let Some(settings) = self.policy.probe.as_ref().filter(|_| self.prober.is_some()) else {
+            return Err(
+                "probing from the hosts is not configured: add an [isolation.probe] \
+                        section (hosts, host, port) to the controller config"
+                    .into(),
+            );
+        };
+        if asked.is_empty() {
+            return Ok(settings.hosts.clone());
+        }
+        match asked.iter().find(|h| !settings.hosts.contains(h)) {
+            Some(h) => Err(format!(
+                "{h:?} is not one of the probe hosts ([isolation.probe] hosts = {:?})",
+                settings.hosts
+            )),
+            None => Ok(asked.to_vec()),
+        }
+    }
+
+    /// Checks now (e.g. before every production deploy), stores and returns the report. With
+    /// `probe_from` (hosts from [`Self::probe_hosts`]) those hosts probe at the same time as
+    /// the audit runs; without, the latest probe results are carried forward.
+    pub async fn check_now(
+        &self,
+        probe_from: Option<&[String]>,
+        requested_by: &str,
+    ) -> IsolationReport {
         let _one_at_a_time = self.running.lock().await;
-        let outcome = check(&self.policy).await;
+        let started = Instant::now();
+        let probing = async {
+            match (&self.prober, &self.policy.probe, probe_from) {
+                (Some(prober), Some(settings), Some(hosts)) => {
+                    let at = SystemTime::now();
+                    let results = prober
+                        .run(&self.policy, settings, hosts, requested_by)
+                        .await;
+                    Some((at, results))
+                }
+                _ => None,
+            }
+        };
+        let (mut outcome, probed) = tokio::join!(check(&self.policy), probing);
+        if let Some(probed) = probed {
+            if let Ok(mut probes) = self.probes.write() {
+                *probes = Some(probed);
+            }
+        }
+        self.merge_probes(&mut outcome.report);
+        outcome.report.duration_micros =
+            u64::try_from(started.elapsed().as_micros()).unwrap_or(u64::MAX);
         self.log_change(&outcome.report);
         let report = outcome.report.clone();
         if let Ok(mut latest) = self.latest.write() {
             *latest = Some(outcome);
         }
         report
+    }
+
+    /// Adds the latest probe results, and the violations they prove, to `report`.
+    fn merge_probes(&self, report: &mut IsolationReport) {
+        let Ok(probes) = self.probes.read() else {
+            return;
+        };
+        let Some((at, results)) = probes.as_ref() else {
+            return;
+        };
+        let proven = probe::violations(results);
+        report.isolated &= proven.is_empty();
+        report.violations.extend(proven);
+        report.probes = results.clone();
+        report.probed_at = Some(sentinel_proto::time::timestamp(*at));
     }
 
     /// The latest report, if a check has completed.
@@ -184,6 +251,13 @@ impl IsolationState {
             .filter(|v| v.user_environment == environment || v.database_environment == environment)
             .map(to_proto)
             .collect();
+        if let Ok(probes) = self.probes.read() {
+            if let Some((_, results)) = probes.as_ref() {
+                out.extend(probe::violations(results).into_iter().filter(|v| {
+                    v.user_environment == environment || v.database_environment == environment
+                }));
+            }
+        }
         out.extend(
             audit
                 .problems
@@ -199,12 +273,19 @@ impl IsolationState {
         out
     }
 
-    /// Checks at once, then every `interval`, until `shutdown`.
+    /// Checks at once, then every `interval`, until `shutdown`; probes too when
+    /// `[isolation.probe] on_schedule` says so.
     pub async fn run_schedule(self: Arc<Self>, shutdown: CancellationToken) {
         let interval = self.policy.interval;
+        let probe_from = self
+            .policy
+            .probe
+            .as_ref()
+            .filter(|p| p.on_schedule && self.prober.is_some())
+            .map(|p| p.hosts.clone());
         loop {
             tokio::select! {
-                _ = self.check_now() => {}
+                _ = self.check_now(probe_from.as_deref(), "schedule") => {}
                 _ = shutdown.cancelled() => return,
             }
             tokio::select! {
@@ -271,7 +352,9 @@ impl crate::pipeline::DeployGate for IsolationState {
     }
 
     async fn check_now(&self, environment: &str) -> Result<(), String> {
-        IsolationState::check_now(self).await;
+        // The audit only: probes take up to their timeout, and their latest results still
+        // count (merged by `blocking`).
+        IsolationState::check_now(self, None, "deploy gate").await;
         let blocking = crate::pipeline::DeployGate::blocking(self, environment);
         if blocking.is_empty() {
             Ok(())
@@ -290,7 +373,7 @@ mod tests {
     use crate::isolation::policy::tests::policy;
 
     fn state_with(outcome: Option<CheckOutcome>) -> Arc<IsolationState> {
-        let state = IsolationState::new(policy());
+        let state = IsolationState::new(policy(), None);
         *state.latest.write().unwrap() = outcome;
         state
     }

@@ -29,6 +29,50 @@ pub struct IsolationConfig {
     pub auditor: PgClientConfig,
     /// Environment name (as the deploy pipeline names it, e.g. `production`) to its policy.
     pub environments: BTreeMap<String, EnvironmentPolicy>,
+    /// Probing from the hosts (`[isolation.probe]`); absent: the catalog audit only.
+    #[serde(default)]
+    pub probe: Option<ProbeSettings>,
+}
+
+/// `[isolation.probe]`: which agents try their own environments' credentials against the
+/// other environments' databases, and where they find the cluster.
+#[derive(Debug, Clone, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct ProbeSettings {
+    /// The agents (host names) that probe; each needs `isolation_probe` in its
+    /// `jobs.allowed_kinds` and its credentials in `[jobs.isolation_probe]`.
+    pub hosts: Vec<String>,
+    /// The cluster's address as those hosts reach it.
+    pub host: String,
+    /// The cluster's port.
+    #[serde(default = "default_port")]
+    pub port: u16,
+    /// How long a check waits for the hosts' answers; a host that has not answered by then is
+    /// reported as not probed.
+    #[serde(default = "default_probe_timeout", with = "humantime_serde")]
+    pub timeout: Duration,
+    /// Bound on each connection attempt on the hosts.
+    #[serde(default = "default_connect_timeout", with = "humantime_serde")]
+    pub connect_timeout: Duration,
+    /// Whether scheduled checks probe too (on-demand checks probe when asked).
+    #[serde(default = "default_true")]
+    pub on_schedule: bool,
+}
+
+fn default_port() -> u16 {
+    5432
+}
+
+fn default_probe_timeout() -> Duration {
+    Duration::from_secs(30)
+}
+
+fn default_connect_timeout() -> Duration {
+    Duration::from_secs(5)
+}
+
+fn default_true() -> bool {
+    true
 }
 
 /// One environment: its databases and the users its apps log in as.
@@ -116,6 +160,45 @@ impl IsolationConfig {
             .find_map(|r| name_problem(r))
         {
             return Some(("cross_environment_roles".into(), problem));
+        }
+        if let Some(probe) = &self.probe {
+            if probe.hosts.is_empty() {
+                return Some((
+                    "probe.hosts".into(),
+                    "name at least one host that probes".into(),
+                ));
+            }
+            if let Some(h) = probe
+                .hosts
+                .iter()
+                .find(|h| h.trim().is_empty() || h.contains(char::is_whitespace))
+            {
+                return Some(("probe.hosts".into(), format!("{h:?} is not a host name")));
+            }
+            if probe.host.trim().is_empty() {
+                return Some((
+                    "probe.host".into(),
+                    "give the cluster's address as the hosts reach it".into(),
+                ));
+            }
+            if probe.timeout < Duration::from_secs(1) || probe.connect_timeout.is_zero() {
+                return Some((
+                    "probe.timeout".into(),
+                    format!(
+                        "need timeout >= 1s (is {:?}) and connect_timeout > 0",
+                        probe.timeout
+                    ),
+                ));
+            }
+            if probe.connect_timeout >= probe.timeout {
+                return Some((
+                    "probe.connect_timeout".into(),
+                    format!(
+                        "{:?} must be shorter than probe.timeout ({:?})",
+                        probe.connect_timeout, probe.timeout
+                    ),
+                ));
+            }
         }
         for (env, policy) in &self.environments {
             if env.trim().is_empty() {
@@ -216,6 +299,7 @@ pub(crate) mod tests {
                 ),
             ]
             .into(),
+            probe: None,
         }
     }
 

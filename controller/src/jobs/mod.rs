@@ -45,6 +45,10 @@ struct Entry {
 /// The controller's jobs.
 pub struct JobQueue {
     entries: Mutex<HashMap<String, Entry>>,
+    /// Per host, the ids of its jobs that were unfinished when last looked at: dispatch reads
+    /// these instead of scanning every job ever kept (a fan-out submits one job per host).
+    /// Cleaned lazily by dispatch. Lock order: `entries` before `open`.
+    open: Mutex<HashMap<String, HashSet<String>>>,
     dirty: Mutex<HashSet<String>>,
     registry: Arc<Registry>,
     signer: Option<Signer>,
@@ -77,7 +81,13 @@ impl JobQueue {
         run_timeout: Duration,
     ) -> Result<Arc<Self>, StoreError> {
         let mut entries = HashMap::new();
+        let mut open: HashMap<String, HashSet<String>> = HashMap::new();
         for stored in store.load_jobs()? {
+            if !is_final(stored.job.state()) {
+                open.entry(stored.job.target_host.clone())
+                    .or_default()
+                    .insert(stored.job.job_id.clone());
+            }
             let bundle = bundle_of(&stored.envelope);
             entries.insert(
                 stored.job.job_id.clone(),
@@ -91,6 +101,7 @@ impl JobQueue {
         let (events, _) = broadcast::channel(4096);
         Ok(Arc::new(Self {
             entries: Mutex::new(entries),
+            open: Mutex::new(open),
             dirty: Mutex::new(HashSet::new()),
             registry,
             signer,
@@ -164,6 +175,12 @@ impl JobQueue {
                 bundle,
             },
         );
+        self.open
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .entry(new.target.clone())
+            .or_default()
+            .insert(job_id.clone());
         self.touch(&job_id);
         info!(job_id = %job_id, host = %new.target, kind = new.kind.as_str_name(), "job queued");
         self.dispatch(&new.target);
@@ -180,12 +197,23 @@ impl JobQueue {
         let mut sent = Vec::new();
         {
             let mut entries = self.lock();
-            let mut pending: Vec<&mut Entry> = entries
-                .values_mut()
-                .filter(|e| e.job.target_host == host && !is_final(e.job.state()))
-                .collect();
+            let mut open = self.open.lock().unwrap_or_else(|p| p.into_inner());
+            let Some(ids) = open.get_mut(host) else {
+                return;
+            };
+            ids.retain(|id| entries.get(id).is_some_and(|e| !is_final(e.job.state())));
+            if ids.is_empty() {
+                open.remove(host);
+                return;
+            }
+            let mut pending: Vec<&Entry> = ids.iter().filter_map(|id| entries.get(id)).collect();
             pending.sort_by_key(|e| e.job.created_at.map(|t| (t.seconds, t.nanos)));
-            for entry in pending {
+            let pending: Vec<String> = pending.iter().map(|e| e.job.job_id.clone()).collect();
+            drop(open);
+            for id in pending {
+                let Some(entry) = entries.get_mut(&id) else {
+                    continue;
+                };
                 let msg = ControllerMessage {
                     msg: Some(controller_message::Msg::Job(entry.envelope.clone())),
                 };

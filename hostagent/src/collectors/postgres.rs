@@ -292,6 +292,28 @@ pub async fn connect(
     config: &PgClientConfig,
     application_name: &str,
 ) -> Result<PgConnection, PgError> {
+    connect_to(config, application_name, None).await
+}
+
+/// Another place for a connection than its DSN names: the same user, password and TLS
+/// settings against another server and database (an isolation probe tries one environment's
+/// credentials on another environment's database).
+#[derive(Debug, Clone, Copy)]
+pub struct Redirect<'a> {
+    /// Host name or address.
+    pub host: &'a str,
+    /// TCP port.
+    pub port: u16,
+    /// Database name.
+    pub dbname: &'a str,
+}
+
+/// [`connect`], optionally redirected to another host, port and database.
+pub async fn connect_to(
+    config: &PgClientConfig,
+    application_name: &str,
+    redirect: Option<Redirect<'_>>,
+) -> Result<PgConnection, PgError> {
     let dsn = match (&config.dsn, &config.dsn_file) {
         (Some(dsn), _) => dsn.clone(),
         (None, Some(path)) => read_secret(path, "dsn_file")?,
@@ -305,6 +327,19 @@ pub async fn connect(
     if let Some(path) = &config.password_file {
         let password = read_secret(path, "password_file")?;
         prepared.config.password(password);
+    }
+    if let Some(to) = redirect {
+        // tokio-postgres can add hosts but not remove them: start afresh with the credentials.
+        let mut fresh = tokio_postgres::Config::new();
+        if let Some(user) = prepared.config.get_user() {
+            fresh.user(user);
+        }
+        if let Some(password) = prepared.config.get_password() {
+            fresh.password(password);
+        }
+        fresh.ssl_mode(prepared.config.get_ssl_mode());
+        fresh.host(to.host).port(to.port).dbname(to.dbname);
+        prepared.config = fresh;
     }
     prepared.config.application_name(application_name);
     prepared.config.connect_timeout(config.connect_timeout);

@@ -11,6 +11,7 @@ pub mod events;
 pub mod health;
 pub mod journal;
 pub mod policy;
+pub mod probe;
 pub mod release;
 
 use std::collections::HashMap;
@@ -333,6 +334,9 @@ impl Jobs {
             }
             Some(job_spec::Params::RestoreTest(p)) => {
                 backup::restore::run_restore_test(p, backups, events).await
+            }
+            Some(job_spec::Params::IsolationProbe(p)) => {
+                probe::run_probe(p, &self.config.isolation_probe, events).await
             }
             _ => (self.execute_deploy(spec, events).await, String::new()),
         }

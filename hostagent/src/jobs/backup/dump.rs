@@ -1,12 +1,13 @@
 //! Writing backup files: `pg_dump --format=custom` of a database, `pg_dumpall --globals-only
-//! --no-role-passwords` of a cluster, and a tar of configured paths. Each is written to a temp
-//! file, fsynced, hashed and only then renamed into place, so a file under its final name is
-//! always complete.
+//! --no-role-passwords` of a cluster, and a tar of configured paths. Each streams into a temp
+//! file through a [`Sink`] (hashed, and encrypted when configured, on the way), is fsynced and
+//! only then renamed into place, so a file under its final name is always complete.
 //!
 //! A database dump runs in a snapshot the agent exports from its own read-only transaction
-//! (`pg_export_snapshot`, `pg_dump --snapshot`), and once pg_dump is done the agent counts
+//! (`pg_export_snapshot`, `pg_dump --snapshot`), and while pg_dump reads, the agent counts
 //! every table's rows in that same transaction: the manifest's row counts describe exactly
-//! what the dump holds, however busy the database is.
+//! what the dump holds, however busy the database is, and cost no wall time of their own
+//! beyond the dump's.
 
 use std::collections::BTreeMap;
 use std::io::Write;
@@ -17,8 +18,10 @@ use sentinel_proto::v1::BackupDatabase;
 use sha2::{Digest, Sha256};
 
 use super::dsn::{self, PassFile};
+use super::encryption::{self, Keys};
 use super::manifest::{Entry, Kind, Series};
-use super::{finalize, run_tool};
+use super::sink::{Sink, Written};
+use super::{place, run_tool_io};
 use crate::collectors::postgres;
 use crate::config::BackupsConfig;
 use crate::jobs::JobEvents;
@@ -35,8 +38,91 @@ pub struct RunCtx<'a> {
     pub taken_at: Timestamp,
     /// The agent's backup config.
     pub config: &'a BackupsConfig,
+    /// The keys every file is encrypted to; None: stored as written.
+    pub keys: Option<&'a Keys>,
     /// The job's events.
     pub events: &'a JobEvents,
+}
+
+impl RunCtx<'_> {
+    /// The suffix of a file name after its format's own: `.age` when encrypted.
+    fn suffix(&self) -> &'static str {
+        if self.keys.is_some() {
+            encryption::SUFFIX
+        } else {
+            ""
+        }
+    }
+
+    /// Streams a tool's standard output into the temp file `tmp` and puts it at `file`
+    /// (relative to the backup dir). Nothing is left under either name when it fails.
+    async fn write_from_tool(
+        &self,
+        cmd: tokio::process::Command,
+        what: &str,
+        tmp: &Path,
+        file: &str,
+    ) -> Result<Written, String> {
+        let sink = Sink::create(tmp, self.keys)?;
+        let written = run_tool_io(
+            cmd,
+            what,
+            self.config.command_timeout,
+            self.events,
+            None,
+            move |out| {
+                let mut sink = sink;
+                sink.copy_from(out)?;
+                sink.finish()
+            },
+        )
+        .await;
+        self.put(written, tmp, file).await
+    }
+
+    /// Renames a finished temp file into place, or removes it when writing failed.
+    async fn put(
+        &self,
+        written: Result<Written, String>,
+        tmp: &Path,
+        file: &str,
+    ) -> Result<Written, String> {
+        let placed = match written {
+            Ok(w) => place(tmp, &self.dir.join(file)).await.map(|()| w),
+            Err(e) => Err(e),
+        };
+        if placed.is_err() {
+            let _ = std::fs::remove_file(tmp);
+        }
+        placed
+    }
+
+    /// The manifest entry of a file now in place.
+    fn entry(
+        &self,
+        series: Series,
+        file: String,
+        written: Written,
+        started_at: Timestamp,
+    ) -> Entry {
+        Entry {
+            series,
+            file,
+            size: written.size,
+            sha256: written.sha256,
+            encrypted: written.encrypted,
+            taken_at: self.taken_at,
+            started_at,
+            finished_at: Timestamp::now(),
+            tool_version: String::new(),
+            server_version: String::new(),
+            row_counts: BTreeMap::new(),
+            paths: Vec::new(),
+            pruned_at: None,
+            verified_at: None,
+            damaged: None,
+        }
+    }
 }
 
 /// `NAME --version`, e.g. "pg_dump (PostgreSQL) 15.18".
@@ -134,10 +220,11 @@ pub async fn database(ctx: &RunCtx<'_>, db: &BackupDatabase, tool: &str) -> Resu
         .collect();
 
     let file = format!(
-        "{env}/{db}/{db}-{run}.dump",
+        "{env}/{db}/{db}-{run}.dump{suffix}",
         env = db.environment,
         db = db.database,
-        run = ctx.run_id
+        run = ctx.run_id,
+        suffix = ctx.suffix(),
     );
     let tmp = ctx
         .tmp
@@ -150,55 +237,51 @@ pub async fn database(ctx: &RunCtx<'_>, db: &BackupDatabase, tool: &str) -> Resu
         )?),
         None => None,
     };
+    // To standard output, not --file: the agent hashes (and encrypts) the stream as it goes
+    // into the temp file, instead of reading the whole file back afterwards. (pg_dump then
+    // cannot seek back to record data offsets; pg_restore finds the data by reading on.)
     let mut cmd = tokio::process::Command::new(&ctx.config.pg_dump);
     cmd.arg("--format=custom")
-        .arg(format!("--file={}", tmp.display()))
         .arg(format!("--snapshot={snapshot}"))
         .arg("--no-password")
         .arg(format!("--dbname={}", resolved.conninfo));
     dsn::tool_env(&mut cmd, &resolved, passfile.as_ref());
     let timeout = ctx.config.command_timeout;
-    // pg_dump first, alone: counting alongside it competes for the same CPU and disk (it made
-    // a 1 GiB backup 2.3 times slower on two cores). Both read the same snapshot: pg_dump
-    // imported it, and our transaction stays open until the counts are done.
-    let dumped = run_tool(cmd, "pg_dump", timeout, ctx.events).await;
-    drop(passfile);
-    let counted = match dumped {
-        Ok(_) => tokio::time::timeout(timeout, count_rows(client, &tables))
+    let sink = Sink::create(&tmp, ctx.keys)?;
+    let dumped = run_tool_io(cmd, "pg_dump", timeout, ctx.events, None, move |out| {
+        let mut sink = sink;
+        sink.copy_from(out)?;
+        sink.finish()
+    });
+    // The counts run while pg_dump reads, on our connection, in the snapshot pg_dump imported
+    // (our transaction stays open until both are done): exactly what the dump holds, at no
+    // extra wall time. A failing count stops pg_dump (the dump future is dropped, which kills
+    // it), and a failing pg_dump stops the counts.
+    let counted = async {
+        tokio::time::timeout(timeout, count_rows(client, &tables))
             .await
             .map_err(|_| format!("counting rows took longer than {timeout:?}"))
-            .and_then(|r| r),
-        Err(e) => Err(e),
+            .and_then(|r| r)
     };
+    let both = tokio::try_join!(dumped, counted);
+    drop(passfile);
     let _ = client.batch_execute("COMMIT").await;
     drop(conn);
-    let row_counts = match counted {
-        Ok(c) => c,
-        Err(e) => {
-            let _ = std::fs::remove_file(&tmp);
-            return Err(e);
-        }
+    let (written, row_counts) = match both {
+        Ok((w, c)) => (Ok(w), c),
+        Err(e) => (Err(e), BTreeMap::new()),
     };
-    let (size, sha256) = finalize(&tmp, &ctx.dir.join(&file)).await?;
+    let written = ctx.put(written, &tmp, &file).await?;
+    let series = Series {
+        kind: Kind::Database,
+        environment: db.environment.clone(),
+        database: db.database.clone(),
+    };
     Ok(Entry {
-        series: Series {
-            kind: Kind::Database,
-            environment: db.environment.clone(),
-            database: db.database.clone(),
-        },
-        file,
-        size,
-        sha256,
-        taken_at: ctx.taken_at,
-        started_at,
-        finished_at: Timestamp::now(),
         tool_version: tool.to_string(),
         server_version,
         row_counts,
-        paths: Vec::new(),
-        pruned_at: None,
-        verified_at: None,
-        damaged: None,
+        ..ctx.entry(series, file, written, started_at)
     })
 }
 
@@ -251,7 +334,11 @@ async fn check_read_only(
 pub async fn globals(ctx: &RunCtx<'_>, dsn_ref: &str, tool: &str) -> Result<Entry, String> {
     let started_at = Timestamp::now();
     let resolved = dsn::resolve(ctx.config, dsn_ref, ctx.events)?;
-    let file = format!("globals/{dsn_ref}/{dsn_ref}-{}.sql", ctx.run_id);
+    let file = format!(
+        "globals/{dsn_ref}/{dsn_ref}-{}.sql{}",
+        ctx.run_id,
+        ctx.suffix()
+    );
     let tmp = ctx.tmp.join(format!("globals-{dsn_ref}.sql.partial"));
     let passfile = match &resolved.password {
         Some(p) => Some(PassFile::write(ctx.tmp, &format!("globals-{dsn_ref}"), p)?),
@@ -260,79 +347,48 @@ pub async fn globals(ctx: &RunCtx<'_>, dsn_ref: &str, tool: &str) -> Result<Entr
     let mut cmd = tokio::process::Command::new(&ctx.config.pg_dumpall);
     cmd.arg("--globals-only")
         .arg("--no-role-passwords")
-        .arg(format!("--file={}", tmp.display()))
         .arg("--no-password")
         .arg(format!("--dbname={}", resolved.conninfo));
     dsn::tool_env(&mut cmd, &resolved, passfile.as_ref());
-    let result = run_tool(cmd, "pg_dumpall", ctx.config.command_timeout, ctx.events).await;
+    let written = ctx.write_from_tool(cmd, "pg_dumpall", &tmp, &file).await;
     drop(passfile);
-    if let Err(e) = result {
-        let _ = std::fs::remove_file(&tmp);
-        return Err(e);
-    }
-    let (size, sha256) = finalize(&tmp, &ctx.dir.join(&file)).await?;
+    let series = Series {
+        kind: Kind::Globals,
+        environment: String::new(),
+        database: dsn_ref.to_string(),
+    };
     Ok(Entry {
-        series: Series {
-            kind: Kind::Globals,
-            environment: String::new(),
-            database: dsn_ref.to_string(),
-        },
-        file,
-        size,
-        sha256,
-        taken_at: ctx.taken_at,
-        started_at,
-        finished_at: Timestamp::now(),
         tool_version: tool.to_string(),
-        server_version: String::new(),
-        row_counts: BTreeMap::new(),
-        paths: Vec::new(),
-        pruned_at: None,
-        verified_at: None,
-        damaged: None,
+        ..ctx.entry(series, file, written?, started_at)
     })
 }
 
 /// Tars `paths` (symlinks kept as links, not followed).
 pub async fn files(ctx: &RunCtx<'_>, paths: &[String]) -> Result<Entry, String> {
     let started_at = Timestamp::now();
-    let file = format!("files/files-{}.tar", ctx.run_id);
+    let file = format!("files/files-{}.tar{}", ctx.run_id, ctx.suffix());
     let tmp = ctx.tmp.join("files.tar.partial");
     let sources: Vec<PathBuf> = paths.iter().map(PathBuf::from).collect();
-    let tmp2 = tmp.clone();
-    let written = tokio::task::spawn_blocking(move || write_tar(&tmp2, &sources))
+    let sink = Sink::create(&tmp, ctx.keys)?;
+    let written = tokio::task::spawn_blocking(move || write_tar(sink, &sources))
         .await
-        .map_err(|e| format!("tar task failed: {e}"))?;
-    if let Err(e) = written {
-        let _ = std::fs::remove_file(&tmp);
-        return Err(e);
-    }
-    let (size, sha256) = finalize(&tmp, &ctx.dir.join(&file)).await?;
+        .map_err(|e| format!("tar task failed: {e}"))
+        .and_then(|r| r);
+    let written = ctx.put(written, &tmp, &file).await?;
+    let series = Series {
+        kind: Kind::Files,
+        environment: String::new(),
+        database: "files".into(),
+    };
     Ok(Entry {
-        series: Series {
-            kind: Kind::Files,
-            environment: String::new(),
-            database: "files".into(),
-        },
-        file,
-        size,
-        sha256,
-        taken_at: ctx.taken_at,
-        started_at,
-        finished_at: Timestamp::now(),
-        tool_version: String::new(),
-        server_version: String::new(),
-        row_counts: BTreeMap::new(),
         paths: paths.to_vec(),
-        pruned_at: None,
-        verified_at: None,
-        damaged: None,
+        ..ctx.entry(series, file, written, started_at)
     })
 }
 
-fn write_tar(tmp: &Path, sources: &[PathBuf]) -> Result<(), String> {
-    let out = std::fs::File::create(tmp).map_err(|e| format!("creating {}: {e}", tmp.display()))?;
-    let mut builder = tar::Builder::new(std::io::BufWriter::new(out));
+fn write_tar(sink: Sink, sources: &[PathBuf]) -> Result<Written, String> {
+    // Tar writes 512-byte headers and file contents in small pieces: batch them.
+    let mut builder = tar::Builder::new(std::io::BufWriter::with_capacity(1 << 20, sink));
     builder.follow_symlinks(false);
     for source in sources {
         let name = source.strip_prefix("/").unwrap_or(source);
@@ -347,10 +403,12 @@ fn write_tar(tmp: &Path, sources: &[PathBuf]) -> Result<(), String> {
     }
     let mut out = builder
         .into_inner()
-        .map_err(|e| format!("finishing the tar {}: {e}", tmp.display()))?;
-    out.flush()
-        .map_err(|e| format!("writing the tar {}: {e}", tmp.display()))?;
-    Ok(())
+        .map_err(|e| format!("finishing the tar: {e}"))?;
+    out.flush().map_err(|e| format!("writing the tar: {e}"))?;
+    let sink = out
+        .into_inner()
+        .map_err(|e| format!("writing the tar: {}", e.error()))?;
+    sink.finish()
 }
 
 /// SHA-256 (hex) and size of a file, read in 1 MiB blocks.

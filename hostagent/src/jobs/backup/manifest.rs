@@ -1,8 +1,8 @@
 //! The manifest of a backup run (`BACKUP_DIR/manifests/RUN.json`): what each file of the run
-//! holds, its size and sha256, the tool and server versions, when it was taken, and for
-//! database dumps the row count of every table. Verify checks files against it, restore tests
-//! compare row counts with it, and retention marks what it pruned in it; it is the backup
-//! directory's inventory.
+//! holds, its size and sha256, whether it is encrypted, the tool and server versions, when it
+//! was taken, and for database dumps the row count of every table. Verify checks files against
+//! it, restore tests compare row counts with it, and retention marks what it pruned in it; it
+//! is the backup directory's inventory.
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -69,8 +69,12 @@ pub struct Entry {
     pub file: String,
     /// Bytes.
     pub size: u64,
-    /// SHA-256 of the file, lowercase hex.
+    /// SHA-256 of the file as stored (of the ciphertext when encrypted), lowercase hex.
     pub sha256: String,
+    /// Whether the file is an age file (`[jobs.backups.encryption]` was set when it was
+    /// written): verify reports one that does not start with the age header as damaged.
+    #[serde(default)]
+    pub encrypted: bool,
     /// The run's clock when it was taken (what retention and ages count from).
     pub taken_at: Timestamp,
     /// Wall-clock start and end of writing it.
@@ -277,6 +281,7 @@ mod tests {
             file: "../../etc/passwd".into(),
             size: 1,
             sha256: String::new(),
+            encrypted: false,
             taken_at: now,
             started_at: now,
             finished_at: now,

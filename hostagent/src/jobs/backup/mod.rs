@@ -2,9 +2,11 @@
 //!
 //! A backup run dumps every database of the job with `pg_dump --format=custom` as a read-only
 //! role, the cluster's globals with `pg_dumpall --globals-only --no-role-passwords`, and tars
-//! configured paths; each file is written to a temp file, fsynced, hashed and renamed into
-//! place. The run's manifest records every file's size, sha256, tool and server versions and
-//! the row count of every table ([`manifest`]). Then, for each series whose new backup
+//! configured paths. Each file streams from the tool into a temp file, hashed (and encrypted
+//! with age when `[jobs.backups.encryption]` says so) on the way ([`sink`], [`encryption`]),
+//! then is fsynced and renamed into place. The run's manifest records every file's size,
+//! sha256, whether it is encrypted, tool and server versions and the row count of every table
+//! ([`manifest`]). Then, for each series whose new backup
 //! succeeded (and only those), retention prunes what the policy no longer names
 //! ([`retention`]), and the new files are copied offsite with rsync and checked there
 //! ([`offsite`]); what could not be copied is retried at the next run.
@@ -18,10 +20,12 @@
 
 pub mod dsn;
 pub mod dump;
+pub mod encryption;
 pub mod manifest;
 pub mod offsite;
 pub mod restore;
 pub mod retention;
+pub mod sink;
 pub mod verify;
 
 use std::collections::{BTreeMap, BTreeSet};
@@ -116,13 +120,44 @@ fn policy_of(r: &RetentionPolicy) -> retention::Policy {
 /// (the process is killed when it runs over or the job is cancelled). Returns its stdout; the
 /// error names the tool, its exit status and the last lines it printed.
 pub async fn run_tool(
-    mut cmd: tokio::process::Command,
+    cmd: tokio::process::Command,
     what: &str,
     timeout: Duration,
     events: &JobEvents,
 ) -> Result<String, String> {
-    use tokio::io::{AsyncBufReadExt, AsyncReadExt};
-    cmd.stdin(std::process::Stdio::null())
+    run_tool_io(cmd, what, timeout, events, None, |mut out| {
+        use std::io::Read;
+        let mut buf = Vec::new();
+        out.read_to_end(&mut buf)
+            .map_err(|e| format!("reading the output: {e}"))?;
+        Ok(String::from_utf8_lossy(&buf).into_owned())
+    })
+    .await
+}
+
+/// Feeds a tool's standard input on a blocking thread; closing the file ends the input.
+pub type Feed = Box<dyn FnOnce(std::fs::File) -> Result<(), String> + Send>;
+
+/// [`run_tool`] with the tool's standard input fed by `feed` (else closed) and its standard
+/// output handed to `drain`, both on blocking threads with plain blocking files, so that large
+/// streams (a dump, a decrypted archive) pass through without a detour through the runtime.
+/// When the tool fails, its error comes first and a feed or drain error is added to it; when
+/// it succeeds, a feed or drain error is the result.
+pub async fn run_tool_io<R: Send + 'static>(
+    mut cmd: tokio::process::Command,
+    what: &str,
+    timeout: Duration,
+    events: &JobEvents,
+    feed: Option<Feed>,
+    drain: impl FnOnce(std::fs::File) -> Result<R, String> + Send + 'static,
+) -> Result<R, String> {
+    use tokio::io::AsyncBufReadExt;
+    let stdin = if feed.is_some() {
+        std::process::Stdio::piped()
+    } else {
+        std::process::Stdio::null()
+    };
+    cmd.stdin(stdin)
         .stdout(std::process::Stdio::piped())
         .stderr(std::process::Stdio::piped())
         .kill_on_drop(true);
@@ -130,16 +165,29 @@ pub async fn run_tool(
     let mut child = cmd
         .spawn()
         .map_err(|e| format!("starting {what} ({program}): {e}"))?;
-    let stdout = child.stdout.take();
+    // Blocking files: a killed tool closes its pipes, so these threads end with it.
+    let stdout = child
+        .stdout
+        .take()
+        .map(|s| s.into_owned_fd().map(std::fs::File::from))
+        .transpose()
+        .map_err(|e| format!("{what}'s standard output: {e}"))?;
+    let stdin = child
+        .stdin
+        .take()
+        .map(|s| s.into_owned_fd().map(std::fs::File::from))
+        .transpose()
+        .map_err(|e| format!("{what}'s standard input: {e}"))?;
     let stderr = child.stderr.take();
+    let drained = tokio::task::spawn_blocking(move || match stdout {
+        Some(out) => drain(out),
+        None => Err("no standard output".to_string()),
+    });
+    let fed = match (feed, stdin) {
+        (Some(feed), Some(input)) => Some(tokio::task::spawn_blocking(move || feed(input))),
+        _ => None,
+    };
     let work = async move {
-        let read_out = async {
-            let mut buf = Vec::new();
-            if let Some(mut out) = stdout {
-                let _ = out.read_to_end(&mut buf).await;
-            }
-            buf
-        };
         let read_err = async {
             let mut tail: Vec<String> = Vec::new();
             if let Some(err) = stderr {
@@ -154,48 +202,63 @@ pub async fn run_tool(
             }
             tail
         };
-        let (out, tail) = tokio::join!(read_out, read_err);
+        let fed = async {
+            match fed {
+                Some(task) => task
+                    .await
+                    .map_err(|e| format!("feeding {what} failed: {e}"))
+                    .and_then(|r| r),
+                None => Ok(()),
+            }
+        };
+        let drained = async {
+            drained
+                .await
+                .map_err(|e| format!("reading {what}'s output failed: {e}"))
+                .and_then(|r| r)
+        };
+        let (tail, fed, drained) = tokio::join!(read_err, fed, drained);
         let status = child.wait().await;
-        (out, tail, status)
+        (tail, fed, drained, status)
     };
     match tokio::time::timeout(timeout, work).await {
         Err(_) => Err(format!(
             "{what} took longer than {timeout:?} and was stopped"
         )),
-        Ok((_, _, Err(e))) => Err(format!("waiting for {what}: {e}")),
-        Ok((out, tail, Ok(status))) => {
+        Ok((_, _, _, Err(e))) => Err(format!("waiting for {what}: {e}")),
+        Ok((tail, fed, drained, Ok(status))) => {
             if status.success() {
-                Ok(String::from_utf8_lossy(&out).into_owned())
+                fed?;
+                drained
             } else {
                 let said = tail.join(" / ");
-                Err(format!(
+                let mut error = format!(
                     "{what} failed ({status}){}",
                     if said.is_empty() {
                         String::new()
                     } else {
                         format!(": {said}")
                     }
-                ))
+                );
+                for e in [fed.err(), drained.err()].into_iter().flatten() {
+                    error.push_str(&format!("; {e}"));
+                }
+                Err(error)
             }
         }
     }
 }
 
-/// Makes a finished temp file durable and puts it in place: fsync, hash, rename, fsync of the
-/// directory. Returns size and sha256.
-pub async fn finalize(tmp: &Path, dest: &Path) -> Result<(u64, String), String> {
+/// Puts a finished (already fsynced) temp file in place: rename, then fsync of the directory
+/// so the rename survives a crash.
+pub async fn place(tmp: &Path, dest: &Path) -> Result<(), String> {
     let (tmp, dest) = (tmp.to_path_buf(), dest.to_path_buf());
     tokio::task::spawn_blocking(move || {
         let fail = |what: &str, p: &Path, e: std::io::Error| format!("{what} {}: {e}", p.display());
-        std::fs::File::open(&tmp)
-            .and_then(|f| f.sync_all())
-            .map_err(|e| fail("syncing", &tmp, e))?;
-        let (size, sha) = dump::sha256_file(&tmp).map_err(|e| fail("reading", &tmp, e))?;
         let parent = dest.parent().unwrap_or(Path::new("."));
         std::fs::create_dir_all(parent).map_err(|e| fail("creating", parent, e))?;
         std::fs::rename(&tmp, &dest).map_err(|e| fail("renaming into", &dest, e))?;
-        sync_dir(parent).map_err(|e| fail("syncing", parent, e))?;
-        Ok((size, sha))
+        sync_dir(parent).map_err(|e| fail("syncing", parent, e))
     })
     .await
     .map_err(|e| format!("file task failed: {e}"))?
@@ -312,6 +375,18 @@ async fn backup(
     let retention_params = p.retention.clone().unwrap_or_default();
     let (taken_at, simulated) = clock(p.retention.as_ref(), config).map_err(failed)?;
     let tz = retention::parse_time_zone(&retention_params.time_zone).map_err(failed)?;
+    // Before anything is written: keys that stopped loading (a file changed since start-up)
+    // fail the run whole, never leaving a plaintext backup where an encrypted one belongs.
+    let keys = config
+        .encryption
+        .as_ref()
+        .map(encryption::Keys::load)
+        .transpose()
+        .map_err(|e| {
+            JobError::Failed(format!(
+                "[jobs.backups.encryption]: {e}; nothing was backed up"
+            ))
+        })?;
     let dir = PathBuf::from(&p.backup_dir);
     let tmp = prepare_dir(&dir).map_err(failed)?;
     let mut run_id = taken_at.strftime("%Y%m%dT%H%M%SZ").to_string();
@@ -335,6 +410,7 @@ async fn backup(
         run_id: &run_id,
         taken_at,
         config,
+        keys: keys.as_ref(),
         events,
     };
 

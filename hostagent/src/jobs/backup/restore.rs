@@ -3,7 +3,8 @@
 //! row counts are compared with the manifest's, the configured invariants (queries that must
 //! return true) are checked, the restore's duration is recorded, and the scratch database is
 //! dropped whatever happened. Scratch databases are named `sentinel_restore_*`; any left by a
-//! crashed run are dropped first.
+//! crashed run are dropped first. An encrypted dump is decrypted into pg_restore's standard
+//! input: its plaintext never touches the disk.
 
 use std::collections::BTreeMap;
 use std::path::PathBuf;
@@ -15,8 +16,9 @@ use serde::{Deserialize, Serialize};
 
 use super::dsn::{self, PassFile, Resolved};
 use super::dump::{count_rows, quote_ident, TABLES_SQL};
+use super::encryption::{self, Keys};
 use super::manifest::{self, Entry, Kind, Series};
-use super::{prepare_dir, run_tool, verify, Outcome, Step};
+use super::{prepare_dir, run_tool, run_tool_io, verify, Outcome, Step};
 use crate::collectors::postgres;
 use crate::config::BackupsConfig;
 use crate::jobs::{JobError, JobEvents};
@@ -93,6 +95,13 @@ async fn restore_test(
     let now = Timestamp::now();
     report.tested_at = Some(now);
     let cluster = dsn::resolve(config, &p.test_cluster_dsn_ref, events).map_err(failed)?;
+    // Needed only for encrypted dumps; an error is reported by the dumps that need the keys.
+    let keys = config
+        .encryption
+        .as_ref()
+        .map(Keys::load)
+        .transpose()
+        .map_err(|e| format!("[jobs.backups.encryption]: {e}"));
     let tmp = prepare_dir(&dir).map_err(failed)?;
     let admin = postgres::connect(&cluster.client, "sentinel-restore-test")
         .await
@@ -140,6 +149,7 @@ async fn restore_test(
         let step = Step::start(events, format!("restore {series}"));
         let result = restore_one(
             config,
+            &keys,
             p,
             &cluster,
             &admin.client,
@@ -216,6 +226,7 @@ async fn drop_database(client: &tokio_postgres::Client, name: &str) -> Option<St
 #[allow(clippy::too_many_arguments)]
 async fn restore_one(
     config: &BackupsConfig,
+    keys: &Result<Option<Keys>, String>,
     p: &RestoreTestParams,
     cluster: &Resolved,
     admin: &tokio_postgres::Client,
@@ -240,11 +251,37 @@ async fn restore_one(
     // A damaged file is reported as such, and restored anyway: whether it still restores is
     // worth knowing too.
     let path = dir.join(&entry.file);
-    if let Err(e) =
-        verify::check_file(config, &path, entry.size, &entry.sha256, false, events).await
-    {
+    let usable = keys.as_ref().ok().and_then(Option::as_ref);
+    if let Err(e) = verify::check_file(config, usable, &path, entry, false, events).await {
         errors.push(e);
     }
+    // An encrypted dump needs an identity; without one there is nothing to restore.
+    let feed: Option<super::Feed> = if verify::should_be_encrypted(entry) {
+        match keys.as_ref().map(Option::as_ref) {
+            Err(e) => {
+                errors.push(e.clone());
+                result.error = Some(errors.join("; "));
+                return result;
+            }
+            Ok(keys) => match keys.filter(|k| k.can_decrypt()) {
+                None => {
+                    errors.push(
+                        encryption::EncryptionError::NoIdentity { path: path.clone() }.to_string(),
+                    );
+                    result.error = Some(errors.join("; "));
+                    return result;
+                }
+                Some(keys) => {
+                    let (keys, file) = (keys.clone(), path.clone());
+                    Some(Box::new(move |stdin| {
+                        encryption::decrypt_into(&keys, &file, stdin, false).map(drop)
+                    }))
+                }
+            },
+        }
+    } else {
+        None
+    };
     let short: String = entry.series.database.chars().take(30).collect();
     let scratch = format!("{SCRATCH_PREFIX}{short}_{stamp}").to_ascii_lowercase();
     if let Err(e) = admin
@@ -269,11 +306,33 @@ async fn restore_one(
             .arg("--no-acl")
             .arg("--exit-on-error")
             .arg("--no-password")
-            .arg(format!("--dbname={}", target.conninfo))
-            .arg(&path);
+            .arg(format!("--dbname={}", target.conninfo));
+        if feed.is_some() {
+            // The plaintext comes through standard input.
+            cmd.arg("--format=custom");
+        } else {
+            cmd.arg(&path);
+        }
         dsn::tool_env(&mut cmd, &target, passfile.as_ref());
         let started = Instant::now();
-        let r = run_tool(cmd, "pg_restore", config.command_timeout, events).await;
+        let r = match feed {
+            None => run_tool(cmd, "pg_restore", config.command_timeout, events).await,
+            Some(feed) => {
+                run_tool_io(
+                    cmd,
+                    "pg_restore",
+                    config.command_timeout,
+                    events,
+                    Some(feed),
+                    |mut out| {
+                        std::io::copy(&mut out, &mut std::io::sink())
+                            .map(|_| String::new())
+                            .map_err(|e| format!("reading pg_restore's output: {e}"))
+                    },
+                )
+                .await
+            }
+        };
         result.restore_seconds = started.elapsed().as_secs_f64();
         r?;
         let conn = postgres::connect(&target.client, "sentinel-restore-test")

@@ -1,7 +1,11 @@
-//! The daily verify: every retained file against its manifest (present, size, sha256) and, for
-//! database dumps, `pg_restore --list` able to read its table of contents. What it finds is
-//! written back into the manifests (`verified_at`, `damaged`), so retention stops counting a
-//! damaged dump as its day's backup and `ListBackups` shows the newest *good* one.
+//! The daily verify: every retained file against its manifest (present, size, sha256; an
+//! encrypted one must start with the age header) and, for database dumps, `pg_restore --list`
+//! able to read its table of contents: an encrypted dump is decrypted into pg_restore's
+//! standard input (no plaintext on disk) and on to its end, so every chunk's authentication is
+//! checked. Without an identity to decrypt with, encrypted files are checked by sha256 and
+//! header only, and the result says so. What it finds is written back into the manifests
+//! (`verified_at`, `damaged`), so retention stops counting a damaged dump as its day's backup
+//! and `ListBackups` shows the newest *good* one.
 
 use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
@@ -11,8 +15,9 @@ use sentinel_proto::v1::VerifyBackupsParams;
 use serde::{Deserialize, Serialize};
 
 use super::dump::sha256_file;
-use super::manifest::{self, Kind, Series, SeriesInventory};
-use super::{human_bytes, run_tool, Outcome, Step};
+use super::encryption::{self, Keys};
+use super::manifest::{self, Entry, Kind, Series, SeriesInventory};
+use super::{human_bytes, run_tool, run_tool_io, Outcome, Step};
 use crate::config::BackupsConfig;
 use crate::jobs::{JobError, JobEvents};
 
@@ -43,6 +48,10 @@ pub struct VerifyReport {
     pub problems: Vec<String>,
     /// Files in the backup dir that no manifest lists (left alone, reported).
     pub unlisted: Vec<String>,
+    /// Encrypted files checked by sha256 and age header only: the agent has no identity to
+    /// decrypt them, so whether pg_restore can read them is unknown.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub unread: Vec<String>,
     /// What the backup dir holds, with what this run found.
     pub inventory: Vec<SeriesInventory>,
 }
@@ -78,6 +87,16 @@ async fn verify(
         .iter()
         .map(|(path, e)| format!("manifest {} unreadable: {e}", path.display()))
         .collect();
+    // Keys that stopped loading since start-up: still check what needs no key, and say so.
+    let keys = match config.encryption.as_ref().map(Keys::load).transpose() {
+        Ok(keys) => keys,
+        Err(e) => {
+            report
+                .problems
+                .push(format!("[jobs.backups.encryption]: {e}"));
+            None
+        }
+    };
     let step = Step::start(events, "verify");
     let mut listed = BTreeSet::new();
     for m in manifests.iter_mut() {
@@ -86,12 +105,21 @@ async fn verify(
             listed.insert(entry.file.clone());
             let path = dir.join(&entry.file);
             let list_toc = entry.series.kind == Kind::Database;
-            let found =
-                check_file(config, &path, entry.size, &entry.sha256, list_toc, events).await;
+            let found = check_file(config, keys.as_ref(), &path, entry, list_toc, events).await;
             report.checked += 1;
             report.bytes += entry.size;
             match &found {
-                Ok(()) => events.log("agent", &format!("ok: {}", entry.file)),
+                Ok(Checked::Read) => events.log("agent", &format!("ok: {}", entry.file)),
+                Ok(Checked::HashOnly) => {
+                    events.log(
+                        "agent",
+                        &format!(
+                            "ok by sha256 and age header: {} (no identity to decrypt it)",
+                            entry.file
+                        ),
+                    );
+                    report.unread.push(entry.file.clone());
+                }
                 Err(e) => {
                     events.log("agent", &format!("DAMAGED: {}: {e}", entry.file));
                     report.damaged.push(Damage {
@@ -116,10 +144,19 @@ async fn verify(
     report.unlisted = unlisted(&dir, &listed);
     report.inventory = manifest::inventory(&manifests);
     let summary = format!(
-        "checked {} file(s), {}: {} damaged{}{}",
+        "checked {} file(s), {}: {} damaged{}{}{}",
         report.checked,
         human_bytes(report.bytes),
         report.damaged.len(),
+        if report.unread.is_empty() {
+            String::new()
+        } else {
+            format!(
+                ", {} encrypted file(s) checked by sha256 and age header only: no \
+                 identity_file in [jobs.backups.encryption] to read them with",
+                report.unread.len()
+            )
+        },
         if report.problems.is_empty() {
             String::new()
         } else {
@@ -146,16 +183,26 @@ async fn verify(
     result.map_err(JobError::Failed)
 }
 
-/// Checks one file: present, its size and sha256 as recorded, and with `list_toc` (database
-/// dumps) readable by `pg_restore --list`.
+/// How far a file that passed could be checked.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Checked {
+    /// Everything asked for.
+    Read,
+    /// Size, sha256 and age header; the archive itself could not be read (no identity).
+    HashOnly,
+}
+
+/// Checks one file: present, its size and sha256 as recorded, an age file when it should be
+/// encrypted, and with `list_toc` (database dumps) readable by `pg_restore --list`.
 pub async fn check_file(
     config: &BackupsConfig,
+    keys: Option<&Keys>,
     path: &Path,
-    size: u64,
-    sha256: &str,
+    entry: &Entry,
     list_toc: bool,
     events: &JobEvents,
-) -> Result<(), String> {
+) -> Result<Checked, String> {
+    let (size, sha256) = (entry.size, entry.sha256.as_str());
     let p = path.to_path_buf();
     let (actual_size, actual) = tokio::task::spawn_blocking(move || sha256_file(&p))
         .await
@@ -178,23 +225,69 @@ pub async fn check_file(
             &actual[..12]
         ));
     }
+    let encrypted = should_be_encrypted(entry);
+    let mut checked = Checked::Read;
+    if encrypted {
+        if let Err(e) = encryption::ensure_encrypted(path) {
+            // Nothing more to learn from it: it is not what the manifest says it is.
+            problems.push(e);
+            return Err(problems.join(", "));
+        }
+    }
     if list_toc {
-        let mut cmd = tokio::process::Command::new(&config.pg_restore);
-        cmd.arg("--list").arg(path);
-        match run_tool(cmd, "pg_restore --list", config.command_timeout, events).await {
-            Ok(toc)
+        let listed = if !encrypted {
+            let mut cmd = tokio::process::Command::new(&config.pg_restore);
+            cmd.arg("--list").arg(path);
+            Some(run_tool(cmd, "pg_restore --list", config.command_timeout, events).await)
+        } else if let Some(keys) = keys.filter(|k| k.can_decrypt()) {
+            let mut cmd = tokio::process::Command::new(&config.pg_restore);
+            cmd.arg("--list").arg("--format=custom");
+            let (keys, file) = (keys.clone(), path.to_path_buf());
+            let feed: super::Feed = Box::new(move |stdin| {
+                encryption::decrypt_into(&keys, &file, stdin, true).map(drop)
+            });
+            Some(
+                run_tool_io(
+                    cmd,
+                    "pg_restore --list",
+                    config.command_timeout,
+                    events,
+                    Some(feed),
+                    |mut out| {
+                        use std::io::Read;
+                        let mut toc = String::new();
+                        out.read_to_string(&mut toc)
+                            .map_err(|e| format!("reading pg_restore's list: {e}"))?;
+                        Ok(toc)
+                    },
+                )
+                .await,
+            )
+        } else {
+            checked = Checked::HashOnly;
+            None
+        };
+        match listed {
+            Some(Ok(toc))
                 if toc
                     .lines()
                     .any(|l| !l.starts_with(';') && !l.trim().is_empty()) => {}
-            Ok(_) => problems.push("pg_restore --list shows an empty archive".into()),
-            Err(e) => problems.push(e),
+            Some(Ok(_)) => problems.push("pg_restore --list shows an empty archive".into()),
+            Some(Err(e)) => problems.push(e),
+            None => {}
         }
     }
     if problems.is_empty() {
-        Ok(())
+        Ok(checked)
     } else {
         Err(problems.join(", "))
     }
+}
+
+/// Whether a file must be an age file: its manifest says so, or its name does (a manifest
+/// edited to call an `.age` file plaintext does not make it so).
+pub fn should_be_encrypted(entry: &Entry) -> bool {
+    entry.encrypted || entry.file.ends_with(encryption::SUFFIX)
 }
 
 /// Backup files that no manifest lists (dot-files, manifests and the pending list aside).

@@ -1,0 +1,308 @@
+//! Probing from the hosts: one signed `IsolationProbe` job per `[isolation.probe]` host, each
+//! listing every database of the policy; the agent tries its own environments' credentials on
+//! the other environments' databases and answers with every attempt. A connection that got in
+//! is a violation; a host that is offline, refuses the job or does not answer in time is
+//! reported as not probed (no evidence either way), never as clean.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use hostagent::jobs::probe::ProbeReport;
+use sentinel_proto::v1::{
+    job_event, job_spec, IsolationProbeParams, IsolationViolation, Job, JobKind, JobState,
+    ProbeResult, ProbeTarget,
+};
+
+use super::policy::{IsolationConfig, ProbeSettings};
+use crate::jobs::{is_final, JobQueue, NewJob};
+use crate::registry::Registry;
+use tokio::sync::broadcast;
+
+/// Sends probe jobs and gathers their answers.
+pub struct Prober {
+    jobs: Arc<JobQueue>,
+    registry: Arc<Registry>,
+}
+
+impl std::fmt::Debug for Prober {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Prober").finish_non_exhaustive()
+    }
+}
+
+impl Prober {
+    /// A prober over the controller's job queue and live fleet.
+    pub fn new(jobs: Arc<JobQueue>, registry: Arc<Registry>) -> Self {
+        Self { jobs, registry }
+    }
+
+    /// Probes from `hosts` at once and waits (at most `settings.timeout`) for their answers:
+    /// one result per attempt, or one per host that could not probe.
+    pub async fn run(
+        &self,
+        policy: &IsolationConfig,
+        settings: &ProbeSettings,
+        hosts: &[String],
+        requested_by: &str,
+    ) -> Vec<ProbeResult> {
+        let params = params(policy, settings);
+        let mut results = Vec::new();
+        // Subscribed before the first job goes out, so no answer can slip by.
+        let mut events = self.jobs.subscribe();
+        let mut waiting: HashMap<String, String> = HashMap::new();
+        for host in hosts {
+            if self.registry.sender(host).is_none() {
+                results.push(not_probed(
+                    host,
+                    "not probed: the host is not connected".into(),
+                ));
+                continue;
+            }
+            let submitted = self.jobs.submit(NewJob {
+                target: host.clone(),
+                kind: JobKind::IsolationProbe,
+                params: job_spec::Params::IsolationProbe(params.clone()),
+                // A probe that has not started by the time the check gives up must not run
+                // later, when nobody reads it.
+                ttl: settings.timeout,
+                requested_by: requested_by.to_string(),
+            });
+            match submitted {
+                Ok(job) => {
+                    waiting.insert(job.job_id, host.clone());
+                }
+                Err(status) => results.push(not_probed(
+                    host,
+                    format!("not probed: {}", status.message()),
+                )),
+            }
+        }
+        let deadline = tokio::time::Instant::now() + settings.timeout;
+        // Answers arrive as job events; a full rescan only when events were missed (the
+        // broadcast lagged) and once a second for states no event announces (timeouts).
+        let mut rescan = true;
+        let mut tick = tokio::time::interval(Duration::from_secs(1));
+        while !waiting.is_empty() {
+            if rescan {
+                let done: Vec<String> = waiting
+                    .keys()
+                    .filter(|id| self.jobs.get(id).is_none_or(|j| is_final(j.state())))
+                    .cloned()
+                    .collect();
+                for id in done {
+                    if let Some(host) = waiting.remove(&id) {
+                        results.extend(self.collect(&host, &id));
+                    }
+                }
+                rescan = false;
+                continue;
+            }
+            tokio::select! {
+                event = events.recv() => match event {
+                    Ok(event) => {
+                        let finished = matches!(
+                            event.event,
+                            Some(job_event::Event::Finished(_) | job_event::Event::Refused(_))
+                        );
+                        if finished {
+                            if let Some(host) = waiting.remove(&event.job_id) {
+                                results.extend(self.collect(&host, &event.job_id));
+                            }
+                        }
+                    }
+                    Err(broadcast::error::RecvError::Lagged(_)) => rescan = true,
+                    Err(broadcast::error::RecvError::Closed) => break,
+                },
+                _ = tick.tick() => rescan = true,
+                _ = tokio::time::sleep_until(deadline) => break,
+            }
+        }
+        for (id, host) in waiting {
+            let _ = self.jobs.cancel(&id, "the isolation check stopped waiting");
+            results.push(not_probed(
+                &host,
+                format!(
+                    "not probed: no answer within {:?} (job {id})",
+                    settings.timeout
+                ),
+            ));
+        }
+        results
+            .sort_by(|a, b| (&a.host, &a.user, &a.database).cmp(&(&b.host, &b.user, &b.database)));
+        results
+    }
+
+    /// The results of job `id` of `host`, now that it is final (or gone).
+    fn collect(&self, host: &str, id: &str) -> Vec<ProbeResult> {
+        match self.jobs.get(id) {
+            Some(job) => answer(host, &job),
+            None => vec![not_probed(host, format!("not probed: job {id} vanished"))],
+        }
+    }
+}
+
+fn not_probed(host: &str, message: String) -> ProbeResult {
+    ProbeResult {
+        host: host.to_string(),
+        message,
+        probed: false,
+        ..Default::default()
+    }
+}
+
+/// The probe job's parameters: every database of the policy, at the cluster's address as the
+/// hosts reach it.
+fn params(policy: &IsolationConfig, settings: &ProbeSettings) -> IsolationProbeParams {
+    let targets = policy
+        .environments
+        .iter()
+        .flat_map(|(env, p)| {
+            p.databases.iter().map(move |db| ProbeTarget {
+                environment: env.clone(),
+                database: db.clone(),
+                host: settings.host.clone(),
+                port: u32::from(settings.port),
+            })
+        })
+        .collect();
+    IsolationProbeParams {
+        targets,
+        connect_timeout_ms: u32::try_from(settings.connect_timeout.as_millis()).unwrap_or(u32::MAX),
+    }
+}
+
+/// What a finished probe job says: its attempts, or why there are none.
+fn answer(host: &str, job: &Job) -> Vec<ProbeResult> {
+    let result_json = job.events.iter().rev().find_map(|e| match &e.event {
+        Some(job_event::Event::Finished(f)) if !f.result_json.is_empty() => {
+            Some(f.result_json.as_str())
+        }
+        _ => None,
+    });
+    let report = result_json.and_then(|j| serde_json::from_str::<ProbeReport>(j).ok());
+    match report {
+        Some(report) if job.state() == JobState::Succeeded => report
+            .attempts
+            .into_iter()
+            .map(|a| ProbeResult {
+                host: host.to_string(),
+                user_environment: a.user_environment,
+                database: a.database,
+                connected: a.connected,
+                message: a.message,
+                user: a.user,
+                database_environment: a.database_environment,
+                probed: a.probed,
+            })
+            .collect(),
+        _ => {
+            let state = job
+                .state()
+                .as_str_name()
+                .trim_start_matches("JOB_STATE_")
+                .to_ascii_lowercase();
+            vec![ProbeResult {
+                host: host.to_string(),
+                message: format!(
+                    "not probed: probe job {} {state}: {}",
+                    job.job_id, job.detail
+                ),
+                probed: false,
+                ..Default::default()
+            }]
+        }
+    }
+}
+
+/// The violations a set of probe results proves: every connection that got in.
+pub fn violations(probes: &[ProbeResult]) -> Vec<IsolationViolation> {
+    probes
+        .iter()
+        .filter(|p| p.connected)
+        .map(|p| IsolationViolation {
+            user: p.user.clone(),
+            user_environment: p.user_environment.clone(),
+            database: p.database.clone(),
+            database_environment: p.database_environment.clone(),
+            path: format!(
+                "probe from {}: {} ({}) connected to {} ({})",
+                p.host, p.user, p.user_environment, p.database, p.database_environment
+            ),
+            fix: String::new(),
+        })
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::isolation::policy::tests::policy;
+    use sentinel_proto::v1::{JobEvent, JobFinished};
+
+    fn settings() -> ProbeSettings {
+        ProbeSettings {
+            hosts: vec!["web-1".into()],
+            host: "10.0.0.5".into(),
+            port: 5433,
+            timeout: Duration::from_secs(30),
+            connect_timeout: Duration::from_secs(5),
+            on_schedule: true,
+        }
+    }
+
+    #[test]
+    fn every_database_of_the_policy_is_a_target() {
+        let p = params(&policy(), &settings());
+        assert_eq!(p.targets.len(), 4);
+        assert!(p
+            .targets
+            .iter()
+            .any(|t| t.environment == "staging" && t.database == "auth_stg" && t.port == 5433));
+        assert_eq!(p.connect_timeout_ms, 5000);
+    }
+
+    fn finished(state: JobState, json: &str) -> Job {
+        Job {
+            job_id: "j-1".into(),
+            state: state as i32,
+            detail: "boom".into(),
+            events: vec![JobEvent {
+                event: Some(job_event::Event::Finished(JobFinished {
+                    state: state as i32,
+                    result_json: json.into(),
+                    ..Default::default()
+                })),
+                ..Default::default()
+            }],
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn answers_become_results_and_connections_violations() {
+        let json = r#"{"attempts":[
+            {"user":"stg_user","user_environment":"staging","database":"auth_prod",
+             "database_environment":"production","connected":true,"message":"connected","probed":true},
+            {"user":"stg_user","user_environment":"staging","database":"pulse_prod",
+             "database_environment":"production","connected":false,
+             "message":"FATAL: permission denied for database","probed":true}]}"#;
+        let results = answer("web-1", &finished(JobState::Succeeded, json));
+        assert_eq!(results.len(), 2);
+        assert!(results.iter().all(|r| r.host == "web-1" && r.probed));
+        let v = violations(&results);
+        assert_eq!(v.len(), 1);
+        assert_eq!(v[0].database, "auth_prod");
+        assert!(v[0].path.contains("probe from web-1"), "{}", v[0].path);
+
+        let failed = answer("web-1", &finished(JobState::Refused, ""));
+        assert_eq!(failed.len(), 1);
+        assert!(!failed[0].probed);
+        assert!(
+            failed[0].message.contains("refused: boom"),
+            "{}",
+            failed[0].message
+        );
+        assert!(violations(&failed).is_empty());
+    }
+}
