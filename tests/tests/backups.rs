@@ -90,7 +90,8 @@ struct World {
     controller: Controller,
     controller_port: u16,
     controller_toml: String,
-    _agent: Proc,
+    agent: Proc,
+    agent_toml: String,
     backup_dir: PathBuf,
     password_file: PathBuf,
     pg: Postgres,
@@ -243,7 +244,8 @@ fn world(options: Options) -> World {
         controller,
         controller_port: port,
         controller_toml: backups,
-        _agent: agent,
+        agent,
+        agent_toml,
         backup_dir,
         password_file,
         pg,
@@ -259,6 +261,26 @@ fn is_final(state: &str) -> bool {
 }
 
 impl World {
+    /// Stops the backup agent and starts it again with `extra` appended to its config.
+    fn restart_agent(&mut self, extra: &str) {
+        self.agent.stop();
+        eventually("argus to go offline", || {
+            let host = self.controller.get_host("argus")?;
+            if host["status"] == "HOST_STATUS_ONLINE" {
+                Err(host["status"].to_string())
+            } else {
+                Ok(())
+            }
+        });
+        self.agent = self.fleet.start_agent(
+            "argus",
+            "argus",
+            &self.controller.addr,
+            &format!("{}{extra}", self.agent_toml),
+        );
+        self.controller.wait_online("argus");
+    }
+
     /// Starts a run with `method` (retrying while the previous run is still being recorded)
     /// and waits for its job to end.
     fn run(&self, method: &str, data: &str) -> Value {
@@ -537,7 +559,10 @@ fn age_keys(dir: &Path, with_identity: bool) -> String {
         recipients_file.display()
     );
     if with_identity {
-        toml.push_str(&format!("identity_file = \"{}\"\n", identity_file.display()));
+        toml.push_str(&format!(
+            "identity_file = \"{}\"\n",
+            identity_file.display()
+        ));
     }
     toml
 }
@@ -547,8 +572,8 @@ fn contains(haystack: &[u8], needle: &[u8]) -> bool {
 }
 
 #[test]
-fn an_encrypted_backup_is_unreadable_as_plaintext_yet_verifies_and_restores_with_equal_row_counts(
-) {
+fn an_encrypted_backup_is_unreadable_as_plaintext_yet_verifies_and_restores_with_equal_row_counts()
+{
     let keys = tempfile::tempdir().unwrap();
     let offsite = tempfile::tempdir().unwrap();
     let w = world(Options {
@@ -590,7 +615,12 @@ fn an_encrypted_backup_is_unreadable_as_plaintext_yet_verifies_and_restores_with
     );
     for e in &entries {
         let bytes = std::fs::read(w.backup_dir.join(e["file"].as_str().unwrap())).unwrap();
-        for plain in [&b"CREATE ROLE"[..], b"backup_ro", b"DB_PASSWORD", b"customer 1"] {
+        for plain in [
+            &b"CREATE ROLE"[..],
+            b"backup_ro",
+            b"DB_PASSWORD",
+            b"customer 1",
+        ] {
             assert!(!contains(&bytes, plain), "{} holds {plain:?}", e["file"]);
         }
     }
@@ -645,7 +675,11 @@ fn a_plaintext_dump_planted_where_an_encrypted_one_belongs_is_reported_by_verify
             w.pg.dsn_without_password("backup_ro", "shop_prod")
         ))
         .env("PGPASSWORD", BACKUP_PASSWORD));
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let rel = newest
         .strip_prefix(&w.backup_dir)
         .unwrap()
@@ -773,7 +807,10 @@ fn a_bad_recipient_or_identity_in_the_agent_config_stops_the_agent_at_start_nami
     let mut err = String::new();
     std::io::Read::read_to_string(&mut agent.stderr.take().unwrap(), &mut err).unwrap();
     assert_eq!(status.code(), Some(64), "{err}");
-    assert!(err.contains("jobs.backups.encryption.recipients[1]"), "{err}");
+    assert!(
+        err.contains("jobs.backups.encryption.recipients[1]"),
+        "{err}"
+    );
     assert!(!backups.exists());
 
     let missing = fleet.path("no-such-identity.txt");
@@ -1299,17 +1336,24 @@ fn the_controller_down_over_two_oclock_runs_the_missed_backup_once_when_it_retur
     assert_eq!(backup["lastOutcome"], "succeeded", "{backup}");
 }
 
-/// Benchmark, not a test: a backup job of a database of `SENTINEL_BENCH_BACKUP_MIB` MiB
-/// (default 256) against plain `pg_dump --format=custom` to a file, same role, same cluster.
+/// Benchmark, not a test: backup jobs of a database of `SENTINEL_BENCH_BACKUP_MIB` MiB
+/// (default 256) against plain `pg_dump --format=custom` to a file (same role, same cluster,
+/// pg_dump's own fsync), first as the agent stores them, then encrypted with age; each pair
+/// `SENTINEL_BENCH_RUNS` times (default 3), interleaved, medians reported. Run by
+/// `tests/bench/6-backup-throughput.sh` (release binaries):
 /// `cargo test --release -p sentinel-e2e --test backups -- --ignored --nocapture backup_throughput`
 #[test]
 #[ignore]
 fn backup_throughput_against_plain_pg_dump() {
-    let mib: u64 = std::env::var("SENTINEL_BENCH_BACKUP_MIB")
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(256);
-    let w = world(Options::default());
+    let env_num = |name: &str, default: u64| {
+        std::env::var(name)
+            .ok()
+            .and_then(|v| v.parse::<u64>().ok())
+            .unwrap_or(default)
+    };
+    let mib = env_num("SENTINEL_BENCH_BACKUP_MIB", 256);
+    let runs = env_num("SENTINEL_BENCH_RUNS", 3).max(1) as usize;
+    let mut w = world(Options::default());
     // ~0.5 KiB rows of random hex text (compresses about 2:1, like real text columns).
     let rows = mib * 2048;
     let filled = std::time::Instant::now();
@@ -1322,65 +1366,101 @@ fn backup_throughput_against_plain_pg_dump() {
                || md5(random()::text) || md5(random()::text) || md5(random()::text) || md5(random()::text)
                || md5(random()::text) || md5(random()::text) || md5(random()::text) || md5(random()::text)
                || md5(random()::text) FROM generate_series(1, {rows}) g;
-             VACUUM ANALYZE bulk;"
+             VACUUM ANALYZE bulk;
+             CHECKPOINT;"
         ),
     );
     let size: i64 =
         w.pg.sql("SELECT pg_database_size('shop_prod')")
             .parse()
             .unwrap();
+    let db_mib = size as f64 / 1048576.0;
     eprintln!(
-        "filled {} MiB (pg_database_size) in {:.1?}",
-        size >> 20,
+        "filled {db_mib:.0} MiB (pg_database_size) in {:.1?}",
         filled.elapsed()
     );
 
     let plain_file = w.fleet.path("plain.dump");
-    let started = std::time::Instant::now();
-    let out = run(Command::new(postgres::bin_dir().join("pg_dump"))
-        .arg("--format=custom")
-        .arg(format!("--file={}", plain_file.display()))
-        .arg(format!(
-            "--dbname={}",
-            w.pg.dsn_without_password("backup_ro", "shop_prod")
-        ))
-        .env("PGPASSWORD", BACKUP_PASSWORD));
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let plain = started.elapsed();
-
-    let started = std::time::Instant::now();
-    let job = w.run("RunBackup", r#"{"reason":"benchmark"}"#);
-    let job_time = started.elapsed();
-    assert_state(&job, "JOB_STATE_SUCCEEDED");
-    let step_ms = job["events"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .filter_map(|e| e.get("step"))
-        .find(|s| {
-            s["name"] == "dump production/shop_prod" && s["status"] == "STEP_STATUS_SUCCEEDED"
-        })
-        .and_then(|s| s["durationMs"].as_str().and_then(|v| v.parse::<f64>().ok()))
-        .unwrap_or(0.0);
-    let dump = std::fs::metadata(w.newest_dump()).unwrap().len();
-    let db_mib = size as f64 / 1048576.0;
-    eprintln!(
-        "database {db_mib:.0} MiB -> custom-format dump {:.0} MiB (plain {:.0} MiB)\n\
-         plain pg_dump to a file:              {:>6.1} s  {:>6.1} MiB/s of database\n\
-         backup step (dump, row counts, fsync, sha256): {:>6.1} s  {:>6.1} MiB/s\n\
-         whole backup job (API to final state):      {:>6.1} s  {:>6.1} MiB/s",
-        dump as f64 / 1048576.0,
+    let dsn = w.pg.dsn_without_password("backup_ro", "shop_prod");
+    let plain_dump = || {
+        let _ = std::fs::remove_file(&plain_file);
+        let started = std::time::Instant::now();
+        let out = run(Command::new(postgres::bin_dir().join("pg_dump"))
+            .arg("--format=custom")
+            .arg(format!("--file={}", plain_file.display()))
+            .arg(format!("--dbname={dsn}"))
+            .env("PGPASSWORD", BACKUP_PASSWORD));
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        started.elapsed().as_secs_f64()
+    };
+    // (dump step, whole job) in seconds, and the dump's size.
+    let job = |w: &World| {
+        let started = std::time::Instant::now();
+        let job = w.run("RunBackup", r#"{"reason":"benchmark"}"#);
+        let whole = started.elapsed().as_secs_f64();
+        assert_state(&job, "JOB_STATE_SUCCEEDED");
+        let step_ms = job["events"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter_map(|e| e.get("step"))
+            .find(|s| {
+                s["name"] == "dump production/shop_prod"
+                    && s["status"] == "STEP_STATUS_SUCCEEDED"
+            })
+            .and_then(|s| s["durationMs"].as_str().and_then(|v| v.parse::<f64>().ok()))
+            .expect("the dump step's duration");
+        let bytes = std::fs::metadata(w.newest_dump()).unwrap().len();
+        (step_ms / 1000.0, whole, bytes)
+    };
+    let median = |mut v: Vec<f64>| {
+        v.sort_by(|a, b| a.total_cmp(b));
+        v[v.len() / 2]
+    };
+    let mut table = String::new();
+    let mut measure = |w: &World, label: &str| {
+        let (mut plain, mut step, mut whole, mut bytes) = (Vec::new(), Vec::new(), Vec::new(), 0);
+        for i in 0..runs {
+            plain.push(plain_dump());
+            let (s, j, b) = job(w);
+            step.push(s);
+            whole.push(j);
+            bytes = b;
+            eprintln!(
+                "{label} run {}: plain pg_dump {:.1} s, dump step {:.1} s, whole job {:.1} s",
+                i + 1,
+                plain[i],
+                s,
+                j
+            );
+        }
+        let (p, s, j) = (median(plain), median(step), median(whole));
+        table.push_str(&format!(
+            "| {label} | {:.0} MiB | {p:.1} s ({:.1} MiB/s) | {s:.1} s ({:.1} MiB/s) | {:+.1} % | {j:.1} s | {:+.1} % |\n",
+            bytes as f64 / 1048576.0,
+            db_mib / p,
+            db_mib / s,
+            (s / p - 1.0) * 100.0,
+            (j / p - 1.0) * 100.0,
+        ));
+    };
+    measure(&w, "stored as written");
+    let keys = tempfile::tempdir().unwrap();
+    w.restart_agent(&format!(
+        "[jobs.backups.encryption]\n{}",
+        age_keys(keys.path(), true)
+    ));
+    measure(&w, "encrypted (age)");
+    println!(
+        "\ndatabase {db_mib:.0} MiB, plain pg_dump file {:.0} MiB, medians of {runs} run(s)\n\n\
+         | backup | file | plain pg_dump to a file | backup job's dump step (dump, row counts, \
+         sha256, fsync) | step vs plain | whole job (API to final state) | job vs plain |\n\
+         | --- | --- | --- | --- | --- | --- | --- |\n{table}",
         std::fs::metadata(&plain_file).unwrap().len() as f64 / 1048576.0,
-        plain.as_secs_f64(),
-        db_mib / plain.as_secs_f64(),
-        step_ms / 1000.0,
-        db_mib / (step_ms / 1000.0),
-        job_time.as_secs_f64(),
-        db_mib / job_time.as_secs_f64(),
     );
 }
 

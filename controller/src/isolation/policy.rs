@@ -346,6 +346,62 @@ pub(crate) mod tests {
         assert_eq!(parsed.isolation.problem(), None);
         assert_eq!(parsed.isolation.environments.len(), 3);
         assert_eq!(parsed.isolation.cross_environment_roles, ["s60_backup_ro"]);
+        let probe = parsed
+            .isolation
+            .probe
+            .expect("an [isolation.probe] example");
+        assert_eq!(probe.hosts.len(), 3);
+        assert_eq!(probe.port, 5432);
+    }
+
+    #[test]
+    fn probe_settings_that_cannot_work_name_their_key() {
+        let settings = ProbeSettings {
+            hosts: vec!["web-1".into()],
+            host: "10.0.0.5".into(),
+            port: 5432,
+            timeout: Duration::from_secs(30),
+            connect_timeout: Duration::from_secs(5),
+            on_schedule: true,
+        };
+        let with = |s: ProbeSettings| IsolationConfig {
+            probe: Some(s),
+            ..policy()
+        };
+        assert_eq!(with(settings.clone()).problem(), None);
+        let cases = [
+            (
+                "probe.hosts",
+                ProbeSettings {
+                    hosts: vec![],
+                    ..settings.clone()
+                },
+            ),
+            (
+                "probe.hosts",
+                ProbeSettings {
+                    hosts: vec!["a b".into()],
+                    ..settings.clone()
+                },
+            ),
+            (
+                "probe.host",
+                ProbeSettings {
+                    host: " ".into(),
+                    ..settings.clone()
+                },
+            ),
+            (
+                "probe.connect_timeout",
+                ProbeSettings {
+                    connect_timeout: Duration::from_secs(60),
+                    ..settings.clone()
+                },
+            ),
+        ];
+        for (key, s) in cases {
+            assert_eq!(with(s).problem().map(|p| p.0), Some(key.to_string()));
+        }
     }
 
     #[test]

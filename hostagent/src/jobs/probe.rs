@@ -478,6 +478,27 @@ mod tests {
     }
 
     #[test]
+    fn the_example_in_the_shipped_agent_config_is_valid() {
+        let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../packaging/config/agent.toml");
+        let text = std::fs::read_to_string(&path).unwrap();
+        let start = text
+            .find("# [[jobs.isolation_probe.credentials]]")
+            .expect("an isolation_probe example");
+        let example: String = text[start..]
+            .lines()
+            .take_while(|l| !l.is_empty())
+            .filter_map(|l| l.strip_prefix("# "))
+            .filter(|l| l.starts_with('[') || l.contains(" = "))
+            .map(|l| l.replace("[[jobs.isolation_probe.credentials]]", "[[credentials]]"))
+            .collect::<Vec<_>>()
+            .join("\n");
+        let parsed: ProbeConfig =
+            toml::from_str(&example).unwrap_or_else(|e| panic!("{e}\n{example}"));
+        assert_eq!(parsed.credentials.len(), 2);
+        assert_eq!(parsed.problem(), None);
+    }
+
+    #[test]
     fn bad_credentials_name_their_key() {
         assert!(credential().problem().is_none());
         let mut c = credential();
