@@ -410,6 +410,46 @@ mod tests {
     }
 
     #[test]
+    fn a_probe_that_got_in_blocks_both_environments_until_a_probe_says_otherwise() {
+        let state = state_with(Some(CheckOutcome {
+            report: IsolationReport {
+                isolated: true,
+                ..Default::default()
+            },
+            audit: Some(Audit::default()),
+            server_version: None,
+        }));
+        let attempt = |connected: bool| ProbeResult {
+            host: "web-1".into(),
+            user: "stg_user".into(),
+            user_environment: "staging".into(),
+            database: "auth_prod".into(),
+            database_environment: "production".into(),
+            connected,
+            probed: true,
+            message: String::new(),
+        };
+        *state.probes.write().unwrap() = Some((SystemTime::now(), vec![attempt(true)]));
+        for env in ["staging", "production"] {
+            let blocking = state.blocking_violations(env);
+            assert_eq!(blocking.len(), 1, "{env}");
+            assert!(blocking[0].path.starts_with("probe from web-1"));
+        }
+        assert!(state.blocking_violations("dev").is_empty());
+        let mut report = IsolationReport {
+            isolated: true,
+            ..Default::default()
+        };
+        state.merge_probes(&mut report);
+        assert!(!report.isolated);
+        assert_eq!(report.violations.len(), 1);
+        assert!(report.probed_at.is_some());
+
+        *state.probes.write().unwrap() = Some((SystemTime::now(), vec![attempt(false)]));
+        assert!(state.blocking_violations("production").is_empty());
+    }
+
+    #[test]
     fn violations_block_both_environments_they_touch() {
         let audit = Audit {
             violations: vec![violation("staging", "production")],

@@ -326,19 +326,12 @@ async fn session(
                             reports.reset_immediately();
                         }
                         Some(controller_message::Msg::Job(job)) => {
-                            // Like an agent build that runs no jobs: refuse, so nothing hangs.
-                            let job_id = sentinel_proto::v1::JobSpec::decode(job.spec.as_slice())
-                                .map(|spec| spec.job_id)
+                            stats.job_arrived(Instant::now());
+                            let spec = sentinel_proto::v1::JobSpec::decode(job.spec.as_slice())
                                 .unwrap_or_default();
-                            send(&tx, stats, agent_message::Msg::JobEvent(JobEvent {
-                                job_id,
-                                seq: 1,
-                                at: Some(sentinel_proto::time::now()),
-                                event: Some(sentinel_proto::v1::job_event::Event::Refused(JobRefused {
-                                    reason: RefusalReason::Policy as i32,
-                                    detail: "simulated agents do not execute jobs".into(),
-                                })),
-                            }), Counter::BytesOtherUp).await?;
+                            for event in job_answer(&spec) {
+                                send(&tx, stats, agent_message::Msg::JobEvent(event), Counter::BytesOtherUp).await?;
+                            }
                         }
                         _ => {}
                     }
@@ -348,6 +341,40 @@ async fn session(
             },
         }
     }
+}
+
+/// How a simulated agent answers a job. An isolation probe succeeds at once with no attempts
+/// (simulated hosts hold no database credentials), so a probe fan-out completes as it would
+/// with real agents; every other kind is refused, like an agent whose policy allows none, so
+/// nothing waits for a job that never runs.
+fn job_answer(spec: &sentinel_proto::v1::JobSpec) -> Vec<JobEvent> {
+    use sentinel_proto::v1::{job_event::Event, JobAccepted, JobFinished, JobKind, JobState};
+    let event = |seq: u64, event: Event| JobEvent {
+        job_id: spec.job_id.clone(),
+        seq,
+        at: Some(sentinel_proto::time::now()),
+        event: Some(event),
+    };
+    if spec.kind() == JobKind::IsolationProbe {
+        return vec![
+            event(0, Event::Accepted(JobAccepted {})),
+            event(
+                1,
+                Event::Finished(JobFinished {
+                    state: JobState::Succeeded as i32,
+                    detail: "0 attempts (simulated host)".into(),
+                    result_json: r#"{"attempts":[]}"#.into(),
+                }),
+            ),
+        ];
+    }
+    vec![event(
+        1,
+        Event::Refused(JobRefused {
+            reason: RefusalReason::Policy as i32,
+            detail: "simulated agents do not execute jobs".into(),
+        }),
+    )]
 }
 
 async fn send(

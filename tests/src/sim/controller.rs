@@ -12,6 +12,7 @@ use anyhow::{bail, Context, Result};
 use hostagent::tls::TlsFiles;
 use sentinel_proto::v1::fleet_service_client::FleetServiceClient;
 use sentinel_proto::v1::{HostStatus, HostSummary, ListHostsRequest};
+use tonic::transport::Channel;
 
 use crate::net::Dialer;
 use crate::stats::Stats;
@@ -38,6 +39,8 @@ pub struct ControllerSpec {
     pub run_dir: PathBuf,
     /// Listen address.
     pub addr: SocketAddr,
+    /// Appended to the generated config (sections a benchmark needs, e.g. `[signing]`).
+    pub extra_toml: String,
 }
 
 impl ControllerSpec {
@@ -50,9 +53,10 @@ impl ControllerSpec {
         fs::write(
             &config,
             format!(
-                "listen = \"{}\"\ndata_dir = \"{}\"\n\n[tls]\nca = \"{c}/ca.pem\"\ncert = \"{c}/controller.pem\"\nkey = \"{c}/controller.key\"\n",
+                "listen = \"{}\"\ndata_dir = \"{}\"\n\n[tls]\nca = \"{c}/ca.pem\"\ncert = \"{c}/controller.pem\"\nkey = \"{c}/controller.key\"\n\n{}\n",
                 self.addr,
-                self.data_dir.display()
+                self.data_dir.display(),
+                self.extra_toml
             ),
         )
         .with_context(|| format!("writing {}", config.display()))?;
@@ -151,8 +155,8 @@ pub fn free_addr() -> Result<SocketAddr> {
     listener.local_addr().context("reading the free port")
 }
 
-/// `ListHosts` as the `admin` operator of the PKI in `certs`.
-pub async fn list_hosts(certs: &Path, addr: SocketAddr) -> Result<Vec<HostSummary>> {
+/// The operator API as the `admin` operator of the PKI in `certs`.
+pub async fn operator(certs: &Path, addr: SocketAddr) -> Result<FleetServiceClient<Channel>> {
     let tls = hostagent::tls::client_config(&TlsFiles {
         ca: certs.join(sentinel::pki::CA_CERT_FILE),
         cert: certs.join("operator-admin.pem"),
@@ -170,8 +174,13 @@ pub async fn list_hosts(certs: &Path, addr: SocketAddr) -> Result<Vec<HostSummar
         .await
         .map_err(anyhow::Error::msg)
         .context("connecting to the operator API")?;
-    let hosts = FleetServiceClient::new(channel)
-        .max_decoding_message_size(64 << 20)
+    Ok(FleetServiceClient::new(channel).max_decoding_message_size(64 << 20))
+}
+
+/// `ListHosts` as the `admin` operator of the PKI in `certs`.
+pub async fn list_hosts(certs: &Path, addr: SocketAddr) -> Result<Vec<HostSummary>> {
+    let hosts = operator(certs, addr)
+        .await?
         .list_hosts(ListHostsRequest {})
         .await
         .context("ListHosts")?

@@ -52,6 +52,7 @@ pub struct Stats {
     counters: [AtomicU64; Counter::COUNT],
     connected: AtomicI64,
     welcome_latency_us: Mutex<Vec<u32>>,
+    job_arrivals: Mutex<Vec<std::time::Instant>>,
 }
 
 impl Default for Stats {
@@ -60,11 +61,25 @@ impl Default for Stats {
             counters: std::array::from_fn(|_| AtomicU64::new(0)),
             connected: AtomicI64::new(0),
             welcome_latency_us: Mutex::new(Vec::new()),
+            job_arrivals: Mutex::new(Vec::new()),
         }
     }
 }
 
 impl Stats {
+    /// Records that a signed job reached an agent (the dispatch benchmark's clock stop).
+    pub fn job_arrived(&self, at: std::time::Instant) {
+        self.job_arrivals
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .push(at);
+    }
+
+    /// The arrival times recorded since the last call.
+    pub fn take_job_arrivals(&self) -> Vec<std::time::Instant> {
+        std::mem::take(&mut *self.job_arrivals.lock().unwrap_or_else(|p| p.into_inner()))
+    }
+
     /// Adds `n` to `counter`.
     pub fn add(&self, counter: Counter, n: u64) {
         self.counters[counter as usize].fetch_add(n, Ordering::Relaxed);

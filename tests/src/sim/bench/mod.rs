@@ -25,6 +25,9 @@ use crate::net::Dialer;
 use crate::stats::Stats;
 use crate::{certs, net, procfs, DialArgs};
 
+/// The host-name prefix of every benchmark fleet (`sim-00000`, ...).
+pub const HOST_PREFIX: &str = "sim";
+
 /// Which benchmark.
 #[derive(Debug, Subcommand)]
 pub enum BenchCommand {
@@ -131,6 +134,7 @@ impl BenchEnv {
             data_dir: run_dir.join("data"),
             run_dir,
             addr: free_addr()?,
+            extra_toml: String::new(),
         })
     }
 
@@ -145,7 +149,7 @@ impl BenchEnv {
         Ok(Fleet::new(
             FleetConfig {
                 certs: self.certs.clone(),
-                name_prefix: "sim".into(),
+                name_prefix: HOST_PREFIX.into(),
                 sources: self.sources.clone(),
                 spec,
             },
