@@ -477,3 +477,40 @@ pub mod docker {
         }
     }
 }
+
+/// One HTTP/1.1 GET; returns the status line, the headers and the body.
+pub fn http_get(port: u16, path: &str) -> Result<(String, String, String), String> {
+    use std::io::{Read, Write};
+    let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).map_err(|e| e.to_string())?;
+    s.set_read_timeout(Some(Duration::from_secs(10)))
+        .map_err(|e| e.to_string())?;
+    write!(
+        s,
+        "GET {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nAccept: text/plain\r\n\r\n"
+    )
+    .map_err(|e| e.to_string())?;
+    let mut text = String::new();
+    s.read_to_string(&mut text).map_err(|e| e.to_string())?;
+    let (head, body) = text.split_once("\r\n\r\n").ok_or("no end of headers")?;
+    let (status, headers) = head.split_once("\r\n").unwrap_or((head, ""));
+    Ok((status.to_string(), headers.to_string(), body.to_string()))
+}
+
+/// The exposition of `/metrics` on `port` (a 200 in the Prometheus text format, or why not).
+pub fn scrape_metrics(port: u16) -> Result<String, String> {
+    let (status, headers, body) = http_get(port, "/metrics")?;
+    if !status.starts_with("HTTP/1.1 200") {
+        return Err(status);
+    }
+    if !headers.contains("Content-Type: text/plain; version=0.0.4") {
+        return Err(format!("not the text format: {headers}"));
+    }
+    Ok(body)
+}
+
+/// The value of the sample `series` (name with labels, exactly as exported).
+pub fn metric_sample(text: &str, series: &str) -> Option<f64> {
+    text.lines()
+        .find_map(|l| l.strip_prefix(series)?.strip_prefix(' '))
+        .and_then(|v| v.trim().parse().ok())
+}

@@ -21,7 +21,7 @@ use std::process::Command;
 use std::time::{Duration, Instant};
 
 use sentinel_e2e::postgres::{seed, Postgres, SUPERUSER, SUPERUSER_PASSWORD};
-use sentinel_e2e::{bin, eventually, free_port, run, Fleet, Value};
+use sentinel_e2e::{bin, eventually, free_port, metric_sample, run, scrape_metrics, Fleet, Value};
 
 /// What a `sentinel isolation ...` run gave.
 struct CliRun {
@@ -568,16 +568,24 @@ fn agents_probe_with_their_own_credentials_and_get_into_leaking_databases_only()
     let fleet = Fleet::new(&["hub-alfa", "prod-alfa", "cerebro", "argus"]);
     let c = fleet.certs.display();
     let policy = seed::policy_toml(&pg, &seed::password(seed::AUDITOR), "1h");
+    let metrics_port = free_port();
     let controller = fleet.start_controller(
         free_port(),
         &format!(
             "[signing]\nkey = \"{c}/signing.key\"\n\n{policy}\n[isolation.probe]\n\
              hosts = [\"hub-alfa\", \"prod-alfa\", \"cerebro\", \"argus\"]\n\
              host = \"127.0.0.1\"\nport = {}\ntimeout = \"20s\"\nconnect_timeout = \"5s\"\n\
-             on_schedule = false\n",
+             on_schedule = false\n\n[metrics]\nlisten = \"127.0.0.1:{metrics_port}\"\n",
             pg.port
         ),
     );
+    let violations_of = |environment: &str| {
+        let text = scrape_metrics(metrics_port).expect("scraping the controller");
+        metric_sample(
+            &text,
+            &format!("sentinel_isolation_violations{{environment=\"{environment}\"}}"),
+        )
+    };
     let jobs = |host: &str, kinds: &str, probe: &str| {
         format!(
             "[collectors]\ndocker = false\nsystem = false\n[jobs]\nstate_dir = \"{}\"\n\
@@ -653,6 +661,8 @@ fn agents_probe_with_their_own_credentials_and_get_into_leaking_databases_only()
         &"probe from hub-alfa: s60_hub_user (staging) connected to s60_auth_prod (production)"
             .to_string()
     ));
+    // The audit's 16 PUBLIC paths plus the 8 probes touch staging: 4 + 4 + 4 probe-proven.
+    assert!(violations_of("staging").is_some_and(|v| v >= 8.0));
     let cerebro = found.iter().find(|p| p.0 == "cerebro").expect("cerebro");
     assert!(
         !cerebro.4 && cerebro.5.contains("not allowed"),
@@ -693,6 +703,8 @@ fn agents_probe_with_their_own_credentials_and_get_into_leaking_databases_only()
     let report = check("{\"probe\": true}").json().unwrap();
     assert_eq!(report["isolated"], true, "{report}");
     assert!(probes(&report).iter().all(|p| !p.3));
+    assert_eq!(violations_of("staging"), Some(0.0));
+    assert_eq!(violations_of("production"), Some(0.0));
     // A check without probes carries the latest probe results forward.
     let plain = check("{}").json().unwrap();
     assert_eq!(plain["probedAt"], report["probedAt"]);

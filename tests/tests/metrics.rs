@@ -4,52 +4,16 @@
 //! unit tests.
 
 use std::collections::BTreeSet;
-use std::io::{Read, Write};
-use std::net::TcpStream;
 use std::path::{Path, PathBuf};
 use std::process::Command;
-use std::time::Duration;
 
-use sentinel_e2e::{eventually, free_port, run, Controller, Fleet, Proc, Value};
+use sentinel_e2e::{
+    eventually, free_port, http_get, metric_sample as sample, run, scrape_metrics, Controller,
+    Fleet, Proc, Value,
+};
 
 fn packaging() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("../packaging")
-}
-
-/// One HTTP/1.1 GET; returns the status line, the headers and the body.
-fn get(port: u16, path: &str) -> Result<(String, String, String), String> {
-    let mut s = TcpStream::connect(("127.0.0.1", port)).map_err(|e| e.to_string())?;
-    s.set_read_timeout(Some(Duration::from_secs(10)))
-        .map_err(|e| e.to_string())?;
-    write!(
-        s,
-        "GET {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nAccept: text/plain\r\n\r\n"
-    )
-    .map_err(|e| e.to_string())?;
-    let mut text = String::new();
-    s.read_to_string(&mut text).map_err(|e| e.to_string())?;
-    let (head, body) = text.split_once("\r\n\r\n").ok_or("no end of headers")?;
-    let (status, headers) = head.split_once("\r\n").unwrap_or((head, ""));
-    Ok((status.to_string(), headers.to_string(), body.to_string()))
-}
-
-/// The exposition of `/metrics` on `port`.
-fn scrape(port: u16) -> Result<String, String> {
-    let (status, headers, body) = get(port, "/metrics")?;
-    if !status.starts_with("HTTP/1.1 200") {
-        return Err(status);
-    }
-    if !headers.contains("Content-Type: text/plain; version=0.0.4") {
-        return Err(format!("not the text format: {headers}"));
-    }
-    Ok(body)
-}
-
-/// The value of the sample `series` (name with labels, exactly as exported).
-fn sample(text: &str, series: &str) -> Option<f64> {
-    text.lines()
-        .find_map(|l| l.strip_prefix(series)?.strip_prefix(' '))
-        .and_then(|v| v.trim().parse().ok())
 }
 
 /// Every metric name the exposition declares (`# TYPE`) or has samples of.
@@ -204,7 +168,7 @@ fn the_metrics_count_hosts_calls_collections_and_reconnects() {
     let text = eventually(
         "the controller's metrics to show the fleet and the calls",
         || {
-            let text = scrape(c)?;
+            let text = scrape_metrics(c)?;
             let want = [
                 ("sentinel_hosts{status=\"online\"}", 1.0),
                 ("sentinel_host_up{host=\"argus\"}", 1.0),
@@ -236,7 +200,7 @@ fn the_metrics_count_hosts_calls_collections_and_reconnects() {
     eventually(
         "the agent's metrics to show collections and the channel",
         || {
-            let text = scrape(a)?;
+            let text = scrape_metrics(a)?;
             if sample(&text, "hostagent_connected") != Some(1.0) {
                 return Err(format!("not connected:\n{text}"));
             }
@@ -253,14 +217,14 @@ fn the_metrics_count_hosts_calls_collections_and_reconnects() {
     );
 
     // Anything but GET /metrics says where the metrics are.
-    let (status, _, body) = get(c, "/").expect("GET /");
+    let (status, _, body) = http_get(c, "/").expect("GET /");
     assert!(status.starts_with("HTTP/1.1 404"), "{status}");
     assert!(body.contains("/metrics"), "{body}");
 
     // The controller goes away: the agent counts its reconnects and says it is disconnected.
     w.controller.proc.stop();
     eventually("the agent to count reconnects", || {
-        let text = scrape(a)?;
+        let text = scrape_metrics(a)?;
         match (
             sample(&text, "hostagent_connected"),
             sample(&text, "hostagent_reconnects_total"),
@@ -279,7 +243,7 @@ fn every_metric_the_dashboard_and_the_alerts_name_is_exported() {
     let exported: BTreeSet<String> = [w.controller_metrics, w.agent_metrics]
         .into_iter()
         .flat_map(|port| {
-            let text = eventually("a scrape", || scrape(port));
+            let text = eventually("a scrape", || scrape_metrics(port));
             exported_names(&text)
         })
         .collect();

@@ -187,11 +187,29 @@ impl IsolationState {
         outcome.report.duration_micros =
             u64::try_from(started.elapsed().as_micros()).unwrap_or(u64::MAX);
         self.log_change(&outcome.report);
+        self.export_metrics(&outcome.report);
         let report = outcome.report.clone();
         if let Ok(mut latest) = self.latest.write() {
             *latest = Some(outcome);
         }
         report
+    }
+
+    /// Sets the isolation gauges: whether the check ran, and per environment of the policy the
+    /// violations touching it (audit and probes).
+    fn export_metrics(&self, report: &IsolationReport) {
+        let metrics = crate::metrics::get();
+        metrics.set_isolation_check(report.error.is_empty(), SystemTime::now());
+        for environment in self.policy.environments.keys() {
+            let touching = report
+                .violations
+                .iter()
+                .filter(|v| {
+                    &v.user_environment == environment || &v.database_environment == environment
+                })
+                .count();
+            metrics.set_isolation_violations(environment, touching as u64);
+        }
     }
 
     /// Adds the latest probe results, and the violations they prove, to `report`.
