@@ -88,6 +88,9 @@ pub struct JobsConfig {
     /// How long a started job may run past its window before it counts as timed out.
     #[serde(default = "defaults::job_run_timeout", with = "humantime_serde")]
     pub run_timeout: Duration,
+    /// How long finished jobs are kept (memory, store, `ListJobs`/`GetJob`).
+    #[serde(default = "defaults::job_keep_finished", with = "humantime_serde")]
+    pub keep_finished: Duration,
 }
 
 impl Default for JobsConfig {
@@ -95,6 +98,7 @@ impl Default for JobsConfig {
         Self {
             ttl: defaults::job_ttl(),
             run_timeout: defaults::job_run_timeout(),
+            keep_finished: defaults::job_keep_finished(),
         }
     }
 }
@@ -143,6 +147,9 @@ mod defaults {
     }
     pub fn job_run_timeout() -> Duration {
         Duration::from_secs(3600)
+    }
+    pub fn job_keep_finished() -> Duration {
+        Duration::from_secs(14 * 86_400)
     }
     pub fn metrics_enabled() -> bool {
         true

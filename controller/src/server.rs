@@ -6,13 +6,12 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Context;
-use sentinel_proto::v1::agent_service_server::AgentServiceServer;
 use sentinel_proto::v1::fleet_service_server::FleetServiceServer;
 use tokio::sync::oneshot;
 use tokio_util::sync::CancellationToken;
 use tracing::{info, warn, Instrument};
 
-use crate::api::{agent::AgentApi, fleet::FleetApi};
+use crate::api::{agent::AgentApi, agent_server::AgentServer, fleet::FleetApi};
 use crate::authz::AuthzLayer;
 use crate::config::ControllerConfig;
 use crate::context::Context as Shared;
@@ -109,9 +108,7 @@ pub async fn run(
     info!(listen = %local, store = %config.store_path().display(), "controller listening (mTLS, gRPC)");
 
     let (health_reporter, health_service) = tonic_health::server::health_reporter();
-    health_reporter
-        .set_serving::<AgentServiceServer<AgentApi>>()
-        .await;
+    health_reporter.set_serving::<AgentServer<AgentApi>>().await;
     health_reporter
         .set_serving::<FleetServiceServer<FleetApi>>()
         .await;
@@ -120,6 +117,11 @@ pub async fn run(
         .build_v1alpha()
         .context("building reflection v1alpha")?;
 
+    tokio::spawn(
+        jobs.clone()
+            .run_retention(store.clone(), config.jobs.keep_finished, shutdown.clone())
+            .instrument(tracing::info_span!("job_retention")),
+    );
     let flusher = tokio::spawn(
         flush_loop(ctx.clone(), store.clone(), shutdown.clone())
             .instrument(tracing::info_span!("store_flush")),
@@ -146,7 +148,7 @@ pub async fn run(
         .http2_keepalive_timeout(Some(Duration::from_secs(20)))
         .layer(crate::metrics::GrpcMetricsLayer)
         .layer(AuthzLayer)
-        .add_service(AgentServiceServer::new(AgentApi::new(
+        .add_service(AgentServer::new(AgentApi::new(
             ctx.clone(),
             shutdown.clone(),
         )))
@@ -202,7 +204,7 @@ async fn flush(ctx: &Arc<Shared>, store: &Arc<dyn Store>) {
         let saved_hosts = if hosts.is_empty() {
             Ok(())
         } else {
-            store.save_hosts(&hosts)
+            store.save_encoded_hosts(&hosts)
         };
         let saved_jobs = if jobs.is_empty() {
             Ok(())

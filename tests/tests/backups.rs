@@ -1409,8 +1409,7 @@ fn backup_throughput_against_plain_pg_dump() {
             .iter()
             .filter_map(|e| e.get("step"))
             .find(|s| {
-                s["name"] == "dump production/shop_prod"
-                    && s["status"] == "STEP_STATUS_SUCCEEDED"
+                s["name"] == "dump production/shop_prod" && s["status"] == "STEP_STATUS_SUCCEEDED"
             })
             .and_then(|s| s["durationMs"].as_str().and_then(|v| v.parse::<f64>().ok()))
             .expect("the dump step's duration");

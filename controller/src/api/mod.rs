@@ -1,6 +1,7 @@
 //! The gRPC services the controller serves: the agent channel and the operator API.
 
 pub mod agent;
+pub mod agent_server;
 pub mod fleet;
 
 use tonic::{Request, Status};

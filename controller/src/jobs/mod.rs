@@ -411,6 +411,72 @@ impl JobQueue {
         }
     }
 
+    /// Forgets finished jobs whose last change is older than `keep` (a fleet probed every
+    /// few minutes makes thousands of jobs a day) and returns their ids, for the store to
+    /// delete. Unfinished jobs are never forgotten.
+    pub fn prune(&self, keep: Duration) -> Vec<String> {
+        let Some(horizon) = SystemTime::now().checked_sub(keep) else {
+            return Vec::new();
+        };
+        let mut entries = self.lock();
+        let old: Vec<String> = entries
+            .values()
+            .filter(|e| {
+                is_final(e.job.state())
+                    && e.job
+                        .updated_at
+                        .as_ref()
+                        .is_some_and(|t| system_time(t) < horizon)
+            })
+            .map(|e| e.job.job_id.clone())
+            .collect();
+        for id in &old {
+            entries.remove(id);
+        }
+        drop(entries);
+        if !old.is_empty() {
+            let mut dirty = self.dirty.lock().unwrap_or_else(|p| p.into_inner());
+            for id in &old {
+                dirty.remove(id);
+            }
+            info!(
+                jobs = old.len(),
+                ?keep,
+                "forgot finished jobs past their retention"
+            );
+        }
+        old
+    }
+
+    /// Prunes finished jobs older than `keep` at once and then every hour, deleting them from
+    /// `store` too, until `shutdown`.
+    pub async fn run_retention(
+        self: Arc<Self>,
+        store: Arc<dyn Store>,
+        keep: Duration,
+        shutdown: tokio_util::sync::CancellationToken,
+    ) {
+        let mut tick = tokio::time::interval(Duration::from_secs(3600));
+        loop {
+            tokio::select! {
+                _ = tick.tick() => {}
+                _ = shutdown.cancelled() => return,
+            }
+            let old = self.prune(keep);
+            if old.is_empty() {
+                continue;
+            }
+            let store = store.clone();
+            let deleted = tokio::task::spawn_blocking(move || store.delete_jobs(&old)).await;
+            match deleted {
+                Ok(Ok(())) => {}
+                // They are gone from memory; the next start prunes them from the store again.
+                Ok(Err(e)) => warn!(error = %e, "could not delete old jobs from the store"),
+                Err(e) => warn!(error = %e, "the job-retention task failed"),
+            }
+        }
+    }
+
     /// Takes the jobs changed since the last call, for the flusher.
     pub fn take_dirty(&self) -> Vec<StoredJob> {
         let ids: Vec<String> = self
@@ -442,5 +508,81 @@ fn bundle_of(envelope: &sentinel_proto::v1::SignedJob) -> Option<String> {
     match JobSpec::decode(envelope.spec.as_slice()).ok()?.params? {
         job_spec::Params::Deploy(d) => Some(d.bundle_sha256),
         _ => None,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::registry::Liveness;
+    use crate::store::embedded::EmbeddedStore;
+    use sentinel_proto::v1::{JobFinished, RollbackParams};
+
+    fn queue(store: &EmbeddedStore) -> Arc<JobQueue> {
+        let registry = Registry::load(
+            store,
+            Liveness {
+                heartbeat_interval: Duration::from_secs(10),
+                missed_heartbeats_offline: 3,
+            },
+        )
+        .unwrap();
+        let key = ed25519_dalek::SigningKey::from_bytes(&[7u8; 32]);
+        JobQueue::load(
+            store,
+            registry,
+            Some(Signer::new(key)),
+            Duration::from_secs(60),
+        )
+        .unwrap()
+    }
+
+    fn submit(jobs: &JobQueue) -> String {
+        jobs.submit(NewJob {
+            target: "web-1".into(),
+            kind: JobKind::Rollback,
+            params: job_spec::Params::Rollback(RollbackParams::default()),
+            ttl: Duration::from_secs(60),
+            requested_by: "test".into(),
+        })
+        .unwrap()
+        .job_id
+    }
+
+    #[test]
+    fn finished_jobs_past_their_retention_are_forgotten_and_deleted_open_ones_never() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = EmbeddedStore::open(&dir.path().join("s.redb")).unwrap();
+        let jobs = queue(&store);
+        let done = submit(&jobs);
+        let open = submit(&jobs);
+        jobs.on_event(
+            "web-1",
+            JobEvent {
+                job_id: done.clone(),
+                seq: 1,
+                at: None,
+                event: Some(job_event::Event::Finished(JobFinished {
+                    state: JobState::Succeeded as i32,
+                    ..Default::default()
+                })),
+            },
+        );
+        store.save_jobs(&jobs.take_dirty()).unwrap();
+        // Nothing is old yet.
+        assert!(jobs.prune(Duration::from_secs(3600)).is_empty());
+        std::thread::sleep(Duration::from_millis(20));
+        let old = jobs.prune(Duration::from_millis(10));
+        assert_eq!(old, vec![done.clone()]);
+        assert!(jobs.get(&done).is_none());
+        assert!(jobs.get(&open).is_some());
+        store.delete_jobs(&old).unwrap();
+        let kept: Vec<String> = store
+            .load_jobs()
+            .unwrap()
+            .into_iter()
+            .map(|j| j.job.job_id)
+            .collect();
+        assert_eq!(kept, vec![open]);
     }
 }

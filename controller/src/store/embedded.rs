@@ -7,7 +7,7 @@ use prost::Message;
 use redb::{Database, ReadableDatabase, ReadableTable, TableDefinition, TableHandle};
 use sentinel_proto::v1::{Deployment, Host, Job, SignedJob};
 
-use super::{Store, StoreError, StoredJob};
+use super::{EncodedHost, Store, StoreError, StoredJob};
 
 /// Host name -> encoded `sentinel.v1.Host`.
 const HOSTS: TableDefinition<&str, &[u8]> = TableDefinition::new("hosts");
@@ -26,7 +26,7 @@ const BACKUPS: TableDefinition<&str, &[u8]> = TableDefinition::new("backups");
 const CACHE_BYTES: usize = 32 * 1024 * 1024;
 
 /// One row to write: table, key, encoded value.
-type Row<'a> = (Table, &'a str, Vec<u8>);
+type Row<'a, V> = (Table, &'a str, V);
 /// Every table maps a string key to an encoded protobuf message.
 type Table = TableDefinition<'static, &'static str, &'static [u8]>;
 
@@ -75,14 +75,29 @@ impl EmbeddedStore {
 
 impl EmbeddedStore {
     /// Writes `(table, key, value)` rows in one transaction.
-    fn put(&self, action: &str, rows: &[Row<'_>]) -> Result<(), StoreError> {
+    fn put<V: AsRef<[u8]>>(&self, action: &str, rows: &[Row<'_, V>]) -> Result<(), StoreError> {
         let err = |e: redb::Error| backend(action)(e);
         let txn = self.db.begin_write().map_err(|e| err(e.into()))?;
         for (def, key, value) in rows {
             let mut table = txn.open_table(*def).map_err(|e| err(e.into()))?;
             table
-                .insert(*key, value.as_slice())
+                .insert(*key, value.as_ref())
                 .map_err(|e| err(e.into()))?;
+        }
+        txn.commit().map_err(|e| err(e.into()))
+    }
+
+    /// Removes `(table, key)` rows in one transaction; absent rows are no error.
+    fn remove(
+        &self,
+        action: &str,
+        rows: &[(TableDefinition<&str, &[u8]>, &str)],
+    ) -> Result<(), StoreError> {
+        let err = |e: redb::Error| backend(action)(e);
+        let txn = self.db.begin_write().map_err(|e| err(e.into()))?;
+        for (def, key) in rows {
+            let mut table = txn.open_table(*def).map_err(|e| err(e.into()))?;
+            table.remove(*key).map_err(|e| err(e.into()))?;
         }
         txn.commit().map_err(|e| err(e.into()))
     }
@@ -137,6 +152,14 @@ impl Store for EmbeddedStore {
         self.put(&format!("saving {} host(s)", hosts.len()), &rows)
     }
 
+    fn save_encoded_hosts(&self, hosts: &[EncodedHost]) -> Result<(), StoreError> {
+        let rows: Vec<_> = hosts
+            .iter()
+            .map(|h| (HOSTS, h.name.as_str(), h.bytes.as_slice()))
+            .collect();
+        self.put(&format!("saving {} host(s)", hosts.len()), &rows)
+    }
+
     fn load_hosts(&self) -> Result<Vec<Host>, StoreError> {
         Ok(self
             .all::<Host>(HOSTS)?
@@ -165,6 +188,14 @@ impl Store for EmbeddedStore {
                 job,
             })
             .collect())
+    }
+
+    fn delete_jobs(&self, ids: &[String]) -> Result<(), StoreError> {
+        let rows: Vec<_> = ids
+            .iter()
+            .flat_map(|id| [(JOBS, id.as_str()), (ENVELOPES, id.as_str())])
+            .collect();
+        self.remove(&format!("deleting {} old job(s)", ids.len()), &rows)
     }
 
     fn save_deploys(&self, deploys: &[Deployment]) -> Result<(), StoreError> {
@@ -205,6 +236,24 @@ mod tests {
         let hosts = store.load_hosts().unwrap();
         assert_eq!(hosts.len(), 1);
         assert_eq!(hosts[0].name, "argus");
+    }
+
+    #[test]
+    fn encoded_hosts_are_stored_as_given() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = EmbeddedStore::open(&dir.path().join("s.redb")).unwrap();
+        let host = Host {
+            name: "argus".into(),
+            peer_address: "127.0.0.1:1".into(),
+            ..Default::default()
+        };
+        store
+            .save_encoded_hosts(&[EncodedHost {
+                name: "argus".into(),
+                bytes: host.encode_to_vec(),
+            }])
+            .unwrap();
+        assert_eq!(store.load_hosts().unwrap(), vec![host]);
     }
 
     #[test]

@@ -36,6 +36,24 @@ pub trait Store: Send + Sync + 'static {
     /// all of them are stored or none.
     fn save_hosts(&self, hosts: &[Host]) -> Result<(), StoreError>;
 
+    /// Upserts host records already encoded as `sentinel.v1.Host`, atomically. The registry
+    /// keeps host state encoded, so its flusher hands over bytes; this default decodes them for
+    /// [`save_hosts`](Self::save_hosts), and a backend that stores the encoding as is (the
+    /// embedded one) skips that.
+    fn save_encoded_hosts(&self, hosts: &[EncodedHost]) -> Result<(), StoreError> {
+        use prost::Message;
+        let decoded = hosts
+            .iter()
+            .map(|h| {
+                Host::decode(h.bytes.as_slice()).map_err(|e| StoreError::Corrupt {
+                    key: format!("hosts/{}", h.name),
+                    message: e.to_string(),
+                })
+            })
+            .collect::<Result<Vec<_>, _>>()?;
+        self.save_hosts(&decoded)
+    }
+
     /// Every stored host record.
     fn load_hosts(&self) -> Result<Vec<Host>, StoreError>;
 
@@ -44,6 +62,9 @@ pub trait Store: Send + Sync + 'static {
 
     /// Every stored job.
     fn load_jobs(&self) -> Result<Vec<StoredJob>, StoreError>;
+
+    /// Deletes jobs (and their envelopes) past their retention, atomically.
+    fn delete_jobs(&self, ids: &[String]) -> Result<(), StoreError>;
 
     /// Upserts deploys, atomically.
     fn save_deploys(&self, deploys: &[Deployment]) -> Result<(), StoreError>;
@@ -57,6 +78,15 @@ pub trait Store: Send + Sync + 'static {
 
     /// Every backup bookkeeping record.
     fn load_backup_records(&self) -> Result<Vec<(String, Vec<u8>)>, StoreError>;
+}
+
+/// A host record encoded as `sentinel.v1.Host`, with its name (the key).
+#[derive(Debug, Clone, PartialEq)]
+pub struct EncodedHost {
+    /// The host's name, as in the record.
+    pub name: String,
+    /// The encoded record.
+    pub bytes: Vec<u8>,
 }
 
 /// A job as stored: its state and events, and the envelope exactly as signed (so that a job

@@ -430,6 +430,91 @@ fn container(summary: ContainerSummary, details: Details) -> Container {
     }
 }
 
+/// Whether two collections differ in more than the durations inside Docker's status texts.
+///
+/// "Up 3 hours" becomes "Up 4 hours" and "Exited (0) 5 minutes ago" becomes "... 6 minutes ago"
+/// while nothing happens; resending the whole section for that was two thirds of an idle
+/// agent's traffic. What a status text can say besides the duration (health, exit code,
+/// "Paused", a restart, which resets the duration) still counts, and so do all other fields:
+/// a restart also changes `started_at` and `restart_count`. The texts sent are refreshed with
+/// every report that carries the section anyway, and with every periodic full report.
+pub fn changed_apart_from_durations(old: &DockerState, new: &DockerState) -> bool {
+    old.engine_version != new.engine_version
+        || old.containers.len() != new.containers.len()
+        || old
+            .containers
+            .iter()
+            .zip(&new.containers)
+            .any(|(a, b)| container_changed(a, b))
+}
+
+fn container_changed(a: &Container, b: &Container) -> bool {
+    // Destructured so that a field added to `Container` fails to compile here until it is
+    // compared.
+    let Container {
+        id,
+        name,
+        image,
+        image_id,
+        compose_project,
+        compose_service,
+        state,
+        status,
+        health,
+        restart_count,
+        ports,
+        created,
+        started_at,
+        exit_code,
+    } = a;
+    *id != b.id
+        || *name != b.name
+        || *image != b.image
+        || *image_id != b.image_id
+        || *compose_project != b.compose_project
+        || *compose_service != b.compose_service
+        || *state != b.state
+        || !status_words(status).eq(status_words(&b.status))
+        || *health != b.health
+        || *restart_count != b.restart_count
+        || *ports != b.ports
+        || *created != b.created
+        || *started_at != b.started_at
+        || *exit_code != b.exit_code
+}
+
+/// A status text's words without the durations of Docker's `units.HumanDuration` ("Less than a
+/// second", "About a minute", "3 hours", "2 weeks"...): "Up 3 hours (healthy)" gives "Up",
+/// "(healthy)"; "Exited (137) 2 days ago" gives "Exited", "(137)", "ago".
+fn status_words(status: &str) -> impl Iterator<Item = &str> {
+    status.split_whitespace().filter(|word| {
+        let duration = word.bytes().all(|b| b.is_ascii_digit())
+            || matches!(
+                *word,
+                "Less"
+                    | "than"
+                    | "a"
+                    | "an"
+                    | "About"
+                    | "second"
+                    | "seconds"
+                    | "minute"
+                    | "minutes"
+                    | "hour"
+                    | "hours"
+                    | "day"
+                    | "days"
+                    | "week"
+                    | "weeks"
+                    | "month"
+                    | "months"
+                    | "year"
+                    | "years"
+            );
+        !duration
+    })
+}
+
 /// The container's own name among the list's names (legacy links add `/other/alias` names).
 fn primary_name(names: &[String]) -> Option<&str> {
     names
@@ -691,6 +776,42 @@ mod tests {
             "starting"
         );
         assert_eq!(health_from_status("Exited (0) 2 minutes ago"), "none");
+    }
+
+    #[test]
+    fn durations_in_status_texts_are_not_changes_but_everything_else_is() {
+        let state = |status: &str, restarts: u32| DockerState {
+            engine_version: "27.0".into(),
+            containers: vec![Container {
+                id: "abc".into(),
+                name: "auth-api-1".into(),
+                state: "running".into(),
+                status: status.into(),
+                restart_count: restarts,
+                ..Default::default()
+            }],
+        };
+        let changed = |a: &DockerState, b: &DockerState| changed_apart_from_durations(a, b);
+        let base = state("Up 3 hours (healthy)", 0);
+        assert!(!changed(&base, &state("Up 4 hours (healthy)", 0)));
+        assert!(!changed(&base, &state("Up About an hour (healthy)", 0)));
+        assert!(!changed(
+            &state("Exited (0) 5 minutes ago", 0),
+            &state("Exited (0) Less than a second ago", 0)
+        ));
+        assert!(changed(&base, &state("Up 3 hours (unhealthy)", 0)));
+        assert!(changed(&base, &state("Up 3 hours (Paused)", 0)));
+        assert!(changed(
+            &state("Exited (0) 5 minutes ago", 0),
+            &state("Exited (137) 5 minutes ago", 0)
+        ));
+        assert!(changed(&base, &state("Up 3 hours (healthy)", 1)));
+        let mut renamed = base.clone();
+        renamed.containers[0].name = "auth-api-2".into();
+        assert!(changed(&base, &renamed));
+        let mut more = base.clone();
+        more.containers.push(Container::default());
+        assert!(changed(&base, &more));
     }
 
     #[test]

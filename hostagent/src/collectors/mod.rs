@@ -183,6 +183,10 @@ fn timed<T>(f: impl FnOnce() -> T) -> (Collection, T) {
 
 /// Turns successive full collections into delta reports: a section is sent only when its data
 /// (not its collection time) changed since the last report, or when a full report is due.
+/// Docker's status texts count as changed only when more than their durations changed
+/// ([`docker::changed_apart_from_durations`]), so the texts the controller holds are as of the
+/// last report that carried the Docker section: at most one full-report cycle old
+/// (`full_report_every` reports), while `started_at` stays exact.
 #[derive(Default)]
 pub struct DeltaTracker {
     last: HostState,
@@ -200,7 +204,7 @@ impl DeltaTracker {
         if full || changed(&self.last.system, &fresh.system, |s| &s.result) {
             out.system = fresh.system.clone();
         }
-        if full || changed(&self.last.docker, &fresh.docker, |s| &s.result) {
+        if full || docker_changed(&self.last.docker, &fresh.docker) {
             out.docker = fresh.docker.clone();
         }
         if full || changed(&self.last.nginx, &fresh.nginx, |s| &s.result) {
@@ -214,6 +218,17 @@ impl DeltaTracker {
         }
         self.last = fresh;
         out
+    }
+}
+
+fn docker_changed(old: &Option<DockerSection>, new: &Option<DockerSection>) -> bool {
+    use docker_section::Result::State;
+    match (
+        old.as_ref().map(|s| &s.result),
+        new.as_ref().map(|s| &s.result),
+    ) {
+        (Some(Some(State(o))), Some(Some(State(n)))) => docker::changed_apart_from_durations(o, n),
+        (o, n) => o != n,
     }
 }
 
@@ -241,6 +256,36 @@ mod tests {
             }),
             ..Default::default()
         }
+    }
+
+    #[test]
+    fn an_older_uptime_alone_is_not_sent_until_the_next_full_report() {
+        use sentinel_proto::v1::Container;
+        let up = |status: &str, restarts: u32| {
+            let mut state = docker("1");
+            if let Some(docker_section::Result::State(d)) =
+                state.docker.as_mut().and_then(|d| d.result.as_mut())
+            {
+                d.containers.push(Container {
+                    name: "web".into(),
+                    state: "running".into(),
+                    status: status.into(),
+                    restart_count: restarts,
+                    ..Default::default()
+                });
+            }
+            state
+        };
+        let mut t = DeltaTracker::default();
+        assert!(t.report(up("Up 3 hours", 0), true).docker.is_some());
+        assert!(t.report(up("Up 4 hours", 0), false).docker.is_none());
+        assert!(t.report(up("Up 2 seconds", 1), false).docker.is_some());
+        assert!(t.report(up("Up 9 seconds", 1), false).docker.is_none());
+        let full = t.report(up("Up 11 seconds", 1), true);
+        let Some(docker_section::Result::State(d)) = full.docker.and_then(|d| d.result) else {
+            panic!("a full report carries the Docker section");
+        };
+        assert_eq!(d.containers[0].status, "Up 11 seconds");
     }
 
     #[test]

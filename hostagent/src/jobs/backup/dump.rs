@@ -238,8 +238,9 @@ pub async fn database(ctx: &RunCtx<'_>, db: &BackupDatabase, tool: &str) -> Resu
         None => None,
     };
     // To standard output, not --file: the agent hashes (and encrypts) the stream as it goes
-    // into the temp file, instead of reading the whole file back afterwards. (pg_dump then
-    // cannot seek back to record data offsets; pg_restore finds the data by reading on.)
+    // into the temp file, instead of reading the whole file back afterwards. pg_dump then
+    // cannot seek back to record data offsets in the archive's table of contents; pg_restore
+    // (12 and later, also with -j on a plain file) finds the data blocks by reading on.
     let mut cmd = tokio::process::Command::new(&ctx.config.pg_dump);
     cmd.arg("--format=custom")
         .arg(format!("--snapshot={snapshot}"))
@@ -265,7 +266,10 @@ pub async fn database(ctx: &RunCtx<'_>, db: &BackupDatabase, tool: &str) -> Resu
     };
     let both = tokio::try_join!(dumped, counted);
     drop(passfile);
-    let _ = client.batch_execute("COMMIT").await;
+    // On failure the connection just closes (a count still running would only delay COMMIT).
+    if both.is_ok() {
+        let _ = client.batch_execute("COMMIT").await;
+    }
     drop(conn);
     let (written, row_counts) = match both {
         Ok((w, c)) => (Ok(w), c),
