@@ -6,7 +6,8 @@
 #                                              # package binaries already built (what
 #                                              # tests/tests/packaging.rs does: no rebuild)
 #
-# Steps: build the release binaries (unless --binaries), let each binary write its shell
+# Steps: build the release binaries (unless --binaries; the agent with the size-optimised
+# `agent` profile of Cargo.toml), let each binary write its shell
 # completions and man pages into packaging/generated/ (generated from its clap definitions,
 # so they cannot drift), then `cargo deb --no-build` for each package. Needs cargo-deb
 # (`cargo install --locked cargo-deb`; tests/run.sh installs it).
@@ -33,24 +34,29 @@ fi
 
 target_dir="${CARGO_TARGET_DIR:-target}"
 if [ -z "$binaries" ]; then
-  cargo build --locked --release -p sentinel -p hostagent --bins
-  binaries="$target_dir/release"
+  cargo build --locked --release -p sentinel --bins
+  # The agent has its own profile in Cargo.toml, built for size ([profile.agent]).
+  cargo build --locked --profile agent -p hostagent --bins
+  sentinel_bin="$target_dir/release/sentinel"
+  hostagent_bin="$target_dir/agent/hostagent"
 else
-  # cargo-deb packages `target/release/NAME` of the target dir it is given: hand it a
-  # throwaway one holding these binaries, so the real target dir is left alone.
-  stage="$(mktemp -d)"
-  trap 'rm -rf "$stage"' EXIT
-  mkdir -p "$stage/release"
-  for b in sentinel hostagent; do
-    if [ ! -x "$binaries/$b" ]; then
-      echo "build-debs.sh: $binaries/$b is missing (cargo build --workspace --bins)" >&2
-      exit 66
-    fi
-    cp "$binaries/$b" "$stage/release/$b"
-  done
-  export CARGO_TARGET_DIR="$stage"
-  binaries="$stage/release"
+  sentinel_bin="$binaries/sentinel"
+  hostagent_bin="$binaries/hostagent"
 fi
+# cargo-deb packages `target/release/NAME` of the target dir it is given: hand it a throwaway
+# one holding these binaries, so the real target dir is left alone.
+stage="$(mktemp -d)"
+trap 'rm -rf "$stage"' EXIT
+mkdir -p "$stage/release"
+for bin in "$sentinel_bin" "$hostagent_bin"; do
+  if [ ! -x "$bin" ]; then
+    echo "build-debs.sh: $bin is missing (cargo build --workspace --bins)" >&2
+    exit 66
+  fi
+  cp "$bin" "$stage/release/"
+done
+export CARGO_TARGET_DIR="$stage"
+binaries="$stage/release"
 
 # Completions and man pages, where [package.metadata.deb] takes them from.
 rm -rf packaging/generated

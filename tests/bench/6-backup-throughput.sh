@@ -9,7 +9,8 @@
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/../.."
 cargo build --release --bins -p sentinel -p hostagent >&2
-export SENTINEL_BIN_DIR="${CARGO_TARGET_DIR:-target}/release"
+# Absolute: the test runs in tests/, not here.
+export SENTINEL_BIN_DIR="$(realpath "${CARGO_TARGET_DIR:-target}")/release"
 export SENTINEL_BENCH_BACKUP_MIB="${SENTINEL_BENCH_BACKUP_MIB:-1024}"
 export SENTINEL_BENCH_RUNS="${SENTINEL_BENCH_RUNS:-3}"
 exec cargo test --release -p sentinel-e2e --test backups -- --ignored --nocapture \

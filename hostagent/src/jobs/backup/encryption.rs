@@ -400,9 +400,10 @@ mod tests {
         let err = crate::config::parse_toml::<crate::config::AgentConfig>(path, text)
             .unwrap_err()
             .to_string();
-        assert!(err.starts_with("/etc/hostagent/agent.toml:"), "{err}");
+        // Line 9: the `recipients` line itself.
+        assert!(err.starts_with("/etc/hostagent/agent.toml:9:"), "{err}");
         assert!(
-            err.contains("jobs.backups.encryption: recipients[0]") && err.contains("age1typo"),
+            err.contains("jobs.backups.encryption.recipients[0]") && err.contains("age1typo"),
             "{err}"
         );
     }
