@@ -298,3 +298,94 @@ services:
 "#
     )
 }
+
+/// A git repository whose commits are releases of the fixture app, as the deploy pipeline
+/// reads them: no `.env` (secrets come from the controller) and the port as `${PORT}`.
+pub struct ReleaseRepo {
+    /// The working tree (the repository the controller clones).
+    pub dir: PathBuf,
+}
+
+impl ReleaseRepo {
+    /// A fresh repository at `path`, on branch `main`.
+    pub fn new(path: PathBuf) -> Self {
+        std::fs::create_dir_all(&path).unwrap();
+        git(&path, &["init", "-q", "-b", "main"]);
+        git(&path, &["config", "user.email", "ci@example.invalid"]);
+        git(&path, &["config", "user.name", "ci"]);
+        Self { dir: path }
+    }
+
+    /// Commits release `version` of `variant`; `tweak` may edit the tree first. Returns the sha.
+    pub fn commit(
+        &self,
+        app: &FixtureApp,
+        version: &str,
+        variant: Variant,
+        tweak: impl Fn(&Path),
+    ) -> String {
+        for entry in std::fs::read_dir(&self.dir).unwrap().flatten() {
+            if entry.file_name() != ".git" {
+                let p = entry.path();
+                if p.is_dir() {
+                    std::fs::remove_dir_all(&p).unwrap();
+                } else {
+                    std::fs::remove_file(&p).unwrap();
+                }
+            }
+        }
+        let bundle = app.bundle(version, variant);
+        let out = run(Command::new("tar")
+            .arg("-xzf")
+            .arg(&bundle.path)
+            .arg("-C")
+            .arg(&self.dir));
+        assert!(out.status.success());
+        // Secrets come from the controller, per environment; so does the port.
+        std::fs::remove_file(self.dir.join(".env")).unwrap();
+        let compose = self.dir.join("docker-compose.yml");
+        let text = std::fs::read_to_string(&compose).unwrap();
+        let text = text.replace(
+            &format!("127.0.0.1:{}:8080", app.port),
+            "127.0.0.1:${PORT}:8080",
+        );
+        std::fs::write(&compose, text).unwrap();
+        tweak(&self.dir);
+        git(&self.dir, &["add", "-A"]);
+        git(&self.dir, &["commit", "-q", "-m", version]);
+        String::from_utf8(
+            run(Command::new("git")
+                .arg("-C")
+                .arg(&self.dir)
+                .args(["rev-parse", "HEAD"]))
+            .stdout,
+        )
+        .unwrap()
+        .trim()
+        .to_string()
+    }
+}
+
+/// Runs `git -C dir args`, failing the test when it fails.
+pub fn git(dir: &Path, args: &[&str]) {
+    let out = run(Command::new("git").arg("-C").arg(dir).args(args));
+    assert!(
+        out.status.success(),
+        "git {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// What the app on `port` answers at /health (or the error), over plain HTTP/1.0.
+pub fn served(port: u16) -> String {
+    let attempt = || -> std::io::Result<String> {
+        use std::io::{Read, Write};
+        let mut stream = std::net::TcpStream::connect(("127.0.0.1", port))?;
+        stream.set_read_timeout(Some(std::time::Duration::from_secs(3)))?;
+        stream.write_all(b"GET /health HTTP/1.0\r\nHost: localhost\r\n\r\n")?;
+        let mut out = String::new();
+        stream.read_to_string(&mut out)?;
+        Ok(out)
+    };
+    attempt().unwrap_or_else(|e| format!("error: {e}"))
+}

@@ -9,7 +9,7 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::Duration;
 
-use sentinel_e2e::fixture::{FixtureApp, Variant, SECRET};
+use sentinel_e2e::fixture::{served, FixtureApp, ReleaseRepo as Repo, Variant, SECRET};
 use sentinel_e2e::postgres::{self, Postgres};
 use sentinel_e2e::{
     bin, eventually, eventually_within, free_port, patience, run, Controller, Fleet, Proc, Value,
@@ -1463,72 +1463,6 @@ fn backup_throughput_against_plain_pg_dump() {
     );
 }
 
-/// A git repository whose commits are releases of the fixture app (as in deploy.rs).
-struct Repo {
-    dir: PathBuf,
-}
-
-impl Repo {
-    fn new(path: PathBuf) -> Self {
-        std::fs::create_dir_all(&path).unwrap();
-        git(&path, &["init", "-q", "-b", "main"]);
-        git(&path, &["config", "user.email", "ci@example.invalid"]);
-        git(&path, &["config", "user.name", "ci"]);
-        Self { dir: path }
-    }
-
-    /// Commits release `version` of the healthy variant; returns the sha.
-    fn commit(&self, app: &FixtureApp, version: &str) -> String {
-        for entry in std::fs::read_dir(&self.dir).unwrap().flatten() {
-            if entry.file_name() != ".git" {
-                let p = entry.path();
-                if p.is_dir() {
-                    std::fs::remove_dir_all(&p).unwrap();
-                } else {
-                    std::fs::remove_file(&p).unwrap();
-                }
-            }
-        }
-        let bundle = app.bundle(version, Variant::Healthy);
-        let out = run(Command::new("tar")
-            .arg("-xzf")
-            .arg(&bundle.path)
-            .arg("-C")
-            .arg(&self.dir));
-        assert!(out.status.success());
-        // Secrets come from the controller, per environment; so does the port.
-        std::fs::remove_file(self.dir.join(".env")).unwrap();
-        let compose = self.dir.join("docker-compose.yml");
-        let text = std::fs::read_to_string(&compose).unwrap();
-        let text = text.replace(
-            &format!("127.0.0.1:{}:8080", app.port),
-            "127.0.0.1:${PORT}:8080",
-        );
-        std::fs::write(&compose, text).unwrap();
-        git(&self.dir, &["add", "-A"]);
-        git(&self.dir, &["commit", "-q", "-m", version]);
-        String::from_utf8(
-            run(Command::new("git")
-                .arg("-C")
-                .arg(&self.dir)
-                .args(["rev-parse", "HEAD"]))
-            .stdout,
-        )
-        .unwrap()
-        .trim()
-        .to_string()
-    }
-}
-
-fn git(dir: &Path, args: &[&str]) {
-    let out = run(Command::new("git").arg("-C").arg(dir).args(args));
-    assert!(
-        out.status.success(),
-        "git {args:?}: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-}
-
 impl World {
     /// Submits a db_change deploy with a migration and waits for its end.
     fn deploy_db_change(&self, commit: &str) -> Value {
@@ -1562,19 +1496,6 @@ impl World {
     }
 }
 
-fn served(port: u16) -> String {
-    use std::io::{Read, Write};
-    let attempt = || -> std::io::Result<String> {
-        let mut stream = std::net::TcpStream::connect(("127.0.0.1", port))?;
-        stream.set_read_timeout(Some(Duration::from_secs(3)))?;
-        stream.write_all(b"GET /health HTTP/1.0\r\nHost: localhost\r\n\r\n")?;
-        let mut out = String::new();
-        stream.read_to_string(&mut out)?;
-        Ok(out)
-    };
-    attempt().unwrap_or_else(|e| format!("error: {e}"))
-}
-
 #[test]
 fn a_db_change_deploy_backs_up_the_apps_production_database_first_and_does_not_migrate_when_that_fails(
 ) {
@@ -1583,8 +1504,8 @@ fn a_db_change_deploy_backs_up_the_apps_production_database_first_and_does_not_m
         ..Default::default()
     });
     let app = w.app.as_ref().unwrap();
-    let v1 = app.repo.commit(&app.app, "v1");
-    let v2 = app.repo.commit(&app.app, "v2");
+    let v1 = app.repo.commit(&app.app, "v1", Variant::Healthy, |_| {});
+    let v2 = app.repo.commit(&app.app, "v2", Variant::Healthy, |_| {});
 
     let d = w.deploy_db_change(&v1);
     assert_eq!(d["state"], "DEPLOYMENT_STATE_SUCCEEDED", "{d}");
