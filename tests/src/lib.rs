@@ -275,10 +275,20 @@ impl Fleet {
     ) -> PathBuf {
         let config = self.path(&format!("agent-{host}.toml"));
         let c = self.certs.display();
+        // Agents of parallel tests must not share the default /var/lib/hostagent (the second
+        // would be refused: one journal per agent).
+        let jobs = if extra_toml.contains("[jobs") {
+            String::new()
+        } else {
+            format!(
+                "\n[jobs]\nstate_dir = \"{}\"\n",
+                self.path(&format!("jobs-{host}")).display()
+            )
+        };
         fs::write(
             &config,
             format!(
-                "host_name = \"{host}\"\ncontroller = \"{controller}\"\nreport_interval = \"1s\"\n{extra_toml}\n\n[backoff]\ninitial = \"200ms\"\nmax = \"2s\"\n\n[tls]\nca = \"{c}/ca.pem\"\ncert = \"{c}/host-{cert_host}.pem\"\nkey = \"{c}/host-{cert_host}.key\"\n"
+                "host_name = \"{host}\"\ncontroller = \"{controller}\"\nreport_interval = \"1s\"\n{extra_toml}\n{jobs}\n[backoff]\ninitial = \"200ms\"\nmax = \"2s\"\n\n[tls]\nca = \"{c}/ca.pem\"\ncert = \"{c}/host-{cert_host}.pem\"\nkey = \"{c}/host-{cert_host}.key\"\n"
             ),
         )
         .expect("writing agent config");

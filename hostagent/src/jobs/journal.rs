@@ -36,6 +36,16 @@ pub enum JournalError {
         /// What is wrong.
         message: String,
     },
+    /// Another agent process holds the state directory: two agents sharing one journal would
+    /// each run jobs the other has already run.
+    #[error(
+        "job state directory {dir} is in use by another hostagent process; give each agent its \
+         own jobs.state_dir"
+    )]
+    Busy {
+        /// The directory.
+        dir: PathBuf,
+    },
 }
 
 /// Where a job stands in the journal.
@@ -91,6 +101,8 @@ struct State {
 pub struct Journal {
     path: PathBuf,
     state: Mutex<State>,
+    /// `dir/lock`, exclusively locked for as long as the journal is open.
+    _lock: File,
 }
 
 fn unix(t: SystemTime) -> u64 {
@@ -108,6 +120,30 @@ impl Journal {
             source,
         };
         fs::create_dir_all(dir).map_err(io)?;
+        let lock_path = dir.join("lock");
+        let lock = OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .open(&lock_path)
+            .map_err(|source| JournalError::Io {
+                path: lock_path.clone(),
+                source,
+            })?;
+        match lock.try_lock() {
+            Ok(()) => {}
+            Err(fs::TryLockError::WouldBlock) => {
+                return Err(JournalError::Busy {
+                    dir: dir.to_path_buf(),
+                })
+            }
+            Err(fs::TryLockError::Error(source)) => {
+                return Err(JournalError::Io {
+                    path: lock_path,
+                    source,
+                })
+            }
+        }
         let mut by_job: HashMap<String, Record> = HashMap::new();
         if path.exists() {
             let reader = BufReader::new(File::open(&path).map_err(io)?);
@@ -168,6 +204,7 @@ impl Journal {
                     by_job,
                     nonces,
                 }),
+                _lock: lock,
             },
             interrupted,
         ))
@@ -282,5 +319,21 @@ mod tests {
         let (j, _) = Journal::open(dir.path()).unwrap();
         assert!(j.job("a").is_some());
         assert!(j.job("b").is_none());
+    }
+
+    #[test]
+    fn a_second_agent_on_the_same_state_dir_is_refused_naming_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let (_first, _) = Journal::open(dir.path()).unwrap();
+        let err = Journal::open(dir.path())
+            .err()
+            .expect("the second open fails");
+        assert!(matches!(err, JournalError::Busy { .. }));
+        assert!(err.to_string().contains(&dir.path().display().to_string()));
+        drop(_first);
+        assert!(
+            Journal::open(dir.path()).is_ok(),
+            "free again once the first is gone"
+        );
     }
 }
