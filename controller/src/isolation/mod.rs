@@ -292,18 +292,24 @@ impl IsolationState {
     }
 
     /// Checks at once, then every `interval`, until `shutdown`; probes too when
-    /// `[isolation.probe] on_schedule` says so.
+    /// `[isolation.probe] on_schedule` says so, at most every `probe.interval`.
     pub async fn run_schedule(self: Arc<Self>, shutdown: CancellationToken) {
         let interval = self.policy.interval;
-        let probe_from = self
+        let probe = self
             .policy
             .probe
             .as_ref()
-            .filter(|p| p.on_schedule && self.prober.is_some())
-            .map(|p| p.hosts.clone());
+            .filter(|p| p.on_schedule && self.prober.is_some());
+        let mut last_probe: Option<Instant> = None;
         loop {
+            let probe_from = probe
+                .filter(|p| last_probe.is_none_or(|at| at.elapsed() >= p.interval))
+                .map(|p| p.hosts.as_slice());
+            if probe_from.is_some() {
+                last_probe = Some(Instant::now());
+            }
             tokio::select! {
-                _ = self.check_now(probe_from.as_deref(), "schedule") => {}
+                _ = self.check_now(probe_from, "schedule") => {}
                 _ = shutdown.cancelled() => return,
             }
             tokio::select! {

@@ -57,6 +57,14 @@ pub struct ProbeSettings {
     /// Whether scheduled checks probe too (on-demand checks probe when asked).
     #[serde(default = "default_true")]
     pub on_schedule: bool,
+    /// How often scheduled checks probe: the audit runs every `isolation.interval`, the
+    /// probes (one job per host, kept in the job history) at most this often.
+    #[serde(default = "default_probe_interval", with = "humantime_serde")]
+    pub interval: Duration,
+}
+
+fn default_probe_interval() -> Duration {
+    Duration::from_secs(3600)
 }
 
 fn default_port() -> u16 {
@@ -179,6 +187,12 @@ impl IsolationConfig {
                 return Some((
                     "probe.host".into(),
                     "give the cluster's address as the hosts reach it".into(),
+                ));
+            }
+            if probe.interval < Duration::from_secs(1) {
+                return Some((
+                    "probe.interval".into(),
+                    format!("{:?} is below the minimum of 1s", probe.interval),
                 ));
             }
             if probe.timeout < Duration::from_secs(1) || probe.connect_timeout.is_zero() {
@@ -363,6 +377,7 @@ pub(crate) mod tests {
             timeout: Duration::from_secs(30),
             connect_timeout: Duration::from_secs(5),
             on_schedule: true,
+            interval: Duration::from_secs(3600),
         };
         let with = |s: ProbeSettings| IsolationConfig {
             probe: Some(s),
@@ -395,6 +410,13 @@ pub(crate) mod tests {
                 "probe.connect_timeout",
                 ProbeSettings {
                     connect_timeout: Duration::from_secs(60),
+                    ..settings.clone()
+                },
+            ),
+            (
+                "probe.interval",
+                ProbeSettings {
+                    interval: Duration::from_millis(10),
                     ..settings.clone()
                 },
             ),

@@ -248,6 +248,7 @@ mod tests {
             timeout: Duration::from_secs(30),
             connect_timeout: Duration::from_secs(5),
             on_schedule: true,
+            interval: Duration::from_secs(3600),
         }
     }
 

@@ -294,10 +294,16 @@ impl JobQueue {
     /// Whether `host` may fetch bundle `sha256`: only for its own unfinished deploy jobs,
     /// since a bundle carries the environment's secrets.
     pub fn bundle_allowed(&self, host: &str, sha256: &str) -> bool {
-        self.lock().values().any(|e| {
-            e.job.target_host == host
-                && !is_final(e.job.state())
-                && e.bundle.as_deref() == Some(sha256)
+        // Through the host's open jobs: scanning every job kept would make each of a fleet's
+        // requests cost as much as the whole job history.
+        let entries = self.lock();
+        let open = self.open.lock().unwrap_or_else(|p| p.into_inner());
+        open.get(host).is_some_and(|ids| {
+            ids.iter().filter_map(|id| entries.get(id)).any(|e| {
+                e.job.target_host == host
+                    && !is_final(e.job.state())
+                    && e.bundle.as_deref() == Some(sha256)
+            })
         })
     }
 
