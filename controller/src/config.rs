@@ -192,6 +192,16 @@ impl ControllerConfig {
                 "must be at least 1".into(),
             ));
         }
+        if self.jobs.keep_finished < Duration::from_secs(3600) {
+            return Err(invalid(
+                "jobs.keep_finished",
+                format!(
+                    "{:?} is below the minimum of 1h (finished jobs are the deploy and backup \
+                     history operators read)",
+                    self.jobs.keep_finished
+                ),
+            ));
+        }
         if let Some((key, message)) = self.isolation.as_ref().and_then(|i| i.problem()) {
             return Err(invalid(&format!("isolation.{key}"), message));
         }

@@ -709,15 +709,27 @@ fn agents_probe_with_their_own_credentials_and_get_into_leaking_databases_only()
     let plain = check("{}").json().unwrap();
     assert_eq!(plain["probedAt"], report["probedAt"]);
 
-    // Probing from one host only; a host that is not a probe host is refused by name.
+    // Probing from one host only: only it gets a job; the others' latest results stay in the
+    // report. A host that is not a probe host is refused by name.
+    let probe_jobs = |host: &str| {
+        controller
+            .grpcurl(
+                Some(&format!("{{\"host\": \"{host}\"}}")),
+                "sentinel.v1.FleetService/ListJobs",
+            )
+            .stdout
+            .matches("JOB_KIND_ISOLATION_PROBE")
+            .count()
+    };
+    let (hub_before, prod_before) = (probe_jobs("hub-alfa"), probe_jobs("prod-alfa"));
     let one = check("{\"probe\": true, \"hosts\": [\"prod-alfa\"]}")
         .json()
         .unwrap();
+    assert_eq!(probe_jobs("hub-alfa"), hub_before);
+    assert_eq!(probe_jobs("prod-alfa"), prod_before + 1);
     let from: Vec<String> = probes(&one).into_iter().map(|p| p.0).collect();
-    assert!(
-        !from.is_empty() && from.iter().all(|h| h == "prod-alfa"),
-        "{from:?}"
-    );
+    assert!(from.iter().any(|h| h == "prod-alfa"), "{from:?}");
+    assert!(from.iter().any(|h| h == "hub-alfa"), "{from:?}");
     let wrong = check("{\"probe\": true, \"hosts\": [\"web-9\"]}");
     assert!(
         !wrong.ok && wrong.stderr.contains("InvalidArgument") && wrong.stderr.contains("web-9"),

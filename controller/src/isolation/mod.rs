@@ -178,9 +178,10 @@ impl IsolationState {
             }
         };
         let (mut outcome, probed) = tokio::join!(check(&self.policy), probing);
-        if let Some(probed) = probed {
+        if let Some((at, run)) = probed {
             if let Ok(mut probes) = self.probes.write() {
-                *probes = Some(probed);
+                let previous = probes.take().map(|(_, p)| p).unwrap_or_default();
+                *probes = Some((at, probe::merge_run(previous, run)));
             }
         }
         self.merge_probes(&mut outcome.report);

@@ -183,6 +183,17 @@ impl IsolationConfig {
             {
                 return Some(("probe.hosts".into(), format!("{h:?} is not a host name")));
             }
+            if let Some((i, h)) = probe
+                .hosts
+                .iter()
+                .enumerate()
+                .find(|(i, h)| probe.hosts[..*i].contains(h))
+            {
+                return Some((
+                    "probe.hosts".into(),
+                    format!("{h:?} is listed twice (again at position {})", i + 1),
+                ));
+            }
             if probe.host.trim().is_empty() {
                 return Some((
                     "probe.host".into(),
@@ -417,6 +428,13 @@ pub(crate) mod tests {
                 "probe.interval",
                 ProbeSettings {
                     interval: Duration::from_millis(10),
+                    ..settings.clone()
+                },
+            ),
+            (
+                "probe.hosts",
+                ProbeSettings {
+                    hosts: vec!["web-1".into(), "web-2".into(), "web-1".into()],
                     ..settings.clone()
                 },
             ),

@@ -215,6 +215,30 @@ fn answer(host: &str, job: &Job) -> Vec<ProbeResult> {
     }
 }
 
+/// The probe results after a run: a host's results are replaced only by a run that gave
+/// evidence from it (at least one attempt made). A host that this run could not probe (offline,
+/// refused the job, no answer) keeps its earlier attempts, a connection that got in included,
+/// beside the new "not probed" entry; hosts this run did not ask keep theirs.
+pub fn merge_run(previous: Vec<ProbeResult>, run: Vec<ProbeResult>) -> Vec<ProbeResult> {
+    use std::collections::HashSet;
+    let asked: HashSet<&str> = run.iter().map(|r| r.host.as_str()).collect();
+    let evidence: HashSet<&str> = run
+        .iter()
+        .filter(|r| r.probed)
+        .map(|r| r.host.as_str())
+        .collect();
+    let mut out: Vec<ProbeResult> = previous
+        .into_iter()
+        .filter(|p| {
+            let host = p.host.as_str();
+            !asked.contains(host) || (p.probed && !evidence.contains(host))
+        })
+        .collect();
+    out.extend(run);
+    out.sort_by(|a, b| (&a.host, &a.user, &a.database).cmp(&(&b.host, &b.user, &b.database)));
+    out
+}
+
 /// The violations a set of probe results proves: every connection that got in.
 pub fn violations(probes: &[ProbeResult]) -> Vec<IsolationViolation> {
     probes
@@ -305,5 +329,34 @@ mod tests {
             failed[0].message
         );
         assert!(violations(&failed).is_empty());
+    }
+
+    #[test]
+    fn a_run_without_evidence_from_a_host_keeps_what_that_host_proved() {
+        let got_in = |host: &str| ProbeResult {
+            host: host.into(),
+            user: "stg_user".into(),
+            database: "auth_prod".into(),
+            connected: true,
+            probed: true,
+            ..Default::default()
+        };
+        let previous = vec![got_in("web-1"), got_in("web-2")];
+        // web-1 is offline this time; web-2 was not asked.
+        let offline = not_probed("web-1", "not probed: the host is not connected".into());
+        let merged = merge_run(previous.clone(), vec![offline.clone()]);
+        assert_eq!(merged.len(), 3);
+        assert_eq!(violations(&merged).len(), 2, "{merged:#?}");
+        // web-1 answers and is refused now: its violation is gone, web-2's stays.
+        let refused = ProbeResult {
+            connected: false,
+            message: "FATAL: permission denied for database".into(),
+            ..got_in("web-1")
+        };
+        let merged = merge_run(merged, vec![refused]);
+        assert_eq!(merged.len(), 2);
+        let v = violations(&merged);
+        assert_eq!(v.len(), 1);
+        assert!(v[0].path.contains("web-2"));
     }
 }

@@ -675,7 +675,8 @@ fn key_values(dsn: &str) -> Result<Vec<KeyValue>, String> {
     }
 }
 
-fn percent_decode(s: &str) -> String {
+/// Decodes `%XX` escapes (URL user info, query values); invalid escapes stay as written.
+pub(crate) fn percent_decode(s: &str) -> String {
     let bytes = s.as_bytes();
     let mut out = Vec::with_capacity(bytes.len());
     let mut i = 0;

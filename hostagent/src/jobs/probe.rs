@@ -65,7 +65,9 @@ pub struct ProbeCredential {
     /// A file holding the password of `user`.
     #[serde(default)]
     pub password_file: Option<PathBuf>,
-    /// `sslmode` for `user`/`user_var` credentials (default: `prefer`, as libpq).
+    /// `sslmode` for `user`/`user_var` credentials: `require`, `verify-ca` or `verify-full`
+    /// connect over TLS (the server's certificate verified); unset, `disable`, `allow` and
+    /// `prefer` connect without TLS. A URL from `env_file` carries its own `sslmode`.
     #[serde(default)]
     pub sslmode: Option<String>,
 }
@@ -158,18 +160,26 @@ impl ProbeCredential {
         }
     }
 
-    /// The connection string (with the password) this credential logs in with, and its user.
-    fn resolve(&self) -> Result<(String, String), String> {
+    /// How results name this credential when it could not be read: its user, or its file.
+    fn label(&self) -> String {
+        match (&self.user, &self.env_file) {
+            (Some(user), _) => user.clone(),
+            (None, Some(path)) => format!("env_file:{}", path.display()),
+            (None, None) => String::new(),
+        }
+    }
+
+    /// The connection string (with the password) this credential logs in with, its user, and
+    /// the password in every form a message could show it (to register them as secrets).
+    fn resolve(&self) -> Result<(String, String, Vec<String>), String> {
         let Some(path) = &self.env_file else {
             let user = self.user.clone().unwrap_or_default();
             let password = match &self.password_file {
                 Some(p) => read_small(p, "password_file")?.trim().to_string(),
                 None => String::new(),
             };
-            return Ok((
-                key_value_dsn(&user, &password, self.sslmode.as_deref()),
-                user,
-            ));
+            let dsn = key_value_dsn(&user, &password, self.sslmode.as_deref());
+            return Ok((dsn, user, vec![password]));
         };
         let text = read_small(path, "env_file")?;
         let var = |name: &str| {
@@ -179,10 +189,8 @@ impl ProbeCredential {
         if let (Some(user_var), Some(password_var)) = (&self.user_var, &self.password_var) {
             let user = var(user_var)?;
             let password = var(password_var)?;
-            return Ok((
-                key_value_dsn(&user, &password, self.sslmode.as_deref()),
-                user,
-            ));
+            let dsn = key_value_dsn(&user, &password, self.sslmode.as_deref());
+            return Ok((dsn, user, vec![password]));
         }
         let name = self.url_var.as_deref().unwrap_or(DEFAULT_URL_VAR);
         let url = var(name)?;
@@ -192,7 +200,10 @@ impl ProbeCredential {
                 path.display()
             )
         })?;
-        Ok((url, user))
+        let secrets = url_password(&url)
+            .map(|raw| vec![crate::collectors::postgres::percent_decode(&raw), raw])
+            .unwrap_or_default();
+        Ok((url, user, secrets))
     }
 }
 
@@ -240,6 +251,18 @@ fn key_value_dsn(user: &str, password: &str, sslmode: Option<&str>) -> String {
         dsn.push_str(&format!(" sslmode={mode}"));
     }
     dsn
+}
+
+/// The password of a `postgres://user:password@...` URL, as written (percent-encoded).
+fn url_password(url: &str) -> Option<String> {
+    let rest = url
+        .strip_prefix("postgresql://")
+        .or_else(|| url.strip_prefix("postgres://"))?;
+    let userinfo = &rest[..rest.rfind('@')?];
+    userinfo
+        .split_once(':')
+        .map(|(_, p)| p.to_string())
+        .filter(|p| !p.is_empty())
 }
 
 /// The user of a `postgres://user[:password]@...` URL, percent-decoded.
@@ -309,9 +332,9 @@ pub async fn run_probe(
             .filter(|t| t.environment != credential.environment)
             .collect();
         match credential.resolve() {
-            Ok((dsn, user)) => {
-                if let Some(password) = tokio_postgres_password(&dsn) {
-                    events.add_secret(&password);
+            Ok((dsn, user, secrets)) => {
+                for secret in secrets.iter().filter(|s| !s.is_empty()) {
+                    events.add_secret(secret);
                 }
                 for target in others {
                     plans.push(Plan {
@@ -325,7 +348,7 @@ pub async fn run_probe(
             Err(why) => {
                 events.log("stderr", &why);
                 attempts.extend(others.into_iter().map(|t| ProbeAttempt {
-                    user: credential.user.clone().unwrap_or_default(),
+                    user: credential.label(),
                     user_environment: credential.environment.clone(),
                     database: t.database.clone(),
                     database_environment: t.environment.clone(),
@@ -368,15 +391,6 @@ pub async fn run_probe(
     events.step("probe", StepStatus::Succeeded, &summary, started.elapsed());
     let json = serde_json::to_string(&ProbeReport { attempts }).unwrap_or_default();
     (Ok(summary), json)
-}
-
-/// The password of a connection string, to register it as a secret.
-fn tokio_postgres_password(dsn: &str) -> Option<String> {
-    let config: tokio_postgres::Config = dsn.parse().ok()?;
-    config
-        .get_password()
-        .map(|p| String::from_utf8_lossy(p).into_owned())
-        .filter(|p| !p.is_empty())
 }
 
 /// One connection attempt to make.
@@ -426,7 +440,19 @@ async fn attempt(plan: Plan, timeout: Duration) -> ProbeAttempt {
                 result.user, target.database, redirect.host, redirect.port
             );
         }
-        Err(e) => result.message = e.to_string(),
+        Err(e) => {
+            result.message = e.to_string();
+            // PostgreSQL says "no encryption" when only a `hostssl` line would let this login
+            // in: the app, connecting over TLS, may well get in. Not evidence of isolation.
+            if result.message.contains("no encryption") {
+                result.probed = false;
+                result.message = format!(
+                    "not probed over TLS: {}; the server accepts this login only encrypted, so \
+                     set sslmode = \"require\" (or verify-full) on the credential",
+                    result.message
+                );
+            }
+        }
     }
     result
 }
@@ -468,13 +494,14 @@ mod tests {
             Some("shop_user")
         );
         assert_eq!(url_user("mysql://x@y/z"), None);
+        assert_eq!(
+            url_password("postgres://u:p%40ss@db/x").as_deref(),
+            Some("p%40ss")
+        );
+        assert_eq!(url_password("postgres://u@db/x"), None);
         let dsn = key_value_dsn("u", "it's \\ odd", Some("require"));
         let parsed: tokio_postgres::Config = dsn.parse().unwrap();
         assert_eq!(parsed.get_password(), Some("it's \\ odd".as_bytes()));
-        assert_eq!(
-            tokio_postgres_password(&dsn).as_deref(),
-            Some("it's \\ odd")
-        );
     }
 
     #[test]

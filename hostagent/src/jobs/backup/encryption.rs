@@ -258,9 +258,24 @@ fn parse_recipient(
         .parse::<x25519::Recipient>()
         .map_err(|reason| EncryptionError::BadRecipient {
             at: at(),
-            value: value.to_string(),
+            value: shown_recipient(value),
             reason: reason.to_string(),
         })
+}
+
+/// A bad recipient as an error may show it: recipients are public, but an operator who pastes
+/// the identity file's `AGE-SECRET-KEY-…` line (or anything else) must not find it in the log.
+fn shown_recipient(value: &str) -> String {
+    let value = value.trim();
+    if value.starts_with("age1") {
+        value.to_string()
+    } else if value.to_ascii_uppercase().starts_with("AGE-SECRET-KEY-") {
+        "<an age identity (AGE-SECRET-KEY-…), not a recipient: the public key is the age1… line \
+         age-keygen prints>"
+            .to_string()
+    } else {
+        format!("<{} characters, not shown>", value.chars().count())
+    }
 }
 
 fn read_small(path: &Path) -> Result<String, String> {
@@ -449,5 +464,14 @@ mod tests {
         std::fs::write(&id_path, format!("{other_identity}\n")).unwrap();
         let err = Keys::load(&c).unwrap_err().to_string();
         assert!(err.contains("none of its identities"), "{err}");
+    }
+
+    #[test]
+    fn a_secret_key_given_as_a_recipient_is_never_echoed() {
+        let secret = "AGE-SECRET-KEY-1QQQQQQQQQQQQQQQQQQQQQQQQQQQQQQQQQQQQQQQQQQQQQQQQQQQQQQQQQQ";
+        let shown = shown_recipient(secret);
+        assert!(!shown.contains("1QQQ"), "{shown}");
+        assert!(shown.contains("not a recipient"), "{shown}");
+        assert_eq!(shown_recipient(" age1abc "), "age1abc");
     }
 }
