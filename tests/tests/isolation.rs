@@ -737,6 +737,33 @@ fn agents_probe_with_their_own_credentials_and_get_into_leaking_databases_only()
         wrong.stderr
     );
 
+    // A login the server would take only over TLS is not evidence either way: the app may
+    // connect encrypted. The probe (plaintext by default) says so instead of "refused".
+    let hba = pg.dir().join("data").join("pg_hba.conf");
+    let rules = fs::read_to_string(&hba).unwrap();
+    fs::write(
+        &hba,
+        format!("hostnossl all s60_hub_user 127.0.0.1/32 reject\n{rules}"),
+    )
+    .unwrap();
+    pg.sql("SELECT pg_reload_conf()");
+    let tls_only = check("{\"probe\": true, \"hosts\": [\"hub-alfa\"]}")
+        .json()
+        .unwrap();
+    let unprobed: Vec<_> = probes(&tls_only)
+        .into_iter()
+        .filter(|p| p.0 == "hub-alfa" && !p.4)
+        .collect();
+    assert_eq!(unprobed.len(), 4, "{unprobed:#?}");
+    assert!(
+        unprobed
+            .iter()
+            .all(|p| p.5.contains("accepts this login only encrypted")),
+        "{unprobed:#?}"
+    );
+    fs::write(&hba, rules).unwrap();
+    pg.sql("SELECT pg_reload_conf()");
+
     // The passwords stayed on the hosts.
     let log = controller.proc.log_text();
     for user in ["s60_hub_user", "s60_prod_user"] {
