@@ -111,6 +111,38 @@ fn two_hundred_simulated_agents_all_show_up_online_through_grpcurl() {
         .iter()
         .all(|h| h["agentVersion"].as_str().is_some_and(|v| !v.is_empty())));
 
+    // Paging through the fleet 64 hosts at a time sees every host exactly once, in name order.
+    let mut paged: Vec<String> = Vec::new();
+    let mut token = String::new();
+    loop {
+        let page = controller
+            .grpcurl(
+                Some(&format!(
+                    "{{\"page_size\": 64, \"page_token\": \"{token}\"}}"
+                )),
+                "sentinel.v1.FleetService/ListHosts",
+            )
+            .json()
+            .expect("a page of ListHosts");
+        let names = page["hosts"].as_array().cloned().unwrap_or_default();
+        assert!(names.len() <= 64, "{page}");
+        assert_eq!(page["total"].as_u64(), Some(AGENTS as u64), "{page}");
+        paged.extend(
+            names
+                .iter()
+                .filter_map(|h| h["name"].as_str().map(str::to_string)),
+        );
+        match page["nextPageToken"].as_str() {
+            Some(next) if !next.is_empty() => token = next.to_string(),
+            _ => break,
+        }
+    }
+    let mut sorted = paged.clone();
+    sorted.sort();
+    sorted.dedup();
+    assert_eq!(paged, sorted);
+    assert_eq!(paged.len(), AGENTS);
+
     // Agent 1 dials from the second source address: connections are spread over loopback.
     let host = controller.get_host("sim-00001").expect("GetHost sim-00001");
     let peer = host["peerAddress"].as_str().unwrap_or_default();

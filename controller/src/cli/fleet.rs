@@ -10,7 +10,7 @@ use super::ClientArgs;
 pub async fn hosts(client: &ClientArgs, json: bool) -> anyhow::Result<u8> {
     let mut api = client.connect().await?;
     let hosts = api
-        .list_hosts(ListHostsRequest {})
+        .list_hosts(ListHostsRequest::default())
         .await
         .map_err(status_err)?
         .into_inner()

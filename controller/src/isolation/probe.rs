@@ -78,6 +78,12 @@ impl Prober {
                 )),
             }
         }
+        // If this future is dropped (shutdown, the API caller gone), the jobs still waiting are
+        // cancelled rather than left to run for nobody.
+        let mut guard = CancelOnDrop {
+            jobs: &self.jobs,
+            ids: waiting.keys().cloned().collect(),
+        };
         let deadline = tokio::time::Instant::now() + settings.timeout;
         // Answers arrive as job events; a full rescan only when events were missed (the
         // broadcast lagged) and once a second for states no event announces (timeouts).
@@ -118,6 +124,7 @@ impl Prober {
                 _ = tokio::time::sleep_until(deadline) => break,
             }
         }
+        guard.ids.clear();
         for (id, host) in waiting {
             let _ = self.jobs.cancel(&id, "the isolation check stopped waiting");
             results.push(not_probed(
@@ -138,6 +145,22 @@ impl Prober {
         match self.jobs.get(id) {
             Some(job) => answer(host, &job),
             None => vec![not_probed(host, format!("not probed: job {id} vanished"))],
+        }
+    }
+}
+
+/// Cancels the probe jobs in `ids` when dropped.
+struct CancelOnDrop<'a> {
+    jobs: &'a JobQueue,
+    ids: Vec<String>,
+}
+
+impl Drop for CancelOnDrop<'_> {
+    fn drop(&mut self) {
+        for id in &self.ids {
+            if self.jobs.get(id).is_some_and(|j| !is_final(j.state())) {
+                let _ = self.jobs.cancel(id, "the isolation check was abandoned");
+            }
         }
     }
 }

@@ -181,7 +181,7 @@ pub async fn operator(certs: &Path, addr: SocketAddr) -> Result<FleetServiceClie
 pub async fn list_hosts(certs: &Path, addr: SocketAddr) -> Result<Vec<HostSummary>> {
     let hosts = operator(certs, addr)
         .await?
-        .list_hosts(ListHostsRequest {})
+        .list_hosts(ListHostsRequest::default())
         .await
         .context("ListHosts")?
         .into_inner()
