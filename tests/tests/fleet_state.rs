@@ -93,6 +93,32 @@ fn an_agent_reports_system_state_and_a_container_the_test_started() {
         summary["containersRunning"].as_u64().unwrap_or(0) >= 1,
         "{summary}"
     );
+
+    // The CLI's --json is the API's own message, as grpcurl prints it.
+    let c = &fleet.certs;
+    let out = sentinel_e2e::run(
+        std::process::Command::new(sentinel_e2e::bin("sentinel"))
+            .args(["hosts", "--json", "--controller", &controller.addr])
+            .arg("--ca")
+            .arg(c.join("ca.pem"))
+            .arg("--cert")
+            .arg(c.join("operator-admin.pem"))
+            .arg("--key")
+            .arg(c.join("operator-admin.key")),
+    );
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let cli: sentinel_e2e::Value = serde_json::from_slice(&out.stdout).expect("JSON");
+    assert_eq!(cli["hosts"][0]["name"], "hub-alfa");
+    assert_eq!(cli["hosts"][0]["status"], "HOST_STATUS_ONLINE");
+    assert!(
+        cli["hosts"][0]["containersRunning"].as_u64().unwrap_or(0) >= 1,
+        "{cli}"
+    );
+    assert_eq!(cli["total"], 1);
 }
 
 #[test]

@@ -9,30 +9,17 @@ use super::ClientArgs;
 /// Prints every host.
 pub async fn hosts(client: &ClientArgs, json: bool) -> anyhow::Result<u8> {
     let mut api = client.connect().await?;
-    let hosts = api
+    let list = api
         .list_hosts(ListHostsRequest::default())
         .await
         .map_err(status_err)?
-        .into_inner()
-        .hosts;
+        .into_inner();
     if json {
-        let out: Vec<_> = hosts
-            .iter()
-            .map(|h| {
-                serde_json::json!({
-                    "name": h.name,
-                    "status": status_word(h.status),
-                    "agent_version": h.agent_version,
-                    "containers": h.containers,
-                    "containers_running": h.containers_running,
-                    "failing_collectors": h.failing_collectors,
-                    "state_age_seconds": h.state_age_seconds,
-                })
-            })
-            .collect();
-        println!("{}", serde_json::to_string_pretty(&out)?);
+        // The API's own JSON, as grpcurl prints it (like every other `--json`).
+        super::json::print(&list, "sentinel.v1.ListHostsResponse")?;
         return Ok(0);
     }
+    let hosts = list.hosts;
     let colour = super::colour();
     let rows: Vec<Vec<String>> = hosts
         .iter()
