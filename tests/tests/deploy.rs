@@ -401,6 +401,80 @@ fn a_deploy_of_an_unknown_app_or_commit_is_refused_clearly() {
 }
 
 #[test]
+fn cancelling_a_deploy_mid_way_puts_the_live_release_back() {
+    let s = setup("cancel");
+    let v1 = s.repo.commit(&s.app, "v1", Variant::Healthy, |_| {});
+    let unhealthy = s.repo.commit(&s.app, "v3", Variant::Unhealthy, |_| {});
+    let (code, out) = cli_deploy(&s, &v1);
+    assert_eq!(code, 0, "{out}");
+    assert!(served(s.staging_port).contains("version v1"));
+
+    let d = s
+        .controller
+        .grpcurl(
+            Some(&format!(
+                "{{\"app\":\"{}\",\"commit\":\"{unhealthy}\"}}",
+                s.name
+            )),
+            "sentinel.v1.FleetService/SubmitDeploy",
+        )
+        .json()
+        .unwrap();
+    let id = d["deployId"].as_str().unwrap().to_string();
+    // Cancel while staging runs the new release and waits for it to get healthy.
+    eventually("the unhealthy release to be up on staging", || {
+        let answer = served(s.staging_port);
+        if answer.contains(" 404") {
+            Ok(())
+        } else {
+            Err(answer)
+        }
+    });
+    let job_id = latest_deploy(&s)["steps"]
+        .as_array()
+        .and_then(|steps| steps.iter().find(|st| st["name"] == "deploy"))
+        .and_then(|st| st["jobId"].as_str())
+        .map(str::to_string)
+        .expect("the staging deploy job");
+    let cancelled = s.controller.grpcurl(
+        Some(&format!(
+            "{{\"deploy_id\":\"{id}\",\"reason\":\"wrong commit\"}}"
+        )),
+        "sentinel.v1.FleetService/CancelDeploy",
+    );
+    assert!(cancelled.ok, "{}", cancelled.stderr);
+
+    let job = eventually_within(
+        std::time::Duration::from_secs(120),
+        "the cancelled deploy job to end",
+        || {
+            let j = s
+                .controller
+                .grpcurl(
+                    Some(&format!("{{\"job_id\":\"{job_id}\"}}")),
+                    "sentinel.v1.FleetService/GetJob",
+                )
+                .json()?;
+            // Cancelled at once on the controller; the host then says how it ended.
+            if j["detail"]
+                .as_str()
+                .unwrap_or_default()
+                .contains("on the host")
+            {
+                Ok(j)
+            } else {
+                Err(j.to_string())
+            }
+        },
+    );
+    assert_eq!(job["state"], "JOB_STATE_CANCELLED", "{job}");
+    let detail = job["detail"].as_str().unwrap_or_default();
+    assert!(detail.contains(&format!("restored {v1}")), "{detail}");
+    assert!(served(s.staging_port).contains("version v1"));
+    assert!(served(s.production_port).contains("version v1"));
+}
+
+#[test]
 fn a_controller_restart_mid_pipeline_ends_the_deploy_in_a_definite_state() {
     let mut s = setup("restart");
     let v1 = s.repo.commit(&s.app, "v1", Variant::Healthy, |_| {});

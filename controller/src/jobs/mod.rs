@@ -264,7 +264,22 @@ impl JobQueue {
                 }
                 Some(job_event::Event::Finished(f)) => {
                     if was_final {
-                        // A re-report after a reconnect, or a late one after a cancel.
+                        // How a job cancelled here actually ended on the host (e.g. a deploy
+                        // that put the live release back) is worth keeping; any other late
+                        // report is a re-report after a reconnect.
+                        let cancelled_here = job.state() == JobState::Cancelled
+                            && f.state == JobState::Cancelled as i32
+                            && !f.detail.is_empty()
+                            && !job.detail.contains(&f.detail);
+                        if !cancelled_here {
+                            return;
+                        }
+                        job.detail = format!("{}; on the host: {}", job.detail, f.detail);
+                        job.updated_at = Some(sentinel_proto::time::now());
+                        job.events.push(event.clone());
+                        drop(entries);
+                        let _ = self.events.send(event);
+                        self.touch(&id);
                         return;
                     }
                     let state = JobState::try_from(f.state).unwrap_or(JobState::Failed);

@@ -300,13 +300,27 @@ impl Jobs {
             return;
         }
         info!("job running");
-        let (outcome, result_json) = tokio::select! {
+        // What a cancelled deploy puts back: the release live when it started.
+        let live_before = match &spec.params {
+            Some(job_spec::Params::Deploy(p)) => {
+                release::current_release(std::path::Path::new(&p.app_dir))
+            }
+            _ => None,
+        };
+        let (mut outcome, result_json) = tokio::select! {
             r = self.execute(&spec, &events) => r,
             _ = token.cancelled() => (
                 Err(JobError::Cancelled("cancelled by the controller".into())),
                 String::new(),
             ),
         };
+        if let (Err(JobError::Cancelled(why)), Some(job_spec::Params::Deploy(p))) =
+            (&outcome, &spec.params)
+        {
+            outcome = Err(JobError::Cancelled(
+                restore_after_cancel(p, live_before, why, &events).await,
+            ));
+        }
         let (phase, state, detail) = match outcome {
             Ok(summary) => (Phase::Succeeded, JobState::Succeeded, summary),
             Err(JobError::Cancelled(why)) => (Phase::Cancelled, JobState::Cancelled, why),
@@ -359,6 +373,38 @@ impl Jobs {
                 kind_name(spec.kind())
             ))),
         }
+    }
+}
+
+/// After a deploy was cancelled part-way (its files unpacked, containers stopped or half
+/// started), puts the release that was live when it started back up, the way an automatic
+/// rollback does; says what happened, for the job's detail.
+async fn restore_after_cancel(
+    p: &sentinel_proto::v1::DeployParams,
+    live_before: Option<String>,
+    why: &str,
+    events: &JobEvents,
+) -> String {
+    let Some(live) = live_before else {
+        return format!("{why}; no release was live before it, so there is nothing to restore");
+    };
+    events.log(
+        "agent",
+        &format!("deploy cancelled: restoring the release live before it ({live})"),
+    );
+    let params = sentinel_proto::v1::RollbackParams {
+        app: p.app.clone(),
+        environment: p.environment.clone(),
+        app_dir: p.app_dir.clone(),
+        to_commit: live.clone(),
+        compose_file: p.compose_file.clone(),
+        health: p.health.clone(),
+        deploy_id: p.deploy_id.clone(),
+        compose_project: p.compose_project.clone(),
+    };
+    match deploy::rollback(&params, events).await {
+        Ok(summary) => format!("{why}; restored {live}: {summary}"),
+        Err(e) => format!("{why}; restoring {live} failed: {e}"),
     }
 }
 
