@@ -77,57 +77,26 @@ impl EncodedState {
             (self.containers, self.running) = container_counts(docker);
         }
         use sentinel_proto::v1::{nginx_section, postgres_section, redis_section, system_section};
+        // Each section alone in a HostState (so it encodes as that field), with whether its
+        // collector failed.
+        macro_rules! alone {
+            ($section:expr, $field:ident, $error:path) => {
+                $section.map(|s| {
+                    let failed = matches!(s.result, Some($error(_)));
+                    let state = HostState {
+                        $field: Some(s),
+                        ..Default::default()
+                    };
+                    (failed, state)
+                })
+            };
+        }
         let fresh: [Option<(bool, HostState)>; SECTIONS] = [
-            system.map(|s| {
-                let failed = matches!(s.result, Some(system_section::Result::Error(_)));
-                (
-                    failed,
-                    HostState {
-                        system: Some(s),
-                        ..Default::default()
-                    },
-                )
-            }),
-            docker.map(|s| {
-                let failed = matches!(s.result, Some(docker_section::Result::Error(_)));
-                (
-                    failed,
-                    HostState {
-                        docker: Some(s),
-                        ..Default::default()
-                    },
-                )
-            }),
-            nginx.map(|s| {
-                let failed = matches!(s.result, Some(nginx_section::Result::Error(_)));
-                (
-                    failed,
-                    HostState {
-                        nginx: Some(s),
-                        ..Default::default()
-                    },
-                )
-            }),
-            redis.map(|s| {
-                let failed = matches!(s.result, Some(redis_section::Result::Error(_)));
-                (
-                    failed,
-                    HostState {
-                        redis: Some(s),
-                        ..Default::default()
-                    },
-                )
-            }),
-            postgres.map(|s| {
-                let failed = matches!(s.result, Some(postgres_section::Result::Error(_)));
-                (
-                    failed,
-                    HostState {
-                        postgres: Some(s),
-                        ..Default::default()
-                    },
-                )
-            }),
+            alone!(system, system, system_section::Result::Error),
+            alone!(docker, docker, docker_section::Result::Error),
+            alone!(nginx, nginx, nginx_section::Result::Error),
+            alone!(redis, redis, redis_section::Result::Error),
+            alone!(postgres, postgres, postgres_section::Result::Error),
         ];
         for (i, section) in fresh.into_iter().enumerate() {
             if let Some((failed, one)) = section {
