@@ -141,6 +141,33 @@ pub fn bytes(n: u64) -> String {
     format!("{v:.1} {unit}")
 }
 
+/// Text that came from outside (a host, a container, the database, a name) made safe to
+/// print on a terminal: control characters other than a newline and a tab are shown as
+/// `\u{1b}`-style escapes, so an escape sequence cannot retitle or clear the terminal or draw
+/// fake output. Use [`one_line`] where a value must stay on one table row.
+pub fn untrusted(s: &str) -> String {
+    escape_controls(s, false)
+}
+
+/// [`untrusted`] for a table cell or a single log-like line: newlines and carriage returns are
+/// escaped too, so a name cannot start a forged line.
+pub fn one_line(s: &str) -> String {
+    escape_controls(s, true)
+}
+
+fn escape_controls(s: &str, newlines: bool) -> String {
+    let mut out = String::with_capacity(s.len());
+    for c in s.chars() {
+        let keep = !c.is_control() || (!newlines && (c == '\n' || c == '\t'));
+        if keep {
+            out.push(c);
+        } else {
+            out.extend(c.escape_default());
+        }
+    }
+    out
+}
+
 /// `s` cut to `max` characters, with `…` when something was cut; newlines become spaces so a
 /// table row stays one line.
 pub fn truncate(s: &str, max: usize) -> String {
@@ -170,6 +197,19 @@ mod tests {
         assert_eq!(truncate("a\nb", 4), "a b");
         assert_eq!(enum_word("JOB_STATE_TIMED_OUT", "JOB_STATE_"), "timed out");
         assert_eq!(when(None), "-");
+    }
+
+    #[test]
+    fn outside_text_cannot_drive_the_terminal_or_forge_lines() {
+        let hostile = "ok\x1b]0;pwned\x07\x1b[2J\rdeploy succeeded\nnext";
+        let shown = untrusted(hostile);
+        assert!(!shown.contains('\x1b') && !shown.contains('\x07') && !shown.contains('\r'));
+        assert!(shown.contains("\\u{1b}]0;pwned"), "{shown}");
+        assert!(shown.contains("\nnext"), "newlines stay in multi-line output: {shown}");
+        let row = one_line(hostile);
+        assert!(!row.contains('\n'), "{row}");
+        assert_eq!(one_line("plain name"), "plain name");
+        assert_eq!(one_line("tab\there"), "tab\\there");
     }
 
     #[test]
