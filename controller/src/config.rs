@@ -5,8 +5,8 @@ use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use hostagent::config::{load_toml, ConfigError};
-use hostagent::tls::TlsFiles;
+use sentinel_daemon::config::{load_toml, ConfigError};
+use sentinel_daemon::tls::TlsFiles;
 use serde::Deserialize;
 
 /// The controller's configuration.
@@ -240,7 +240,7 @@ impl fmt::Debug for ControllerConfig {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use hostagent::config::parse_toml;
+    use sentinel_daemon::config::parse_toml;
 
     const GOOD: &str = r#"
 listen = "127.0.0.1:7443"

@@ -1,14 +1,13 @@
 //! `sentinel dev`: the whole product on one machine in one command. Creates a dev PKI if there
-//! is none, runs the controller with its embedded store and a local agent in this process, and
-//! prints the grpcurl commands that query it.
+//! is none, runs the controller with its embedded store in this process and the real `hostagent`
+//! binary beside it as the local agent, and prints the grpcurl commands that query it.
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use anyhow::Context;
-use hostagent::config::{AgentConfig, BackoffConfig, CollectorsConfig};
-use hostagent::tls::TlsFiles;
+use sentinel_daemon::tls::TlsFiles;
 use tokio::sync::oneshot;
 use tokio_util::sync::CancellationToken;
 
@@ -24,8 +23,12 @@ pub struct DevOptions {
     pub listen: SocketAddr,
     /// The local agent's report interval.
     pub report_interval: Duration,
-    /// Where the controller's (and the local agent's) metrics are served.
+    /// Where the controller's metrics are served.
     pub metrics_listen: SocketAddr,
+    /// Where the local agent's metrics are served.
+    pub agent_metrics_listen: SocketAddr,
+    /// The local agent's log format (the controller's is set by the caller).
+    pub log_format: sentinel_daemon::logging::LogFormat,
 }
 
 /// This machine's host name, made into a valid fleet name (lowercase, dashes for anything
@@ -124,46 +127,156 @@ pub async fn run(opts: DevOptions, shutdown: CancellationToken) -> anyhow::Resul
         bound
     };
     let (host_cert, host_key) = pki::host_files(&certs, &host);
-    let agent = AgentConfig {
-        host_name: Some(host.clone()),
-        controller: dial.to_string(),
-        server_name: None,
-        tls: TlsFiles {
-            ca: certs.join(pki::CA_CERT_FILE),
-            cert: host_cert,
-            key: host_key,
-        },
+    let agent_config = opts.data_dir.join("agent.toml");
+    let text = agent_toml(&AgentFiles {
+        host: &host,
+        controller: dial,
+        ca: &certs.join(pki::CA_CERT_FILE),
+        cert: &host_cert,
+        key: &host_key,
+        trusted_key: &certs.join(pki::SIGNING_PUB_FILE),
+        state_dir: &opts.data_dir.join("agent"),
+        app_dir: &opts.data_dir.join("apps"),
         report_interval: opts.report_interval,
-        full_report_every: 20,
-        backoff: BackoffConfig::default(),
-        collectors: CollectorsConfig::default(),
-        labels: [("mode".to_string(), "dev".to_string())].into(),
-        jobs: hostagent::config::JobsConfig {
-            state_dir: opts.data_dir.join("agent"),
-            trusted_keys: vec![certs.join(pki::SIGNING_PUB_FILE)],
-            allowed_kinds: hostagent::jobs::KINDS
-                .iter()
-                .map(|(n, _)| n.to_string())
-                .collect(),
-            app_dirs: vec![opts.data_dir.join("apps")],
-            ..hostagent::config::JobsConfig::default()
-        },
-        // The controller's listener serves the local agent's metrics too (one process).
-        metrics: hostagent::config::MetricsConfig {
-            enabled: false,
-            ..Default::default()
-        },
-    };
-    let agent_task = tokio::spawn(hostagent::run(agent, shutdown.clone()));
-    print_banner(&certs, dial, &host, opts.metrics_listen);
+        metrics_listen: opts.agent_metrics_listen,
+    });
+    std::fs::write(&agent_config, text).with_context(|| {
+        format!(
+            "writing the local agent's config {}",
+            agent_config.display()
+        )
+    })?;
+    let binary = agent_binary()?;
+    // The agent is its own process, as on a real host; the pipe on its standard input closes
+    // when this process ends in any way (SIGKILL included), and the agent then stops.
+    let mut agent = tokio::process::Command::new(&binary)
+        .arg("--config")
+        .arg(&agent_config)
+        .arg("--exit-with-stdin")
+        .arg("--log-format")
+        .arg(match opts.log_format {
+            sentinel_daemon::logging::LogFormat::Text => "text",
+            sentinel_daemon::logging::LogFormat::Json => "json",
+        })
+        .stdin(std::process::Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .with_context(|| format!("starting the local agent {}", binary.display()))?;
+    // Held until the end: `wait()` would close a pipe left in the child.
+    let agent_stdin = agent.stdin.take();
+    print_banner(
+        &certs,
+        dial,
+        &host,
+        opts.metrics_listen,
+        opts.agent_metrics_listen,
+    );
 
-    let controller_result = controller_task.await.context("controller task")?;
+    let controller_result = tokio::select! {
+        result = &mut controller_task => result.context("controller task")?,
+        status = agent.wait() => {
+            shutdown.cancel();
+            let _ = controller_task.await;
+            let status = status.context("waiting for the local agent")?;
+            anyhow::bail!(
+                "the local agent ({}) stopped: {status}; its log is above",
+                agent_config.display()
+            );
+        }
+    };
     shutdown.cancel();
-    let _ = agent_task.await;
+    // Closing its standard input stops the agent; give it the same grace as a SIGTERM.
+    drop(agent_stdin);
+    if tokio::time::timeout(AGENT_STOP_GRACE, agent.wait())
+        .await
+        .is_err()
+    {
+        let _ = agent.kill().await;
+    }
     controller_result
 }
 
-fn print_banner(certs: &Path, addr: SocketAddr, host: &str, metrics: SocketAddr) {
+/// How long the local agent may take to stop once told to (it finishes its report and closes
+/// its stream).
+const AGENT_STOP_GRACE: Duration = Duration::from_secs(5);
+
+/// What the local agent's config names.
+struct AgentFiles<'a> {
+    host: &'a str,
+    controller: SocketAddr,
+    ca: &'a Path,
+    cert: &'a Path,
+    key: &'a Path,
+    trusted_key: &'a Path,
+    state_dir: &'a Path,
+    app_dir: &'a Path,
+    report_interval: Duration,
+    metrics_listen: SocketAddr,
+}
+
+/// The local agent's `agent.toml`: this machine's host certificate, the dev signing key
+/// trusted, every job kind allowed (it is a dev fleet of one), state and apps in the data dir.
+fn agent_toml(f: &AgentFiles<'_>) -> String {
+    let q = |s: &str| toml::Value::String(s.to_string()).to_string();
+    let p = |p: &Path| q(&p.display().to_string());
+    let kinds: Vec<String> = sentinel_proto::kinds::KINDS
+        .iter()
+        .map(|(name, _)| q(name))
+        .collect();
+    format!(
+        "# Written by `sentinel dev` at every start: edit the dev options instead.\n\
+         host_name = {host}\n\
+         controller = {controller}\n\
+         report_interval = {interval}\n\n\
+         [tls]\nca = {ca}\ncert = {cert}\nkey = {key}\n\n\
+         [labels]\nmode = \"dev\"\n\n\
+         [metrics]\nlisten = {metrics}\n\n\
+         [jobs]\nstate_dir = {state}\ntrusted_keys = [{trusted}]\nallowed_kinds = [{kinds}]\n\
+         app_dirs = [{apps}]\n",
+        host = q(f.host),
+        controller = q(&f.controller.to_string()),
+        interval = q(&humantime::format_duration(f.report_interval).to_string()),
+        ca = p(f.ca),
+        cert = p(f.cert),
+        key = p(f.key),
+        metrics = q(&f.metrics_listen.to_string()),
+        state = p(f.state_dir),
+        trusted = p(f.trusted_key),
+        kinds = kinds.join(", "),
+        apps = p(f.app_dir),
+    )
+}
+
+/// The `hostagent` binary: next to this one (a cargo build or the packages' /usr/bin), else
+/// from `PATH`.
+fn agent_binary() -> anyhow::Result<PathBuf> {
+    let beside = std::env::current_exe()
+        .ok()
+        .map(|exe| exe.with_file_name("hostagent"))
+        .filter(|p| p.is_file());
+    if let Some(path) = beside {
+        return Ok(path);
+    }
+    let on_path = std::env::var_os("PATH")
+        .into_iter()
+        .flat_map(|paths| std::env::split_paths(&paths).collect::<Vec<_>>())
+        .map(|dir| dir.join("hostagent"))
+        .find(|p| p.is_file());
+    on_path.ok_or_else(|| {
+        anyhow::anyhow!(
+            "sentinel dev runs the agent binary `hostagent`, found neither next to this binary \
+             nor on PATH: build it (`cargo build --bins`) or install the hostagent package"
+        )
+    })
+}
+
+fn print_banner(
+    certs: &Path,
+    addr: SocketAddr,
+    host: &str,
+    metrics: SocketAddr,
+    agent_metrics: SocketAddr,
+) {
     let c = certs.display();
     let grpcurl = format!(
         "grpcurl -cacert {c}/ca.pem -cert {c}/operator-admin.pem -key {c}/operator-admin.key"
@@ -175,7 +288,8 @@ fn print_banner(certs: &Path, addr: SocketAddr, host: &str, metrics: SocketAddr)
          {grpcurl} {addr} sentinel.v1.FleetService/ListHosts\n  \
          {grpcurl} -d '{{\"name\":\"{host}\"}}' {addr} sentinel.v1.FleetService/GetHost\n  \
          {grpcurl} {addr} grpc.health.v1.Health/Check\n\n\
-         Metrics (controller and local agent): curl http://{metrics}/metrics\n\n\
+         Metrics: curl http://{metrics}/metrics (controller), \
+         curl http://{agent_metrics}/metrics (local agent)\n\n\
          Stop with Ctrl-C.\n"
     );
 }

@@ -8,11 +8,11 @@ use std::process::ExitCode;
 use std::time::Duration;
 
 use clap::{Parser, Subcommand};
-use hostagent::logging::{self, LogFormat};
 use sentinel::cli::deploy::DeployArgs;
 use sentinel::cli::ClientArgs;
 use sentinel::config::ControllerConfig;
 use sentinel::pki::{self, Role};
+use sentinel_daemon::logging::{self, LogFormat};
 use tokio_util::sync::CancellationToken;
 
 /// Sentinel controller: fleet state, signed jobs and deploys over mTLS.
@@ -39,7 +39,7 @@ enum Command {
         )]
         config: PathBuf,
     },
-    /// Run a controller and a local agent with a dev PKI, all in this process.
+    /// Run a controller and a local agent (the hostagent binary) with a dev PKI.
     Dev {
         /// Where state and dev certificates live.
         #[arg(long, default_value = "./.sentinel-dev")]
@@ -50,9 +50,12 @@ enum Command {
         /// The local agent's report interval.
         #[arg(long, default_value = "10s", value_parser = humantime::parse_duration)]
         report_interval: Duration,
-        /// Where the controller's and the local agent's Prometheus metrics are served.
+        /// Where the controller's Prometheus metrics are served.
         #[arg(long, default_value = "127.0.0.1:9464")]
         metrics_listen: SocketAddr,
+        /// Where the local agent's Prometheus metrics are served.
+        #[arg(long, default_value = "127.0.0.1:9465")]
+        agent_metrics_listen: SocketAddr,
     },
     /// Create dev certificates and keys.
     #[command(subcommand)]
@@ -220,8 +223,11 @@ enum ConfigCommand {
 const EX_USAGE: u8 = 64;
 
 fn main() -> ExitCode {
-    if let Some(dir) = hostagent::docs::requested(std::env::args_os()) {
-        return hostagent::docs::generate_main(<Cli as clap::CommandFactory>::command(), &dir);
+    if let Some(dir) = sentinel_daemon::docs::requested(std::env::args_os()) {
+        return sentinel_daemon::docs::generate_main(
+            <Cli as clap::CommandFactory>::command(),
+            &dir,
+        );
     }
     // Usage errors exit 64 like config errors (clap's own default is 2, which here means "the
     // controller could not be reached"); --help and --version exit 0.
@@ -248,7 +254,7 @@ fn main() -> ExitCode {
                 let (ready, listening) = tokio::sync::oneshot::channel();
                 tokio::spawn(async move {
                     if let Ok(addr) = listening.await {
-                        hostagent::systemd::ready(&format!("serving on {addr}"));
+                        sentinel_daemon::systemd::ready(&format!("serving on {addr}"));
                     }
                 });
                 sentinel::server::run(config, shutdown, Some(ready)).await
@@ -259,6 +265,7 @@ fn main() -> ExitCode {
             listen,
             report_interval,
             metrics_listen,
+            agent_metrics_listen,
         } => run_async(|shutdown| {
             sentinel::dev::run(
                 sentinel::dev::DevOptions {
@@ -266,6 +273,8 @@ fn main() -> ExitCode {
                     listen,
                     report_interval,
                     metrics_listen,
+                    agent_metrics_listen,
+                    log_format: cli.log_format,
                 },
                 shutdown,
             )
@@ -438,9 +447,9 @@ where
         let mut task = tokio::spawn(f(shutdown.clone()));
         let result = tokio::select! {
             r = &mut task => r,
-            _ = hostagent::shutdown_signal() => {
+            _ = sentinel_daemon::signal::shutdown() => {
                 tracing::info!("shutting down");
-                hostagent::systemd::stopping();
+                sentinel_daemon::systemd::stopping();
                 shutdown.cancel();
                 // Grace period: long enough to flush the store and close streams cleanly,
                 // short enough for systemd's default stop timeout.

@@ -13,8 +13,8 @@ mod grpc;
 use std::sync::{Arc, OnceLock};
 use std::time::{Instant, SystemTime};
 
-use hostagent::metrics::enum_word;
-use hostagent::metrics::family::{self, gauge_family, Counter, Gauge, Histogram};
+use sentinel_daemon::metrics::enum_word;
+use sentinel_daemon::metrics::family::{self, gauge_family, Counter, Gauge, Histogram};
 use sentinel_proto::v1::{DeploymentState, HostStatus, JobKind, JobState};
 use tokio_util::sync::CancellationToken;
 
@@ -175,13 +175,15 @@ impl ControllerMetrics {
     /// A job reached its final `state`.
     pub fn job_finished(&self, kind: JobKind, state: JobState) {
         let outcome = enum_word(state.as_str_name(), "JOB_STATE_");
-        self.jobs.inc(&[hostagent::jobs::kind_name(kind), &outcome]);
+        self.jobs
+            .inc(&[sentinel_proto::kinds::kind_name(kind), &outcome]);
     }
 
     /// How many jobs of `kind` ended in `state`, for tests.
     pub fn jobs_finished(&self, kind: JobKind, state: JobState) -> u64 {
         let outcome = enum_word(state.as_str_name(), "JOB_STATE_");
-        self.jobs.get(&[hostagent::jobs::kind_name(kind), &outcome])
+        self.jobs
+            .get(&[sentinel_proto::kinds::kind_name(kind), &outcome])
     }
 
     /// A deploy of `app` ended in `state`.
@@ -310,9 +312,6 @@ impl ControllerMetrics {
     pub fn render(&self, registry: Option<&Registry>) -> String {
         let mut out = String::with_capacity(16 * 1024);
         self.encode(&mut out, registry);
-        if let Some(agent) = hostagent::metrics::in_process() {
-            agent.encode(&mut out);
-        }
         family::encode_process(&mut out, self.started);
         out
     }
@@ -384,7 +383,7 @@ fn encode_fleet(out: &mut String, registry: &Registry) {
 }
 
 /// Starts the controller's `/metrics` listener when the config enables it; a listener that
-/// cannot bind is logged and skipped (see [`hostagent::metrics::serve::start`]).
+/// cannot bind is logged and skipped (see [`sentinel_daemon::metrics::serve::start`]).
 pub async fn start(
     config: &MetricsConfig,
     registry: Arc<Registry>,
@@ -395,7 +394,7 @@ pub async fn start(
         return None;
     }
     let render = Arc::new(move || get().render(Some(&registry)));
-    hostagent::metrics::serve::start("controller", config.listen, render, shutdown).await
+    sentinel_daemon::metrics::serve::start("controller", config.listen, render, shutdown).await
 }
 
 #[cfg(test)]

@@ -9,7 +9,7 @@ use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::Duration;
 
-use hostagent::tls::{load_certs, load_key, load_roots, provider, TlsError, TlsFiles};
+use sentinel_daemon::tls::{load_certs, load_key, load_roots, provider, TlsError, TlsFiles};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::mpsc;

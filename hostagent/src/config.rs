@@ -1,86 +1,15 @@
-//! The agent's TOML configuration, its defaults, and the TOML loading (with errors that name
-//! file, line and key) that the controller's config reuses.
+//! The agent's TOML configuration and its defaults (loaded with `sentinel_daemon::config`, whose
+//! errors name file, line and key).
 
 use std::collections::BTreeMap;
 use std::fmt;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use serde::de::DeserializeOwned;
 use serde::Deserialize;
 
-use crate::tls::TlsFiles;
-
-/// A config file that could not be used.
-#[derive(Debug, thiserror::Error)]
-pub enum ConfigError {
-    /// The file could not be read.
-    #[error("reading {path}: {source}")]
-    Read {
-        /// The file.
-        path: PathBuf,
-        /// The I/O error.
-        source: std::io::Error,
-    },
-    /// The TOML is malformed or a key has the wrong type or name.
-    #[error("{path}:{line}:{column}: {message}")]
-    Parse {
-        /// The file.
-        path: PathBuf,
-        /// 1-based line of the offending key or value.
-        line: usize,
-        /// 1-based column.
-        column: usize,
-        /// What is wrong, naming the key.
-        message: String,
-    },
-    /// The file parsed but a value is not acceptable.
-    #[error("{path}: key `{key}`: {message}")]
-    Invalid {
-        /// The file.
-        path: PathBuf,
-        /// Dotted key path, e.g. `collectors.docker_socket`.
-        key: String,
-        /// What is wrong with it.
-        message: String,
-    },
-}
-
-/// Parses TOML text into `T`, turning serde errors into [`ConfigError::Parse`] with the line
-/// and column of the offending key.
-pub fn parse_toml<T: DeserializeOwned>(path: &Path, text: &str) -> Result<T, ConfigError> {
-    toml::from_str(text).map_err(|e| {
-        let (line, column) = e
-            .span()
-            .map(|span| line_col(text, span.start))
-            .unwrap_or((0, 0));
-        ConfigError::Parse {
-            path: path.to_path_buf(),
-            line,
-            column,
-            message: e.message().trim().to_string(),
-        }
-    })
-}
-
-/// Reads and parses a TOML file.
-pub fn load_toml<T: DeserializeOwned>(path: &Path) -> Result<T, ConfigError> {
-    let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
-        path: path.to_path_buf(),
-        source,
-    })?;
-    parse_toml(path, &text)
-}
-
-fn line_col(text: &str, offset: usize) -> (usize, usize) {
-    let before = &text[..offset.min(text.len())];
-    let line = before.matches('\n').count() + 1;
-    let column = before
-        .rfind('\n')
-        .map_or(before.len(), |nl| before.len() - nl - 1)
-        + 1;
-    (line, column)
-}
+use sentinel_daemon::config::{load_toml, ConfigError};
+use sentinel_daemon::tls::TlsFiles;
 
 /// The agent's configuration (`/etc/hostagent/agent.toml`).
 #[derive(Clone, Deserialize, PartialEq)]
@@ -195,7 +124,7 @@ pub struct BackupsConfig {
     /// command line, so the password goes in `password_file` (passed through a private
     /// PGPASSFILE).
     #[serde(default)]
-    pub dsns: BTreeMap<String, crate::collectors::postgres::PgClientConfig>,
+    pub dsns: BTreeMap<String, sentinel_postgres::PgClientConfig>,
     /// Directories backup jobs may write into (a job's `backup_dir` is one of them or below).
     #[serde(default)]
     pub backup_dirs: Vec<PathBuf>,
@@ -586,13 +515,13 @@ pub struct PostgresCollectorConfig {
     pub password_file: Option<PathBuf>,
     /// Bound on connecting (TCP, TLS, authentication).
     #[serde(
-        default = "crate::collectors::postgres::default_connect_timeout",
+        default = "sentinel_postgres::default_connect_timeout",
         with = "humantime_serde"
     )]
     pub connect_timeout: Duration,
     /// Bound on reading the catalog.
     #[serde(
-        default = "crate::collectors::postgres::default_query_timeout",
+        default = "sentinel_postgres::default_query_timeout",
         with = "humantime_serde"
     )]
     pub timeout: Duration,
@@ -600,7 +529,7 @@ pub struct PostgresCollectorConfig {
 
 impl Default for PostgresCollectorConfig {
     fn default() -> Self {
-        let client = crate::collectors::postgres::PgClientConfig::default();
+        let client = sentinel_postgres::PgClientConfig::default();
         Self {
             enabled: false,
             dsn: None,
@@ -614,8 +543,8 @@ impl Default for PostgresCollectorConfig {
 
 impl PostgresCollectorConfig {
     /// The connection settings, defaults filled in.
-    pub fn client(&self) -> crate::collectors::postgres::PgClientConfig {
-        crate::collectors::postgres::PgClientConfig {
+    pub fn client(&self) -> sentinel_postgres::PgClientConfig {
+        sentinel_postgres::PgClientConfig {
             dsn: self.dsn.clone(),
             dsn_file: self.dsn_file.clone(),
             password_file: self.password_file.clone(),
@@ -723,7 +652,9 @@ impl AgentConfig {
             key: key.into(),
             message,
         };
-        if let Err(e) = crate::tls::server_name_for(&self.controller, self.server_name.as_deref()) {
+        if let Err(e) =
+            sentinel_daemon::tls::server_name_for(&self.controller, self.server_name.as_deref())
+        {
             return Err(invalid("controller", e));
         }
         if self.report_interval < Duration::from_secs(1) {
@@ -779,6 +710,7 @@ impl fmt::Debug for AgentConfig {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use sentinel_daemon::config::parse_toml;
 
     const GOOD: &str = r#"
 controller = "127.0.0.1:7443"

@@ -4,7 +4,7 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use rand::Rng;
+use sentinel_daemon::backoff::Backoff;
 use sentinel_proto::v1::agent_service_client::AgentServiceClient;
 use sentinel_proto::v1::{
     agent_message, controller_message, AgentMessage, ControllerMessage, Heartbeat, Hello, HostInfo,
@@ -47,41 +47,6 @@ pub enum SessionError {
     /// The stream ended or failed after it was established.
     #[error("channel lost: {0}")]
     Lost(String),
-}
-
-/// Exponential backoff with equal jitter: each delay lies in [base/2, base], and base doubles
-/// from `initial` up to `max`. Jitter keeps a fleet from reconnecting in lock step after a
-/// controller restart.
-#[derive(Debug, Clone)]
-pub struct Backoff {
-    initial: Duration,
-    max: Duration,
-    attempt: u32,
-}
-
-impl Backoff {
-    /// A backoff starting at `initial`, capped at `max`.
-    pub fn new(initial: Duration, max: Duration) -> Self {
-        Self {
-            initial,
-            max,
-            attempt: 0,
-        }
-    }
-
-    /// Starts over after a successful session.
-    pub fn reset(&mut self) {
-        self.attempt = 0;
-    }
-
-    /// The next delay.
-    pub fn next_delay(&mut self) -> Duration {
-        let factor = 1u32.checked_shl(self.attempt.min(20)).unwrap_or(u32::MAX);
-        let base = self.initial.saturating_mul(factor).min(self.max);
-        self.attempt = self.attempt.saturating_add(1);
-        let half = base / 2;
-        half + rand::thread_rng().gen_range(Duration::ZERO..=half)
-    }
 }
 
 /// Runs sessions until `shutdown` is cancelled.
@@ -140,7 +105,7 @@ async fn open_channel(
     config: &AgentConfig,
     tls: Arc<rustls::ClientConfig>,
 ) -> Result<Channel, SessionError> {
-    crate::tls::channel(&config.controller, config.server_name.as_deref(), tls)
+    sentinel_daemon::tls::channel(&config.controller, config.server_name.as_deref(), tls)
         .await
         .map_err(|message| SessionError::Connect {
             addr: config.controller.clone(),
@@ -293,40 +258,5 @@ fn host_info(config: &AgentConfig, host: &str, collectors: &Collectors) -> HostI
         arch: std::env::consts::ARCH.to_string(),
         capabilities: collectors.capabilities(),
         labels: config.labels.clone().into_iter().collect(),
-    }
-}
-
-/// Formats an error with its sources, so TLS and connect failures say what really happened.
-pub fn error_chain(e: &(dyn std::error::Error + 'static)) -> String {
-    let mut out = e.to_string();
-    let mut source = e.source();
-    while let Some(s) = source {
-        let s_text = s.to_string();
-        if !out.contains(&s_text) {
-            out.push_str(": ");
-            out.push_str(&s_text);
-        }
-        source = s.source();
-    }
-    out
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn backoff_grows_to_its_cap_with_jitter_and_resets() {
-        let mut b = Backoff::new(Duration::from_millis(100), Duration::from_secs(2));
-        let first = b.next_delay();
-        assert!(first >= Duration::from_millis(50) && first <= Duration::from_millis(100));
-        for _ in 0..30 {
-            let d = b.next_delay();
-            assert!(d <= Duration::from_secs(2), "{d:?}");
-        }
-        let capped = b.next_delay();
-        assert!(capped >= Duration::from_secs(1), "{capped:?}");
-        b.reset();
-        assert!(b.next_delay() <= Duration::from_millis(100));
     }
 }

@@ -5,8 +5,8 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::Parser;
-use hostagent::logging::{self, LogFormat};
 use hostagent::AgentConfig;
+use sentinel_daemon::logging::{self, LogFormat};
 use tokio_util::sync::CancellationToken;
 
 /// Sentinel host agent: reports this host's state to the controller over mTLS and runs the
@@ -28,14 +28,21 @@ struct Cli {
     /// Log line format.
     #[arg(long, value_enum, default_value_t = LogFormat::Text)]
     log_format: LogFormat,
+    /// Stop when standard input closes: `sentinel dev` runs the agent with a pipe, so the
+    /// agent never outlives it, even when it is killed with SIGKILL.
+    #[arg(long, hide = true)]
+    exit_with_stdin: bool,
 }
 
 /// sysexits' EX_USAGE: the config was wrong, restarting will not help.
 const EX_USAGE: u8 = 64;
 
 fn main() -> ExitCode {
-    if let Some(dir) = hostagent::docs::requested(std::env::args_os()) {
-        return hostagent::docs::generate_main(<Cli as clap::CommandFactory>::command(), &dir);
+    if let Some(dir) = sentinel_daemon::docs::requested(std::env::args_os()) {
+        return sentinel_daemon::docs::generate_main(
+            <Cli as clap::CommandFactory>::command(),
+            &dir,
+        );
     }
     // Usage errors exit 64 like config errors (clap's own default is 2); --help and --version 0.
     let cli = match Cli::try_parse() {
@@ -74,10 +81,22 @@ fn main() -> ExitCode {
         let mut agent = tokio::spawn(hostagent::run(config, shutdown.clone()));
         // A start-up failure (unreadable key, journal) ends the process at once, so that
         // systemd sees it and restarts, instead of idling until SIGTERM.
+        let parent_gone = async {
+            if cli.exit_with_stdin {
+                stdin_closed().await
+            } else {
+                std::future::pending().await
+            }
+        };
         let result = tokio::select! {
             r = &mut agent => r,
-            _ = hostagent::shutdown_signal() => {
-                hostagent::systemd::stopping();
+            _ = parent_gone => {
+                tracing::info!("standard input closed (sentinel dev stopped): stopping");
+                shutdown.cancel();
+                agent.await
+            }
+            _ = sentinel_daemon::signal::shutdown() => {
+                sentinel_daemon::systemd::stopping();
                 shutdown.cancel();
                 agent.await
             }
@@ -94,4 +113,16 @@ fn main() -> ExitCode {
             }
         }
     })
+}
+
+/// Resolves when standard input reaches its end (or fails): the writing side is gone.
+async fn stdin_closed() {
+    use tokio::io::AsyncReadExt;
+    let mut stdin = tokio::io::stdin();
+    let mut buf = [0u8; 64];
+    while let Ok(n) = stdin.read(&mut buf).await {
+        if n == 0 {
+            break;
+        }
+    }
 }

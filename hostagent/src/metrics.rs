@@ -1,12 +1,9 @@
 //! Prometheus metrics: what the agent counts (collector durations and errors, job outcomes,
-//! reconnects), served on `[metrics] listen` (loopback by default), plus the small toolkit the
-//! controller builds its own metrics from ([`family`], [`serve`]).
+//! reconnects), served on `[metrics] listen` (loopback by default) with the families and the
+//! endpoint of `sentinel_daemon::metrics`.
 //!
 //! The agent's metrics live in one process-wide value ([`get`]) so that the places that count
 //! need one line and no plumbing.
-
-pub mod family;
-pub mod serve;
 
 use std::sync::{Arc, OnceLock};
 use std::time::SystemTime;
@@ -18,7 +15,8 @@ use sentinel_proto::v1::{
 use tokio_util::sync::CancellationToken;
 
 use crate::config::MetricsConfig;
-use family::{Counter, Gauge, Histogram};
+use sentinel_daemon::metrics::family::{self, Counter, Gauge, Histogram};
+use sentinel_daemon::metrics::{enum_word, serve};
 
 /// Collector durations: from sub-millisecond (/proc reads) to the 10 s timeouts of the
 /// PostgreSQL and Redis collectors.
@@ -43,17 +41,6 @@ static METRICS: OnceLock<AgentMetrics> = OnceLock::new();
 /// The agent's metrics.
 pub fn get() -> &'static AgentMetrics {
     METRICS.get_or_init(AgentMetrics::new)
-}
-
-/// The agent's metrics if an agent ran in this process, for `sentinel dev`, which serves the
-/// controller's and its local agent's metrics on one listener.
-pub fn in_process() -> Option<&'static AgentMetrics> {
-    METRICS.get()
-}
-
-/// A lower-case word for a protobuf enum name: `JOB_STATE_TIMED_OUT` -> `timed_out`.
-pub fn enum_word(name: &str, prefix: &str) -> String {
-    name.trim_start_matches(prefix).to_ascii_lowercase()
 }
 
 impl AgentMetrics {
@@ -139,7 +126,7 @@ impl AgentMetrics {
 
     /// A job ran to an end.
     pub fn job_finished(&self, kind: JobKind, state: JobState) {
-        let kind = crate::jobs::kind_name(kind);
+        let kind = sentinel_proto::kinds::kind_name(kind);
         let outcome = enum_word(state.as_str_name(), "JOB_STATE_");
         self.jobs.inc(&[kind, &outcome]);
     }

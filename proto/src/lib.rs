@@ -4,6 +4,7 @@
 #![forbid(unsafe_code)]
 
 pub mod envelope;
+pub mod kinds;
 pub mod time;
 
 /// The `sentinel.v1` package: agent channel, operator API, host state and jobs.

@@ -99,7 +99,7 @@ impl FakeController {
             .enable_all()
             .build()
             .expect("runtime");
-        let files = hostagent::tls::TlsFiles {
+        let files = sentinel_daemon::tls::TlsFiles {
             ca: certs.join("ca.pem"),
             cert: certs.join("controller.pem"),
             key: certs.join("controller.key"),

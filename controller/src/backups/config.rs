@@ -269,7 +269,7 @@ impl ScheduleConfig {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use hostagent::config::parse_toml;
+    use sentinel_daemon::config::parse_toml;
     use std::path::Path;
 
     const GOOD: &str = r#"

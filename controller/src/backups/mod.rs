@@ -781,7 +781,7 @@ mod tests {
         )
         .unwrap();
         let jobs = JobQueue::load(store.as_ref(), registry, None, Duration::from_secs(60)).unwrap();
-        let config: BackupsConfig = hostagent::config::parse_toml(
+        let config: BackupsConfig = sentinel_daemon::config::parse_toml(
             std::path::Path::new("s.toml"),
             "host = \"argus\"\nbackup_dir = \"/var/backups/s\"\n[[databases]]\nenvironment = \"production\"\ndatabase = \"auth\"\ndsn_ref = \"ro\"\napp = \"auth\"\n",
         )

@@ -68,7 +68,7 @@ pub async fn jobs(client: &ClientArgs, args: JobsArgs) -> anyhow::Result<u8> {
             vec![
                 j.job_id.clone(),
                 j.target_host.clone(),
-                hostagent::jobs::kind_name(kind).to_string(),
+                sentinel_proto::kinds::kind_name(kind).to_string(),
                 state(&word, colour),
                 ago(j.created_at.as_ref()),
                 ago(j.updated_at.as_ref()),

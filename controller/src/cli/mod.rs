@@ -18,7 +18,7 @@ pub mod json;
 use std::path::PathBuf;
 
 use clap::Args;
-use hostagent::tls::TlsFiles;
+use sentinel_daemon::tls::TlsFiles;
 use sentinel_proto::v1::fleet_service_client::FleetServiceClient;
 use tonic::transport::Channel;
 
@@ -67,8 +67,8 @@ impl ClientArgs {
 
     /// Connects to the operator API.
     pub async fn connect(&self) -> anyhow::Result<FleetServiceClient<Channel>> {
-        let tls = hostagent::tls::client_config(&self.files())?;
-        let channel = hostagent::tls::channel(&self.controller, None, tls)
+        let tls = sentinel_daemon::tls::client_config(&self.files())?;
+        let channel = sentinel_daemon::tls::channel(&self.controller, None, tls)
             .await
             .map_err(|e| anyhow::anyhow!("connecting to {}: {e}", self.controller))?;
         Ok(FleetServiceClient::new(channel))

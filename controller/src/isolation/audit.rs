@@ -24,7 +24,7 @@
 use std::collections::{BTreeMap, BTreeSet, VecDeque};
 use std::fmt;
 
-use hostagent::collectors::postgres::{Catalog, CatalogDatabase, CatalogRole, Grantee};
+use sentinel_postgres::{Catalog, CatalogDatabase, CatalogRole, Grantee};
 
 use super::fix;
 use super::policy::{IsolationConfig, Side};
@@ -567,9 +567,7 @@ fn last_edge(cx: &Context, path: &[&str]) -> Vec<String> {
 mod tests {
     use super::*;
     use crate::isolation::policy::tests::policy;
-    use hostagent::collectors::postgres::{
-        CatalogDatabase, CatalogMembership, CatalogRole, DatabaseGrant,
-    };
+    use sentinel_postgres::{CatalogDatabase, CatalogMembership, CatalogRole, DatabaseGrant};
 
     fn role(name: &str) -> CatalogRole {
         CatalogRole {

@@ -5,9 +5,7 @@
 use std::collections::BTreeMap;
 use std::time::Duration;
 
-use hostagent::collectors::postgres::{
-    connect, describe, read_catalog, Catalog, PgConnection, PgError,
-};
+use sentinel_postgres::{connect, describe, read_catalog, Catalog, PgConnection, PgError};
 
 use super::audit::EffectiveConnect;
 use super::policy::IsolationConfig;

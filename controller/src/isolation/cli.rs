@@ -70,18 +70,14 @@ pub async fn fix_command(policy: &IsolationConfig, apply: bool, apply_as: &Apply
         client_config.dsn_file = Some(dsn_file.clone());
         client_config.password_file = apply_as.password_file.clone();
     }
-    let mut connection = match hostagent::collectors::postgres::connect(
-        &client_config,
-        catalog::AUDITOR_APPLICATION_NAME,
-    )
-    .await
-    {
-        Ok(c) => c,
-        Err(e) => {
-            eprintln!("sentinel isolation fix: {e}");
-            return EXIT_ERROR;
-        }
-    };
+    let mut connection =
+        match sentinel_postgres::connect(&client_config, catalog::AUDITOR_APPLICATION_NAME).await {
+            Ok(c) => c,
+            Err(e) => {
+                eprintln!("sentinel isolation fix: {e}");
+                return EXIT_ERROR;
+            }
+        };
     // Generous: ALTER DATABASE waits for locks other sessions may hold for a moment.
     let timeout = client_config.timeout.max(Duration::from_secs(30));
     if let Err(e) = fix::apply(&mut connection, &plan, timeout).await {

@@ -5,7 +5,7 @@
 use std::collections::BTreeMap;
 use std::time::Duration;
 
-use hostagent::collectors::postgres::{describe, Catalog, Grantee, PgConnection};
+use sentinel_postgres::{describe, Catalog, Grantee, PgConnection};
 
 use super::audit::Violation;
 

@@ -20,7 +20,7 @@ pub mod probe;
 use std::sync::{Arc, RwLock};
 use std::time::{Duration, Instant, SystemTime};
 
-use hostagent::collectors::postgres::PgError;
+use sentinel_postgres::PgError;
 use sentinel_proto::v1::{IsolationReport, IsolationViolation, ProbeResult};
 use tokio_util::sync::CancellationToken;
 

@@ -6,7 +6,7 @@
 use std::collections::BTreeMap;
 use std::time::Duration;
 
-use hostagent::collectors::postgres::PgClientConfig;
+use sentinel_postgres::PgClientConfig;
 use serde::Deserialize;
 
 /// PostgreSQL truncates identifiers longer than this (NAMEDATALEN - 1), so a longer name in the

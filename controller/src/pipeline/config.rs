@@ -5,7 +5,7 @@ use std::collections::HashSet;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use hostagent::config::ConfigError;
+use sentinel_daemon::config::ConfigError;
 use serde::Deserialize;
 
 /// `[pipeline]` and `[[apps]]` of the controller config.

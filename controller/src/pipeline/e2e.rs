@@ -29,7 +29,7 @@ pub async fn run(base_url: &str, checks: &[&E2eCheck]) -> Vec<CheckResult> {
     let mut out = Vec::with_capacity(checks.len());
     for check in checks {
         let url = format!("{}{}", base_url.trim_end_matches('/'), check.path);
-        let result = match hostagent::http::request("GET", &url, None, check.timeout).await {
+        let result = match sentinel_daemon::http::request("GET", &url, None, check.timeout).await {
             Ok(resp) if resp.status != check.expect_status => CheckResult {
                 name: check.name.clone(),
                 ok: false,

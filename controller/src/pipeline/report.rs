@@ -3,6 +3,8 @@
 
 use std::time::Duration;
 
+use sentinel_daemon::backoff::Backoff;
+
 use sentinel_proto::v1::{Deployment, DeploymentState, StepStatus};
 use serde_json::json;
 use tracing::{info, warn};
@@ -55,10 +57,10 @@ pub async fn deliver(
     attempts: u32,
 ) -> Result<String, String> {
     let bytes = body.to_string().into_bytes();
-    let mut delay = Duration::from_millis(500);
+    let mut backoff = Backoff::new(Duration::from_millis(500), Duration::from_secs(30));
     let mut last = String::new();
     for attempt in 1..=attempts.max(1) {
-        match hostagent::http::request(
+        match sentinel_daemon::http::request(
             "POST",
             &hook.url,
             Some(("application/json", &bytes)),
@@ -75,8 +77,7 @@ pub async fn deliver(
         }
         warn!(webhook = %hook.name, attempt, error = %last, "deploy report not delivered");
         if attempt < attempts {
-            tokio::time::sleep(delay).await;
-            delay = (delay * 2).min(Duration::from_secs(30));
+            tokio::time::sleep(backoff.next_delay()).await;
         }
     }
     Err(format!(

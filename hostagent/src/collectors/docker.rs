@@ -552,7 +552,7 @@ fn is_transport_error(error: &BollardError) -> bool {
 /// An error with its causes, e.g. "Error in the hyper legacy client: client error (Connect):
 /// Permission denied (os error 13)".
 fn describe(error: &BollardError) -> String {
-    crate::connection::error_chain(error)
+    sentinel_daemon::error_chain(error)
 }
 
 /// The API version to retry with, from a daemon's refusal of ours: "client version 1.53 is too

@@ -361,7 +361,8 @@ mod tests {
 mod config_tests {
     use std::path::Path;
 
-    use crate::config::{parse_toml, AgentConfig};
+    use crate::config::AgentConfig;
+    use sentinel_daemon::config::parse_toml;
 
     const BASE: &str = "controller = \"127.0.0.1:7443\"\n\n[tls]\nca = \"/ca.pem\"\ncert = \"/h.pem\"\nkey = \"/h.key\"\n\n";
 

@@ -16,7 +16,7 @@ use futures::StreamExt;
 use sentinel_proto::v1::HealthCheck;
 
 use super::events::{JobError, JobEvents};
-use crate::http;
+use sentinel_daemon::http;
 
 /// Between probes when the check does not say.
 pub const DEFAULT_INTERVAL_MS: u32 = 1000;
@@ -491,7 +491,7 @@ fn supported_api_version(message: &str) -> Option<ClientVersion> {
 
 /// A bollard error with its causes ("error trying to connect: No such file or directory").
 fn describe(error: &BollardError) -> String {
-    crate::connection::error_chain(error)
+    sentinel_daemon::error_chain(error)
 }
 
 #[cfg(test)]

@@ -22,8 +22,7 @@ use std::time::{Duration, SystemTime};
 use ed25519_dalek::VerifyingKey;
 use sentinel_proto::envelope;
 use sentinel_proto::v1::{
-    job_event, job_spec, JobAccepted, JobKind, JobRefused, JobSpec, JobState, RefusalReason,
-    SignedJob,
+    job_event, job_spec, JobAccepted, JobRefused, JobSpec, JobState, RefusalReason, SignedJob,
 };
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
@@ -34,23 +33,7 @@ pub use bundle::Bundles;
 pub use events::{JobError, JobEvents, Outbox};
 use journal::{Journal, Phase};
 
-/// Job kinds by their config names.
-pub const KINDS: &[(&str, JobKind)] = &[
-    ("deploy", JobKind::Deploy),
-    ("rollback", JobKind::Rollback),
-    ("backup", JobKind::Backup),
-    ("verify_backups", JobKind::VerifyBackups),
-    ("restore_test", JobKind::RestoreTest),
-    ("isolation_probe", JobKind::IsolationProbe),
-];
-
-/// The config name of a kind.
-pub fn kind_name(kind: JobKind) -> &'static str {
-    KINDS
-        .iter()
-        .find(|(_, k)| *k == kind)
-        .map_or("unspecified", |(n, _)| n)
-}
+use sentinel_proto::kinds::kind_name;
 
 /// A job-subsystem setup failure (at agent start).
 #[derive(Debug, thiserror::Error)]

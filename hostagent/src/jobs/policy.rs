@@ -6,8 +6,8 @@ use std::path::{Component, Path, PathBuf};
 use sentinel_proto::v1::{job_spec, JobSpec};
 
 use super::backup::safe_name;
-use super::kind_name;
 use crate::config::{BackupsConfig, JobsConfig};
+use sentinel_proto::kinds::kind_name;
 
 /// Checks `spec` against the policy; the error is the refusal's detail.
 pub fn check(spec: &JobSpec, config: &JobsConfig) -> Result<(), String> {

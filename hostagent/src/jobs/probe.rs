@@ -17,7 +17,7 @@ use sentinel_proto::v1::{IsolationProbeParams, ProbeTarget, StepStatus};
 use serde::{Deserialize, Serialize};
 
 use super::{JobError, JobEvents};
-use crate::collectors::postgres::{connect_to, PgClientConfig, Redirect};
+use sentinel_postgres::{connect_to, PgClientConfig, Redirect};
 
 /// Connection attempts run at once: enough to finish a few dozen quickly without looking like
 /// a connection storm to the cluster.
@@ -201,7 +201,7 @@ impl ProbeCredential {
             )
         })?;
         let secrets = url_password(&url)
-            .map(|raw| vec![crate::collectors::postgres::percent_decode(&raw), raw])
+            .map(|raw| vec![sentinel_postgres::percent_decode(&raw), raw])
             .unwrap_or_default();
         Ok((url, user, secrets))
     }

@@ -13,8 +13,9 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use hostagent::collectors::DeltaTracker;
-use hostagent::connection::{Backoff, SessionError};
+use hostagent::connection::SessionError;
 use prost::Message;
+use sentinel_daemon::backoff::Backoff;
 use sentinel_proto::v1::agent_service_client::AgentServiceClient;
 use sentinel_proto::v1::{
     agent_message, controller_message, AgentMessage, BundleRequest, Heartbeat, Hello, JobEvent,

@@ -288,7 +288,7 @@ mod tests {
 
         // The agent's own TLS loader accepts them.
         let (cert, key) = pki::host_files(dir.path(), "sim-00002");
-        hostagent::tls::client_config(&hostagent::tls::TlsFiles {
+        sentinel_daemon::tls::client_config(&sentinel_daemon::tls::TlsFiles {
             ca: dir.path().join(pki::CA_CERT_FILE),
             cert,
             key,

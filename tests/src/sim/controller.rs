@@ -9,7 +9,7 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
-use hostagent::tls::TlsFiles;
+use sentinel_daemon::tls::TlsFiles;
 use sentinel_proto::v1::fleet_service_client::FleetServiceClient;
 use sentinel_proto::v1::{HostStatus, HostSummary, ListHostsRequest};
 use tonic::transport::Channel;
@@ -157,7 +157,7 @@ pub fn free_addr() -> Result<SocketAddr> {
 
 /// The operator API as the `admin` operator of the PKI in `certs`.
 pub async fn operator(certs: &Path, addr: SocketAddr) -> Result<FleetServiceClient<Channel>> {
-    let tls = hostagent::tls::client_config(&TlsFiles {
+    let tls = sentinel_daemon::tls::client_config(&TlsFiles {
         ca: certs.join(sentinel::pki::CA_CERT_FILE),
         cert: certs.join("operator-admin.pem"),
         key: certs.join("operator-admin.key"),
@@ -165,7 +165,7 @@ pub async fn operator(certs: &Path, addr: SocketAddr) -> Result<FleetServiceClie
     .context("loading the admin operator certificate")?;
     let dialer = Dialer {
         controller: addr,
-        server_name: hostagent::tls::server_name_for(&addr.to_string(), None)
+        server_name: sentinel_daemon::tls::server_name_for(&addr.to_string(), None)
             .map_err(anyhow::Error::msg)?,
         stats: std::sync::Arc::new(Stats::default()),
     };

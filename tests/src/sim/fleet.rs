@@ -8,8 +8,8 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
-use hostagent::tls::TlsFiles;
 use rand::Rng;
+use sentinel_daemon::tls::TlsFiles;
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 
@@ -101,7 +101,7 @@ impl Fleet {
                 .iter()
                 .map(|name| {
                     let (cert, key) = sentinel::pki::host_files(&dir, name);
-                    hostagent::tls::client_config(&TlsFiles {
+                    sentinel_daemon::tls::client_config(&TlsFiles {
                         ca: dir.join(sentinel::pki::CA_CERT_FILE),
                         cert,
                         key,

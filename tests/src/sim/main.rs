@@ -205,7 +205,7 @@ async fn run(args: RunArgs) -> Result<()> {
     let stats = Arc::new(Stats::default());
     let dialer = Dialer {
         controller: args.controller,
-        server_name: hostagent::tls::server_name_for(
+        server_name: sentinel_daemon::tls::server_name_for(
             &args.controller.to_string(),
             args.server_name.as_deref(),
         )
@@ -228,7 +228,7 @@ async fn run(args: RunArgs) -> Result<()> {
     let started = Instant::now();
     let stop = tokio::time::sleep(args.duration);
     tokio::pin!(stop);
-    let signal = hostagent::shutdown_signal();
+    let signal = sentinel_daemon::signal::shutdown();
     tokio::pin!(signal);
     let mut progress = tokio::time::interval(Duration::from_secs(5));
     loop {

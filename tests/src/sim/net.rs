@@ -88,7 +88,7 @@ impl Dialer {
         endpoint
             .connect_with_connector(connector)
             .await
-            .map_err(|e| hostagent::connection::error_chain(&e))
+            .map_err(|e| sentinel_daemon::error_chain(&e))
     }
 }
 

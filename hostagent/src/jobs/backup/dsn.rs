@@ -5,9 +5,9 @@
 
 use std::path::{Path, PathBuf};
 
-use crate::collectors::postgres::{redacted_dsn, PgClientConfig};
 use crate::config::BackupsConfig;
 use crate::jobs::JobEvents;
+use sentinel_postgres::{redacted_dsn, PgClientConfig};
 
 /// A DSN ref resolved for one job.
 #[derive(Clone)]

@@ -22,9 +22,9 @@ use super::encryption::{self, Keys};
 use super::manifest::{Entry, Kind, Series};
 use super::sink::{Sink, Written};
 use super::{place, run_tool_io};
-use crate::collectors::postgres;
 use crate::config::BackupsConfig;
 use crate::jobs::JobEvents;
+use sentinel_postgres as postgres;
 
 /// What every file of one run shares.
 pub struct RunCtx<'a> {

@@ -412,7 +412,7 @@ mod tests {
                     [jobs.backups]\nbackup_dirs = [\"/var/backups/sentinel\"]\n\
                     [jobs.backups.encryption]\nrecipients = [\"age1typo\"]\n";
         let path = Path::new("/etc/hostagent/agent.toml");
-        let err = crate::config::parse_toml::<crate::config::AgentConfig>(path, text)
+        let err = sentinel_daemon::config::parse_toml::<crate::config::AgentConfig>(path, text)
             .unwrap_err()
             .to_string();
         // Line 9: the `recipients` line itself.

@@ -19,9 +19,9 @@ use super::dump::{count_rows, quote_ident, TABLES_SQL};
 use super::encryption::{self, Keys};
 use super::manifest::{self, Entry, Kind, Series};
 use super::{prepare_dir, run_tool, run_tool_io, verify, Outcome, Step};
-use crate::collectors::postgres;
 use crate::config::BackupsConfig;
 use crate::jobs::{JobError, JobEvents};
+use sentinel_postgres as postgres;
 
 /// Prefix of every scratch database.
 pub const SCRATCH_PREFIX: &str = "sentinel_restore_";

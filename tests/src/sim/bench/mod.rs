@@ -142,7 +142,7 @@ impl BenchEnv {
     pub fn fleet(&self, controller: &ControllerSpec, spec: AgentSpec) -> Result<Fleet> {
         let dialer = Dialer {
             controller: controller.addr,
-            server_name: hostagent::tls::server_name_for(&controller.addr.to_string(), None)
+            server_name: sentinel_daemon::tls::server_name_for(&controller.addr.to_string(), None)
                 .map_err(anyhow::Error::msg)?,
             stats: Arc::new(Stats::default()),
         };

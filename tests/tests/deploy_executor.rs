@@ -6,9 +6,9 @@ use std::os::unix::fs::PermissionsExt;
 use std::path::Path;
 use std::time::{Duration, Instant};
 
-use hostagent::http;
 use hostagent::jobs::events::{JobError, JobEvents, Outbox};
 use hostagent::jobs::{deploy, release};
+use sentinel_daemon::http;
 use sentinel_e2e::fixture::{Bundle, FixtureApp, Variant, SECRET};
 use sentinel_proto::v1::{
     agent_message, job_event, AgentMessage, DeployParams, HealthCheck, JobStep, RollbackParams,

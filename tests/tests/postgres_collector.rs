@@ -4,10 +4,11 @@
 
 use std::time::{Duration, UNIX_EPOCH};
 
-use hostagent::collectors::postgres::{PgClientConfig, PostgresCollector};
+use hostagent::collectors::postgres::PostgresCollector;
 use hostagent::collectors::Collectors;
 use hostagent::config::{CollectorsConfig, PostgresCollectorConfig};
 use sentinel_e2e::postgres::Postgres;
+use sentinel_postgres::PgClientConfig;
 use sentinel_proto::v1::{postgres_section, PgDatabase, PgDatabaseGrant, PgRole, PostgresState};
 
 const SETUP: &str = "

@@ -155,7 +155,7 @@ pub async fn channel(
     endpoint
         .connect_with_connector(connector)
         .await
-        .map_err(|e| crate::connection::error_chain(&e))
+        .map_err(|e| crate::error_chain(&e))
 }
 
 /// The TLS server name to check for a controller address: its host part (an IP address or a
