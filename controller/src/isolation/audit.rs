@@ -400,7 +400,11 @@ fn unlisted_problem(violations: &[Violation], db: &CatalogDatabase) -> PolicyPro
         (true, true) => "PUBLIC has CONNECT on it".to_string(),
         (false, public) => format!(
             "{}reached by {} users of the policy: {}",
-            if public { "PUBLIC has CONNECT on it; " } else { "" },
+            if public {
+                "PUBLIC has CONNECT on it; "
+            } else {
+                ""
+            },
             reached_by.len(),
             reached_by.join(", ")
         ),
@@ -503,9 +507,13 @@ fn passed_on<'a>(db: &'a CatalogDatabase, grantee: &Grantee) -> Vec<&'a Database
     let Grantee::Role(name) = grantee else {
         return Vec::new(); // PUBLIC grants nothing
     };
+    if *name == db.owner {
+        return Vec::new(); // the owner's grants come with ownership, not a grant option
+    }
     db.grants
         .iter()
-        .filter(|g| g.connect && g.connect_grantors.iter().any(|by| by == name))
+        .filter(|g| g.connect && g.grantee != *grantee)
+        .filter(|g| g.connect_grantors.iter().any(|by| by == name))
         .collect()
 }
 
@@ -541,6 +549,9 @@ fn lost_with<'a>(db: &'a CatalogDatabase, grantee: &Grantee) -> BTreeSet<&'a str
     let Grantee::Role(name) = grantee else {
         return BTreeSet::new();
     };
+    if *name == db.owner {
+        return BTreeSet::new();
+    }
     let mut lost: BTreeSet<&str> = BTreeSet::new();
     loop {
         let more: Vec<&str> = db
@@ -1098,5 +1109,106 @@ mod tests {
                 "REVOKE prod_user FROM stg_user GRANTED BY \"ops admin\"",
                 "REVOKE prod_user FROM stg_user GRANTED BY postgres"
             ]));
+    }
+
+    #[test]
+    fn a_database_no_environment_lists_is_a_problem_naming_who_reaches_it() {
+        let mut c = clean();
+        c.databases.push(database("archive", "prod_user", true));
+        c.databases.push(database("postgres", "postgres", true));
+        let a = audit(&policy(), &c, None);
+        assert!(!a.is_clean());
+        // postgres is shared by default; archive is in no environment.
+        assert!(a.violations.iter().all(|v| v.database == "archive"));
+        let p = paths(&a);
+        assert!(
+            p.contains(
+                &"connect | stg_user → PUBLIC has CONNECT on archive (a database no \
+                  environment lists) | "
+                    .to_string()
+            ),
+            "{p:#?}"
+        );
+        assert!(a
+            .violations
+            .iter()
+            .all(|v| v.database_environment.is_empty()));
+        assert_eq!(a.problems.len(), 1, "{:#?}", a.problems);
+        let message = &a.problems[0].message;
+        assert!(
+            message
+                .starts_with("database archive is in no environment and not in shared_databases")
+                && message.contains("PUBLIC has CONNECT on it; reached by 3 users of the policy")
+                && message.contains("stg_user (staging)"),
+            "{message}"
+        );
+        assert_eq!(a.problems[0].environment, None);
+    }
+
+    #[test]
+    fn a_grant_by_another_grantor_is_revoked_as_that_grantor_and_a_passed_on_one_with_cascade() {
+        let mut c = clean();
+        // pulse_prod_user holds CONNECT WITH GRANT OPTION and granted it to stg_user.
+        let auth_prod = db_mut(&mut c, "auth_prod");
+        for g in &mut auth_prod.grants {
+            if g.grantee == Grantee::Role("pulse_prod_user".into()) {
+                g.connect_grantors = vec!["prod_user".into()];
+                g.connect_grantable = true;
+            }
+        }
+        auth_prod.grants.push(DatabaseGrant {
+            connect_grantors: vec!["pulse_prod_user".into()],
+            ..grant(Grantee::Role("stg_user".into()), true)
+        });
+        let a = audit(&policy(), &c, None);
+        assert_eq!(
+            paths(&a),
+            [
+                "connect | stg_user has CONNECT on auth_prod (granted by pulse_prod_user) | \
+              SET ROLE pulse_prod_user; REVOKE CONNECT ON DATABASE auth_prod FROM stg_user; \
+              RESET ROLE"
+            ]
+        );
+
+        // stg_user holds it WITH GRANT OPTION and passed it on to prod_user: CASCADE, and
+        // prod_user (which had it only from stg_user) gets it back explicitly.
+        let mut c = clean();
+        let pulse_stg = db_mut(&mut c, "pulse_stg");
+        pulse_stg.grants.push(DatabaseGrant {
+            connect_grantors: vec!["stg_user".into()],
+            ..grant(Grantee::Role("prod_user".into()), true)
+        });
+        let auth_prod = db_mut(&mut c, "auth_prod");
+        auth_prod.grants.push(DatabaseGrant {
+            connect_grantors: vec!["prod_user".into()],
+            connect_grantable: true,
+            ..grant(Grantee::Role("stg_user".into()), true)
+        });
+        auth_prod
+            .grants
+            .retain(|g| g.grantee != Grantee::Role("pulse_prod_user".into()));
+        auth_prod.grants.push(DatabaseGrant {
+            connect_grantors: vec!["stg_user".into()],
+            ..grant(Grantee::Role("pulse_prod_user".into()), true)
+        });
+        let a = audit(&policy(), &c, None);
+        let p = paths(&a);
+        assert!(
+            p.contains(
+                &"connect | stg_user has CONNECT on auth_prod WITH GRANT OPTION, passed on to \
+                  pulse_prod_user (revoked with it: CASCADE) | REVOKE CONNECT ON DATABASE \
+                  auth_prod FROM stg_user CASCADE; GRANT CONNECT ON DATABASE auth_prod TO \
+                  pulse_prod_user"
+                    .to_string()
+            ),
+            "{p:#?}"
+        );
+    }
+
+    #[test]
+    fn bypassrls_is_a_risk_not_a_way_in() {
+        assert!(ViolationKind::BypassRls.is_risk());
+        assert!(!ViolationKind::Connect.is_risk());
+        assert!(!ViolationKind::CreateRole.is_risk());
     }
 }

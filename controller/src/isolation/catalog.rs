@@ -20,8 +20,8 @@ pub const AUDITOR_APPLICATION_NAME: &str = "sentinel-isolation-audit";
 pub struct Snapshot {
     /// Roles, memberships, databases and their ACLs.
     pub catalog: Catalog,
-    /// `(user, database)` pairs across environments for which `has_database_privilege` says
-    /// CONNECT.
+    /// `(user, database)` pairs across environments (or to a database in none) for which
+    /// `has_database_privilege` says CONNECT.
     pub effective_connect: EffectiveConnect,
 }
 
@@ -45,7 +45,7 @@ pub async fn read(
 }
 
 /// `has_database_privilege(user, db, 'CONNECT')` for every user × database of another
-/// environment, both as they exist in `catalog`.
+/// environment, and every user × database no environment lists, as they exist in `catalog`.
 async fn effective_connect(
     connection: &mut PgConnection,
     policy: &IsolationConfig,
@@ -83,6 +83,18 @@ async fn effective_connect(
                     database_oids.push(*db);
                 }
             }
+        }
+    }
+    // Every user against the databases no environment lists.
+    for db in super::audit::unlisted_databases(policy, catalog) {
+        for user in policy
+            .environments
+            .values()
+            .flat_map(|e| e.users.iter())
+            .filter_map(|u| roles.get(u.as_str()))
+        {
+            user_oids.push(*user);
+            database_oids.push(db.oid);
         }
     }
     if user_oids.is_empty() {

@@ -389,7 +389,10 @@ impl FixPlan {
             out.push_str("COMMIT;\n");
         }
         for path in &self.unfixable {
-            out.push_str(&format!("-- no statement derived for: {}\n", one_line(path)));
+            out.push_str(&format!(
+                "-- no statement derived for: {}\n",
+                one_line(path)
+            ));
         }
         out
     }
@@ -558,6 +561,34 @@ mod tests {
         assert_eq!(quote_ident("we\"ird"), "\"we\"\"ird\"");
         assert_eq!(quote_ident("9lives"), "\"9lives\"");
         assert_eq!(quote_ident(""), "\"\"");
+        // A control character: one printable line, the same name to the server.
+        assert_eq!(
+            quote_ident("ops\nALTER ROLE x SUPERUSER;\n-- \"q\" \\"),
+            "U&\"ops\\000aALTER ROLE x SUPERUSER;\\000a-- \"\"q\"\" \\\\\""
+        );
+    }
+
+    #[test]
+    fn names_cannot_break_out_of_the_scripts_comments() {
+        let plan = FixPlan::new(&[
+            violation(
+                "u → ops\nALTER ROLE u SUPERUSER;\n-- x has CONNECT on d",
+                &["REVOKE CONNECT ON DATABASE d FROM U&\"ops\\000a\""],
+            ),
+            violation("evil\r\nDROP DATABASE d;", &[]),
+        ]);
+        let script = plan.script();
+        for line in script.lines() {
+            assert!(
+                line.starts_with("--") || line.ends_with(';'),
+                "a line neither comment nor statement: {line:?}\n{script}"
+            );
+        }
+        assert!(
+            !script.lines().any(|l| l.starts_with("ALTER ROLE")),
+            "{script}"
+        );
+        assert!(!script.lines().any(|l| l.starts_with("DROP")), "{script}");
     }
 
     fn violation(path: &str, fix: &[&str]) -> Violation {

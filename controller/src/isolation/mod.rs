@@ -98,6 +98,8 @@ pub fn to_proto(v: &Violation) -> IsolationViolation {
         database_environment: v.database_environment.clone(),
         path: v.path.clone(),
         fix: v.fix.join("; "),
+        kind: v.kind.to_string(),
+        risk: v.kind.is_risk(),
     }
 }
 
