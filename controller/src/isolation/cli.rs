@@ -76,6 +76,7 @@ pub async fn fix_command(policy: &IsolationConfig, apply: bool, apply_as: &Apply
     }
     if plan.is_empty() {
         println!("\n-- nothing applied");
+        print!("{}", still_open(&outcome.report));
         return exit_code(&outcome.report);
     }
     let mut client_config = policy.auditor.clone();
