@@ -415,7 +415,11 @@ fn a_database_nobody_listed_is_reported_with_who_reaches_it_and_the_check_fails(
     let table = isolation_cli(&config, &["check"]);
     assert!(
         table.stdout.lines().any(|l| l.starts_with("s60_hub_user ")
-            && l.contains(" s60_live_archive  -  s60_hub_user → PUBLIC")),
+            && l.contains(" s60_live_archive  -  ")
+            && l.ends_with(
+                "  s60_hub_user → PUBLIC has CONNECT on s60_live_archive (a database no \
+                 environment lists)"
+            )),
         "{}",
         table.stdout
     );

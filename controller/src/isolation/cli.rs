@@ -266,7 +266,7 @@ pub fn report_table(policy: &IsolationConfig, outcome: &CheckOutcome) -> String 
         }
     }
     if !report.policy_problems.is_empty() {
-        out.push_str("\nPolicy problems (the policy names what the cluster does not have):\n");
+        out.push_str("\nPolicy problems (the policy and the cluster disagree):\n");
         for p in &report.policy_problems {
             out.push_str(&format!("  - {}\n", one_line(p)));
         }
