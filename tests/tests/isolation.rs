@@ -695,6 +695,53 @@ fn a_grant_made_by_another_grantor_is_revoked_as_that_grantor() {
 }
 
 #[test]
+fn a_database_taken_over_by_a_group_goes_back_to_the_user_that_built_it() {
+    let (pg, config) = layout(&seed::password(seed::AUDITOR));
+    seed::isolate(&pg);
+    // s60_pulse_prod_user (not production's first user) owns s60_pulse_prod and built it.
+    // (The ownership change moves the old owner's ACL entries to the new one: grant back.)
+    pg.sql(
+        "ALTER DATABASE s60_pulse_prod OWNER TO s60_pulse_prod_user;
+         GRANT CONNECT ON DATABASE s60_pulse_prod TO s60_prod_user;",
+    );
+    pg.psql_as(
+        "s60_pulse_prod_user",
+        &seed::password("s60_pulse_prod_user"),
+        "s60_pulse_prod",
+        "CREATE TABLE pulses (id int); CREATE TABLE beats (id int);",
+    )
+    .expect("the app builds its tables");
+    // A staging group takes the database over.
+    pg.sql(
+        "CREATE ROLE staging_ops NOLOGIN; GRANT staging_ops TO s60_hub_user;
+         ALTER DATABASE s60_pulse_prod OWNER TO staging_ops;",
+    );
+    can(&pg, "s60_hub_user", "s60_pulse_prod").expect("the takeover lets staging in");
+
+    let printed = isolation_cli(&config, &["fix"]);
+    assert!(
+        printed
+            .stdout
+            .contains("ALTER DATABASE s60_pulse_prod OWNER TO s60_pulse_prod_user;\n"),
+        "{}",
+        printed.stdout
+    );
+    let applied = apply_fix(&pg, &config);
+    println!("{}", applied.stdout);
+    assert_eq!(applied.code, 0, "{}{}", applied.stdout, applied.stderr);
+    let owner = pg.sql(
+        "SELECT pg_catalog.pg_get_userbyid(datdba) FROM pg_database \
+         WHERE datname = 's60_pulse_prod'",
+    );
+    assert_eq!(owner, "s60_pulse_prod_user");
+    let err = can(&pg, "s60_hub_user", "s60_pulse_prod").unwrap_err();
+    assert!(err.contains("permission denied for database"), "{err}");
+    for user in ["s60_prod_user", "s60_pulse_prod_user"] {
+        can(&pg, user, "s60_pulse_prod").unwrap_or_else(|e| panic!("{user} locked out: {e}"));
+    }
+}
+
+#[test]
 fn the_cli_json_is_the_apis_proto3_json_as_grpcurl_prints_it() {
     let pg = Postgres::start();
     seed::create(&pg);

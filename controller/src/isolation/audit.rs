@@ -42,6 +42,9 @@ use super::policy::{IsolationConfig, Side};
 /// true, as the server computed them.
 pub type EffectiveConnect = BTreeSet<(String, String)>;
 
+/// Database → role → how many objects in that database the role owns (`pg_shdepend`).
+pub type ObjectOwners = BTreeMap<String, BTreeMap<String, i64>>;
+
 /// How a user reaches a database of another environment.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub enum ViolationKind {
@@ -198,6 +201,7 @@ struct Context<'a> {
     databases: BTreeMap<&'a str, &'a CatalogDatabase>,
     /// Every policy role's side, looked up for every role on every path.
     sides: BTreeMap<&'a str, Side<'a>>,
+    owners: &'a ObjectOwners,
 }
 
 impl<'a> Context<'a> {
@@ -238,7 +242,19 @@ pub fn audit(
     catalog: &Catalog,
     effective: Option<&EffectiveConnect>,
 ) -> Audit {
+    audit_owned(policy, catalog, effective, &ObjectOwners::new())
+}
+
+/// [`audit`], knowing who owns the objects inside each database, so that a database whose
+/// ownership was taken is given back to the user of its environment that built it.
+pub fn audit_owned(
+    policy: &IsolationConfig,
+    catalog: &Catalog,
+    effective: Option<&EffectiveConnect>,
+    owners: &ObjectOwners,
+) -> Audit {
     let cx = Context {
+        owners,
         policy,
         catalog,
         graph: Graph::new(catalog),
@@ -721,9 +737,26 @@ fn revoke_connect_keeping(
     statements
 }
 
-/// ALTER DATABASE ... OWNER TO the environment's owner.
+/// ALTER DATABASE ... OWNER TO its original owner: the user of its environment owning the most
+/// objects in it (the app that built it; ties go to the first in the policy), else the
+/// environment's `owner`.
 fn alter_owner(cx: &Context, db: &CatalogDatabase, db_env: &str) -> Vec<String> {
-    match cx.policy.environments[db_env].owner() {
+    let env = &cx.policy.environments[db_env];
+    let mut builder: Option<(&str, i64)> = None;
+    if let Some(by_role) = cx.owners.get(&db.name) {
+        for user in env
+            .users
+            .iter()
+            .filter(|u| cx.roles.contains_key(u.as_str()))
+        {
+            if let Some(&objects) = by_role.get(user) {
+                if builder.is_none_or(|(_, most)| objects > most) {
+                    builder = Some((user, objects));
+                }
+            }
+        }
+    }
+    match builder.map(|(user, _)| user).or_else(|| env.owner()) {
         Some(owner) => vec![fix::alter_owner(&db.name, owner)],
         None => Vec::new(),
     }
@@ -1210,5 +1243,46 @@ mod tests {
         assert!(ViolationKind::BypassRls.is_risk());
         assert!(!ViolationKind::Connect.is_risk());
         assert!(!ViolationKind::CreateRole.is_risk());
+    }
+
+    #[test]
+    fn a_taken_database_goes_back_to_the_user_that_built_it() {
+        let mut c = clean();
+        c.roles.push(CatalogRole {
+            login: false,
+            ..role("takeover")
+        });
+        c.memberships.push(member("takeover", "stg_user", true));
+        db_mut(&mut c, "pulse_prod").owner = "takeover".into();
+        let fix_of = |owners: &ObjectOwners| {
+            audit_owned(&policy(), &c, None, owners)
+                .violations
+                .iter()
+                .find(|v| v.kind == ViolationKind::Ownership)
+                .map(|v| v.fix.clone())
+        };
+        // Without evidence: the environment's owner.
+        assert_eq!(
+            fix_of(&ObjectOwners::new()),
+            Some(vec![
+                "ALTER DATABASE pulse_prod OWNER TO prod_user".to_string()
+            ])
+        );
+        let owners: ObjectOwners = [(
+            "pulse_prod".to_string(),
+            [
+                ("pulse_prod_user".to_string(), 12),
+                ("prod_user".to_string(), 1),
+                ("takeover".to_string(), 40),
+            ]
+            .into(),
+        )]
+        .into();
+        assert_eq!(
+            fix_of(&owners),
+            Some(vec![
+                "ALTER DATABASE pulse_prod OWNER TO pulse_prod_user".to_string()
+            ])
+        );
     }
 }

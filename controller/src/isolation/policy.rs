@@ -98,8 +98,9 @@ pub struct EnvironmentPolicy {
     pub databases: Vec<String>,
     /// The environment's users (login roles, or group roles of this environment).
     pub users: Vec<String>,
-    /// The user that should own the environment's databases (what `fix` gives ownership back
-    /// to); default: the first of `users`.
+    /// Who `fix` gives a taken database back to when no user of the environment owns objects
+    /// in it (the one that does, the app that built it, comes first); default: the first of
+    /// `users`.
     #[serde(default)]
     pub owner: Option<String>,
 }
