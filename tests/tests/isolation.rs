@@ -121,8 +121,9 @@ fn the_default_layout_leaks_through_public_and_fix_apply_closes_it() {
     let check = isolation_cli(&config, &["check", "--json"]);
     assert_eq!(check.code, 1, "{}{}", check.stdout, check.stderr);
     let report = check.json();
-    assert_eq!(report["isolated"], false);
-    assert_eq!(report["error"], "");
+    // proto3 JSON, as grpcurl prints it: `false` is omitted.
+    assert!(report["isolated"].is_null(), "{report}");
+    assert!(report["error"].is_null(), "{report}");
     let found = paths(&report);
     assert!(
         found.contains(&"s60_hub_user → PUBLIC has CONNECT on s60_auth_prod".to_string()),
@@ -315,6 +316,12 @@ fn each_mistake_seeded_alone_is_found_with_its_path_and_fixed() {
             mistake.user,
             paths(&report)
         );
+        // BYPASSRLS opens no door by itself: reported, as a risk.
+        let risk = violations
+            .iter()
+            .find(|v| v["path"] == mistake.path)
+            .map(|v| v["risk"] == true);
+        assert_eq!(risk, Some(mistake.what == "BYPASSRLS"), "{}", mistake.what);
         if mistake.logs_in {
             can(&pg, mistake.user, mistake.database)
                 .unwrap_or_else(|e| panic!("{}: the hole is real, yet: {e}", mistake.what));
@@ -344,6 +351,439 @@ fn each_mistake_seeded_alone_is_found_with_its_path_and_fixed() {
     }
 }
 
+/// The `[isolation]` section of the layout with `shared_databases` set to `shared`.
+fn policy_sharing(pg: &Postgres, shared: &[&str]) -> String {
+    let list: Vec<String> = shared.iter().map(|d| format!("\"{d}\"")).collect();
+    let policy = seed::policy_toml(pg, &seed::password(seed::AUDITOR), "1h");
+    let anchor = format!("cross_environment_roles = [\"{}\"]\n", seed::BACKUP_ROLE);
+    assert!(policy.contains(&anchor), "{policy}");
+    policy.replace(
+        &anchor,
+        &format!("{anchor}shared_databases = [{}]\n", list.join(", ")),
+    )
+}
+
+fn is_superuser(pg: &Postgres, role: &str) -> bool {
+    pg.sql(&format!(
+        "SELECT rolsuper FROM pg_roles WHERE rolname = '{role}'"
+    )) == "t"
+}
+
+#[test]
+fn a_database_nobody_listed_is_reported_with_who_reaches_it_and_the_check_fails() {
+    let (pg, config) = layout(&seed::password(seed::AUDITOR));
+    seed::isolate(&pg);
+    assert_eq!(isolation_cli(&config, &["check"]).code, 0);
+
+    // A production user makes an archive; PUBLIC may CONNECT by default.
+    pg.sql("CREATE DATABASE s60_live_archive OWNER s60_prod_user STRATEGY FILE_COPY");
+    for user in ["s60_hub_user", "s60_dev_user"] {
+        can(&pg, user, "s60_live_archive").expect("the other environments get in for real");
+    }
+    let check = isolation_cli(&config, &["check", "--json"]);
+    assert_eq!(check.code, 1, "{}{}", check.stdout, check.stderr);
+    let report = check.json();
+    assert!(report["isolated"].is_null(), "{report}");
+    let found = paths(&report);
+    for user in ["s60_hub_user", "s60_dev_user"] {
+        let path = format!(
+            "{user} → PUBLIC has CONNECT on s60_live_archive (a database no environment lists)"
+        );
+        assert!(found.contains(&path), "{path} not in {found:#?}");
+    }
+    let archive: Vec<&Value> = report["violations"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|v| v["database"] == "s60_live_archive")
+        .collect();
+    assert!(archive.iter().all(|v| v["databaseEnvironment"].is_null()));
+    let problems = report["policyProblems"]
+        .as_array()
+        .cloned()
+        .unwrap_or_default();
+    assert_eq!(problems.len(), 1, "{problems:#?}");
+    let problem = problems[0].as_str().unwrap();
+    assert!(
+        problem.starts_with(
+            "database s60_live_archive is in no environment and not in shared_databases"
+        ) && problem.contains("PUBLIC has CONNECT on it; reached by 4 users of the policy")
+            && problem.contains("s60_hub_user (staging)")
+            && problem.contains("s60_dev_user (dev)"),
+        "{problem}"
+    );
+    let table = isolation_cli(&config, &["check"]);
+    assert!(
+        table.stdout.lines().any(|l| l.starts_with("s60_hub_user ")
+            && l.contains(" s60_live_archive  -  ")
+            && l.ends_with(
+                "  s60_hub_user → PUBLIC has CONNECT on s60_live_archive (a database no \
+                 environment lists)"
+            )),
+        "{}",
+        table.stdout
+    );
+
+    // `fix` cannot know where it belongs: it says so, and --apply names what stays open.
+    let applied = apply_fix(&pg, &config);
+    assert_eq!(applied.code, 1, "{}{}", applied.stdout, applied.stderr);
+    assert!(
+        applied.stdout.contains(
+            "-- no statement derived for: s60_hub_user → PUBLIC has CONNECT on s60_live_archive"
+        ),
+        "{}",
+        applied.stdout
+    );
+    assert!(
+        applied.stdout.contains("The fix could not close:\n")
+            && applied
+                .stdout
+                .contains("  - policy problem: database s60_live_archive"),
+        "{}",
+        applied.stdout
+    );
+
+    // Listed under production, it is audited like the others and the fix closes it.
+    let policy = seed::policy_toml(&pg, &seed::password(seed::AUDITOR), "1h").replace(
+        "databases = [\"s60_auth_prod\", \"s60_pulse_prod\"]",
+        "databases = [\"s60_auth_prod\", \"s60_pulse_prod\", \"s60_live_archive\"]",
+    );
+    let config = write_config(&pg, &policy);
+    let check = isolation_cli(&config, &["check", "--json"]);
+    assert_eq!(check.code, 1);
+    assert!(paths(&check.json())
+        .contains(&"s60_hub_user → PUBLIC has CONNECT on s60_live_archive".to_string()));
+    let applied = apply_fix(&pg, &config);
+    assert_eq!(applied.code, 0, "{}{}", applied.stdout, applied.stderr);
+    let err = can(&pg, "s60_hub_user", "s60_live_archive").unwrap_err();
+    assert!(err.contains("permission denied for database"), "{err}");
+    can(&pg, "s60_pulse_prod_user", "s60_live_archive").expect("production keeps its archive");
+}
+
+#[test]
+fn shared_databases_listed_on_purpose_are_accounted_for() {
+    let (pg, config) = layout(&seed::password(seed::AUDITOR));
+    seed::isolate(&pg);
+    // By default postgres and the templates are shared: every role may reach postgres (and
+    // really does), and the check is clean.
+    can(&pg, "s60_hub_user", "postgres").expect("postgres is open to PUBLIC");
+    let check = isolation_cli(&config, &["check", "--json"]);
+    assert_eq!(check.code, 0, "{}{}", check.stdout, check.stderr);
+
+    // A database shared on purpose is accounted for too.
+    pg.sql("CREATE DATABASE s60_shared_lookup STRATEGY FILE_COPY");
+    assert_eq!(isolation_cli(&config, &["check"]).code, 1);
+    let config = write_config(
+        &pg,
+        &policy_sharing(
+            &pg,
+            &["postgres", "template0", "template1", "s60_shared_lookup"],
+        ),
+    );
+    let check = isolation_cli(&config, &["check", "--json"]);
+    assert_eq!(check.code, 0, "{}{}", check.stdout, check.stderr);
+    assert_eq!(check.json()["isolated"], true);
+
+    // Setting the list replaces the default: postgres and the templates are then reported.
+    let config = write_config(&pg, &policy_sharing(&pg, &["s60_shared_lookup"]));
+    let check = isolation_cli(&config, &["check", "--json"]);
+    assert_eq!(check.code, 1, "{}{}", check.stdout, check.stderr);
+    let report = check.json();
+    let problems: Vec<String> = report["policyProblems"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|p| p.as_str().unwrap_or_default().to_string())
+        .collect();
+    assert_eq!(problems.len(), 3, "{problems:#?}");
+    for db in ["postgres", "template0", "template1"] {
+        assert!(
+            problems
+                .iter()
+                .any(|p| p.starts_with(&format!("database {db} is in no environment"))),
+            "{db}: {problems:#?}"
+        );
+    }
+    assert!(
+        problems.iter().any(|p| p.starts_with("database template0")
+            && p.contains("nobody can connect to it now (datallowconn is off)")),
+        "{problems:#?}"
+    );
+
+    // A database both shared and in an environment is a config error naming the key.
+    let config = write_config(&pg, &policy_sharing(&pg, &["postgres", "s60_auth_prod"]));
+    let bad = isolation_cli(&config, &["check"]);
+    assert_eq!(bad.code, 64, "{}", bad.stderr);
+    assert!(bad.stderr.contains("shared_databases"), "{}", bad.stderr);
+}
+
+/// A role name that, printed raw on its own line of a script, makes the app user superuser.
+const HOSTILE_ROLE_SQL: &str = r#"U&"ops\000aALTER ROLE s60_hub_user SUPERUSER;\000a-- x""#;
+
+#[test]
+fn the_printed_fix_script_is_safe_to_run_whatever_the_role_names_hold() {
+    let (pg, config) = layout(&seed::password(seed::AUDITOR));
+    seed::isolate(&pg);
+    // A group role with the hostile name on a staging → production path.
+    pg.sql(&format!(
+        "CREATE ROLE {HOSTILE_ROLE_SQL} NOLOGIN;
+         GRANT CONNECT ON DATABASE s60_auth_prod TO {HOSTILE_ROLE_SQL};
+         GRANT {HOSTILE_ROLE_SQL} TO s60_hub_user;"
+    ));
+    can(&pg, "s60_hub_user", "s60_auth_prod").expect("the path is real");
+
+    let printed = isolation_cli(&config, &["fix"]);
+    assert_eq!(printed.code, 0, "{}{}", printed.stdout, printed.stderr);
+    println!("{}", printed.stdout);
+    let script = pg.dir().join("f.sql");
+    fs::write(&script, &printed.stdout).unwrap();
+    // psql -f f.sql as the administrator.
+    let out = run(Command::new(sentinel_e2e::postgres::bin_dir().join("psql"))
+        .args(["-X", "-h", "127.0.0.1", "-p", &pg.port.to_string()])
+        .args(["-U", SUPERUSER, "-d", "postgres", "-f"])
+        .arg(&script)
+        .env("PGPASSWORD", SUPERUSER_PASSWORD));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success() && stderr.is_empty(), "psql: {stderr}");
+
+    assert!(
+        !is_superuser(&pg, "s60_hub_user"),
+        "the script made s60_hub_user SUPERUSER:\n{}",
+        printed.stdout
+    );
+    let err = can(&pg, "s60_hub_user", "s60_auth_prod").unwrap_err();
+    assert!(err.contains("permission denied for database"), "{err}");
+    let check = isolation_cli(&config, &["check"]);
+    assert_eq!(check.code, 0, "{}{}", check.stdout, check.stderr);
+}
+
+#[test]
+fn a_name_cannot_forge_a_row_or_drive_the_terminal_in_the_check_table() {
+    let (pg, config) = layout(&seed::password(seed::AUDITOR));
+    seed::isolate(&pg);
+    // A newline, then a fake row claiming isolation; an escape that would clear the screen.
+    let name = r#"U&"ops\000aISOLATED: no user of one environment can reach\001b[2J""#;
+    pg.sql(&format!(
+        "CREATE ROLE {name} NOLOGIN;
+         GRANT CONNECT ON DATABASE s60_pulse_prod TO {name};
+         GRANT {name} TO s60_dev_user;"
+    ));
+    let table = isolation_cli(&config, &["check"]);
+    println!("{}", table.stdout);
+    assert_eq!(table.code, 1, "{}{}", table.stdout, table.stderr);
+    assert!(!table.stdout.contains('\x1b'), "{:?}", table.stdout);
+    assert!(
+        !table.stdout.lines().any(|l| l.starts_with("ISOLATED")),
+        "{}",
+        table.stdout
+    );
+    assert!(
+        table.stdout.lines().any(|l| l.starts_with("s60_dev_user ")
+            && l.ends_with(
+                "s60_dev_user → ops\\nISOLATED: no user of one environment can reach\\u{1b}[2J \
+                 has CONNECT on s60_pulse_prod"
+            )),
+        "{}",
+        table.stdout
+    );
+    // The JSON keeps the name as it is.
+    let report = isolation_cli(&config, &["check", "--json"]).json();
+    assert!(paths(&report).iter().any(|p| p.contains("ops\nISOLATED")));
+}
+
+#[test]
+fn a_regranted_grant_option_is_revoked_and_the_recheck_is_clean() {
+    let (pg, config) = layout(&seed::password(seed::AUDITOR));
+    seed::isolate(&pg);
+    // A dev user holds CONNECT on production WITH GRANT OPTION and passes it on to staging.
+    pg.sql("GRANT CONNECT ON DATABASE s60_auth_prod TO s60_dev_user WITH GRANT OPTION");
+    pg.psql_as(
+        "s60_dev_user",
+        &seed::password("s60_dev_user"),
+        "s60_auth_dev",
+        "GRANT CONNECT ON DATABASE s60_auth_prod TO s60_hub_user",
+    )
+    .expect("the dev user passes its grant on");
+    for user in ["s60_dev_user", "s60_hub_user"] {
+        can(&pg, user, "s60_auth_prod").expect("both get in for real");
+    }
+    let check = isolation_cli(&config, &["check", "--json"]);
+    assert_eq!(check.code, 1);
+    let found = paths(&check.json());
+    assert!(
+        found.contains(
+            &"s60_dev_user has CONNECT on s60_auth_prod WITH GRANT OPTION, passed on to \
+              s60_hub_user (revoked with it: CASCADE)"
+                .to_string()
+        ),
+        "{found:#?}"
+    );
+    assert!(
+        found.contains(
+            &"s60_hub_user has CONNECT on s60_auth_prod (granted by s60_dev_user)".to_string()
+        ),
+        "{found:#?}"
+    );
+
+    let applied = apply_fix(&pg, &config);
+    println!("{}", applied.stdout);
+    assert_eq!(applied.code, 0, "{}{}", applied.stdout, applied.stderr);
+    assert!(
+        applied
+            .stdout
+            .contains("REVOKE CONNECT ON DATABASE s60_auth_prod FROM s60_dev_user CASCADE;"),
+        "{}",
+        applied.stdout
+    );
+    assert!(
+        applied.stdout.contains("ISOLATED: no user"),
+        "{}",
+        applied.stdout
+    );
+    for user in ["s60_dev_user", "s60_hub_user"] {
+        let err = can(&pg, user, "s60_auth_prod").unwrap_err();
+        assert!(
+            err.contains("permission denied for database"),
+            "{user}: {err}"
+        );
+    }
+    for user in ["s60_prod_user", "s60_pulse_prod_user", seed::BACKUP_ROLE] {
+        can(&pg, user, "s60_auth_prod").unwrap_or_else(|e| panic!("{user} locked out: {e}"));
+    }
+}
+
+#[test]
+fn a_grant_made_by_another_grantor_is_revoked_as_that_grantor() {
+    let (pg, config) = layout(&seed::password(seed::AUDITOR));
+    seed::isolate(&pg);
+    // A production user holding the grant option lets a staging user in.
+    pg.sql("GRANT CONNECT ON DATABASE s60_pulse_prod TO s60_pulse_prod_user WITH GRANT OPTION");
+    pg.psql_as(
+        "s60_pulse_prod_user",
+        &seed::password("s60_pulse_prod_user"),
+        "s60_pulse_prod",
+        "GRANT CONNECT ON DATABASE s60_pulse_prod TO s60_hub_user",
+    )
+    .expect("the production user grants");
+    can(&pg, "s60_hub_user", "s60_pulse_prod").expect("the hole is real");
+
+    let printed = isolation_cli(&config, &["fix"]);
+    assert!(
+        printed.stdout.contains(
+            "SET ROLE s60_pulse_prod_user; REVOKE CONNECT ON DATABASE s60_pulse_prod FROM \
+             s60_hub_user; RESET ROLE;\n"
+        ),
+        "{}",
+        printed.stdout
+    );
+    let applied = apply_fix(&pg, &config);
+    println!("{}", applied.stdout);
+    assert_eq!(applied.code, 0, "{}{}", applied.stdout, applied.stderr);
+    assert!(
+        applied.stdout.contains("-- applied 1 of 1 statements"),
+        "{}",
+        applied.stdout
+    );
+    assert!(
+        applied.stdout.contains("ISOLATED: no user"),
+        "{}",
+        applied.stdout
+    );
+    let err = can(&pg, "s60_hub_user", "s60_pulse_prod").unwrap_err();
+    assert!(err.contains("permission denied for database"), "{err}");
+    can(&pg, "s60_pulse_prod_user", "s60_pulse_prod").expect("the grantor keeps its own");
+}
+
+#[test]
+fn a_database_taken_over_by_a_group_goes_back_to_the_user_that_built_it() {
+    let (pg, config) = layout(&seed::password(seed::AUDITOR));
+    seed::isolate(&pg);
+    // s60_pulse_prod_user (not production's first user) owns s60_pulse_prod and built it.
+    // (The ownership change moves the old owner's ACL entries to the new one: grant back.)
+    pg.sql(
+        "ALTER DATABASE s60_pulse_prod OWNER TO s60_pulse_prod_user;
+         GRANT CONNECT ON DATABASE s60_pulse_prod TO s60_prod_user;",
+    );
+    pg.psql_as(
+        "s60_pulse_prod_user",
+        &seed::password("s60_pulse_prod_user"),
+        "s60_pulse_prod",
+        "CREATE TABLE pulses (id int); CREATE TABLE beats (id int);",
+    )
+    .expect("the app builds its tables");
+    // A staging group takes the database over.
+    pg.sql(
+        "CREATE ROLE staging_ops NOLOGIN; GRANT staging_ops TO s60_hub_user;
+         ALTER DATABASE s60_pulse_prod OWNER TO staging_ops;",
+    );
+    can(&pg, "s60_hub_user", "s60_pulse_prod").expect("the takeover lets staging in");
+
+    let printed = isolation_cli(&config, &["fix"]);
+    assert!(
+        printed
+            .stdout
+            .contains("ALTER DATABASE s60_pulse_prod OWNER TO s60_pulse_prod_user;\n"),
+        "{}",
+        printed.stdout
+    );
+    let applied = apply_fix(&pg, &config);
+    println!("{}", applied.stdout);
+    assert_eq!(applied.code, 0, "{}{}", applied.stdout, applied.stderr);
+    let owner = pg.sql(
+        "SELECT pg_catalog.pg_get_userbyid(datdba) FROM pg_database \
+         WHERE datname = 's60_pulse_prod'",
+    );
+    assert_eq!(owner, "s60_pulse_prod_user");
+    let err = can(&pg, "s60_hub_user", "s60_pulse_prod").unwrap_err();
+    assert!(err.contains("permission denied for database"), "{err}");
+    for user in ["s60_prod_user", "s60_pulse_prod_user"] {
+        can(&pg, user, "s60_pulse_prod").unwrap_or_else(|e| panic!("{user} locked out: {e}"));
+    }
+}
+
+#[test]
+fn the_cli_json_is_the_apis_proto3_json_as_grpcurl_prints_it() {
+    let pg = Postgres::start();
+    seed::create(&pg);
+    pg.sql("ALTER ROLE s60_hub_user BYPASSRLS");
+    let fleet = Fleet::new(&["hub-alfa"]);
+    let policy = seed::policy_toml(&pg, &seed::password(seed::AUDITOR), "1h");
+    let controller = fleet.start_controller(free_port(), &policy);
+    let api = controller
+        .grpcurl(Some("{}"), "sentinel.v1.FleetService/RunIsolationCheck")
+        .json()
+        .expect("RunIsolationCheck");
+    let cli = isolation_cli(&fleet.path("sentinel.toml"), &["check", "--json"]);
+    assert_eq!(cli.code, 1, "{}", cli.stderr);
+    let cli = cli.json();
+    // The same encodings: uint64 as a string, Timestamp as RFC 3339 in UTC.
+    for report in [&api, &cli] {
+        let micros = report["durationMicros"].as_str().unwrap_or_default();
+        assert!(micros.parse::<u64>().is_ok(), "durationMicros: {report}");
+        let at = report["checkedAt"].as_str().unwrap_or_default();
+        assert!(
+            at.len() >= 20 && at.ends_with('Z') && at.contains('T'),
+            "checkedAt: {at}"
+        );
+    }
+    // And, but for when and how long, the same report.
+    let strip = |v: &Value| {
+        let mut v = v.clone();
+        let o = v.as_object_mut().unwrap();
+        o.remove("durationMicros");
+        o.remove("checkedAt");
+        v
+    };
+    assert_eq!(strip(&cli), strip(&api));
+    let risky = api["violations"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|v| v["kind"] == "bypassrls")
+        .expect("the BYPASSRLS violation");
+    assert_eq!(risky["risk"], true);
+}
+
 #[test]
 fn bad_credentials_and_a_policy_the_cluster_lacks_are_never_a_clean_report() {
     let (pg, config) = layout("not-the-Password");
@@ -367,7 +807,8 @@ fn bad_credentials_and_a_policy_the_cluster_lacks_are_never_a_clean_report() {
     let json = isolation_cli(&config, &["check", "--json"]);
     assert_eq!(json.code, 2);
     let report = json.json();
-    assert_eq!(report["isolated"], false);
+    // proto3 JSON, as grpcurl prints it: `false` is omitted.
+    assert!(report["isolated"].is_null(), "{report}");
     assert!(report["error"]
         .as_str()
         .unwrap_or_default()
@@ -389,7 +830,8 @@ fn bad_credentials_and_a_policy_the_cluster_lacks_are_never_a_clean_report() {
     let check = isolation_cli(&config, &["check", "--json"]);
     assert_eq!(check.code, 1, "{}{}", check.stdout, check.stderr);
     let report = check.json();
-    assert_eq!(report["isolated"], false);
+    // proto3 JSON, as grpcurl prints it: `false` is omitted.
+    assert!(report["isolated"].is_null(), "{report}");
     assert_eq!(
         report["policyProblems"],
         serde_json::json!([
@@ -872,7 +1314,11 @@ fn time_checks(config: &Path, runs: usize) -> (Vec<Duration>, Vec<Duration>, Val
         assert!(check.code < 2, "{}{}", check.stdout, check.stderr);
         last = check.json();
         inside.push(Duration::from_micros(
-            last["durationMicros"].as_u64().unwrap_or(0),
+            // uint64 is a string in proto3 JSON.
+            last["durationMicros"]
+                .as_str()
+                .and_then(|d| d.parse().ok())
+                .unwrap_or(0),
         ));
     }
     inside.sort();

@@ -19,12 +19,19 @@
 //! too, so a rule this module lacks cannot hide a hole.
 //!
 //! Users and databases the policy names but the cluster lacks are policy problems: the report
-//! is not clean while there is one (a misspelt database would otherwise go unchecked).
+//! is not clean while there is one (a misspelt database would otherwise go unchecked). So is a
+//! database of the cluster that is in no environment and not shared on purpose
+//! (`shared_databases`): it is audited like a database of every other environment, each user
+//! reaching it is reported, and the policy must say where it belongs.
+//!
+//! A CONNECT grant is revoked as the role that made it (PostgreSQL's REVOKE removes only the
+//! grant of the role running it), and with CASCADE where the grantee passed its grant option
+//! on; the path says so.
 
 use std::collections::{BTreeMap, BTreeSet, VecDeque};
 use std::fmt;
 
-use sentinel_postgres::{Catalog, CatalogDatabase, CatalogRole, Grantee};
+use sentinel_postgres::{Catalog, CatalogDatabase, CatalogRole, DatabaseGrant, Grantee};
 
 use super::fix;
 use super::policy::{IsolationConfig, Side};
@@ -32,6 +39,9 @@ use super::policy::{IsolationConfig, Side};
 /// `(user, database)` pairs for which `has_database_privilege(user, database, 'CONNECT')` is
 /// true, as the server computed them.
 pub type EffectiveConnect = BTreeSet<(String, String)>;
+
+/// Database → role → how many objects in that database the role owns (`pg_shdepend`).
+pub type ObjectOwners = BTreeMap<String, BTreeMap<String, i64>>;
 
 /// How a user reaches a database of another environment.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
@@ -50,6 +60,14 @@ pub enum ViolationKind {
     BypassRls,
     /// The server says CONNECT is granted, and no rule here explains why.
     Unexplained,
+}
+
+impl ViolationKind {
+    /// Whether this is a risk rather than a way in: BYPASSRLS grants no CONNECT by itself; it
+    /// matters once the user is in by another path.
+    pub fn is_risk(self) -> bool {
+        self == ViolationKind::BypassRls
+    }
 }
 
 impl fmt::Display for ViolationKind {
@@ -75,7 +93,7 @@ pub struct Violation {
     pub user_environment: String,
     /// The database it reaches.
     pub database: String,
-    /// The database's environment.
+    /// The database's environment; empty for a database in no environment of the policy.
     pub database_environment: String,
     /// Which rule found it.
     pub kind: ViolationKind,
@@ -181,6 +199,7 @@ struct Context<'a> {
     databases: BTreeMap<&'a str, &'a CatalogDatabase>,
     /// Every policy role's side, looked up for every role on every path.
     sides: BTreeMap<&'a str, Side<'a>>,
+    owners: &'a ObjectOwners,
 }
 
 impl<'a> Context<'a> {
@@ -221,7 +240,19 @@ pub fn audit(
     catalog: &Catalog,
     effective: Option<&EffectiveConnect>,
 ) -> Audit {
+    audit_owned(policy, catalog, effective, &ObjectOwners::new())
+}
+
+/// [`audit`], knowing who owns the objects inside each database, so that a database whose
+/// ownership was taken is given back to the user of its environment that built it.
+pub fn audit_owned(
+    policy: &IsolationConfig,
+    catalog: &Catalog,
+    effective: Option<&EffectiveConnect>,
+    owners: &ObjectOwners,
+) -> Audit {
     let cx = Context {
+        owners,
         policy,
         catalog,
         graph: Graph::new(catalog),
@@ -243,6 +274,7 @@ pub fn audit(
         problems: problems(&cx),
         ..Audit::default()
     };
+    let unlisted = unlisted_databases(policy, catalog);
     let mut seen: BTreeSet<(String, String, String)> = BTreeSet::new();
     for (user_env, env_policy) in &policy.environments {
         for user in &env_policy.users {
@@ -255,19 +287,39 @@ pub fn audit(
                 inherited: cx.graph.reach(user, true),
                 reachable: cx.graph.reach(user, false),
             };
-            for (db_env, db_policy) in &policy.environments {
-                if db_env == user_env {
-                    continue;
-                }
-                for db_name in &db_policy.databases {
-                    let Some(db) = cx.databases.get(db_name.as_str()) else {
-                        continue; // a policy problem
-                    };
+            // Every other environment's databases (those the cluster has: a missing one is a
+            // policy problem), then the databases no environment lists.
+            let targets = policy
+                .environments
+                .iter()
+                .filter(|(db_env, _)| *db_env != user_env)
+                .flat_map(|(db_env, db_policy)| {
+                    db_policy
+                        .databases
+                        .iter()
+                        .filter_map(|d| cx.databases.get(d.as_str()))
+                        .map(move |db| (*db, Some(db_env.as_str())))
+                })
+                .chain(unlisted.iter().map(|db| (*db, None)));
+            for (db, db_env) in targets {
+                let db_name = &db.name;
+                {
                     let mut found = Vec::new();
                     connect_rule(&cx, &subject, db, db_env, &mut found);
                     ownership_rule(&cx, &subject, db, db_env, &mut found);
-                    membership_rule(&cx, &subject, db_env, &mut found);
-                    attribute_rules(&cx, &subject, db, &mut found);
+                    if let Some(db_env) = db_env {
+                        membership_rule(&cx, &subject, db_env, &mut found);
+                        attribute_rules(&cx, &subject, db, &mut found);
+                    } else {
+                        // SUPERUSER reaches it; the other attributes are about environments.
+                        let mut attributes = Vec::new();
+                        attribute_rules(&cx, &subject, db, &mut attributes);
+                        found.extend(
+                            attributes
+                                .into_iter()
+                                .filter(|(kind, _, _)| *kind == ViolationKind::Superuser),
+                        );
+                    }
                     let explained = found.iter().any(|(kind, _, _)| {
                         matches!(
                             kind,
@@ -288,7 +340,10 @@ pub fn audit(
                             Vec::new(),
                         ));
                     }
-                    for (kind, path, statements) in found {
+                    for (kind, mut path, statements) in found {
+                        if db_env.is_none() {
+                            path.push_str(" (a database no environment lists)");
+                        }
                         // The same hole seen by two rules (a CONNECT through another
                         // environment's user is also a membership) is reported once, by the
                         // first rule: one line per user, database and fix.
@@ -308,7 +363,7 @@ pub fn audit(
                             user: user.clone(),
                             user_environment: user_env.clone(),
                             database: db_name.clone(),
-                            database_environment: db_env.clone(),
+                            database_environment: db_env.unwrap_or_default().to_string(),
                             kind,
                             path,
                             fix: statements,
@@ -321,7 +376,62 @@ pub fn audit(
     audit.violations.sort_by(|a, b| {
         (&a.user, &a.database, a.kind, &a.path).cmp(&(&b.user, &b.database, b.kind, &b.path))
     });
+    for db in unlisted {
+        audit.problems.push(unlisted_problem(&audit.violations, db));
+    }
+    audit.problems.sort();
     audit
+}
+
+/// The databases of `catalog` that no environment of `policy` lists and that are not shared
+/// on purpose.
+pub fn unlisted_databases<'a>(
+    policy: &IsolationConfig,
+    catalog: &'a Catalog,
+) -> Vec<&'a CatalogDatabase> {
+    catalog
+        .databases
+        .iter()
+        .filter(|d| policy.environment_of_database(&d.name).is_none() && !policy.is_shared(&d.name))
+        .collect()
+}
+
+/// The policy problem of a database in no environment, naming who reaches it.
+fn unlisted_problem(violations: &[Violation], db: &CatalogDatabase) -> PolicyProblem {
+    let mut reached_by: Vec<String> = violations
+        .iter()
+        .filter(|v| v.database == db.name && v.database_environment.is_empty() && !v.kind.is_risk())
+        .map(|v| format!("{} ({})", v.user, v.user_environment))
+        .collect();
+    reached_by.dedup();
+    let public = db
+        .grants
+        .iter()
+        .any(|g| g.connect && g.grantee == Grantee::Public);
+    let who = match (reached_by.is_empty(), public) {
+        _ if !db.allow_connections => "nobody can connect to it now (datallowconn is off)".into(),
+        (true, false) => "no user of the policy reaches it".to_string(),
+        (true, true) => "PUBLIC has CONNECT on it".to_string(),
+        (false, public) => format!(
+            "{}reached by {} users of the policy: {}",
+            if public {
+                "PUBLIC has CONNECT on it; "
+            } else {
+                ""
+            },
+            reached_by.len(),
+            reached_by.join(", ")
+        ),
+    };
+    PolicyProblem {
+        environment: None,
+        message: format!(
+            "database {} is in no environment and not in shared_databases ({who}): list it \
+             under the environment it belongs to, or in shared_databases if every environment \
+             may reach it",
+            db.name
+        ),
+    }
 }
 
 type Found = Vec<(ViolationKind, String, Vec<String>)>;
@@ -358,43 +468,125 @@ fn problems(cx: &Context) -> Vec<PolicyProblem> {
     out
 }
 
-/// CONNECT through the ACL: to the user, to PUBLIC, or to a role it inherits from.
+/// CONNECT through the ACL: to the user, to PUBLIC, or to a role it inherits from. For a
+/// database in no environment (`db_env` None) nothing says who may hold it: no statement.
 fn connect_rule(
     cx: &Context,
     subject: &Subject,
     db: &CatalogDatabase,
-    db_env: &str,
+    db_env: Option<&str>,
     found: &mut Found,
 ) {
     for grant in db.grants.iter().filter(|g| g.connect) {
+        let revoke = || {
+            db_env
+                .map(|env| revoke_connect_keeping(cx, db, env, grant))
+                .unwrap_or_default()
+        };
+        let how = grant_note(db, grant);
         match &grant.grantee {
             Grantee::Public => found.push((
                 ViolationKind::Connect,
-                format!("{} → PUBLIC has CONNECT on {}", subject.name, db.name),
-                revoke_connect_keeping(cx, db, db_env, &Grantee::Public),
+                format!("{} → PUBLIC has CONNECT on {}{how}", subject.name, db.name),
+                revoke(),
             )),
             Grantee::Role(role) if role == subject.name => found.push((
                 ViolationKind::Connect,
-                format!("{} has CONNECT on {}", subject.name, db.name),
-                vec![fix::revoke_connect(&db.name, &grant.grantee)],
+                format!("{} has CONNECT on {}{how}", subject.name, db.name),
+                revoke(),
             )),
             Grantee::Role(role) => {
                 let Some(path) = subject.inherited.get(role.as_str()) else {
                     continue;
                 };
-                let statements = if legitimate_holder(cx, role, db_env) {
+                let statements = match db_env {
                     // The grant is right; the way in is the membership.
-                    cut_at_boundary(cx, subject, path)
-                } else {
-                    revoke_connect_keeping(cx, db, db_env, &grant.grantee)
+                    Some(env) if legitimate_holder(cx, role, env) => {
+                        cut_at_boundary(cx, subject, path)
+                    }
+                    _ => revoke(),
                 };
                 found.push((
                     ViolationKind::Connect,
-                    format!("{} has CONNECT on {}", chain(path), db.name),
+                    format!("{} has CONNECT on {}{how}", chain(path), db.name),
                     statements,
                 ));
             }
         }
+    }
+}
+
+/// The roles `grantee` passed its CONNECT on `db` on to (grants whose grantor it is).
+fn passed_on<'a>(db: &'a CatalogDatabase, grantee: &Grantee) -> Vec<&'a DatabaseGrant> {
+    let Grantee::Role(name) = grantee else {
+        return Vec::new(); // PUBLIC grants nothing
+    };
+    if *name == db.owner {
+        return Vec::new(); // the owner's grants come with ownership, not a grant option
+    }
+    db.grants
+        .iter()
+        .filter(|g| g.connect && g.grantee != *grantee)
+        .filter(|g| g.connect_grantors.iter().any(|by| by == name))
+        .collect()
+}
+
+/// What a path says about a grant beyond "has CONNECT": who granted it when that is not the
+/// owner (the fix revokes it as them), and the grants a CASCADE takes with it.
+fn grant_note(db: &CatalogDatabase, grant: &DatabaseGrant) -> String {
+    let mut note = String::new();
+    let others: Vec<&str> = grant
+        .connect_grantors
+        .iter()
+        .filter(|g| **g != db.owner)
+        .map(String::as_str)
+        .collect();
+    if !others.is_empty() {
+        note.push_str(&format!(" (granted by {})", others.join(", ")));
+    }
+    let on: Vec<String> = passed_on(db, &grant.grantee)
+        .iter()
+        .map(|g| g.grantee.to_string())
+        .collect();
+    if !on.is_empty() {
+        note.push_str(&format!(
+            " WITH GRANT OPTION, passed on to {} (revoked with it: CASCADE)",
+            on.join(", ")
+        ));
+    }
+    note
+}
+
+/// The roles that lose CONNECT on `db` when `grantee`'s grant is revoked with CASCADE: those
+/// whose every CONNECT grant was made by `grantee` or by a role that loses it.
+fn lost_with<'a>(db: &'a CatalogDatabase, grantee: &Grantee) -> BTreeSet<&'a str> {
+    let Grantee::Role(name) = grantee else {
+        return BTreeSet::new();
+    };
+    if *name == db.owner {
+        return BTreeSet::new();
+    }
+    let mut lost: BTreeSet<&str> = BTreeSet::new();
+    loop {
+        let more: Vec<&str> = db
+            .grants
+            .iter()
+            .filter(|g| g.connect && !g.connect_grantors.is_empty())
+            .filter_map(|g| match &g.grantee {
+                Grantee::Role(r) if r != name && !lost.contains(r.as_str()) => Some((r, g)),
+                _ => None,
+            })
+            .filter(|(_, g)| {
+                g.connect_grantors
+                    .iter()
+                    .all(|by| by == name || lost.contains(by.as_str()))
+            })
+            .map(|(r, _)| r.as_str())
+            .collect();
+        if more.is_empty() {
+            return lost;
+        }
+        lost.extend(more);
     }
 }
 
@@ -403,18 +595,20 @@ fn ownership_rule(
     cx: &Context,
     subject: &Subject,
     db: &CatalogDatabase,
-    db_env: &str,
+    db_env: Option<&str>,
     found: &mut Found,
 ) {
     let owner = db.owner.as_str();
     let Some(path) = subject.reachable.get(owner) else {
         return;
     };
-    let statements = if owner != subject.name && cx.side(owner) == Side::Environment(db_env) {
-        // The right owner; the way in is the membership.
-        cut_at_boundary(cx, subject, path)
-    } else {
-        alter_owner(cx, db, db_env)
+    let statements = match db_env {
+        None => Vec::new(),
+        Some(env) if owner != subject.name && cx.side(owner) == Side::Environment(env) => {
+            // The right owner; the way in is the membership.
+            cut_at_boundary(cx, subject, path)
+        }
+        Some(env) => alter_owner(cx, db, env),
     };
     let path = if owner == subject.name {
         format!("{} owns {}", subject.name, db.name)
@@ -501,15 +695,18 @@ fn legitimate_holder(cx: &Context, role: &str, db_env: &str) -> bool {
     side == Side::Crossing || side == Side::Environment(db_env)
 }
 
-/// REVOKE CONNECT from `grantee`, and GRANT it explicitly to the users of the database's own
-/// environment and the cross-environment roles that had it through `grantee`, so the fix never
-/// locks an app (or the backups) out.
+/// REVOKE CONNECT from `grant`'s grantee (as each grantor, with CASCADE when it passed the
+/// grant on), and GRANT it explicitly to the users of the database's own environment and the
+/// cross-environment roles that had it through the grantee, so the fix never locks an app (or
+/// the backups) out.
 fn revoke_connect_keeping(
     cx: &Context,
     db: &CatalogDatabase,
     db_env: &str,
-    grantee: &Grantee,
+    grant: &DatabaseGrant,
 ) -> Vec<String> {
+    let grantee = &grant.grantee;
+    let lost = lost_with(db, grantee);
     let mut keepers: Vec<&str> = Vec::new();
     let candidates = cx.policy.environments[db_env]
         .users
@@ -521,22 +718,43 @@ fn revoke_connect_keeping(
         }
         let relied_on_it = match grantee {
             Grantee::Public => true,
-            Grantee::Role(holder) => cx.graph.reach(role, true).contains_key(holder.as_str()),
+            Grantee::Role(holder) => {
+                lost.contains(role.as_str())
+                    || cx.graph.reach(role, true).contains_key(holder.as_str())
+            }
         };
         if relied_on_it {
             keepers.push(role);
         }
     }
-    let mut statements = vec![fix::revoke_connect(&db.name, grantee)];
+    let cascade = !passed_on(db, grantee).is_empty();
+    let mut statements = fix::revoke_connect_grant(&db.name, &db.owner, grant, cascade);
     if let Some(grant) = fix::grant_connect(&db.name, &keepers) {
         statements.push(grant);
     }
     statements
 }
 
-/// ALTER DATABASE ... OWNER TO the environment's owner.
+/// ALTER DATABASE ... OWNER TO its original owner: the user of its environment owning the most
+/// objects in it (the app that built it; ties go to the first in the policy), else the
+/// environment's `owner`.
 fn alter_owner(cx: &Context, db: &CatalogDatabase, db_env: &str) -> Vec<String> {
-    match cx.policy.environments[db_env].owner() {
+    let env = &cx.policy.environments[db_env];
+    let mut builder: Option<(&str, i64)> = None;
+    if let Some(by_role) = cx.owners.get(&db.name) {
+        for user in env
+            .users
+            .iter()
+            .filter(|u| cx.roles.contains_key(u.as_str()))
+        {
+            if let Some(&objects) = by_role.get(user) {
+                if builder.is_none_or(|(_, most)| objects > most) {
+                    builder = Some((user, objects));
+                }
+            }
+        }
+    }
+    match builder.map(|(user, _)| user).or_else(|| env.owner()) {
         Some(owner) => vec![fix::alter_owner(&db.name, owner)],
         None => Vec::new(),
     }
@@ -567,7 +785,7 @@ fn last_edge(cx: &Context, path: &[&str]) -> Vec<String> {
 mod tests {
     use super::*;
     use crate::isolation::policy::tests::policy;
-    use sentinel_postgres::{CatalogDatabase, CatalogMembership, CatalogRole, DatabaseGrant};
+    use sentinel_postgres::{CatalogMembership, CatalogRole};
 
     fn role(name: &str) -> CatalogRole {
         CatalogRole {
@@ -585,6 +803,8 @@ mod tests {
             connect,
             create: false,
             temporary: true,
+            connect_grantors: Vec::new(),
+            connect_grantable: false,
         }
     }
 
@@ -594,6 +814,8 @@ mod tests {
             connect: true,
             create: true,
             temporary: true,
+            connect_grantors: vec![owner.into()],
+            connect_grantable: true,
         }
     }
 
@@ -918,5 +1140,147 @@ mod tests {
                 "REVOKE prod_user FROM stg_user GRANTED BY \"ops admin\"",
                 "REVOKE prod_user FROM stg_user GRANTED BY postgres"
             ]));
+    }
+
+    #[test]
+    fn a_database_no_environment_lists_is_a_problem_naming_who_reaches_it() {
+        let mut c = clean();
+        c.databases.push(database("archive", "prod_user", true));
+        c.databases.push(database("postgres", "postgres", true));
+        let a = audit(&policy(), &c, None);
+        assert!(!a.is_clean());
+        // postgres is shared by default; archive is in no environment.
+        assert!(a.violations.iter().all(|v| v.database == "archive"));
+        let p = paths(&a);
+        assert!(
+            p.contains(
+                &"connect | stg_user → PUBLIC has CONNECT on archive (a database no \
+                  environment lists) | "
+                    .to_string()
+            ),
+            "{p:#?}"
+        );
+        assert!(a
+            .violations
+            .iter()
+            .all(|v| v.database_environment.is_empty()));
+        assert_eq!(a.problems.len(), 1, "{:#?}", a.problems);
+        let message = &a.problems[0].message;
+        assert!(
+            message
+                .starts_with("database archive is in no environment and not in shared_databases")
+                && message.contains("PUBLIC has CONNECT on it; reached by 3 users of the policy")
+                && message.contains("stg_user (staging)"),
+            "{message}"
+        );
+        assert_eq!(a.problems[0].environment, None);
+    }
+
+    #[test]
+    fn a_grant_by_another_grantor_is_revoked_as_that_grantor_and_a_passed_on_one_with_cascade() {
+        let mut c = clean();
+        // pulse_prod_user holds CONNECT WITH GRANT OPTION and granted it to stg_user.
+        let auth_prod = db_mut(&mut c, "auth_prod");
+        for g in &mut auth_prod.grants {
+            if g.grantee == Grantee::Role("pulse_prod_user".into()) {
+                g.connect_grantors = vec!["prod_user".into()];
+                g.connect_grantable = true;
+            }
+        }
+        auth_prod.grants.push(DatabaseGrant {
+            connect_grantors: vec!["pulse_prod_user".into()],
+            ..grant(Grantee::Role("stg_user".into()), true)
+        });
+        let a = audit(&policy(), &c, None);
+        assert_eq!(
+            paths(&a),
+            [
+                "connect | stg_user has CONNECT on auth_prod (granted by pulse_prod_user) | \
+              SET ROLE pulse_prod_user; REVOKE CONNECT ON DATABASE auth_prod FROM stg_user; \
+              RESET ROLE"
+            ]
+        );
+
+        // stg_user holds it WITH GRANT OPTION and passed it on to prod_user: CASCADE, and
+        // prod_user (which had it only from stg_user) gets it back explicitly.
+        let mut c = clean();
+        let pulse_stg = db_mut(&mut c, "pulse_stg");
+        pulse_stg.grants.push(DatabaseGrant {
+            connect_grantors: vec!["stg_user".into()],
+            ..grant(Grantee::Role("prod_user".into()), true)
+        });
+        let auth_prod = db_mut(&mut c, "auth_prod");
+        auth_prod.grants.push(DatabaseGrant {
+            connect_grantors: vec!["prod_user".into()],
+            connect_grantable: true,
+            ..grant(Grantee::Role("stg_user".into()), true)
+        });
+        auth_prod
+            .grants
+            .retain(|g| g.grantee != Grantee::Role("pulse_prod_user".into()));
+        auth_prod.grants.push(DatabaseGrant {
+            connect_grantors: vec!["stg_user".into()],
+            ..grant(Grantee::Role("pulse_prod_user".into()), true)
+        });
+        let a = audit(&policy(), &c, None);
+        let p = paths(&a);
+        assert!(
+            p.contains(
+                &"connect | stg_user has CONNECT on auth_prod WITH GRANT OPTION, passed on to \
+                  pulse_prod_user (revoked with it: CASCADE) | REVOKE CONNECT ON DATABASE \
+                  auth_prod FROM stg_user CASCADE; GRANT CONNECT ON DATABASE auth_prod TO \
+                  pulse_prod_user"
+                    .to_string()
+            ),
+            "{p:#?}"
+        );
+    }
+
+    #[test]
+    fn bypassrls_is_a_risk_not_a_way_in() {
+        assert!(ViolationKind::BypassRls.is_risk());
+        assert!(!ViolationKind::Connect.is_risk());
+        assert!(!ViolationKind::CreateRole.is_risk());
+    }
+
+    #[test]
+    fn a_taken_database_goes_back_to_the_user_that_built_it() {
+        let mut c = clean();
+        c.roles.push(CatalogRole {
+            login: false,
+            ..role("takeover")
+        });
+        c.memberships.push(member("takeover", "stg_user", true));
+        db_mut(&mut c, "pulse_prod").owner = "takeover".into();
+        let fix_of = |owners: &ObjectOwners| {
+            audit_owned(&policy(), &c, None, owners)
+                .violations
+                .iter()
+                .find(|v| v.kind == ViolationKind::Ownership)
+                .map(|v| v.fix.clone())
+        };
+        // Without evidence: the environment's owner.
+        assert_eq!(
+            fix_of(&ObjectOwners::new()),
+            Some(vec![
+                "ALTER DATABASE pulse_prod OWNER TO prod_user".to_string()
+            ])
+        );
+        let owners: ObjectOwners = [(
+            "pulse_prod".to_string(),
+            [
+                ("pulse_prod_user".to_string(), 12),
+                ("prod_user".to_string(), 1),
+                ("takeover".to_string(), 40),
+            ]
+            .into(),
+        )]
+        .into();
+        assert_eq!(
+            fix_of(&owners),
+            Some(vec![
+                "ALTER DATABASE pulse_prod OWNER TO pulse_prod_user".to_string()
+            ])
+        );
     }
 }

@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use sentinel_postgres::{connect, describe, read_catalog, Catalog, PgConnection, PgError};
 
-use super::audit::EffectiveConnect;
+use super::audit::{EffectiveConnect, ObjectOwners};
 use super::policy::IsolationConfig;
 
 /// The `application_name` of the auditor's sessions.
@@ -18,9 +18,11 @@ pub const AUDITOR_APPLICATION_NAME: &str = "sentinel-isolation-audit";
 pub struct Snapshot {
     /// Roles, memberships, databases and their ACLs.
     pub catalog: Catalog,
-    /// `(user, database)` pairs across environments for which `has_database_privilege` says
-    /// CONNECT.
+    /// `(user, database)` pairs across environments (or to a database in none) for which
+    /// `has_database_privilege` says CONNECT.
     pub effective_connect: EffectiveConnect,
+    /// Who owns the objects inside each database (`pg_shdepend`).
+    pub object_owners: ObjectOwners,
 }
 
 /// Connects as the auditor.
@@ -36,14 +38,63 @@ pub async fn read(
     let timeout = policy.auditor.timeout;
     let catalog = read_catalog(connection, timeout).await?;
     let effective_connect = effective_connect(connection, policy, &catalog, timeout).await?;
+    let object_owners = object_owners(connection, timeout).await?;
     Ok(Snapshot {
         catalog,
         effective_connect,
+        object_owners,
     })
 }
 
+/// Per database, the roles owning objects in it and how many: the app that built a database
+/// still owns its tables after someone changes the database's owner, so the fix can give the
+/// database back to it. `pg_shdepend` is shared and readable by any role, so the auditor
+/// needs no CONNECT on the databases.
+async fn object_owners(
+    connection: &mut PgConnection,
+    timeout: Duration,
+) -> Result<ObjectOwners, PgError> {
+    let query = connection.client.query(
+        "SELECT d.datname::text, pg_catalog.pg_get_userbyid(s.refobjid)::text, count(*) \
+         FROM pg_catalog.pg_shdepend s JOIN pg_catalog.pg_database d ON d.oid = s.dbid \
+         WHERE s.deptype = 'o' AND s.refclassid = 'pg_catalog.pg_authid'::pg_catalog.regclass \
+         GROUP BY 1, 2",
+        &[],
+    );
+    let rows = match tokio::time::timeout(timeout, query).await {
+        Err(_) => {
+            return Err(PgError::Timeout {
+                what: "reading object owners (pg_shdepend) of",
+                target: connection.target.clone(),
+                after: timeout,
+            })
+        }
+        Ok(Err(e)) => {
+            return Err(PgError::Query {
+                what: "reading object owners (pg_shdepend)".into(),
+                target: connection.target.clone(),
+                message: describe(&e),
+            })
+        }
+        Ok(Ok(rows)) => rows,
+    };
+    let mut out = ObjectOwners::new();
+    for row in rows {
+        let entry: Result<(String, String, i64), _> = row
+            .try_get(0)
+            .and_then(|d| Ok((d, row.try_get(1)?, row.try_get(2)?)));
+        let (database, role, objects) = entry.map_err(|e| PgError::Query {
+            what: "reading object owners (pg_shdepend)".into(),
+            target: connection.target.clone(),
+            message: describe(&e),
+        })?;
+        out.entry(database).or_default().insert(role, objects);
+    }
+    Ok(out)
+}
+
 /// `has_database_privilege(user, db, 'CONNECT')` for every user × database of another
-/// environment, both as they exist in `catalog`.
+/// environment, and every user × database no environment lists, as they exist in `catalog`.
 async fn effective_connect(
     connection: &mut PgConnection,
     policy: &IsolationConfig,
@@ -81,6 +132,18 @@ async fn effective_connect(
                     database_oids.push(*db);
                 }
             }
+        }
+    }
+    // Every user against the databases no environment lists.
+    for db in super::audit::unlisted_databases(policy, catalog) {
+        for user in policy
+            .environments
+            .values()
+            .flat_map(|e| e.users.iter())
+            .filter_map(|u| roles.get(u.as_str()))
+        {
+            user_oids.push(*user);
+            database_oids.push(db.oid);
         }
     }
     if user_oids.is_empty() {

@@ -1,14 +1,16 @@
 //! `sentinel isolation check` and `sentinel isolation fix`: one check (or fix) from the command
-//! line, a table for people or JSON with `--json`, and an exit code scripts can trust.
+//! line, a table for people or JSON with `--json` (the API's proto3 JSON, as grpcurl prints
+//! the same report), and an exit code scripts can trust. Names come from the cluster: every
+//! one printed goes through [`one_line`], so none can forge a row or drive the terminal.
 
 use std::path::PathBuf;
 use std::time::{Duration, UNIX_EPOCH};
 
 use sentinel_proto::v1::IsolationReport;
-use serde_json::{json, Value};
 
 use super::fix::{self, FixPlan};
 use super::{catalog, check, CheckOutcome, IsolationConfig};
+use crate::cli::format::one_line;
 
 /// Exit code: every environment is isolated (or the fix was printed).
 pub const EXIT_CLEAN: u8 = 0;
@@ -21,12 +23,21 @@ pub const EXIT_ERROR: u8 = 2;
 pub async fn check_command(policy: &IsolationConfig, as_json: bool) -> u8 {
     let outcome = check(policy).await;
     if as_json {
-        println!("{:#}", report_json(&outcome.report));
+        match report_json(&outcome.report) {
+            Ok(json) => println!("{json}"),
+            Err(e) => {
+                eprintln!("sentinel isolation check: {e:#}");
+                return EXIT_ERROR;
+            }
+        }
     } else if outcome.report.error.is_empty() {
         print!("{}", report_table(policy, &outcome));
     }
     if !outcome.report.error.is_empty() {
-        eprintln!("sentinel isolation check: {}", outcome.report.error);
+        eprintln!(
+            "sentinel isolation check: {}",
+            one_line(&outcome.report.error)
+        );
     }
     exit_code(&outcome.report)
 }
@@ -46,14 +57,17 @@ pub struct ApplyAs {
 pub async fn fix_command(policy: &IsolationConfig, apply: bool, apply_as: &ApplyAs) -> u8 {
     let outcome = check(policy).await;
     let Some(audit) = &outcome.audit else {
-        eprintln!("sentinel isolation fix: {}", outcome.report.error);
+        eprintln!(
+            "sentinel isolation fix: {}",
+            one_line(&outcome.report.error)
+        );
         return EXIT_ERROR;
     };
     let plan = FixPlan::new(&audit.violations);
     for problem in &audit.problems {
         println!(
             "-- policy problem (no statement can fix it): {}",
-            problem.message
+            one_line(&problem.message)
         );
     }
     print!("{}", plan.script());
@@ -62,6 +76,7 @@ pub async fn fix_command(policy: &IsolationConfig, apply: bool, apply_as: &Apply
     }
     if plan.is_empty() {
         println!("\n-- nothing applied");
+        print!("{}", still_open(&outcome.report));
         return exit_code(&outcome.report);
     }
     let mut client_config = policy.auditor.clone();
@@ -80,25 +95,62 @@ pub async fn fix_command(policy: &IsolationConfig, apply: bool, apply_as: &Apply
         };
     // Generous: ALTER DATABASE waits for locks other sessions may hold for a moment.
     let timeout = client_config.timeout.max(Duration::from_secs(30));
-    if let Err(e) = fix::apply(&mut connection, &plan, timeout).await {
-        eprintln!("sentinel isolation fix: {e}");
-        return EXIT_ERROR;
-    }
+    let applied = match fix::apply(&mut connection, &plan, timeout).await {
+        Ok(applied) => applied,
+        Err(e) => {
+            eprintln!("sentinel isolation fix: {}", one_line(&e.to_string()));
+            return EXIT_ERROR;
+        }
+    };
     drop(connection);
-    println!(
-        "\n-- applied {} statements in one transaction; checking again:\n",
-        plan.statements().len()
-    );
+    print!("{}", applied_summary(&applied));
     let after = check(policy).await;
-    if after.report.error.is_empty() {
-        print!("{}", report_table(policy, &after));
-    } else {
+    if !after.report.error.is_empty() {
         eprintln!(
             "sentinel isolation fix: checking again: {}",
-            after.report.error
+            one_line(&after.report.error)
         );
+        return exit_code(&after.report);
     }
+    print!("{}", report_table(policy, &after));
+    print!("{}", still_open(&after.report));
     exit_code(&after.report)
+}
+
+/// What `--apply` did, counting only statements that changed the catalog.
+fn applied_summary(applied: &fix::Applied) -> String {
+    let mut out = format!(
+        "\n-- applied {} of {} statements in one transaction",
+        applied.changed.len(),
+        applied.changed.len() + applied.unchanged.len()
+    );
+    if applied.unchanged.is_empty() {
+        out.push_str("; checking again:\n\n");
+        return out;
+    }
+    out.push_str(
+        "; these changed nothing (already so, or a grant the running role cannot revoke):\n",
+    );
+    for statement in &applied.unchanged {
+        out.push_str(&format!("--   {}\n", one_line(statement)));
+    }
+    out.push_str("-- checking again:\n\n");
+    out
+}
+
+/// After `--apply`, what the fix could not close (empty when the re-check is clean).
+fn still_open(report: &IsolationReport) -> String {
+    if report.isolated {
+        return String::new();
+    }
+    let mut out = String::from("\nThe fix could not close:\n");
+    for v in &report.violations {
+        out.push_str(&format!("  - {}\n", one_line(&v.path)));
+    }
+    for p in &report.policy_problems {
+        out.push_str(&format!("  - policy problem: {}\n", one_line(p)));
+    }
+    out
 }
 
 /// 0 isolated, 1 violations or policy problems, 2 the check failed.
@@ -122,24 +174,10 @@ fn rfc3339(report: &IsolationReport) -> String {
         .unwrap_or_else(|| humantime::format_rfc3339_seconds(UNIX_EPOCH).to_string())
 }
 
-/// The report as JSON, with the field names grpcurl shows (proto3 JSON), every field present.
-pub fn report_json(report: &IsolationReport) -> Value {
-    json!({
-        "checkedAt": rfc3339(report),
-        "isolated": report.isolated,
-        "violations": report.violations.iter().map(|v| json!({
-            "user": v.user,
-            "userEnvironment": v.user_environment,
-            "database": v.database,
-            "databaseEnvironment": v.database_environment,
-            "path": v.path,
-            "fix": v.fix,
-        })).collect::<Vec<_>>(),
-        "probes": [],
-        "error": report.error,
-        "policyProblems": report.policy_problems,
-        "durationMicros": report.duration_micros,
-    })
+/// The report in the API's proto3 JSON, exactly as grpcurl prints an `IsolationReport`
+/// (fields at their default omitted, `durationMicros` a string, `checkedAt` RFC 3339).
+pub fn report_json(report: &IsolationReport) -> anyhow::Result<String> {
+    crate::cli::json::to_string(report, "sentinel.v1.IsolationReport")
 }
 
 /// The report as a table for people.
@@ -158,7 +196,10 @@ pub fn report_table(policy: &IsolationConfig, outcome: &CheckOutcome) -> String 
         outcome
             .server_version
             .as_deref()
-            .map_or("PostgreSQL".to_string(), |v| format!("PostgreSQL {v}")),
+            .map_or("PostgreSQL".to_string(), |v| format!(
+                "PostgreSQL {}",
+                one_line(v)
+            )),
         policy.environments.len(),
         report.duration_micros / 1000,
     );
@@ -166,27 +207,41 @@ pub fn report_table(policy: &IsolationConfig, outcome: &CheckOutcome) -> String 
         out.push_str("ISOLATED: no user of one environment can reach a database of another.\n");
         return out;
     }
+    let risks = report.violations.iter().filter(|v| v.risk).count();
     out.push_str(&format!(
-        "NOT ISOLATED: {} violations, {} policy problems.\n",
+        "NOT ISOLATED: {} violations{}, {} policy problems.\n",
         report.violations.len(),
+        if risks > 0 {
+            format!(" ({risks} of them risks, not ways in)")
+        } else {
+            String::new()
+        },
         report.policy_problems.len()
     ));
     if !report.violations.is_empty() {
-        let header = ["USER", "ENV", "DATABASE", "ENV", "PATH"];
-        let rows: Vec<[&str; 5]> = report
+        let header = ["USER", "ENV", "DATABASE", "ENV", "PATH"].map(String::from);
+        let rows: Vec<[String; 5]> = report
             .violations
             .iter()
             .map(|v| {
+                let environment = |e: &str| {
+                    if e.is_empty() {
+                        "-".to_string()
+                    } else {
+                        one_line(e)
+                    }
+                };
+                let risk = if v.risk { "risk, not a way in: " } else { "" };
                 [
-                    v.user.as_str(),
-                    v.user_environment.as_str(),
-                    v.database.as_str(),
-                    v.database_environment.as_str(),
-                    v.path.as_str(),
+                    one_line(&v.user),
+                    environment(&v.user_environment),
+                    one_line(&v.database),
+                    environment(&v.database_environment),
+                    format!("{risk}{}", one_line(&v.path)),
                 ]
             })
             .collect();
-        let mut widths = header.map(str::len);
+        let mut widths = header.clone().map(|h| h.len());
         for row in &rows {
             for (w, cell) in widths.iter_mut().zip(row) {
                 *w = (*w).max(cell.chars().count());
@@ -207,9 +262,9 @@ pub fn report_table(policy: &IsolationConfig, outcome: &CheckOutcome) -> String 
         }
     }
     if !report.policy_problems.is_empty() {
-        out.push_str("\nPolicy problems (the policy names what the cluster does not have):\n");
+        out.push_str("\nPolicy problems (the policy and the cluster disagree):\n");
         for p in &report.policy_problems {
-            out.push_str(&format!("  - {p}\n"));
+            out.push_str(&format!("  - {}\n", one_line(p)));
         }
     }
     if !report.violations.is_empty() {
@@ -253,7 +308,9 @@ mod tests {
                 database_environment: "production".into(),
                 path: "stg_user → PUBLIC has CONNECT on auth_prod".into(),
                 fix: "REVOKE CONNECT ON DATABASE auth_prod FROM PUBLIC".into(),
+                ..Default::default()
             }],
+            duration_micros: 1234,
             ..Default::default()
         };
         let outcome = CheckOutcome {
@@ -267,9 +324,11 @@ mod tests {
             table.contains("stg_user  staging  auth_prod  production  stg_user → PUBLIC"),
             "{table}"
         );
-        let json = report_json(&report);
-        assert_eq!(json["isolated"], false);
+        let json: serde_json::Value = serde_json::from_str(&report_json(&report).unwrap()).unwrap();
+        // proto3 JSON, as grpcurl prints it: defaults omitted.
+        assert!(json["isolated"].is_null());
         assert_eq!(json["violations"][0]["databaseEnvironment"], "production");
-        assert_eq!(json["error"], "");
+        assert!(json["error"].is_null());
+        assert_eq!(json["durationMicros"], "1234");
     }
 }

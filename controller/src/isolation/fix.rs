@@ -1,13 +1,20 @@
 //! The statements that close isolation holes: building them (identifiers quoted only where
 //! PostgreSQL needs it), gathering them into one plan, printing it as a script, and applying it
 //! in ONE transaction, so a fix is never half-applied.
+//!
+//! Names come from the cluster, and anyone who can create a role chooses one. Everything
+//! printed must be safe to feed to `psql -f` as an administrator whatever the names hold: a
+//! name with a control character (a newline would end a `--` comment and start a statement)
+//! is written as a `U&"..."` identifier with the character escaped, and comments go through
+//! [`one_line`].
 
 use std::collections::BTreeMap;
 use std::time::Duration;
 
-use sentinel_postgres::{describe, Catalog, Grantee, PgConnection};
+use sentinel_postgres::{describe, Catalog, DatabaseGrant, Grantee, PgConnection};
 
 use super::audit::Violation;
+use crate::cli::format::one_line;
 
 /// Keywords that cannot be a bare role or database name (PostgreSQL's reserved,
 /// type/function-name and column-name keywords: `pg_get_keywords()` where `catcode <> 'U'`).
@@ -167,8 +174,23 @@ const NOT_BARE: &[&str] = &[
     "public",
 ];
 
-/// `name` as an SQL identifier: bare when PostgreSQL reads it back unchanged, else quoted.
+/// `name` as an SQL identifier: bare when PostgreSQL reads it back unchanged, else quoted; a
+/// name holding a control character as a Unicode-escaped `U&"..."` identifier, so the
+/// statement stays one printable line that means the same to the server.
 pub fn quote_ident(name: &str) -> String {
+    if name.chars().any(char::is_control) {
+        let mut out = String::from("U&\"");
+        for c in name.chars() {
+            match c {
+                '"' => out.push_str("\"\""),
+                '\\' => out.push_str("\\\\"),
+                c if c.is_control() => out.push_str(&format!("\\{:04x}", u32::from(c))),
+                c => out.push(c),
+            }
+        }
+        out.push('"');
+        return out;
+    }
     let simple = name
         .chars()
         .next()
@@ -197,6 +219,43 @@ pub fn revoke_connect(db: &str, grantee: &Grantee) -> String {
         quote_ident(db),
         grantee_sql(grantee)
     )
+}
+
+/// The statements that take `grant`'s CONNECT on `db` (owned by `owner`) away, one per
+/// grantor: a REVOKE only removes the grant of the role that runs it (of the owner when a
+/// superuser runs it), so a grant made by another role is revoked as that role (`SET ROLE`,
+/// which needs a superuser). With `cascade` (the grantee passed its grant option on), the
+/// grants it made go too: PostgreSQL refuses the REVOKE otherwise ("dependent privileges
+/// exist").
+pub fn revoke_connect_grant(
+    db: &str,
+    owner: &str,
+    grant: &DatabaseGrant,
+    cascade: bool,
+) -> Vec<String> {
+    let revoke = format!(
+        "{}{}",
+        revoke_connect(db, &grant.grantee),
+        if cascade { " CASCADE" } else { "" }
+    );
+    let others: Vec<&String> = grant
+        .connect_grantors
+        .iter()
+        .filter(|g| *g != owner)
+        .collect();
+    let mut out = Vec::new();
+    // A grant by a former owner is the owner's now (ALTER DATABASE OWNER rewrites the ACL),
+    // and an ACL read without grantors has only the owner's: the plain REVOKE covers both.
+    if others.len() < grant.connect_grantors.len() || grant.connect_grantors.is_empty() {
+        out.push(revoke.clone());
+    }
+    for grantor in others {
+        out.push(format!(
+            "SET ROLE {}; {revoke}; RESET ROLE",
+            quote_ident(grantor)
+        ));
+    }
+    out
 }
 
 /// `GRANT CONNECT ON DATABASE db TO a, b`, or nothing for no role.
@@ -321,7 +380,7 @@ impl FixPlan {
             out.push_str("BEGIN;\n");
             for group in &self.groups {
                 for path in &group.closes {
-                    out.push_str(&format!("-- closes: {path}\n"));
+                    out.push_str(&format!("-- closes: {}\n", one_line(path)));
                 }
                 for statement in &group.statements {
                     out.push_str(&format!("{statement};\n"));
@@ -330,28 +389,54 @@ impl FixPlan {
             out.push_str("COMMIT;\n");
         }
         for path in &self.unfixable {
-            out.push_str(&format!("-- no statement derived for: {path}\n"));
+            out.push_str(&format!(
+                "-- no statement derived for: {}\n",
+                one_line(path)
+            ));
         }
         out
     }
 }
 
 /// Run order: roles lose their powers first, then ownership moves, then memberships go, then
-/// CONNECT is revoked and granted back explicitly. Within one transaction the order changes no
-/// outcome; it keeps the script readable.
+/// grants made by other grantors are revoked as them, then CONNECT is revoked (CASCADE, where
+/// a grant was passed on, finds nothing already revoked by its grantor) and granted back
+/// explicitly.
 fn rank(statement: &str) -> u8 {
     if statement.starts_with("ALTER ROLE") {
         0
     } else if statement.starts_with("ALTER DATABASE") {
         1
-    } else if statement.starts_with("REVOKE CONNECT") {
+    } else if statement.starts_with("SET ROLE") {
         3
+    } else if statement.starts_with("REVOKE CONNECT") {
+        4
     } else if statement.starts_with("REVOKE") {
         2
     } else {
-        4
+        5
     }
 }
+
+/// What an applied fix did: the statements that changed the catalog, and those that changed
+/// nothing (the privilege was not there as the statement's role sees it, or already granted).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Applied {
+    /// Statements after which the catalog differed.
+    pub changed: Vec<String>,
+    /// Statements after which it did not.
+    pub unchanged: Vec<String>,
+}
+
+/// A digest of everything a fix statement can change: database owners and ACLs, role
+/// attributes, memberships. Compared before and after each statement, inside the transaction.
+const FINGERPRINT_SQL: &str = "\
+SELECT pg_catalog.md5(concat_ws('|', \
+  (SELECT string_agg(concat_ws(':', d.oid, d.datdba, d.datacl), ',' ORDER BY d.oid) \
+     FROM pg_catalog.pg_database d), \
+  (SELECT string_agg(concat_ws(':', r.oid, r.rolsuper, r.rolcreaterole, r.rolbypassrls, \
+          r.rolinherit, r.rolcanlogin), ',' ORDER BY r.oid) FROM pg_catalog.pg_roles r), \
+  (SELECT string_agg(m::text, ',' ORDER BY m::text) FROM pg_catalog.pg_auth_members m)))";
 
 /// A fix that could not be applied; nothing of it was.
 #[derive(Debug, thiserror::Error)]
@@ -384,12 +469,13 @@ pub enum ApplyError {
     },
 }
 
-/// Runs every statement of `plan` in one transaction: all or nothing.
+/// Runs every statement of `plan` in one transaction: all or nothing. Says which statements
+/// changed something: a REVOKE of a grant the running role did not make succeeds silently.
 pub async fn apply(
     connection: &mut PgConnection,
     plan: &FixPlan,
     timeout: Duration,
-) -> Result<(), ApplyError> {
+) -> Result<Applied, ApplyError> {
     let target = connection.target.clone();
     let PgConnection {
         client, notices, ..
@@ -403,6 +489,15 @@ pub async fn apply(
                 target: target.clone(),
                 message: describe(&e),
             })?;
+        let fingerprint = || async {
+            let row = tx.query_one(FINGERPRINT_SQL, &[]).await?;
+            row.try_get::<_, Option<String>>(0)
+        };
+        let mut applied = Applied::default();
+        let mut before = fingerprint().await.map_err(|e| ApplyError::Statement {
+            statement: "reading the catalog before the fix".into(),
+            message: describe(&e),
+        })?;
         for statement in plan.statements() {
             // Dropping the transaction on an early return rolls it back.
             if let Err(e) = tx.batch_execute(statement).await {
@@ -425,12 +520,23 @@ pub async fn apply(
                     });
                 }
             }
+            let after = fingerprint().await.map_err(|e| ApplyError::Statement {
+                statement: format!("reading the catalog after {statement}"),
+                message: describe(&e),
+            })?;
+            if after == before {
+                applied.unchanged.push(statement.to_string());
+            } else {
+                applied.changed.push(statement.to_string());
+            }
+            before = after;
         }
         tx.commit().await.map_err(|e| ApplyError::Transaction {
             what: "COMMIT",
             target: target.clone(),
             message: describe(&e),
-        })
+        })?;
+        Ok(applied)
     };
     match tokio::time::timeout(timeout, run).await {
         Ok(result) => result,
@@ -455,6 +561,34 @@ mod tests {
         assert_eq!(quote_ident("we\"ird"), "\"we\"\"ird\"");
         assert_eq!(quote_ident("9lives"), "\"9lives\"");
         assert_eq!(quote_ident(""), "\"\"");
+        // A control character: one printable line, the same name to the server.
+        assert_eq!(
+            quote_ident("ops\nALTER ROLE x SUPERUSER;\n-- \"q\" \\"),
+            "U&\"ops\\000aALTER ROLE x SUPERUSER;\\000a-- \"\"q\"\" \\\\\""
+        );
+    }
+
+    #[test]
+    fn names_cannot_break_out_of_the_scripts_comments() {
+        let plan = FixPlan::new(&[
+            violation(
+                "u → ops\nALTER ROLE u SUPERUSER;\n-- x has CONNECT on d",
+                &["REVOKE CONNECT ON DATABASE d FROM U&\"ops\\000a\""],
+            ),
+            violation("evil\r\nDROP DATABASE d;", &[]),
+        ]);
+        let script = plan.script();
+        for line in script.lines() {
+            assert!(
+                line.starts_with("--") || line.ends_with(';'),
+                "a line neither comment nor statement: {line:?}\n{script}"
+            );
+        }
+        assert!(
+            !script.lines().any(|l| l.starts_with("ALTER ROLE")),
+            "{script}"
+        );
+        assert!(!script.lines().any(|l| l.starts_with("DROP")), "{script}");
     }
 
     fn violation(path: &str, fix: &[&str]) -> Violation {

@@ -49,7 +49,12 @@ pub async fn check(policy: &IsolationConfig) -> CheckOutcome {
         let connected = started.elapsed();
         let snapshot = catalog::read(&mut connection, policy).await?;
         let read = started.elapsed();
-        let audit = audit::audit(policy, &snapshot.catalog, Some(&snapshot.effective_connect));
+        let audit = audit::audit_owned(
+            policy,
+            &snapshot.catalog,
+            Some(&snapshot.effective_connect),
+            &snapshot.object_owners,
+        );
         tracing::debug!(
             connect = ?connected,
             read = ?(read - connected),
@@ -98,6 +103,8 @@ pub fn to_proto(v: &Violation) -> IsolationViolation {
         database_environment: v.database_environment.clone(),
         path: v.path.clone(),
         fix: v.fix.join("; "),
+        kind: v.kind.to_string(),
+        risk: v.kind.is_risk(),
     }
 }
 

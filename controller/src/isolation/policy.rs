@@ -25,6 +25,13 @@ pub struct IsolationConfig {
     /// them is still a violation.
     #[serde(default)]
     pub cross_environment_roles: Vec<String>,
+    /// Databases every role may reach on purpose, in no environment: by default `postgres`
+    /// (where clients and tools, the auditor included, connect when they name no database)
+    /// and the templates `template0`/`template1` (copied into every new database; keep
+    /// application data out of them). Every other database of the cluster must be listed
+    /// under an environment, or the report is not clean. Setting this replaces the default.
+    #[serde(default = "default_shared_databases")]
+    pub shared_databases: Vec<String>,
     /// How the controller reads the catalog: a login role that needs no privilege at all.
     pub auditor: PgClientConfig,
     /// Environment name (as the deploy pipeline names it, e.g. `production`) to its policy.
@@ -91,10 +98,18 @@ pub struct EnvironmentPolicy {
     pub databases: Vec<String>,
     /// The environment's users (login roles, or group roles of this environment).
     pub users: Vec<String>,
-    /// The user that should own the environment's databases (what `fix` gives ownership back
-    /// to); default: the first of `users`.
+    /// Who `fix` gives a taken database back to when no user of the environment owns objects
+    /// in it (the one that does, the app that built it, comes first); default: the first of
+    /// `users`.
     #[serde(default)]
     pub owner: Option<String>,
+}
+
+/// `postgres` and the two templates, which every cluster has and every role may reach.
+pub fn default_shared_databases() -> Vec<String> {
+    ["postgres", "template0", "template1"]
+        .map(String::from)
+        .to_vec()
 }
 
 fn default_interval() -> Duration {
@@ -128,6 +143,11 @@ impl IsolationConfig {
             .iter()
             .find(|(_, e)| e.databases.iter().any(|d| d == database))
             .map(|(name, _)| name.as_str())
+    }
+
+    /// Whether `database` is shared on purpose (`shared_databases`).
+    pub fn is_shared(&self, database: &str) -> bool {
+        self.shared_databases.iter().any(|d| d == database)
     }
 
     /// Which side `role` is on.
@@ -168,6 +188,9 @@ impl IsolationConfig {
             .find_map(|r| name_problem(r))
         {
             return Some(("cross_environment_roles".into(), problem));
+        }
+        if let Some(problem) = self.shared_databases.iter().find_map(|d| name_problem(d)) {
+            return Some(("shared_databases".into(), problem));
         }
         if let Some(probe) = &self.probe {
             if probe.hosts.is_empty() {
@@ -256,6 +279,14 @@ impl IsolationConfig {
                 return Some((here, format!("role {role:?} is listed twice")));
             }
         }
+        for db in &self.shared_databases {
+            if databases.insert(db, "shared_databases").is_some() {
+                return Some((
+                    "shared_databases".into(),
+                    format!("database {db:?} is listed twice"),
+                ));
+            }
+        }
         for (env, policy) in &self.environments {
             for db in &policy.databases {
                 if let Some(other) = databases.insert(db, env) {
@@ -301,6 +332,7 @@ pub(crate) mod tests {
         IsolationConfig {
             interval: default_interval(),
             cross_environment_roles: vec!["backup_ro".into()],
+            shared_databases: default_shared_databases(),
             auditor: PgClientConfig {
                 dsn: Some("host=db user=auditor".into()),
                 ..Default::default()
@@ -483,5 +515,16 @@ pub(crate) mod tests {
         let mut p = policy();
         p.cross_environment_roles.push("x".repeat(64));
         assert_eq!(p.problem().unwrap().0, "cross_environment_roles");
+
+        // A database both shared and in an environment: which is it?
+        let mut p = policy();
+        p.shared_databases.push("auth_prod".into());
+        let (key, message) = p.problem().unwrap();
+        assert_eq!(key, "environments.production.databases");
+        assert!(message.contains("shared_databases"), "{message}");
+
+        let mut p = policy();
+        p.shared_databases.push(String::new());
+        assert_eq!(p.problem().unwrap().0, "shared_databases");
     }
 }

@@ -277,6 +277,8 @@ pub fn violations(probes: &[ProbeResult]) -> Vec<IsolationViolation> {
                 p.host, p.user, p.user_environment, p.database, p.database_environment
             ),
             fix: String::new(),
+            kind: "probe".into(),
+            risk: false,
         })
         .collect()
 }

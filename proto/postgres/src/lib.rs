@@ -817,6 +817,11 @@ pub struct DatabaseGrant {
     pub create: bool,
     /// TEMPORARY (`T`).
     pub temporary: bool,
+    /// Who granted CONNECT, one entry per grantor, sorted (a REVOKE removes only the grant of
+    /// the role that runs it, or of the owner when a superuser runs it).
+    pub connect_grantors: Vec<String>,
+    /// Whether CONNECT is held WITH GRANT OPTION (from any grantor).
+    pub connect_grantable: bool,
 }
 
 /// One database.
@@ -876,7 +881,8 @@ SELECT d.datname::text, pg_catalog.pg_get_userbyid(d.datdba)::text, d.datallowco
        d.datistemplate, d.datacl IS NULL, \
        a.grantee::int8, \
        CASE WHEN a.grantee <> 0 THEN pg_catalog.pg_get_userbyid(a.grantee)::text END, \
-       a.privilege_type::text, d.oid \
+       a.privilege_type::text, d.oid, \
+       pg_catalog.pg_get_userbyid(a.grantor)::text, a.is_grantable \
 FROM pg_catalog.pg_database d \
 LEFT JOIN LATERAL pg_catalog.aclexplode(\
     COALESCE(d.datacl, pg_catalog.acldefault('d', d.datdba))) a ON true \
@@ -1008,9 +1014,21 @@ pub async fn read_catalog(
                     connect: false,
                     create: false,
                     temporary: false,
+                    connect_grantors: Vec::new(),
+                    connect_grantable: false,
                 });
             match privilege.as_str() {
-                "CONNECT" => grant.connect = true,
+                "CONNECT" => {
+                    grant.connect = true;
+                    let grantor: Option<String> = row.try_get(9).map_err(get)?;
+                    let grantable: Option<bool> = row.try_get(10).map_err(get)?;
+                    grant.connect_grantable |= grantable.unwrap_or(false);
+                    if let Some(grantor) = grantor {
+                        if let Err(at) = grant.connect_grantors.binary_search(&grantor) {
+                            grant.connect_grantors.insert(at, grantor);
+                        }
+                    }
+                }
                 "CREATE" => grant.create = true,
                 "TEMPORARY" | "TEMP" => grant.temporary = true,
                 _ => {}
