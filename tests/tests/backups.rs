@@ -1258,17 +1258,31 @@ fn the_controller_down_over_two_oclock_runs_the_missed_backup_once_when_it_retur
         schedule: "backup = \"0 2 * * *\"\nverify = \"1 2 * * *\"\nrestore_test = \"\"\n".into(),
         ..Default::default()
     });
-    // The first start only starts counting (nothing is owed on a new install).
+    // The first start only starts counting (nothing is owed on a new install), and that is
+    // not a run: LAST RUN stays empty.
     eventually("the schedule to start counting", || {
         let list = w.list();
         let s = list["schedules"]
             .as_array()
             .and_then(|a| a.iter().find(|s| s["name"] == "backup").cloned());
         match s {
-            Some(s) if s["lastRunAt"].is_string() => Ok(()),
+            Some(s)
+                if s["lastOutcome"]
+                    .as_str()
+                    .is_some_and(|o| o.starts_with("not run yet")) =>
+            {
+                assert!(s["lastRunAt"].is_null(), "{s}");
+                Ok(())
+            }
             other => Err(format!("{other:?}")),
         }
     });
+    let (ok, text) = cli(&w, &["backups", "list"]);
+    let row = text
+        .lines()
+        .find(|l| l.starts_with("backup "))
+        .unwrap_or_else(|| panic!("no backup schedule row in {text}"));
+    assert!(ok && row.contains("never"), "LAST RUN before any run: {text}");
     assert!(scheduled_jobs(&w, "backup").is_empty());
     w.controller.proc.stop();
 

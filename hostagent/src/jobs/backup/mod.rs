@@ -193,6 +193,7 @@ pub async fn run_tool_io<R: Send + 'static>(
             if let Some(err) = stderr {
                 let mut lines = tokio::io::BufReader::new(err).lines();
                 while let Ok(Some(line)) = lines.next_line().await {
+                    let line = without_tool_prefix(&line, what, &program).to_string();
                     events.log("stderr", &format!("{what}: {line}"));
                     tail.push(line);
                     if tail.len() > 8 {
@@ -324,6 +325,20 @@ pub fn wider_mode(meta: &std::fs::Metadata, allowed: u32) -> Option<u32> {
         let _ = (meta, allowed);
         None
     }
+}
+
+/// `line` without the `NAME: ` the tool starts its messages with (pg_restore, pg_dump, rsync
+/// do), so that prefixed with what ran it names the tool once: "pg_restore: error: ...".
+fn without_tool_prefix<'a>(line: &'a str, what: &str, program: &str) -> &'a str {
+    let binary = Path::new(program)
+        .file_name()
+        .and_then(|n| n.to_str())
+        .unwrap_or(program);
+    let first = what.split_whitespace().next().unwrap_or(what);
+    [binary, first]
+        .iter()
+        .find_map(|name| line.strip_prefix(name)?.strip_prefix(": "))
+        .unwrap_or(line)
 }
 
 /// Puts a finished (already fsynced) temp file in place: rename, then fsync of the directory
@@ -832,6 +847,42 @@ mod tests {
         assert_eq!(now.as_second(), 1_800_000_000);
         retention.simulated_now = None;
         assert!(!clock(Some(&retention), &config).unwrap().1);
+    }
+
+    #[test]
+    fn a_tools_own_prefix_is_not_repeated() {
+        let bin = "/usr/lib/postgresql/15/bin/pg_restore";
+        let line = "pg_restore: error: could not read input file";
+        assert_eq!(
+            format!("pg_restore: {}", without_tool_prefix(line, "pg_restore", bin)),
+            "pg_restore: error: could not read input file"
+        );
+        assert_eq!(
+            without_tool_prefix(line, "pg_restore --list", bin),
+            "error: could not read input file"
+        );
+        assert_eq!(
+            without_tool_prefix("rsync error: some files", "rsync", "rsync"),
+            "rsync error: some files"
+        );
+        assert_eq!(without_tool_prefix("plain", "tar", "tar"), "plain");
+    }
+
+    #[test]
+    fn private_files_and_directories_whatever_the_umask() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("a/b/c.json");
+        // The test process's umask (usually 022) would give 0644 and 0755.
+        write_atomic(&file, b"{}").unwrap();
+        let mode = |p: &Path| std::fs::metadata(p).unwrap().permissions().mode() & 0o777;
+        assert_eq!(mode(&file), 0o600);
+        assert_eq!(mode(&dir.path().join("a")), 0o700);
+        assert_eq!(mode(&dir.path().join("a/b")), 0o700);
+        std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
+        prepare_dir(dir.path()).unwrap();
+        assert_eq!(mode(dir.path()), 0o700, "the backup dir is narrowed");
+        assert_eq!(mode(&dir.path().join(".tmp")), 0o700);
     }
 
     #[test]
