@@ -1907,3 +1907,70 @@ fn a_failed_offsite_copy_makes_backups_run_wait_exit_with_its_own_code() {
     let (code, text) = cli_code(&w, &["backups", "run", "--reason", "test", "--wait"]);
     assert_eq!(code, Some(0), "{text}");
 }
+
+#[test]
+fn an_interrupted_backup_ends_interrupted_and_says_so_for_what_it_never_reached() {
+    let mut w = world(Options {
+        everything: true,
+        ..Default::default()
+    });
+    // A pg_dump slow enough to be interrupted.
+    let slow = w.fleet.path("slow_pg_dump");
+    std::fs::write(
+        &slow,
+        format!(
+            "#!/bin/sh\nsleep 3\nexec {}/pg_dump \"$@\"\n",
+            postgres::bin_dir().display()
+        ),
+    )
+    .unwrap();
+    set_mode(&slow, 0o755);
+    w.agent_toml = w.agent_toml.replace(
+        &format!("pg_dump = \"{}/pg_dump\"", postgres::bin_dir().display()),
+        &format!("pg_dump = \"{}\"", slow.display()),
+    );
+    w.restart_agent("");
+    let job = w
+        .controller
+        .grpcurl(
+            Some(r#"{"reason":"test","simulated_now":"2026-08-01T02:00:00Z"}"#),
+            "sentinel.v1.FleetService/RunBackup",
+        )
+        .json()
+        .expect("RunBackup");
+    let id = job["jobId"].as_str().unwrap().to_string();
+    let get = |w: &World, id: &str| {
+        w.controller
+            .grpcurl(
+                Some(&format!("{{\"job_id\":\"{id}\"}}")),
+                "sentinel.v1.FleetService/GetJob",
+            )
+            .json()
+    };
+    eventually("the dump to start", || {
+        let j = get(&w, &id)?;
+        if j.to_string().contains("dump production/shop_prod") {
+            Ok(())
+        } else {
+            Err(j["state"].to_string())
+        }
+    });
+    w.agent.signal("KILL");
+    w.restart_agent("");
+    let done = w.wait_job(&id);
+    assert_state(&done, "JOB_STATE_INTERRUPTED");
+    // Let a re-sent copy of the job reach the agent and be refused, if it is going to.
+    std::thread::sleep(Duration::from_secs(3));
+    let done = get(&w, &id).unwrap();
+    let last = done["events"].as_array().unwrap().last().cloned().unwrap();
+    assert!(last["refused"].is_null(), "a trailing refusal: {last}");
+    assert_state(&done, "JOB_STATE_INTERRUPTED");
+    let list = w.list();
+    for d in list["databases"].as_array().unwrap() {
+        let error = d["lastError"].as_str().unwrap_or("");
+        assert!(
+            !error.contains("REPLAYED") && error.contains("the agent stopped while this job was running"),
+            "{d}"
+        );
+    }
+}
