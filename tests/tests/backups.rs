@@ -1288,7 +1288,10 @@ fn the_controller_down_over_two_oclock_runs_the_missed_backup_once_when_it_retur
         .lines()
         .find(|l| l.starts_with("backup "))
         .unwrap_or_else(|| panic!("no backup schedule row in {text}"));
-    assert!(ok && row.contains("never"), "LAST RUN before any run: {text}");
+    assert!(
+        ok && row.contains("never"),
+        "LAST RUN before any run: {text}"
+    );
     assert!(scheduled_jobs(&w, "backup").is_empty());
     w.controller.proc.stop();
 
@@ -1684,7 +1687,10 @@ fn backup_files_are_private_whatever_the_umask_here_and_offsite() {
     assert_state(&w.backup_at("2026-05-02T02:00:00Z"), "JOB_STATE_SUCCEEDED");
 
     assert_eq!(mode_of(&w.backup_dir), 0o700, "the backup dir");
-    for (root, name) in [(w.backup_dir.as_path(), "here"), (offsite.path(), "offsite")] {
+    for (root, name) in [
+        (w.backup_dir.as_path(), "here"),
+        (offsite.path(), "offsite"),
+    ] {
         let all = modes_under(root);
         assert!(
             all.iter().any(|(p, _, _)| p.ends_with(".dump"))
@@ -1818,20 +1824,28 @@ fn offsite_copies_are_pruned_with_the_same_retention_after_a_verified_copy() {
             continue;
         }
         assert_eq!(offsite_dumps(&offsite), w.dumps(), "day {d}");
-        assert_eq!(manifests_at(&offsite), manifests_at(&w.backup_dir), "day {d}");
+        assert_eq!(
+            manifests_at(&offsite),
+            manifests_at(&w.backup_dir),
+            "day {d}"
+        );
         if d == 4 {
             // The report says what went where.
             let report = backup_report(&job);
             assert_eq!(
                 strings(&report["pruned"]),
-                BTreeSet::from(["production/shop_prod/shop_prod-20260701T020000Z.dump".to_string()]),
+                BTreeSet::from(
+                    ["production/shop_prod/shop_prod-20260701T020000Z.dump".to_string()]
+                ),
                 "{report}"
             );
-            assert_eq!(report["offsite"]["target"], offsite.display().to_string().as_str());
+            assert_eq!(
+                report["offsite"]["target"],
+                offsite.display().to_string().as_str()
+            );
             assert!(
-                strings(&report["offsite"]["pruned"]).contains(
-                    "production/shop_prod/shop_prod-20260701T020000Z.dump"
-                ),
+                strings(&report["offsite"]["pruned"])
+                    .contains("production/shop_prod/shop_prod-20260701T020000Z.dump"),
                 "{report}"
             );
             let detail = job["detail"].as_str().unwrap();
@@ -1842,7 +1856,10 @@ fn offsite_copies_are_pruned_with_the_same_retention_after_a_verified_copy() {
             );
         }
     }
-    assert!(!planted.exists(), "the earlier version's extra dump went too");
+    assert!(
+        !planted.exists(),
+        "the earlier version's extra dump went too"
+    );
     assert_eq!(w.dumps().len(), 3);
     // Every file an offsite manifest calls pruned is gone, and every other one is there.
     for name in manifests_at(&offsite) {
@@ -1969,7 +1986,8 @@ fn an_interrupted_backup_ends_interrupted_and_says_so_for_what_it_never_reached(
     for d in list["databases"].as_array().unwrap() {
         let error = d["lastError"].as_str().unwrap_or("");
         assert!(
-            !error.contains("REPLAYED") && error.contains("the agent stopped while this job was running"),
+            !error.contains("REPLAYED")
+                && error.contains("the agent stopped while this job was running"),
             "{d}"
         );
     }

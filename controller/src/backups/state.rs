@@ -302,9 +302,8 @@ impl State {
                 .map(|e| e.to_string())
                 .collect();
             s.last_verify_at = Some(at);
-            s.last_verify_ok = damaged.is_empty()
-                && exposed.is_empty()
-                && (ok || r.problems.is_empty());
+            s.last_verify_ok =
+                damaged.is_empty() && exposed.is_empty() && (ok || r.problems.is_empty());
             let mut detail = if damaged.is_empty() {
                 format!("{} backup(s) good", s.kept.len())
             } else {

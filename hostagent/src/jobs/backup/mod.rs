@@ -854,7 +854,10 @@ mod tests {
         let bin = "/usr/lib/postgresql/15/bin/pg_restore";
         let line = "pg_restore: error: could not read input file";
         assert_eq!(
-            format!("pg_restore: {}", without_tool_prefix(line, "pg_restore", bin)),
+            format!(
+                "pg_restore: {}",
+                without_tool_prefix(line, "pg_restore", bin)
+            ),
             "pg_restore: error: could not read input file"
         );
         assert_eq!(

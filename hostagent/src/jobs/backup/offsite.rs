@@ -225,7 +225,11 @@ async fn copy_and_check(
         let mut cmd = rsync_for(config, &dest);
         // Private at the target whatever the modes here (files of older runs may be wider).
         cmd.arg("--archive")
-            .arg(format!("--chmod=D{:04o},F{:04o}", super::DIR_MODE, super::FILE_MODE))
+            .arg(format!(
+                "--chmod=D{:04o},F{:04o}",
+                super::DIR_MODE,
+                super::FILE_MODE
+            ))
             .arg(format!("--files-from={}", list.display()));
         cmd.args(extra).arg(&source).arg(&target_dir);
         cmd
@@ -365,7 +369,10 @@ pub fn parse_backup_name(file: &str) -> Option<(Series, String)> {
         database: database.to_string(),
     };
     match parts.as_slice() {
-        ["files", name] => Some((series(Kind::Files, "", "files"), run_of(name, "files", ".tar")?)),
+        ["files", name] => Some((
+            series(Kind::Files, "", "files"),
+            run_of(name, "files", ".tar")?,
+        )),
         ["globals", r, name] if name.ends_with(".sql") || name.ends_with(".sql.age") => {
             Some((series(Kind::Globals, "", r), run_of(name, r, ".sql")?))
         }
@@ -409,7 +416,11 @@ pub async fn prune(
     // whether verify found it damaged.
     let known: BTreeMap<&str, (&str, &manifest::Entry)> = manifests
         .iter()
-        .flat_map(|m| m.entries.iter().map(|e| (e.file.as_str(), (m.run_id.as_str(), e))))
+        .flat_map(|m| {
+            m.entries
+                .iter()
+                .map(|e| (e.file.as_str(), (m.run_id.as_str(), e)))
+        })
         .collect();
     let local_runs: BTreeSet<&str> = manifests.iter().map(|m| m.run_id.as_str()).collect();
     let held = list(config, target, events).await?;
@@ -431,9 +442,8 @@ pub async fn prune(
                 e.taken_at,
                 e.damaged.is_none(),
             )),
-            None => parse_backup_name(file).and_then(|(series, run)| {
-                run_time(&run).map(|at| (series, run, at, true))
-            }),
+            None => parse_backup_name(file)
+                .and_then(|(series, run)| run_time(&run).map(|at| (series, run, at, true))),
         };
         let Some((series, run_id, taken_at, good)) = found else {
             continue;
@@ -451,7 +461,10 @@ pub async fn prune(
     let mut remove = Vec::new();
     for held in by_series.values() {
         let candidates: Vec<retention::Candidate> = held.iter().map(|h| h.candidate).collect();
-        for (h, kept) in held.iter().zip(retention::keep(&candidates, policy, now, tz)) {
+        for (h, kept) in held
+            .iter()
+            .zip(retention::keep(&candidates, policy, now, tz))
+        {
             if kept {
                 runs_left.insert(h.run_id.clone());
             } else {
@@ -552,10 +565,16 @@ mod tests {
     #[test]
     fn backup_files_are_known_by_their_names() {
         let (s, run) = parse_backup_name("production/shop/shop-20260409T020000Z.dump").unwrap();
-        assert_eq!((s.kind, s.environment.as_str(), s.database.as_str()), (Kind::Database, "production", "shop"));
+        assert_eq!(
+            (s.kind, s.environment.as_str(), s.database.as_str()),
+            (Kind::Database, "production", "shop")
+        );
         assert_eq!(run, "20260409T020000Z");
         let (s, run) = parse_backup_name("globals/ro/ro-20260409T020000Z-2.sql.age").unwrap();
-        assert_eq!((s.kind, s.database.as_str(), run.as_str()), (Kind::Globals, "ro", "20260409T020000Z-2"));
+        assert_eq!(
+            (s.kind, s.database.as_str(), run.as_str()),
+            (Kind::Globals, "ro", "20260409T020000Z-2")
+        );
         let (s, _) = parse_backup_name("files/files-20260409T020000Z.tar").unwrap();
         assert_eq!(s.kind, Kind::Files);
         assert!(parse_backup_name("production/shop/other-20260409T020000Z.dump").is_none());

@@ -212,21 +212,19 @@ async fn verify(
             )
         }
     );
-    let result = if report.damaged.is_empty()
-        && report.problems.is_empty()
-        && report.exposed.is_empty()
-    {
-        Ok(summary)
-    } else {
-        let what: Vec<String> = report
-            .damaged
-            .iter()
-            .map(|d| format!("{}: {}", d.file, d.error))
-            .chain(report.problems.iter().cloned())
-            .chain(report.exposed.iter().map(|e| e.to_string()))
-            .collect();
-        Err(format!("{summary}: {}", what.join("; ")))
-    };
+    let result =
+        if report.damaged.is_empty() && report.problems.is_empty() && report.exposed.is_empty() {
+            Ok(summary)
+        } else {
+            let what: Vec<String> = report
+                .damaged
+                .iter()
+                .map(|d| format!("{}: {}", d.file, d.error))
+                .chain(report.problems.iter().cloned())
+                .chain(report.exposed.iter().map(|e| e.to_string()))
+                .collect();
+            Err(format!("{summary}: {}", what.join("; ")))
+        };
     step.end(&result);
     result.map_err(JobError::Failed)
 }
@@ -425,14 +423,21 @@ mod tests {
         let root = dir.path();
         std::fs::set_permissions(root, std::fs::Permissions::from_mode(0o700)).unwrap();
         super::super::write_atomic(&root.join("production/db/db-1.dump"), b"x").unwrap();
-        assert_eq!(exposed(root), Vec::new(), "what the agent writes is private");
+        assert_eq!(
+            exposed(root),
+            Vec::new(),
+            "what the agent writes is private"
+        );
         std::fs::set_permissions(
             root.join("production/db/db-1.dump"),
             std::fs::Permissions::from_mode(0o640),
         )
         .unwrap();
-        std::fs::set_permissions(root.join("production"), std::fs::Permissions::from_mode(0o755))
-            .unwrap();
+        std::fs::set_permissions(
+            root.join("production"),
+            std::fs::Permissions::from_mode(0o755),
+        )
+        .unwrap();
         let found = exposed(root);
         assert_eq!(
             found.iter().map(|e| e.to_string()).collect::<Vec<_>>(),
