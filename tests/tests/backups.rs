@@ -854,6 +854,12 @@ fn a_bad_recipient_or_identity_in_the_agent_config_stops_the_agent_at_start_nami
 
 /// `sentinel ARGS` as an admin operator: (exit 0, stdout and stderr).
 fn cli(w: &World, args: &[&str]) -> (bool, String) {
+    let (code, text) = cli_code(w, args);
+    (code == Some(0), text)
+}
+
+/// `sentinel ARGS` as an admin operator: (exit code, stdout and stderr).
+fn cli_code(w: &World, args: &[&str]) -> (Option<i32>, String) {
     let c = &w.fleet.certs;
     let out = run(Command::new(bin("sentinel"))
         .args(args)
@@ -869,7 +875,7 @@ fn cli(w: &World, args: &[&str]) -> (bool, String) {
         String::from_utf8_lossy(&out.stdout),
         String::from_utf8_lossy(&out.stderr)
     );
-    (out.status.success(), text)
+    (out.status.code(), text)
 }
 
 /// The set of backups (as UTC stamps) the policy 7 daily + 4 weekly, minimum 3, keeps at
@@ -1258,17 +1264,34 @@ fn the_controller_down_over_two_oclock_runs_the_missed_backup_once_when_it_retur
         schedule: "backup = \"0 2 * * *\"\nverify = \"1 2 * * *\"\nrestore_test = \"\"\n".into(),
         ..Default::default()
     });
-    // The first start only starts counting (nothing is owed on a new install).
+    // The first start only starts counting (nothing is owed on a new install), and that is
+    // not a run: LAST RUN stays empty.
     eventually("the schedule to start counting", || {
         let list = w.list();
         let s = list["schedules"]
             .as_array()
             .and_then(|a| a.iter().find(|s| s["name"] == "backup").cloned());
         match s {
-            Some(s) if s["lastRunAt"].is_string() => Ok(()),
+            Some(s)
+                if s["lastOutcome"]
+                    .as_str()
+                    .is_some_and(|o| o.starts_with("not run yet")) =>
+            {
+                assert!(s["lastRunAt"].is_null(), "{s}");
+                Ok(())
+            }
             other => Err(format!("{other:?}")),
         }
     });
+    let (ok, text) = cli(&w, &["backups", "list"]);
+    let row = text
+        .lines()
+        .find(|l| l.starts_with("backup "))
+        .unwrap_or_else(|| panic!("no backup schedule row in {text}"));
+    assert!(
+        ok && row.contains("never"),
+        "LAST RUN before any run: {text}"
+    );
     assert!(scheduled_jobs(&w, "backup").is_empty());
     w.controller.proc.stop();
 
@@ -1564,4 +1587,408 @@ fn a_db_change_deploy_backs_up_the_apps_production_database_first_and_does_not_m
     );
     assert!(served(app.production_port).contains("version v1"));
     assert_eq!(w.manifests().len(), 1, "no new backup");
+}
+
+/// Every file and directory under `root` (not `root` itself), relative, with its mode.
+fn modes_under(root: &Path) -> Vec<(String, bool, u32)> {
+    use std::os::unix::fs::PermissionsExt;
+    let mut out = Vec::new();
+    let mut stack = vec![root.to_path_buf()];
+    while let Some(d) = stack.pop() {
+        for e in std::fs::read_dir(&d).unwrap().flatten() {
+            let meta = e.metadata().unwrap();
+            let rel = e.path().strip_prefix(root).unwrap().display().to_string();
+            out.push((rel, meta.is_dir(), meta.permissions().mode() & 0o7777));
+            if meta.is_dir() {
+                stack.push(e.path());
+            }
+        }
+    }
+    out.sort();
+    out
+}
+
+fn mode_of(path: &Path) -> u32 {
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::metadata(path).unwrap().permissions().mode() & 0o7777
+}
+
+fn set_mode(path: &Path, mode: u32) {
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode)).unwrap();
+}
+
+/// The backup agent again, started by a shell with `umask` (what a unit's `UMask=` does).
+fn restart_agent_with_umask(w: &mut World, umask: &str) -> Daemon {
+    w.agent.stop();
+    eventually("argus to go offline", || {
+        let host = w.controller.get_host("argus")?;
+        if host["status"] == "HOST_STATUS_ONLINE" {
+            Err(host["status"].to_string())
+        } else {
+            Ok(())
+        }
+    });
+    let config = w
+        .fleet
+        .write_agent_config("argus", "argus", &w.controller.addr, &w.agent_toml);
+    let log = std::fs::File::create(w.fleet.path("agent-argus-umask.log")).unwrap();
+    let child = Command::new("sh")
+        .arg("-c")
+        .arg(format!("umask {umask} && exec \"$0\" --config \"$1\""))
+        .arg(bin("hostagent"))
+        .arg(&config)
+        .stdin(std::process::Stdio::null())
+        .stdout(log.try_clone().unwrap())
+        .stderr(log)
+        .spawn()
+        .expect("starting the agent under sh");
+    let agent = Daemon(child);
+    w.controller.wait_online("argus");
+    agent
+}
+
+/// The backup report a finished backup job carried.
+fn backup_report(job: &Value) -> Value {
+    let json = job["events"]
+        .as_array()
+        .and_then(|events| {
+            events
+                .iter()
+                .rev()
+                .find_map(|e| e["finished"]["resultJson"].as_str())
+        })
+        .unwrap_or_else(|| panic!("no result in {job}"));
+    serde_json::from_str(json).unwrap()
+}
+
+fn strings(v: &Value) -> BTreeSet<String> {
+    v.as_array()
+        .map(|a| {
+            a.iter()
+                .filter_map(|s| s.as_str().map(str::to_string))
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+#[test]
+fn backup_files_are_private_whatever_the_umask_here_and_offsite() {
+    let offsite = tempfile::tempdir().unwrap();
+    // A mount point as an operator leaves it: readable by all.
+    set_mode(offsite.path(), 0o755);
+    let mut w = world(Options {
+        offsite: Some(offsite.path().display().to_string()),
+        everything: true,
+        ..Default::default()
+    });
+    let _agent = restart_agent_with_umask(&mut w, "022");
+    assert_state(&w.backup_at("2026-05-01T02:00:00Z"), "JOB_STATE_SUCCEEDED");
+    assert_state(&w.backup_at("2026-05-02T02:00:00Z"), "JOB_STATE_SUCCEEDED");
+
+    assert_eq!(mode_of(&w.backup_dir), 0o700, "the backup dir");
+    for (root, name) in [
+        (w.backup_dir.as_path(), "here"),
+        (offsite.path(), "offsite"),
+    ] {
+        let all = modes_under(root);
+        assert!(
+            all.iter().any(|(p, _, _)| p.ends_with(".dump"))
+                && all.iter().any(|(p, _, _)| p.starts_with("manifests/"))
+                && all.iter().any(|(p, _, _)| p.starts_with("globals/"))
+                && all.iter().any(|(p, _, _)| p.starts_with("files/")),
+            "{name}: {all:?}"
+        );
+        let wide: Vec<_> = all
+            .iter()
+            .filter(|(_, dir, mode)| *mode != if *dir { 0o700 } else { 0o600 })
+            .collect();
+        assert!(
+            wide.is_empty(),
+            "{name}: not 0600 files and 0700 directories: {wide:?}"
+        );
+    }
+    let verify = w.run("VerifyBackups", "{}");
+    assert_state(&verify, "JOB_STATE_SUCCEEDED");
+
+    // The list names the newest good file.
+    let newest = w.newest_dump();
+    let rel = newest
+        .strip_prefix(&w.backup_dir)
+        .unwrap()
+        .display()
+        .to_string();
+    let (ok, text) = cli(&w, &["backups", "list"]);
+    let row = text
+        .lines()
+        .find(|l| l.starts_with("production/shop_prod"))
+        .unwrap_or_else(|| panic!("no shop_prod row in {text}"));
+    assert!(ok && row.contains(&rel), "{rel} not in {text}");
+}
+
+#[test]
+fn verify_reports_a_backup_file_whose_mode_is_wider() {
+    let w = world(Options::default());
+    assert_state(&w.backup_at("2026-05-01T02:00:00Z"), "JOB_STATE_SUCCEEDED");
+    assert_state(&w.run("VerifyBackups", "{}"), "JOB_STATE_SUCCEEDED");
+    let dump = w.newest_dump();
+    let rel = dump
+        .strip_prefix(&w.backup_dir)
+        .unwrap()
+        .display()
+        .to_string();
+    set_mode(&dump, 0o644);
+    let verify = w.run("VerifyBackups", "{}");
+    assert_state(&verify, "JOB_STATE_FAILED");
+    let detail = verify["detail"].as_str().unwrap();
+    assert!(
+        detail.contains(&format!("{rel} is mode 0644, wider than 0600")),
+        "{detail}"
+    );
+    let shop = w.shop();
+    assert!(!flag(&shop["lastVerifyOk"]), "{shop}");
+    assert!(
+        shop["lastVerifyDetail"]
+            .as_str()
+            .unwrap()
+            .contains("readable by other users"),
+        "{shop}"
+    );
+    // The content is fine: it is not called damaged, and stays the newest good backup.
+    assert_eq!(shop["newestGoodFile"], rel.as_str(), "{shop}");
+
+    // A directory too.
+    set_mode(&dump, 0o600);
+    set_mode(&w.backup_dir.join("production"), 0o755);
+    let verify = w.run("VerifyBackups", "{}");
+    assert_state(&verify, "JOB_STATE_FAILED");
+    assert!(
+        verify["detail"]
+            .as_str()
+            .unwrap()
+            .contains("production is mode 0755, wider than 0700"),
+        "{verify}"
+    );
+}
+
+#[test]
+fn offsite_copies_are_pruned_with_the_same_retention_after_a_verified_copy() {
+    let parent = tempfile::tempdir().unwrap();
+    let offsite = parent.path().join("offsite");
+    std::fs::create_dir(&offsite).unwrap();
+    let w = world(Options {
+        offsite: Some(offsite.display().to_string()),
+        // Two days, but never fewer than three.
+        retention: "daily = 2\nweekly = 0\nminimum = 3\n",
+        ..Default::default()
+    });
+    let offsite_dumps = |root: &Path| -> BTreeSet<String> {
+        std::fs::read_dir(root.join("production/shop_prod"))
+            .map(|r| {
+                r.flatten()
+                    .filter_map(|e| {
+                        let n = e.file_name().to_string_lossy().into_owned();
+                        n.strip_prefix("shop_prod-")?
+                            .strip_suffix(".dump")
+                            .map(str::to_string)
+                    })
+                    .collect()
+            })
+            .unwrap_or_default()
+    };
+    let manifests_at = |root: &Path| -> BTreeSet<String> {
+        std::fs::read_dir(root.join("manifests"))
+            .map(|r| {
+                r.flatten()
+                    .map(|e| e.file_name().to_string_lossy().into_owned())
+                    .collect()
+            })
+            .unwrap_or_default()
+    };
+    let day = |d: u32| format!("2026-07-{d:02}T02:00:00Z");
+
+    // What an earlier version left there: a dump whose local manifest is long gone.
+    assert_state(&w.backup_at(&day(1)), "JOB_STATE_SUCCEEDED");
+    let planted = offsite.join("production/shop_prod/shop_prod-20260601T020000Z.dump");
+    std::fs::copy(w.newest_dump(), &planted).unwrap();
+    std::fs::write(offsite.join("manifests/20260601T020000Z.json"), "{}").unwrap();
+
+    for d in 2..=4 {
+        let job = w.backup_at(&day(d));
+        assert_state(&job, "JOB_STATE_SUCCEEDED");
+        if d == 2 {
+            // Two here; there the minimum keeps the old one as a third.
+            let mut expected = w.dumps();
+            expected.insert("20260601T020000Z".into());
+            assert_eq!(offsite_dumps(&offsite), expected, "day {d}");
+            continue;
+        }
+        assert_eq!(offsite_dumps(&offsite), w.dumps(), "day {d}");
+        assert_eq!(
+            manifests_at(&offsite),
+            manifests_at(&w.backup_dir),
+            "day {d}"
+        );
+        if d == 4 {
+            // The report says what went where.
+            let report = backup_report(&job);
+            assert_eq!(
+                strings(&report["pruned"]),
+                BTreeSet::from(
+                    ["production/shop_prod/shop_prod-20260701T020000Z.dump".to_string()]
+                ),
+                "{report}"
+            );
+            assert_eq!(
+                report["offsite"]["target"],
+                offsite.display().to_string().as_str()
+            );
+            assert!(
+                strings(&report["offsite"]["pruned"])
+                    .contains("production/shop_prod/shop_prod-20260701T020000Z.dump"),
+                "{report}"
+            );
+            let detail = job["detail"].as_str().unwrap();
+            assert!(
+                detail.contains("pruned 1 file(s) here")
+                    && detail.contains(&format!("at {}", offsite.display())),
+                "{detail}"
+            );
+        }
+    }
+    assert!(
+        !planted.exists(),
+        "the earlier version's extra dump went too"
+    );
+    assert_eq!(w.dumps().len(), 3);
+    // Every file an offsite manifest calls pruned is gone, and every other one is there.
+    for name in manifests_at(&offsite) {
+        let m: Value =
+            serde_json::from_slice(&std::fs::read(offsite.join("manifests").join(&name)).unwrap())
+                .unwrap();
+        for e in m["entries"].as_array().unwrap() {
+            let there = offsite.join(e["file"].as_str().unwrap()).exists();
+            assert_eq!(there, e["pruned_at"].is_null(), "{name}: {e}");
+        }
+    }
+
+    // The target goes away for two nights: nothing is pruned there meanwhile.
+    let away = parent.path().join("unmounted");
+    std::fs::rename(&offsite, &away).unwrap();
+    let held = offsite_dumps(&away);
+    for d in 5..=6 {
+        let job = w.backup_at(&day(d));
+        assert_state(&job, "JOB_STATE_SUCCEEDED");
+        assert!(
+            job["detail"]
+                .as_str()
+                .unwrap()
+                .contains("nothing pruned there until a complete copy"),
+            "{job}"
+        );
+    }
+    assert_eq!(offsite_dumps(&away), held);
+    assert!(held.len() >= 3, "never fewer than the minimum: {held:?}");
+
+    // Back: the copy catches up, then the same retention leaves what is here.
+    std::fs::rename(&away, &offsite).unwrap();
+    let job = w.backup_at(&day(7));
+    assert_state(&job, "JOB_STATE_SUCCEEDED");
+    assert_eq!(offsite_dumps(&offsite), w.dumps());
+    assert_eq!(manifests_at(&offsite), manifests_at(&w.backup_dir));
+    assert_eq!(
+        w.dumps(),
+        BTreeSet::from([
+            "20260705T020000Z".to_string(),
+            "20260706T020000Z".to_string(),
+            "20260707T020000Z".to_string()
+        ])
+    );
+}
+
+#[test]
+fn a_failed_offsite_copy_makes_backups_run_wait_exit_with_its_own_code() {
+    let parent = tempfile::tempdir().unwrap();
+    let offsite = parent.path().join("offsite");
+    let w = world(Options {
+        offsite: Some(offsite.display().to_string()),
+        ..Default::default()
+    });
+    // Not mounted: the copy fails, the backup here does not.
+    let (code, text) = cli_code(&w, &["backups", "run", "--reason", "test", "--wait"]);
+    assert_eq!(code, Some(3), "{text}");
+    assert!(text.contains("offsite copy FAILED"), "{text}");
+    assert_eq!(w.dumps().len(), 1);
+
+    std::fs::create_dir(&offsite).unwrap();
+    let (code, text) = cli_code(&w, &["backups", "run", "--reason", "test", "--wait"]);
+    assert_eq!(code, Some(0), "{text}");
+}
+
+#[test]
+fn an_interrupted_backup_ends_interrupted_and_says_so_for_what_it_never_reached() {
+    let mut w = world(Options {
+        everything: true,
+        ..Default::default()
+    });
+    // A pg_dump slow enough to be interrupted.
+    let slow = w.fleet.path("slow_pg_dump");
+    std::fs::write(
+        &slow,
+        format!(
+            "#!/bin/sh\nsleep 3\nexec {}/pg_dump \"$@\"\n",
+            postgres::bin_dir().display()
+        ),
+    )
+    .unwrap();
+    set_mode(&slow, 0o755);
+    w.agent_toml = w.agent_toml.replace(
+        &format!("pg_dump = \"{}/pg_dump\"", postgres::bin_dir().display()),
+        &format!("pg_dump = \"{}\"", slow.display()),
+    );
+    w.restart_agent("");
+    let job = w
+        .controller
+        .grpcurl(
+            Some(r#"{"reason":"test","simulated_now":"2026-08-01T02:00:00Z"}"#),
+            "sentinel.v1.FleetService/RunBackup",
+        )
+        .json()
+        .expect("RunBackup");
+    let id = job["jobId"].as_str().unwrap().to_string();
+    let get = |w: &World, id: &str| {
+        w.controller
+            .grpcurl(
+                Some(&format!("{{\"job_id\":\"{id}\"}}")),
+                "sentinel.v1.FleetService/GetJob",
+            )
+            .json()
+    };
+    eventually("the dump to start", || {
+        let j = get(&w, &id)?;
+        if j.to_string().contains("dump production/shop_prod") {
+            Ok(())
+        } else {
+            Err(j["state"].to_string())
+        }
+    });
+    w.agent.signal("KILL");
+    w.restart_agent("");
+    let done = w.wait_job(&id);
+    assert_state(&done, "JOB_STATE_INTERRUPTED");
+    // Let a re-sent copy of the job reach the agent and be refused, if it is going to.
+    std::thread::sleep(Duration::from_secs(3));
+    let done = get(&w, &id).unwrap();
+    let last = done["events"].as_array().unwrap().last().cloned().unwrap();
+    assert!(last["refused"].is_null(), "a trailing refusal: {last}");
+    assert_state(&done, "JOB_STATE_INTERRUPTED");
+    let list = w.list();
+    for d in list["databases"].as_array().unwrap() {
+        let error = d["lastError"].as_str().unwrap_or("");
+        assert!(
+            !error.contains("REPLAYED")
+                && error.contains("the agent stopped while this job was running"),
+            "{d}"
+        );
+    }
 }

@@ -563,11 +563,12 @@ impl Backups {
         }
     }
 
-    fn last_run(&self, name: &str) -> Option<Timestamp> {
+    /// Where schedule `name` counts from: its last run, else when it started counting.
+    fn since(&self, name: &str) -> Option<Timestamp> {
         lock(&self.state)
             .schedules
             .get(name)
-            .and_then(|s| s.last_run_at)
+            .and_then(|s| s.since())
     }
 
     async fn set_schedule(&self, name: &str, f: impl FnOnce(&mut state::ScheduleState)) {
@@ -580,12 +581,13 @@ impl Backups {
 
     async fn run_schedule(self: Arc<Self>, schedule: Schedule, shutdown: CancellationToken) {
         let now = Timestamp::now();
-        match schedule.on_start(self.last_run(schedule.name), now) {
+        match schedule.on_start(self.since(schedule.name), now) {
             OnStart::Baseline => {
                 info!(cron = %schedule.expr, tz = %schedule.time_zone, "schedule starts counting now");
+                // Not a run: LAST RUN stays empty until one happens.
                 self.set_schedule(schedule.name, |s| {
-                    s.last_run_at = Some(now);
-                    s.last_outcome = "counting from this controller's first start".into();
+                    s.counting_since = Some(now);
+                    s.last_outcome = state::NOT_RUN_YET.into();
                 })
                 .await;
             }
@@ -596,7 +598,7 @@ impl Backups {
             }
         }
         loop {
-            let last = self.last_run(schedule.name).unwrap_or_else(Timestamp::now);
+            let last = self.since(schedule.name).unwrap_or_else(Timestamp::now);
             let Some(next) = schedule.next_after(last) else {
                 warn!(cron = %schedule.expr, "schedule has no next occurrence; stopping it");
                 return;
@@ -698,7 +700,7 @@ impl Backups {
                     time_zone: s.time_zone.clone(),
                     last_run_at: saved.last_run_at.map(proto_ts),
                     next_run_at: s
-                        .next_after(saved.last_run_at.unwrap_or(now).max(now))
+                        .next_after(saved.since().unwrap_or(now).max(now))
                         .map(proto_ts),
                     running: running.contains_key(s.name),
                     last_job_id: saved.last_job_id,

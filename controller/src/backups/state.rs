@@ -79,14 +79,39 @@ impl SeriesState {
 /// One schedule.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 pub struct ScheduleState {
-    /// The occurrence last run (or, on a new install, when counting started).
+    /// The occurrence last run (None: never ran).
     pub last_run_at: Option<Timestamp>,
+    /// When counting started on a new install (nothing is owed for the time before).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub counting_since: Option<Timestamp>,
     /// The job of the last run.
     #[serde(default)]
     pub last_job_id: String,
     /// How it went.
     #[serde(default)]
     pub last_outcome: String,
+}
+
+/// What a schedule's first start used to record as its last run.
+const OLD_BASELINE: &str = "counting from this controller's first start";
+/// The outcome of a schedule that has not run yet.
+pub const NOT_RUN_YET: &str =
+    "not run yet: counting from this controller's first start (nothing owed before it)";
+
+impl ScheduleState {
+    /// Where the schedule counts its next occurrence from: the last run, else the start.
+    pub fn since(&self) -> Option<Timestamp> {
+        self.last_run_at.or(self.counting_since)
+    }
+
+    /// A state stored by an earlier version, whose first start looked like a run.
+    fn upgraded(mut self) -> Self {
+        if self.last_job_id.is_empty() && self.last_outcome == OLD_BASELINE {
+            self.counting_since = self.last_run_at.take();
+            self.last_outcome = NOT_RUN_YET.into();
+        }
+        self
+    }
 }
 
 /// The offsite backlog as the last backup run reported it.
@@ -128,9 +153,9 @@ impl State {
         let mut bad = Vec::new();
         for (key, value) in records {
             let ok = if let Some(name) = key.strip_prefix("schedule/") {
-                serde_json::from_slice(&value)
+                serde_json::from_slice::<ScheduleState>(&value)
                     .map(|s| {
-                        state.schedules.insert(name.to_string(), s);
+                        state.schedules.insert(name.to_string(), s.upgraded());
                     })
                     .is_ok()
             } else if key.starts_with("series/") {
@@ -269,13 +294,29 @@ impl State {
             if s.kept.is_empty() && damaged.is_empty() {
                 continue;
             }
+            // A backup other users can read is not a good state for it to be in.
+            let exposed: Vec<String> = r
+                .exposed
+                .iter()
+                .filter(|e| s.kept.iter().any(|i| i.file == e.path))
+                .map(|e| e.to_string())
+                .collect();
             s.last_verify_at = Some(at);
-            s.last_verify_ok = damaged.is_empty() && (ok || r.problems.is_empty());
-            s.last_verify_detail = if damaged.is_empty() {
+            s.last_verify_ok =
+                damaged.is_empty() && exposed.is_empty() && (ok || r.problems.is_empty());
+            let mut detail = if damaged.is_empty() {
                 format!("{} backup(s) good", s.kept.len())
             } else {
                 format!("{} damaged: {}", damaged.len(), damaged.join("; "))
             };
+            if !exposed.is_empty() {
+                detail.push_str(&format!(
+                    "; {} readable by other users: {}",
+                    exposed.len(),
+                    exposed.join("; ")
+                ));
+            }
+            s.last_verify_detail = detail;
         }
     }
 
@@ -401,6 +442,24 @@ mod tests {
         let (back, bad) = State::from_records(state.records());
         assert!(bad.is_empty());
         assert_eq!(back, state);
+    }
+
+    #[test]
+    fn a_first_start_stored_by_an_earlier_version_is_not_a_run() {
+        let at: Timestamp = "2026-04-09T02:00:00Z".parse().unwrap();
+        let old = serde_json::to_vec(&ScheduleState {
+            last_run_at: Some(at),
+            counting_since: None,
+            last_job_id: String::new(),
+            last_outcome: OLD_BASELINE.into(),
+        })
+        .unwrap();
+        let (state, bad) = State::from_records(vec![("schedule/backup".into(), old)]);
+        assert!(bad.is_empty());
+        let s = &state.schedules["backup"];
+        assert_eq!(s.last_run_at, None);
+        assert_eq!(s.since(), Some(at));
+        assert_eq!(s.last_outcome, NOT_RUN_YET);
     }
 
     #[test]

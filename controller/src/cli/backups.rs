@@ -1,7 +1,9 @@
 //! `sentinel backups list|run|verify|restore-test [--wait]`: the backups at a glance (per
 //! database the newest good backup and its age, how many are kept, the last verify and
 //! restore test; the schedules; the offsite backlog), or a run started now. With `--wait` a
-//! run is followed step by step and the exit code is its outcome (0 succeeded, 1 not).
+//! run is followed step by step and the exit code is its outcome: 0 succeeded, 1 not,
+//! [`EXIT_OFFSITE_FAILED`] a backup that succeeded here whose offsite copy (or pruning there)
+//! failed.
 
 use std::time::Duration;
 
@@ -10,9 +12,15 @@ use sentinel_proto::v1::{
     RunRestoreTestRequest, StepStatus, VerifyBackupsRequest,
 };
 
+use hostagent::jobs::backup::BackupReport;
+
 use super::deploy::status_err;
-use super::format::{ago, bytes, enum_word, state, truncate, when};
+use super::format::{ago, bytes, enum_word, one_line, state, truncate, when};
 use super::{ClientArgs, EXIT_FAILED};
+
+/// Exit code of `backups run --wait` when the backup succeeded on the backup host but its
+/// offsite copy, or pruning there, failed (what was not copied is retried at the next run).
+pub const EXIT_OFFSITE_FAILED: u8 = 3;
 
 /// `sentinel backups …`.
 #[derive(Debug, Clone, clap::Subcommand)]
@@ -84,7 +92,25 @@ pub async fn backups(client: &ClientArgs, command: BackupsCommand) -> anyhow::Re
     if !wait {
         return Ok(0);
     }
-    follow(client, &job.job_id).await
+    let job = follow(client, &job.job_id).await?;
+    Ok(exit_code(&job))
+}
+
+/// The exit code of a followed run: see the module docs.
+fn exit_code(job: &Job) -> u8 {
+    if job.state() != JobState::Succeeded {
+        return EXIT_FAILED;
+    }
+    let report = job.events.iter().rev().find_map(|e| match &e.event {
+        Some(job_event::Event::Finished(f)) if !f.result_json.is_empty() => {
+            serde_json::from_str::<BackupReport>(&f.result_json).ok()
+        }
+        _ => None,
+    });
+    match report.and_then(|r| r.offsite) {
+        Some(offsite) if !offsite.ok() => EXIT_OFFSITE_FAILED,
+        _ => 0,
+    }
 }
 
 async fn list(client: &ClientArgs, json: bool) -> anyhow::Result<u8> {
@@ -128,6 +154,11 @@ async fn list(client: &ClientArgs, json: bool) -> anyhow::Result<u8> {
                 } else {
                     "-".into()
                 },
+                if d.newest_good_file.is_empty() {
+                    "-".into()
+                } else {
+                    one_line(&d.newest_good_file)
+                },
                 bytes(d.newest_good_size),
                 format!(
                     "{}{}",
@@ -150,6 +181,7 @@ async fn list(client: &ClientArgs, json: bool) -> anyhow::Result<u8> {
             "BACKUP",
             "NEWEST GOOD",
             "AGE",
+            "FILE",
             "SIZE",
             "KEPT",
             "VERIFY",
@@ -166,7 +198,10 @@ async fn list(client: &ClientArgs, json: bool) -> anyhow::Result<u8> {
             vec![
                 s.name.clone(),
                 format!("{} ({})", s.cron, s.time_zone),
-                when(s.last_run_at.as_ref()),
+                match &s.last_run_at {
+                    None => "never".into(),
+                    Some(t) => when(Some(t)),
+                },
                 when(s.next_run_at.as_ref()),
                 if s.running {
                     "running".into()
@@ -194,8 +229,8 @@ async fn list(client: &ClientArgs, json: bool) -> anyhow::Result<u8> {
     Ok(0)
 }
 
-/// Prints the job's steps and log lines as they arrive; 0 only when it succeeded.
-async fn follow(client: &ClientArgs, job_id: &str) -> anyhow::Result<u8> {
+/// Prints the job's steps and log lines as they arrive; returns the job once it ended.
+async fn follow(client: &ClientArgs, job_id: &str) -> anyhow::Result<Job> {
     let mut api = client.connect().await?;
     let mut seen = 0u64;
     let job: Job = loop {
@@ -231,9 +266,61 @@ async fn follow(client: &ClientArgs, job_id: &str) -> anyhow::Result<u8> {
     };
     let word = enum_word(job.state().as_str_name(), "JOB_STATE_");
     println!("job {} {word}: {}", job.job_id, job.detail);
-    Ok(if job.state() == JobState::Succeeded {
-        0
-    } else {
-        EXIT_FAILED
-    })
+    Ok(job)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use hostagent::jobs::backup::offsite;
+    use sentinel_proto::v1::{JobEvent, JobFinished};
+
+    fn finished(state: JobState, report: &BackupReport) -> Job {
+        Job {
+            state: state as i32,
+            events: vec![JobEvent {
+                event: Some(job_event::Event::Finished(JobFinished {
+                    state: state as i32,
+                    detail: String::new(),
+                    result_json: serde_json::to_string(report).unwrap(),
+                })),
+                ..Default::default()
+            }],
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn a_backup_whose_offsite_copy_failed_has_its_own_exit_code() {
+        let copied = BackupReport {
+            offsite: Some(offsite::Report::default()),
+            ..Default::default()
+        };
+        assert_eq!(exit_code(&finished(JobState::Succeeded, &copied)), 0);
+        let mut failed = copied.clone();
+        if let Some(o) = failed.offsite.as_mut() {
+            o.error = Some("rsync failed".into());
+        }
+        assert_eq!(
+            exit_code(&finished(JobState::Succeeded, &failed)),
+            EXIT_OFFSITE_FAILED
+        );
+        let mut prune = copied.clone();
+        if let Some(o) = prune.offsite.as_mut() {
+            o.prune_error = Some("rsync failed".into());
+        }
+        assert_eq!(
+            exit_code(&finished(JobState::Succeeded, &prune)),
+            EXIT_OFFSITE_FAILED
+        );
+        // A failed backup is a failure first.
+        assert_eq!(exit_code(&finished(JobState::Failed, &failed)), EXIT_FAILED);
+        assert_eq!(exit_code(&Job::default()), EXIT_FAILED);
+        // Verify and restore-test results are not backup reports.
+        let mut verify = finished(JobState::Succeeded, &copied);
+        if let Some(job_event::Event::Finished(f)) = &mut verify.events[0].event {
+            f.result_json = r#"{"checked":3}"#.into();
+        }
+        assert_eq!(exit_code(&verify), 0);
+    }
 }

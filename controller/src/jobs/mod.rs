@@ -17,7 +17,7 @@ use sentinel_proto::v1::{
 };
 use tokio::sync::{broadcast, Notify};
 use tonic::Status;
-use tracing::{info, warn};
+use tracing::{debug, info, warn};
 
 use crate::registry::Registry;
 use crate::store::{Store, StoreError, StoredJob};
@@ -290,6 +290,12 @@ impl JobQueue {
                     } as i32;
                     job.detail = f.detail.clone();
                     info!(host, job_id = %id, state = state.as_str_name(), detail = %f.detail, "job finished");
+                }
+                Some(job_event::Event::Refused(r)) => {
+                    // A job that already ended, re-sent after a reconnect and refused as a
+                    // replay: that says nothing about how it ended, so it is not kept.
+                    debug!(host, job_id = %id, detail = %r.detail, "refusal of a finished job ignored");
+                    return;
                 }
                 _ => {}
             }

@@ -193,6 +193,7 @@ pub async fn run_tool_io<R: Send + 'static>(
             if let Some(err) = stderr {
                 let mut lines = tokio::io::BufReader::new(err).lines();
                 while let Ok(Some(line)) = lines.next_line().await {
+                    let line = without_tool_prefix(&line, what, &program).to_string();
                     events.log("stderr", &format!("{what}: {line}"));
                     tail.push(line);
                     if tail.len() > 8 {
@@ -249,14 +250,105 @@ pub async fn run_tool_io<R: Send + 'static>(
     }
 }
 
+/// The mode of every file the agent writes under a backup dir (and offsite): dumps hold
+/// production data, manifests name every table.
+pub const FILE_MODE: u32 = 0o600;
+/// The mode of every directory the agent creates under a backup dir (and offsite).
+pub const DIR_MODE: u32 = 0o700;
+
+/// Creates `dir` and its missing parents as private directories ([`DIR_MODE`], whatever the
+/// process's umask). Existing directories are left as they are.
+pub fn create_private_dir_all(dir: &Path) -> std::io::Result<()> {
+    if dir.is_dir() {
+        return Ok(());
+    }
+    let missing: Vec<&Path> = dir.ancestors().take_while(|a| !a.exists()).collect();
+    for d in missing.into_iter().rev() {
+        let mut builder = std::fs::DirBuilder::new();
+        #[cfg(unix)]
+        {
+            use std::os::unix::fs::DirBuilderExt;
+            builder.mode(DIR_MODE);
+        }
+        match builder.create(d) {
+            Ok(()) => set_mode(d, DIR_MODE)?,
+            // Another run (or the operator) made it meanwhile.
+            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists && d.is_dir() => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(())
+}
+
+/// Creates (or truncates) `path` for writing, private ([`FILE_MODE`], whatever the umask).
+pub fn create_private_file(path: &Path) -> std::io::Result<std::fs::File> {
+    let mut options = std::fs::OpenOptions::new();
+    options.write(true).create(true).truncate(true);
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::OpenOptionsExt;
+        options.mode(FILE_MODE);
+    }
+    let file = options.open(path)?;
+    // The mode given to open only applies to a new file, and the umask may take bits off.
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt;
+        file.set_permissions(std::fs::Permissions::from_mode(FILE_MODE))?;
+    }
+    Ok(file)
+}
+
+/// Sets `path`'s permission bits to `mode`.
+fn set_mode(path: &Path, mode: u32) -> std::io::Result<()> {
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode))?;
+    }
+    #[cfg(not(unix))]
+    let _ = (path, mode);
+    Ok(())
+}
+
+/// The permission bits of `meta` when they give more than `allowed` (group or other bits on
+/// a private file or directory), else None.
+pub fn wider_mode(meta: &std::fs::Metadata, allowed: u32) -> Option<u32> {
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt;
+        let mode = meta.permissions().mode() & 0o7777;
+        (mode & !allowed != 0).then_some(mode)
+    }
+    #[cfg(not(unix))]
+    {
+        let _ = (meta, allowed);
+        None
+    }
+}
+
+/// `line` without the `NAME: ` the tool starts its messages with (pg_restore, pg_dump, rsync
+/// do), so that prefixed with what ran it names the tool once: "pg_restore: error: ...".
+fn without_tool_prefix<'a>(line: &'a str, what: &str, program: &str) -> &'a str {
+    let binary = Path::new(program)
+        .file_name()
+        .and_then(|n| n.to_str())
+        .unwrap_or(program);
+    let first = what.split_whitespace().next().unwrap_or(what);
+    [binary, first]
+        .iter()
+        .find_map(|name| line.strip_prefix(name)?.strip_prefix(": "))
+        .unwrap_or(line)
+}
+
 /// Puts a finished (already fsynced) temp file in place: rename, then fsync of the directory
-/// so the rename survives a crash.
+/// so the rename survives a crash. Missing directories are created private.
 pub async fn place(tmp: &Path, dest: &Path) -> Result<(), String> {
     let (tmp, dest) = (tmp.to_path_buf(), dest.to_path_buf());
     tokio::task::spawn_blocking(move || {
         let fail = |what: &str, p: &Path, e: std::io::Error| format!("{what} {}: {e}", p.display());
         let parent = dest.parent().unwrap_or(Path::new("."));
-        std::fs::create_dir_all(parent).map_err(|e| fail("creating", parent, e))?;
+        create_private_dir_all(parent).map_err(|e| fail("creating", parent, e))?;
         std::fs::rename(&tmp, &dest).map_err(|e| fail("renaming into", &dest, e))?;
         sync_dir(parent).map_err(|e| fail("syncing", parent, e))
     })
@@ -264,8 +356,8 @@ pub async fn place(tmp: &Path, dest: &Path) -> Result<(), String> {
     .map_err(|e| format!("file task failed: {e}"))?
 }
 
-/// Writes `bytes` to `path` atomically: a temp file beside it, fsync, rename, fsync of the
-/// directory.
+/// Writes `bytes` to `path` atomically and privately: a temp file beside it (mode
+/// [`FILE_MODE`]), fsync, rename, fsync of the directory.
 pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<(), BackupError> {
     use std::io::Write;
     let io = |p: &Path, e: std::io::Error| BackupError::Io {
@@ -273,13 +365,13 @@ pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<(), BackupError> {
         message: e.to_string(),
     };
     let parent = path.parent().unwrap_or(Path::new("."));
-    std::fs::create_dir_all(parent).map_err(|e| io(parent, e))?;
+    create_private_dir_all(parent).map_err(|e| io(parent, e))?;
     let name = path
         .file_name()
         .map(|n| n.to_string_lossy().into_owned())
         .unwrap_or_default();
     let tmp = parent.join(format!(".{name}.partial"));
-    let mut f = std::fs::File::create(&tmp).map_err(|e| io(&tmp, e))?;
+    let mut f = create_private_file(&tmp).map_err(|e| io(&tmp, e))?;
     f.write_all(bytes)
         .and_then(|()| f.sync_all())
         .map_err(|e| io(&tmp, e))?;
@@ -319,23 +411,22 @@ impl<'a> Step<'a> {
     }
 }
 
-/// Creates the backup dir and empties its private temp dir (`.tmp`, mode 0700): whatever a
-/// crashed run left there is incomplete by construction.
+/// Creates the backup dir (private, see [`DIR_MODE`]; an existing one wider than that is
+/// narrowed when the agent may, and verify reports it when not) and empties its private temp
+/// dir (`.tmp`): whatever a crashed run left there is incomplete by construction.
 pub(crate) fn prepare_dir(dir: &Path) -> Result<PathBuf, String> {
-    std::fs::create_dir_all(dir).map_err(|e| format!("creating {}: {e}", dir.display()))?;
+    create_private_dir_all(dir).map_err(|e| format!("creating {}: {e}", dir.display()))?;
+    if let Ok(meta) = std::fs::metadata(dir) {
+        if wider_mode(&meta, DIR_MODE).is_some() {
+            // Best effort: the agent may not own a mount point; verify reports what stays open.
+            let _ = set_mode(dir, DIR_MODE);
+        }
+    }
     let tmp = dir.join(".tmp");
     if tmp.exists() {
         std::fs::remove_dir_all(&tmp).map_err(|e| format!("clearing {}: {e}", tmp.display()))?;
     }
-    let mut builder = std::fs::DirBuilder::new();
-    #[cfg(unix)]
-    {
-        use std::os::unix::fs::DirBuilderExt;
-        builder.mode(0o700);
-    }
-    builder
-        .create(&tmp)
-        .map_err(|e| format!("creating {}: {e}", tmp.display()))?;
+    create_private_dir_all(&tmp).map_err(|e| format!("creating {}: {e}", tmp.display()))?;
     Ok(tmp)
 }
 
@@ -528,8 +619,9 @@ async fn backup(
     }
 
     if !p.offsite_target.is_empty() {
+        let target = p.offsite_target.as_str();
         let step = Step::start(events, "offsite");
-        let r = offsite::sync(config, &dir, &p.offsite_target, to_copy, events).await;
+        let mut r = offsite::sync(config, &dir, target, to_copy, events).await;
         step.end(&match &r.error {
             None => Ok(format!("copied and checked {} file(s)", r.copied.len())),
             Some(e) => Err(format!(
@@ -537,6 +629,34 @@ async fn backup(
                 r.pending.len()
             )),
         });
+        if p.retention.is_some() && !done.is_empty() {
+            const STEP: &str = "offsite prune";
+            if r.error.is_none() && r.pending.is_empty() {
+                let step = Step::start(events, STEP);
+                let policy = policy_of(&retention_params);
+                match offsite::prune(config, &dir, target, &done, policy, taken_at, &tz, events)
+                    .await
+                {
+                    Ok(pruned) => {
+                        step.end(&Ok(format!("removed {} file(s) at {target}", pruned.len())));
+                        r.pruned = pruned;
+                    }
+                    Err(e) => {
+                        step.end(&Err(e.clone()));
+                        r.prune_error = Some(e);
+                    }
+                }
+            } else {
+                // Pruning against an incomplete copy could leave the target with fewer
+                // backups than the policy promises.
+                events.step(
+                    STEP,
+                    StepStatus::Skipped,
+                    "the copy is incomplete; pruning waits for a complete, checked copy",
+                    Duration::ZERO,
+                );
+            }
+        }
         report.offsite = Some(r);
     }
 
@@ -551,7 +671,7 @@ async fn backup(
         human_bytes(bytes)
     );
     if p.retention.is_some() {
-        summary.push_str(&format!("; pruned {} file(s)", report.pruned.len()));
+        summary.push_str(&format!("; pruned {} file(s) here", report.pruned.len()));
     }
     if let Some(o) = &report.offsite {
         match &o.error {
@@ -563,6 +683,17 @@ async fn backup(
                 "; offsite copy FAILED ({e}): {} file(s) pending, retried at the next run",
                 o.pending.len()
             )),
+        }
+        if p.retention.is_some() {
+            match &o.prune_error {
+                None if o.error.is_none() => summary.push_str(&format!(
+                    ", pruned {} file(s) at {}",
+                    o.pruned.len(),
+                    o.target
+                )),
+                None => summary.push_str(", nothing pruned there until a complete copy"),
+                Some(e) => summary.push_str(&format!(", pruning there FAILED ({e})")),
+            }
         }
     }
     if failures.is_empty() {
@@ -716,6 +847,45 @@ mod tests {
         assert_eq!(now.as_second(), 1_800_000_000);
         retention.simulated_now = None;
         assert!(!clock(Some(&retention), &config).unwrap().1);
+    }
+
+    #[test]
+    fn a_tools_own_prefix_is_not_repeated() {
+        let bin = "/usr/lib/postgresql/15/bin/pg_restore";
+        let line = "pg_restore: error: could not read input file";
+        assert_eq!(
+            format!(
+                "pg_restore: {}",
+                without_tool_prefix(line, "pg_restore", bin)
+            ),
+            "pg_restore: error: could not read input file"
+        );
+        assert_eq!(
+            without_tool_prefix(line, "pg_restore --list", bin),
+            "error: could not read input file"
+        );
+        assert_eq!(
+            without_tool_prefix("rsync error: some files", "rsync", "rsync"),
+            "rsync error: some files"
+        );
+        assert_eq!(without_tool_prefix("plain", "tar", "tar"), "plain");
+    }
+
+    #[test]
+    fn private_files_and_directories_whatever_the_umask() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("a/b/c.json");
+        // The test process's umask (usually 022) would give 0644 and 0755.
+        write_atomic(&file, b"{}").unwrap();
+        let mode = |p: &Path| std::fs::metadata(p).unwrap().permissions().mode() & 0o777;
+        assert_eq!(mode(&file), 0o600);
+        assert_eq!(mode(&dir.path().join("a")), 0o700);
+        assert_eq!(mode(&dir.path().join("a/b")), 0o700);
+        std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
+        prepare_dir(dir.path()).unwrap();
+        assert_eq!(mode(dir.path()), 0o700, "the backup dir is narrowed");
+        assert_eq!(mode(&dir.path().join(".tmp")), 0o700);
     }
 
     #[test]

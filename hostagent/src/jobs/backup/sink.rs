@@ -55,11 +55,11 @@ pub struct Sink {
 }
 
 impl Sink {
-    /// Creates the temp file `path`, encrypting to `keys` when given (the age header is
+    /// Creates the temp file `path` (private: it becomes the backup file), encrypting to `keys` when given (the age header is
     /// written now).
     pub fn create(path: &Path, keys: Option<&Keys>) -> Result<Self, String> {
-        let file =
-            std::fs::File::create(path).map_err(|e| format!("creating {}: {e}", path.display()))?;
+        let file = super::create_private_file(path)
+            .map_err(|e| format!("creating {}: {e}", path.display()))?;
         let hashing = Hashing {
             inner: file,
             hasher: Sha256::new(),

@@ -5,7 +5,8 @@
 //! checked. Without an identity to decrypt with, encrypted files are checked by sha256 and
 //! header only, and the result says so. What it finds is written back into the manifests
 //! (`verified_at`, `damaged`), so retention stops counting a damaged dump as its day's backup
-//! and `ListBackups` shows the newest *good* one.
+//! and `ListBackups` shows the newest *good* one. Files and directories that other local
+//! users could read or enter (wider than 0600 and 0700) are reported, and fail the verify.
 
 use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
@@ -54,6 +55,37 @@ pub struct VerifyReport {
     pub unread: Vec<String>,
     /// What the backup dir holds, with what this run found.
     pub inventory: Vec<SeriesInventory>,
+    /// Files and directories whose mode lets other users read or enter them.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub exposed: Vec<Exposed>,
+}
+
+/// A file or directory under the backup dir whose mode is wider than the agent's own (see
+/// [`super::FILE_MODE`], [`super::DIR_MODE`]).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Exposed {
+    /// Relative to the backup dir (`.` for the dir itself).
+    pub path: String,
+    /// Its permission bits.
+    pub mode: u32,
+    /// Whether it is a directory.
+    #[serde(default)]
+    pub dir: bool,
+}
+
+impl std::fmt::Display for Exposed {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let (allowed, fix) = if self.dir {
+            (super::DIR_MODE, "chmod 700")
+        } else {
+            (super::FILE_MODE, "chmod 600")
+        };
+        write!(
+            f,
+            "{} is mode {:04o}, wider than {allowed:04o} ({fix} it)",
+            self.path, self.mode
+        )
+    }
 }
 
 /// Runs a verify job.
@@ -142,9 +174,13 @@ async fn verify(
         }
     }
     report.unlisted = unlisted(&dir, &listed);
+    report.exposed = exposed(&dir);
+    for e in &report.exposed {
+        events.log("agent", &format!("READABLE BY OTHERS: {e}"));
+    }
     report.inventory = manifest::inventory(&manifests);
     let summary = format!(
-        "checked {} file(s), {}: {} damaged{}{}{}",
+        "checked {} file(s), {}: {} damaged{}{}{}{}",
         report.checked,
         human_bytes(report.bytes),
         report.damaged.len(),
@@ -166,19 +202,29 @@ async fn verify(
             String::new()
         } else {
             format!(", {} file(s) in no manifest", report.unlisted.len())
+        },
+        if report.exposed.is_empty() {
+            String::new()
+        } else {
+            format!(
+                ", {} file(s) or directories readable by other users",
+                report.exposed.len()
+            )
         }
     );
-    let result = if report.damaged.is_empty() && report.problems.is_empty() {
-        Ok(summary)
-    } else {
-        let what: Vec<String> = report
-            .damaged
-            .iter()
-            .map(|d| format!("{}: {}", d.file, d.error))
-            .chain(report.problems.iter().cloned())
-            .collect();
-        Err(format!("{summary}: {}", what.join("; ")))
-    };
+    let result =
+        if report.damaged.is_empty() && report.problems.is_empty() && report.exposed.is_empty() {
+            Ok(summary)
+        } else {
+            let what: Vec<String> = report
+                .damaged
+                .iter()
+                .map(|d| format!("{}: {}", d.file, d.error))
+                .chain(report.problems.iter().cloned())
+                .chain(report.exposed.iter().map(|e| e.to_string()))
+                .collect();
+            Err(format!("{summary}: {}", what.join("; ")))
+        };
     step.end(&result);
     result.map_err(JobError::Failed)
 }
@@ -290,6 +336,50 @@ pub fn should_be_encrypted(entry: &Entry) -> bool {
     entry.encrypted || entry.file.ends_with(encryption::SUFFIX)
 }
 
+/// The backup dir, and everything in it (dot-files, the agent's work files, aside), whose
+/// mode is wider than the agent's own: a dump another user can read leaks production data.
+fn exposed(dir: &Path) -> Vec<Exposed> {
+    let mut out = Vec::new();
+    let mut stack = vec![dir.to_path_buf()];
+    while let Some(path) = stack.pop() {
+        let Ok(meta) = std::fs::symlink_metadata(&path) else {
+            continue;
+        };
+        let rel = match path.strip_prefix(dir) {
+            Ok(r) if r.as_os_str().is_empty() => ".".to_string(),
+            Ok(r) => r.to_string_lossy().into_owned(),
+            Err(_) => continue,
+        };
+        let is_dir = meta.is_dir();
+        if !is_dir && !meta.is_file() {
+            continue;
+        }
+        let allowed = if is_dir {
+            super::DIR_MODE
+        } else {
+            super::FILE_MODE
+        };
+        if let Some(mode) = super::wider_mode(&meta, allowed) {
+            out.push(Exposed {
+                path: rel,
+                mode,
+                dir: is_dir,
+            });
+        }
+        if is_dir {
+            if let Ok(read) = std::fs::read_dir(&path) {
+                for entry in read.flatten() {
+                    if !entry.file_name().to_string_lossy().starts_with('.') {
+                        stack.push(entry.path());
+                    }
+                }
+            }
+        }
+    }
+    out.sort_by(|a, b| a.path.cmp(&b.path));
+    out
+}
+
 /// Backup files that no manifest lists (dot-files, manifests and the pending list aside).
 fn unlisted(dir: &Path, listed: &BTreeSet<String>) -> Vec<String> {
     let mut out = Vec::new();
@@ -320,4 +410,41 @@ fn unlisted(dir: &Path, listed: &BTreeSet<String>) -> Vec<String> {
     }
     out.sort();
     out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::os::unix::fs::PermissionsExt;
+
+    #[test]
+    fn files_and_directories_wider_than_private_are_reported() {
+        let dir = tempfile::tempdir().unwrap();
+        let root = dir.path();
+        std::fs::set_permissions(root, std::fs::Permissions::from_mode(0o700)).unwrap();
+        super::super::write_atomic(&root.join("production/db/db-1.dump"), b"x").unwrap();
+        assert_eq!(
+            exposed(root),
+            Vec::new(),
+            "what the agent writes is private"
+        );
+        std::fs::set_permissions(
+            root.join("production/db/db-1.dump"),
+            std::fs::Permissions::from_mode(0o640),
+        )
+        .unwrap();
+        std::fs::set_permissions(
+            root.join("production"),
+            std::fs::Permissions::from_mode(0o755),
+        )
+        .unwrap();
+        let found = exposed(root);
+        assert_eq!(
+            found.iter().map(|e| e.to_string()).collect::<Vec<_>>(),
+            vec![
+                "production is mode 0755, wider than 0700 (chmod 700 it)",
+                "production/db/db-1.dump is mode 0640, wider than 0600 (chmod 600 it)",
+            ]
+        );
+    }
 }
