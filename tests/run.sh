@@ -35,6 +35,12 @@ if ! cargo deb --version 2>/dev/null | grep -q '3\.8\.0'; then
   cargo install --locked cargo-deb --version 3.8.0
 fi
 
+# cargo-deny checks advisories, licences, bans and sources (deny.toml); pinned like cargo-deb.
+if ! cargo deny --version 2>/dev/null | grep -q '0\.20\.2'; then
+  echo "== installing cargo-deny"
+  cargo install --locked cargo-deny --version 0.20.2
+fi
+
 if ! docker info >/dev/null 2>&1; then
   echo "== starting the Docker daemon"
   (service docker start || (nohup dockerd >/tmp/dockerd.log 2>&1 &)) >/dev/null 2>&1 || true
@@ -42,6 +48,21 @@ if ! docker info >/dev/null 2>&1; then
 fi
 docker info --format 'docker {{.ServerVersion}}'
 
+echo "== formatting (cargo fmt --check)"
+cargo fmt --all -- --check
+echo "== dependencies (cargo deny)"
+cargo deny --log-level error check licenses bans sources
+# The RustSec advisory database is a git repository on GitHub, which this workplace's machines do
+# not reach (only the package registries): advisories are checked against a local copy when one
+# is there (`cargo deny fetch` on a connected machine fills ~/.cargo/advisory-dbs), else the run
+# says it skipped them.
+if ls "${CARGO_HOME:-$HOME/.cargo}"/advisory-dbs/*/crates >/dev/null 2>&1; then
+  cargo deny --log-level error check --disable-fetch advisories
+else
+  echo "cargo deny check advisories: skipped, no local RustSec advisory database (run 'cargo deny fetch' where github.com is reachable)"
+fi
+echo "== lints (cargo clippy -D warnings)"
+cargo clippy --locked --workspace --all-targets -- -D warnings
 echo "== building"
 cargo build --locked --workspace --bins
 echo "== testing"
