@@ -10,6 +10,12 @@ use std::task::{Context, Poll};
 use std::time::Duration;
 
 use hostagent::tls::{load_certs, load_key, load_roots, provider, TlsError, TlsFiles};
+use rustls::client::danger::HandshakeSignatureValid;
+use rustls::pki_types::{CertificateDer, UnixTime};
+use rustls::server::danger::{ClientCertVerified, ClientCertVerifier};
+use rustls::{
+    CertificateError, DigitallySignedStruct, DistinguishedName, OtherError, SignatureScheme,
+};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::mpsc;
@@ -30,11 +36,15 @@ const ACCEPT_QUEUE: usize = 1024;
 /// fleet CA, ALPN h2.
 pub fn server_config(files: &TlsFiles) -> Result<Arc<rustls::ServerConfig>, TlsError> {
     let roots = Arc::new(load_roots(&files.ca)?);
-    let verifier = rustls::server::WebPkiClientVerifier::builder_with_provider(roots, provider())
+    let webpki = rustls::server::WebPkiClientVerifier::builder_with_provider(roots, provider())
         .build()
         .map_err(|e| {
             TlsError::Config(format!("client verifier for {}: {e}", files.ca.display()))
         })?;
+    let verifier = Arc::new(IssuedByFleetCa {
+        inner: webpki,
+        intermediates: Vec::new(),
+    });
     let certs = load_certs(&files.cert, "certificate")?;
     let key = load_key(&files.key)?;
     let mut config = rustls::ServerConfig::builder_with_provider(provider())
@@ -51,6 +61,88 @@ pub fn server_config(files: &TlsFiles) -> Result<Arc<rustls::ServerConfig>, TlsE
         })?;
     config.alpn_protocols = vec![b"h2".to_vec()];
     Ok(Arc::new(config))
+}
+
+/// The client verifier: webpki's, except that the chain is built only from certificates the
+/// controller trusts, never from intermediates the client sends. rustls does not enforce a
+/// trust anchor's own constraints, so the fleet CA's `pathlen:0` alone does not stop a CA:TRUE
+/// certificate it signed (by mistake or long ago) from issuing `operator/admin/...`; with the
+/// client's intermediates ignored, a peer's certificate must be issued by the fleet CA itself
+/// (or by an issuing intermediate configured here, once enrolment brings one).
+#[derive(Debug)]
+struct IssuedByFleetCa {
+    inner: Arc<dyn ClientCertVerifier>,
+    /// Issuing intermediates the controller itself trusts (none yet).
+    intermediates: Vec<CertificateDer<'static>>,
+}
+
+/// Why a client certificate that only chains through its own intermediates is refused.
+#[derive(Debug, thiserror::Error)]
+#[error(
+    "client certificate is not issued by the fleet CA itself ({sent} intermediate(s) sent by \
+     the client are not trusted: {source})"
+)]
+struct NotIssuedByFleetCa {
+    sent: usize,
+    source: rustls::Error,
+}
+
+impl ClientCertVerifier for IssuedByFleetCa {
+    fn offer_client_auth(&self) -> bool {
+        self.inner.offer_client_auth()
+    }
+
+    fn client_auth_mandatory(&self) -> bool {
+        self.inner.client_auth_mandatory()
+    }
+
+    fn root_hint_subjects(&self) -> &[DistinguishedName] {
+        self.inner.root_hint_subjects()
+    }
+
+    fn verify_client_cert(
+        &self,
+        end_entity: &CertificateDer<'_>,
+        intermediates: &[CertificateDer<'_>],
+        now: UnixTime,
+    ) -> Result<ClientCertVerified, rustls::Error> {
+        self.inner
+            .verify_client_cert(end_entity, &self.intermediates, now)
+            .map_err(|source| {
+                if intermediates.is_empty() {
+                    source
+                } else {
+                    rustls::Error::InvalidCertificate(CertificateError::Other(OtherError(
+                        Arc::new(NotIssuedByFleetCa {
+                            sent: intermediates.len(),
+                            source,
+                        }),
+                    )))
+                }
+            })
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        self.inner.verify_tls12_signature(message, cert, dss)
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        self.inner.verify_tls13_signature(message, cert, dss)
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
+        self.inner.supported_verify_schemes()
+    }
 }
 
 /// An accepted, authenticated connection.

@@ -1,7 +1,17 @@
 //! Who may call what: mTLS with the fleet CA only, host certificates on the agent channel only
-//! and only under their own name, operator certificates on the operator API with roles.
+//! and only under their own name, operator certificates on the operator API with roles; and
+//! what a peer with a valid certificate (a compromised host) or without one can and cannot do
+//! to the controller.
 
-use sentinel_e2e::{eventually, free_port, Fleet};
+use std::sync::{Arc, Mutex};
+
+use prost::Message;
+use sentinel_e2e::{eventually, free_port, Controller, Fleet, Value};
+use sentinel_proto::v1::agent_service_client::AgentServiceClient;
+use sentinel_proto::v1::{
+    agent_message, controller_message, job_event, AgentMessage, ControllerMessage, Hello, HostInfo,
+    JobAccepted, JobEvent, JobFinished, JobLog, JobSpec, JobState,
+};
 
 #[test]
 fn a_client_without_a_certificate_is_refused() {
@@ -135,4 +145,399 @@ fn a_viewer_reads_but_cannot_start_work() {
         write.stderr
     );
     assert!(write.stderr.contains("deployer"), "{}", write.stderr);
+}
+
+// ---------------------------------------------------------------------------------------------
+// A hostile agent: the agent protocol spoken with a real host certificate, sending whatever the
+// test says (what a compromised host can do).
+// ---------------------------------------------------------------------------------------------
+
+#[derive(Default)]
+struct Seen {
+    messages: Vec<ControllerMessage>,
+    /// How the controller ended the stream, once it did.
+    ended: Option<String>,
+}
+
+struct HostileAgent {
+    runtime: tokio::runtime::Runtime,
+    tx: Option<tokio::sync::mpsc::Sender<AgentMessage>>,
+    seen: Arc<Mutex<Seen>>,
+}
+
+impl HostileAgent {
+    /// Opens an agent stream with `host-CERT`'s certificate and sends a hello for `hello_name`.
+    fn connect(fleet: &Fleet, cert: &str, addr: &str, hello_name: &str) -> Result<Self, String> {
+        let runtime = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(1)
+            .enable_all()
+            .build()
+            .map_err(|e| e.to_string())?;
+        let tls = hostagent::tls::client_config(&hostagent::tls::TlsFiles {
+            ca: fleet.certs.join("ca.pem"),
+            cert: fleet.certs.join(format!("host-{cert}.pem")),
+            key: fleet.certs.join(format!("host-{cert}.key")),
+        })
+        .map_err(|e| e.to_string())?;
+        let channel = runtime.block_on(hostagent::tls::channel(addr, None, tls))?;
+        let (tx, rx) = tokio::sync::mpsc::channel(1024);
+        tx.try_send(AgentMessage {
+            msg: Some(agent_message::Msg::Hello(Hello {
+                host: Some(HostInfo {
+                    name: hello_name.into(),
+                    agent_version: "hostile".into(),
+                    ..Default::default()
+                }),
+                journal_job_ids: Vec::new(),
+            })),
+        })
+        .map_err(|e| e.to_string())?;
+        let mut client = AgentServiceClient::new(channel)
+            .max_decoding_message_size(16 << 20)
+            .max_encoding_message_size(16 << 20);
+        let mut inbound = runtime
+            .block_on(client.connect(tokio_stream::wrappers::ReceiverStream::new(rx)))
+            .map_err(|s| s.message().to_string())?
+            .into_inner();
+        let seen = Arc::new(Mutex::new(Seen::default()));
+        let record = seen.clone();
+        runtime.spawn(async move {
+            let ended = loop {
+                match inbound.message().await {
+                    Ok(Some(m)) => record.lock().unwrap().messages.push(m),
+                    Ok(None) => break "the controller ended the stream".to_string(),
+                    Err(status) => break status.message().to_string(),
+                }
+            };
+            record.lock().unwrap().ended = Some(ended);
+        });
+        Ok(Self {
+            runtime,
+            tx: Some(tx),
+            seen,
+        })
+    }
+
+    fn send(&self, msg: agent_message::Msg) {
+        if let Some(tx) = &self.tx {
+            let _ = self
+                .runtime
+                .block_on(tx.send(AgentMessage { msg: Some(msg) }));
+        }
+    }
+
+    fn send_event(&self, job_id: &str, seq: u64, event: job_event::Event) {
+        self.send(agent_message::Msg::JobEvent(JobEvent {
+            job_id: job_id.into(),
+            seq,
+            at: None,
+            event: Some(event),
+        }));
+    }
+
+    /// How the controller ended the stream, if it did.
+    fn ended(&self) -> Option<String> {
+        self.seen.lock().unwrap().ended.clone()
+    }
+
+    /// The ids of the jobs the controller sent.
+    fn job_ids(&self) -> Vec<String> {
+        self.seen
+            .lock()
+            .unwrap()
+            .messages
+            .iter()
+            .filter_map(|m| match &m.msg {
+                Some(controller_message::Msg::Job(job)) => {
+                    JobSpec::decode(job.spec.as_slice()).ok().map(|s| s.job_id)
+                }
+                _ => None,
+            })
+            .collect()
+    }
+}
+
+/// A controller with a signing key and one app whose staging host is `hub-alfa`, so that a
+/// Rollback makes a job for hub-alfa.
+fn controller_with_jobs(fleet: &Fleet) -> Controller {
+    let c = fleet.certs.display();
+    let extra = format!(
+        "[signing]\nkey = \"{c}/signing.key\"\n\n[[apps]]\nname = \"shop\"\nrepo = \"{}\"\n[apps.staging]\nhost = \"hub-alfa\"\napp_dir = \"{}\"\n[apps.production]\nhost = \"prod-alfa\"\napp_dir = \"{}\"\n",
+        fleet.path("repo").display(),
+        fleet.path("apps-hub-alfa/shop").display(),
+        fleet.path("apps-prod-alfa/shop").display(),
+    );
+    fleet.start_controller(free_port(), &extra)
+}
+
+/// A real agent for hub-alfa that runs rollbacks.
+fn start_job_agent(fleet: &Fleet, controller: &Controller) -> sentinel_e2e::Proc {
+    let c = fleet.certs.display();
+    let jobs = format!(
+        "[collectors]\ndocker = false\n[jobs]\nstate_dir = \"{}\"\ntrusted_keys = [\"{c}/signing.pub\"]\nallowed_kinds = [\"rollback\"]\napp_dirs = [\"{}\"]\n",
+        fleet.path("state-hub-alfa").display(),
+        fleet.path("apps-hub-alfa").display(),
+    );
+    fleet.start_agent("hub-alfa", "hub-alfa", &controller.addr, &jobs)
+}
+
+/// Asks for a staging rollback of `shop` and returns the id of the job it makes.
+fn submit_rollback(controller: &Controller) -> String {
+    let d = controller
+        .grpcurl(
+            Some(r#"{"app":"shop","environment":"staging"}"#),
+            "sentinel.v1.FleetService/Rollback",
+        )
+        .json()
+        .unwrap();
+    let deploy_id = d["deployId"].as_str().unwrap().to_string();
+    eventually("the rollback's job", || {
+        let d = controller
+            .grpcurl(
+                Some(&format!("{{\"deploy_id\":\"{deploy_id}\"}}")),
+                "sentinel.v1.FleetService/GetDeploy",
+            )
+            .json()?;
+        d["steps"][0]["jobId"]
+            .as_str()
+            .map(str::to_string)
+            .ok_or_else(|| d.to_string())
+    })
+}
+
+fn get_job(controller: &Controller, job_id: &str) -> Result<(Value, usize), String> {
+    let r = controller.grpcurl(
+        Some(&format!("{{\"job_id\":\"{job_id}\"}}")),
+        "sentinel.v1.FleetService/GetJob",
+    );
+    let size = r.stdout.len();
+    r.json().map(|j| (j, size))
+}
+
+// ---------------------------------------------------------------------------------------------
+// Certificates
+// ---------------------------------------------------------------------------------------------
+
+/// Writes `operator-NAME.pem` (leaf, then a CA:TRUE intermediate signed by the fleet CA) and
+/// `operator-NAME.key`: the chain a rogue sub-CA would make.
+fn forge_operator_through_intermediate(fleet: &Fleet, name: &str, role: &str) {
+    use rcgen::{
+        BasicConstraints, CertificateParams, DistinguishedName, DnType, ExtendedKeyUsagePurpose,
+        IsCa, Issuer, KeyPair, KeyUsagePurpose, SanType,
+    };
+    let ca_key =
+        KeyPair::from_pem(&std::fs::read_to_string(fleet.certs.join("ca.key")).unwrap()).unwrap();
+    let dn = |cn: &str| {
+        let mut dn = DistinguishedName::new();
+        dn.push(DnType::OrganizationName, sentinel::pki::FLEET_ORGANIZATION);
+        dn.push(DnType::CommonName, cn);
+        dn
+    };
+    let mut ca_params = CertificateParams::default();
+    ca_params.distinguished_name = dn(sentinel::pki::CA_COMMON_NAME);
+    ca_params.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign];
+    let ca = Issuer::new(ca_params, ca_key);
+
+    let int_key = KeyPair::generate().unwrap();
+    let mut int_params = CertificateParams::default();
+    int_params.distinguished_name = dn("rogue intermediate");
+    int_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+    int_params.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign];
+    let intermediate = int_params.signed_by(&int_key, &ca).unwrap();
+    let int_issuer = Issuer::new(int_params, int_key);
+
+    let leaf_key = KeyPair::generate().unwrap();
+    let mut leaf = CertificateParams::default();
+    leaf.distinguished_name = dn(name);
+    leaf.subject_alt_names = vec![SanType::URI(
+        format!("sentinel://operator/{role}/{name}")
+            .try_into()
+            .unwrap(),
+    )];
+    leaf.extended_key_usages = vec![ExtendedKeyUsagePurpose::ClientAuth];
+    leaf.is_ca = IsCa::ExplicitNoCa;
+    leaf.key_usages = vec![KeyUsagePurpose::DigitalSignature];
+    let leaf_cert = leaf.signed_by(&leaf_key, &int_issuer).unwrap();
+    std::fs::write(
+        fleet.certs.join(format!("operator-{name}.pem")),
+        format!("{}{}", leaf_cert.pem(), intermediate.pem()),
+    )
+    .unwrap();
+    std::fs::write(
+        fleet.certs.join(format!("operator-{name}.key")),
+        leaf_key.serialize_pem(),
+    )
+    .unwrap();
+}
+
+#[test]
+fn a_certificate_issued_by_a_ca_certificate_the_fleet_ca_signed_is_refused() {
+    let fleet = Fleet::new(&["hub-alfa"]);
+    forge_operator_through_intermediate(&fleet, "eve", "admin");
+    let controller = fleet.start_controller(free_port(), "");
+    let r = controller.grpcurl_as(
+        "operator-eve",
+        &["-d", r#"{"job_id":"j-1"}"#],
+        "sentinel.v1.FleetService/CancelJob",
+    );
+    assert!(!r.ok, "{}", r.stdout);
+    assert!(
+        !r.stderr.contains("NotFound"),
+        "the call got through: {}",
+        r.stderr
+    );
+    let r = controller.grpcurl_as("operator-eve", &[], "sentinel.v1.FleetService/ListHosts");
+    assert!(!r.ok, "{}", r.stdout);
+    eventually("the controller to log why", || {
+        let log = controller.proc.log_text();
+        if log.contains("NotIssuedByFleetCa") {
+            Ok(())
+        } else {
+            Err(log)
+        }
+    });
+    // Certificates straight from the fleet CA still work.
+    assert!(
+        controller
+            .grpcurl(None, "sentinel.v1.FleetService/ListHosts")
+            .ok
+    );
+}
+
+// ---------------------------------------------------------------------------------------------
+// A second stream with the same host certificate
+// ---------------------------------------------------------------------------------------------
+
+#[test]
+fn a_second_stream_with_the_same_host_certificate_does_not_orphan_the_real_agent() {
+    let fleet = Fleet::new(&["hub-alfa", "prod-alfa"]);
+    let controller = controller_with_jobs(&fleet);
+    let _agent = start_job_agent(&fleet, &controller);
+    let before = controller.wait_online("hub-alfa");
+
+    // The hostile stream is newer: it takes over, the real agent's stream is ended, the agent
+    // reconnects and takes over in turn, and the hostile stream is told why it ended.
+    let hostile = HostileAgent::connect(&fleet, "hub-alfa", &controller.addr, "hub-alfa").unwrap();
+    let ended = eventually("the hostile stream to be superseded", || {
+        hostile.ended().ok_or_else(|| "still open".to_string())
+    });
+    assert!(ended.contains("superseded"), "{ended}");
+    let host = controller.wait_online("hub-alfa");
+    assert_ne!(host["connectedSince"], before["connectedSince"], "{host}");
+    assert_eq!(host["info"]["agentVersion"], before["info"]["agentVersion"]);
+
+    // Jobs follow the live stream: a rollback reaches the real agent, which settles it.
+    let job_id = submit_rollback(&controller);
+    let job = eventually("the real agent to settle the rollback", || {
+        let (job, _) = get_job(&controller, &job_id)?;
+        if job["state"] == "JOB_STATE_FAILED" {
+            Ok(job)
+        } else {
+            Err(job.to_string())
+        }
+    });
+    assert!(!hostile.job_ids().contains(&job_id), "{job}");
+    let log = controller.proc.log_text();
+    assert!(log.contains("superseded by a newer connection"), "{log}");
+}
+
+// ---------------------------------------------------------------------------------------------
+// Job events from a hostile host
+// ---------------------------------------------------------------------------------------------
+
+#[test]
+fn a_host_cannot_grow_a_job_without_bound_through_its_events() {
+    let fleet = Fleet::new(&["hub-alfa", "prod-alfa"]);
+    let controller = controller_with_jobs(&fleet);
+    let hostile = HostileAgent::connect(&fleet, "hub-alfa", &controller.addr, "hub-alfa").unwrap();
+    let job_id = submit_rollback(&controller);
+    eventually("the job to reach the hostile host", || {
+        if hostile.job_ids().contains(&job_id) {
+            Ok(())
+        } else {
+            Err("not yet".into())
+        }
+    });
+    hostile.send_event(&job_id, 1, job_event::Event::Accepted(JobAccepted {}));
+    // 700 lines of 64 KiB each: 44 MiB, all below the 4 MiB message limit.
+    let line = "A".repeat(64 * 1024);
+    for seq in 0..700 {
+        hostile.send_event(
+            &job_id,
+            seq + 2,
+            job_event::Event::Log(JobLog {
+                stream: "stdout".into(),
+                line: line.clone(),
+            }),
+        );
+    }
+    eventually("the controller to read the lines", || {
+        let (job, _) = get_job(&controller, &job_id)?;
+        let events = job["events"].as_array().map_or(0, |e| e.len());
+        if events >= 50 {
+            Ok(())
+        } else {
+            Err(format!("{events} events"))
+        }
+    });
+    // The operator cancels; the host keeps re-sending its account of the cancel, then logs.
+    let r = controller.grpcurl(
+        Some(&format!("{{\"job_id\":\"{job_id}\",\"reason\":\"test\"}}")),
+        "sentinel.v1.FleetService/CancelJob",
+    );
+    assert!(r.ok, "{}", r.stderr);
+    let big = "B".repeat(1 << 20);
+    for i in 0..50 {
+        hostile.send_event(
+            &job_id,
+            1000 + i,
+            job_event::Event::Finished(JobFinished {
+                state: JobState::Cancelled as i32,
+                detail: format!("{i}: {big}"),
+                result_json: String::new(),
+            }),
+        );
+    }
+    for i in 0..50 {
+        hostile.send_event(
+            &job_id,
+            2000 + i,
+            job_event::Event::Log(JobLog {
+                stream: "stdout".into(),
+                line: line.clone(),
+            }),
+        );
+    }
+    // A marker the controller must see after all of that: a heartbeat-paced wait is not
+    // possible, so wait for the once-per-job notice of ignored late events.
+    eventually("the notice of ignored late events", || {
+        let log = controller.proc.log_text();
+        if log.contains("events for a job that already ended are ignored") {
+            Ok(())
+        } else {
+            Err("not yet".into())
+        }
+    });
+    let (job, size) = get_job(&controller, &job_id).unwrap();
+    assert_eq!(job["state"], "JOB_STATE_CANCELLED", "{}", job["detail"]);
+    let detail = job["detail"].as_str().unwrap();
+    assert!(detail.len() <= 8 * 1024, "detail of {} bytes", detail.len());
+    assert_eq!(detail.matches("on the host:").count(), 1, "{detail:.200}");
+    let events = job["events"].as_array().unwrap();
+    assert!(events.len() <= 500, "{} events", events.len());
+    // The JSON answer of GetJob (text base64-free, so close to the stored size) stays small.
+    assert!(size < 2 << 20, "GetJob answered {size} bytes");
+    let log = controller.proc.log_text();
+    assert_eq!(
+        log.matches("events for a job that already ended are ignored")
+            .count(),
+        1,
+        "logged once per job"
+    );
+    // Operators are still served.
+    assert!(
+        controller
+            .grpcurl(None, "sentinel.v1.FleetService/ListJobs")
+            .ok
+    );
 }

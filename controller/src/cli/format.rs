@@ -205,7 +205,10 @@ mod tests {
         let shown = untrusted(hostile);
         assert!(!shown.contains('\x1b') && !shown.contains('\x07') && !shown.contains('\r'));
         assert!(shown.contains("\\u{1b}]0;pwned"), "{shown}");
-        assert!(shown.contains("\nnext"), "newlines stay in multi-line output: {shown}");
+        assert!(
+            shown.contains("\nnext"),
+            "newlines stay in multi-line output: {shown}"
+        );
         let row = one_line(hostile);
         assert!(!row.contains('\n'), "{row}");
         assert_eq!(one_line("plain name"), "plain name");
