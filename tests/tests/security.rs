@@ -541,3 +541,171 @@ fn a_host_cannot_grow_a_job_without_bound_through_its_events() {
             .ok
     );
 }
+
+// ---------------------------------------------------------------------------------------------
+// Connections that are opened and left idle
+// ---------------------------------------------------------------------------------------------
+
+/// Opens `count` TCP connections from `source` to `addr`, each finishing the TLS handshake
+/// with `tls` when given (and then sending nothing), or sending `garbage` instead of TLS.
+/// Returns, per connection, how long the controller took to close it (None: still open after
+/// `wait`).
+fn idle_connections(
+    source: &str,
+    addr: &str,
+    count: usize,
+    tls: Option<Arc<rustls::ClientConfig>>,
+    garbage: &[u8],
+    wait: std::time::Duration,
+) -> Vec<Option<std::time::Duration>> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap();
+    let addr: std::net::SocketAddr = addr.parse().unwrap();
+    let source: std::net::IpAddr = source.parse().unwrap();
+    runtime.block_on(async move {
+        let mut tasks = Vec::new();
+        for _ in 0..count {
+            let tls = tls.clone();
+            let garbage = garbage.to_vec();
+            tasks.push(tokio::spawn(async move {
+                let socket = tokio::net::TcpSocket::new_v4().ok()?;
+                socket.bind(std::net::SocketAddr::new(source, 0)).ok()?;
+                let mut tcp = socket.connect(addr).await.ok()?;
+                let opened = std::time::Instant::now();
+                let mut buf = [0u8; 256];
+                let closed = match tls {
+                    Some(tls) => {
+                        let name = rustls::pki_types::ServerName::try_from("127.0.0.1").ok()?;
+                        // Refused during the handshake (over a cap) counts as closed.
+                        let Ok(mut stream) = tokio_rustls::TlsConnector::from(tls)
+                            .connect(name, tcp)
+                            .await
+                        else {
+                            return Some(opened.elapsed());
+                        };
+                        tokio::time::timeout(wait, async {
+                            loop {
+                                match stream.read(&mut buf).await {
+                                    Ok(0) | Err(_) => break,
+                                    Ok(_) => {}
+                                }
+                            }
+                        })
+                        .await
+                    }
+                    None => {
+                        let _ = tcp.write_all(&garbage).await;
+                        tokio::time::timeout(wait, async {
+                            loop {
+                                match tcp.read(&mut buf).await {
+                                    Ok(0) | Err(_) => break,
+                                    Ok(_) => {}
+                                }
+                            }
+                        })
+                        .await
+                    }
+                };
+                closed.ok().map(|_| opened.elapsed())
+            }));
+        }
+        let mut out = Vec::new();
+        for t in tasks {
+            out.push(t.await.ok().flatten());
+        }
+        out
+    })
+}
+
+fn host_tls(fleet: &Fleet, host: &str) -> Arc<rustls::ClientConfig> {
+    hostagent::tls::client_config(&hostagent::tls::TlsFiles {
+        ca: fleet.certs.join("ca.pem"),
+        cert: fleet.certs.join(format!("host-{host}.pem")),
+        key: fleet.certs.join(format!("host-{host}.key")),
+    })
+    .unwrap()
+}
+
+#[test]
+fn idle_connections_of_one_host_certificate_are_capped_and_closed_and_operators_are_served() {
+    let fleet = Fleet::new(&["hub-alfa"]);
+    let controller = fleet.start_controller(free_port(), "");
+    let addr = controller.addr.clone();
+    let tls = host_tls(&fleet, "hub-alfa");
+    let attack = std::thread::spawn(move || {
+        idle_connections(
+            "127.0.0.2",
+            &addr,
+            200,
+            Some(tls),
+            b"",
+            std::time::Duration::from_secs(20),
+        )
+    });
+    // While they are open, operators are served.
+    std::thread::sleep(std::time::Duration::from_secs(1));
+    let r = controller.grpcurl(None, "sentinel.v1.FleetService/ListHosts");
+    assert!(r.ok, "{}", r.stderr);
+    let closed = attack.join().unwrap();
+    let still_open = closed.iter().filter(|c| c.is_none()).count();
+    assert_eq!(still_open, 0, "connections still open after 20s");
+    // All but the few the cap lets in are closed at once, the rest after the preface timeout.
+    let at_once = closed
+        .iter()
+        .filter(|c| c.is_some_and(|d| d < std::time::Duration::from_secs(3)))
+        .count();
+    assert!(
+        at_once >= 190,
+        "{at_once} of 200 closed at once: {closed:?}"
+    );
+    // The ones let in are closed for sending no HTTP/2 preface within 5s.
+    let after_preface_timeout = closed
+        .iter()
+        .filter(|c| c.is_some_and(|d| d >= std::time::Duration::from_secs(4)))
+        .count();
+    assert!(
+        (1..=4).contains(&after_preface_timeout),
+        "{after_preface_timeout} closed by the preface timeout: {closed:?}"
+    );
+    let log = controller.proc.log_text();
+    assert!(log.contains("already holds 4 connections"), "{log}");
+    // A real agent with the same certificate still gets in afterwards.
+    let _agent = fleet.start_agent("hub-alfa", "hub-alfa", &controller.addr, "");
+    controller.wait_online("hub-alfa");
+}
+
+#[test]
+fn a_flood_of_failed_handshakes_is_summed_up_not_logged_line_by_line() {
+    let fleet = Fleet::new(&["hub-alfa"]);
+    let controller = fleet.start_controller(free_port(), "");
+    let closed = idle_connections(
+        "127.0.0.3",
+        &controller.addr,
+        300,
+        None,
+        b"GET / HTTP/1.1\r\n\r\n",
+        std::time::Duration::from_secs(20),
+    );
+    assert!(closed.iter().all(|c| c.is_some()), "{closed:?}");
+    let summary = eventually("the summary of held-back warnings", || {
+        let log = controller.proc.log_text();
+        log.lines()
+            .find(|l| l.contains("more not logged"))
+            .map(str::to_string)
+            .ok_or_else(|| "not yet".to_string())
+    });
+    assert!(summary.contains("refused connections"), "{summary}");
+    let log = controller.proc.log_text();
+    let lines = log.matches("TLS handshake refused").count();
+    assert!(lines <= 5, "{lines} lines for 300 refused handshakes");
+    // The controller serves others all the while.
+    assert!(
+        controller
+            .grpcurl(None, "sentinel.v1.FleetService/ListHosts")
+            .ok
+    );
+}
