@@ -709,3 +709,53 @@ fn a_flood_of_failed_handshakes_is_summed_up_not_logged_line_by_line() {
             .ok
     );
 }
+
+// ---------------------------------------------------------------------------------------------
+// Metrics
+// ---------------------------------------------------------------------------------------------
+
+#[test]
+fn junk_method_paths_from_a_host_do_not_use_up_the_metric_labels_of_real_methods() {
+    use tower::ServiceExt;
+    let fleet = Fleet::new(&["hub-alfa"]);
+    let metrics = free_port();
+    let controller = fleet.start_controller(
+        free_port(),
+        &format!("[metrics]\nlisten = \"127.0.0.1:{metrics}\"\n"),
+    );
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    runtime.block_on(async {
+        let channel = hostagent::tls::channel(&controller.addr, None, host_tls(&fleet, "hub-alfa"))
+            .await
+            .unwrap();
+        for i in 0..70 {
+            let request = http::Request::builder()
+                .method("POST")
+                .uri(format!("http://{}/junk.Flood/M{i}", controller.addr))
+                .header("content-type", "application/grpc")
+                .header("te", "trailers")
+                .body(tonic::body::Body::empty())
+                .unwrap();
+            let response = channel.clone().oneshot(request).await.unwrap();
+            assert!(response.status().is_success());
+        }
+    });
+    let r = controller.grpcurl(None, "sentinel.v1.FleetService/ListHosts");
+    assert!(r.ok, "{}", r.stderr);
+    let text = eventually("the metrics to count the call", || {
+        let text = sentinel_e2e::scrape_metrics(metrics)?;
+        if text.contains("method=\"sentinel.v1.FleetService/ListHosts\"") {
+            Ok(text)
+        } else {
+            Err(text)
+        }
+    });
+    assert!(!text.contains("junk.Flood"), "{text}");
+    assert!(
+        text.contains("sentinel_grpc_requests_total{method=\"other\""),
+        "{text}"
+    );
+}
