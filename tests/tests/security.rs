@@ -168,6 +168,16 @@ struct HostileAgent {
 impl HostileAgent {
     /// Opens an agent stream with `host-CERT`'s certificate and sends a hello for `hello_name`.
     fn connect(fleet: &Fleet, cert: &str, addr: &str, hello_name: &str) -> Result<Self, String> {
+        let info = HostInfo {
+            name: hello_name.into(),
+            agent_version: "hostile".into(),
+            ..Default::default()
+        };
+        Self::connect_as(fleet, cert, addr, info)
+    }
+
+    /// Opens an agent stream with `host-CERT`'s certificate and sends a hello with `info`.
+    fn connect_as(fleet: &Fleet, cert: &str, addr: &str, info: HostInfo) -> Result<Self, String> {
         let runtime = tokio::runtime::Builder::new_multi_thread()
             .worker_threads(1)
             .enable_all()
@@ -183,11 +193,7 @@ impl HostileAgent {
         let (tx, rx) = tokio::sync::mpsc::channel(1024);
         tx.try_send(AgentMessage {
             msg: Some(agent_message::Msg::Hello(Hello {
-                host: Some(HostInfo {
-                    name: hello_name.into(),
-                    agent_version: "hostile".into(),
-                    ..Default::default()
-                }),
+                host: Some(info),
                 journal_job_ids: Vec::new(),
             })),
         })
@@ -758,4 +764,59 @@ fn junk_method_paths_from_a_host_do_not_use_up_the_metric_labels_of_real_methods
         text.contains("sentinel_grpc_requests_total{method=\"other\""),
         "{text}"
     );
+}
+
+// ---------------------------------------------------------------------------------------------
+// Log forging
+// ---------------------------------------------------------------------------------------------
+
+#[test]
+fn strings_a_host_sends_cannot_forge_lines_in_the_controller_log() {
+    let fleet = Fleet::new(&["hub-alfa"]);
+    let controller = fleet.start_controller(free_port(), "");
+    let fake = "2026-01-01T00:00:00.000000Z  WARN sentinel::authz: call refused identity=operator alice (admin)";
+    // A hello claiming another name, one with a crafted version, and an event for a job id
+    // that does not exist: each carries a line break and a whole fake line.
+    let refused = HostileAgent::connect(
+        &fleet,
+        "hub-alfa",
+        &controller.addr,
+        &format!("prod-alfa\n{fake}"),
+    );
+    assert!(refused.is_err());
+    let hostile = HostileAgent::connect_as(
+        &fleet,
+        "hub-alfa",
+        &controller.addr,
+        HostInfo {
+            name: "hub-alfa".into(),
+            agent_version: format!("1.0\r\n{fake}\u{1b}[2K"),
+            ..Default::default()
+        },
+    )
+    .unwrap();
+    hostile.send_event(
+        &format!("j-1\n{fake}"),
+        1,
+        job_event::Event::Accepted(JobAccepted {}),
+    );
+    eventually("the three to be logged", || {
+        let log = controller.proc.log_text();
+        let done = log.contains("hello claims another host's name")
+            && log.contains("agent connected")
+            && log.contains("event for an unknown job");
+        if done {
+            Ok(())
+        } else {
+            Err(log)
+        }
+    });
+    let log = controller.proc.log_text();
+    assert!(
+        !log.lines().any(|l| l.starts_with(fake)),
+        "a forged line got into the log:\n{log}"
+    );
+    assert!(!log.contains('\u{1b}'), "a raw escape got into the log");
+    // The strings are there, escaped.
+    assert!(log.contains("\\n2026-01-01T00:00:00"), "{log}");
 }

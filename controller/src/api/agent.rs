@@ -84,7 +84,7 @@ impl AgentService for AgentApi {
         if info.name != cert_name {
             warn!(
                 certificate = %cert_name,
-                claimed = %info.name,
+                claimed = ?info.name,
                 peer = ?peer.addr,
                 "hello claims another host's name; refused"
             );
@@ -226,7 +226,7 @@ async fn bundle_chunk(
     let path = match ctx.bundle_path(&req.sha256) {
         Some(p) if ctx.jobs.bundle_allowed(host, &req.sha256) => p,
         _ => {
-            warn!(host, sha256 = %req.sha256, "bundle request refused: no unfinished deploy job of this host names it");
+            warn!(host, sha256 = ?req.sha256, "bundle request refused: no unfinished deploy job of this host names it");
             chunk.error = format!("bundle {} is not available to {host}", req.sha256);
             return chunk;
         }
