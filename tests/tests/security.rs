@@ -820,3 +820,93 @@ fn strings_a_host_sends_cannot_forge_lines_in_the_controller_log() {
     // The strings are there, escaped.
     assert!(log.contains("\\n2026-01-01T00:00:00"), "{log}");
 }
+
+// ---------------------------------------------------------------------------------------------
+// Terminal escapes
+// ---------------------------------------------------------------------------------------------
+
+fn cli(fleet: &Fleet, controller: &Controller, args: &[&str]) -> String {
+    let c = &fleet.certs;
+    let out = sentinel_e2e::run(
+        std::process::Command::new(sentinel_e2e::bin("sentinel"))
+            .args(args)
+            .arg("--controller")
+            .arg(&controller.addr)
+            .arg("--ca")
+            .arg(c.join("ca.pem"))
+            .arg("--cert")
+            .arg(c.join("operator-admin.pem"))
+            .arg("--key")
+            .arg(c.join("operator-admin.key"))
+            .env("NO_COLOR", "1"),
+    );
+    assert!(
+        out.status.success(),
+        "{args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+#[test]
+fn the_cli_shows_escape_sequences_a_host_sends_escaped_not_raw() {
+    let fleet = Fleet::new(&["hub-alfa", "prod-alfa"]);
+    let controller = controller_with_jobs(&fleet);
+    // Retitles the terminal, clears the screen and draws a fake green success.
+    let evil = "\u{1b}]0;pwned\u{7}\u{1b}[2J\u{1b}[32mdeploy succeeded\u{1b}[0m";
+    let hostile = HostileAgent::connect_as(
+        &fleet,
+        "hub-alfa",
+        &controller.addr,
+        HostInfo {
+            name: "hub-alfa".into(),
+            agent_version: evil.into(),
+            os: evil.into(),
+            ..Default::default()
+        },
+    )
+    .unwrap();
+    let job_id = submit_rollback(&controller);
+    eventually("the job to reach the hostile host", || {
+        if hostile.job_ids().contains(&job_id) {
+            Ok(())
+        } else {
+            Err("not yet".into())
+        }
+    });
+    hostile.send_event(
+        &job_id,
+        1,
+        job_event::Event::Finished(JobFinished {
+            state: JobState::Failed as i32,
+            detail: evil.into(),
+            result_json: String::new(),
+        }),
+    );
+    eventually("the job to end", || {
+        let (job, _) = get_job(&controller, &job_id)?;
+        if job["state"] == "JOB_STATE_FAILED" {
+            Ok(())
+        } else {
+            Err(job.to_string())
+        }
+    });
+    for args in [
+        &["host", "hub-alfa"][..],
+        &["jobs"],
+        &["hosts"],
+        &["deploys"],
+    ] {
+        let out = cli(&fleet, &controller, args);
+        assert!(
+            !out.contains('\u{1b}'),
+            "{args:?} printed a raw escape: {out:?}"
+        );
+        assert!(
+            !out.contains('\u{7}'),
+            "{args:?} printed a raw BEL: {out:?}"
+        );
+    }
+    let host = cli(&fleet, &controller, &["host", "hub-alfa"]);
+    assert!(host.contains("\\u{1b}[2J"), "{host}");
+}
