@@ -419,6 +419,15 @@ impl JobQueue {
         })
     }
 
+    /// The bundles that unfinished jobs name (they must stay on disk until those end).
+    pub fn open_bundles(&self) -> HashSet<String> {
+        self.lock()
+            .values()
+            .filter(|e| !is_final(e.job.state()))
+            .filter_map(|e| e.bundle.clone())
+            .collect()
+    }
+
     /// One job.
     pub fn get(&self, id: &str) -> Option<Job> {
         self.lock().get(id).map(|e| e.job.clone())
