@@ -724,6 +724,62 @@ mod tests {
         .job_id
     }
 
+    fn log(job_id: &str, seq: u64, line: &str) -> JobEvent {
+        JobEvent {
+            job_id: job_id.into(),
+            seq,
+            at: None,
+            event: Some(job_event::Event::Log(sentinel_proto::v1::JobLog {
+                stream: "stdout".into(),
+                line: line.into(),
+            })),
+        }
+    }
+
+    #[test]
+    fn what_one_host_makes_the_controller_keep_is_bounded_per_event_job_and_host() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = EmbeddedStore::open(&dir.path().join("s.redb")).unwrap();
+        let jobs = queue(&store);
+        let line = "x".repeat(1 << 20);
+        let mut kept = 0;
+        // 100 jobs, each sent 200 one-MiB lines: 20 GiB offered.
+        for _ in 0..100 {
+            let id = submit(&jobs);
+            for seq in 0..200 {
+                jobs.on_event("web-1", log(&id, seq, &line));
+            }
+            let job = jobs.get(&id).unwrap();
+            let bytes: usize = job.events.iter().map(|e| e.encoded_len()).sum();
+            assert!(job.events.len() <= MAX_EVENTS);
+            assert!(bytes <= MAX_JOB_EVENT_BYTES, "{bytes}");
+            assert!(job.events.iter().all(|e| e.encoded_len() < MAX_EVENT_TEXT + 200));
+            kept += bytes;
+        }
+        assert!(kept <= MAX_HOST_EVENT_BYTES, "{kept}");
+        // State changes still count past the budget.
+        let id = submit(&jobs);
+        jobs.on_event(
+            "web-1",
+            JobEvent {
+                job_id: id.clone(),
+                seq: 1,
+                at: None,
+                event: Some(job_event::Event::Finished(JobFinished {
+                    state: JobState::Succeeded as i32,
+                    detail: "d".repeat(1 << 20),
+                    ..Default::default()
+                })),
+            },
+        );
+        let job = jobs.get(&id).unwrap();
+        assert_eq!(job.state(), JobState::Succeeded);
+        assert!(job.detail.len() <= MAX_DETAIL);
+        // Nothing more is kept for a job that ended.
+        jobs.on_event("web-1", log(&id, 2, "late"));
+        assert_eq!(jobs.get(&id).unwrap().events.len(), 1);
+    }
+
     #[test]
     fn finished_jobs_past_their_retention_are_forgotten_and_deleted_open_ones_never() {
         let dir = tempfile::tempdir().unwrap();
