@@ -753,7 +753,10 @@ mod tests {
             let bytes: usize = job.events.iter().map(|e| e.encoded_len()).sum();
             assert!(job.events.len() <= MAX_EVENTS);
             assert!(bytes <= MAX_JOB_EVENT_BYTES, "{bytes}");
-            assert!(job.events.iter().all(|e| e.encoded_len() < MAX_EVENT_TEXT + 200));
+            assert!(job
+                .events
+                .iter()
+                .all(|e| e.encoded_len() < MAX_EVENT_TEXT + 200));
             kept += bytes;
         }
         assert!(kept <= MAX_HOST_EVENT_BYTES, "{kept}");
