@@ -9,7 +9,7 @@ use x509_parser::prelude::{FromDer, X509Certificate};
 use crate::pki::{self, Role, HOST_URI_PREFIX, OPERATOR_URI_PREFIX};
 
 /// The identity a client certificate carries.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub enum Identity {
     /// An agent, allowed to speak only as this host.
     Host(String),

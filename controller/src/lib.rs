@@ -19,6 +19,7 @@ pub mod registry;
 pub mod server;
 pub mod store;
 pub mod tls;
+pub mod warn_limit;
 
 /// The controller's version, sent in welcomes.
 pub const VERSION: &str = env!("CARGO_PKG_VERSION");

@@ -15,6 +15,7 @@ use sentinel_proto::v1::{
     HostSummary, StateReport,
 };
 use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
 use tonic::Status;
 
 use crate::store::{EncodedHost, Store, StoreError};
@@ -25,6 +26,10 @@ pub type AgentSender = mpsc::Sender<Result<ControllerMessage, Status>>;
 struct Connection {
     id: u64,
     tx: AgentSender,
+    /// Cancelled when a newer connection of the same host takes over, so that the older
+    /// stream's task stops reading and ends its stream (dropping our sender is not enough:
+    /// the task holds a sender of its own).
+    superseded: CancellationToken,
 }
 
 struct Entry {
@@ -248,8 +253,22 @@ impl Registry {
     }
 
     /// Registers a freshly authenticated agent connection and returns its id. A previous
-    /// connection of the same host is superseded: its sender is dropped, which ends its stream.
+    /// connection of the same host is superseded (see [`Registry::connect_stream`]).
     pub fn connect(&self, info: HostInfo, peer: Option<SocketAddr>, tx: AgentSender) -> u64 {
+        self.connect_stream(info, peer, tx, CancellationToken::new())
+    }
+
+    /// Registers a connection whose stream ends when `superseded` is cancelled, and returns
+    /// its id. A previous connection of the same host is superseded: its token is cancelled
+    /// and its sender dropped, so the newest stream is the only one that speaks for the host
+    /// and the only one jobs are sent to.
+    pub fn connect_stream(
+        &self,
+        info: HostInfo,
+        peer: Option<SocketAddr>,
+        tx: AgentSender,
+        superseded: CancellationToken,
+    ) -> u64 {
         let id = self
             .next_conn
             .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
@@ -266,10 +285,11 @@ impl Registry {
                 conn: None,
                 last_seen: now,
             });
-            if entry.conn.is_some() {
-                tracing::warn!(host = %name, "new connection supersedes an existing one");
+            let old = entry.conn.replace(Connection { id, tx, superseded });
+            if let Some(old) = old {
+                tracing::warn!(host = %name, old_conn = old.id, new_conn = id, "new connection supersedes an existing one");
+                old.superseded.cancel();
             }
-            entry.conn = Some(Connection { id, tx });
             entry.last_seen = now;
             entry.record.info = Some(info);
             entry.record.peer_address = peer.map(|p| p.to_string()).unwrap_or_default();
@@ -685,6 +705,20 @@ mod tests {
         assert_eq!(stored, live);
         assert!(stored.state.unwrap().docker.is_some());
         assert!(r.take_dirty().is_empty());
+    }
+
+    #[test]
+    fn a_newer_connection_cancels_the_older_ones_token() {
+        let r = registry();
+        let (tx1, _rx1) = mpsc::channel(1);
+        let (tx2, _rx2) = mpsc::channel(1);
+        let old = CancellationToken::new();
+        let new = CancellationToken::new();
+        r.connect_stream(info("argus"), None, tx1, old.clone());
+        assert!(!old.is_cancelled());
+        r.connect_stream(info("argus"), None, tx2, new.clone());
+        assert!(old.is_cancelled());
+        assert!(!new.is_cancelled());
     }
 
     #[test]

@@ -20,6 +20,11 @@ use crate::pipeline::Pipeline;
 use crate::registry::{Liveness, Registry};
 use crate::store::{embedded::EmbeddedStore, Store};
 
+/// How often release bundles that no open job needs are removed from the data directory.
+const BUNDLE_PRUNE_INTERVAL: Duration = Duration::from_secs(300);
+/// How long a bundle just built may wait for its job to be submitted before it can be pruned.
+const BUNDLE_GRACE: Duration = Duration::from_secs(600);
+
 /// How often changed host records are written to the store. Short enough that a crash loses
 /// at most a second of state, long enough that thousands of agents share one transaction.
 const FLUSH_INTERVAL: Duration = Duration::from_secs(1);
@@ -122,6 +127,10 @@ pub async fn run(
             .run_retention(store.clone(), config.jobs.keep_finished, shutdown.clone())
             .instrument(tracing::info_span!("job_retention")),
     );
+    tokio::spawn(
+        prune_bundles(ctx.clone(), shutdown.clone())
+            .instrument(tracing::info_span!("bundle_prune")),
+    );
     let flusher = tokio::spawn(
         flush_loop(ctx.clone(), store.clone(), shutdown.clone())
             .instrument(tracing::info_span!("store_flush")),
@@ -174,6 +183,32 @@ fn reflection() -> tonic_reflection::server::Builder<'static> {
         .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
         .register_encoded_file_descriptor_set(tonic_reflection::pb::v1::FILE_DESCRIPTOR_SET)
         .register_encoded_file_descriptor_set(tonic_reflection::pb::v1alpha::FILE_DESCRIPTOR_SET)
+}
+
+/// Removes release bundles (they hold secrets) once no open job needs them: at start, then
+/// every [`BUNDLE_PRUNE_INTERVAL`], until `shutdown`.
+async fn prune_bundles(ctx: Arc<Shared>, shutdown: CancellationToken) {
+    let mut tick = tokio::time::interval(BUNDLE_PRUNE_INTERVAL);
+    loop {
+        tokio::select! {
+            _ = tick.tick() => {}
+            _ = shutdown.cancelled() => return,
+        }
+        let needed = ctx.jobs.open_bundles();
+        let dir = ctx.bundles_dir.clone();
+        let pruned = tokio::task::spawn_blocking(move || {
+            crate::pipeline::bundle::prune(&dir, &needed, BUNDLE_GRACE)
+        })
+        .await;
+        match pruned {
+            Ok(Ok(0)) => {}
+            Ok(Ok(n)) => info!(bundles = n, "removed release bundles no open job needs"),
+            Ok(Err(e)) => {
+                warn!(dir = %ctx.bundles_dir.display(), error = %e, "could not prune release bundles (they hold secrets)")
+            }
+            Err(e) => warn!(error = %e, "the bundle-pruning task failed"),
+        }
+    }
 }
 
 async fn flush_loop(ctx: Arc<Shared>, store: Arc<dyn Store>, shutdown: CancellationToken) {

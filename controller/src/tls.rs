@@ -2,15 +2,23 @@
 //! certificate chaining to the fleet CA, and the accept loop that turns TCP connections into
 //! TLS streams tagged with the peer's [`PeerInfo`].
 
+use std::collections::HashMap;
+use std::hash::Hash;
 use std::io;
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::pin::Pin;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
 use std::time::Duration;
 
+use rustls::client::danger::HandshakeSignatureValid;
+use rustls::pki_types::{CertificateDer, UnixTime};
+use rustls::server::danger::{ClientCertVerified, ClientCertVerifier};
+use rustls::{
+    CertificateError, DigitallySignedStruct, DistinguishedName, OtherError, SignatureScheme,
+};
 use sentinel_daemon::tls::{load_certs, load_key, load_roots, provider, TlsError, TlsFiles};
-use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, ReadBuf};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::mpsc;
 use tokio_rustls::server::TlsStream;
@@ -19,22 +27,53 @@ use tokio_util::sync::CancellationToken;
 use tonic::transport::server::Connected;
 use tracing::{debug, warn};
 
-use crate::identity::{self, PeerInfo};
+use crate::identity::{self, Identity, PeerInfo};
+use crate::warn_limit::WarnLimiter;
 
 /// A handshake that takes longer than this is dropped, so a stalled peer cannot hold a slot.
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 /// Finished handshakes waiting for the gRPC server to pick them up.
 const ACCEPT_QUEUE: usize = 1024;
+/// How long an authenticated peer has to send the HTTP/2 connection preface. Every gRPC client
+/// sends it at once; a connection that stays silent only holds a file descriptor.
+const PREFACE_TIMEOUT: Duration = Duration::from_secs(5);
+/// The HTTP/2 client connection preface (RFC 9113, section 3.4).
+const H2_PREFACE: &[u8; 24] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
+/// Connections one host certificate may hold at once: its agent's stream, the one that
+/// replaces it on a reconnect, and slack. No host certificate can use up the descriptors
+/// that other hosts and operators need.
+const CONNECTIONS_PER_HOST: usize = 4;
+/// Connections one operator certificate may hold at once (parallel CLI calls, watchers).
+const CONNECTIONS_PER_OPERATOR: usize = 64;
+/// TLS handshakes in progress from one source address: one client that opens connections
+/// and never finishes them cannot hold more than this many descriptors.
+const HANDSHAKES_PER_ADDRESS: usize = 64;
+
+/// Warnings about connections before authentication, per source address: any client can
+/// cause them, as often as it likes.
+static HANDSHAKE_WARNINGS: WarnLimiter =
+    WarnLimiter::new("refused connections", 3, 20, Duration::from_secs(10));
+/// Warnings about authenticated peers' connections (over their cap, silent), per identity.
+static PEER_WARNINGS: WarnLimiter = WarnLimiter::new(
+    "refused connections of fleet peers",
+    3,
+    20,
+    Duration::from_secs(10),
+);
 
 /// The server config: TLS 1.3 only, client certificates required and verified against the
 /// fleet CA, ALPN h2.
 pub fn server_config(files: &TlsFiles) -> Result<Arc<rustls::ServerConfig>, TlsError> {
     let roots = Arc::new(load_roots(&files.ca)?);
-    let verifier = rustls::server::WebPkiClientVerifier::builder_with_provider(roots, provider())
+    let webpki = rustls::server::WebPkiClientVerifier::builder_with_provider(roots, provider())
         .build()
         .map_err(|e| {
             TlsError::Config(format!("client verifier for {}: {e}", files.ca.display()))
         })?;
+    let verifier = Arc::new(IssuedByFleetCa {
+        inner: webpki,
+        intermediates: Vec::new(),
+    });
     let certs = load_certs(&files.cert, "certificate")?;
     let key = load_key(&files.key)?;
     let mut config = rustls::ServerConfig::builder_with_provider(provider())
@@ -53,10 +92,143 @@ pub fn server_config(files: &TlsFiles) -> Result<Arc<rustls::ServerConfig>, TlsE
     Ok(Arc::new(config))
 }
 
+/// The client verifier: webpki's, except that the chain is built only from certificates the
+/// controller trusts, never from intermediates the client sends. rustls does not enforce a
+/// trust anchor's own constraints, so the fleet CA's `pathlen:0` alone does not stop a CA:TRUE
+/// certificate it signed (by mistake or long ago) from issuing `operator/admin/...`; with the
+/// client's intermediates ignored, a peer's certificate must be issued by the fleet CA itself
+/// (or by an issuing intermediate configured here, once enrolment brings one).
+#[derive(Debug)]
+struct IssuedByFleetCa {
+    inner: Arc<dyn ClientCertVerifier>,
+    /// Issuing intermediates the controller itself trusts (none yet).
+    intermediates: Vec<CertificateDer<'static>>,
+}
+
+/// Why a client certificate that only chains through its own intermediates is refused.
+#[derive(Debug, thiserror::Error)]
+#[error(
+    "client certificate is not issued by the fleet CA itself ({sent} intermediate(s) sent by \
+     the client are not trusted: {source})"
+)]
+struct NotIssuedByFleetCa {
+    sent: usize,
+    source: rustls::Error,
+}
+
+impl ClientCertVerifier for IssuedByFleetCa {
+    fn offer_client_auth(&self) -> bool {
+        self.inner.offer_client_auth()
+    }
+
+    fn client_auth_mandatory(&self) -> bool {
+        self.inner.client_auth_mandatory()
+    }
+
+    fn root_hint_subjects(&self) -> &[DistinguishedName] {
+        self.inner.root_hint_subjects()
+    }
+
+    fn verify_client_cert(
+        &self,
+        end_entity: &CertificateDer<'_>,
+        intermediates: &[CertificateDer<'_>],
+        now: UnixTime,
+    ) -> Result<ClientCertVerified, rustls::Error> {
+        self.inner
+            .verify_client_cert(end_entity, &self.intermediates, now)
+            .map_err(|source| {
+                if intermediates.is_empty() {
+                    source
+                } else {
+                    rustls::Error::InvalidCertificate(CertificateError::Other(OtherError(
+                        Arc::new(NotIssuedByFleetCa {
+                            sent: intermediates.len(),
+                            source,
+                        }),
+                    )))
+                }
+            })
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        self.inner.verify_tls12_signature(message, cert, dss)
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        self.inner.verify_tls13_signature(message, cert, dss)
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
+        self.inner.supported_verify_schemes()
+    }
+}
+
+/// Counts of open connections (or handshakes) per key, with a cap.
+type Counts<K> = Arc<Mutex<HashMap<K, usize>>>;
+
+/// One counted connection; gives its place back when dropped.
+struct Slot<K: Eq + Hash> {
+    counts: Counts<K>,
+    key: Option<K>,
+}
+
+impl<K: Eq + Hash + Clone> Slot<K> {
+    /// A place under `key`, unless `max` are taken.
+    fn acquire(counts: &Counts<K>, key: K, max: usize) -> Option<Self> {
+        let mut map = counts.lock().unwrap_or_else(|p| p.into_inner());
+        let n = map.entry(key.clone()).or_default();
+        if *n >= max {
+            return None;
+        }
+        *n += 1;
+        Some(Self {
+            counts: counts.clone(),
+            key: Some(key),
+        })
+    }
+}
+
+impl<K: Eq + Hash> Drop for Slot<K> {
+    fn drop(&mut self) {
+        let Some(key) = self.key.take() else {
+            return;
+        };
+        let mut map = self.counts.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(n) = map.get_mut(&key) {
+            *n = n.saturating_sub(1);
+            if *n == 0 {
+                map.remove(&key);
+            }
+        }
+    }
+}
+
+/// The caps the accept loop keeps.
+#[derive(Default)]
+struct Limits {
+    handshakes: Counts<IpAddr>,
+    identities: Counts<Identity>,
+}
+
 /// An accepted, authenticated connection.
 pub struct TlsConn {
     inner: TlsStream<TcpStream>,
     peer: PeerInfo,
+    /// The HTTP/2 preface, read before the connection was handed on, replayed to the server.
+    preface: Vec<u8>,
+    /// The peer's place under its identity's cap, held as long as the connection lives.
+    _slot: Slot<Identity>,
 }
 
 impl Connected for TlsConn {
@@ -73,6 +245,12 @@ impl AsyncRead for TlsConn {
         cx: &mut Context<'_>,
         buf: &mut ReadBuf<'_>,
     ) -> Poll<io::Result<()>> {
+        if !self.preface.is_empty() {
+            let n = self.preface.len().min(buf.remaining());
+            buf.put_slice(&self.preface[..n]);
+            self.preface.drain(..n);
+            return Poll::Ready(Ok(()));
+        }
         Pin::new(&mut self.inner).poll_read(cx, buf)
     }
 }
@@ -117,6 +295,20 @@ pub fn incoming(
 ) -> ReceiverStream<Result<TlsConn, io::Error>> {
     let (tx, rx) = mpsc::channel(ACCEPT_QUEUE);
     let acceptor = tokio_rustls::TlsAcceptor::from(config);
+    let limits = Arc::new(Limits::default());
+    // Sums up held-back warnings of a flood that has stopped.
+    let stop = shutdown.clone();
+    tokio::spawn(async move {
+        let mut tick = tokio::time::interval(Duration::from_secs(1));
+        loop {
+            tokio::select! {
+                _ = tick.tick() => {}
+                _ = stop.cancelled() => return,
+            }
+            HANDSHAKE_WARNINGS.flush();
+            PEER_WARNINGS.flush();
+        }
+    });
     tokio::spawn(async move {
         loop {
             let (tcp, addr) = tokio::select! {
@@ -131,9 +323,9 @@ pub fn incoming(
                     }
                 },
             };
-            let (acceptor, tx) = (acceptor.clone(), tx.clone());
+            let (acceptor, tx, limits) = (acceptor.clone(), tx.clone(), limits.clone());
             tokio::spawn(async move {
-                if let Some(conn) = handshake(acceptor, tcp, addr).await {
+                if let Some(conn) = handshake(acceptor, &limits, tcp, addr).await {
                     let _ = tx.send(Ok(conn)).await;
                 }
             });
@@ -144,21 +336,33 @@ pub fn incoming(
 
 async fn handshake(
     acceptor: tokio_rustls::TlsAcceptor,
+    limits: &Limits,
     tcp: TcpStream,
     addr: SocketAddr,
 ) -> Option<TlsConn> {
+    let ip = addr.ip().to_string();
+    let Some(in_progress) = Slot::acquire(&limits.handshakes, addr.ip(), HANDSHAKES_PER_ADDRESS)
+    else {
+        HANDSHAKE_WARNINGS.warn(&ip, || {
+            format!("connection from {addr} closed: {HANDSHAKES_PER_ADDRESS} TLS handshakes from this address are already in progress")
+        });
+        return None;
+    };
     let _ = tcp.set_nodelay(true);
-    let stream = match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await {
+    let mut stream = match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await {
         Ok(Ok(stream)) => stream,
         Ok(Err(e)) => {
-            warn!(peer = %addr, error = %e, "TLS handshake refused");
+            HANDSHAKE_WARNINGS.warn(&ip, || {
+                format!("TLS handshake refused peer={addr} error={e}")
+            });
             return None;
         }
         Err(_) => {
-            warn!(peer = %addr, "TLS handshake timed out");
+            HANDSHAKE_WARNINGS.warn(&ip, || format!("TLS handshake timed out peer={addr}"));
             return None;
         }
     };
+    drop(in_progress);
     let der = stream
         .get_ref()
         .1
@@ -166,23 +370,62 @@ async fn handshake(
         .and_then(|certs| certs.first())
         .map(|c| c.as_ref().to_vec());
     let Some(der) = der else {
-        warn!(peer = %addr, "no client certificate");
+        HANDSHAKE_WARNINGS.warn(&ip, || format!("no client certificate peer={addr}"));
         return None;
     };
-    match identity::from_certificate(&der) {
-        Ok(identity) => {
-            debug!(peer = %addr, %identity, "peer authenticated");
-            Some(TlsConn {
-                inner: stream,
-                peer: PeerInfo {
-                    addr: Some(addr),
-                    identity,
-                },
-            })
-        }
+    let identity = match identity::from_certificate(&der) {
+        Ok(identity) => identity,
         Err(e) => {
-            warn!(peer = %addr, error = %e, "client certificate refused");
-            None
+            HANDSHAKE_WARNINGS.warn(&ip, || {
+                format!("client certificate refused peer={addr} error={e}")
+            });
+            return None;
+        }
+    };
+    let who = identity.to_string();
+    let cap = match identity {
+        Identity::Host(_) => CONNECTIONS_PER_HOST,
+        Identity::Operator { .. } => CONNECTIONS_PER_OPERATOR,
+    };
+    let Some(slot) = Slot::acquire(&limits.identities, identity.clone(), cap) else {
+        PEER_WARNINGS.warn(&who, || {
+            format!("connection from {addr} closed: {who} already holds {cap} connections")
+        });
+        return None;
+    };
+    // The preface is read here, not by the HTTP/2 server, so that a peer that never sends it
+    // is closed after a few seconds instead of holding its connection for ever.
+    let mut preface = vec![0u8; H2_PREFACE.len()];
+    match tokio::time::timeout(PREFACE_TIMEOUT, stream.read_exact(&mut preface)).await {
+        Ok(Ok(_)) if preface == H2_PREFACE => {}
+        Ok(Ok(_)) => {
+            PEER_WARNINGS.warn(&who, || {
+                format!("connection from {addr} ({who}) closed: not HTTP/2")
+            });
+            return None;
+        }
+        Ok(Err(e)) => {
+            debug!(peer = %addr, %identity, error = %e, "connection closed before the HTTP/2 preface");
+            return None;
+        }
+        Err(_) => {
+            PEER_WARNINGS.warn(&who, || {
+                format!(
+                    "connection from {addr} ({who}) closed: no HTTP/2 preface within {}s",
+                    PREFACE_TIMEOUT.as_secs()
+                )
+            });
+            return None;
         }
     }
+    debug!(peer = %addr, %identity, "peer authenticated");
+    Some(TlsConn {
+        inner: stream,
+        peer: PeerInfo {
+            addr: Some(addr),
+            identity,
+        },
+        preface,
+        _slot: slot,
+    })
 }

@@ -26,6 +26,9 @@ use crate::registry::Registry;
 const HELLO_TIMEOUT: Duration = Duration::from_secs(10);
 /// Messages queued towards one agent before senders wait.
 const OUTBOUND_QUEUE: usize = 64;
+/// How long a superseded stream's queue may still drain (its final abort status) before the
+/// stream is cut.
+const SUPERSEDED_GRACE: Duration = Duration::from_millis(200);
 
 /// The agent channel service.
 pub struct AgentApi {
@@ -81,7 +84,7 @@ impl AgentService for AgentApi {
         if info.name != cert_name {
             warn!(
                 certificate = %cert_name,
-                claimed = %info.name,
+                claimed = ?info.name,
                 peer = ?peer.addr,
                 "hello claims another host's name; refused"
             );
@@ -106,25 +109,50 @@ impl AgentService for AgentApi {
         .map_err(|_| Status::unavailable("stream closed"))?;
 
         let version = info.agent_version.clone();
-        let conn_id = self.registry.connect(info, peer.addr, tx.clone());
-        info!(host = %cert_name, peer = ?peer.addr, agent_version = %version, "agent connected");
+        // Cancelled when a newer stream of this host takes over (or at shutdown): this stream
+        // then stops reading and ends, so that only the newest stream speaks for the host and
+        // jobs always go to it. The agent behind an ended stream reconnects, and its stream
+        // becomes the newest in turn.
+        let superseded = self.shutdown.child_token();
+        let conn_id = self
+            .registry
+            .connect_stream(info, peer.addr, tx.clone(), superseded.clone());
+        // `?` (Debug) on strings the host chose: quotes and escapes them, so a crafted version
+        // cannot write a line of its own into the log.
+        info!(host = %cert_name, peer = ?peer.addr, agent_version = ?version, "agent connected");
         self.ctx.jobs.dispatch(&cert_name);
         let ctx = self.ctx.clone();
         let registry = self.registry.clone();
         let shutdown = self.shutdown.clone();
         let span = tracing::info_span!("agent_stream", host = %cert_name, conn = conn_id);
+        let ended = superseded.clone();
         tokio::spawn(
             async move {
                 let reason = tokio::select! {
-                    reason = serve_stream(&ctx, &cert_name, inbound, tx) => reason,
-                    _ = shutdown.cancelled() => "controller shutting down".to_string(),
+                    reason = serve_stream(&ctx, &cert_name, inbound, tx.clone()) => reason,
+                    _ = ended.cancelled() => if shutdown.is_cancelled() {
+                        "controller shutting down".to_string()
+                    } else {
+                        // Tell the peer why (it ends this response stream once the last
+                        // sender is gone); the queue may be full, and then the end alone says it.
+                        let _ = tx.try_send(Err(Status::aborted(
+                            "superseded by a newer connection of the same host",
+                        )));
+                        "superseded by a newer connection".to_string()
+                    },
                 };
-                info!(reason = %reason, "agent disconnected");
+                drop(tx);
+                info!(reason = ?reason, "agent disconnected");
                 registry.disconnect(&cert_name, conn_id, &reason);
             }
             .instrument(span),
         );
-        let outbound = ReceiverStream::new(rx).take_until(self.shutdown.clone().cancelled_owned());
+        // Also ends on `superseded`, a moment after the abort status above had its chance to
+        // go out: a sender clone held elsewhere must not keep a replaced stream open.
+        let outbound = ReceiverStream::new(rx).take_until(async move {
+            superseded.cancelled().await;
+            tokio::time::sleep(SUPERSEDED_GRACE).await;
+        });
         Ok(Response::new(Box::pin(outbound)))
     }
 }
@@ -142,9 +170,8 @@ async fn serve_stream(
     loop {
         let next = tokio::select! {
             next = tokio::time::timeout(limit, inbound.message()) => next,
-            // The registry dropped its sender (a newer connection took over) and the response
-            // stream is gone: stop reading this one.
-            _ = tx.closed() => return "superseded by a newer connection".into(),
+            // The response stream is gone (the peer reset it): stop reading this one.
+            _ = tx.closed() => return "the response stream closed".into(),
         };
         let msg = match next {
             Err(_) => {
@@ -199,7 +226,7 @@ async fn bundle_chunk(
     let path = match ctx.bundle_path(&req.sha256) {
         Some(p) if ctx.jobs.bundle_allowed(host, &req.sha256) => p,
         _ => {
-            warn!(host, sha256 = %req.sha256, "bundle request refused: no unfinished deploy job of this host names it");
+            warn!(host, sha256 = ?req.sha256, "bundle request refused: no unfinished deploy job of this host names it");
             chunk.error = format!("bundle {} is not available to {host}", req.sha256);
             return chunk;
         }

@@ -7,6 +7,7 @@ use sentinel_proto::v1::{
     StepStatus,
 };
 
+use super::format::{one_line, untrusted};
 use super::{ClientArgs, EXIT_FAILED};
 
 /// What `sentinel deploy` asks for.
@@ -60,7 +61,9 @@ pub async fn deploy(client: &ClientArgs, args: DeployArgs) -> anyhow::Result<u8>
         .into_inner();
     println!(
         "deploy {} of {} at {} started",
-        d.deploy_id, d.app, d.commit
+        one_line(&d.deploy_id),
+        one_line(&d.app),
+        one_line(&d.commit)
     );
     if !args.wait {
         return Ok(0);
@@ -86,7 +89,11 @@ pub async fn rollback(
         .await
         .map_err(status_err)?
         .into_inner();
-    println!("rollback {} of {} started", d.deploy_id, d.app);
+    println!(
+        "rollback {} of {} started",
+        one_line(&d.deploy_id),
+        one_line(&d.app)
+    );
     if !wait {
         return Ok(0);
     }
@@ -120,16 +127,21 @@ async fn follow(client: &ClientArgs, id: &str) -> anyhow::Result<u8> {
             let place = if step.environment.is_empty() {
                 String::new()
             } else {
-                format!(" [{} on {}]", step.environment, step.host)
+                format!(
+                    " [{} on {}]",
+                    one_line(&step.environment),
+                    one_line(&step.host)
+                )
             };
             let detail = if step.detail.is_empty() {
                 String::new()
             } else {
-                format!(": {}", step.detail)
+                format!(": {}", one_line(&step.detail))
             };
-            println!("{:<16} {word}{place}{detail}", step.name);
+            println!("{:<16} {word}{place}{detail}", one_line(&step.name));
         } else if !ev.log_line.is_empty() {
-            println!("    {}", ev.log_line);
+            // A container's output: its escape sequences must not reach the terminal.
+            println!("    {}", one_line(&ev.log_line));
         }
         if ev.final_state != 0 {
             break;
@@ -153,11 +165,11 @@ fn summary(d: &Deployment) -> u8 {
         .to_ascii_lowercase();
     println!(
         "deploy {} {word}{}",
-        d.deploy_id,
+        one_line(&d.deploy_id),
         if d.detail.is_empty() {
             String::new()
         } else {
-            format!(": {}", d.detail)
+            format!(": {}", untrusted(&d.detail))
         }
     );
     if state == DeploymentState::Succeeded {
@@ -169,5 +181,6 @@ fn summary(d: &Deployment) -> u8 {
 
 /// A gRPC status as an error that says what the controller said.
 pub fn status_err(s: tonic::Status) -> anyhow::Error {
-    anyhow::anyhow!("{:?}: {}", s.code(), s.message())
+    // The message may carry text a host sent (a job's detail, say).
+    anyhow::anyhow!("{:?}: {}", s.code(), untrusted(s.message()))
 }

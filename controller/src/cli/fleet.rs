@@ -30,7 +30,7 @@ pub async fn hosts(client: &ClientArgs, json: bool) -> anyhow::Result<u8> {
                 format!("{}/{}", h.containers_running, h.containers),
                 format!("{:.0}s", h.state_age_seconds),
                 h.failing_collectors.join(","),
-                h.agent_version.clone(),
+                super::format::one_line(&h.agent_version),
             ]
         })
         .collect();

@@ -9,7 +9,9 @@ use sentinel_proto::v1::{
 };
 
 use super::deploy::status_err;
-use super::format::{ago, bytes, enum_word, paint, short_duration, state, truncate, when, Tone};
+use super::format::{
+    ago, bytes, enum_word, one_line, paint, short_duration, state, truncate, untrusted, when, Tone,
+};
 use super::ClientArgs;
 
 /// Fetches host `name` and prints it; `json` prints the API's `Host` message instead.
@@ -37,22 +39,27 @@ pub fn render(h: &Host, colour: bool) -> String {
             .as_str_name(),
         "HOST_STATUS_",
     );
-    let _ = write!(out, "{} {}", h.name, state(&status, colour));
+    // Every string below came from the host (or through it): escaped, so that a crafted
+    // value cannot move the cursor, retitle the terminal or start a forged line.
+    let _ = write!(out, "{} {}", one_line(&h.name), state(&status, colour));
     if !h.offline_reason.is_empty() {
-        let _ = write!(out, " ({})", h.offline_reason);
+        let _ = write!(out, " ({})", one_line(&h.offline_reason));
     }
     out.push('\n');
     if let Some(info) = &h.info {
         let _ = writeln!(
             out,
             "agent {} on {} (kernel {}, {})",
-            info.agent_version, info.os, info.kernel, info.arch
+            one_line(&info.agent_version),
+            one_line(&info.os),
+            one_line(&info.kernel),
+            one_line(&info.arch)
         );
         if !info.labels.is_empty() {
             let mut labels: Vec<String> = info
                 .labels
                 .iter()
-                .map(|(k, v)| format!("{k}={v}"))
+                .map(|(k, v)| format!("{}={}", one_line(k), one_line(v)))
                 .collect();
             labels.sort();
             let _ = writeln!(out, "labels: {}", labels.join(" "));
@@ -66,7 +73,7 @@ pub fn render(h: &Host, colour: bool) -> String {
             if h.peer_address.is_empty() {
                 "-"
             } else {
-                &h.peer_address
+                h.peer_address.as_str()
             }
         );
     }
@@ -126,9 +133,9 @@ pub fn render(h: &Host, colour: bool) -> String {
                         Tone::Plain
                     };
                     vec![
-                        d.mount_point.clone(),
-                        d.device.clone(),
-                        d.file_system.clone(),
+                        one_line(&d.mount_point),
+                        one_line(&d.device),
+                        one_line(&d.file_system),
                         bytes(d.total_bytes),
                         bytes(d.available_bytes),
                         paint(&pct_text, tone, colour),
@@ -156,7 +163,7 @@ pub fn render(h: &Host, colour: bool) -> String {
                 "\nCONTAINERS ({} running of {}, Docker {})",
                 running,
                 d.containers.len(),
-                d.engine_version
+                one_line(&d.engine_version)
             );
             let mut containers: Vec<&Container> = d.containers.iter().collect();
             containers.sort_by(|a, b| {
@@ -172,13 +179,13 @@ pub fn render(h: &Host, colour: bool) -> String {
                     vec![
                         dash(&c.compose_project),
                         dash(&c.compose_service),
-                        c.name.clone(),
-                        truncate(&c.image, 40),
-                        state(&c.state, colour),
+                        one_line(&c.name),
+                        truncate(&one_line(&c.image), 40),
+                        state(&one_line(&c.state), colour),
                         if c.health.is_empty() {
                             "-".into()
                         } else {
-                            state(&c.health, colour)
+                            state(&one_line(&c.health), colour)
                         },
                         c.restart_count.to_string(),
                         ports(c),
@@ -239,9 +246,9 @@ pub fn render(h: &Host, colour: bool) -> String {
                 let _ = writeln!(
                     out,
                     "  certificate {} expires {} ({})",
-                    c.dns_names.join(","),
+                    one_line(&c.dns_names.join(",")),
                     when(c.not_after.as_ref()),
-                    c.path
+                    one_line(&c.path)
                 );
             }
         }
@@ -257,8 +264,8 @@ pub fn render(h: &Host, colour: bool) -> String {
                     let _ = writeln!(
                         out,
                         "  {} {}: {}",
-                        i.name,
-                        i.address,
+                        one_line(&i.name),
+                        one_line(&i.address),
                         paint("unreachable", Tone::Bad, colour)
                     );
                     errors.push((format!("redis {}", i.name), dash(&i.error)));
@@ -267,8 +274,8 @@ pub fn render(h: &Host, colour: bool) -> String {
                 let _ = writeln!(
                     out,
                     "  {} {}: {} {}, {} used{}, {} clients, last save {}{}",
-                    i.name,
-                    i.address,
+                    one_line(&i.name),
+                    one_line(&i.address),
                     dash(&i.version),
                     dash(&i.role),
                     bytes(i.used_memory_bytes),
@@ -305,7 +312,7 @@ pub fn render(h: &Host, colour: bool) -> String {
                 if superusers.is_empty() {
                     String::new()
                 } else {
-                    format!(", superusers: {}", superusers.join(", "))
+                    format!(", superusers: {}", one_line(&superusers.join(", ")))
                 }
             );
         }
@@ -316,17 +323,23 @@ pub fn render(h: &Host, colour: bool) -> String {
     if !errors.is_empty() {
         let _ = writeln!(out, "\n{}", paint("COLLECTOR ERRORS", Tone::Bad, colour));
         for (what, e) in errors {
-            let _ = writeln!(out, "  {what}: {}", e.replace('\n', "\n    "));
+            let _ = writeln!(
+                out,
+                "  {}: {}",
+                one_line(&what),
+                untrusted(&e).replace('\n', "\n    ")
+            );
         }
     }
     out
 }
 
+/// `s` escaped for the terminal, or `-` when empty.
 fn dash(s: &str) -> String {
     if s.is_empty() {
         "-".into()
     } else {
-        s.to_string()
+        one_line(s)
     }
 }
 
@@ -352,7 +365,7 @@ fn ports(c: &Container) -> String {
     if out.is_empty() {
         "-".into()
     } else {
-        out.join(", ")
+        one_line(&out.join(", "))
     }
 }
 
@@ -421,5 +434,45 @@ mod tests {
             "{text}"
         );
         assert!(!text.contains('\x1b'), "no colour off a terminal");
+    }
+
+    #[test]
+    fn escape_sequences_and_line_breaks_a_host_reports_are_shown_escaped() {
+        let evil = "\x1b]0;pwned\x07\x1b[2J\x1b[32mdeploy succeeded\x1b[0m\nfake-row";
+        let host = Host {
+            name: "hub-alfa".into(),
+            offline_reason: evil.into(),
+            info: Some(HostInfo {
+                agent_version: evil.into(),
+                os: evil.into(),
+                ..Default::default()
+            }),
+            state: Some(HostState {
+                system: Some(SystemSection {
+                    collection: None,
+                    result: Some(system_section::Result::Error(evil.into())),
+                }),
+                docker: Some(DockerSection {
+                    collection: None,
+                    result: Some(docker_section::Result::State(DockerState {
+                        engine_version: evil.into(),
+                        containers: vec![Container {
+                            name: evil.into(),
+                            image: evil.into(),
+                            compose_project: evil.into(),
+                            state: evil.into(),
+                            ..Default::default()
+                        }],
+                    })),
+                }),
+                ..Default::default()
+            }),
+            ..Default::default()
+        };
+        let text = render(&host, false);
+        assert!(!text.contains('\x1b'), "{text:?}");
+        assert!(!text.contains('\x07'), "{text:?}");
+        assert!(!text.lines().any(|l| l.starts_with("fake-row")), "{text}");
+        assert!(text.contains("\\u{1b}[2J"), "{text}");
     }
 }

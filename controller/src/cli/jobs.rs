@@ -4,7 +4,7 @@
 use sentinel_proto::v1::{DeploymentState, JobKind, JobState, ListDeploysRequest, ListJobsRequest};
 
 use super::deploy::status_err;
-use super::format::{ago, between, enum_word, state, truncate};
+use super::format::{ago, between, enum_word, one_line, state, truncate};
 use super::ClientArgs;
 
 /// Widest detail shown in a table; `--json` has it all.
@@ -66,14 +66,14 @@ pub async fn jobs(client: &ClientArgs, args: JobsArgs) -> anyhow::Result<u8> {
                 "JOB_STATE_",
             );
             vec![
-                j.job_id.clone(),
-                j.target_host.clone(),
+                one_line(&j.job_id),
+                one_line(&j.target_host),
                 sentinel_proto::kinds::kind_name(kind).to_string(),
                 state(&word, colour),
                 ago(j.created_at.as_ref()),
                 ago(j.updated_at.as_ref()),
-                truncate(&j.requested_by, 30),
-                truncate(&j.detail, DETAIL_WIDTH),
+                truncate(&one_line(&j.requested_by), 30),
+                truncate(&one_line(&j.detail), DETAIL_WIDTH),
             ]
         })
         .collect();
@@ -118,14 +118,14 @@ pub async fn deploys(client: &ClientArgs, args: DeploysArgs) -> anyhow::Result<u
                 between(d.started_at.as_ref(), Some(&sentinel_proto::time::now()))
             };
             vec![
-                d.deploy_id.clone(),
-                d.app.clone(),
-                d.commit.chars().take(12).collect(),
+                one_line(&d.deploy_id),
+                one_line(&d.app),
+                one_line(&d.commit.chars().take(12).collect::<String>()),
                 state(&word, colour),
                 ago(d.started_at.as_ref()),
                 took,
-                truncate(&d.requested_by, 30),
-                truncate(&d.detail, DETAIL_WIDTH),
+                truncate(&one_line(&d.requested_by), 30),
+                truncate(&one_line(&d.detail), DETAIL_WIDTH),
             ]
         })
         .collect();

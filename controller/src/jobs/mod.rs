@@ -9,6 +9,7 @@ use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime};
 
+use prost::Message;
 use rand::RngCore;
 use sentinel_proto::time::{system_time, timestamp};
 use sentinel_proto::v1::{
@@ -17,15 +18,34 @@ use sentinel_proto::v1::{
 };
 use tokio::sync::{broadcast, Notify};
 use tonic::Status;
-use tracing::{debug, info, warn};
+use tracing::{info, warn};
 
 use crate::registry::Registry;
 use crate::store::{Store, StoreError, StoredJob};
+use crate::warn_limit::WarnLimiter;
 pub use signer::Signer;
 
 /// Events kept per job; older ones are dropped (the first few, which say how it started, stay).
 const MAX_EVENTS: usize = 500;
 const KEEP_FIRST_EVENTS: usize = 20;
+/// Encoded bytes of events kept per job, whatever the host sends: with [`MAX_EVENTS`] this
+/// bounds what one job costs in memory, in each store write and in a `GetJob` answer. A
+/// deploy's whole output is far below it; a host sending more loses its oldest lines.
+const MAX_JOB_EVENT_BYTES: usize = 512 * 1024;
+/// Longest text kept from one event (a log line, a step's or a refusal's detail, a finish
+/// detail); the rest is cut and the cut is said.
+const MAX_EVENT_TEXT: usize = 4 * 1024;
+/// Largest kind-specific result (JSON) kept from a finish event; a larger one is dropped whole
+/// (cut JSON is of no use) and the job's detail says so.
+const MAX_RESULT_JSON: usize = 256 * 1024;
+/// Longest `detail` of a job.
+const MAX_DETAIL: usize = 8 * 1024;
+/// Encoded bytes of events kept over all jobs of one host. Past it the host's log and step
+/// events are no longer kept (its state changes still are): one host certificate cannot make
+/// the controller store more than this, however many jobs it is given.
+const MAX_HOST_EVENT_BYTES: usize = 32 * 1024 * 1024;
+/// What joins a cancelled job's detail to the host's own account of how it ended.
+const HOST_ACCOUNT: &str = "; on the host: ";
 
 /// Whether a job state is final.
 pub fn is_final(state: JobState) -> bool {
@@ -40,6 +60,25 @@ struct Entry {
     envelope: sentinel_proto::v1::SignedJob,
     /// Bundles this job may fetch (deploys).
     bundle: Option<String>,
+    /// Encoded size of `job.events`.
+    event_bytes: usize,
+    /// Whether ignored events (late, or past a budget) were logged already: once per job, so
+    /// that a host re-sending them cannot flood the log.
+    ignored_logged: bool,
+}
+
+impl Entry {
+    fn new(job: Job, envelope: sentinel_proto::v1::SignedJob) -> Self {
+        let bundle = bundle_of(&envelope);
+        let event_bytes = job.events.iter().map(|e| e.encoded_len()).sum();
+        Self {
+            job,
+            envelope,
+            bundle,
+            event_bytes,
+            ignored_logged: false,
+        }
+    }
 }
 
 /// The controller's jobs.
@@ -50,6 +89,11 @@ pub struct JobQueue {
     /// Cleaned lazily by dispatch. Lock order: `entries` before `open`.
     open: Mutex<HashMap<String, HashSet<String>>>,
     dirty: Mutex<HashSet<String>>,
+    /// Per host, the encoded bytes of events kept over all its jobs (the sum of their
+    /// `event_bytes`). Lock order: `entries` before `host_bytes`.
+    host_bytes: Mutex<HashMap<String, usize>>,
+    /// Warnings about events a host may send at will (unknown jobs, other hosts' jobs).
+    ignored: WarnLimiter,
     registry: Arc<Registry>,
     signer: Option<Signer>,
     changed: Notify,
@@ -82,27 +126,24 @@ impl JobQueue {
     ) -> Result<Arc<Self>, StoreError> {
         let mut entries = HashMap::new();
         let mut open: HashMap<String, HashSet<String>> = HashMap::new();
+        let mut host_bytes: HashMap<String, usize> = HashMap::new();
         for stored in store.load_jobs()? {
             if !is_final(stored.job.state()) {
                 open.entry(stored.job.target_host.clone())
                     .or_default()
                     .insert(stored.job.job_id.clone());
             }
-            let bundle = bundle_of(&stored.envelope);
-            entries.insert(
-                stored.job.job_id.clone(),
-                Entry {
-                    job: stored.job,
-                    envelope: stored.envelope,
-                    bundle,
-                },
-            );
+            let entry = Entry::new(stored.job, stored.envelope);
+            *host_bytes.entry(entry.job.target_host.clone()).or_default() += entry.event_bytes;
+            entries.insert(entry.job.job_id.clone(), entry);
         }
         let (events, _) = broadcast::channel(4096);
         Ok(Arc::new(Self {
             entries: Mutex::new(entries),
             open: Mutex::new(open),
             dirty: Mutex::new(HashSet::new()),
+            host_bytes: Mutex::new(host_bytes),
+            ignored: WarnLimiter::new("ignored job events", 3, 20, Duration::from_secs(60)),
             registry,
             signer,
             changed: Notify::new(),
@@ -166,15 +207,8 @@ impl JobQueue {
             detail: "waiting for the host".into(),
             events: Vec::new(),
         };
-        let bundle = bundle_of(&envelope);
-        self.lock().insert(
-            job_id.clone(),
-            Entry {
-                job: job.clone(),
-                envelope,
-                bundle,
-            },
-        );
+        self.lock()
+            .insert(job_id.clone(), Entry::new(job.clone(), envelope));
         self.open
             .lock()
             .unwrap_or_else(|p| p.into_inner())
@@ -234,54 +268,58 @@ impl JobQueue {
     }
 
     /// Applies an event reported by `host`. Events for jobs of other hosts are refused: an
-    /// agent can only speak about its own jobs.
-    pub fn on_event(&self, host: &str, event: JobEvent) {
+    /// agent can only speak about its own jobs. What a host sends is bounded before it is
+    /// kept: texts per event, events and bytes per job, bytes over all the host's jobs, and
+    /// a job that already ended takes no more events (but for one account of how a job
+    /// cancelled here ended on the host).
+    pub fn on_event(&self, host: &str, mut event: JobEvent) {
+        let result_dropped = bound_event(&mut event);
         let id = event.job_id.clone();
         {
             let mut entries = self.lock();
             let Some(entry) = entries.get_mut(&id) else {
-                warn!(host, job_id = %id, "event for an unknown job ignored");
+                self.ignored
+                    .warn(host, || format!("event for an unknown job {id:?} ignored"));
                 return;
             };
             if entry.job.target_host != host {
-                warn!(host, job_id = %id, target = %entry.job.target_host, "event from a host that is not the job's target ignored");
+                self.ignored.warn(host, || {
+                    format!(
+                        "event for job {id:?} of host {:?} from another host ignored",
+                        entry.job.target_host
+                    )
+                });
+                return;
+            }
+            let was_final = is_final(entry.job.state());
+            if was_final {
+                if !self.apply_host_account(host, entry, &event) {
+                    if !entry.ignored_logged {
+                        entry.ignored_logged = true;
+                        info!(host, job_id = ?id, state = entry.job.state().as_str_name(), "events for a job that already ended are ignored (said once per job)");
+                    }
+                    return;
+                }
+                drop(entries);
+                let _ = self.events.send(event);
+                self.touch(&id);
                 return;
             }
             let job = &mut entry.job;
-            let was_final = is_final(job.state());
             match &event.event {
-                Some(job_event::Event::Accepted(_)) if !was_final => {
+                Some(job_event::Event::Accepted(_)) => {
                     job.state = JobState::Running as i32;
                     job.detail = "running".into();
                 }
-                Some(job_event::Event::Refused(r)) if !was_final => {
+                Some(job_event::Event::Refused(r)) => {
                     job.state = JobState::Refused as i32;
                     let reason = RefusalReason::try_from(r.reason)
                         .unwrap_or(RefusalReason::Unspecified)
                         .as_str_name();
                     job.detail = format!("refused by the agent: {reason}: {}", r.detail);
-                    warn!(host, job_id = %id, detail = %job.detail, "job refused");
+                    warn!(host, job_id = ?id, detail = ?job.detail, "job refused");
                 }
                 Some(job_event::Event::Finished(f)) => {
-                    if was_final {
-                        // How a job cancelled here actually ended on the host (e.g. a deploy
-                        // that put the live release back) is worth keeping; any other late
-                        // report is a re-report after a reconnect.
-                        let cancelled_here = job.state() == JobState::Cancelled
-                            && f.state == JobState::Cancelled as i32
-                            && !f.detail.is_empty()
-                            && !job.detail.contains(&f.detail);
-                        if !cancelled_here {
-                            return;
-                        }
-                        job.detail = format!("{}; on the host: {}", job.detail, f.detail);
-                        job.updated_at = Some(sentinel_proto::time::now());
-                        job.events.push(event.clone());
-                        drop(entries);
-                        let _ = self.events.send(event);
-                        self.touch(&id);
-                        return;
-                    }
                     let state = JobState::try_from(f.state).unwrap_or(JobState::Failed);
                     job.state = if is_final(state) {
                         state
@@ -289,27 +327,80 @@ impl JobQueue {
                         JobState::Failed
                     } as i32;
                     job.detail = f.detail.clone();
-                    info!(host, job_id = %id, state = state.as_str_name(), detail = %f.detail, "job finished");
-                }
-                Some(job_event::Event::Refused(r)) => {
-                    // A job that already ended, re-sent after a reconnect and refused as a
-                    // replay: that says nothing about how it ended, so it is not kept.
-                    debug!(host, job_id = %id, detail = %r.detail, "refusal of a finished job ignored");
-                    return;
+                    if let Some(len) = result_dropped {
+                        job.detail.push_str(&format!(
+                            " (its result of {len} bytes was dropped: over {MAX_RESULT_JSON} bytes)"
+                        ));
+                    }
+                    info!(host, job_id = ?id, state = state.as_str_name(), detail = ?f.detail, "job finished");
                 }
                 _ => {}
             }
-            if !was_final && is_final(job.state()) {
+            bound_text(&mut job.detail, MAX_DETAIL);
+            if is_final(job.state()) {
                 crate::metrics::get().job_finished(job.kind(), job.state());
             }
             job.updated_at = Some(sentinel_proto::time::now());
-            if job.events.len() >= MAX_EVENTS {
-                job.events.remove(KEEP_FIRST_EVENTS);
+            if !self.keep_event(host, entry, &event) {
+                // A log or step line past the host's budget: not kept, and nothing changed.
+                return;
             }
-            job.events.push(event.clone());
         }
         let _ = self.events.send(event);
         self.touch(&id);
+    }
+
+    /// For a job that ended here: keeps the host's account of how a job cancelled here
+    /// actually ended (e.g. a deploy that put the live release back), once. Any other late
+    /// event is a re-report after a reconnect, or noise; returns whether it was kept.
+    fn apply_host_account(&self, host: &str, entry: &mut Entry, event: &JobEvent) -> bool {
+        let Some(job_event::Event::Finished(f)) = &event.event else {
+            return false;
+        };
+        let account = entry.job.state() == JobState::Cancelled
+            && f.state == JobState::Cancelled as i32
+            && !f.detail.is_empty()
+            && !entry.job.detail.contains(HOST_ACCOUNT);
+        if !account {
+            return false;
+        }
+        entry.job.detail = format!("{}{HOST_ACCOUNT}{}", entry.job.detail, f.detail);
+        bound_text(&mut entry.job.detail, MAX_DETAIL);
+        entry.job.updated_at = Some(sentinel_proto::time::now());
+        self.keep_event(host, entry, event);
+        true
+    }
+
+    /// Appends `event` to the job's events within the job's and the host's budgets, dropping
+    /// the oldest events after the first few as needed. Log and step events of a host past
+    /// its budget are not kept; returns whether the event was.
+    fn keep_event(&self, host: &str, entry: &mut Entry, event: &JobEvent) -> bool {
+        let size = event.encoded_len();
+        let mut host_bytes = self.host_bytes.lock().unwrap_or_else(|p| p.into_inner());
+        let total = host_bytes.entry(host.to_string()).or_default();
+        let chatter = matches!(
+            event.event,
+            Some(job_event::Event::Log(_)) | Some(job_event::Event::Step(_))
+        );
+        if chatter && *total + size > MAX_HOST_EVENT_BYTES {
+            if !entry.ignored_logged {
+                entry.ignored_logged = true;
+                warn!(host, job_id = ?entry.job.job_id, budget = MAX_HOST_EVENT_BYTES, "the host's job events exceed its budget: its log and step events are no longer kept (said once per job)");
+            }
+            return false;
+        }
+        let events = &mut entry.job.events;
+        while events.len() > KEEP_FIRST_EVENTS
+            && (events.len() >= MAX_EVENTS || entry.event_bytes + size > MAX_JOB_EVENT_BYTES)
+        {
+            let dropped = events.remove(KEEP_FIRST_EVENTS).encoded_len();
+            entry.event_bytes -= dropped;
+            *total = total.saturating_sub(dropped);
+        }
+        events.push(event.clone());
+        entry.event_bytes += size;
+        *total += size;
+        true
     }
 
     /// Whether `host` may fetch bundle `sha256`: only for its own unfinished deploy jobs,
@@ -326,6 +417,15 @@ impl JobQueue {
                     && e.bundle.as_deref() == Some(sha256)
             })
         })
+    }
+
+    /// The bundles that unfinished jobs name (they must stay on disk until those end).
+    pub fn open_bundles(&self) -> HashSet<String> {
+        self.lock()
+            .values()
+            .filter(|e| !is_final(e.job.state()))
+            .filter_map(|e| e.bundle.clone())
+            .collect()
     }
 
     /// One job.
@@ -396,6 +496,7 @@ impl JobQueue {
 
     /// Times out jobs that waited past their expiry, or ran longer than the run timeout.
     pub fn sweep(&self) {
+        self.ignored.flush();
         let now = SystemTime::now();
         let mut timed_out = Vec::new();
         {
@@ -457,8 +558,15 @@ impl JobQueue {
             })
             .map(|e| e.job.job_id.clone())
             .collect();
-        for id in &old {
-            entries.remove(id);
+        {
+            let mut host_bytes = self.host_bytes.lock().unwrap_or_else(|p| p.into_inner());
+            for id in &old {
+                if let Some(e) = entries.remove(id) {
+                    if let Some(total) = host_bytes.get_mut(&e.job.target_host) {
+                        *total = total.saturating_sub(e.event_bytes);
+                    }
+                }
+            }
         }
         drop(entries);
         if !old.is_empty() {
@@ -530,8 +638,48 @@ impl JobQueue {
     }
 }
 
+/// Cuts the texts of an event a host sent to [`MAX_EVENT_TEXT`], and drops a finish result
+/// over [`MAX_RESULT_JSON`] (returning its length, for the job's detail).
+fn bound_event(event: &mut JobEvent) -> Option<usize> {
+    bound_text(&mut event.job_id, MAX_EVENT_TEXT);
+    match &mut event.event {
+        Some(job_event::Event::Refused(r)) => bound_text(&mut r.detail, MAX_EVENT_TEXT),
+        Some(job_event::Event::Log(l)) => {
+            bound_text(&mut l.stream, 64);
+            bound_text(&mut l.line, MAX_EVENT_TEXT);
+        }
+        Some(job_event::Event::Step(st)) => {
+            bound_text(&mut st.name, 256);
+            bound_text(&mut st.detail, MAX_EVENT_TEXT);
+        }
+        Some(job_event::Event::Finished(f)) => {
+            bound_text(&mut f.detail, MAX_EVENT_TEXT);
+            if f.result_json.len() > MAX_RESULT_JSON {
+                let len = f.result_json.len();
+                f.result_json = String::new();
+                return Some(len);
+            }
+        }
+        Some(job_event::Event::Accepted(_)) | None => {}
+    }
+    None
+}
+
+/// Cuts `text` to at most `max` bytes (on a character boundary) and says how much was cut.
+fn bound_text(text: &mut String, max: usize) {
+    if text.len() <= max {
+        return;
+    }
+    let cut = text.len();
+    let mut end = max.saturating_sub(40);
+    while !text.is_char_boundary(end) {
+        end -= 1;
+    }
+    text.truncate(end);
+    text.push_str(&format!("… [{} bytes cut]", cut - end));
+}
+
 fn bundle_of(envelope: &sentinel_proto::v1::SignedJob) -> Option<String> {
-    use prost::Message;
     match JobSpec::decode(envelope.spec.as_slice()).ok()?.params? {
         job_spec::Params::Deploy(d) => Some(d.bundle_sha256),
         _ => None,
@@ -574,6 +722,65 @@ mod tests {
         })
         .unwrap()
         .job_id
+    }
+
+    fn log(job_id: &str, seq: u64, line: &str) -> JobEvent {
+        JobEvent {
+            job_id: job_id.into(),
+            seq,
+            at: None,
+            event: Some(job_event::Event::Log(sentinel_proto::v1::JobLog {
+                stream: "stdout".into(),
+                line: line.into(),
+            })),
+        }
+    }
+
+    #[test]
+    fn what_one_host_makes_the_controller_keep_is_bounded_per_event_job_and_host() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = EmbeddedStore::open(&dir.path().join("s.redb")).unwrap();
+        let jobs = queue(&store);
+        let line = "x".repeat(1 << 20);
+        let mut kept = 0;
+        // 100 jobs, each sent 200 one-MiB lines: 20 GiB offered.
+        for _ in 0..100 {
+            let id = submit(&jobs);
+            for seq in 0..200 {
+                jobs.on_event("web-1", log(&id, seq, &line));
+            }
+            let job = jobs.get(&id).unwrap();
+            let bytes: usize = job.events.iter().map(|e| e.encoded_len()).sum();
+            assert!(job.events.len() <= MAX_EVENTS);
+            assert!(bytes <= MAX_JOB_EVENT_BYTES, "{bytes}");
+            assert!(job
+                .events
+                .iter()
+                .all(|e| e.encoded_len() < MAX_EVENT_TEXT + 200));
+            kept += bytes;
+        }
+        assert!(kept <= MAX_HOST_EVENT_BYTES, "{kept}");
+        // State changes still count past the budget.
+        let id = submit(&jobs);
+        jobs.on_event(
+            "web-1",
+            JobEvent {
+                job_id: id.clone(),
+                seq: 1,
+                at: None,
+                event: Some(job_event::Event::Finished(JobFinished {
+                    state: JobState::Succeeded as i32,
+                    detail: "d".repeat(1 << 20),
+                    ..Default::default()
+                })),
+            },
+        );
+        let job = jobs.get(&id).unwrap();
+        assert_eq!(job.state(), JobState::Succeeded);
+        assert!(job.detail.len() <= MAX_DETAIL);
+        // Nothing more is kept for a job that ended.
+        jobs.on_event("web-1", log(&id, 2, "late"));
+        assert_eq!(jobs.get(&id).unwrap().events.len(), 1);
     }
 
     #[test]

@@ -8,16 +8,12 @@
 use std::collections::HashSet;
 use std::future::Future;
 use std::pin::Pin;
-use std::sync::Mutex;
+use std::sync::OnceLock;
 use std::task::{Context, Poll};
 use std::time::Instant;
 
 use http_body::{Body, Frame, SizeHint};
 use tower::{Layer, Service};
-
-/// Distinct method labels kept before further ones are counted as `other`: an authenticated
-/// peer can send any path, and must not be able to grow the metrics without bound.
-const MAX_METHODS: usize = 64;
 
 /// Adds [`GrpcMetrics`] around a service.
 #[derive(Debug, Clone, Copy, Default)]
@@ -146,29 +142,52 @@ fn record(method: &str, code: &str) {
 }
 
 /// The method label: the request path without its leading slash
-/// (`sentinel.v1.FleetService/ListHosts`), or `other` for malformed paths and once
-/// [`MAX_METHODS`] distinct ones were seen.
+/// (`sentinel.v1.FleetService/ListHosts`) for the methods the controller serves, `other` for
+/// any other path. A peer can send any path: junk must neither grow the metrics nor crowd
+/// the real methods out of their labels.
 fn method_label(path: &str) -> String {
-    static SEEN: Mutex<Option<HashSet<String>>> = Mutex::new(None);
     let name = path.strip_prefix('/').unwrap_or(path);
-    let well_formed = name.split('/').count() == 2
-        && !name.is_empty()
-        && name
-            .chars()
-            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '/'));
-    if !well_formed {
-        return "other".into();
+    if served_methods().contains(name) {
+        name.to_string()
+    } else {
+        "other".into()
     }
-    let mut seen = SEEN.lock().unwrap_or_else(|p| p.into_inner());
-    let seen = seen.get_or_insert_with(HashSet::new);
-    if seen.contains(name) {
-        return name.to_string();
-    }
-    if seen.len() >= MAX_METHODS {
-        return "other".into();
-    }
-    seen.insert(name.to_string());
-    name.to_string()
+}
+
+/// Every method the controller serves (`package.Service/Method`), read from the descriptor
+/// sets of the services it serves and reflects.
+fn served_methods() -> &'static HashSet<String> {
+    static METHODS: OnceLock<HashSet<String>> = OnceLock::new();
+    METHODS.get_or_init(|| {
+        use prost::Message;
+        let sets = [
+            sentinel_proto::FILE_DESCRIPTOR_SET,
+            tonic_health::pb::FILE_DESCRIPTOR_SET,
+            tonic_reflection::pb::v1::FILE_DESCRIPTOR_SET,
+            tonic_reflection::pb::v1alpha::FILE_DESCRIPTOR_SET,
+        ];
+        let mut methods = HashSet::new();
+        for set in sets {
+            // Built into the binary: a set that does not decode is a build error, and then
+            // its methods count as `other` rather than stopping the controller.
+            let Ok(set) = prost_types::FileDescriptorSet::decode(set) else {
+                continue;
+            };
+            for file in &set.file {
+                for service in &file.service {
+                    for method in &service.method {
+                        methods.insert(format!(
+                            "{}.{}/{}",
+                            file.package(),
+                            service.name(),
+                            method.name()
+                        ));
+                    }
+                }
+            }
+        }
+        methods
+    })
 }
 
 /// The canonical name of a `grpc-status` value, as grpcurl prints it (`NOT_FOUND`).
@@ -223,7 +242,7 @@ mod tests {
         );
         assert_eq!(method_label("/a/b/c"), "other");
         assert_eq!(method_label("/weird path/x"), "other");
-        for i in 0..(MAX_METHODS + 5) {
+        for i in 0..69 {
             let _ = method_label(&format!("/test.Flood/M{i}"));
         }
         assert_eq!(method_label("/test.Flood/Another"), "other");
@@ -232,5 +251,26 @@ mod tests {
             method_label("/sentinel.v1.FleetService/ListHosts"),
             "sentinel.v1.FleetService/ListHosts"
         );
+    }
+
+    #[test]
+    fn only_the_methods_the_services_define_get_a_label() {
+        for path in [
+            "/sentinel.v1.AgentService/Connect",
+            "/sentinel.v1.FleetService/CancelJob",
+            "/grpc.health.v1.Health/Check",
+            "/grpc.reflection.v1.ServerReflection/ServerReflectionInfo",
+            "/grpc.reflection.v1alpha.ServerReflection/ServerReflectionInfo",
+        ] {
+            assert_eq!(method_label(path), &path[1..]);
+        }
+        for junk in [
+            "/sentinel.v1.FleetService/NoSuchMethod",
+            "/sentinel.v1.FleetService/ListHosts/x",
+            "/test.Flood/M1",
+            "",
+        ] {
+            assert_eq!(method_label(junk), "other", "{junk}");
+        }
     }
 }

@@ -184,6 +184,46 @@ fn pack(tree: &[u8], env: Option<&[u8]>, dir: &Path) -> Result<Bundle, BundleErr
     })
 }
 
+/// Removes the bundles (and leftovers of interrupted builds) in `dir` that no open job needs,
+/// `needed` being the digests open jobs name, once their file is older than `grace`: a
+/// bundle just built waits that long for its job to be submitted. Bundles hold secrets, so
+/// they are not kept past their use. Returns how many files were removed.
+pub fn prune(
+    dir: &Path,
+    needed: &std::collections::HashSet<String>,
+    grace: std::time::Duration,
+) -> std::io::Result<usize> {
+    let entries = match std::fs::read_dir(dir) {
+        Ok(entries) => entries,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(0),
+        Err(e) => return Err(e),
+    };
+    let now = std::time::SystemTime::now();
+    let mut removed = 0;
+    for entry in entries {
+        let entry = entry?;
+        let name = entry.file_name().to_string_lossy().into_owned();
+        let digest = name
+            .strip_suffix(".tar.gz")
+            .or_else(|| name.strip_prefix('.').and_then(|n| n.strip_suffix(".tmp")))
+            .unwrap_or(&name);
+        if needed.contains(digest) {
+            continue;
+        }
+        let meta = entry.metadata()?;
+        let age = meta
+            .modified()
+            .ok()
+            .and_then(|m| now.duration_since(m).ok())
+            .unwrap_or_default();
+        if meta.is_file() && age >= grace {
+            std::fs::remove_file(entry.path())?;
+            removed += 1;
+        }
+    }
+    Ok(removed)
+}
+
 /// Bundles hold secrets: their files are private to the controller's user.
 trait Mode0600 {
     fn mode_0600(&mut self) -> &mut Self;
@@ -193,5 +233,43 @@ impl Mode0600 for std::fs::OpenOptions {
     fn mode_0600(&mut self) -> &mut Self {
         use std::os::unix::fs::OpenOptionsExt;
         self.mode(0o600)
+    }
+}
+
+#[cfg(test)]
+mod prune_tests {
+    use super::*;
+    use std::collections::HashSet;
+    use std::time::Duration;
+
+    #[test]
+    fn bundles_no_open_job_needs_are_removed_once_past_the_grace() {
+        let dir = tempfile::tempdir().unwrap();
+        let needed = "a".repeat(64);
+        let unused = "b".repeat(64);
+        for name in [
+            format!("{needed}.tar.gz"),
+            format!("{unused}.tar.gz"),
+            format!(".{unused}.tmp"),
+        ] {
+            std::fs::write(dir.path().join(name), b"x").unwrap();
+        }
+        let keep: HashSet<String> = [needed.clone()].into();
+        // Within the grace nothing goes (a bundle just built waits for its job).
+        assert_eq!(
+            prune(dir.path(), &keep, Duration::from_secs(600)).unwrap(),
+            0
+        );
+        assert_eq!(prune(dir.path(), &keep, Duration::ZERO).unwrap(), 2);
+        let left: Vec<String> = std::fs::read_dir(dir.path())
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .collect();
+        assert_eq!(left, vec![format!("{needed}.tar.gz")]);
+        // A missing directory is nothing to prune.
+        assert_eq!(
+            prune(&dir.path().join("none"), &keep, Duration::ZERO).unwrap(),
+            0
+        );
     }
 }

@@ -31,8 +31,10 @@ pub struct Bundles {
 }
 
 impl Bundles {
-    /// Bundles are written under `dir`.
+    /// Bundles are written under `dir`. Bundles left there (by a crash: every other ending
+    /// removes its bundle) are removed now, since a bundle holds its environment's secrets.
     pub fn new(outbox: Outbox, dir: PathBuf) -> Self {
+        sweep(&dir);
         Self {
             outbox,
             dir,
@@ -52,13 +54,15 @@ impl Bundles {
         }
     }
 
-    /// Fetches bundle `sha256` of `size` bytes into a file and checks its digest.
+    /// Fetches bundle `sha256` of `size` bytes into a file (mode 0600: it holds the `.env`)
+    /// and checks its digest. The file is removed when the returned [`BundleFile`] is dropped,
+    /// or at once if the fetch fails or is cancelled (its future dropped).
     pub async fn fetch(
         &self,
         sha256: &str,
         size: u64,
         events: &JobEvents,
-    ) -> Result<PathBuf, JobError> {
+    ) -> Result<BundleFile, JobError> {
         if sha256.len() != 64 || !sha256.bytes().all(|b| b.is_ascii_hexdigit()) {
             return Err(JobError::Failed(format!(
                 "bundle digest {sha256:?} is not a sha256"
@@ -73,8 +77,19 @@ impl Bundles {
         std::fs::create_dir_all(&self.dir)
             .map_err(|e| io(&format!("creating {}", self.dir.display()), e))?;
         let path = self.dir.join(format!("{sha256}.tar.gz"));
-        let mut file = std::fs::File::create(&path)
-            .map_err(|e| io(&format!("creating {}", path.display()), e))?;
+        let mut file = {
+            use std::os::unix::fs::OpenOptionsExt;
+            // A leftover of the same bundle (same digest) may be there: replaced, and created
+            // 0600 from the start so that no other user can read it meanwhile.
+            let _ = std::fs::remove_file(&path);
+            std::fs::OpenOptions::new()
+                .write(true)
+                .create_new(true)
+                .mode(0o600)
+                .open(&path)
+                .map_err(|e| io(&format!("creating {}", path.display()), e))?
+        };
+        let bundle = BundleFile { path };
         let (tx, mut rx) = mpsc::unbounded_channel();
         self.waiters
             .lock()
@@ -124,7 +139,6 @@ impl Bundles {
         file.sync_all().map_err(|e| io("syncing the bundle", e))?;
         let got = hex::encode(hasher.finalize());
         if got != sha256 {
-            let _ = std::fs::remove_file(&path);
             return Err(JobError::Failed(format!(
                 "bundle digest mismatch: signed job says {sha256}, received {got}"
             )));
@@ -136,7 +150,51 @@ impl Bundles {
                 started.elapsed()
             ),
         );
-        Ok(path)
+        Ok(bundle)
+    }
+}
+
+/// A fetched bundle on disk, removed when dropped: however the deploy ends (done, failed,
+/// cancelled, timed out), its secrets do not stay behind.
+#[derive(Debug)]
+pub struct BundleFile {
+    path: PathBuf,
+}
+
+impl BundleFile {
+    /// Where the bundle is.
+    pub fn path(&self) -> &std::path::Path {
+        &self.path
+    }
+}
+
+impl Drop for BundleFile {
+    fn drop(&mut self) {
+        if let Err(e) = std::fs::remove_file(&self.path) {
+            if e.kind() != std::io::ErrorKind::NotFound {
+                tracing::warn!(path = %self.path.display(), error = %e, "could not remove a release bundle (it holds secrets): remove it by hand");
+            }
+        }
+    }
+}
+
+/// Removes every file in the bundle directory (none is in use when the agent starts).
+fn sweep(dir: &std::path::Path) {
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return;
+    };
+    for entry in entries.flatten() {
+        let path = entry.path();
+        if path.is_file() {
+            match std::fs::remove_file(&path) {
+                Ok(()) => {
+                    tracing::info!(path = %path.display(), "removed a release bundle left by an earlier run")
+                }
+                Err(e) => {
+                    tracing::warn!(path = %path.display(), error = %e, "could not remove a leftover release bundle (it holds secrets)")
+                }
+            }
+        }
     }
 }
 
@@ -151,5 +209,56 @@ impl Drop for WaiterGuard {
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .remove(&self.1);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::os::unix::fs::PermissionsExt;
+
+    #[tokio::test]
+    async fn a_bundle_is_private_while_fetched_and_gone_when_the_fetch_is_cancelled() {
+        let dir = tempfile::tempdir().unwrap();
+        let bundles_dir = dir.path().join("bundles");
+        let outbox = Outbox::default();
+        let bundles = Bundles::new(outbox.clone(), bundles_dir.clone());
+        let events = JobEvents::new("job", outbox.clone(), 0);
+        let sha = "a".repeat(64);
+        let path = bundles_dir.join(format!("{sha}.tar.gz"));
+        let fetch = {
+            let (bundles, events, sha) = (bundles.clone(), events.clone(), sha.clone());
+            tokio::spawn(async move { bundles.fetch(&sha, 10, &events).await.map(|_| ()) })
+        };
+        // No chunk ever comes: the fetch waits, with its file open.
+        for _ in 0..100 {
+            if path.exists() {
+                break;
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+        }
+        let mode = std::fs::metadata(&path).unwrap().permissions().mode() & 0o777;
+        assert_eq!(mode, 0o600);
+        fetch.abort();
+        let _ = fetch.await;
+        assert!(!path.exists(), "a cancelled fetch left its bundle behind");
+    }
+
+    #[test]
+    fn bundles_left_by_a_crash_are_swept_at_start() {
+        let dir = tempfile::tempdir().unwrap();
+        let leftover = dir.path().join(format!("{}.tar.gz", "b".repeat(64)));
+        std::fs::write(&leftover, b"secrets").unwrap();
+        let _ = Bundles::new(Outbox::default(), dir.path().to_path_buf());
+        assert!(!leftover.exists());
+    }
+
+    #[test]
+    fn a_bundle_file_is_removed_when_dropped() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("x.tar.gz");
+        std::fs::write(&path, b"secrets").unwrap();
+        drop(BundleFile { path: path.clone() });
+        assert!(!path.exists());
     }
 }

@@ -346,9 +346,8 @@ impl Jobs {
                     .bundles
                     .fetch(&p.bundle_sha256, p.bundle_size, events)
                     .await?;
-                let result = deploy::deploy(p, &bundle, events).await;
-                let _ = std::fs::remove_file(&bundle);
-                result
+                // `bundle` removes its file when dropped, also when this future is (cancel).
+                deploy::deploy(p, bundle.path(), events).await
             }
             Some(job_spec::Params::Rollback(p)) => deploy::rollback(p, events).await,
             _ => Err(JobError::Failed(format!(
