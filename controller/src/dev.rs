@@ -113,10 +113,12 @@ pub async fn run(opts: DevOptions, shutdown: CancellationToken) -> anyhow::Resul
         shutdown.clone(),
         Some(ready_tx),
     ));
-    let bound = tokio::select! {
-        addr = ready_rx => addr.context("controller stopped before listening")?,
-        result = &mut controller_task => {
-            result.context("controller task")??;
+    let bound = match ready_rx.await {
+        Ok(addr) => addr,
+        // The controller dropped its side without listening: its own error says why (a port
+        // in use, a locked store), not the closed channel.
+        Err(_) => {
+            controller_task.await.context("controller task")??;
             anyhow::bail!("controller stopped before listening");
         }
     };

@@ -52,9 +52,7 @@ pub fn visible_width(s: &str) -> usize {
 
 /// A lower-case word for a protobuf enum name: `JOB_STATE_TIMED_OUT` -> `timed out`.
 pub fn enum_word(name: &str, prefix: &str) -> String {
-    name.trim_start_matches(prefix)
-        .to_ascii_lowercase()
-        .replace('_', " ")
+    sentinel_daemon::metrics::enum_word(name, prefix).replace('_', " ")
 }
 
 /// The tone of a state word (host, job, deploy and step states share their vocabulary).
