@@ -1,7 +1,9 @@
 //! `--json` output: API messages in the canonical proto3 JSON mapping, read through the
 //! descriptors the controller serves for reflection. A script sees exactly the field names,
-//! enum names and RFC 3339 times that `grpcurl` prints for the same call, and every field the
-//! API has, including ones added later.
+//! enum names, int64-as-string and RFC 3339 times that `grpcurl -emit-defaults` prints for the
+//! same call, and every field the API has, including ones added later. Fields at their default
+//! are printed too (an empty list is `[]`, not absent), so `jq '.jobs[]'` works on an empty
+//! answer and a script never has to guess whether "absent" means false, zero or unknown.
 
 use std::sync::OnceLock;
 
@@ -31,7 +33,10 @@ fn dynamic<M: prost::Message>(message: &M, full_name: &str) -> anyhow::Result<Dy
 pub fn to_string<M: prost::Message>(message: &M, full_name: &str) -> anyhow::Result<String> {
     let mut out = serde_json::Serializer::pretty(Vec::new());
     dynamic(message, full_name)?
-        .serialize_with_options(&mut out, &SerializeOptions::new())
+        .serialize_with_options(
+            &mut out,
+            &SerializeOptions::new().skip_default_fields(false),
+        )
         .with_context(|| format!("writing a {full_name} as JSON"))?;
     String::from_utf8(out.into_inner()).context("JSON is UTF-8")
 }
@@ -83,5 +88,16 @@ mod tests {
         assert_eq!(json["kind"], "JOB_KIND_VERIFY_BACKUPS");
         assert_eq!(json["state"], "JOB_STATE_TIMED_OUT");
         assert!(to_json(&job, "sentinel.v1.Nope").is_err());
+    }
+
+    #[test]
+    fn empty_lists_and_zero_values_are_printed_not_left_out() {
+        let empty = sentinel_proto::v1::ListJobsResponse::default();
+        let json = to_json(&empty, "sentinel.v1.ListJobsResponse").unwrap();
+        assert_eq!(json["jobs"], serde_json::json!([]), "{json}");
+        let job = Job::default();
+        let json = to_json(&job, "sentinel.v1.Job").unwrap();
+        assert_eq!(json["jobId"], "");
+        assert_eq!(json["state"], "JOB_STATE_UNSPECIFIED");
     }
 }
