@@ -34,14 +34,6 @@ pub const DEFAULT_QUERY_TIMEOUT: Duration = Duration::from_secs(10);
 /// Below this a timeout is a typo ("5ms" for "5s"), not a choice.
 const MIN_TIMEOUT: Duration = Duration::from_millis(100);
 
-/// Where the system's trusted CA bundle lives on the distributions we run on; the first that
-/// exists is used when a DSN asks for TLS without `sslrootcert`.
-const SYSTEM_CA_BUNDLES: &[&str] = &[
-    "/etc/ssl/certs/ca-certificates.crt",
-    "/etc/pki/tls/certs/ca-bundle.crt",
-    "/etc/ssl/cert.pem",
-];
-
 /// How to reach a PostgreSQL cluster: a DSN (inline or in a file), an optional password file and
 /// timeouts. Used as `[isolation.auditor]` by the controller; the agent's
 /// `[collectors.postgres]` has the same keys plus `enabled`.
@@ -698,36 +690,11 @@ fn tls_connector(
         Some(path) => {
             sentinel_daemon::tls::load_roots(path).map_err(|e| format!("sslrootcert: {e}"))?
         }
-        None => system_roots()?,
+        None => sentinel_daemon::tls::system_roots()
+            .map_err(|e| format!("{e} (with sslrootcert=FILE)"))?,
     };
-    let config = rustls::ClientConfig::builder_with_provider(sentinel_daemon::tls::provider())
-        .with_safe_default_protocol_versions()
-        .map_err(|e| e.to_string())?
-        .with_root_certificates(roots)
-        .with_no_client_auth();
+    let config = sentinel_daemon::tls::server_auth_config(roots).map_err(|e| e.to_string())?;
     Ok(tokio_postgres_rustls::MakeRustlsConnect::new(config))
-}
-
-/// The system's trusted roots: `SSL_CERT_FILE`, else the distribution's bundle.
-fn system_roots() -> Result<rustls::RootCertStore, String> {
-    let from_env = std::env::var_os("SSL_CERT_FILE").map(PathBuf::from);
-    let path = from_env
-        .into_iter()
-        .chain(SYSTEM_CA_BUNDLES.iter().map(PathBuf::from))
-        .find(|p| p.exists())
-        .ok_or_else(|| {
-            format!(
-                "no system CA bundle ({}); give the server's CA with sslrootcert=FILE",
-                SYSTEM_CA_BUNDLES.join(", ")
-            )
-        })?;
-    let certs = sentinel_daemon::tls::load_certs(&path, "CA bundle").map_err(|e| e.to_string())?;
-    let mut roots = rustls::RootCertStore::empty();
-    let (added, _ignored) = roots.add_parsable_certificates(certs);
-    if added == 0 {
-        return Err(format!("no usable certificate in {}", path.display()));
-    }
-    Ok(roots)
 }
 
 /// A cluster's roles, memberships and database ACLs, read in one snapshot.
