@@ -660,26 +660,25 @@ fn key_values(dsn: &str) -> Result<Vec<KeyValue>, String> {
     }
 }
 
-/// Decodes `%XX` escapes (URL user info, query values); invalid escapes stay as written.
+/// Decodes `%XX` escapes (URL user info, query values); invalid escapes stay as written,
+/// invalid UTF-8 is replaced.
 pub fn percent_decode(s: &str) -> String {
-    let bytes = s.as_bytes();
-    let mut out = Vec::with_capacity(bytes.len());
-    let mut i = 0;
-    while i < bytes.len() {
-        if bytes[i] == b'%' && i + 2 < bytes.len() {
-            if let Some(b) = s
-                .get(i + 1..i + 3)
-                .and_then(|h| u8::from_str_radix(h, 16).ok())
-            {
-                out.push(b);
-                i += 3;
-                continue;
-            }
-        }
-        out.push(bytes[i]);
-        i += 1;
-    }
-    String::from_utf8_lossy(&out).into_owned()
+    percent_encoding::percent_decode_str(s)
+        .decode_utf8_lossy()
+        .into_owned()
+}
+
+/// What [`percent_encode`] leaves as is: RFC 3986's unreserved characters.
+const UNRESERVED: &percent_encoding::AsciiSet = &percent_encoding::NON_ALPHANUMERIC
+    .remove(b'-')
+    .remove(b'.')
+    .remove(b'_')
+    .remove(b'~');
+
+/// Escapes everything but unreserved characters as `%XX`, for a URL DSN's path (a database
+/// name).
+pub fn percent_encode(s: &str) -> String {
+    percent_encoding::utf8_percent_encode(s, UNRESERVED).to_string()
 }
 
 /// A rustls connector that verifies the server against `root_cert` (PEM) or the system roots.
@@ -1112,6 +1111,16 @@ impl Catalog {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn percent_escapes_are_decoded_and_broken_ones_kept_as_written() {
+        assert_eq!(percent_decode("p%40ss%2Fw%C3%B6rd"), "p@ss/wörd");
+        assert_eq!(percent_decode("100%"), "100%");
+        assert_eq!(percent_decode("%zz%4"), "%zz%4");
+        assert_eq!(percent_decode("%ff"), "\u{fffd}");
+        assert_eq!(percent_encode("app db/ö-1.x_~"), "app%20db%2F%C3%B6-1.x_~");
+        assert_eq!(percent_decode(&percent_encode("a b%c")), "a b%c");
+    }
 
     #[test]
     fn key_value_dsns_lose_their_tls_keys_and_keep_the_rest() {
