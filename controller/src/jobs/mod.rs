@@ -49,7 +49,7 @@ pub struct JobQueue {
     /// these instead of scanning every job ever kept (a fan-out submits one job per host).
     /// Cleaned lazily by dispatch. Lock order: `entries` before `open`.
     open: Mutex<HashMap<String, HashSet<String>>>,
-    dirty: Mutex<HashSet<String>>,
+    dirty: crate::store::DirtyKeys,
     registry: Arc<Registry>,
     signer: Option<Signer>,
     changed: Notify,
@@ -102,7 +102,7 @@ impl JobQueue {
         Ok(Arc::new(Self {
             entries: Mutex::new(entries),
             open: Mutex::new(open),
-            dirty: Mutex::new(HashSet::new()),
+            dirty: Default::default(),
             registry,
             signer,
             changed: Notify::new(),
@@ -116,10 +116,7 @@ impl JobQueue {
     }
 
     fn touch(&self, id: &str) {
-        self.dirty
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .insert(id.to_string());
+        self.dirty.mark(id);
         self.changed.notify_waiters();
     }
 
@@ -462,10 +459,7 @@ impl JobQueue {
         }
         drop(entries);
         if !old.is_empty() {
-            let mut dirty = self.dirty.lock().unwrap_or_else(|p| p.into_inner());
-            for id in &old {
-                dirty.remove(id);
-            }
+            self.dirty.forget(&old);
             info!(
                 jobs = old.len(),
                 ?keep,
@@ -506,12 +500,7 @@ impl JobQueue {
 
     /// Takes the jobs changed since the last call, for the flusher.
     pub fn take_dirty(&self) -> Vec<StoredJob> {
-        let ids: Vec<String> = self
-            .dirty
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .drain()
-            .collect();
+        let ids = self.dirty.take();
         let entries = self.lock();
         ids.iter()
             .filter_map(|id| {
@@ -525,8 +514,8 @@ impl JobQueue {
 
     /// Puts jobs back after a failed flush.
     pub fn requeue(&self, jobs: &[StoredJob]) {
-        let mut dirty = self.dirty.lock().unwrap_or_else(|p| p.into_inner());
-        dirty.extend(jobs.iter().map(|j| j.job.job_id.clone()));
+        self.dirty
+            .requeue(jobs.iter().map(|j| j.job.job_id.as_str()));
     }
 }
 
