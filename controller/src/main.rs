@@ -355,18 +355,26 @@ fn main() -> ExitCode {
     }
 }
 
+/// The one runtime builder of the binary: multi-threaded for the daemon, current-thread for
+/// one-shot commands. When the runtime cannot start, says so and gives `failure` as exit code.
+fn runtime(multi_thread: bool, failure: ExitCode) -> Result<tokio::runtime::Runtime, ExitCode> {
+    let mut builder = if multi_thread {
+        tokio::runtime::Builder::new_multi_thread()
+    } else {
+        tokio::runtime::Builder::new_current_thread()
+    };
+    builder.enable_all().build().map_err(|e| {
+        eprintln!("sentinel: starting the runtime: {e}");
+        failure
+    })
+}
+
 /// Runs one operator call on a small runtime; its error means the controller was unreachable
 /// or refused the call.
 fn client_call(f: impl std::future::Future<Output = anyhow::Result<u8>>) -> ExitCode {
-    let runtime = match tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-    {
+    let runtime = match runtime(false, ExitCode::FAILURE) {
         Ok(rt) => rt,
-        Err(e) => {
-            eprintln!("sentinel: starting the runtime: {e}");
-            return ExitCode::FAILURE;
-        }
+        Err(code) => return code,
     };
     match runtime.block_on(f) {
         Ok(code) => ExitCode::from(code),
@@ -400,15 +408,9 @@ fn isolation(cmd: IsolationCommand) -> ExitCode {
             return ExitCode::from(EX_USAGE);
         }
     };
-    let runtime = match tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-    {
+    let runtime = match runtime(false, ExitCode::from(cli::EXIT_ERROR)) {
         Ok(rt) => rt,
-        Err(e) => {
-            eprintln!("sentinel: starting the runtime: {e}");
-            return ExitCode::from(cli::EXIT_ERROR);
-        }
+        Err(code) => return code,
     };
     ExitCode::from(runtime.block_on(async {
         match cmd {
@@ -435,12 +437,9 @@ where
     F: FnOnce(CancellationToken) -> Fut,
     Fut: std::future::Future<Output = anyhow::Result<()>> + Send + 'static,
 {
-    let runtime = match tokio::runtime::Runtime::new() {
+    let runtime = match runtime(true, ExitCode::FAILURE) {
         Ok(rt) => rt,
-        Err(e) => {
-            eprintln!("sentinel: starting the runtime: {e}");
-            return ExitCode::FAILURE;
-        }
+        Err(code) => return code,
     };
     runtime.block_on(async move {
         let shutdown = CancellationToken::new();

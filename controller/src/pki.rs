@@ -16,8 +16,8 @@
 //! * operator: subject `CN=NAME, O=Sentinel fleet, OU=operator`, SAN URI
 //!   `sentinel://operator/ROLE/NAME` ([`OPERATOR_URI_PREFIX`]), EKU clientAuth.
 //!
-//! Files are written atomically (temporary file in the same directory, then
-//! rename or hard link), private keys are created with mode 0600 and
+//! Files are written atomically ([`sentinel_daemon::fs`]: temporary file in
+//! the same directory, then rename, or a rename that refuses to replace), private keys are created with mode 0600 and
 //! certificates get mode 0644. No existing file is replaced unless `force` is
 //! set, and every target is checked before anything is written, so a refused
 //! run leaves the directory untouched.
@@ -28,7 +28,7 @@
 
 use std::fmt;
 use std::fs;
-use std::io::{self, Write};
+use std::io;
 use std::net::IpAddr;
 use std::path::{Path, PathBuf};
 use std::str::FromStr;
@@ -946,103 +946,32 @@ fn write_planned(
     Ok(written)
 }
 
-/// Writes `contents` to a temporary file in the target's directory (created
-/// with `mode`, so a key is never readable by others), then moves it into
-/// place: by rename under `force`, otherwise by hard link, which fails rather
-/// than replace a file that appeared meanwhile.
+/// Writes `contents` atomically with `mode` (so a key is never readable by others): replacing
+/// an existing file under `force`, otherwise failing rather than replace a file that appeared
+/// meanwhile. The directory is synced once by [`write_planned`].
 fn write_atomic(path: &Path, contents: &[u8], mode: u32, force: bool) -> Result<(), PkiError> {
-    let parent = match path.parent() {
-        Some(p) if !p.as_os_str().is_empty() => p,
-        _ => Path::new("."),
+    let how = sentinel_daemon::fs::AtomicWrite {
+        mode,
+        replace: force,
+        durable: true,
     };
-    let file_name = path
-        .file_name()
-        .map(|n| n.to_string_lossy().into_owned())
-        .unwrap_or_default();
-    let tmp = parent.join(format!(
-        ".{file_name}.tmp-{}-{:016x}",
-        std::process::id(),
-        OsRng.next_u64()
-    ));
-
-    let mut options = fs::OpenOptions::new();
-    options.write(true).create_new(true);
-    #[cfg(unix)]
-    {
-        use std::os::unix::fs::OpenOptionsExt;
-        options.mode(mode);
-    }
-    let mut file = options.open(&tmp).map_err(io_err(&tmp))?;
-    let filled = (|| {
-        // Exact mode regardless of umask (the umask can only have narrowed it).
-        #[cfg(unix)]
-        {
-            use std::os::unix::fs::PermissionsExt;
-            file.set_permissions(fs::Permissions::from_mode(mode))?;
-        }
-        #[cfg(not(unix))]
-        let _ = mode;
-        file.write_all(contents)?;
-        file.sync_all()
-    })();
-    drop(file);
-    if let Err(e) = filled {
-        remove_temp(&tmp);
-        return Err(io_err(&tmp)(e));
-    }
-
-    if force {
-        return fs::rename(&tmp, path).map_err(|e| {
-            remove_temp(&tmp);
-            io_err(path)(e)
-        });
-    }
-    match fs::hard_link(&tmp, path) {
-        Ok(()) => {
-            remove_temp(&tmp);
-            Ok(())
-        }
-        Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {
-            remove_temp(&tmp);
-            Err(PkiError::Exists {
+    sentinel_daemon::fs::write_atomic_with(path, contents, how).map_err(|e| {
+        if !force && e.kind() == io::ErrorKind::AlreadyExists {
+            PkiError::Exists {
                 path: path.to_owned(),
-            })
-        }
-        Err(_) => {
-            // Filesystem without hard links: check, then rename.
-            if fs::symlink_metadata(path).is_ok() {
-                remove_temp(&tmp);
-                return Err(PkiError::Exists {
-                    path: path.to_owned(),
-                });
             }
-            fs::rename(&tmp, path).map_err(|e| {
-                remove_temp(&tmp);
-                io_err(path)(e)
-            })
+        } else {
+            PkiError::Io {
+                path: e.path,
+                source: e.source,
+            }
         }
-    }
-}
-
-fn remove_temp(tmp: &Path) {
-    if let Err(e) = fs::remove_file(tmp) {
-        if e.kind() != io::ErrorKind::NotFound {
-            tracing::warn!(path = %tmp.display(), "cannot remove temporary file: {e}");
-        }
-    }
+    })
 }
 
 /// Makes the renames in `dir` durable.
 fn sync_dir(dir: &Path) -> Result<(), PkiError> {
-    #[cfg(unix)]
-    {
-        fs::File::open(dir)
-            .and_then(|d| d.sync_all())
-            .map_err(io_err(dir))?;
-    }
-    #[cfg(not(unix))]
-    let _ = dir;
-    Ok(())
+    sentinel_daemon::fs::sync_dir(dir).map_err(io_err(dir))
 }
 
 #[cfg(all(test, unix))]

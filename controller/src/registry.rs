@@ -3,9 +3,9 @@
 //! writes changed hosts to the [`Store`] in batches, so thousands of agents cost one
 //! transaction per flush, not one per report.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::HashMap;
 use std::net::SocketAddr;
-use std::sync::{Arc, Mutex, RwLock};
+use std::sync::{Arc, RwLock};
 use std::time::{Duration, SystemTime};
 
 use prost::Message;
@@ -188,7 +188,7 @@ impl Liveness {
 /// The in-memory fleet.
 pub struct Registry {
     hosts: RwLock<HashMap<String, Entry>>,
-    dirty: Mutex<HashSet<String>>,
+    dirty: crate::store::DirtyKeys,
     next_conn: std::sync::atomic::AtomicU64,
     liveness: Liveness,
 }
@@ -224,7 +224,7 @@ impl Registry {
         }
         Ok(Arc::new(Self {
             hosts: RwLock::new(hosts),
-            dirty: Mutex::new(HashSet::new()),
+            dirty: Default::default(),
             next_conn: std::sync::atomic::AtomicU64::new(1),
             liveness,
         }))
@@ -246,10 +246,7 @@ impl Registry {
     }
 
     fn mark_dirty(&self, name: &str) {
-        self.dirty
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .insert(name.to_string());
+        self.dirty.mark(name);
     }
 
     /// Registers a freshly authenticated agent connection and returns its id. A previous
@@ -441,12 +438,7 @@ impl Registry {
 
     /// Takes the records changed since the last call, encoded, for the flusher.
     pub fn take_dirty(&self) -> Vec<EncodedHost> {
-        let names: Vec<String> = self
-            .dirty
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .drain()
-            .collect();
+        let names = self.dirty.take();
         if names.is_empty() {
             return Vec::new();
         }
@@ -464,8 +456,7 @@ impl Registry {
 
     /// Puts records back after a failed flush so the next one retries them.
     pub fn requeue(&self, hosts: &[EncodedHost]) {
-        let mut dirty = self.dirty.lock().unwrap_or_else(|p| p.into_inner());
-        dirty.extend(hosts.iter().map(|h| h.name.clone()));
+        self.dirty.requeue(hosts.iter().map(|h| h.name.as_str()));
     }
 }
 

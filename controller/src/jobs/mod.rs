@@ -88,7 +88,7 @@ pub struct JobQueue {
     /// these instead of scanning every job ever kept (a fan-out submits one job per host).
     /// Cleaned lazily by dispatch. Lock order: `entries` before `open`.
     open: Mutex<HashMap<String, HashSet<String>>>,
-    dirty: Mutex<HashSet<String>>,
+    dirty: crate::store::DirtyKeys,
     /// Per host, the encoded bytes of events kept over all its jobs (the sum of their
     /// `event_bytes`). Lock order: `entries` before `host_bytes`.
     host_bytes: Mutex<HashMap<String, usize>>,
@@ -141,7 +141,7 @@ impl JobQueue {
         Ok(Arc::new(Self {
             entries: Mutex::new(entries),
             open: Mutex::new(open),
-            dirty: Mutex::new(HashSet::new()),
+            dirty: Default::default(),
             host_bytes: Mutex::new(host_bytes),
             ignored: WarnLimiter::new("ignored job events", 3, 20, Duration::from_secs(60)),
             registry,
@@ -157,10 +157,7 @@ impl JobQueue {
     }
 
     fn touch(&self, id: &str) {
-        self.dirty
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .insert(id.to_string());
+        self.dirty.mark(id);
         self.changed.notify_waiters();
     }
 
@@ -570,10 +567,7 @@ impl JobQueue {
         }
         drop(entries);
         if !old.is_empty() {
-            let mut dirty = self.dirty.lock().unwrap_or_else(|p| p.into_inner());
-            for id in &old {
-                dirty.remove(id);
-            }
+            self.dirty.forget(&old);
             info!(
                 jobs = old.len(),
                 ?keep,
@@ -614,12 +608,7 @@ impl JobQueue {
 
     /// Takes the jobs changed since the last call, for the flusher.
     pub fn take_dirty(&self) -> Vec<StoredJob> {
-        let ids: Vec<String> = self
-            .dirty
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .drain()
-            .collect();
+        let ids = self.dirty.take();
         let entries = self.lock();
         ids.iter()
             .filter_map(|id| {
@@ -633,8 +622,8 @@ impl JobQueue {
 
     /// Puts jobs back after a failed flush.
     pub fn requeue(&self, jobs: &[StoredJob]) {
-        let mut dirty = self.dirty.lock().unwrap_or_else(|p| p.into_inner());
-        dirty.extend(jobs.iter().map(|j| j.job.job_id.clone()));
+        self.dirty
+            .requeue(jobs.iter().map(|j| j.job.job_id.as_str()));
     }
 }
 

@@ -34,7 +34,7 @@ pub struct PipelineConfig {
 pub struct Webhook {
     /// A name for logs and the deploy history.
     pub name: String,
-    /// An http:// URL.
+    /// An http:// or https:// URL (https checked against the system's trusted roots).
     pub url: String,
 }
 
@@ -87,7 +87,7 @@ pub struct EnvironmentConfig {
 #[derive(Debug, Clone, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields)]
 pub struct HealthConfig {
-    /// http:// URL probed from the host; empty: no HTTP probe.
+    /// http:// or https:// URL probed from the host; empty: no HTTP probe.
     #[serde(default)]
     pub url: String,
     /// Expected status.
@@ -184,10 +184,10 @@ pub fn validate(
         message,
     };
     for (i, hook) in pipeline.webhooks.iter().enumerate() {
-        if !hook.url.starts_with("http://") {
+        if !is_http_url(&hook.url) {
             return Err(invalid(
                 format!("pipeline.webhooks[{i}].url"),
-                format!("{:?} must be an http:// URL", hook.url),
+                format!("{:?} must be an http:// or https:// URL", hook.url),
             ));
         }
     }
@@ -234,16 +234,16 @@ pub fn validate(
                     format!("{} must be absolute", env.app_dir.display()),
                 ));
             }
-            if !env.health.url.is_empty() && !env.health.url.starts_with("http://") {
+            if !env.health.url.is_empty() && !is_http_url(&env.health.url) {
                 return Err(invalid(
                     key("health.url"),
-                    format!("{:?} must be an http:// URL", env.health.url),
+                    format!("{:?} must be an http:// or https:// URL", env.health.url),
                 ));
             }
-            if !app.e2e.is_empty() && !env.base_url.starts_with("http://") {
+            if !app.e2e.is_empty() && !is_http_url(&env.base_url) {
                 return Err(invalid(
                     key("base_url"),
-                    "E2E checks need an http:// base_url".into(),
+                    "E2E checks need an http:// or https:// base_url".into(),
                 ));
             }
         }
@@ -264,4 +264,9 @@ pub fn validate(
         }
     }
     Ok(())
+}
+
+/// Whether `url` is one the HTTP client takes (`sentinel_daemon::http`).
+fn is_http_url(url: &str) -> bool {
+    url.starts_with("http://") || url.starts_with("https://")
 }

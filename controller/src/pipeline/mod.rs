@@ -66,7 +66,7 @@ pub struct Pipeline {
     bundles_dir: PathBuf,
     job_ttl: Duration,
     state: Mutex<State>,
-    dirty: Mutex<HashSet<String>>,
+    dirty: crate::store::DirtyKeys,
     events: broadcast::Sender<DeploymentEvent>,
     cancels: Mutex<HashMap<String, CancellationToken>>,
     gate: Mutex<Option<Arc<dyn DeployGate>>>,
@@ -146,7 +146,7 @@ impl Pipeline {
                 deploys,
                 running: HashMap::new(),
             }),
-            dirty: Mutex::new(dirty),
+            dirty: crate::store::DirtyKeys::with(dirty),
             events,
             cancels: Mutex::new(HashMap::new()),
             gate: Mutex::new(None),
@@ -299,10 +299,7 @@ impl Pipeline {
     }
 
     fn touch(&self, id: &str) {
-        self.dirty
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .insert(id.to_string());
+        self.dirty.mark(id);
     }
 
     /// Starts (or updates) a step and tells watchers.
@@ -886,12 +883,7 @@ impl Pipeline {
 
     /// Takes the deploys changed since the last call, for the flusher.
     pub fn take_dirty(&self) -> Vec<Deployment> {
-        let ids: Vec<String> = self
-            .dirty
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .drain()
-            .collect();
+        let ids = self.dirty.take();
         let s = self.lock();
         ids.iter()
             .filter_map(|id| s.deploys.get(id).cloned())
@@ -900,8 +892,8 @@ impl Pipeline {
 
     /// Puts deploys back after a failed flush.
     pub fn requeue(&self, deploys: &[Deployment]) {
-        let mut dirty = self.dirty.lock().unwrap_or_else(|p| p.into_inner());
-        dirty.extend(deploys.iter().map(|d| d.deploy_id.clone()));
+        self.dirty
+            .requeue(deploys.iter().map(|d| d.deploy_id.as_str()));
     }
 }
 

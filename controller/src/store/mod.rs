@@ -98,3 +98,66 @@ pub struct StoredJob {
     /// The signed envelope.
     pub envelope: SignedJob,
 }
+
+/// The keys of records changed since the last flush: the registry, the job table and the
+/// pipeline mark what they change, the flusher takes the set, and puts it back when saving
+/// failed. One lock of its own, so marking never waits on the records' lock.
+#[derive(Debug, Default)]
+pub struct DirtyKeys(std::sync::Mutex<std::collections::HashSet<String>>);
+
+impl DirtyKeys {
+    /// A set holding `keys` (records loaded but not yet stored in their current form).
+    pub fn with(keys: impl IntoIterator<Item = String>) -> Self {
+        Self(std::sync::Mutex::new(keys.into_iter().collect()))
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, std::collections::HashSet<String>> {
+        // A panic elsewhere cannot leave a set of strings half-changed.
+        self.0.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Marks `key` changed.
+    pub fn mark(&self, key: &str) {
+        self.lock().insert(key.to_string());
+    }
+
+    /// Marks every key again after a failed flush.
+    pub fn requeue<'a>(&self, keys: impl IntoIterator<Item = &'a str>) {
+        self.lock().extend(keys.into_iter().map(str::to_string));
+    }
+
+    /// Forgets `keys` (their records were deleted).
+    pub fn forget<'a>(&self, keys: impl IntoIterator<Item = &'a String>) {
+        let mut set = self.lock();
+        for key in keys {
+            set.remove(key);
+        }
+    }
+
+    /// Takes the changed keys, leaving the set empty (the caller then reads their records,
+    /// skipping deleted ones).
+    pub fn take(&self) -> Vec<String> {
+        self.lock().drain().collect()
+    }
+}
+
+#[cfg(test)]
+mod dirty_tests {
+    use super::DirtyKeys;
+
+    #[test]
+    fn taken_keys_are_gone_until_marked_or_requeued_and_forgotten_keys_are_not_taken() {
+        let dirty = DirtyKeys::with(["a".to_string()]);
+        dirty.mark("b");
+        dirty.mark("b");
+        let mut taken = dirty.take();
+        taken.sort();
+        assert_eq!(taken, ["a", "b"]);
+        assert!(dirty.take().is_empty());
+        dirty.requeue(["c"]);
+        assert_eq!(dirty.take(), ["c"]);
+        dirty.mark("d");
+        dirty.forget(&["d".to_string()]);
+        assert!(dirty.take().is_empty());
+    }
+}

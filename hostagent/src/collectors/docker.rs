@@ -16,7 +16,9 @@ use std::collections::HashMap;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use bollard::errors::Error as BollardError;
-use bollard::models::{ContainerInspectResponse, ContainerSummary, HealthStatusEnum};
+use bollard::models::{
+    ContainerInspectResponse, ContainerSummary, HealthStatusEnum, SystemVersion,
+};
 use bollard::query_parameters::ListContainersOptions;
 use bollard::{ClientVersion, Docker, API_DEFAULT_VERSION};
 use futures::stream::{self, StreamExt};
@@ -156,34 +158,7 @@ impl DockerCollector {
             }
             Err(e) => return Err(format!("cannot access Docker socket {socket}: {e}")),
         }
-        let unreachable = |e: &BollardError| {
-            format!(
-                "cannot reach the Docker daemon at {socket}: {}",
-                describe(e)
-            )
-        };
-        let docker = Docker::connect_with_unix(socket, REQUEST_TIMEOUT_SECS, API_DEFAULT_VERSION)
-            .map_err(|e| unreachable(&e))?;
-        let (docker, version) = match docker.version().await {
-            Ok(version) => (docker, version),
-            Err(BollardError::DockerResponseServerError {
-                status_code: 400,
-                message,
-            }) => {
-                // "client version 1.53 is too new. Maximum supported API version is 1.41":
-                // speak the daemon's version instead.
-                let Some(supported) = supported_api_version(&message) else {
-                    return Err(format!(
-                        "the Docker daemon at {socket} refused the API version: {message}"
-                    ));
-                };
-                let docker = Docker::connect_with_unix(socket, REQUEST_TIMEOUT_SECS, &supported)
-                    .map_err(|e| unreachable(&e))?;
-                let version = docker.version().await.map_err(|e| unreachable(&e))?;
-                (docker, version)
-            }
-            Err(e) => return Err(unreachable(&e)),
-        };
+        let (docker, version) = connect_negotiated(socket, REQUEST_TIMEOUT_SECS).await?;
         let engine_version = version.version.unwrap_or_default();
         tracing::debug!(
             socket = %socket,
@@ -555,6 +530,44 @@ fn describe(error: &BollardError) -> String {
     sentinel_daemon::error_chain(error)
 }
 
+/// Connects to the Docker daemon at unix `socket` (`unix:///var/run/docker.sock`) at an API
+/// version it accepts, and returns the client with the daemon's `GET /version`: bollard's
+/// default version is newer than older daemons serve, and a daemon's refusal says which it
+/// does. The one negotiation of the agent (collector and deploy health checks).
+pub async fn connect_negotiated(
+    socket: &str,
+    timeout_secs: u64,
+) -> Result<(Docker, SystemVersion), String> {
+    let unreachable = |e: &BollardError| {
+        format!(
+            "cannot reach the Docker daemon at {socket}: {}",
+            describe(e)
+        )
+    };
+    let docker = Docker::connect_with_unix(socket, timeout_secs, API_DEFAULT_VERSION)
+        .map_err(|e| unreachable(&e))?;
+    match docker.version().await {
+        Ok(version) => Ok((docker, version)),
+        Err(BollardError::DockerResponseServerError {
+            status_code: 400,
+            message,
+        }) => {
+            // "client version 1.53 is too new. Maximum supported API version is 1.41":
+            // speak the daemon's version instead.
+            let Some(supported) = supported_api_version(&message) else {
+                return Err(format!(
+                    "the Docker daemon at {socket} refused the API version: {message}"
+                ));
+            };
+            let docker = Docker::connect_with_unix(socket, timeout_secs, &supported)
+                .map_err(|e| unreachable(&e))?;
+            let version = docker.version().await.map_err(|e| unreachable(&e))?;
+            Ok((docker, version))
+        }
+        Err(e) => Err(unreachable(&e)),
+    }
+}
+
 /// The API version to retry with, from a daemon's refusal of ours: "client version 1.53 is too
 /// new. Maximum supported API version is 1.41" (or "... too old. Minimum supported ...").
 fn supported_api_version(message: &str) -> Option<ClientVersion> {
@@ -573,85 +586,23 @@ fn supported_api_version(message: &str) -> Option<ClientVersion> {
 }
 
 /// Parses the RFC 3339 times Docker reports ("2024-05-01T12:34:56.123456789Z", or with an
-/// offset). Docker's zero time ("0001-01-01T00:00:00Z", never started) and anything else
-/// before 1970 give `None`.
+/// offset) with jiff. Docker's zero time ("0001-01-01T00:00:00Z", never started) and anything
+/// else before 1970 give `None`.
 fn parse_rfc3339(text: &str) -> Option<SystemTime> {
-    let bytes = text.as_bytes();
-    let number = |range: std::ops::Range<usize>| -> Option<i64> {
-        let digits = bytes.get(range)?;
-        if digits.is_empty() || !digits.iter().all(u8::is_ascii_digit) {
-            return None;
+    // jiff reads at most nanoseconds; finer digits (not Go's, but other engines') are cut.
+    let timestamp: jiff::Timestamp = match text.split_once('.') {
+        Some((head, tail)) if tail.bytes().take_while(u8::is_ascii_digit).count() > 9 => {
+            let digits = tail.bytes().take_while(u8::is_ascii_digit).count();
+            format!("{head}.{}{}", &tail[..9], &tail[digits..])
+                .parse()
+                .ok()?
         }
-        std::str::from_utf8(digits).ok()?.parse().ok()
+        _ => text.parse().ok()?,
     };
-    if bytes.len() < 20
-        || bytes[4] != b'-'
-        || bytes[7] != b'-'
-        || !matches!(bytes[10], b'T' | b't' | b' ')
-        || bytes[13] != b':'
-        || bytes[16] != b':'
-    {
+    if timestamp <= jiff::Timestamp::UNIX_EPOCH {
         return None;
     }
-    let (year, month, day) = (number(0..4)?, number(5..7)?, number(8..10)?);
-    let (hour, minute, second) = (number(11..13)?, number(14..16)?, number(17..19)?);
-    if !(1..=12).contains(&month) || !(1..=31).contains(&day) || hour > 23 || minute > 59 {
-        return None;
-    }
-    // A leap second reads as the last second of its minute.
-    let second = second.min(59);
-
-    let mut rest = &text[19..];
-    let mut nanos: u32 = 0;
-    if let Some(fraction) = rest.strip_prefix('.') {
-        let len = fraction.bytes().take_while(u8::is_ascii_digit).count();
-        if len == 0 {
-            return None;
-        }
-        for (i, digit) in fraction.bytes().take(len).enumerate() {
-            if i < 9 {
-                nanos = nanos * 10 + u32::from(digit - b'0');
-            }
-        }
-        nanos *= 10u32.pow(9u32.saturating_sub(u32::try_from(len).unwrap_or(9)));
-        rest = &fraction[len..];
-    }
-    let offset_seconds = match rest {
-        "Z" | "z" => 0,
-        _ => {
-            let sign = match rest.as_bytes().first() {
-                Some(b'+') => 1,
-                Some(b'-') => -1,
-                _ => return None,
-            };
-            let (hours, minutes) = rest.get(1..)?.split_once(':')?;
-            if hours.len() != 2 || minutes.len() != 2 {
-                return None;
-            }
-            let hours: i64 = hours.parse().ok()?;
-            let minutes: i64 = minutes.parse().ok()?;
-            sign * (hours * 3600 + minutes * 60)
-        }
-    };
-
-    let days = days_from_civil(year, month, day);
-    let seconds = days * 86_400 + hour * 3600 + minute * 60 + second - offset_seconds;
-    let seconds = u64::try_from(seconds).ok()?;
-    if seconds == 0 && nanos == 0 {
-        return None;
-    }
-    Some(UNIX_EPOCH + Duration::new(seconds, nanos))
-}
-
-/// Days from 1970-01-01 to a proleptic Gregorian date (Howard Hinnant's algorithm).
-fn days_from_civil(year: i64, month: i64, day: i64) -> i64 {
-    let year = if month <= 2 { year - 1 } else { year };
-    let era = year.div_euclid(400);
-    let year_of_era = year - era * 400;
-    let month_index = (month + 9) % 12; // March = 0
-    let day_of_year = (153 * month_index + 2) / 5 + day - 1;
-    let day_of_era = year_of_era * 365 + year_of_era / 4 - year_of_era / 100 + day_of_year;
-    era * 146_097 + day_of_era - 719_468
+    Some(SystemTime::from(timestamp))
 }
 
 #[cfg(test)]

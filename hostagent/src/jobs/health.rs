@@ -11,7 +11,7 @@ use bollard::models::{
     ContainerInspectResponse, ContainerStateStatusEnum, HealthStatusEnum, RestartPolicyNameEnum,
 };
 use bollard::query_parameters::{ListContainersOptions, LogsOptions};
-use bollard::{ClientVersion, Docker, API_DEFAULT_VERSION};
+use bollard::Docker;
 use futures::StreamExt;
 use sentinel_proto::v1::HealthCheck;
 
@@ -448,45 +448,9 @@ async fn connect() -> Result<Docker, String> {
         .ok()
         .filter(|h| h.starts_with("unix://"))
         .unwrap_or_else(|| "unix:///var/run/docker.sock".to_string());
-    let unreachable = |e: &BollardError| {
-        format!(
-            "cannot reach the Docker daemon at {socket}: {}",
-            describe(e)
-        )
-    };
-    let docker = Docker::connect_with_unix(&socket, DOCKER_TIMEOUT_SECS, API_DEFAULT_VERSION)
-        .map_err(|e| unreachable(&e))?;
-    match docker.version().await {
-        Ok(_) => Ok(docker),
-        Err(BollardError::DockerResponseServerError {
-            status_code: 400,
-            message,
-        }) => {
-            let version = supported_api_version(&message).ok_or_else(|| {
-                format!("the Docker daemon at {socket} refused the API version: {message}")
-            })?;
-            Docker::connect_with_unix(&socket, DOCKER_TIMEOUT_SECS, &version)
-                .map_err(|e| unreachable(&e))
-        }
-        Err(e) => Err(unreachable(&e)),
-    }
-}
-
-/// The API version to retry with, from a daemon's refusal of ours ("client version 1.53 is
-/// too new. Maximum supported API version is 1.41", or "... Minimum supported ...").
-fn supported_api_version(message: &str) -> Option<ClientVersion> {
-    let (_, rest) = message
-        .split_once("Maximum supported API version is ")
-        .or_else(|| message.split_once("Minimum supported API version is "))?;
-    let version: String = rest
-        .chars()
-        .take_while(|c| c.is_ascii_digit() || *c == '.')
-        .collect();
-    let (major, minor) = version.trim_end_matches('.').split_once('.')?;
-    Some(ClientVersion {
-        major_version: major.parse().ok()?,
-        minor_version: minor.parse().ok()?,
-    })
+    crate::collectors::docker::connect_negotiated(&socket, DOCKER_TIMEOUT_SECS)
+        .await
+        .map(|(docker, _version)| docker)
 }
 
 /// A bollard error with its causes ("error trying to connect: No such file or directory").
@@ -532,16 +496,6 @@ mod tests {
             view(container("exited", None, false)).describe("shop"),
             "containers not healthy: web-1 (exited with code 1) (their last log lines are in the job log)"
         );
-    }
-
-    #[test]
-    fn api_version_is_read_from_refusals() {
-        let v = supported_api_version(
-            "client version 1.53 is too new. Maximum supported API version is 1.41",
-        )
-        .expect("version");
-        assert_eq!((v.major_version, v.minor_version), (1, 41));
-        assert!(supported_api_version("something else").is_none());
     }
 
     /// Answers every connection with `status` until dropped.

@@ -662,21 +662,13 @@ fn render_history(history: &[String]) -> String {
     text
 }
 
-/// Writes the history atomically (temp file, fsync, rename).
+/// Writes the history atomically (temp file, fsync, rename, fsync of the directory).
 fn write_history(app_dir: &Path, history: &[String]) -> Result<(), JobError> {
     let start = history.len().saturating_sub(HISTORY_LIMIT);
     let text = render_history(&history[start..]);
     let path = app_dir.join(STATE_FILE);
-    let tmp = app_dir.join(format!(".{STATE_FILE}.tmp-{}", unique_suffix()));
-    let written = File::create(&tmp)
-        .and_then(|mut f| f.write_all(text.as_bytes()).and_then(|()| f.sync_all()))
-        .and_then(|()| fs::rename(&tmp, &path));
-    if let Err(e) = written {
-        let _ = fs::remove_file(&tmp);
-        return Err(io_fail("writing", &path, e));
-    }
-    sync_dir(app_dir);
-    Ok(())
+    sentinel_daemon::fs::write_atomic(&path, text.as_bytes(), 0o644)
+        .map_err(|e| io_fail("writing", &path, e.source))
 }
 
 /// Removes a file, symlink or directory tree if it exists.

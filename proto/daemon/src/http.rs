@@ -1,19 +1,29 @@
-//! A minimal HTTP/1.1 client for `http://` URLs: deploy health probes on the agent, and the
-//! controller's end-to-end checks and webhook POSTs. One request per connection
-//! (`Connection: close`), so no pooling, no keep-alive and no TLS; a whole exchange runs under
-//! one timeout.
+//! The HTTP client of both daemons, on hyper (HTTP/1.1) with rustls for `https://`: deploy
+//! health probes on the agent, and the controller's end-to-end checks and webhook POSTs. One
+//! request per connection (`Connection: close`), so no pool and no keep-alive; a whole
+//! exchange (connect, TLS handshake, request, answer) runs under one timeout, and bodies are
+//! cut at [`MAX_BODY`].
+//!
+//! `https://` servers are checked against the system's trusted roots ([`crate::tls::system_roots`],
+//! loaded on the first https request) unless the caller passes its own config
+//! ([`request_with`], [`https_config`]).
 
+use std::io;
+use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
-use tokio::io::{AsyncBufReadExt, AsyncRead, AsyncReadExt, AsyncWriteExt, BufReader};
+use bytes::Bytes;
+use http_body_util::{BodyExt, Full};
+use hyper_util::rt::TokioIo;
+use rustls::pki_types::ServerName;
 use tokio::net::TcpStream;
+
+use crate::tls::TlsError;
 
 /// The most body bytes kept; the rest is not read (the connection is closed anyway).
 pub const MAX_BODY: usize = 1024 * 1024;
 /// The most bytes a response head (status line and headers) may take.
 const MAX_HEAD: usize = 64 * 1024;
-/// The longest chunk-size line of a chunked body we accept (hex digits plus extensions).
-const MAX_CHUNK_LINE: usize = 1024;
 
 /// What a server answered.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -42,7 +52,16 @@ pub enum HttpError {
         url: String,
         /// The socket error.
         #[source]
-        source: std::io::Error,
+        source: io::Error,
+    },
+    /// No TLS session with an `https://` server: no trusted roots, an untrusted or
+    /// mismatched certificate, no common protocol version.
+    #[error("{url}: TLS: {reason}")]
+    Tls {
+        /// The URL as given.
+        url: String,
+        /// What failed, with its causes.
+        reason: String,
     },
     /// Sending the request or reading the answer failed.
     #[error("{url}: {source}")]
@@ -51,9 +70,9 @@ pub enum HttpError {
         url: String,
         /// The socket error.
         #[source]
-        source: std::io::Error,
+        source: io::Error,
     },
-    /// The server answered something that is not HTTP/1.x.
+    /// The server answered something that is not HTTP/1.x, or broke off its answer.
     #[error("{url}: malformed response: {reason}")]
     Malformed {
         /// The URL as given.
@@ -72,43 +91,45 @@ pub enum HttpError {
 }
 
 /// Sends one request and reads the answer, all within `timeout`. `body` is the content type
-/// and the bytes to send. Handles `Content-Length`, chunked and read-to-EOF bodies; bodies
-/// beyond [`MAX_BODY`] are cut there.
+/// and the bytes to send. `https://` servers must chain to the system's trusted roots.
 pub async fn request(
     method: &str,
     url: &str,
     body: Option<(&str, &[u8])>,
     timeout: Duration,
 ) -> Result<HttpResponse, HttpError> {
+    request_with(method, url, body, timeout, None).await
+}
+
+/// [`request`] with the TLS config for `https://` given (for example [`https_config`] with a
+/// private CA); None means the system's trusted roots.
+pub async fn request_with(
+    method: &str,
+    url: &str,
+    body: Option<(&str, &[u8])>,
+    timeout: Duration,
+    tls: Option<Arc<rustls::ClientConfig>>,
+) -> Result<HttpResponse, HttpError> {
     let target = Target::parse(url)?;
+    let invalid = |reason: String| HttpError::InvalidUrl {
+        url: url.to_string(),
+        reason,
+    };
     if method.is_empty() || !method.bytes().all(|b| b.is_ascii_uppercase()) {
-        return Err(HttpError::InvalidUrl {
-            url: url.to_string(),
-            reason: format!("unsupported method {method:?}"),
-        });
+        return Err(invalid(format!("unsupported method {method:?}")));
     }
-    if let Some((content_type, _)) = body {
-        if content_type.bytes().any(|b| b.is_ascii_control()) {
-            return Err(HttpError::InvalidUrl {
-                url: url.to_string(),
-                reason: "content type contains control characters".to_string(),
-            });
-        }
-    }
-    match tokio::time::timeout(timeout, exchange(method, &target, body)).await {
-        Ok(Ok(response)) => Ok(response),
-        Ok(Err(Failure::Connect(source))) => Err(HttpError::Connect {
-            url: url.to_string(),
-            source,
-        }),
-        Ok(Err(Failure::Io(source))) => Err(HttpError::Io {
-            url: url.to_string(),
-            source,
-        }),
-        Ok(Err(Failure::Malformed(reason))) => Err(HttpError::Malformed {
+    let request = build_request(method, &target, body).map_err(invalid)?;
+    let tls = match (target.https, tls) {
+        (false, _) => None,
+        (true, Some(config)) => Some(config),
+        (true, None) => Some(system_config().map_err(|reason| HttpError::Tls {
             url: url.to_string(),
             reason,
-        }),
+        })?),
+    };
+    match tokio::time::timeout(timeout, exchange(&target, request, tls)).await {
+        Ok(Ok(response)) => Ok(response),
+        Ok(Err(failure)) => Err(failure.for_url(url)),
         Err(_) => Err(HttpError::Timeout {
             url: url.to_string(),
             after: timeout,
@@ -116,13 +137,70 @@ pub async fn request(
     }
 }
 
-/// A parsed `http://` URL.
+/// A client config for `https://` requests: the CA certificate(s) in `ca` (PEM) as the only
+/// roots, or the system's trusted roots when None; TLS 1.2 or 1.3, ALPN `http/1.1`.
+pub fn https_config(ca: Option<&std::path::Path>) -> Result<Arc<rustls::ClientConfig>, TlsError> {
+    let roots = match ca {
+        Some(path) => crate::tls::load_roots(path)?,
+        None => crate::tls::system_roots()?,
+    };
+    let mut config = crate::tls::server_auth_config(roots)?;
+    config.alpn_protocols = vec![b"http/1.1".to_vec()];
+    Ok(Arc::new(config))
+}
+
+/// The system-roots config, built once per process on the first `https://` request.
+fn system_config() -> Result<Arc<rustls::ClientConfig>, String> {
+    static CONFIG: OnceLock<Result<Arc<rustls::ClientConfig>, String>> = OnceLock::new();
+    CONFIG
+        .get_or_init(|| https_config(None).map_err(|e| e.to_string()))
+        .clone()
+}
+
+fn build_request(
+    method: &str,
+    target: &Target,
+    body: Option<(&str, &[u8])>,
+) -> Result<http::Request<Full<Bytes>>, String> {
+    let mut builder = http::Request::builder()
+        .method(method)
+        .uri(target.path.as_str())
+        .header(http::header::HOST, target.host_header.as_str())
+        .header(http::header::CONNECTION, "close")
+        .header(
+            http::header::USER_AGENT,
+            concat!("sentinel/", env!("CARGO_PKG_VERSION")),
+        )
+        .header(http::header::ACCEPT, "*/*");
+    let bytes = match body {
+        Some((content_type, bytes)) => {
+            if content_type.bytes().any(|b| b.is_ascii_control()) {
+                return Err("content type contains control characters".to_string());
+            }
+            builder = builder
+                .header(http::header::CONTENT_TYPE, content_type)
+                .header(http::header::CONTENT_LENGTH, bytes.len());
+            Bytes::copy_from_slice(bytes)
+        }
+        None => {
+            if matches!(method, "POST" | "PUT" | "PATCH") {
+                builder = builder.header(http::header::CONTENT_LENGTH, 0);
+            }
+            Bytes::new()
+        }
+    };
+    builder.body(Full::new(bytes)).map_err(|e| e.to_string())
+}
+
+/// A parsed `http://` or `https://` URL.
 #[derive(Debug, PartialEq, Eq)]
 struct Target {
+    /// `https://`: TLS on the connection.
+    https: bool,
     /// Host as written, without brackets for IPv6 literals.
     host: String,
     port: u16,
-    /// The `Host` header value (port only when not 80).
+    /// The `Host` header value (port only when not the scheme's default).
     host_header: String,
     /// Path and query, at least `/`.
     path: String,
@@ -143,10 +221,13 @@ impl Target {
                 "URL contains spaces, control or non-ASCII characters",
             ));
         }
-        let rest = match url.get(..7) {
-            Some(scheme) if scheme.eq_ignore_ascii_case("http://") => &url[7..],
-            _ => return Err(invalid("only http:// URLs are supported")),
+        let scheme_end = url.find("://").unwrap_or(0);
+        let (https, default_port) = match &url[..scheme_end] {
+            s if s.eq_ignore_ascii_case("http") => (false, 80),
+            s if s.eq_ignore_ascii_case("https") => (true, 443),
+            _ => return Err(invalid("only http:// and https:// URLs are supported")),
         };
+        let rest = &url[scheme_end + 3..];
         let rest = rest.split('#').next().unwrap_or_default();
         let (authority, path) = match rest.find(['/', '?']) {
             Some(i) => (&rest[..i], &rest[i..]),
@@ -182,7 +263,7 @@ impl Target {
             return Err(invalid("no host"));
         }
         let port = match port_text {
-            None => 80,
+            None => default_port,
             Some(p) => p
                 .parse::<u16>()
                 .ok()
@@ -194,12 +275,13 @@ impl Target {
         } else {
             host.to_string()
         };
-        let host_header = if port == 80 {
+        let host_header = if port == default_port {
             host_part
         } else {
             format!("{host_part}:{port}")
         };
         Ok(Self {
+            https,
             host: host.to_string(),
             port,
             host_header,
@@ -210,224 +292,115 @@ impl Target {
 
 /// What went wrong inside the timeout, before the URL is attached.
 enum Failure {
-    Connect(std::io::Error),
-    Io(std::io::Error),
+    Connect(io::Error),
+    Tls(String),
+    Io(io::Error),
     Malformed(String),
 }
 
-impl From<std::io::Error> for Failure {
-    fn from(e: std::io::Error) -> Self {
-        Failure::Io(e)
+impl Failure {
+    fn for_url(self, url: &str) -> HttpError {
+        let url = url.to_string();
+        match self {
+            Failure::Connect(source) => HttpError::Connect { url, source },
+            Failure::Tls(reason) => HttpError::Tls { url, reason },
+            Failure::Io(source) => HttpError::Io { url, source },
+            Failure::Malformed(reason) => HttpError::Malformed { url, reason },
+        }
+    }
+}
+
+impl From<hyper::Error> for Failure {
+    fn from(e: hyper::Error) -> Self {
+        let text = crate::error_chain(&e);
+        if e.is_parse() || e.is_parse_status() || e.is_incomplete_message() {
+            return Failure::Malformed(text);
+        }
+        // The socket error under hyper's, if there is one.
+        let mut source = std::error::Error::source(&e);
+        while let Some(s) = source {
+            if let Some(io) = s.downcast_ref::<io::Error>() {
+                // The server hung up before the length it announced: a broken answer.
+                if io.kind() == io::ErrorKind::UnexpectedEof {
+                    return Failure::Malformed(text);
+                }
+                return Failure::Io(io::Error::new(io.kind(), text));
+            }
+            source = s.source();
+        }
+        Failure::Io(io::Error::other(text))
     }
 }
 
 async fn exchange(
-    method: &str,
     target: &Target,
-    body: Option<(&str, &[u8])>,
+    request: http::Request<Full<Bytes>>,
+    tls: Option<Arc<rustls::ClientConfig>>,
 ) -> Result<HttpResponse, Failure> {
-    let stream = TcpStream::connect((target.host.as_str(), target.port))
+    let tcp = TcpStream::connect((target.host.as_str(), target.port))
         .await
         .map_err(Failure::Connect)?;
     // Small requests: one write without Nagle delays.
-    let _ = stream.set_nodelay(true);
-    let mut head = format!(
-        "{method} {} HTTP/1.1\r\nHost: {}\r\nConnection: close\r\nUser-Agent: sentinel/{}\r\nAccept: */*\r\n",
-        target.path,
-        target.host_header,
-        env!("CARGO_PKG_VERSION"),
-    );
-    match body {
-        Some((content_type, bytes)) => {
-            head.push_str(&format!(
-                "Content-Type: {content_type}\r\nContent-Length: {}\r\n",
-                bytes.len()
-            ));
-        }
-        None if matches!(method, "POST" | "PUT" | "PATCH") => {
-            head.push_str("Content-Length: 0\r\n");
-        }
-        None => {}
-    }
-    head.push_str("\r\n");
-    let mut request = head.into_bytes();
-    if let Some((_, bytes)) = body {
-        request.extend_from_slice(bytes);
-    }
-    let mut reader = BufReader::new(stream);
-    reader.get_mut().write_all(&request).await?;
-    reader.get_mut().flush().await?;
-
-    let head = loop {
-        let head = read_head(&mut reader).await?;
-        // Interim answers (100 Continue, 103 Early Hints) precede the real one.
-        if !(100..200).contains(&head.status) || head.status == 101 {
-            break head;
-        }
+    let _ = tcp.set_nodelay(true);
+    let Some(config) = tls else {
+        return send(TokioIo::new(tcp), request).await;
     };
-    let no_body = method == "HEAD" || matches!(head.status, 100..=199 | 204 | 304);
-    let bytes = if no_body {
-        Vec::new()
-    } else if head.chunked {
-        read_chunked(&mut reader).await?
-    } else if let Some(length) = head.content_length {
-        let wanted = length.min(MAX_BODY as u64);
-        let mut buf = Vec::new();
-        (&mut reader).take(wanted).read_to_end(&mut buf).await?;
-        if (buf.len() as u64) < wanted {
-            return Err(Failure::Malformed(format!(
-                "body ended after {} of {length} bytes",
-                buf.len()
-            )));
-        }
-        buf
-    } else {
-        let mut buf = Vec::new();
-        (&mut reader)
-            .take(MAX_BODY as u64)
-            .read_to_end(&mut buf)
-            .await?;
-        buf
-    };
-    Ok(HttpResponse {
-        status: head.status,
-        body: String::from_utf8_lossy(&bytes).into_owned(),
-    })
+    let name = ServerName::try_from(target.host.clone())
+        .map_err(|e| Failure::Tls(format!("invalid server name {:?}: {e}", target.host)))?;
+    let stream = tokio_rustls::TlsConnector::from(config)
+        .connect(name, tcp)
+        .await
+        .map_err(|e| Failure::Tls(crate::error_chain(&e)))?;
+    send(TokioIo::new(stream), request).await
 }
 
-struct Head {
-    status: u16,
-    content_length: Option<u64>,
-    chunked: bool,
-}
-
-/// Reads one line (without its CRLF), failing when it exceeds `limit` bytes or the stream ends.
-async fn read_line<R: AsyncRead + Unpin>(
-    reader: &mut BufReader<R>,
-    limit: usize,
-    what: &str,
-) -> Result<String, Failure> {
-    let mut line = Vec::new();
-    let n = (&mut *reader)
-        .take(limit as u64 + 1)
-        .read_until(b'\n', &mut line)
+/// Runs one HTTP/1.1 exchange on an open connection; the connection is driven in this task
+/// (no spawn), so dropping the future at the timeout closes it.
+async fn send<T>(io: T, request: http::Request<Full<Bytes>>) -> Result<HttpResponse, Failure>
+where
+    T: hyper::rt::Read + hyper::rt::Write + Unpin + Send + 'static,
+{
+    let (mut sender, conn) = hyper::client::conn::http1::Builder::new()
+        // `Host:` rather than `host:`, as every HTTP/1.1 client sends; some servers care.
+        .title_case_headers(true)
+        .max_buf_size(MAX_HEAD)
+        .handshake(io)
         .await?;
-    if n == 0 {
-        return Err(Failure::Malformed(format!(
-            "connection closed before the {what}"
-        )));
-    }
-    if line.last() != Some(&b'\n') {
-        return Err(Failure::Malformed(if line.len() > limit {
-            format!("{what} longer than {limit} bytes")
-        } else {
-            format!("connection closed in the middle of the {what}")
-        }));
-    }
-    line.pop();
-    if line.last() == Some(&b'\r') {
-        line.pop();
-    }
-    Ok(String::from_utf8_lossy(&line).into_owned())
-}
-
-async fn read_head<R: AsyncRead + Unpin>(reader: &mut BufReader<R>) -> Result<Head, Failure> {
-    let mut budget = MAX_HEAD;
-    let status_line = read_line(reader, budget, "status line").await?;
-    budget = budget.saturating_sub(status_line.len() + 2);
-    let mut parts = status_line.splitn(3, ' ');
-    let version = parts.next().unwrap_or_default();
-    let code = parts.next().unwrap_or_default();
-    if !version.starts_with("HTTP/1.") {
-        return Err(Failure::Malformed(format!(
-            "not an HTTP/1.x status line: {:?}",
-            truncate(&status_line, 80)
-        )));
-    }
-    let status = code
-        .parse::<u16>()
-        .ok()
-        .filter(|s| (100..1000).contains(s))
-        .ok_or_else(|| Failure::Malformed(format!("bad status code {code:?}")))?;
-    let mut head = Head {
-        status,
-        content_length: None,
-        chunked: false,
+    let head_only = request.method() == http::Method::HEAD;
+    let answer = async move {
+        let response = sender.send_request(request).await?;
+        let status = response.status().as_u16();
+        let mut body = response.into_body();
+        let mut bytes = Vec::new();
+        if !head_only {
+            while bytes.len() < MAX_BODY {
+                let Some(frame) = body.frame().await else {
+                    break;
+                };
+                if let Ok(data) = frame?.into_data() {
+                    let room = MAX_BODY - bytes.len();
+                    bytes.extend_from_slice(&data[..data.len().min(room)]);
+                }
+            }
+        }
+        Ok::<_, Failure>(HttpResponse {
+            status,
+            body: String::from_utf8_lossy(&bytes).into_owned(),
+        })
     };
-    loop {
-        if budget == 0 {
-            return Err(Failure::Malformed(format!(
-                "headers longer than {MAX_HEAD} bytes"
-            )));
-        }
-        let line = read_line(reader, budget, "headers").await?;
-        budget = budget.saturating_sub(line.len() + 2);
-        if line.is_empty() {
-            return Ok(head);
-        }
-        let Some((name, value)) = line.split_once(':') else {
-            return Err(Failure::Malformed(format!(
-                "header line without a colon: {:?}",
-                truncate(&line, 80)
-            )));
-        };
-        let value = value.trim();
-        if name.eq_ignore_ascii_case("content-length") {
-            let length = value
-                .parse::<u64>()
-                .map_err(|_| Failure::Malformed(format!("bad Content-Length {value:?}")))?;
-            head.content_length = Some(length);
-        } else if name.eq_ignore_ascii_case("transfer-encoding") {
-            head.chunked = value
-                .rsplit(',')
-                .next()
-                .is_some_and(|last| last.trim().eq_ignore_ascii_case("chunked"));
-        }
-    }
-}
-
-/// Reads a chunked body, keeping at most [`MAX_BODY`] bytes; stops at the last chunk (the
-/// trailers are not needed: the connection closes after this answer).
-async fn read_chunked<R: AsyncRead + Unpin>(reader: &mut BufReader<R>) -> Result<Vec<u8>, Failure> {
-    let mut body = Vec::new();
-    loop {
-        let line = read_line(reader, MAX_CHUNK_LINE, "chunk size").await?;
-        let size_text = line.split(';').next().unwrap_or_default().trim();
-        let size = u64::from_str_radix(size_text, 16)
-            .map_err(|_| Failure::Malformed(format!("bad chunk size {size_text:?}")))?;
-        if size == 0 {
-            return Ok(body);
-        }
-        let room = (MAX_BODY - body.len()) as u64;
-        if room == 0 {
-            return Ok(body);
-        }
-        let wanted = size.min(room);
-        let before = body.len();
-        (&mut *reader).take(wanted).read_to_end(&mut body).await?;
-        if ((body.len() - before) as u64) < wanted {
-            return Err(Failure::Malformed(
-                "connection closed in the middle of a chunk".to_string(),
-            ));
-        }
-        if wanted < size {
-            // The cap was reached inside this chunk; the rest is not needed.
-            return Ok(body);
-        }
-        read_line(reader, 2, "chunk end").await?;
-    }
-}
-
-fn truncate(text: &str, max: usize) -> &str {
-    match text.char_indices().nth(max) {
-        Some((i, _)) => &text[..i],
-        None => text,
+    let mut answer = std::pin::pin!(answer);
+    tokio::select! {
+        r = &mut answer => r,
+        // The connection ended (the server closed it, or an error): the answer is complete
+        // or says what went wrong.
+        _ = conn => answer.await,
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
     use tokio::net::TcpListener;
 
     /// Serves one connection: reads the request head, answers `response` raw, closes.
@@ -555,7 +528,8 @@ mod tests {
 
         let (base, _server) = serve_once(b"SSH-2.0-OpenSSH\r\n\r\n".to_vec()).await;
         let e = request("GET", &base, None, T).await.expect_err("malformed");
-        assert!(e.to_string().contains("not an HTTP/1.x status line"), "{e}");
+        assert!(matches!(e, HttpError::Malformed { .. }), "{e}");
+        assert!(e.to_string().contains(&base), "{e}");
     }
 
     #[test]
@@ -564,6 +538,7 @@ mod tests {
         assert_eq!(
             t,
             Target {
+                https: false,
                 host: "Example.com".into(),
                 port: 80,
                 host_header: "Example.com".into(),
@@ -574,8 +549,14 @@ mod tests {
         assert_eq!((t.host.as_str(), t.port), ("::1", 8080));
         assert_eq!(t.host_header, "[::1]:8080");
         assert_eq!(t.path, "/?q");
+        let t = Target::parse("HTTPS://sentinel.example/hook").expect("https");
+        assert!(t.https);
+        assert_eq!((t.port, t.host_header.as_str()), (443, "sentinel.example"));
+        let t = Target::parse("https://sentinel.example:8443").expect("https port");
+        assert_eq!(t.host_header, "sentinel.example:8443");
         for bad in [
-            "https://x/",
+            "sentinel.example/hook",
+            "https//x/",
             "http://",
             "http://x:0/",
             "http://x:99999/",
@@ -591,5 +572,144 @@ mod tests {
                 "{e}"
             );
         }
+    }
+
+    /// A CA and a server certificate for `localhost` and 127.0.0.1 signed by it.
+    fn test_ca() -> (String, rustls::ServerConfig) {
+        let ca_key = rcgen::KeyPair::generate().expect("CA key");
+        let mut ca_params = rcgen::CertificateParams::new(Vec::<String>::new()).expect("CA");
+        ca_params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+        let ca_cert = ca_params.self_signed(&ca_key).expect("CA cert");
+        let issuer = rcgen::Issuer::new(ca_params, ca_key);
+        let key = rcgen::KeyPair::generate().expect("key");
+        let params = rcgen::CertificateParams::new(vec!["localhost".into(), "127.0.0.1".into()])
+            .expect("params");
+        let cert = params.signed_by(&key, &issuer).expect("cert");
+        let config = rustls::ServerConfig::builder_with_provider(crate::tls::provider())
+            .with_safe_default_protocol_versions()
+            .expect("versions")
+            .with_no_client_auth()
+            .with_single_cert(
+                vec![cert.der().clone()],
+                rustls::pki_types::PrivateKeyDer::try_from(key.serialize_der()).expect("key der"),
+            )
+            .expect("server config");
+        (ca_cert.pem(), config)
+    }
+
+    /// Serves one TLS connection: reads the request head, answers `response`, closes.
+    async fn serve_tls_once(config: rustls::ServerConfig, response: &'static [u8]) -> u16 {
+        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let port = listener.local_addr().expect("addr").port();
+        let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(config));
+        tokio::spawn(async move {
+            let (tcp, _) = listener.accept().await.expect("accept");
+            let Ok(tls) = acceptor.accept(tcp).await else {
+                return;
+            };
+            let mut reader = BufReader::new(tls);
+            loop {
+                let mut line = String::new();
+                if reader.read_line(&mut line).await.unwrap_or(0) == 0 || line == "\r\n" {
+                    break;
+                }
+            }
+            let _ = reader.get_mut().write_all(response).await;
+            let _ = reader.get_mut().shutdown().await;
+        });
+        port
+    }
+
+    #[tokio::test]
+    async fn https_is_verified_against_the_configured_ca() {
+        let (ca_pem, server) = test_ca();
+        let dir = tempfile::tempdir().expect("dir");
+        let ca_path = dir.path().join("ca.pem");
+        std::fs::write(&ca_path, ca_pem).expect("write CA");
+        let tls = https_config(Some(&ca_path)).expect("client config");
+        let port = serve_tls_once(
+            server,
+            b"HTTP/1.1 200 OK\r\nContent-Length: 6\r\n\r\nsecure",
+        )
+        .await;
+        let url = format!("https://localhost:{port}/health");
+        let r = request_with("GET", &url, None, T, Some(tls))
+            .await
+            .expect("https request");
+        assert_eq!(
+            r,
+            HttpResponse {
+                status: 200,
+                body: "secure".into()
+            }
+        );
+    }
+
+    #[tokio::test]
+    async fn https_to_a_server_outside_the_trusted_roots_fails_naming_the_url() {
+        let (_ca_pem, server) = test_ca();
+        let (other_ca, _) = test_ca();
+        let dir = tempfile::tempdir().expect("dir");
+        let ca_path = dir.path().join("other.pem");
+        std::fs::write(&ca_path, other_ca).expect("write CA");
+        let tls = https_config(Some(&ca_path)).expect("client config");
+        let port = serve_tls_once(server, b"HTTP/1.1 200 OK\r\n\r\n").await;
+        let url = format!("https://127.0.0.1:{port}/");
+        let e = request_with("GET", &url, None, T, Some(tls))
+            .await
+            .expect_err("untrusted");
+        assert!(matches!(e, HttpError::Tls { .. }), "{e}");
+        assert!(e.to_string().contains(&url), "{e}");
+        assert!(e.to_string().contains("certificate"), "{e}");
+    }
+
+    #[tokio::test]
+    async fn a_body_shorter_than_its_content_length_is_malformed() {
+        let (base, _server) =
+            serve_once(b"HTTP/1.1 200 OK\r\nContent-Length: 50\r\n\r\nshort".to_vec()).await;
+        let e = request("GET", &base, None, T)
+            .await
+            .expect_err("short body");
+        assert!(matches!(e, HttpError::Malformed { .. }), "{e}");
+    }
+
+    #[tokio::test]
+    async fn a_server_that_stalls_mid_body_hits_the_timeout() {
+        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let url = format!("http://{}/", listener.local_addr().expect("addr"));
+        let _server = tokio::spawn(async move {
+            let (mut stream, _) = listener.accept().await.expect("accept");
+            let mut buf = [0u8; 1024];
+            let _ = stream.read(&mut buf).await;
+            let _ = stream
+                .write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 10\r\n\r\nabc")
+                .await;
+            tokio::time::sleep(Duration::from_secs(30)).await;
+        });
+        let e = request("GET", &url, None, Duration::from_millis(300))
+            .await
+            .expect_err("timeout");
+        assert!(matches!(e, HttpError::Timeout { .. }), "{e}");
+    }
+
+    #[test]
+    fn bad_methods_and_content_types_are_refused_before_connecting() {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .expect("runtime");
+        let e = rt
+            .block_on(request("get", "http://127.0.0.1:9/", None, T))
+            .expect_err("method");
+        assert!(matches!(e, HttpError::InvalidUrl { .. }), "{e}");
+        let e = rt
+            .block_on(request(
+                "POST",
+                "http://127.0.0.1:9/",
+                Some(("text/plain\r\nX: 1", b"")),
+                T,
+            ))
+            .expect_err("content type");
+        assert!(e.to_string().contains("control characters"), "{e}");
     }
 }

@@ -1,6 +1,7 @@
 //! What both of Sentinel's daemons (`sentinel` and `hostagent`) run on, below the wire
-//! contract: TLS material and the TLS 1.3 client, config files, logging, systemd readiness,
-//! signals, reconnect backoff, the Prometheus exposition and the small HTTP client.
+//! contract: TLS material and the TLS 1.3 client, config files, atomic file writes, logging,
+//! systemd readiness, signals, reconnect backoff, the Prometheus exposition and the HTTP
+//! client.
 //!
 //! It links none of the agent's collectors (Docker, Redis) or job tools, so the controller can
 //! depend on it without carrying them.
@@ -9,6 +10,7 @@
 pub mod backoff;
 pub mod config;
 pub mod docs;
+pub mod fs;
 pub mod http;
 pub mod logging;
 pub mod metrics;

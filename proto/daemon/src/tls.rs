@@ -1,5 +1,6 @@
-//! TLS material: loading PEM certificates and keys, and the agent's TLS 1.3-only client config
-//! that presents the host certificate and trusts only the fleet CA.
+//! TLS material: loading PEM certificates and keys, the system's trusted roots, the agent's
+//! TLS 1.3-only client config that presents the host certificate and trusts only the fleet
+//! CA, and the plain server-authenticating client config (HTTPS, PostgreSQL).
 
 use std::io;
 use std::net::SocketAddr;
@@ -80,6 +81,38 @@ pub fn load_roots(path: &Path) -> Result<rustls::RootCertStore, TlsError> {
         })?;
     }
     Ok(roots)
+}
+
+/// The system's trusted roots (rustls-native-certs: `SSL_CERT_FILE` / `SSL_CERT_DIR`, else
+/// the distribution's bundle). Certificates that do not parse are skipped; none at all is an
+/// error.
+pub fn system_roots() -> Result<rustls::RootCertStore, TlsError> {
+    let found = rustls_native_certs::load_native_certs();
+    let mut roots = rustls::RootCertStore::empty();
+    let (added, _ignored) = roots.add_parsable_certificates(found.certs);
+    if added == 0 {
+        let errors: Vec<String> = found.errors.iter().map(|e| e.to_string()).collect();
+        return Err(TlsError::Config(format!(
+            "no trusted system CA certificates found{}; install ca-certificates, set \
+             SSL_CERT_FILE, or give the server's CA explicitly",
+            if errors.is_empty() {
+                String::new()
+            } else {
+                format!(" ({})", errors.join("; "))
+            }
+        )));
+    }
+    Ok(roots)
+}
+
+/// A client config that checks the server against `roots` and presents no certificate:
+/// TLS 1.2 or 1.3 (rustls' safe defaults), ring. What HTTPS requests and PostgreSQL use.
+pub fn server_auth_config(roots: rustls::RootCertStore) -> Result<rustls::ClientConfig, TlsError> {
+    Ok(rustls::ClientConfig::builder_with_provider(provider())
+        .with_safe_default_protocol_versions()
+        .map_err(|e| TlsError::Config(e.to_string()))?
+        .with_root_certificates(roots)
+        .with_no_client_auth())
 }
 
 /// The crypto provider both sides use (ring: no C toolchain beyond what rustls needs anyway).

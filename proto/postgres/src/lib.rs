@@ -34,14 +34,6 @@ pub const DEFAULT_QUERY_TIMEOUT: Duration = Duration::from_secs(10);
 /// Below this a timeout is a typo ("5ms" for "5s"), not a choice.
 const MIN_TIMEOUT: Duration = Duration::from_millis(100);
 
-/// Where the system's trusted CA bundle lives on the distributions we run on; the first that
-/// exists is used when a DSN asks for TLS without `sslrootcert`.
-const SYSTEM_CA_BUNDLES: &[&str] = &[
-    "/etc/ssl/certs/ca-certificates.crt",
-    "/etc/pki/tls/certs/ca-bundle.crt",
-    "/etc/ssl/cert.pem",
-];
-
 /// How to reach a PostgreSQL cluster: a DSN (inline or in a file), an optional password file and
 /// timeouts. Used as `[isolation.auditor]` by the controller; the agent's
 /// `[collectors.postgres]` has the same keys plus `enabled`.
@@ -668,26 +660,25 @@ fn key_values(dsn: &str) -> Result<Vec<KeyValue>, String> {
     }
 }
 
-/// Decodes `%XX` escapes (URL user info, query values); invalid escapes stay as written.
+/// Decodes `%XX` escapes (URL user info, query values); invalid escapes stay as written,
+/// invalid UTF-8 is replaced.
 pub fn percent_decode(s: &str) -> String {
-    let bytes = s.as_bytes();
-    let mut out = Vec::with_capacity(bytes.len());
-    let mut i = 0;
-    while i < bytes.len() {
-        if bytes[i] == b'%' && i + 2 < bytes.len() {
-            if let Some(b) = s
-                .get(i + 1..i + 3)
-                .and_then(|h| u8::from_str_radix(h, 16).ok())
-            {
-                out.push(b);
-                i += 3;
-                continue;
-            }
-        }
-        out.push(bytes[i]);
-        i += 1;
-    }
-    String::from_utf8_lossy(&out).into_owned()
+    percent_encoding::percent_decode_str(s)
+        .decode_utf8_lossy()
+        .into_owned()
+}
+
+/// What [`percent_encode`] leaves as is: RFC 3986's unreserved characters.
+const UNRESERVED: &percent_encoding::AsciiSet = &percent_encoding::NON_ALPHANUMERIC
+    .remove(b'-')
+    .remove(b'.')
+    .remove(b'_')
+    .remove(b'~');
+
+/// Escapes everything but unreserved characters as `%XX`, for a URL DSN's path (a database
+/// name).
+pub fn percent_encode(s: &str) -> String {
+    percent_encoding::utf8_percent_encode(s, UNRESERVED).to_string()
 }
 
 /// A rustls connector that verifies the server against `root_cert` (PEM) or the system roots.
@@ -698,36 +689,11 @@ fn tls_connector(
         Some(path) => {
             sentinel_daemon::tls::load_roots(path).map_err(|e| format!("sslrootcert: {e}"))?
         }
-        None => system_roots()?,
+        None => sentinel_daemon::tls::system_roots()
+            .map_err(|e| format!("{e} (with sslrootcert=FILE)"))?,
     };
-    let config = rustls::ClientConfig::builder_with_provider(sentinel_daemon::tls::provider())
-        .with_safe_default_protocol_versions()
-        .map_err(|e| e.to_string())?
-        .with_root_certificates(roots)
-        .with_no_client_auth();
+    let config = sentinel_daemon::tls::server_auth_config(roots).map_err(|e| e.to_string())?;
     Ok(tokio_postgres_rustls::MakeRustlsConnect::new(config))
-}
-
-/// The system's trusted roots: `SSL_CERT_FILE`, else the distribution's bundle.
-fn system_roots() -> Result<rustls::RootCertStore, String> {
-    let from_env = std::env::var_os("SSL_CERT_FILE").map(PathBuf::from);
-    let path = from_env
-        .into_iter()
-        .chain(SYSTEM_CA_BUNDLES.iter().map(PathBuf::from))
-        .find(|p| p.exists())
-        .ok_or_else(|| {
-            format!(
-                "no system CA bundle ({}); give the server's CA with sslrootcert=FILE",
-                SYSTEM_CA_BUNDLES.join(", ")
-            )
-        })?;
-    let certs = sentinel_daemon::tls::load_certs(&path, "CA bundle").map_err(|e| e.to_string())?;
-    let mut roots = rustls::RootCertStore::empty();
-    let (added, _ignored) = roots.add_parsable_certificates(certs);
-    if added == 0 {
-        return Err(format!("no usable certificate in {}", path.display()));
-    }
-    Ok(roots)
 }
 
 /// A cluster's roles, memberships and database ACLs, read in one snapshot.
@@ -1145,6 +1111,16 @@ impl Catalog {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn percent_escapes_are_decoded_and_broken_ones_kept_as_written() {
+        assert_eq!(percent_decode("p%40ss%2Fw%C3%B6rd"), "p@ss/wörd");
+        assert_eq!(percent_decode("100%"), "100%");
+        assert_eq!(percent_decode("%zz%4"), "%zz%4");
+        assert_eq!(percent_decode("%ff"), "\u{fffd}");
+        assert_eq!(percent_encode("app db/ö-1.x_~"), "app%20db%2F%C3%B6-1.x_~");
+        assert_eq!(percent_decode(&percent_encode("a b%c")), "a b%c");
+    }
 
     #[test]
     fn key_value_dsns_lose_their_tls_keys_and_keep_the_rest() {

@@ -6,7 +6,6 @@
 //! reuses them and a new CA reissues them.
 
 use std::fs;
-use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
@@ -253,23 +252,13 @@ fn random_serial() -> SerialNumber {
 }
 
 /// Writes through a temporary file and a rename, so an interrupted run never leaves half a
-/// key behind; keys are created with mode 0600.
+/// key behind; keys get mode 0600. No fsync: this is a cache a re-run rebuilds.
 fn write_atomic(path: &Path, contents: &[u8], mode: u32) -> Result<()> {
-    use std::os::unix::fs::OpenOptionsExt;
-    let mut tmp = path.as_os_str().to_owned();
-    tmp.push(format!(".tmp-{}", std::process::id()));
-    let tmp = PathBuf::from(tmp);
-    let mut file = fs::OpenOptions::new()
-        .write(true)
-        .create(true)
-        .truncate(true)
-        .mode(mode)
-        .open(&tmp)
-        .with_context(|| format!("creating {}", tmp.display()))?;
-    file.write_all(contents)
-        .with_context(|| format!("writing {}", tmp.display()))?;
-    drop(file);
-    fs::rename(&tmp, path).with_context(|| format!("renaming to {}", path.display()))
+    let how = sentinel_daemon::fs::AtomicWrite {
+        durable: false,
+        ..sentinel_daemon::fs::AtomicWrite::new(mode)
+    };
+    Ok(sentinel_daemon::fs::write_atomic_with(path, contents, how)?)
 }
 
 #[cfg(test)]

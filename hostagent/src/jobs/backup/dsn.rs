@@ -115,23 +115,14 @@ pub fn with_dbname(conninfo: &str, database: &str) -> String {
                 .map_or(rest.len(), |i| i + after_user);
             let (authority, tail) = rest.split_at(end);
             let query = tail.find('?').map_or("", |q| &tail[q..]);
-            return format!("{scheme}{authority}/{}{query}", percent_encode(database));
+            return format!(
+                "{scheme}{authority}/{}{query}",
+                sentinel_postgres::percent_encode(database)
+            );
         }
     }
     let quoted = database.replace('\\', "\\\\").replace('\'', "\\'");
     format!("{conninfo} dbname='{quoted}'")
-}
-
-fn percent_encode(s: &str) -> String {
-    s.bytes()
-        .map(|b| {
-            if b.is_ascii_alphanumeric() || b"-._~".contains(&b) {
-                (b as char).to_string()
-            } else {
-                format!("%{b:02X}")
-            }
-        })
-        .collect()
 }
 
 /// A PGPASSFILE holding one password for any server, removed when dropped.

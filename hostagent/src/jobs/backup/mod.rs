@@ -350,37 +350,24 @@ pub async fn place(tmp: &Path, dest: &Path) -> Result<(), String> {
         let parent = dest.parent().unwrap_or(Path::new("."));
         create_private_dir_all(parent).map_err(|e| fail("creating", parent, e))?;
         std::fs::rename(&tmp, &dest).map_err(|e| fail("renaming into", &dest, e))?;
-        sync_dir(parent).map_err(|e| fail("syncing", parent, e))
+        sentinel_daemon::fs::sync_dir(parent).map_err(|e| fail("syncing", parent, e))
     })
     .await
     .map_err(|e| format!("file task failed: {e}"))?
 }
 
-/// Writes `bytes` to `path` atomically and privately: a temp file beside it (mode
-/// [`FILE_MODE`]), fsync, rename, fsync of the directory.
+/// Writes `bytes` to `path` atomically and privately ([`FILE_MODE`], in a directory created
+/// private when missing): [`sentinel_daemon::fs::write_atomic`].
 pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<(), BackupError> {
-    use std::io::Write;
-    let io = |p: &Path, e: std::io::Error| BackupError::Io {
-        path: p.to_path_buf(),
-        message: e.to_string(),
-    };
     let parent = path.parent().unwrap_or(Path::new("."));
-    create_private_dir_all(parent).map_err(|e| io(parent, e))?;
-    let name = path
-        .file_name()
-        .map(|n| n.to_string_lossy().into_owned())
-        .unwrap_or_default();
-    let tmp = parent.join(format!(".{name}.partial"));
-    let mut f = create_private_file(&tmp).map_err(|e| io(&tmp, e))?;
-    f.write_all(bytes)
-        .and_then(|()| f.sync_all())
-        .map_err(|e| io(&tmp, e))?;
-    std::fs::rename(&tmp, path).map_err(|e| io(path, e))?;
-    sync_dir(parent).map_err(|e| io(parent, e))
-}
-
-fn sync_dir(dir: &Path) -> std::io::Result<()> {
-    std::fs::File::open(dir)?.sync_all()
+    create_private_dir_all(parent).map_err(|e| BackupError::Io {
+        path: parent.to_path_buf(),
+        message: e.to_string(),
+    })?;
+    sentinel_daemon::fs::write_atomic(path, bytes, FILE_MODE).map_err(|e| BackupError::Io {
+        message: e.source.to_string(),
+        path: e.path,
+    })
 }
 
 /// A step: STARTED now, then SUCCEEDED or FAILED with its detail and duration.

@@ -1,14 +1,19 @@
-//! The `/metrics` endpoint: a minimal HTTP/1.1 responder on a tokio listener. Prometheus sends
-//! one `GET /metrics` per scrape and needs nothing else, so this reads one request head,
-//! answers it with `Connection: close` and hangs up: no keep-alive, no chunking, no TLS (the
-//! listener is on loopback by default; put a proxy in front to expose it).
+//! The `/metrics` endpoint: hyper's HTTP/1.1 server on a tokio listener. Prometheus sends one
+//! `GET /metrics` per scrape and needs nothing else, so every connection answers one request
+//! and closes (no keep-alive), at most [`MAX_CONNECTIONS`] at a time, each within
+//! [`IO_TIMEOUT`]; no TLS (the listener is on loopback by default; put a proxy in front to
+//! expose it).
 
+use std::convert::Infallible;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::{TcpListener, TcpStream};
+use bytes::Bytes;
+use http::{header, Method, Response, StatusCode};
+use http_body_util::Full;
+use hyper_util::rt::{TokioIo, TokioTimer};
+use tokio::net::TcpListener;
 use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, error, info, warn, Instrument};
@@ -18,7 +23,8 @@ pub type Render = Arc<dyn Fn() -> String + Send + Sync>;
 
 /// The content type of the classic text exposition format.
 pub const CONTENT_TYPE: &str = "text/plain; version=0.0.4; charset=utf-8";
-/// A request head larger than this is refused: a scrape's is a few hundred bytes.
+/// A request head larger than this is refused (431): a scrape's is a few hundred bytes.
+/// hyper's smallest read buffer.
 const MAX_HEAD: usize = 8 * 1024;
 /// How long a client may take to send its request and read the answer; a stuck client must
 /// not hold a connection slot.
@@ -76,142 +82,97 @@ pub async fn serve(listener: TcpListener, render: Render, shutdown: Cancellation
         };
         let render = render.clone();
         tokio::spawn(async move {
-            if let Err(e) = tokio::time::timeout(IO_TIMEOUT, answer(stream, &render)).await {
-                debug!(%peer, error = %e, "metrics client too slow");
+            let service = hyper::service::service_fn(move |request: http::Request<_>| {
+                let response = route(request.method(), request.uri().path(), &render);
+                async move { Ok::<_, Infallible>(response) }
+            });
+            let connection = hyper::server::conn::http1::Builder::new()
+                .keep_alive(false)
+                // `Content-Type:` as scrapers and the tests read it.
+                .title_case_headers(true)
+                .max_buf_size(MAX_HEAD)
+                .timer(TokioTimer::new())
+                .header_read_timeout(IO_TIMEOUT)
+                .serve_connection(TokioIo::new(stream), service);
+            match tokio::time::timeout(IO_TIMEOUT, connection).await {
+                Ok(Ok(())) => {}
+                Ok(Err(e)) => debug!(%peer, error = %e, "metrics connection failed"),
+                Err(_) => debug!(%peer, "metrics client too slow"),
             }
             drop(permit);
         });
     }
 }
 
-/// Reads one request head and writes one response.
-async fn answer(mut stream: TcpStream, render: &Render) {
-    let mut head = Vec::with_capacity(512);
-    let mut buf = [0u8; 1024];
-    let complete = loop {
-        match stream.read(&mut buf).await {
-            Ok(0) | Err(_) => break false,
-            Ok(n) => head.extend_from_slice(&buf[..n]),
-        }
-        if head.windows(4).any(|w| w == b"\r\n\r\n") || head.windows(2).any(|w| w == b"\n\n") {
-            break true;
-        }
-        if head.len() > MAX_HEAD {
-            break false;
-        }
-    };
-    let response = if complete {
-        route(&head, render)
-    } else if head.len() > MAX_HEAD {
-        Response::text(
-            431,
-            "Request Header Fields Too Large",
-            "request head too large\n",
-        )
-    } else {
-        return;
-    };
-    let _ = stream.write_all(&response.bytes()).await;
-    let _ = stream.shutdown().await;
+fn text(status: StatusCode, body: &'static str) -> Response<Full<Bytes>> {
+    let mut response = Response::new(Full::new(Bytes::from_static(body.as_bytes())));
+    *response.status_mut() = status;
+    response.headers_mut().insert(
+        header::CONTENT_TYPE,
+        header::HeaderValue::from_static("text/plain; charset=utf-8"),
+    );
+    response
 }
 
-/// An HTTP response, ready to write.
-#[derive(Debug, PartialEq)]
-pub struct Response {
-    status: u16,
-    reason: &'static str,
-    content_type: &'static str,
-    extra_header: Option<&'static str>,
-    body: String,
-    /// HEAD: the headers describe the body, which is not sent.
-    head_only: bool,
-}
-
-impl Response {
-    fn text(status: u16, reason: &'static str, body: &str) -> Self {
-        Self {
-            status,
-            reason,
-            content_type: "text/plain; charset=utf-8",
-            extra_header: None,
-            body: body.to_string(),
-            head_only: false,
-        }
-    }
-
-    /// The status code.
-    pub fn status(&self) -> u16 {
-        self.status
-    }
-
-    /// The bytes on the wire.
-    pub fn bytes(&self) -> Vec<u8> {
-        let mut out = format!(
-            "HTTP/1.1 {} {}\r\nContent-Type: {}\r\nContent-Length: {}\r\nConnection: close\r\n",
-            self.status,
-            self.reason,
-            self.content_type,
-            self.body.len()
-        );
-        if let Some(h) = self.extra_header {
-            out.push_str(h);
-            out.push_str("\r\n");
-        }
-        out.push_str("\r\n");
-        if !self.head_only {
-            out.push_str(&self.body);
-        }
-        out.into_bytes()
-    }
-}
-
-/// Answers a request head: `GET /metrics` (or HEAD) renders; anything else says what is here.
-pub fn route(head: &[u8], render: &Render) -> Response {
-    let head = String::from_utf8_lossy(head);
-    let mut parts = head.lines().next().unwrap_or_default().split_whitespace();
-    let (Some(method), Some(target), Some(version)) = (parts.next(), parts.next(), parts.next())
-    else {
-        return Response::text(400, "Bad Request", "malformed request line\n");
-    };
-    if !version.starts_with("HTTP/1.") {
-        return Response::text(505, "HTTP Version Not Supported", "HTTP/1.x only\n");
-    }
-    let path = target.split(['?', '#']).next().unwrap_or_default();
+/// Answers a request: `GET /metrics` (or HEAD, whose body hyper leaves out) renders; anything
+/// else says what is here.
+pub fn route(method: &Method, path: &str, render: &Render) -> Response<Full<Bytes>> {
     if path != "/metrics" {
-        return Response::text(404, "Not Found", "not found: metrics are at /metrics\n");
+        return text(
+            StatusCode::NOT_FOUND,
+            "not found: metrics are at /metrics\n",
+        );
     }
-    let head_only = match method {
-        "GET" => false,
-        "HEAD" => true,
-        _ => {
-            let mut r = Response::text(405, "Method Not Allowed", "GET or HEAD only\n");
-            r.extra_header = Some("Allow: GET, HEAD");
-            return r;
-        }
-    };
-    Response {
-        status: 200,
-        reason: "OK",
-        content_type: CONTENT_TYPE,
-        extra_header: None,
-        body: render(),
-        head_only,
+    if method != Method::GET && method != Method::HEAD {
+        let mut response = text(StatusCode::METHOD_NOT_ALLOWED, "GET or HEAD only\n");
+        response
+            .headers_mut()
+            .insert(header::ALLOW, header::HeaderValue::from_static("GET, HEAD"));
+        return response;
     }
+    let mut response = Response::new(Full::new(Bytes::from(render())));
+    response.headers_mut().insert(
+        header::CONTENT_TYPE,
+        header::HeaderValue::from_static(CONTENT_TYPE),
+    );
+    response
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    use tokio::net::TcpStream;
 
     fn render() -> Render {
         Arc::new(|| "# HELP x X.\n# TYPE x gauge\nx 1\n".to_string())
     }
 
-    #[test]
-    fn get_metrics_answers_the_exposition_and_others_say_where_it_is() {
-        let r = route(b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n", &render());
-        assert_eq!(r.status(), 200);
-        let text = String::from_utf8(r.bytes()).unwrap();
+    /// Sends `request` raw to a running endpoint and reads the answer to the end.
+    async fn raw(addr: SocketAddr, request: &[u8]) -> String {
+        let mut s = TcpStream::connect(addr).await.unwrap();
+        s.write_all(request).await.unwrap();
+        let mut text = String::new();
+        tokio::time::timeout(Duration::from_secs(5), s.read_to_string(&mut text))
+            .await
+            .expect("the server closes after one answer")
+            .unwrap();
+        text
+    }
+
+    #[tokio::test]
+    async fn get_metrics_answers_the_exposition_and_others_say_where_it_is() {
+        let shutdown = CancellationToken::new();
+        let addr = start(
+            "test",
+            "127.0.0.1:0".parse().unwrap(),
+            render(),
+            shutdown.clone(),
+        )
+        .await
+        .unwrap();
+        // HTTP/1.1 without `Connection: close`: still one answer, then the server hangs up.
+        let text = raw(addr, b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n").await;
         assert!(text.starts_with("HTTP/1.1 200 OK\r\n"), "{text}");
         assert!(text.contains("Content-Type: text/plain; version=0.0.4; charset=utf-8\r\n"));
         assert!(text.contains("Content-Length: 31\r\n"), "{text}");
@@ -220,25 +181,56 @@ mod tests {
             "{text}"
         );
 
-        assert_eq!(
-            route(b"GET /metrics?x=1 HTTP/1.0\r\n\r\n", &render()).status(),
-            200
+        let text = raw(addr, b"GET /metrics?x=1 HTTP/1.0\r\n\r\n").await;
+        assert!(text.starts_with("HTTP/1.0 200"), "{text}");
+        let text = raw(addr, b"HEAD /metrics HTTP/1.1\r\nHost: x\r\n\r\n").await;
+        assert!(text.starts_with("HTTP/1.1 200"), "{text}");
+        assert!(text.ends_with("\r\n\r\n"), "{text}");
+        let text = raw(addr, b"GET / HTTP/1.1\r\nHost: x\r\n\r\n").await;
+        assert!(text.starts_with("HTTP/1.1 404"), "{text}");
+        assert!(text.contains("/metrics"), "{text}");
+        let text = raw(addr, b"POST /metrics HTTP/1.1\r\nHost: x\r\n\r\n").await;
+        assert!(text.starts_with("HTTP/1.1 405"), "{text}");
+        assert!(text.contains("Allow: GET, HEAD\r\n"), "{text}");
+        let text = raw(addr, b"garbage\r\n\r\n").await;
+        assert!(text.starts_with("HTTP/1.1 400"), "{text}");
+        let mut huge = b"GET /metrics HTTP/1.1\r\nX: ".to_vec();
+        huge.extend(std::iter::repeat_n(b'a', MAX_HEAD * 2));
+        huge.extend_from_slice(b"\r\n\r\n");
+        let text = raw(addr, &huge).await;
+        assert!(text.starts_with("HTTP/1.1 431"), "{text}");
+        shutdown.cancel();
+    }
+
+    #[tokio::test]
+    async fn connections_beyond_the_limit_wait_for_a_slot_and_shutdown_stops_the_server() {
+        let shutdown = CancellationToken::new();
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let server = tokio::spawn(serve(listener, render(), shutdown.clone()));
+        let mut silent = Vec::new();
+        for _ in 0..MAX_CONNECTIONS {
+            silent.push(TcpStream::connect(addr).await.unwrap());
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        let scrape = tokio::spawn(raw(addr, b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n"));
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        assert!(
+            !scrape.is_finished(),
+            "answered beyond the connection limit"
         );
-        let head = route(b"HEAD /metrics HTTP/1.1\r\n\r\n", &render());
-        assert!(String::from_utf8(head.bytes())
-            .unwrap()
-            .ends_with("\r\n\r\n"));
-        assert_eq!(route(b"GET / HTTP/1.1\r\n\r\n", &render()).status(), 404);
-        let post = route(b"POST /metrics HTTP/1.1\r\n\r\n", &render());
-        assert_eq!(post.status(), 405);
-        assert!(String::from_utf8(post.bytes())
-            .unwrap()
-            .contains("Allow: GET, HEAD\r\n"));
-        assert_eq!(route(b"garbage\r\n\r\n", &render()).status(), 400);
-        assert_eq!(
-            route(b"GET /metrics SPDY/3\r\n\r\n", &render()).status(),
-            505
-        );
+        // One silent client leaves: its slot goes to the waiting scrape.
+        drop(silent.pop());
+        let text = tokio::time::timeout(Duration::from_secs(5), scrape)
+            .await
+            .expect("answered once a slot is free")
+            .unwrap();
+        assert!(text.starts_with("HTTP/1.1 200"), "{text}");
+        shutdown.cancel();
+        tokio::time::timeout(Duration::from_secs(5), server)
+            .await
+            .expect("serve returns on shutdown")
+            .unwrap();
     }
 
     #[tokio::test]
@@ -252,14 +244,12 @@ mod tests {
         )
         .await
         .unwrap();
-        let mut s = TcpStream::connect(addr).await.unwrap();
-        s.write_all(b"GET /metrics HTTP/1.1\r\nHost: localhost\r\n\r\n")
+        let url = format!("http://{addr}/metrics");
+        let r = crate::http::request("GET", &url, None, Duration::from_secs(5))
             .await
             .unwrap();
-        let mut text = String::new();
-        s.read_to_string(&mut text).await.unwrap();
-        assert!(text.starts_with("HTTP/1.1 200 OK"), "{text}");
-        assert!(text.ends_with("x 1\n"), "{text}");
+        assert_eq!(r.status, 200);
+        assert!(r.body.ends_with("x 1\n"), "{}", r.body);
 
         // The same port again: logged, not fatal.
         assert!(start("test", addr, render(), shutdown.clone())
