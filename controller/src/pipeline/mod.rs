@@ -105,30 +105,8 @@ impl Pipeline {
         let mut dirty = HashSet::new();
         for mut d in store.load_deploys()? {
             if d.state() == DeploymentState::Running {
-                let at = d
-                    .steps
-                    .last()
-                    .map(|s| {
-                        format!(
-                            "{} on {} ({}{})",
-                            s.name,
-                            s.host,
-                            StepStatus::try_from(s.status)
-                                .unwrap_or(StepStatus::Unspecified)
-                                .as_str_name(),
-                            if s.job_id.is_empty() {
-                                String::new()
-                            } else {
-                                format!(", job {}", s.job_id)
-                            }
-                        )
-                    })
-                    .unwrap_or_else(|| "before its first step".into());
                 d.state = DeploymentState::Failed as i32;
-                d.detail = format!(
-                    "interrupted by a controller restart at step {at}; the host keeps whatever that step left (see the job) and production was {}",
-                    if d.steps.iter().any(|s| s.environment == "production") { "possibly touched" } else { "not touched" }
-                );
+                d.detail = interrupted_detail(&d);
                 d.finished_at = Some(now());
                 warn!(deploy_id = %d.deploy_id, detail = %d.detail, "deploy interrupted by restart");
                 dirty.insert(d.deploy_id.clone());
@@ -232,8 +210,14 @@ impl Pipeline {
         let span = tracing::info_span!("deploy", deploy_id = %id, app = %app.name);
         tokio::spawn(
             async move {
+                let run = Run {
+                    id: &id,
+                    app: &app,
+                    commit: &commit,
+                    req: &req,
+                };
                 let outcome = tokio::select! {
-                    r = me.run(&id, &app, &commit, &req) => r,
+                    r = me.run(&run) => r,
                     _ = token.cancelled() => Err(Failure { cancelled: true, ..Failure::new("cancelled") }),
                 };
                 me.finish(&id, &app.name, outcome).await;
@@ -388,56 +372,46 @@ impl Pipeline {
         }
     }
 
-    async fn run(
-        &self,
-        id: &str,
-        app: &AppConfig,
-        commit: &str,
-        req: &DeployRequest,
-    ) -> Result<(), Failure> {
-        let staging_level = if req.e2e == E2eLevel::Standard as i32 {
-            E2eLevel::Standard
-        } else {
-            E2eLevel::Smoke
-        };
-        self.environment(id, app, "staging", &app.staging, commit, req, staging_level)
-            .await?;
-        if req.db_change {
-            self.backup_hook(id, app, commit).await?;
+    /// Runs the deploy's stages in order; the first failure ends it, so production is never
+    /// touched when staging (or the backup, or the isolation check) failed.
+    async fn run(&self, run: &Run<'_>) -> Result<(), Failure> {
+        for stage in stages(run.app, run.req) {
+            match stage {
+                Stage::Environment(target) => self.environment(run, &target).await?,
+                Stage::Backup => self.backup_hook(run.id, run.app, run.commit).await?,
+                Stage::IsolationCheck => self.isolation_check(run).await?,
+            }
         }
-        if let Some(gate) = self.gate() {
-            let host = app.production.host.clone();
-            self.run_step(id, "isolation-check", "production", &host, async {
-                gate.check_now("production")
-                    .await
-                    .map(|()| ((), "no isolation violation".to_string()))
-                    .map_err(Failure::new)
-            })
-            .await?;
-        }
-        self.environment(
-            id,
-            app,
-            "production",
-            &app.production,
-            commit,
-            req,
-            E2eLevel::Smoke,
-        )
-        .await
+        Ok(())
     }
 
-    #[allow(clippy::too_many_arguments)]
-    async fn environment(
-        &self,
-        id: &str,
-        app: &AppConfig,
-        env_name: &str,
-        env: &EnvironmentConfig,
-        commit: &str,
-        req: &DeployRequest,
-        level: E2eLevel,
-    ) -> Result<(), Failure> {
+    /// A fresh isolation check before production, when a gate is installed.
+    async fn isolation_check(&self, run: &Run<'_>) -> Result<(), Failure> {
+        let Some(gate) = self.gate() else {
+            return Ok(());
+        };
+        let host = run.app.production.host.clone();
+        self.run_step(run.id, "isolation-check", "production", &host, async {
+            gate.check_now("production")
+                .await
+                .map(|()| ((), "no isolation violation".to_string()))
+                .map_err(Failure::new)
+        })
+        .await?;
+        Ok(())
+    }
+
+    /// One environment's part of a deploy: bundle, deploy job, E2E checks, and a rollback
+    /// of that environment when its E2E checks fail.
+    async fn environment(&self, run: &Run<'_>, target: &Target<'_>) -> Result<(), Failure> {
+        let Run {
+            id, app, commit, ..
+        } = *run;
+        let Target {
+            name: env_name,
+            env,
+            e2e: level,
+        } = *target;
         let host = env.host.as_str();
         let _timer = crate::metrics::get().deploy_timer(&app.name, env_name);
         let started = Instant::now();
@@ -456,26 +430,7 @@ impl Pipeline {
             })
             .await?;
         let overhead = started.elapsed();
-        let params = DeployParams {
-            app: app.name.clone(),
-            environment: env_name.to_string(),
-            commit: commit.to_string(),
-            bundle_sha256: bundle.sha256.clone(),
-            bundle_size: bundle.size,
-            app_dir: env.app_dir.display().to_string(),
-            compose_file: app.compose_file.clone(),
-            health: Some(health_check(&env.health)),
-            keep_releases: app.keep_releases,
-            deploy_id: id.to_string(),
-            compose_project: format!("{}-{}", app.name, env_name),
-            migration: if req.db_change {
-                req.migration.clone()
-            } else {
-                String::new()
-            },
-            migration_service: app.migration_service.clone(),
-            build: true,
-        };
+        let params = deploy_params(run, target, &bundle);
         info!(
             env = env_name,
             host,
@@ -501,11 +456,7 @@ impl Pipeline {
         if checks.is_empty() {
             return Ok(());
         }
-        let step_name = if level == E2eLevel::Standard {
-            "e2e-standard"
-        } else {
-            "e2e-smoke"
-        };
+        let step_name = e2e_step_name(level);
         let e2e_result = self
             .run_step(id, step_name, env_name, host, async {
                 let results = e2e::run(&env.base_url, &checks).await;
@@ -528,16 +479,7 @@ impl Pipeline {
             return Ok(());
         };
         // The release is up but wrong: put the previous one back.
-        let params = RollbackParams {
-            app: app.name.clone(),
-            environment: env_name.to_string(),
-            app_dir: env.app_dir.display().to_string(),
-            to_commit: String::new(),
-            compose_file: app.compose_file.clone(),
-            health: Some(health_check(&env.health)),
-            deploy_id: id.to_string(),
-            compose_project: format!("{}-{}", app.name, env_name),
-        };
+        let params = rollback_params(app, env_name, env, "", id);
         let rollback = self
             .run_step(id, "rollback", env_name, host, async {
                 let job = self
@@ -624,20 +566,7 @@ impl Pipeline {
         if job.state() == JobState::Succeeded {
             Ok(job)
         } else {
-            // The agent rolls a failed deploy back itself and says so in the detail.
-            let rolled_back = job.detail.contains("rolled back to");
-            Err(Failure {
-                detail: format!(
-                    "{step} on {host} {}: {}",
-                    job.state()
-                        .as_str_name()
-                        .trim_start_matches("JOB_STATE_")
-                        .to_ascii_lowercase(),
-                    job.detail
-                ),
-                rolled_back,
-                cancelled: false,
-            })
+            Err(job_failure(step, host, &job))
         }
     }
 
@@ -678,10 +607,7 @@ impl Pipeline {
                     "skipped: no [backups] database of this app and no pipeline.backup_hook configured".to_string(),
                 ));
             }
-            let args: Vec<String> = hook
-                .iter()
-                .map(|a| a.replace("{app}", &app.name).replace("{commit}", commit).replace("{deploy_id}", id))
-                .collect();
+            let args = hook_args(&hook, &app.name, commit, id);
             let mut cmd = tokio::process::Command::new(&args[0]);
             cmd.args(&args[1..]).stdin(std::process::Stdio::null()).kill_on_drop(true);
             match tokio::time::timeout(timeout, cmd.output()).await {
@@ -701,15 +627,7 @@ impl Pipeline {
     }
 
     async fn finish(&self, id: &str, app: &str, outcome: Result<(), Failure>) {
-        let (state, detail) = match outcome {
-            Ok(()) => (
-                DeploymentState::Succeeded,
-                "deployed to staging and production".to_string(),
-            ),
-            Err(f) if f.cancelled => (DeploymentState::Cancelled, f.detail),
-            Err(f) if f.rolled_back => (DeploymentState::RolledBack, f.detail),
-            Err(f) => (DeploymentState::Failed, f.detail),
-        };
+        let (state, detail) = final_state(outcome);
         let snapshot = {
             let mut s = self.lock();
             s.running.remove(app);
@@ -745,18 +663,7 @@ impl Pipeline {
             }
             let mut s = self.lock();
             if let Some(d) = s.deploys.get_mut(id) {
-                d.steps.push(DeploymentStep {
-                    name: "report".into(),
-                    status: if lines.iter().all(|l| l.contains("delivered (")) {
-                        StepStatus::Succeeded
-                    } else {
-                        StepStatus::Failed
-                    } as i32,
-                    detail: lines.join("; "),
-                    started_at: Some(now()),
-                    finished_at: Some(now()),
-                    ..Default::default()
-                });
+                d.steps.push(report_step(&lines));
             }
             drop(s);
             self.touch(id);
@@ -772,15 +679,7 @@ impl Pipeline {
         who: &str,
     ) -> Result<Deployment, Status> {
         let app = self.app(app_name)?;
-        let env = match env_name {
-            "staging" => app.staging.clone(),
-            "production" => app.production.clone(),
-            other => {
-                return Err(Status::invalid_argument(format!(
-                    "environment {other:?}: expected staging or production"
-                )))
-            }
-        };
+        let env = environment_config(&app, env_name)?.clone();
         let req = DeployRequest {
             app: app_name.to_string(),
             commit: to_commit.to_string(),
@@ -792,16 +691,7 @@ impl Pipeline {
         let env_name = env_name.to_string();
         let to_commit = to_commit.to_string();
         tokio::spawn(async move {
-            let params = RollbackParams {
-                app: app.name.clone(),
-                environment: env_name.clone(),
-                app_dir: env.app_dir.display().to_string(),
-                to_commit,
-                compose_file: app.compose_file.clone(),
-                health: Some(health_check(&env.health)),
-                deploy_id: id.clone(),
-                compose_project: format!("{}-{}", app.name, env_name),
-            };
+            let params = rollback_params(&app, &env_name, &env, &to_commit, &id);
             let outcome = me
                 .run_step(&id, "rollback", &env_name, &env.host, async {
                     let job = me
@@ -915,4 +805,216 @@ fn health_check(h: &config::HealthConfig) -> HealthCheck {
         deadline_ms: ms(h.deadline),
         container_health: h.container_health,
     }
+}
+
+/// One deploy's run: what every stage of it needs.
+#[derive(Clone, Copy)]
+struct Run<'a> {
+    id: &'a str,
+    app: &'a AppConfig,
+    commit: &'a str,
+    req: &'a DeployRequest,
+}
+
+/// One environment's part of a deploy: where the release goes and how much E2E checks it.
+#[derive(Debug, Clone, Copy)]
+struct Target<'a> {
+    /// `staging` or `production`.
+    name: &'static str,
+    env: &'a EnvironmentConfig,
+    e2e: E2eLevel,
+}
+
+/// A stage of a deploy, in the order [`stages`] gives them.
+#[derive(Debug)]
+enum Stage<'a> {
+    /// Bundle, deploy and E2E-check one environment.
+    Environment(Target<'a>),
+    /// The backup before a `db_change` reaches production.
+    Backup,
+    /// A fresh isolation check before production (skipped without a gate).
+    IsolationCheck,
+}
+
+/// A deploy's stages: staging (with the requested E2E level), the backup when the deploy
+/// changes the database, the isolation check, then production (smoke checks only).
+fn stages<'a>(app: &'a AppConfig, req: &DeployRequest) -> Vec<Stage<'a>> {
+    let staging_e2e = if req.e2e == E2eLevel::Standard as i32 {
+        E2eLevel::Standard
+    } else {
+        E2eLevel::Smoke
+    };
+    let mut stages = vec![Stage::Environment(Target {
+        name: "staging",
+        env: &app.staging,
+        e2e: staging_e2e,
+    })];
+    if req.db_change {
+        stages.push(Stage::Backup);
+    }
+    stages.push(Stage::IsolationCheck);
+    stages.push(Stage::Environment(Target {
+        name: "production",
+        env: &app.production,
+        e2e: E2eLevel::Smoke,
+    }));
+    stages
+}
+
+/// The config of `app`'s environment `name`, for a manual rollback.
+fn environment_config<'a>(app: &'a AppConfig, name: &str) -> Result<&'a EnvironmentConfig, Status> {
+    match name {
+        "staging" => Ok(&app.staging),
+        "production" => Ok(&app.production),
+        other => Err(Status::invalid_argument(format!(
+            "environment {other:?}: expected staging or production"
+        ))),
+    }
+}
+
+/// The deploy job's parameters for one environment; the migration runs only for a db_change.
+fn deploy_params(run: &Run<'_>, target: &Target<'_>, bundle: &bundle::Bundle) -> DeployParams {
+    let Run {
+        id,
+        app,
+        commit,
+        req,
+    } = *run;
+    let (env_name, env) = (target.name, target.env);
+    DeployParams {
+        app: app.name.clone(),
+        environment: env_name.to_string(),
+        commit: commit.to_string(),
+        bundle_sha256: bundle.sha256.clone(),
+        bundle_size: bundle.size,
+        app_dir: env.app_dir.display().to_string(),
+        compose_file: app.compose_file.clone(),
+        health: Some(health_check(&env.health)),
+        keep_releases: app.keep_releases,
+        deploy_id: id.to_string(),
+        compose_project: format!("{}-{}", app.name, env_name),
+        migration: if req.db_change {
+            req.migration.clone()
+        } else {
+            String::new()
+        },
+        migration_service: app.migration_service.clone(),
+        build: true,
+    }
+}
+
+/// A rollback job's parameters: back to `to_commit`, or to the previous release when empty.
+fn rollback_params(
+    app: &AppConfig,
+    env_name: &str,
+    env: &EnvironmentConfig,
+    to_commit: &str,
+    deploy_id: &str,
+) -> RollbackParams {
+    RollbackParams {
+        app: app.name.clone(),
+        environment: env_name.to_string(),
+        app_dir: env.app_dir.display().to_string(),
+        to_commit: to_commit.to_string(),
+        compose_file: app.compose_file.clone(),
+        health: Some(health_check(&env.health)),
+        deploy_id: deploy_id.to_string(),
+        compose_project: format!("{}-{}", app.name, env_name),
+    }
+}
+
+/// The name of the E2E step at `level`.
+fn e2e_step_name(level: E2eLevel) -> &'static str {
+    if level == E2eLevel::Standard {
+        "e2e-standard"
+    } else {
+        "e2e-smoke"
+    }
+}
+
+/// How a job that did not succeed fails its step.
+fn job_failure(step: &str, host: &str, job: &Job) -> Failure {
+    // The agent rolls a failed deploy back itself and says so in the detail.
+    let rolled_back = job.detail.contains("rolled back to");
+    Failure {
+        detail: format!(
+            "{step} on {host} {}: {}",
+            job.state()
+                .as_str_name()
+                .trim_start_matches("JOB_STATE_")
+                .to_ascii_lowercase(),
+            job.detail
+        ),
+        rolled_back,
+        cancelled: false,
+    }
+}
+
+/// The backup hook's command line with `{app}`, `{commit}` and `{deploy_id}` filled in.
+fn hook_args(hook: &[String], app: &str, commit: &str, deploy_id: &str) -> Vec<String> {
+    hook.iter()
+        .map(|a| {
+            a.replace("{app}", app)
+                .replace("{commit}", commit)
+                .replace("{deploy_id}", deploy_id)
+        })
+        .collect()
+}
+
+/// A finished run's state and detail: a cancel wins over a rollback, which wins over a plain
+/// failure.
+fn final_state(outcome: Result<(), Failure>) -> (DeploymentState, String) {
+    match outcome {
+        Ok(()) => (
+            DeploymentState::Succeeded,
+            "deployed to staging and production".to_string(),
+        ),
+        Err(f) if f.cancelled => (DeploymentState::Cancelled, f.detail),
+        Err(f) if f.rolled_back => (DeploymentState::RolledBack, f.detail),
+        Err(f) => (DeploymentState::Failed, f.detail),
+    }
+}
+
+/// The `report` step: succeeded only when every webhook took the report.
+fn report_step(lines: &[String]) -> DeploymentStep {
+    DeploymentStep {
+        name: "report".into(),
+        status: if lines.iter().all(|l| l.contains("delivered (")) {
+            StepStatus::Succeeded
+        } else {
+            StepStatus::Failed
+        } as i32,
+        detail: lines.join("; "),
+        started_at: Some(now()),
+        finished_at: Some(now()),
+        ..Default::default()
+    }
+}
+
+/// Why a deploy that was running when the controller stopped failed: where it stood, and
+/// whether production may have been touched.
+fn interrupted_detail(d: &Deployment) -> String {
+    let at = d
+        .steps
+        .last()
+        .map(|s| {
+            format!(
+                "{} on {} ({}{})",
+                s.name,
+                s.host,
+                StepStatus::try_from(s.status)
+                    .unwrap_or(StepStatus::Unspecified)
+                    .as_str_name(),
+                if s.job_id.is_empty() {
+                    String::new()
+                } else {
+                    format!(", job {}", s.job_id)
+                }
+            )
+        })
+        .unwrap_or_else(|| "before its first step".into());
+    format!(
+        "interrupted by a controller restart at step {at}; the host keeps whatever that step left (see the job) and production was {}",
+        if d.steps.iter().any(|s| s.environment == "production") { "possibly touched" } else { "not touched" }
+    )
 }
