@@ -4,12 +4,14 @@
 //!   the controller's identity check reads;
 //! * [`keys`]: the job-signing keys the controller's signer loads at runtime;
 //! * [`issue`]: the dev fleet CA and the certificates `sentinel pki` and `sentinel dev` issue;
-//! * [`files`]: the PKI directory's file names, and writing it atomically with safe modes.
+//! * [`files`]: the PKI directory's file names, and writing it atomically with safe modes;
+//! * [`cli`]: the `sentinel pki` subcommands.
 //!
 //! This PKI is for development only: the CA key sits next to the certificates
 //! and there is no revocation. Production fleets use their own offline CA with
 //! the same subject and SAN scheme.
 
+pub mod cli;
 pub mod files;
 pub mod issue;
 pub mod keys;
