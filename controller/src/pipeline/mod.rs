@@ -1428,7 +1428,7 @@ mod tests {
             ..Default::default()
         };
         let f = fixture_with(
-            |dir| app(dir),
+            app,
             &[
                 running("d-none", Vec::new()),
                 running("d-staging", vec![staging_deploy.clone()]),
