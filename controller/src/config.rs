@@ -169,6 +169,35 @@ impl ControllerConfig {
         Ok(config)
     }
 
+    /// Loads `path` for a subcommand; when it is unusable, prints why and gives the exit code
+    /// (64).
+    pub fn load_for_command(path: &Path) -> Result<Self, u8> {
+        Self::load(path).map_err(|e| {
+            eprintln!("sentinel: invalid config: {e}");
+            crate::cli::EXIT_USAGE
+        })
+    }
+
+    /// Loads `path` and takes its `[isolation]` section, for `sentinel isolation`; when there
+    /// is none or the file is unusable, prints why and gives the exit code (64).
+    pub fn load_isolation_for_command(
+        path: &Path,
+    ) -> Result<crate::isolation::IsolationConfig, u8> {
+        match Self::load_for_command(path)? {
+            ControllerConfig {
+                isolation: Some(policy),
+                ..
+            } => Ok(policy),
+            _ => {
+                eprintln!(
+                    "sentinel isolation: {} has no [isolation] section",
+                    path.display()
+                );
+                Err(crate::cli::EXIT_USAGE)
+            }
+        }
+    }
+
     /// Checks values that parse but cannot work.
     pub fn validate(&self, path: &Path) -> Result<(), ConfigError> {
         let invalid = |key: &str, message: String| ConfigError::Invalid {
@@ -237,6 +266,17 @@ impl fmt::Debug for ControllerConfig {
     }
 }
 
+/// `sentinel config check FILE`: prints `FILE: ok`, or why the file is invalid and exits 64.
+pub fn check_command(file: &Path) -> u8 {
+    match ControllerConfig::load_for_command(file) {
+        Ok(_) => {
+            println!("{}: ok", file.display());
+            0
+        }
+        Err(code) => code,
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -254,6 +294,31 @@ key = "controller.key"
 [agents]
 heartbeat_interval = "2s"
 "#;
+
+    #[test]
+    fn subcommands_exit_64_on_an_invalid_file_or_a_missing_isolation_section() {
+        let tmp = tempfile::tempdir().expect("tempdir");
+        let good = tmp.path().join("good.toml");
+        std::fs::write(&good, GOOD).expect("write");
+        assert_eq!(check_command(&good), 0);
+        assert!(ControllerConfig::load_for_command(&good).is_ok());
+        assert_eq!(
+            ControllerConfig::load_isolation_for_command(&good).err(),
+            Some(64)
+        );
+
+        let bad = tmp.path().join("bad.toml");
+        std::fs::write(&bad, GOOD.replace("heartbeat_interval", "heartbeat")).expect("write");
+        let missing = tmp.path().join("missing.toml");
+        for file in [&bad, &missing] {
+            assert_eq!(check_command(file), 64, "{}", file.display());
+            assert_eq!(ControllerConfig::load_for_command(file).err(), Some(64));
+            assert_eq!(
+                ControllerConfig::load_isolation_for_command(file).err(),
+                Some(64)
+            );
+        }
+    }
 
     #[test]
     fn a_good_config_parses() {

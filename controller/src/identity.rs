@@ -6,7 +6,7 @@ use std::net::SocketAddr;
 use x509_parser::extensions::GeneralName;
 use x509_parser::prelude::{FromDer, X509Certificate};
 
-use crate::pki::{self, Role, HOST_URI_PREFIX, OPERATOR_URI_PREFIX};
+use crate::pki::scheme::{self, Role, HOST_URI_PREFIX, OPERATOR_URI_PREFIX};
 
 /// The identity a client certificate carries.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
@@ -99,7 +99,7 @@ pub fn parse_uri(uri: &str) -> Result<Identity, IdentityError> {
         reason,
     };
     if let Some(name) = uri.strip_prefix(HOST_URI_PREFIX) {
-        pki::validate_name(name).map_err(|e| malformed(e.to_string()))?;
+        scheme::validate_name(name).map_err(|e| malformed(e.to_string()))?;
         return Ok(Identity::Host(name.to_string()));
     }
     if let Some(rest) = uri.strip_prefix(OPERATOR_URI_PREFIX) {
@@ -107,7 +107,7 @@ pub fn parse_uri(uri: &str) -> Result<Identity, IdentityError> {
             .split_once('/')
             .ok_or_else(|| malformed("expected operator/ROLE/NAME".into()))?;
         let role: Role = role.parse().map_err(|e| malformed(format!("{e}")))?;
-        pki::validate_name(name).map_err(|e| malformed(e.to_string()))?;
+        scheme::validate_name(name).map_err(|e| malformed(e.to_string()))?;
         return Ok(Identity::Operator {
             name: name.to_string(),
             role,

@@ -10,6 +10,7 @@ use std::time::Duration;
 use clap::{Parser, Subcommand};
 use sentinel::cli::deploy::DeployArgs;
 use sentinel::cli::ClientArgs;
+use sentinel::cli::EXIT_USAGE;
 use sentinel::config::ControllerConfig;
 use sentinel::pki::{self, Role};
 use sentinel_daemon::logging::{self, LogFormat};
@@ -219,9 +220,6 @@ enum ConfigCommand {
     },
 }
 
-/// sysexits' EX_USAGE: bad input, retrying will not help.
-const EX_USAGE: u8 = 64;
-
 fn main() -> ExitCode {
     if let Some(dir) = sentinel_daemon::docs::requested(std::env::args_os()) {
         return sentinel_daemon::docs::generate_main(
@@ -235,18 +233,15 @@ fn main() -> ExitCode {
         Ok(cli) => cli,
         Err(e) => {
             let _ = e.print();
-            return ExitCode::from(if e.use_stderr() { EX_USAGE } else { 0 });
+            return ExitCode::from(if e.use_stderr() { EXIT_USAGE } else { 0 });
         }
     };
     logging::init(cli.log_format);
     match cli.command {
         Command::Serve { config } => {
-            let config = match ControllerConfig::load(&config) {
+            let config = match ControllerConfig::load_for_command(&config) {
                 Ok(c) => c,
-                Err(e) => {
-                    eprintln!("sentinel: invalid config: {e}");
-                    return ExitCode::from(EX_USAGE);
-                }
+                Err(code) => return ExitCode::from(code),
             };
             run_async(|shutdown| async move {
                 tracing::info!(config = ?config, "sentinel starting");
@@ -279,47 +274,28 @@ fn main() -> ExitCode {
                 shutdown,
             )
         }),
-        Command::Pki(cmd) => {
-            let result = match cmd {
-                PkiCommand::Init {
-                    dir,
-                    sans,
-                    hosts,
-                    force,
-                } => {
-                    let hosts = if hosts.is_empty() {
-                        pki::default_hosts(&sentinel::dev::local_host_name())
-                    } else {
-                        hosts
-                    };
-                    pki::init(&pki::InitOptions {
-                        dir,
-                        extra_sans: sans,
-                        hosts,
-                        force,
-                    })
-                }
-                PkiCommand::IssueHost { name, dir, force } => pki::issue_host(&dir, &name, force),
-                PkiCommand::IssueOperator {
-                    name,
-                    role,
-                    dir,
-                    force,
-                } => pki::issue_operator(&dir, &name, role, force),
-            };
-            match result {
-                Ok(files) => {
-                    for f in files {
-                        println!("wrote {}", f.display());
-                    }
-                    ExitCode::SUCCESS
-                }
-                Err(e) => {
-                    eprintln!("sentinel pki: {:#}", anyhow::Error::from(e));
-                    ExitCode::from(EX_USAGE)
-                }
+        Command::Pki(cmd) => ExitCode::from(match cmd {
+            PkiCommand::Init {
+                dir,
+                sans,
+                hosts,
+                force,
+            } => pki::cli::init_command(pki::InitOptions {
+                dir,
+                extra_sans: sans,
+                hosts,
+                force,
+            }),
+            PkiCommand::IssueHost { name, dir, force } => {
+                pki::cli::issue_host_command(&dir, &name, force)
             }
-        }
+            PkiCommand::IssueOperator {
+                name,
+                role,
+                dir,
+                force,
+            } => pki::cli::issue_operator_command(&dir, &name, role, force),
+        }),
         Command::Hosts { client, json } => client_call(sentinel::cli::fleet::hosts(&client, json)),
         Command::Host { name, client, json } => {
             client_call(sentinel::cli::host::show(&client, name, json))
@@ -342,16 +318,9 @@ fn main() -> ExitCode {
             client_call(sentinel::cli::backups::backups(&client, command))
         }
         Command::Isolation(cmd) => isolation(cmd),
-        Command::Config(ConfigCommand::Check { file }) => match ControllerConfig::load(&file) {
-            Ok(_) => {
-                println!("{}: ok", file.display());
-                ExitCode::SUCCESS
-            }
-            Err(e) => {
-                eprintln!("sentinel: invalid config: {e}");
-                ExitCode::from(EX_USAGE)
-            }
-        },
+        Command::Config(ConfigCommand::Check { file }) => {
+            ExitCode::from(sentinel::config::check_command(&file))
+        }
     }
 }
 
@@ -391,22 +360,9 @@ fn isolation(cmd: IsolationCommand) -> ExitCode {
     let file = match &cmd {
         IsolationCommand::Check { config, .. } | IsolationCommand::Fix { config, .. } => config,
     };
-    let policy = match ControllerConfig::load(file) {
-        Ok(ControllerConfig {
-            isolation: Some(policy),
-            ..
-        }) => policy,
-        Ok(_) => {
-            eprintln!(
-                "sentinel isolation: {} has no [isolation] section",
-                file.display()
-            );
-            return ExitCode::from(EX_USAGE);
-        }
-        Err(e) => {
-            eprintln!("sentinel: invalid config: {e}");
-            return ExitCode::from(EX_USAGE);
-        }
+    let policy = match ControllerConfig::load_isolation_for_command(file) {
+        Ok(policy) => policy,
+        Err(code) => return ExitCode::from(code),
     };
     let runtime = match runtime(false, ExitCode::from(cli::EXIT_ERROR)) {
         Ok(rt) => rt,

@@ -26,6 +26,8 @@ use tonic::transport::Channel;
 pub const EXIT_FAILED: u8 = 1;
 /// Exit code when the controller could not be reached or refused the call.
 pub const EXIT_UNAVAILABLE: u8 = 2;
+/// Exit code for a bad argument or config file (sysexits' EX_USAGE): retrying will not help.
+pub const EXIT_USAGE: u8 = 64;
 
 /// How to reach the controller as an operator.
 #[derive(Debug, Clone, Args)]

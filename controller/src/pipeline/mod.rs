@@ -105,30 +105,8 @@ impl Pipeline {
         let mut dirty = HashSet::new();
         for mut d in store.load_deploys()? {
             if d.state() == DeploymentState::Running {
-                let at = d
-                    .steps
-                    .last()
-                    .map(|s| {
-                        format!(
-                            "{} on {} ({}{})",
-                            s.name,
-                            s.host,
-                            StepStatus::try_from(s.status)
-                                .unwrap_or(StepStatus::Unspecified)
-                                .as_str_name(),
-                            if s.job_id.is_empty() {
-                                String::new()
-                            } else {
-                                format!(", job {}", s.job_id)
-                            }
-                        )
-                    })
-                    .unwrap_or_else(|| "before its first step".into());
                 d.state = DeploymentState::Failed as i32;
-                d.detail = format!(
-                    "interrupted by a controller restart at step {at}; the host keeps whatever that step left (see the job) and production was {}",
-                    if d.steps.iter().any(|s| s.environment == "production") { "possibly touched" } else { "not touched" }
-                );
+                d.detail = interrupted_detail(&d);
                 d.finished_at = Some(now());
                 warn!(deploy_id = %d.deploy_id, detail = %d.detail, "deploy interrupted by restart");
                 dirty.insert(d.deploy_id.clone());
@@ -232,8 +210,14 @@ impl Pipeline {
         let span = tracing::info_span!("deploy", deploy_id = %id, app = %app.name);
         tokio::spawn(
             async move {
+                let run = Run {
+                    id: &id,
+                    app: &app,
+                    commit: &commit,
+                    req: &req,
+                };
                 let outcome = tokio::select! {
-                    r = me.run(&id, &app, &commit, &req) => r,
+                    r = me.run(&run) => r,
                     _ = token.cancelled() => Err(Failure { cancelled: true, ..Failure::new("cancelled") }),
                 };
                 me.finish(&id, &app.name, outcome).await;
@@ -385,56 +369,46 @@ impl Pipeline {
         }
     }
 
-    async fn run(
-        &self,
-        id: &str,
-        app: &AppConfig,
-        commit: &str,
-        req: &DeployRequest,
-    ) -> Result<(), Failure> {
-        let staging_level = if req.e2e == E2eLevel::Standard as i32 {
-            E2eLevel::Standard
-        } else {
-            E2eLevel::Smoke
-        };
-        self.environment(id, app, "staging", &app.staging, commit, req, staging_level)
-            .await?;
-        if req.db_change {
-            self.backup_hook(id, app, commit).await?;
+    /// Runs the deploy's stages in order; the first failure ends it, so production is never
+    /// touched when staging (or the backup, or the isolation check) failed.
+    async fn run(&self, run: &Run<'_>) -> Result<(), Failure> {
+        for stage in stages(run.app, run.req) {
+            match stage {
+                Stage::Environment(target) => self.environment(run, &target).await?,
+                Stage::Backup => self.backup_hook(run.id, run.app, run.commit).await?,
+                Stage::IsolationCheck => self.isolation_check(run).await?,
+            }
         }
-        if let Some(gate) = self.gate() {
-            let host = app.production.host.clone();
-            self.run_step(id, "isolation-check", "production", &host, async {
-                gate.check_now("production")
-                    .await
-                    .map(|()| ((), "no isolation violation".to_string()))
-                    .map_err(Failure::new)
-            })
-            .await?;
-        }
-        self.environment(
-            id,
-            app,
-            "production",
-            &app.production,
-            commit,
-            req,
-            E2eLevel::Smoke,
-        )
-        .await
+        Ok(())
     }
 
-    #[allow(clippy::too_many_arguments)]
-    async fn environment(
-        &self,
-        id: &str,
-        app: &AppConfig,
-        env_name: &str,
-        env: &EnvironmentConfig,
-        commit: &str,
-        req: &DeployRequest,
-        level: E2eLevel,
-    ) -> Result<(), Failure> {
+    /// A fresh isolation check before production, when a gate is installed.
+    async fn isolation_check(&self, run: &Run<'_>) -> Result<(), Failure> {
+        let Some(gate) = self.gate() else {
+            return Ok(());
+        };
+        let host = run.app.production.host.clone();
+        self.run_step(run.id, "isolation-check", "production", &host, async {
+            gate.check_now("production")
+                .await
+                .map(|()| ((), "no isolation violation".to_string()))
+                .map_err(Failure::new)
+        })
+        .await?;
+        Ok(())
+    }
+
+    /// One environment's part of a deploy: bundle, deploy job, E2E checks, and a rollback
+    /// of that environment when its E2E checks fail.
+    async fn environment(&self, run: &Run<'_>, target: &Target<'_>) -> Result<(), Failure> {
+        let Run {
+            id, app, commit, ..
+        } = *run;
+        let Target {
+            name: env_name,
+            env,
+            e2e: level,
+        } = *target;
         let host = env.host.as_str();
         let _timer = crate::metrics::get().deploy_timer(&app.name, env_name);
         let started = Instant::now();
@@ -453,26 +427,7 @@ impl Pipeline {
             })
             .await?;
         let overhead = started.elapsed();
-        let params = DeployParams {
-            app: app.name.clone(),
-            environment: env_name.to_string(),
-            commit: commit.to_string(),
-            bundle_sha256: bundle.sha256.clone(),
-            bundle_size: bundle.size,
-            app_dir: env.app_dir.display().to_string(),
-            compose_file: app.compose_file.clone(),
-            health: Some(health_check(&env.health)),
-            keep_releases: app.keep_releases,
-            deploy_id: id.to_string(),
-            compose_project: format!("{}-{}", app.name, env_name),
-            migration: if req.db_change {
-                req.migration.clone()
-            } else {
-                String::new()
-            },
-            migration_service: app.migration_service.clone(),
-            build: true,
-        };
+        let params = deploy_params(run, target, &bundle);
         info!(
             env = env_name,
             host,
@@ -498,11 +453,7 @@ impl Pipeline {
         if checks.is_empty() {
             return Ok(());
         }
-        let step_name = if level == E2eLevel::Standard {
-            "e2e-standard"
-        } else {
-            "e2e-smoke"
-        };
+        let step_name = e2e_step_name(level);
         let e2e_result = self
             .run_step(id, step_name, env_name, host, async {
                 let results = e2e::run(&env.base_url, &checks).await;
@@ -525,16 +476,7 @@ impl Pipeline {
             return Ok(());
         };
         // The release is up but wrong: put the previous one back.
-        let params = RollbackParams {
-            app: app.name.clone(),
-            environment: env_name.to_string(),
-            app_dir: env.app_dir.display().to_string(),
-            to_commit: String::new(),
-            compose_file: app.compose_file.clone(),
-            health: Some(health_check(&env.health)),
-            deploy_id: id.to_string(),
-            compose_project: format!("{}-{}", app.name, env_name),
-        };
+        let params = rollback_params(app, env_name, env, "", id);
         let rollback = self
             .run_step(id, "rollback", env_name, host, async {
                 let job = self
@@ -621,20 +563,7 @@ impl Pipeline {
         if job.state() == JobState::Succeeded {
             Ok(job)
         } else {
-            // The agent rolls a failed deploy back itself and says so in the detail.
-            let rolled_back = job.detail.contains("rolled back to");
-            Err(Failure {
-                detail: format!(
-                    "{step} on {host} {}: {}",
-                    job.state()
-                        .as_str_name()
-                        .trim_start_matches("JOB_STATE_")
-                        .to_ascii_lowercase(),
-                    job.detail
-                ),
-                rolled_back,
-                cancelled: false,
-            })
+            Err(job_failure(step, host, &job))
         }
     }
 
@@ -675,10 +604,7 @@ impl Pipeline {
                     "skipped: no [backups] database of this app and no pipeline.backup_hook configured".to_string(),
                 ));
             }
-            let args: Vec<String> = hook
-                .iter()
-                .map(|a| a.replace("{app}", &app.name).replace("{commit}", commit).replace("{deploy_id}", id))
-                .collect();
+            let args = hook_args(&hook, &app.name, commit, id);
             let mut cmd = tokio::process::Command::new(&args[0]);
             cmd.args(&args[1..]).stdin(std::process::Stdio::null()).kill_on_drop(true);
             match tokio::time::timeout(timeout, cmd.output()).await {
@@ -698,15 +624,7 @@ impl Pipeline {
     }
 
     async fn finish(&self, id: &str, app: &str, outcome: Result<(), Failure>) {
-        let (state, detail) = match outcome {
-            Ok(()) => (
-                DeploymentState::Succeeded,
-                "deployed to staging and production".to_string(),
-            ),
-            Err(f) if f.cancelled => (DeploymentState::Cancelled, f.detail),
-            Err(f) if f.rolled_back => (DeploymentState::RolledBack, f.detail),
-            Err(f) => (DeploymentState::Failed, f.detail),
-        };
+        let (state, detail) = final_state(outcome);
         let snapshot = {
             let mut s = self.lock();
             s.running.remove(app);
@@ -742,18 +660,7 @@ impl Pipeline {
             }
             let mut s = self.lock();
             if let Some(d) = s.deploys.get_mut(id) {
-                d.steps.push(DeploymentStep {
-                    name: "report".into(),
-                    status: if lines.iter().all(|l| l.contains("delivered (")) {
-                        StepStatus::Succeeded
-                    } else {
-                        StepStatus::Failed
-                    } as i32,
-                    detail: lines.join("; "),
-                    started_at: Some(now()),
-                    finished_at: Some(now()),
-                    ..Default::default()
-                });
+                d.steps.push(report_step(&lines));
             }
             drop(s);
             self.touch(id);
@@ -769,15 +676,7 @@ impl Pipeline {
         who: &str,
     ) -> Result<Deployment, Status> {
         let app = self.app(app_name)?;
-        let env = match env_name {
-            "staging" => app.staging.clone(),
-            "production" => app.production.clone(),
-            other => {
-                return Err(Status::invalid_argument(format!(
-                    "environment {other:?}: expected staging or production"
-                )))
-            }
-        };
+        let env = environment_config(&app, env_name)?.clone();
         let req = DeployRequest {
             app: app_name.to_string(),
             commit: to_commit.to_string(),
@@ -789,16 +688,7 @@ impl Pipeline {
         let env_name = env_name.to_string();
         let to_commit = to_commit.to_string();
         tokio::spawn(async move {
-            let params = RollbackParams {
-                app: app.name.clone(),
-                environment: env_name.clone(),
-                app_dir: env.app_dir.display().to_string(),
-                to_commit,
-                compose_file: app.compose_file.clone(),
-                health: Some(health_check(&env.health)),
-                deploy_id: id.clone(),
-                compose_project: format!("{}-{}", app.name, env_name),
-            };
+            let params = rollback_params(&app, &env_name, &env, &to_commit, &id);
             let outcome = me
                 .run_step(&id, "rollback", &env_name, &env.host, async {
                     let job = me
@@ -906,5 +796,882 @@ fn health_check(h: &config::HealthConfig) -> HealthCheck {
         timeout_ms: ms(h.timeout),
         deadline_ms: ms(h.deadline),
         container_health: h.container_health,
+    }
+}
+
+/// One deploy's run: what every stage of it needs.
+#[derive(Clone, Copy)]
+struct Run<'a> {
+    id: &'a str,
+    app: &'a AppConfig,
+    commit: &'a str,
+    req: &'a DeployRequest,
+}
+
+/// One environment's part of a deploy: where the release goes and how much E2E checks it.
+#[derive(Debug, Clone, Copy)]
+struct Target<'a> {
+    /// `staging` or `production`.
+    name: &'static str,
+    env: &'a EnvironmentConfig,
+    e2e: E2eLevel,
+}
+
+/// A stage of a deploy, in the order [`stages`] gives them.
+#[derive(Debug)]
+enum Stage<'a> {
+    /// Bundle, deploy and E2E-check one environment.
+    Environment(Target<'a>),
+    /// The backup before a `db_change` reaches production.
+    Backup,
+    /// A fresh isolation check before production (skipped without a gate).
+    IsolationCheck,
+}
+
+/// A deploy's stages: staging (with the requested E2E level), the backup when the deploy
+/// changes the database, the isolation check, then production (smoke checks only).
+fn stages<'a>(app: &'a AppConfig, req: &DeployRequest) -> Vec<Stage<'a>> {
+    let staging_e2e = if req.e2e == E2eLevel::Standard as i32 {
+        E2eLevel::Standard
+    } else {
+        E2eLevel::Smoke
+    };
+    let mut stages = vec![Stage::Environment(Target {
+        name: "staging",
+        env: &app.staging,
+        e2e: staging_e2e,
+    })];
+    if req.db_change {
+        stages.push(Stage::Backup);
+    }
+    stages.push(Stage::IsolationCheck);
+    stages.push(Stage::Environment(Target {
+        name: "production",
+        env: &app.production,
+        e2e: E2eLevel::Smoke,
+    }));
+    stages
+}
+
+/// The config of `app`'s environment `name`, for a manual rollback.
+fn environment_config<'a>(app: &'a AppConfig, name: &str) -> Result<&'a EnvironmentConfig, Status> {
+    match name {
+        "staging" => Ok(&app.staging),
+        "production" => Ok(&app.production),
+        other => Err(Status::invalid_argument(format!(
+            "environment {other:?}: expected staging or production"
+        ))),
+    }
+}
+
+/// The deploy job's parameters for one environment; the migration runs only for a db_change.
+fn deploy_params(run: &Run<'_>, target: &Target<'_>, bundle: &bundle::Bundle) -> DeployParams {
+    let Run {
+        id,
+        app,
+        commit,
+        req,
+    } = *run;
+    let (env_name, env) = (target.name, target.env);
+    DeployParams {
+        app: app.name.clone(),
+        environment: env_name.to_string(),
+        commit: commit.to_string(),
+        bundle_sha256: bundle.sha256.clone(),
+        bundle_size: bundle.size,
+        app_dir: env.app_dir.display().to_string(),
+        compose_file: app.compose_file.clone(),
+        health: Some(health_check(&env.health)),
+        keep_releases: app.keep_releases,
+        deploy_id: id.to_string(),
+        compose_project: format!("{}-{}", app.name, env_name),
+        migration: if req.db_change {
+            req.migration.clone()
+        } else {
+            String::new()
+        },
+        migration_service: app.migration_service.clone(),
+        build: true,
+    }
+}
+
+/// A rollback job's parameters: back to `to_commit`, or to the previous release when empty.
+fn rollback_params(
+    app: &AppConfig,
+    env_name: &str,
+    env: &EnvironmentConfig,
+    to_commit: &str,
+    deploy_id: &str,
+) -> RollbackParams {
+    RollbackParams {
+        app: app.name.clone(),
+        environment: env_name.to_string(),
+        app_dir: env.app_dir.display().to_string(),
+        to_commit: to_commit.to_string(),
+        compose_file: app.compose_file.clone(),
+        health: Some(health_check(&env.health)),
+        deploy_id: deploy_id.to_string(),
+        compose_project: format!("{}-{}", app.name, env_name),
+    }
+}
+
+/// The name of the E2E step at `level`.
+fn e2e_step_name(level: E2eLevel) -> &'static str {
+    if level == E2eLevel::Standard {
+        "e2e-standard"
+    } else {
+        "e2e-smoke"
+    }
+}
+
+/// How a job that did not succeed fails its step.
+fn job_failure(step: &str, host: &str, job: &Job) -> Failure {
+    // The agent rolls a failed deploy back itself and says so in the detail.
+    let rolled_back = job.detail.contains("rolled back to");
+    Failure {
+        detail: format!(
+            "{step} on {host} {}: {}",
+            job.state()
+                .as_str_name()
+                .trim_start_matches("JOB_STATE_")
+                .to_ascii_lowercase(),
+            job.detail
+        ),
+        rolled_back,
+        cancelled: false,
+    }
+}
+
+/// The backup hook's command line with `{app}`, `{commit}` and `{deploy_id}` filled in.
+fn hook_args(hook: &[String], app: &str, commit: &str, deploy_id: &str) -> Vec<String> {
+    hook.iter()
+        .map(|a| {
+            a.replace("{app}", app)
+                .replace("{commit}", commit)
+                .replace("{deploy_id}", deploy_id)
+        })
+        .collect()
+}
+
+/// A finished run's state and detail: a cancel wins over a rollback, which wins over a plain
+/// failure.
+fn final_state(outcome: Result<(), Failure>) -> (DeploymentState, String) {
+    match outcome {
+        Ok(()) => (
+            DeploymentState::Succeeded,
+            "deployed to staging and production".to_string(),
+        ),
+        Err(f) if f.cancelled => (DeploymentState::Cancelled, f.detail),
+        Err(f) if f.rolled_back => (DeploymentState::RolledBack, f.detail),
+        Err(f) => (DeploymentState::Failed, f.detail),
+    }
+}
+
+/// The `report` step: succeeded only when every webhook took the report.
+fn report_step(lines: &[String]) -> DeploymentStep {
+    DeploymentStep {
+        name: "report".into(),
+        status: if lines.iter().all(|l| l.contains("delivered (")) {
+            StepStatus::Succeeded
+        } else {
+            StepStatus::Failed
+        } as i32,
+        detail: lines.join("; "),
+        started_at: Some(now()),
+        finished_at: Some(now()),
+        ..Default::default()
+    }
+}
+
+/// Why a deploy that was running when the controller stopped failed: where it stood, and
+/// whether production may have been touched.
+fn interrupted_detail(d: &Deployment) -> String {
+    let at = d
+        .steps
+        .last()
+        .map(|s| {
+            format!(
+                "{} on {} ({}{})",
+                s.name,
+                s.host,
+                StepStatus::try_from(s.status)
+                    .unwrap_or(StepStatus::Unspecified)
+                    .as_str_name(),
+                if s.job_id.is_empty() {
+                    String::new()
+                } else {
+                    format!(", job {}", s.job_id)
+                }
+            )
+        })
+        .unwrap_or_else(|| "before its first step".into());
+    format!(
+        "interrupted by a controller restart at step {at}; the host keeps whatever that step left (see the job) and production was {}",
+        if d.steps.iter().any(|s| s.environment == "production") { "possibly touched" } else { "not touched" }
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::jobs::Signer;
+    use crate::registry::{Liveness, Registry};
+    use crate::store::embedded::EmbeddedStore;
+    use config::{E2eCheck, HealthConfig};
+    use sentinel_proto::v1::{JobEvent, JobFinished};
+    use std::path::Path;
+    use std::process::Command;
+
+    fn environment(host: &str, dir: &str) -> EnvironmentConfig {
+        EnvironmentConfig {
+            host: host.into(),
+            app_dir: dir.into(),
+            secrets_file: None,
+            base_url: String::new(),
+            health: HealthConfig::default(),
+        }
+    }
+
+    fn app(repo: &Path) -> AppConfig {
+        AppConfig {
+            name: "web".into(),
+            repo: repo.to_owned(),
+            compose_file: "compose.yaml".into(),
+            keep_releases: 3,
+            migration_service: "api".into(),
+            staging: environment("stage-1", "/srv/web-staging"),
+            production: environment("prod-1", "/srv/web"),
+            e2e: Vec::new(),
+        }
+    }
+
+    fn request(db_change: bool, e2e: E2eLevel) -> DeployRequest {
+        DeployRequest {
+            app: "web".into(),
+            commit: "HEAD".into(),
+            db_change,
+            migration: "bin/migrate".into(),
+            e2e: e2e as i32,
+            ..Default::default()
+        }
+    }
+
+    fn stage_names(stages: &[Stage<'_>]) -> Vec<String> {
+        stages
+            .iter()
+            .map(|s| match s {
+                Stage::Environment(t) => format!("{} ({})", t.name, e2e_step_name(t.e2e)),
+                Stage::Backup => "backup".into(),
+                Stage::IsolationCheck => "isolation-check".into(),
+            })
+            .collect()
+    }
+
+    /// A git repository with one commit holding a compose file.
+    fn repo(dir: &Path) -> PathBuf {
+        let repo = dir.join("repo");
+        fs_write(&repo.join("compose.yaml"), "services: {}\n");
+        for args in [
+            &["init", "-q"][..],
+            &["add", "compose.yaml"],
+            &[
+                "-c",
+                "user.name=t",
+                "-c",
+                "user.email=t@example.invalid",
+                "commit",
+                "-q",
+                "-m",
+                "first",
+            ],
+        ] {
+            let out = Command::new("git")
+                .arg("-C")
+                .arg(&repo)
+                .args(args)
+                .output()
+                .expect("run git");
+            assert!(out.status.success(), "git {args:?}: {out:?}");
+        }
+        repo
+    }
+
+    fn fs_write(path: &Path, text: &str) {
+        std::fs::create_dir_all(path.parent().expect("parent")).expect("mkdir");
+        std::fs::write(path, text).expect("write");
+    }
+
+    struct Fixture {
+        _tmp: tempfile::TempDir,
+        jobs: Arc<JobQueue>,
+        pipeline: Arc<Pipeline>,
+    }
+
+    fn fixture_with(app: impl FnOnce(&Path) -> AppConfig, stored: &[Deployment]) -> Fixture {
+        let tmp = tempfile::tempdir().expect("tempdir");
+        let store = EmbeddedStore::open(&tmp.path().join("store.redb")).expect("store");
+        store.save_deploys(stored).expect("save deploys");
+        let registry = Registry::load(
+            &store,
+            Liveness {
+                heartbeat_interval: Duration::from_secs(10),
+                missed_heartbeats_offline: 3,
+            },
+        )
+        .expect("registry");
+        let key = ed25519_dalek::SigningKey::from_bytes(&[7u8; 32]);
+        let jobs = JobQueue::load(
+            &store,
+            registry,
+            Some(Signer::new(key)),
+            Duration::from_secs(60),
+        )
+        .expect("jobs");
+        let app = app(tmp.path());
+        let pipeline = Pipeline::load(
+            &store,
+            &[app],
+            PipelineConfig::default(),
+            jobs.clone(),
+            tmp.path().join("bundles"),
+            Duration::from_secs(60),
+        )
+        .expect("pipeline");
+        Fixture {
+            _tmp: tmp,
+            jobs,
+            pipeline,
+        }
+    }
+
+    fn fixture() -> Fixture {
+        fixture_with(|dir| app(&repo(dir)), &[])
+    }
+
+    /// Plays the agent of `host`: waits for its next unfinished job and ends it.
+    async fn agent_finishes(jobs: &JobQueue, host: &str, state: JobState, detail: &str) -> Job {
+        for _ in 0..500 {
+            if let Some(job) = jobs
+                .list(host, 100)
+                .into_iter()
+                .find(|j| !crate::jobs::is_final(j.state()))
+            {
+                jobs.on_event(
+                    host,
+                    JobEvent {
+                        job_id: job.job_id.clone(),
+                        seq: 1,
+                        at: None,
+                        event: Some(job_event::Event::Finished(JobFinished {
+                            state: state as i32,
+                            detail: detail.into(),
+                            ..Default::default()
+                        })),
+                    },
+                );
+                return job;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        panic!("no job reached {host}");
+    }
+
+    async fn wait_finished(pipeline: &Pipeline, id: &str) -> Deployment {
+        for _ in 0..500 {
+            let d = pipeline.get(id).expect("deploy");
+            if d.state() != DeploymentState::Running && pipeline.lock().running.is_empty() {
+                return d;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        panic!("deploy {id} did not finish");
+    }
+
+    fn steps(d: &Deployment) -> Vec<(String, String, StepStatus)> {
+        d.steps
+            .iter()
+            .map(|s| {
+                (
+                    s.environment.clone(),
+                    s.name.clone(),
+                    StepStatus::try_from(s.status).unwrap_or(StepStatus::Unspecified),
+                )
+            })
+            .collect()
+    }
+
+    fn step(env: &str, name: &str, status: StepStatus) -> (String, String, StepStatus) {
+        (env.into(), name.into(), status)
+    }
+
+    #[test]
+    fn stages_run_staging_then_backup_and_isolation_check_then_production() {
+        let app = app(Path::new("/repo"));
+        assert_eq!(
+            stage_names(&stages(&app, &request(true, E2eLevel::Standard))),
+            [
+                "staging (e2e-standard)",
+                "backup",
+                "isolation-check",
+                "production (e2e-smoke)"
+            ]
+        );
+        assert_eq!(
+            stage_names(&stages(&app, &request(false, E2eLevel::Smoke))),
+            [
+                "staging (e2e-smoke)",
+                "isolation-check",
+                "production (e2e-smoke)"
+            ]
+        );
+        // An unset level means smoke; production is only ever smoke-checked.
+        assert_eq!(
+            stage_names(&stages(&app, &request(false, E2eLevel::Unspecified))),
+            [
+                "staging (e2e-smoke)",
+                "isolation-check",
+                "production (e2e-smoke)"
+            ]
+        );
+        let all = stages(&app, &request(true, E2eLevel::Standard));
+        let hosts: Vec<&str> = all
+            .iter()
+            .filter_map(|s| match s {
+                Stage::Environment(t) => Some(t.env.host.as_str()),
+                _ => None,
+            })
+            .collect();
+        assert_eq!(hosts, ["stage-1", "prod-1"]);
+    }
+
+    #[test]
+    fn deploy_params_carry_the_migration_only_for_a_db_change() {
+        let app = app(Path::new("/repo"));
+        let bundle = bundle::Bundle {
+            sha256: "ab".repeat(32),
+            size: 42,
+            path: PathBuf::from("/bundles/x"),
+        };
+        let plain = request(false, E2eLevel::Smoke);
+        let run = Run {
+            id: "d-1",
+            app: &app,
+            commit: "c0ffee",
+            req: &plain,
+        };
+        let [Stage::Environment(staging), ..] = stages(&app, &plain)[..] else {
+            panic!("staging comes first");
+        };
+        let params = deploy_params(&run, &staging, &bundle);
+        assert_eq!(params.environment, "staging");
+        assert_eq!(params.app_dir, "/srv/web-staging");
+        assert_eq!(params.compose_project, "web-staging");
+        assert_eq!(params.commit, "c0ffee");
+        assert_eq!(params.bundle_sha256, bundle.sha256);
+        assert_eq!(params.bundle_size, 42);
+        assert_eq!(params.keep_releases, 3);
+        assert_eq!(params.deploy_id, "d-1");
+        assert!(params.build);
+        assert_eq!(params.migration, "");
+
+        let db = request(true, E2eLevel::Smoke);
+        let run = Run { req: &db, ..run };
+        let params = deploy_params(&run, &staging, &bundle);
+        assert_eq!(params.migration, "bin/migrate");
+        assert_eq!(params.migration_service, "api");
+    }
+
+    #[test]
+    fn rollbacks_target_the_failed_environment_and_the_previous_release_by_default() {
+        let app = app(Path::new("/repo"));
+        let after_e2e = rollback_params(&app, "staging", &app.staging, "", "d-1");
+        assert_eq!(after_e2e.environment, "staging");
+        assert_eq!(after_e2e.app_dir, "/srv/web-staging");
+        assert_eq!(after_e2e.to_commit, "", "empty: the previous release");
+        assert_eq!(after_e2e.compose_project, "web-staging");
+        assert_eq!(after_e2e.deploy_id, "d-1");
+        assert_eq!(
+            after_e2e.health.expect("health").expect_status,
+            u32::from(app.staging.health.expect_status)
+        );
+
+        let env = environment_config(&app, "production").expect("production");
+        let manual = rollback_params(&app, "production", env, "abc123", "d-2");
+        assert_eq!(manual.app_dir, "/srv/web");
+        assert_eq!(manual.to_commit, "abc123");
+        assert_eq!(manual.compose_project, "web-production");
+
+        let err = environment_config(&app, "qa").expect_err("qa is no environment");
+        assert_eq!(err.code(), tonic::Code::InvalidArgument);
+        assert!(err.message().contains("\"qa\""), "{}", err.message());
+    }
+
+    #[test]
+    fn a_cancel_outranks_a_rollback_which_outranks_a_failure() {
+        let failure = |rolled_back, cancelled| {
+            Err(Failure {
+                detail: "why".into(),
+                rolled_back,
+                cancelled,
+            })
+        };
+        assert_eq!(
+            final_state(Ok(())),
+            (
+                DeploymentState::Succeeded,
+                "deployed to staging and production".to_string()
+            )
+        );
+        assert_eq!(
+            final_state(failure(true, true)).0,
+            DeploymentState::Cancelled
+        );
+        assert_eq!(
+            final_state(failure(true, false)),
+            (DeploymentState::RolledBack, "why".to_string())
+        );
+        assert_eq!(
+            final_state(failure(false, false)).0,
+            DeploymentState::Failed
+        );
+    }
+
+    #[test]
+    fn a_failed_job_names_step_host_and_state_and_notes_the_agents_rollback() {
+        let job = |state: JobState, detail: &str| Job {
+            state: state as i32,
+            detail: detail.into(),
+            ..Default::default()
+        };
+        let f = job_failure(
+            "deploy",
+            "stage-1",
+            &job(JobState::Failed, "health check failed; rolled back to abc"),
+        );
+        assert_eq!(
+            f.detail,
+            "deploy on stage-1 failed: health check failed; rolled back to abc"
+        );
+        assert!(f.rolled_back && !f.cancelled);
+        let f = job_failure(
+            "rollback",
+            "prod-1",
+            &job(JobState::TimedOut, "no answer in 60s"),
+        );
+        assert_eq!(f.detail, "rollback on prod-1 timed_out: no answer in 60s");
+        assert!(!f.rolled_back);
+    }
+
+    #[test]
+    fn the_backup_hook_gets_app_commit_and_deploy_id() {
+        let hook = [
+            "/bin/backup",
+            "--app={app}",
+            "{commit}@{deploy_id}",
+            "plain",
+        ]
+        .map(String::from);
+        assert_eq!(
+            hook_args(&hook, "web", "c0ffee", "d-1"),
+            ["/bin/backup", "--app=web", "c0ffee@d-1", "plain"]
+        );
+    }
+
+    #[test]
+    fn the_report_step_succeeds_only_when_every_webhook_took_the_report() {
+        let ok = "pm: delivered (200)".to_string();
+        let bad = "agent: gave up after 3 attempts".to_string();
+        let step = report_step(&[ok.clone(), ok.clone()]);
+        assert_eq!(step.name, "report");
+        assert_eq!(step.status, StepStatus::Succeeded as i32);
+        assert_eq!(step.detail, format!("{ok}; {ok}"));
+        assert!(step.started_at.is_some() && step.finished_at.is_some());
+        assert_eq!(report_step(&[ok, bad]).status, StepStatus::Failed as i32);
+    }
+
+    #[test]
+    fn a_deploy_running_at_restart_ends_failed_saying_where_it_stood() {
+        let running = |id: &str, steps: Vec<DeploymentStep>| Deployment {
+            deploy_id: id.into(),
+            app: "web".into(),
+            state: DeploymentState::Running as i32,
+            steps,
+            ..Default::default()
+        };
+        let staging_deploy = DeploymentStep {
+            name: "deploy".into(),
+            environment: "staging".into(),
+            host: "stage-1".into(),
+            status: StepStatus::Started as i32,
+            job_id: "j-1".into(),
+            ..Default::default()
+        };
+        let production_bundle = DeploymentStep {
+            name: "bundle".into(),
+            environment: "production".into(),
+            host: "prod-1".into(),
+            status: StepStatus::Started as i32,
+            ..Default::default()
+        };
+        let done = Deployment {
+            deploy_id: "d-done".into(),
+            state: DeploymentState::Succeeded as i32,
+            detail: "deployed to staging and production".into(),
+            ..Default::default()
+        };
+        let f = fixture_with(
+            app,
+            &[
+                running("d-none", Vec::new()),
+                running("d-staging", vec![staging_deploy.clone()]),
+                running("d-prod", vec![staging_deploy, production_bundle]),
+                done.clone(),
+            ],
+        );
+        let get = |id: &str| f.pipeline.get(id).expect("deploy");
+        for id in ["d-none", "d-staging", "d-prod"] {
+            assert_eq!(get(id).state(), DeploymentState::Failed, "{id}");
+            assert!(get(id).finished_at.is_some(), "{id}");
+        }
+        assert!(get("d-none")
+            .detail
+            .contains("at step before its first step"));
+        assert!(get("d-none").detail.ends_with("production was not touched"));
+        assert!(get("d-staging")
+            .detail
+            .contains("at step deploy on stage-1 (STEP_STATUS_STARTED, job j-1)"));
+        assert!(get("d-staging")
+            .detail
+            .ends_with("production was not touched"));
+        assert!(get("d-prod")
+            .detail
+            .ends_with("production was possibly touched"));
+        assert_eq!(get("d-done"), done);
+    }
+
+    #[test]
+    fn one_deploy_per_app_at_a_time() {
+        let f = fixture();
+        let req = request(false, E2eLevel::Smoke);
+        let first = f.pipeline.start("web", "c1", &req, "ada").expect("first");
+        let err = f
+            .pipeline
+            .start("web", "c2", &req, "dan")
+            .expect_err("second deploy of web");
+        assert_eq!(err.code(), tonic::Code::FailedPrecondition);
+        assert!(
+            err.message().contains(&first.deploy_id),
+            "{}",
+            err.message()
+        );
+        assert!(err.message().contains("by ada"), "{}", err.message());
+        f.pipeline
+            .start("api", "c1", &req, "dan")
+            .expect("another app");
+    }
+
+    #[tokio::test]
+    async fn unknown_apps_and_environments_and_ended_deploys_are_refused() {
+        let f = fixture();
+        let err = f
+            .pipeline
+            .rollback("nope", "staging", "", "ada")
+            .await
+            .expect_err("unknown app");
+        assert_eq!(err.code(), tonic::Code::NotFound);
+        assert!(
+            err.message().contains("configured apps: web"),
+            "{}",
+            err.message()
+        );
+        let err = f
+            .pipeline
+            .rollback("web", "qa", "", "ada")
+            .await
+            .expect_err("unknown environment");
+        assert_eq!(err.code(), tonic::Code::InvalidArgument);
+        assert!(f.pipeline.list("", 10).is_empty(), "nothing was recorded");
+
+        let err = f
+            .pipeline
+            .submit(
+                DeployRequest {
+                    commit: String::new(),
+                    ..request(false, E2eLevel::Smoke)
+                },
+                "ada",
+            )
+            .await
+            .expect_err("no commit");
+        assert_eq!(err.code(), tonic::Code::InvalidArgument);
+
+        let d = f
+            .pipeline
+            .rollback("web", "staging", "", "ada")
+            .await
+            .expect("rollback");
+        agent_finishes(&f.jobs, "stage-1", JobState::Succeeded, "rolled back").await;
+        let d = wait_finished(&f.pipeline, &d.deploy_id).await;
+        assert_eq!(d.state(), DeploymentState::Succeeded);
+        let err = f.pipeline.cancel(&d.deploy_id).expect_err("already ended");
+        assert_eq!(err.code(), tonic::Code::FailedPrecondition);
+    }
+
+    #[tokio::test]
+    async fn a_deploy_goes_to_staging_then_production_and_its_report_says_so() {
+        let f = fixture();
+        let d = f
+            .pipeline
+            .submit(request(true, E2eLevel::Smoke), "ada")
+            .await
+            .expect("submit");
+        let staging = agent_finishes(&f.jobs, "stage-1", JobState::Succeeded, "up").await;
+        assert_eq!(staging.kind(), JobKind::Deploy);
+        assert!(
+            f.jobs.list("prod-1", 10).is_empty(),
+            "production waits for staging"
+        );
+        let production = agent_finishes(&f.jobs, "prod-1", JobState::Succeeded, "up").await;
+        assert_eq!(production.kind(), JobKind::Deploy);
+        assert_eq!(production.requested_by, format!("pipeline:{}", d.deploy_id));
+
+        let d = wait_finished(&f.pipeline, &d.deploy_id).await;
+        assert_eq!(d.state(), DeploymentState::Succeeded);
+        assert_eq!(
+            steps(&d),
+            [
+                step("staging", "bundle", StepStatus::Succeeded),
+                step("staging", "deploy", StepStatus::Succeeded),
+                step("production", "backup", StepStatus::Succeeded),
+                step("production", "bundle", StepStatus::Succeeded),
+                step("production", "deploy", StepStatus::Succeeded),
+            ]
+        );
+        assert!(d.steps[2]
+            .detail
+            .starts_with("skipped: no [backups] database"));
+        assert_eq!(d.steps[1].job_id, staging.job_id);
+
+        let doc = report::document(&d);
+        assert_eq!(doc["type"], "deploy_report");
+        assert_eq!(doc["deploy_id"], d.deploy_id.as_str());
+        assert_eq!(doc["app"], "web");
+        assert_eq!(doc["commit"], d.commit.as_str());
+        assert_eq!(doc["state"], "succeeded");
+        assert_eq!(doc["requested_by"], "ada");
+        assert_eq!(doc["db_change"], true);
+        assert_eq!(doc["migration"], "bin/migrate");
+        assert_eq!(doc["detail"], "deployed to staging and production");
+        assert_eq!(doc["steps"].as_array().expect("steps").len(), 5);
+        assert_eq!(doc["steps"][4]["environment"], "production");
+        assert_eq!(doc["steps"][4]["host"], "prod-1");
+        assert_eq!(doc["steps"][4]["status"], "succeeded");
+        assert_eq!(doc["steps"][1]["job_id"], staging.job_id.as_str());
+    }
+
+    #[tokio::test]
+    async fn a_staging_bundle_failure_never_touches_production() {
+        let f = fixture_with(
+            |dir| {
+                let mut app = app(&repo(dir));
+                app.staging.secrets_file = Some(dir.join("missing.env"));
+                app
+            },
+            &[],
+        );
+        let d = f
+            .pipeline
+            .submit(request(false, E2eLevel::Smoke), "ada")
+            .await
+            .expect("submit");
+        let d = wait_finished(&f.pipeline, &d.deploy_id).await;
+        assert_eq!(d.state(), DeploymentState::Failed);
+        assert_eq!(steps(&d), [step("staging", "bundle", StepStatus::Failed)]);
+        assert!(d.detail.contains("missing.env"), "{}", d.detail);
+        assert!(f.jobs.list("stage-1", 10).is_empty());
+        assert!(f.jobs.list("prod-1", 10).is_empty());
+    }
+
+    #[tokio::test]
+    async fn a_failed_staging_deploy_stops_the_pipeline_and_keeps_the_agents_rollback() {
+        let f = fixture();
+        let d = f
+            .pipeline
+            .submit(request(false, E2eLevel::Smoke), "ada")
+            .await
+            .expect("submit");
+        agent_finishes(
+            &f.jobs,
+            "stage-1",
+            JobState::Failed,
+            "health check failed; rolled back to abc",
+        )
+        .await;
+        let d = wait_finished(&f.pipeline, &d.deploy_id).await;
+        assert_eq!(d.state(), DeploymentState::RolledBack);
+        assert_eq!(
+            d.detail,
+            "deploy on stage-1 failed: health check failed; rolled back to abc"
+        );
+        assert_eq!(
+            steps(&d),
+            [
+                step("staging", "bundle", StepStatus::Succeeded),
+                step("staging", "deploy", StepStatus::Failed),
+            ]
+        );
+        assert!(f.jobs.list("prod-1", 10).is_empty());
+    }
+
+    #[tokio::test]
+    async fn a_staging_e2e_failure_rolls_staging_back_and_never_touches_production() {
+        let f = fixture_with(
+            |dir| {
+                let mut app = app(&repo(dir));
+                // Nothing listens on the discard port: the check fails.
+                app.staging.base_url = "http://127.0.0.1:9".into();
+                app.e2e = vec![E2eCheck {
+                    name: "home".into(),
+                    path: "/".into(),
+                    expect_status: 200,
+                    expect_body: String::new(),
+                    smoke: true,
+                    timeout: Duration::from_secs(2),
+                }];
+                app
+            },
+            &[],
+        );
+        let d = f
+            .pipeline
+            .submit(request(false, E2eLevel::Smoke), "ada")
+            .await
+            .expect("submit");
+        agent_finishes(&f.jobs, "stage-1", JobState::Succeeded, "up").await;
+        let rollback = agent_finishes(&f.jobs, "stage-1", JobState::Succeeded, "back").await;
+        assert_eq!(rollback.kind(), JobKind::Rollback);
+        let d = wait_finished(&f.pipeline, &d.deploy_id).await;
+        assert_eq!(d.state(), DeploymentState::RolledBack);
+        assert!(
+            d.detail.starts_with("E2E failed on staging: home: "),
+            "{}",
+            d.detail
+        );
+        assert!(
+            d.detail
+                .ends_with("; staging rolled back to its previous release"),
+            "{}",
+            d.detail
+        );
+        assert_eq!(
+            steps(&d),
+            [
+                step("staging", "bundle", StepStatus::Succeeded),
+                step("staging", "deploy", StepStatus::Succeeded),
+                step("staging", "e2e-smoke", StepStatus::Failed),
+                step("staging", "rollback", StepStatus::Succeeded),
+            ]
+        );
+        assert!(f.jobs.list("prod-1", 10).is_empty());
     }
 }

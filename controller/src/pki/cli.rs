@@ -1,0 +1,94 @@
+//! `sentinel pki init|issue-host|issue-operator`: each writes its files and lists them
+//! (`wrote PATH`), or prints why it refused and exits 64 (a refused run writes nothing).
+
+use std::path::{Path, PathBuf};
+
+use super::{InitOptions, PkiError, Role};
+use crate::cli::EXIT_USAGE;
+
+/// `sentinel pki init`: a fresh dev PKI in `opts.dir`; no hosts given means the dev fleet's
+/// default hosts and this machine (see [`super::default_hosts`]).
+pub fn init_command(mut opts: InitOptions) -> u8 {
+    if opts.hosts.is_empty() {
+        opts.hosts = super::default_hosts(&crate::dev::local_host_name());
+    }
+    report(super::init(&opts))
+}
+
+/// `sentinel pki issue-host NAME`: a host certificate signed by the CA in `dir`.
+pub fn issue_host_command(dir: &Path, name: &str, force: bool) -> u8 {
+    report(super::issue_host(dir, name, force))
+}
+
+/// `sentinel pki issue-operator NAME --role ROLE`: an operator certificate signed by the CA
+/// in `dir`.
+pub fn issue_operator_command(dir: &Path, name: &str, role: Role, force: bool) -> u8 {
+    report(super::issue_operator(dir, name, role, force))
+}
+
+/// Lists the files written, or prints the error with its causes; the exit code.
+fn report(result: Result<Vec<PathBuf>, PkiError>) -> u8 {
+    match result {
+        Ok(files) => {
+            for f in files {
+                println!("wrote {}", f.display());
+            }
+            0
+        }
+        Err(e) => {
+            eprintln!("sentinel pki: {:#}", anyhow::Error::from(e));
+            EXIT_USAGE
+        }
+    }
+}
+
+#[cfg(all(test, unix))]
+mod tests {
+    use super::*;
+    use crate::pki::{host_files, CA_CERT_FILE};
+
+    #[test]
+    fn init_without_hosts_issues_the_default_fleet_and_refuses_a_second_run() {
+        let tmp = tempfile::tempdir().expect("tempdir");
+        let dir = tmp.path().join("certs");
+        let opts = InitOptions {
+            dir: dir.clone(),
+            ..InitOptions::default()
+        };
+        assert_eq!(init_command(opts.clone()), 0);
+        for host in crate::pki::default_hosts(&crate::dev::local_host_name()) {
+            assert!(
+                host_files(&dir, &host).0.exists(),
+                "no certificate for {host}"
+            );
+        }
+        let ca = std::fs::read(dir.join(CA_CERT_FILE)).expect("ca");
+        assert_eq!(init_command(opts), EXIT_USAGE);
+        assert_eq!(std::fs::read(dir.join(CA_CERT_FILE)).expect("ca"), ca);
+    }
+
+    #[test]
+    fn issuing_exits_64_without_a_ca_or_with_a_bad_name() {
+        let tmp = tempfile::tempdir().expect("tempdir");
+        let dir = tmp.path();
+        assert_eq!(issue_host_command(dir, "argus", false), EXIT_USAGE);
+        assert_eq!(
+            issue_operator_command(dir, "ada", Role::Admin, false),
+            EXIT_USAGE
+        );
+        let opts = InitOptions {
+            dir: dir.to_owned(),
+            hosts: vec!["argus".into()],
+            ..InitOptions::default()
+        };
+        assert_eq!(init_command(opts), 0);
+        assert_eq!(issue_host_command(dir, "Bad_Name", false), EXIT_USAGE);
+        assert_eq!(issue_host_command(dir, "new-host", false), 0);
+        assert_eq!(issue_operator_command(dir, "dan", Role::Deployer, false), 0);
+        assert_eq!(
+            issue_operator_command(dir, "dan", Role::Deployer, false),
+            EXIT_USAGE,
+            "re-issuing needs --force"
+        );
+    }
+}
