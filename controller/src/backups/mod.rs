@@ -4,27 +4,30 @@
 //! the pre-production backup of a `db_change` deploy, and the age of each database's newest
 //! good backup for the metrics.
 //!
-//! The agent does the work and is the security boundary (see `hostagent::jobs::backup`); the
-//! controller only decides when, and remembers what happened. Runs of one kind never overlap:
+//! The agent does the work and is the security boundary (the agent's `jobs::backup`); the
+//! controller only decides when, and remembers what happened (the typed results of the jobs:
+//! a finished job without its result, or with one it cannot read, is an error recorded for
+//! the series the job covered and logged once, never a silent "no report"). Runs of one kind never overlap:
 //! a run starts only when the previous one's jobs have all ended (a scheduled occurrence that
 //! finds one still going is skipped and says so; an operator is told which job is running).
 
 pub mod config;
 pub mod schedule;
+pub mod series;
 pub mod state;
 
-use std::collections::{HashMap, HashSet};
+use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use hostagent::jobs::backup::manifest::{Kind, Series};
-use hostagent::jobs::backup::restore::RestoreReport;
-use hostagent::jobs::backup::verify::VerifyReport;
-use hostagent::jobs::backup::BackupReport;
 use jiff::Timestamp;
+use sentinel_proto::kinds::kind_name;
+use sentinel_proto::results::finished_result;
+use sentinel_proto::time::from_jiff;
 use sentinel_proto::v1::{
-    job_event, job_spec, BackupDatabase, BackupParams, BackupSchedule, Job, JobKind, JobState,
-    ListBackupsResponse, RestoreCheck, RestoreTestParams, RetentionPolicy, VerifyBackupsParams,
+    job_event, job_finished, job_spec, BackupDatabase, BackupParams, BackupSchedule, Job,
+    JobKind, JobState, ListBackupsResponse, RestoreCheck, RestoreTestParams, RetentionPolicy,
+    VerifyBackupsParams,
 };
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
@@ -35,6 +38,7 @@ use crate::jobs::{is_final, JobQueue, NewJob};
 use crate::store::{Store, StoreError};
 pub use config::BackupsConfig;
 use schedule::{OnStart, Schedule};
+use series::{Kind, Series};
 use state::State;
 
 /// Run kinds, named as their schedules.
@@ -89,21 +93,14 @@ pub struct Backups {
     running: Mutex<HashMap<&'static str, Vec<String>>>,
     /// Job id -> the series it was meant to cover (jobs started here).
     covered: Mutex<HashMap<String, Vec<Series>>>,
-    /// Jobs whose result is already in the state.
-    applied: Mutex<HashSet<String>>,
+    /// Jobs whose result is already in the state, and what was wrong with it (None: nothing).
+    applied: Mutex<HashMap<String, Option<String>>>,
     /// Keeps store writes in order.
     persisting: tokio::sync::Mutex<()>,
 }
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|p| p.into_inner())
-}
-
-fn proto_ts(t: Timestamp) -> prost_types::Timestamp {
-    prost_types::Timestamp {
-        seconds: t.as_second(),
-        nanos: t.subsec_nanosecond(),
-    }
 }
 
 impl Backups {
@@ -132,7 +129,7 @@ impl Backups {
             state: Mutex::new(state),
             running: Mutex::new(HashMap::new()),
             covered: Mutex::new(HashMap::new()),
-            applied: Mutex::new(HashSet::new()),
+            applied: Mutex::new(HashMap::new()),
             persisting: tokio::sync::Mutex::new(()),
         });
         backups.publish_metrics();
@@ -309,17 +306,21 @@ impl Backups {
             for id in &ids {
                 match me.jobs.wait_final(id).await {
                     Some(job) => {
-                        me.apply(&job).await;
+                        let problem = me.apply(&job).await;
                         let state = job
                             .state()
                             .as_str_name()
                             .trim_start_matches("JOB_STATE_")
                             .to_ascii_lowercase();
-                        outcomes.push(if job.state() == JobState::Succeeded {
+                        let mut outcome = if job.state() == JobState::Succeeded {
                             state
                         } else {
                             format!("{state}: {}", job.detail)
-                        });
+                        };
+                        if let Some(problem) = problem {
+                            outcome.push_str(&format!("; {problem}"));
+                        }
+                        outcomes.push(outcome);
                     }
                     None => outcomes.push(format!("job {id} vanished")),
                 }
@@ -485,42 +486,72 @@ impl Backups {
     }
 
     /// Records the result of a finished backup, verify or restore-test job (once per job).
-    async fn apply(&self, job: &Job) {
-        let Some(kind) = kind_of(job.kind()) else {
-            return;
-        };
-        if !is_final(job.state()) || !lock(&self.applied).insert(job.job_id.clone()) {
-            return;
+    /// Returns what was wrong with its result, if anything (the same every time it is asked;
+    /// logged the first time): a job that ran without a result of its kind, or with one that
+    /// does not convert, counts as a failure of every series it covered, with the error as
+    /// the detail the operator reads in `ListBackups`.
+    async fn apply(&self, job: &Job) -> Option<String> {
+        let kind = kind_of(job.kind())?;
+        if !is_final(job.state()) {
+            return None;
+        }
+        if let Some(problem) = lock(&self.applied).get(&job.job_id) {
+            return problem.clone();
         }
         let covered = lock(&self.covered).remove(&job.job_id).unwrap_or_default();
-        let json = job.events.iter().rev().find_map(|e| match &e.event {
-            Some(job_event::Event::Finished(f)) if !f.result_json.is_empty() => {
-                Some(f.result_json.clone())
-            }
-            _ => None,
-        });
         let ok = job.state() == JobState::Succeeded;
         let now = Timestamp::now();
-        {
+        let problem = {
             let mut st = lock(&self.state);
-            match kind {
-                BACKUP => {
-                    let report = json.and_then(|j| serde_json::from_str::<BackupReport>(&j).ok());
-                    st.apply_backup(report.as_ref(), ok, &job.detail, &covered, now);
+            let applied = match finished_result(job) {
+                // It names the job and its kind.
+                Err(e) => Err(e.to_string()),
+                Ok(result) => match result {
+                    Some(job_finished::Result::Backup(r)) => {
+                        st.apply_backup(Some(r), ok, &job.detail, &covered, now)
+                    }
+                    Some(job_finished::Result::Verify(r)) => {
+                        st.apply_verify(Some(r), ok, &job.detail, &covered, now)
+                    }
+                    Some(job_finished::Result::RestoreTest(r)) => {
+                        st.apply_restore(Some(r), ok, &job.detail, &covered, now)
+                    }
+                    // finished_result checked the kind: only "none to expect" gets here.
+                    _ => apply_none(&mut st, kind, ok, &job.detail, &covered, now),
                 }
-                VERIFY => {
-                    let report = json.and_then(|j| serde_json::from_str::<VerifyReport>(&j).ok());
-                    st.apply_verify(report.as_ref(), ok, &job.detail, &covered, now);
-                }
-                _ => {
-                    let report = json.and_then(|j| serde_json::from_str::<RestoreReport>(&j).ok());
-                    st.apply_restore(report.as_ref(), ok, &job.detail, &covered, now);
+                .map_err(|e| {
+                    format!(
+                        "job {} ({}) carried a result that cannot be read: {e}; the agent may \
+                         run another version than the controller (run the same version on \
+                         both)",
+                        job.job_id,
+                        kind_name(job.kind())
+                    )
+                }),
+            };
+            match applied {
+                Ok(()) => None,
+                Err(problem) => {
+                    let detail = if job.detail.is_empty() {
+                        problem.clone()
+                    } else {
+                        format!("{problem} (the job said: {})", job.detail)
+                    };
+                    let _ = apply_none(&mut st, kind, false, &detail, &covered, now);
+                    Some(problem)
                 }
             }
+        };
+        lock(&self.applied).insert(job.job_id.clone(), problem.clone());
+        match &problem {
+            None => {
+                info!(kind, job_id = %job.job_id, state = job.state().as_str_name(), "backup job result recorded")
+            }
+            Some(p) => warn!(kind, job_id = %job.job_id, state = job.state().as_str_name(), error = %p, "backup job result unusable; its series are marked failed"),
         }
-        info!(kind, job_id = %job.job_id, state = job.state().as_str_name(), "backup job result recorded");
         self.publish_metrics();
         self.persist().await;
+        problem
     }
 
     /// Writes the state to the store (small: one record per series and schedule).
@@ -698,10 +729,10 @@ impl Backups {
                     name: s.name.to_string(),
                     cron: s.expr.clone(),
                     time_zone: s.time_zone.clone(),
-                    last_run_at: saved.last_run_at.map(proto_ts),
+                    last_run_at: saved.last_run_at.map(from_jiff),
                     next_run_at: s
                         .next_after(saved.since().unwrap_or(now).max(now))
-                        .map(proto_ts),
+                        .map(from_jiff),
                     running: running.contains_key(s.name),
                     last_job_id: saved.last_job_id,
                     last_outcome: saved.last_outcome,
@@ -736,6 +767,23 @@ impl Backups {
                 (s.environment, s.database, age)
             })
             .collect()
+    }
+}
+
+/// Records a job of run kind `kind` that left no report: every series it covered gets
+/// `detail` (a failure unless `ok`).
+fn apply_none(
+    st: &mut State,
+    kind: &str,
+    ok: bool,
+    detail: &str,
+    covered: &[Series],
+    now: Timestamp,
+) -> Result<(), String> {
+    match kind {
+        BACKUP => st.apply_backup(None, ok, detail, covered, now),
+        VERIFY => st.apply_verify(None, ok, detail, covered, now),
+        _ => st.apply_restore(None, ok, detail, covered, now),
     }
 }
 
