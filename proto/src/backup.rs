@@ -147,6 +147,9 @@ mod tests {
             mode: 0o755,
             dir: true,
         };
-        assert_eq!(dir.to_string(), ". is mode 0755, wider than 0700 (chmod 700 it)");
+        assert_eq!(
+            dir.to_string(),
+            ". is mode 0755, wider than 0700 (chmod 700 it)"
+        );
     }
 }

@@ -148,12 +148,18 @@ mod tests {
     #[test]
     fn a_result_of_another_kind_is_an_error_naming_both() {
         let probe = job_finished::Result::IsolationProbe(ProbeReport::default());
-        let e = finished_result(&job(JobKind::VerifyBackups, JobState::Succeeded, Some(probe)))
-            .unwrap_err()
-            .to_string();
+        let e = finished_result(&job(
+            JobKind::VerifyBackups,
+            JobState::Succeeded,
+            Some(probe),
+        ))
+        .unwrap_err()
+        .to_string();
         assert!(
-            e.contains("job j-7 (verify_backups) carried a result of kind isolation_probe where its own \
-             (verify) belongs"),
+            e.contains(
+                "job j-7 (verify_backups) carried a result of kind isolation_probe where its own \
+             (verify) belongs"
+            ),
             "{e}"
         );
         let backup = job_finished::Result::Backup(BackupReport::default());
@@ -166,7 +172,10 @@ mod tests {
     #[test]
     fn jobs_that_did_not_run_to_an_end_carry_nothing_to_check() {
         for state in [JobState::Cancelled, JobState::Interrupted] {
-            assert_eq!(finished_result(&job(JobKind::Backup, state, None)), Ok(None));
+            assert_eq!(
+                finished_result(&job(JobKind::Backup, state, None)),
+                Ok(None)
+            );
         }
         assert_eq!(
             finished_result(&job(JobKind::Deploy, JobState::Succeeded, None)),

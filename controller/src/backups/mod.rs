@@ -25,8 +25,8 @@ use sentinel_proto::kinds::kind_name;
 use sentinel_proto::results::finished_result;
 use sentinel_proto::time::from_jiff;
 use sentinel_proto::v1::{
-    job_event, job_finished, job_spec, BackupDatabase, BackupParams, BackupSchedule, Job,
-    JobKind, JobState, ListBackupsResponse, RestoreCheck, RestoreTestParams, RetentionPolicy,
+    job_event, job_finished, job_spec, BackupDatabase, BackupParams, BackupSchedule, Job, JobKind,
+    JobState, ListBackupsResponse, RestoreCheck, RestoreTestParams, RetentionPolicy,
     VerifyBackupsParams,
 };
 use tokio::task::JoinHandle;
@@ -547,7 +547,9 @@ impl Backups {
             None => {
                 info!(kind, job_id = %job.job_id, state = job.state().as_str_name(), "backup job result recorded")
             }
-            Some(p) => warn!(kind, job_id = %job.job_id, state = job.state().as_str_name(), error = %p, "backup job result unusable; its series are marked failed"),
+            Some(p) => {
+                warn!(kind, job_id = %job.job_id, state = job.state().as_str_name(), error = %p, "backup job result unusable; its series are marked failed")
+            }
         }
         self.publish_metrics();
         self.persist().await;
@@ -871,5 +873,118 @@ mod tests {
             ages,
             vec![("production".to_string(), "auth".to_string(), f64::INFINITY)]
         );
+    }
+
+    fn finished_backup(id: &str, result: Option<job_finished::Result>) -> Job {
+        use sentinel_proto::v1::{JobEvent, JobFinished};
+        Job {
+            job_id: id.into(),
+            kind: JobKind::Backup as i32,
+            state: JobState::Succeeded as i32,
+            detail: "run 20260409T020000Z: backed up 1 of 1".into(),
+            events: vec![JobEvent {
+                event: Some(job_event::Event::Finished(JobFinished {
+                    state: JobState::Succeeded as i32,
+                    detail: String::new(),
+                    result,
+                })),
+                ..Default::default()
+            }],
+            ..Default::default()
+        }
+    }
+
+    /// Applies `job` as a job started here for every configured series; returns the problem
+    /// and what ListBackups then says of production/auth.
+    async fn apply_started_here(b: &Backups, job: &Job) -> (Option<String>, String) {
+        lock(&b.covered).insert(job.job_id.clone(), b.configured_series());
+        let problem = b.apply(job).await;
+        // Asked again (the watcher after the results task): the same answer.
+        assert_eq!(b.apply(job).await, problem);
+        let auth = b.list().databases.remove(0);
+        assert_eq!(auth.database, "auth");
+        (problem, auth.last_error)
+    }
+
+    #[tokio::test]
+    async fn a_finished_backup_job_without_a_result_is_an_error_naming_the_job_and_kind() {
+        let dir = tempfile::tempdir().unwrap();
+        let b = backups(dir.path());
+        let (problem, shown) = apply_started_here(&b, &finished_backup("j-1", None)).await;
+        let problem = problem.expect("a problem");
+        assert!(
+            problem.contains("job j-1 (backup) succeeded without its result"),
+            "{problem}"
+        );
+        assert!(shown.contains(&problem), "{shown}");
+        assert!(
+            shown.contains("the job said: run 20260409T020000Z"),
+            "{shown}"
+        );
+    }
+
+    #[tokio::test]
+    async fn a_finished_backup_job_with_a_result_of_another_kind_is_an_error_naming_both() {
+        use sentinel_proto::v1::ProbeReport;
+        let dir = tempfile::tempdir().unwrap();
+        let b = backups(dir.path());
+        let probe = job_finished::Result::IsolationProbe(ProbeReport::default());
+        let (problem, shown) = apply_started_here(&b, &finished_backup("j-2", Some(probe))).await;
+        let problem = problem.expect("a problem");
+        assert!(
+            problem.contains(
+                "job j-2 (backup) carried a result of kind isolation_probe where its own \
+                 (backup) belongs"
+            ),
+            "{problem}"
+        );
+        assert!(shown.contains(&problem), "{shown}");
+    }
+
+    #[tokio::test]
+    async fn a_backup_result_that_does_not_convert_is_an_error_naming_the_job() {
+        use sentinel_proto::v1::{BackupFailure, BackupReport, BackupSeries};
+        let dir = tempfile::tempdir().unwrap();
+        let b = backups(dir.path());
+        let report = job_finished::Result::Backup(BackupReport {
+            failures: vec![BackupFailure {
+                series: Some(BackupSeries {
+                    kind: 99,
+                    environment: "production".into(),
+                    database: "auth".into(),
+                }),
+                error: "pg_dump failed".into(),
+            }],
+            ..Default::default()
+        });
+        let (problem, shown) = apply_started_here(&b, &finished_backup("j-3", Some(report))).await;
+        let problem = problem.expect("a problem");
+        assert!(
+            problem.contains("job j-3 (backup) carried a result that cannot be read")
+                && problem.contains("unknown kind (99)"),
+            "{problem}"
+        );
+        assert!(shown.contains(&problem), "{shown}");
+    }
+
+    #[tokio::test]
+    async fn a_finished_backup_job_with_its_report_is_recorded_without_a_problem() {
+        use sentinel_proto::v1::{BackupReport, BackupSeries, SeriesKind};
+        let dir = tempfile::tempdir().unwrap();
+        let b = backups(dir.path());
+        let report = job_finished::Result::Backup(BackupReport {
+            failures: vec![sentinel_proto::v1::BackupFailure {
+                series: Some(BackupSeries {
+                    kind: SeriesKind::Database as i32,
+                    environment: "production".into(),
+                    database: "auth".into(),
+                }),
+                error: "pg_dump failed: no such database".into(),
+            }],
+            ..Default::default()
+        });
+        let (problem, shown) = apply_started_here(&b, &finished_backup("j-4", Some(report))).await;
+        assert_eq!(problem, None);
+        assert_eq!(shown, "pg_dump failed: no such database");
     }
 }

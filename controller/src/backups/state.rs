@@ -303,7 +303,8 @@ impl State {
             .damaged
             .iter()
             .map(|d| {
-                Series::from_proto(d.series.as_ref()).map(|s| (s, format!("{}: {}", d.file, d.error)))
+                Series::from_proto(d.series.as_ref())
+                    .map(|s| (s, format!("{}: {}", d.file, d.error)))
             })
             .collect::<Result<Vec<_>, _>>()?;
         self.take_inventory(inventory);

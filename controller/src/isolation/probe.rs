@@ -356,7 +356,6 @@ mod tests {
             ],
         });
         let results = answer("web-1", &finished(JobState::Succeeded, Some(report)));
-        let results = answer("web-1", &finished(JobState::Succeeded, json));
         assert_eq!(results.len(), 2);
         assert!(results.iter().all(|r| r.host == "web-1" && r.probed));
         let v = violations(&results);

@@ -226,7 +226,13 @@ fn result_strings(result: &mut job_finished::Result, f: &mut dyn FnMut(&mut Stri
             all(&mut r.pruned, f);
             if let Some(o) = &mut r.offsite {
                 f(&mut o.target);
-                all(o.copied.iter_mut().chain(&mut o.pending).chain(&mut o.pruned), f);
+                all(
+                    o.copied
+                        .iter_mut()
+                        .chain(&mut o.pending)
+                        .chain(&mut o.pruned),
+                    f,
+                );
                 opt(&mut o.error, f);
                 opt(&mut o.prune_error, f);
             }
@@ -313,8 +319,8 @@ mod tests {
     #[test]
     fn secrets_are_masked_in_every_kind_of_result() {
         use sentinel_proto::v1::{
-            BackupFailure, BackupReport, OffsiteReport, ProbeAttempt, ProbeReport,
-            RestoreReport, RestoreResult, VerifyReport,
+            BackupFailure, BackupReport, OffsiteReport, ProbeAttempt, ProbeReport, RestoreReport,
+            RestoreResult, VerifyReport,
         };
         let outbox = Outbox::default();
         let ev = JobEvents::new("j1", outbox.clone(), 0);

@@ -367,7 +367,9 @@ pub async fn run_probe(
     events.step("probe", StepStatus::Succeeded, &summary, started.elapsed());
     (
         Ok(summary),
-        Some(job_finished::Result::IsolationProbe(ProbeReport { attempts })),
+        Some(job_finished::Result::IsolationProbe(ProbeReport {
+            attempts,
+        })),
     )
 }
 

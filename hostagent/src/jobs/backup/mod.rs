@@ -431,7 +431,8 @@ async fn backup(
     let failed = JobError::Failed;
     let retention_params = p.retention.clone().unwrap_or_default();
     let (taken_at, simulated) = clock(p.retention.as_ref(), config).map_err(failed)?;
-    let tz = sentinel_proto::backup::parse_time_zone(&retention_params.time_zone).map_err(failed)?;
+    let tz =
+        sentinel_proto::backup::parse_time_zone(&retention_params.time_zone).map_err(failed)?;
     // Before anything is written: keys that stopped loading (a file changed since start-up)
     // fail the run whole, never leaving a plaintext backup where an encrypted one belongs.
     let keys = config
