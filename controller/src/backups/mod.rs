@@ -495,13 +495,37 @@ impl Backups {
         if !is_final(job.state()) {
             return None;
         }
-        if let Some(problem) = lock(&self.applied).get(&job.job_id) {
-            return problem.clone();
+        // Held until the result is in the state: the results task and a run's watcher may
+        // apply the same job at once, and both must get its problem.
+        let problem = {
+            let mut applied_jobs = lock(&self.applied);
+            if let Some(problem) = applied_jobs.get(&job.job_id) {
+                return problem.clone();
+            }
+            let problem = self.record(kind, job);
+            applied_jobs.insert(job.job_id.clone(), problem.clone());
+            problem
+        };
+        match &problem {
+            None => {
+                info!(kind, job_id = %job.job_id, state = job.state().as_str_name(), "backup job result recorded")
+            }
+            Some(p) => {
+                warn!(kind, job_id = %job.job_id, state = job.state().as_str_name(), error = %p, "backup job result unusable; its series are marked failed")
+            }
         }
+        self.publish_metrics();
+        self.persist().await;
+        problem
+    }
+
+    /// Puts a finished job's result (or what is wrong with it) in the state; returns the
+    /// problem, if any.
+    fn record(&self, kind: &'static str, job: &Job) -> Option<String> {
         let covered = lock(&self.covered).remove(&job.job_id).unwrap_or_default();
         let ok = job.state() == JobState::Succeeded;
         let now = Timestamp::now();
-        let problem = {
+        {
             let mut st = lock(&self.state);
             let applied = match finished_result(job) {
                 // It names the job and its kind.
@@ -541,19 +565,7 @@ impl Backups {
                     Some(problem)
                 }
             }
-        };
-        lock(&self.applied).insert(job.job_id.clone(), problem.clone());
-        match &problem {
-            None => {
-                info!(kind, job_id = %job.job_id, state = job.state().as_str_name(), "backup job result recorded")
-            }
-            Some(p) => {
-                warn!(kind, job_id = %job.job_id, state = job.state().as_str_name(), error = %p, "backup job result unusable; its series are marked failed")
-            }
         }
-        self.publish_metrics();
-        self.persist().await;
-        problem
     }
 
     /// Writes the state to the store (small: one record per series and schedule).
