@@ -3,8 +3,10 @@
 //! helpers that belong to the contract itself.
 #![forbid(unsafe_code)]
 
+pub mod backup;
 pub mod envelope;
 pub mod kinds;
+pub mod results;
 pub mod time;
 
 /// The `sentinel.v1` package: agent channel, operator API, host state and jobs.

@@ -1,4 +1,5 @@
-//! Conversions between `SystemTime` and the protobuf well-known time types.
+//! Conversions between `SystemTime` (and jiff's `Timestamp`) and the protobuf well-known time
+//! types.
 
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
@@ -46,6 +47,19 @@ pub fn std_duration(d: &prost_types::Duration) -> Duration {
     )
 }
 
+/// A protobuf timestamp for a jiff one (job results carry the agent's jiff timestamps).
+pub fn from_jiff(t: jiff::Timestamp) -> prost_types::Timestamp {
+    prost_types::Timestamp {
+        seconds: t.as_second(),
+        nanos: t.subsec_nanosecond(),
+    }
+}
+
+/// The jiff timestamp of a protobuf one; None when it is out of jiff's range or malformed.
+pub fn to_jiff(ts: &prost_types::Timestamp) -> Option<jiff::Timestamp> {
+    jiff::Timestamp::new(ts.seconds, ts.nanos).ok()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -54,6 +68,17 @@ mod tests {
     fn timestamps_round_trip() {
         let t = UNIX_EPOCH + Duration::new(1_700_000_000, 123);
         assert_eq!(system_time(&timestamp(t)), t);
+    }
+
+    #[test]
+    fn jiff_timestamps_round_trip_and_bad_ones_are_none() {
+        let t: jiff::Timestamp = "2026-04-09T02:00:00.5Z".parse().unwrap();
+        assert_eq!(to_jiff(&from_jiff(t)), Some(t));
+        let bad = prost_types::Timestamp {
+            seconds: i64::MAX,
+            nanos: 0,
+        };
+        assert_eq!(to_jiff(&bad), None);
     }
 
     #[test]

@@ -1648,18 +1648,18 @@ fn restart_agent_with_umask(w: &mut World, umask: &str) -> Daemon {
     agent
 }
 
-/// The backup report a finished backup job carried.
+/// The backup report a finished backup job carried (`JobFinished.backup`, as grpcurl prints
+/// it).
 fn backup_report(job: &Value) -> Value {
-    let json = job["events"]
+    job["events"]
         .as_array()
         .and_then(|events| {
             events
                 .iter()
                 .rev()
-                .find_map(|e| e["finished"]["resultJson"].as_str())
+                .find_map(|e| e["finished"].get("backup").cloned())
         })
-        .unwrap_or_else(|| panic!("no result in {job}"));
-    serde_json::from_str(json).unwrap()
+        .unwrap_or_else(|| panic!("no backup result in {job}"))
 }
 
 fn strings(v: &Value) -> BTreeSet<String> {

@@ -171,7 +171,7 @@ mod defaults {
 
 /// Names that become directory names on the backup host.
 fn plain(name: &str) -> bool {
-    hostagent::jobs::backup::safe_name(name)
+    sentinel_proto::backup::safe_name(name)
 }
 
 impl BackupsConfig {
@@ -187,7 +187,7 @@ impl BackupsConfig {
                 format!("{} must be absolute", self.backup_dir.display()),
             );
         }
-        if let Err(e) = hostagent::jobs::backup::retention::parse_time_zone(&self.time_zone) {
+        if let Err(e) = sentinel_proto::backup::parse_time_zone(&self.time_zone) {
             return p("time_zone", e);
         }
         if self.retention.daily == 0 && self.retention.weekly == 0 {

@@ -4,27 +4,30 @@
 //! the pre-production backup of a `db_change` deploy, and the age of each database's newest
 //! good backup for the metrics.
 //!
-//! The agent does the work and is the security boundary (see `hostagent::jobs::backup`); the
-//! controller only decides when, and remembers what happened. Runs of one kind never overlap:
+//! The agent does the work and is the security boundary (the agent's `jobs::backup`); the
+//! controller only decides when, and remembers what happened (the typed results of the jobs:
+//! a finished job without its result, or with one it cannot read, is an error recorded for
+//! the series the job covered and logged once, never a silent "no report"). Runs of one kind never overlap:
 //! a run starts only when the previous one's jobs have all ended (a scheduled occurrence that
 //! finds one still going is skipped and says so; an operator is told which job is running).
 
 pub mod config;
 pub mod schedule;
+pub mod series;
 pub mod state;
 
-use std::collections::{HashMap, HashSet};
+use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use hostagent::jobs::backup::manifest::{Kind, Series};
-use hostagent::jobs::backup::restore::RestoreReport;
-use hostagent::jobs::backup::verify::VerifyReport;
-use hostagent::jobs::backup::BackupReport;
 use jiff::Timestamp;
+use sentinel_proto::kinds::kind_name;
+use sentinel_proto::results::finished_result;
+use sentinel_proto::time::from_jiff;
 use sentinel_proto::v1::{
-    job_event, job_spec, BackupDatabase, BackupParams, BackupSchedule, Job, JobKind, JobState,
-    ListBackupsResponse, RestoreCheck, RestoreTestParams, RetentionPolicy, VerifyBackupsParams,
+    job_event, job_finished, job_spec, BackupDatabase, BackupParams, BackupSchedule, Job, JobKind,
+    JobState, ListBackupsResponse, RestoreCheck, RestoreTestParams, RetentionPolicy,
+    VerifyBackupsParams,
 };
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
@@ -35,6 +38,7 @@ use crate::jobs::{is_final, JobQueue, NewJob};
 use crate::store::{Store, StoreError};
 pub use config::BackupsConfig;
 use schedule::{OnStart, Schedule};
+use series::{Kind, Series};
 use state::State;
 
 /// Run kinds, named as their schedules.
@@ -89,21 +93,14 @@ pub struct Backups {
     running: Mutex<HashMap<&'static str, Vec<String>>>,
     /// Job id -> the series it was meant to cover (jobs started here).
     covered: Mutex<HashMap<String, Vec<Series>>>,
-    /// Jobs whose result is already in the state.
-    applied: Mutex<HashSet<String>>,
+    /// Jobs whose result is already in the state, and what was wrong with it (None: nothing).
+    applied: Mutex<HashMap<String, Option<String>>>,
     /// Keeps store writes in order.
     persisting: tokio::sync::Mutex<()>,
 }
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|p| p.into_inner())
-}
-
-fn proto_ts(t: Timestamp) -> prost_types::Timestamp {
-    prost_types::Timestamp {
-        seconds: t.as_second(),
-        nanos: t.subsec_nanosecond(),
-    }
 }
 
 impl Backups {
@@ -132,7 +129,7 @@ impl Backups {
             state: Mutex::new(state),
             running: Mutex::new(HashMap::new()),
             covered: Mutex::new(HashMap::new()),
-            applied: Mutex::new(HashSet::new()),
+            applied: Mutex::new(HashMap::new()),
             persisting: tokio::sync::Mutex::new(()),
         });
         backups.publish_metrics();
@@ -309,17 +306,21 @@ impl Backups {
             for id in &ids {
                 match me.jobs.wait_final(id).await {
                     Some(job) => {
-                        me.apply(&job).await;
+                        let problem = me.apply(&job).await;
                         let state = job
                             .state()
                             .as_str_name()
                             .trim_start_matches("JOB_STATE_")
                             .to_ascii_lowercase();
-                        outcomes.push(if job.state() == JobState::Succeeded {
+                        let mut outcome = if job.state() == JobState::Succeeded {
                             state
                         } else {
                             format!("{state}: {}", job.detail)
-                        });
+                        };
+                        if let Some(problem) = problem {
+                            outcome.push_str(&format!("; {problem}"));
+                        }
+                        outcomes.push(outcome);
                     }
                     None => outcomes.push(format!("job {id} vanished")),
                 }
@@ -485,42 +486,86 @@ impl Backups {
     }
 
     /// Records the result of a finished backup, verify or restore-test job (once per job).
-    async fn apply(&self, job: &Job) {
-        let Some(kind) = kind_of(job.kind()) else {
-            return;
-        };
-        if !is_final(job.state()) || !lock(&self.applied).insert(job.job_id.clone()) {
-            return;
+    /// Returns what was wrong with its result, if anything (the same every time it is asked;
+    /// logged the first time): a job that ran without a result of its kind, or with one that
+    /// does not convert, counts as a failure of every series it covered, with the error as
+    /// the detail the operator reads in `ListBackups`.
+    async fn apply(&self, job: &Job) -> Option<String> {
+        let kind = kind_of(job.kind())?;
+        if !is_final(job.state()) {
+            return None;
         }
-        let covered = lock(&self.covered).remove(&job.job_id).unwrap_or_default();
-        let json = job.events.iter().rev().find_map(|e| match &e.event {
-            Some(job_event::Event::Finished(f)) if !f.result_json.is_empty() => {
-                Some(f.result_json.clone())
+        // Held until the result is in the state: the results task and a run's watcher may
+        // apply the same job at once, and both must get its problem.
+        let problem = {
+            let mut applied_jobs = lock(&self.applied);
+            if let Some(problem) = applied_jobs.get(&job.job_id) {
+                return problem.clone();
             }
-            _ => None,
-        });
+            let problem = self.record(kind, job);
+            applied_jobs.insert(job.job_id.clone(), problem.clone());
+            problem
+        };
+        match &problem {
+            None => {
+                info!(kind, job_id = %job.job_id, state = job.state().as_str_name(), "backup job result recorded")
+            }
+            Some(p) => {
+                warn!(kind, job_id = %job.job_id, state = job.state().as_str_name(), error = %p, "backup job result unusable; its series are marked failed")
+            }
+        }
+        self.publish_metrics();
+        self.persist().await;
+        problem
+    }
+
+    /// Puts a finished job's result (or what is wrong with it) in the state; returns the
+    /// problem, if any.
+    fn record(&self, kind: &'static str, job: &Job) -> Option<String> {
+        let covered = lock(&self.covered).remove(&job.job_id).unwrap_or_default();
         let ok = job.state() == JobState::Succeeded;
         let now = Timestamp::now();
         {
             let mut st = lock(&self.state);
-            match kind {
-                BACKUP => {
-                    let report = json.and_then(|j| serde_json::from_str::<BackupReport>(&j).ok());
-                    st.apply_backup(report.as_ref(), ok, &job.detail, &covered, now);
+            let applied = match finished_result(job) {
+                // It names the job and its kind.
+                Err(e) => Err(e.to_string()),
+                Ok(result) => match result {
+                    Some(job_finished::Result::Backup(r)) => {
+                        st.apply_backup(Some(r), ok, &job.detail, &covered, now)
+                    }
+                    Some(job_finished::Result::Verify(r)) => {
+                        st.apply_verify(Some(r), ok, &job.detail, &covered, now)
+                    }
+                    Some(job_finished::Result::RestoreTest(r)) => {
+                        st.apply_restore(Some(r), ok, &job.detail, &covered, now)
+                    }
+                    // finished_result checked the kind: only "none to expect" gets here.
+                    _ => apply_none(&mut st, kind, ok, &job.detail, &covered, now),
                 }
-                VERIFY => {
-                    let report = json.and_then(|j| serde_json::from_str::<VerifyReport>(&j).ok());
-                    st.apply_verify(report.as_ref(), ok, &job.detail, &covered, now);
-                }
-                _ => {
-                    let report = json.and_then(|j| serde_json::from_str::<RestoreReport>(&j).ok());
-                    st.apply_restore(report.as_ref(), ok, &job.detail, &covered, now);
+                .map_err(|e| {
+                    format!(
+                        "job {} ({}) carried a result that cannot be read: {e}; the agent may \
+                         run another version than the controller (run the same version on \
+                         both)",
+                        job.job_id,
+                        kind_name(job.kind())
+                    )
+                }),
+            };
+            match applied {
+                Ok(()) => None,
+                Err(problem) => {
+                    let detail = if job.detail.is_empty() {
+                        problem.clone()
+                    } else {
+                        format!("{problem} (the job said: {})", job.detail)
+                    };
+                    let _ = apply_none(&mut st, kind, false, &detail, &covered, now);
+                    Some(problem)
                 }
             }
         }
-        info!(kind, job_id = %job.job_id, state = job.state().as_str_name(), "backup job result recorded");
-        self.publish_metrics();
-        self.persist().await;
     }
 
     /// Writes the state to the store (small: one record per series and schedule).
@@ -698,10 +743,10 @@ impl Backups {
                     name: s.name.to_string(),
                     cron: s.expr.clone(),
                     time_zone: s.time_zone.clone(),
-                    last_run_at: saved.last_run_at.map(proto_ts),
+                    last_run_at: saved.last_run_at.map(from_jiff),
                     next_run_at: s
                         .next_after(saved.since().unwrap_or(now).max(now))
-                        .map(proto_ts),
+                        .map(from_jiff),
                     running: running.contains_key(s.name),
                     last_job_id: saved.last_job_id,
                     last_outcome: saved.last_outcome,
@@ -736,6 +781,23 @@ impl Backups {
                 (s.environment, s.database, age)
             })
             .collect()
+    }
+}
+
+/// Records a job of run kind `kind` that left no report: every series it covered gets
+/// `detail` (a failure unless `ok`).
+fn apply_none(
+    st: &mut State,
+    kind: &str,
+    ok: bool,
+    detail: &str,
+    covered: &[Series],
+    now: Timestamp,
+) -> Result<(), String> {
+    match kind {
+        BACKUP => st.apply_backup(None, ok, detail, covered, now),
+        VERIFY => st.apply_verify(None, ok, detail, covered, now),
+        _ => st.apply_restore(None, ok, detail, covered, now),
     }
 }
 
@@ -823,5 +885,118 @@ mod tests {
             ages,
             vec![("production".to_string(), "auth".to_string(), f64::INFINITY)]
         );
+    }
+
+    fn finished_backup(id: &str, result: Option<job_finished::Result>) -> Job {
+        use sentinel_proto::v1::{JobEvent, JobFinished};
+        Job {
+            job_id: id.into(),
+            kind: JobKind::Backup as i32,
+            state: JobState::Succeeded as i32,
+            detail: "run 20260409T020000Z: backed up 1 of 1".into(),
+            events: vec![JobEvent {
+                event: Some(job_event::Event::Finished(JobFinished {
+                    state: JobState::Succeeded as i32,
+                    detail: String::new(),
+                    result,
+                })),
+                ..Default::default()
+            }],
+            ..Default::default()
+        }
+    }
+
+    /// Applies `job` as a job started here for every configured series; returns the problem
+    /// and what ListBackups then says of production/auth.
+    async fn apply_started_here(b: &Backups, job: &Job) -> (Option<String>, String) {
+        lock(&b.covered).insert(job.job_id.clone(), b.configured_series());
+        let problem = b.apply(job).await;
+        // Asked again (the watcher after the results task): the same answer.
+        assert_eq!(b.apply(job).await, problem);
+        let auth = b.list().databases.remove(0);
+        assert_eq!(auth.database, "auth");
+        (problem, auth.last_error)
+    }
+
+    #[tokio::test]
+    async fn a_finished_backup_job_without_a_result_is_an_error_naming_the_job_and_kind() {
+        let dir = tempfile::tempdir().unwrap();
+        let b = backups(dir.path());
+        let (problem, shown) = apply_started_here(&b, &finished_backup("j-1", None)).await;
+        let problem = problem.expect("a problem");
+        assert!(
+            problem.contains("job j-1 (backup) succeeded without its result"),
+            "{problem}"
+        );
+        assert!(shown.contains(&problem), "{shown}");
+        assert!(
+            shown.contains("the job said: run 20260409T020000Z"),
+            "{shown}"
+        );
+    }
+
+    #[tokio::test]
+    async fn a_finished_backup_job_with_a_result_of_another_kind_is_an_error_naming_both() {
+        use sentinel_proto::v1::ProbeReport;
+        let dir = tempfile::tempdir().unwrap();
+        let b = backups(dir.path());
+        let probe = job_finished::Result::IsolationProbe(ProbeReport::default());
+        let (problem, shown) = apply_started_here(&b, &finished_backup("j-2", Some(probe))).await;
+        let problem = problem.expect("a problem");
+        assert!(
+            problem.contains(
+                "job j-2 (backup) carried a result of kind isolation_probe where its own \
+                 (backup) belongs"
+            ),
+            "{problem}"
+        );
+        assert!(shown.contains(&problem), "{shown}");
+    }
+
+    #[tokio::test]
+    async fn a_backup_result_that_does_not_convert_is_an_error_naming_the_job() {
+        use sentinel_proto::v1::{BackupFailure, BackupReport, BackupSeries};
+        let dir = tempfile::tempdir().unwrap();
+        let b = backups(dir.path());
+        let report = job_finished::Result::Backup(BackupReport {
+            failures: vec![BackupFailure {
+                series: Some(BackupSeries {
+                    kind: 99,
+                    environment: "production".into(),
+                    database: "auth".into(),
+                }),
+                error: "pg_dump failed".into(),
+            }],
+            ..Default::default()
+        });
+        let (problem, shown) = apply_started_here(&b, &finished_backup("j-3", Some(report))).await;
+        let problem = problem.expect("a problem");
+        assert!(
+            problem.contains("job j-3 (backup) carried a result that cannot be read")
+                && problem.contains("unknown kind (99)"),
+            "{problem}"
+        );
+        assert!(shown.contains(&problem), "{shown}");
+    }
+
+    #[tokio::test]
+    async fn a_finished_backup_job_with_its_report_is_recorded_without_a_problem() {
+        use sentinel_proto::v1::{BackupReport, BackupSeries, SeriesKind};
+        let dir = tempfile::tempdir().unwrap();
+        let b = backups(dir.path());
+        let report = job_finished::Result::Backup(BackupReport {
+            failures: vec![sentinel_proto::v1::BackupFailure {
+                series: Some(BackupSeries {
+                    kind: SeriesKind::Database as i32,
+                    environment: "production".into(),
+                    database: "auth".into(),
+                }),
+                error: "pg_dump failed: no such database".into(),
+            }],
+            ..Default::default()
+        });
+        let (problem, shown) = apply_started_here(&b, &finished_backup("j-4", Some(report))).await;
+        assert_eq!(problem, None);
+        assert_eq!(shown, "pg_dump failed: no such database");
     }
 }

@@ -35,7 +35,7 @@ pub enum OnStart {
 impl Schedule {
     /// Parses `expr` (5 fields, or 6 with seconds first) in `time_zone`.
     pub fn parse(name: &'static str, expr: &str, time_zone: &str) -> Result<Self, String> {
-        let tz = hostagent::jobs::backup::retention::parse_time_zone(time_zone)?;
+        let tz = sentinel_proto::backup::parse_time_zone(time_zone)?;
         let cron = croner::Cron::from_str(expr.trim())
             .map_err(|e| format!("{expr:?} is not a cron expression: {e}"))?;
         let schedule = Self {

@@ -5,13 +5,12 @@
 
 use std::collections::BTreeMap;
 
-use hostagent::jobs::backup::manifest::{Item, Series, SeriesInventory};
-use hostagent::jobs::backup::restore::RestoreReport;
-use hostagent::jobs::backup::verify::VerifyReport;
-use hostagent::jobs::backup::BackupReport;
 use jiff::Timestamp;
-use sentinel_proto::v1::DatabaseBackups;
+use sentinel_proto::time::{from_jiff, to_jiff};
+use sentinel_proto::v1::{BackupReport, DatabaseBackups, RestoreReport, VerifyReport};
 use serde::{Deserialize, Serialize};
+
+use super::series::{self, Item, Series};
 
 /// One series.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -206,18 +205,19 @@ impl State {
             .or_insert_with(|| SeriesState::new(series.clone()))
     }
 
-    fn take_inventory(&mut self, inventory: &[SeriesInventory]) {
+    fn take_inventory(&mut self, inventory: BTreeMap<Series, Vec<Item>>) {
         // The report lists every series with backups; a known one it omits has none left.
         for s in self.series.values_mut() {
             s.kept.clear();
         }
-        for inv in inventory {
-            self.entry(&inv.series).kept = inv.backups.clone();
+        for (series, items) in inventory {
+            self.entry(&series).kept = items;
         }
     }
 
     /// A finished backup job: its report (None when it ended without one), whether it
-    /// succeeded and its detail, and the series it was meant to cover.
+    /// succeeded and its detail, and the series it was meant to cover. A report that does not
+    /// convert changes nothing and is the error (what in it is wrong).
     pub fn apply_backup(
         &mut self,
         report: Option<&BackupReport>,
@@ -225,24 +225,39 @@ impl State {
         detail: &str,
         covered: &[Series],
         now: Timestamp,
-    ) {
-        let at = report.and_then(|r| r.taken_at).unwrap_or(now);
+    ) -> Result<(), String> {
+        let at = report
+            .and_then(|r| r.taken_at.as_ref())
+            .and_then(to_jiff)
+            .unwrap_or(now);
         let mut seen = Vec::new();
         if let Some(r) = report {
-            for e in &r.written {
-                let s = self.entry(&e.series);
+            // Everything converted first: a bad report must not be half applied.
+            let written = r
+                .written
+                .iter()
+                .map(|e| Series::from_proto(e.series.as_ref()))
+                .collect::<Result<Vec<_>, _>>()?;
+            let failures = r
+                .failures
+                .iter()
+                .map(|f| Series::from_proto(f.series.as_ref()).map(|s| (s, f.error.clone())))
+                .collect::<Result<Vec<_>, _>>()?;
+            let inventory = series::inventory(&r.inventory)?;
+            for series in written {
+                let s = self.entry(&series);
                 s.last_attempt_at = Some(at);
                 s.last_error = None;
-                seen.push(e.series.clone());
+                seen.push(series);
             }
-            for f in &r.failures {
-                let s = self.entry(&f.series);
+            for (series, error) in failures {
+                let s = self.entry(&series);
                 s.last_attempt_at = Some(at);
-                s.last_error = Some(f.error.clone());
-                seen.push(f.series.clone());
+                s.last_error = Some(error);
+                seen.push(series);
             }
             if !r.inventory.is_empty() || !r.written.is_empty() {
-                self.take_inventory(&r.inventory);
+                self.take_inventory(inventory);
             }
             if let Some(o) = &r.offsite {
                 self.offsite = OffsiteState {
@@ -260,9 +275,10 @@ impl State {
                 s.last_error = Some(detail.to_string());
             }
         }
+        Ok(())
     }
 
-    /// A finished verify job.
+    /// A finished verify job (see [`State::apply_backup`]).
     pub fn apply_verify(
         &mut self,
         report: Option<&VerifyReport>,
@@ -270,25 +286,34 @@ impl State {
         detail: &str,
         covered: &[Series],
         now: Timestamp,
-    ) {
-        let Some(r) = report.filter(|r| r.verified_at.is_some()) else {
+    ) -> Result<(), String> {
+        let Some((r, at)) =
+            report.and_then(|r| Some((r, r.verified_at.as_ref().and_then(to_jiff)?)))
+        else {
             for series in covered {
                 let s = self.entry(series);
                 s.last_verify_at = Some(now);
                 s.last_verify_ok = false;
                 s.last_verify_detail = detail.to_string();
             }
-            return;
+            return Ok(());
         };
-        let at = r.verified_at.unwrap_or(now);
-        self.take_inventory(&r.inventory);
+        let inventory = series::inventory(&r.inventory)?;
+        let damage = r
+            .damaged
+            .iter()
+            .map(|d| {
+                Series::from_proto(d.series.as_ref())
+                    .map(|s| (s, format!("{}: {}", d.file, d.error)))
+            })
+            .collect::<Result<Vec<_>, _>>()?;
+        self.take_inventory(inventory);
         let keys: Vec<Series> = self.series.keys().cloned().collect();
         for series in keys {
-            let damaged: Vec<String> = r
-                .damaged
+            let damaged: Vec<String> = damage
                 .iter()
-                .filter(|d| d.series == series)
-                .map(|d| format!("{}: {}", d.file, d.error))
+                .filter(|(s, _)| *s == series)
+                .map(|(_, d)| d.clone())
                 .collect();
             let s = self.entry(&series);
             if s.kept.is_empty() && damaged.is_empty() {
@@ -318,9 +343,10 @@ impl State {
             }
             s.last_verify_detail = detail;
         }
+        Ok(())
     }
 
-    /// A finished restore-test job.
+    /// A finished restore-test job (see [`State::apply_backup`]).
     pub fn apply_restore(
         &mut self,
         report: Option<&RestoreReport>,
@@ -328,11 +354,19 @@ impl State {
         detail: &str,
         covered: &[Series],
         now: Timestamp,
-    ) {
-        let at = report.and_then(|r| r.tested_at).unwrap_or(now);
+    ) -> Result<(), String> {
+        let at = report
+            .and_then(|r| r.tested_at.as_ref())
+            .and_then(to_jiff)
+            .unwrap_or(now);
         let mut seen = Vec::new();
-        for r in report.map(|r| r.results.as_slice()).unwrap_or_default() {
-            let s = self.entry(&r.series);
+        let results = report.map(|r| r.results.as_slice()).unwrap_or_default();
+        let tested = results
+            .iter()
+            .map(|r| Series::from_proto(r.series.as_ref()))
+            .collect::<Result<Vec<_>, _>>()?;
+        for (series, r) in tested.into_iter().zip(results) {
+            let s = self.entry(&series);
             s.last_restore_at = Some(at);
             s.last_restore_ok = r.ok;
             s.last_restore_seconds = r.restore_seconds;
@@ -346,7 +380,7 @@ impl State {
                     r.invariants.len()
                 ),
             };
-            seen.push(r.series.clone());
+            seen.push(series);
         }
         if !ok {
             for series in covered.iter().filter(|s| !seen.contains(s)) {
@@ -356,16 +390,12 @@ impl State {
                 s.last_restore_detail = detail.to_string();
             }
         }
+        Ok(())
     }
 
     /// The operator's view of one series at `now`.
     pub fn summary(&self, series: &Series, now: Timestamp) -> DatabaseBackups {
-        let ts = |t: Option<Timestamp>| {
-            t.map(|t| prost_types::Timestamp {
-                seconds: t.as_second(),
-                nanos: t.subsec_nanosecond(),
-            })
-        };
+        let ts = |t: Option<Timestamp>| t.map(from_jiff);
         let blank = SeriesState::new(series.clone());
         let s = self.series.get(series).unwrap_or(&blank);
         let newest = s.newest_good();
@@ -398,7 +428,8 @@ impl State {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use hostagent::jobs::backup::manifest::Kind;
+    use crate::backups::series::Kind;
+    use sentinel_proto::v1::{BackupItem, BackupSeries, SeriesInventory, SeriesKind};
 
     fn db(name: &str) -> Series {
         Series {
@@ -408,10 +439,22 @@ mod tests {
         }
     }
 
-    fn item(file: &str, at: &str, damaged: Option<&str>) -> Item {
-        Item {
+    fn proto_db(name: &str) -> BackupSeries {
+        BackupSeries {
+            kind: SeriesKind::Database as i32,
+            environment: "production".into(),
+            database: name.into(),
+        }
+    }
+
+    fn ts(at: &str) -> prost_types::Timestamp {
+        from_jiff(at.parse().unwrap())
+    }
+
+    fn item(file: &str, at: &str, damaged: Option<&str>) -> BackupItem {
+        BackupItem {
             file: file.into(),
-            taken_at: at.parse().unwrap(),
+            taken_at: Some(ts(at)),
             size: 10,
             sha256: "ab".into(),
             damaged: damaged.map(String::from),
@@ -422,9 +465,9 @@ mod tests {
     fn the_newest_good_backup_skips_damaged_ones_and_survives_the_store() {
         let mut state = State::default();
         let report = BackupReport {
-            taken_at: Some("2026-04-09T02:00:00Z".parse().unwrap()),
+            taken_at: Some(ts("2026-04-09T02:00:00Z")),
             inventory: vec![SeriesInventory {
-                series: db("auth"),
+                series: Some(proto_db("auth")),
                 backups: vec![
                     item("a1", "2026-04-08T02:00:00Z", None),
                     item("a2", "2026-04-09T02:00:00Z", Some("sha256 mismatch")),
@@ -433,7 +476,9 @@ mod tests {
             ..Default::default()
         };
         let now: Timestamp = "2026-04-09T04:00:00Z".parse().unwrap();
-        state.apply_backup(Some(&report), true, "ok", &[], now);
+        state
+            .apply_backup(Some(&report), true, "ok", &[], now)
+            .unwrap();
         let summary = state.summary(&db("auth"), now);
         assert_eq!(summary.newest_good_file, "a1");
         assert_eq!(summary.newest_good_age_seconds, 26.0 * 3600.0);
@@ -466,18 +511,43 @@ mod tests {
     fn a_job_that_never_reported_marks_what_it_covered() {
         let mut state = State::default();
         let now = Timestamp::now();
-        state.apply_backup(
-            None,
-            false,
-            "refused by the agent: POLICY",
-            &[db("auth")],
-            now,
-        );
+        state
+            .apply_backup(
+                None,
+                false,
+                "refused by the agent: POLICY",
+                &[db("auth")],
+                now,
+            )
+            .unwrap();
         assert_eq!(
             state.summary(&db("auth"), now).last_error,
             "refused by the agent: POLICY"
         );
-        state.apply_restore(None, false, "no test cluster", &[db("auth")], now);
+        state
+            .apply_restore(None, false, "no test cluster", &[db("auth")], now)
+            .unwrap();
         assert!(!state.summary(&db("auth"), now).last_restore_test_ok);
+    }
+
+    #[test]
+    fn a_report_naming_an_unknown_series_kind_changes_nothing_and_says_why() {
+        let mut state = State::default();
+        let now = Timestamp::now();
+        let report = BackupReport {
+            inventory: vec![SeriesInventory {
+                series: Some(BackupSeries {
+                    kind: 7,
+                    ..proto_db("auth")
+                }),
+                backups: vec![item("a1", "2026-04-08T02:00:00Z", None)],
+            }],
+            ..Default::default()
+        };
+        let e = state
+            .apply_backup(Some(&report), true, "ok", &[db("auth")], now)
+            .unwrap_err();
+        assert!(e.contains("unknown kind (7)"), "{e}");
+        assert_eq!(state, State::default());
     }
 }

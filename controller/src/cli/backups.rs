@@ -8,11 +8,9 @@
 use std::time::Duration;
 
 use sentinel_proto::v1::{
-    job_event, GetJobRequest, Job, JobState, ListBackupsRequest, RunBackupRequest,
+    job_event, job_finished, GetJobRequest, Job, JobState, ListBackupsRequest, RunBackupRequest,
     RunRestoreTestRequest, StepStatus, VerifyBackupsRequest,
 };
-
-use hostagent::jobs::backup::BackupReport;
 
 use super::deploy::status_err;
 use super::format::{ago, bytes, enum_word, one_line, state, truncate, when};
@@ -101,13 +99,15 @@ fn exit_code(job: &Job) -> u8 {
     if job.state() != JobState::Succeeded {
         return EXIT_FAILED;
     }
-    let report = job.events.iter().rev().find_map(|e| match &e.event {
-        Some(job_event::Event::Finished(f)) if !f.result_json.is_empty() => {
-            serde_json::from_str::<BackupReport>(&f.result_json).ok()
+    let offsite = match sentinel_proto::results::finished_result(job) {
+        Ok(Some(job_finished::Result::Backup(r))) => r.offsite.as_ref(),
+        Ok(_) => None,
+        Err(e) => {
+            eprintln!("error: {e}");
+            return EXIT_FAILED;
         }
-        _ => None,
-    });
-    match report.and_then(|r| r.offsite) {
+    };
+    match offsite {
         Some(offsite) if !offsite.ok() => EXIT_OFFSITE_FAILED,
         _ => 0,
     }
@@ -272,17 +272,19 @@ async fn follow(client: &ClientArgs, job_id: &str) -> anyhow::Result<Job> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use hostagent::jobs::backup::offsite;
-    use sentinel_proto::v1::{JobEvent, JobFinished};
+    use sentinel_proto::v1::{
+        BackupReport, JobEvent, JobFinished, JobKind, OffsiteReport, VerifyReport,
+    };
 
     fn finished(state: JobState, report: &BackupReport) -> Job {
         Job {
+            kind: JobKind::Backup as i32,
             state: state as i32,
             events: vec![JobEvent {
                 event: Some(job_event::Event::Finished(JobFinished {
                     state: state as i32,
                     detail: String::new(),
-                    result_json: serde_json::to_string(report).unwrap(),
+                    result: Some(job_finished::Result::Backup(report.clone())),
                 })),
                 ..Default::default()
             }],
@@ -293,7 +295,7 @@ mod tests {
     #[test]
     fn a_backup_whose_offsite_copy_failed_has_its_own_exit_code() {
         let copied = BackupReport {
-            offsite: Some(offsite::Report::default()),
+            offsite: Some(OffsiteReport::default()),
             ..Default::default()
         };
         assert_eq!(exit_code(&finished(JobState::Succeeded, &copied)), 0);
@@ -318,9 +320,19 @@ mod tests {
         assert_eq!(exit_code(&Job::default()), EXIT_FAILED);
         // Verify and restore-test results are not backup reports.
         let mut verify = finished(JobState::Succeeded, &copied);
+        verify.kind = JobKind::VerifyBackups as i32;
         if let Some(job_event::Event::Finished(f)) = &mut verify.events[0].event {
-            f.result_json = r#"{"checked":3}"#.into();
+            f.result = Some(job_finished::Result::Verify(VerifyReport {
+                checked: 3,
+                ..Default::default()
+            }));
         }
         assert_eq!(exit_code(&verify), 0);
+        // A backup that succeeded without its report is not taken for a good one.
+        let mut bare = finished(JobState::Succeeded, &copied);
+        if let Some(job_event::Event::Finished(f)) = &mut bare.events[0].event {
+            f.result = None;
+        }
+        assert_eq!(exit_code(&bare), EXIT_FAILED);
     }
 }

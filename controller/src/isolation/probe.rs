@@ -8,11 +8,12 @@ use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
 
-use hostagent::jobs::probe::ProbeReport;
+use sentinel_proto::results::finished_result;
 use sentinel_proto::v1::{
-    job_event, job_spec, IsolationProbeParams, IsolationViolation, Job, JobKind, JobState,
-    ProbeResult, ProbeTarget,
+    job_event, job_finished, job_spec, IsolationProbeParams, IsolationViolation, Job, JobKind,
+    JobState, ProbeResult, ProbeTarget,
 };
+use tracing::warn;
 
 use super::policy::{IsolationConfig, ProbeSettings};
 use crate::jobs::{is_final, JobQueue, NewJob};
@@ -195,19 +196,23 @@ fn params(policy: &IsolationConfig, settings: &ProbeSettings) -> IsolationProbeP
     }
 }
 
-/// What a finished probe job says: its attempts, or why there are none.
+/// What a finished probe job says: its attempts, or why there are none. A job that ran
+/// without its result, or with one of another kind, is a "not probed" naming the job and the
+/// error (logged here, once per job: each job is answered once).
 fn answer(host: &str, job: &Job) -> Vec<ProbeResult> {
-    let result_json = job.events.iter().rev().find_map(|e| match &e.event {
-        Some(job_event::Event::Finished(f)) if !f.result_json.is_empty() => {
-            Some(f.result_json.as_str())
+    let report = match finished_result(job) {
+        Ok(Some(job_finished::Result::IsolationProbe(report))) => Some(report),
+        Ok(_) => None,
+        Err(e) => {
+            warn!(host, job_id = %job.job_id, error = %e, "probe job result unusable");
+            return vec![not_probed(host, format!("not probed: {e}"))];
         }
-        _ => None,
-    });
-    let report = result_json.and_then(|j| serde_json::from_str::<ProbeReport>(j).ok());
+    };
     match report {
         Some(report) if job.state() == JobState::Succeeded => report
             .attempts
-            .into_iter()
+            .iter()
+            .cloned()
             .map(|a| ProbeResult {
                 host: host.to_string(),
                 user_environment: a.user_environment,
@@ -287,7 +292,7 @@ pub fn violations(probes: &[ProbeResult]) -> Vec<IsolationViolation> {
 mod tests {
     use super::*;
     use crate::isolation::policy::tests::policy;
-    use sentinel_proto::v1::{JobEvent, JobFinished};
+    use sentinel_proto::v1::{BackupReport, JobEvent, JobFinished, ProbeAttempt, ProbeReport};
 
     fn settings() -> ProbeSettings {
         ProbeSettings {
@@ -312,15 +317,16 @@ mod tests {
         assert_eq!(p.connect_timeout_ms, 5000);
     }
 
-    fn finished(state: JobState, json: &str) -> Job {
+    fn finished(state: JobState, result: Option<job_finished::Result>) -> Job {
         Job {
             job_id: "j-1".into(),
+            kind: JobKind::IsolationProbe as i32,
             state: state as i32,
             detail: "boom".into(),
             events: vec![JobEvent {
                 event: Some(job_event::Event::Finished(JobFinished {
                     state: state as i32,
-                    result_json: json.into(),
+                    result,
                     ..Default::default()
                 })),
                 ..Default::default()
@@ -329,15 +335,27 @@ mod tests {
         }
     }
 
+    fn attempt(database: &str, connected: bool, message: &str) -> ProbeAttempt {
+        ProbeAttempt {
+            user: "stg_user".into(),
+            user_environment: "staging".into(),
+            database: database.into(),
+            database_environment: "production".into(),
+            connected,
+            message: message.into(),
+            probed: true,
+        }
+    }
+
     #[test]
     fn answers_become_results_and_connections_violations() {
-        let json = r#"{"attempts":[
-            {"user":"stg_user","user_environment":"staging","database":"auth_prod",
-             "database_environment":"production","connected":true,"message":"connected","probed":true},
-            {"user":"stg_user","user_environment":"staging","database":"pulse_prod",
-             "database_environment":"production","connected":false,
-             "message":"FATAL: permission denied for database","probed":true}]}"#;
-        let results = answer("web-1", &finished(JobState::Succeeded, json));
+        let report = job_finished::Result::IsolationProbe(ProbeReport {
+            attempts: vec![
+                attempt("auth_prod", true, "connected"),
+                attempt("pulse_prod", false, "FATAL: permission denied for database"),
+            ],
+        });
+        let results = answer("web-1", &finished(JobState::Succeeded, Some(report)));
         assert_eq!(results.len(), 2);
         assert!(results.iter().all(|r| r.host == "web-1" && r.probed));
         let v = violations(&results);
@@ -345,7 +363,7 @@ mod tests {
         assert_eq!(v[0].database, "auth_prod");
         assert!(v[0].path.contains("probe from web-1"), "{}", v[0].path);
 
-        let failed = answer("web-1", &finished(JobState::Refused, ""));
+        let failed = answer("web-1", &finished(JobState::Refused, None));
         assert_eq!(failed.len(), 1);
         assert!(!failed[0].probed);
         assert!(
@@ -354,6 +372,31 @@ mod tests {
             failed[0].message
         );
         assert!(violations(&failed).is_empty());
+    }
+
+    #[test]
+    fn a_probe_that_succeeded_without_its_result_is_not_probed_and_names_the_job() {
+        let none = answer("web-1", &finished(JobState::Succeeded, None));
+        assert_eq!(none.len(), 1);
+        assert!(!none[0].probed);
+        assert!(
+            none[0]
+                .message
+                .contains("job j-1 (isolation_probe) succeeded without its result"),
+            "{}",
+            none[0].message
+        );
+        let backup = job_finished::Result::Backup(BackupReport::default());
+        let other = answer("web-1", &finished(JobState::Succeeded, Some(backup)));
+        assert!(!other[0].probed);
+        assert!(
+            other[0]
+                .message
+                .contains("job j-1 (isolation_probe) carried a result of kind backup"),
+            "{}",
+            other[0].message
+        );
+        assert!(violations(&other).is_empty());
     }
 
     #[test]

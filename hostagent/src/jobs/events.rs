@@ -7,8 +7,8 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use sentinel_proto::v1::{
-    agent_message, job_event, AgentMessage, JobEvent, JobFinished, JobLog, JobState, JobStep,
-    StepStatus,
+    agent_message, job_event, job_finished, AgentMessage, BackupSeries, JobEvent, JobFinished,
+    JobLog, JobState, JobStep, SeriesInventory, StepStatus,
 };
 use tokio::sync::Notify;
 
@@ -136,18 +136,149 @@ impl JobEvents {
         }));
     }
 
-    /// The job's end. Sent once by the runner.
-    pub fn finished(&self, state: JobState, detail: &str, result_json: &str) {
+    /// The job's end, with its typed result (every string in it masked too). Sent once by
+    /// the runner.
+    pub fn finished(&self, state: JobState, detail: &str, result: Option<job_finished::Result>) {
+        let mut result = result;
+        if let Some(r) = result.as_mut() {
+            let has_secrets = !self
+                .secrets
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .is_empty();
+            if has_secrets {
+                result_strings(r, &mut |s: &mut String| {
+                    let masked = self.redact(s);
+                    if masked != *s {
+                        *s = masked;
+                    }
+                });
+            }
+        }
         self.emit(job_event::Event::Finished(JobFinished {
             state: state as i32,
             detail: self.redact(detail),
-            result_json: self.redact(result_json),
+            result,
         }));
     }
 
     /// Emits a raw event (accepted / refused).
     pub fn raw(&self, event: job_event::Event) {
         self.emit(event);
+    }
+}
+
+/// Calls `f` on every string of a job result (messages, errors, names, paths), so that no
+/// secret a job registered leaves the host inside one. A field added to a result message
+/// must be added here too.
+fn result_strings(result: &mut job_finished::Result, f: &mut dyn FnMut(&mut String)) {
+    fn all<'a>(strings: impl IntoIterator<Item = &'a mut String>, f: &mut dyn FnMut(&mut String)) {
+        strings.into_iter().for_each(f);
+    }
+    fn opt(s: &mut Option<String>, f: &mut dyn FnMut(&mut String)) {
+        all(s.as_mut(), f);
+    }
+    fn series(s: &mut Option<BackupSeries>, f: &mut dyn FnMut(&mut String)) {
+        if let Some(s) = s {
+            f(&mut s.environment);
+            f(&mut s.database);
+        }
+    }
+    fn inventory(inv: &mut [SeriesInventory], f: &mut dyn FnMut(&mut String)) {
+        for i in inv {
+            series(&mut i.series, f);
+            for b in &mut i.backups {
+                f(&mut b.file);
+                f(&mut b.sha256);
+                opt(&mut b.damaged, f);
+            }
+        }
+    }
+    match result {
+        job_finished::Result::Backup(r) => {
+            f(&mut r.run_id);
+            f(&mut r.reason);
+            for e in &mut r.written {
+                series(&mut e.series, f);
+                for s in [
+                    &mut e.file,
+                    &mut e.sha256,
+                    &mut e.tool_version,
+                    &mut e.server_version,
+                ] {
+                    f(s);
+                }
+                let counts = std::mem::take(&mut e.row_counts);
+                e.row_counts = counts
+                    .into_iter()
+                    .map(|(mut table, n)| {
+                        f(&mut table);
+                        (table, n)
+                    })
+                    .collect();
+                all(&mut e.paths, f);
+                opt(&mut e.damaged, f);
+            }
+            for x in &mut r.failures {
+                series(&mut x.series, f);
+                f(&mut x.error);
+            }
+            all(&mut r.pruned, f);
+            if let Some(o) = &mut r.offsite {
+                f(&mut o.target);
+                all(
+                    o.copied
+                        .iter_mut()
+                        .chain(&mut o.pending)
+                        .chain(&mut o.pruned),
+                    f,
+                );
+                opt(&mut o.error, f);
+                opt(&mut o.prune_error, f);
+            }
+            inventory(&mut r.inventory, f);
+        }
+        job_finished::Result::Verify(r) => {
+            for d in &mut r.damaged {
+                series(&mut d.series, f);
+                f(&mut d.file);
+                f(&mut d.error);
+            }
+            all(
+                r.problems
+                    .iter_mut()
+                    .chain(&mut r.unlisted)
+                    .chain(&mut r.unread),
+                f,
+            );
+            inventory(&mut r.inventory, f);
+            all(r.exposed.iter_mut().map(|e| &mut e.path), f);
+        }
+        job_finished::Result::RestoreTest(r) => {
+            for x in &mut r.results {
+                series(&mut x.series, f);
+                f(&mut x.file);
+                all(&mut x.mismatches, f);
+                for i in &mut x.invariants {
+                    f(&mut i.sql);
+                    opt(&mut i.error, f);
+                }
+                opt(&mut x.error, f);
+            }
+        }
+        job_finished::Result::IsolationProbe(r) => {
+            for a in &mut r.attempts {
+                for s in [
+                    &mut a.user,
+                    &mut a.user_environment,
+                    &mut a.database,
+                    &mut a.database_environment,
+                    &mut a.message,
+                ] {
+                    f(s);
+                }
+            }
+        }
     }
 }
 
@@ -183,5 +314,53 @@ mod tests {
         let text = format!("{msgs:?}");
         assert!(!text.contains("hunter22"), "{text}");
         assert!(text.contains("***"));
+    }
+
+    #[test]
+    fn secrets_are_masked_in_every_kind_of_result() {
+        use sentinel_proto::v1::{
+            BackupFailure, BackupReport, OffsiteReport, ProbeAttempt, ProbeReport, RestoreReport,
+            RestoreResult, VerifyReport,
+        };
+        let outbox = Outbox::default();
+        let ev = JobEvents::new("j1", outbox.clone(), 0);
+        ev.add_secret("hunter22");
+        let leak = || "password=hunter22 refused".to_string();
+        let results = [
+            job_finished::Result::Backup(BackupReport {
+                failures: vec![BackupFailure {
+                    series: None,
+                    error: leak(),
+                }],
+                offsite: Some(OffsiteReport {
+                    error: Some(leak()),
+                    ..Default::default()
+                }),
+                ..Default::default()
+            }),
+            job_finished::Result::Verify(VerifyReport {
+                problems: vec![leak()],
+                ..Default::default()
+            }),
+            job_finished::Result::RestoreTest(RestoreReport {
+                results: vec![RestoreResult {
+                    error: Some(leak()),
+                    ..Default::default()
+                }],
+                ..Default::default()
+            }),
+            job_finished::Result::IsolationProbe(ProbeReport {
+                attempts: vec![ProbeAttempt {
+                    message: leak(),
+                    ..Default::default()
+                }],
+            }),
+        ];
+        for r in results {
+            ev.finished(JobState::Failed, "done", Some(r));
+        }
+        let text = format!("{:?}", outbox.drain());
+        assert!(!text.contains("hunter22"), "{text}");
+        assert_eq!(text.matches("password=*** refused").count(), 5, "{text}");
     }
 }

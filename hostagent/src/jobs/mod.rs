@@ -22,7 +22,8 @@ use std::time::{Duration, SystemTime};
 use ed25519_dalek::VerifyingKey;
 use sentinel_proto::envelope;
 use sentinel_proto::v1::{
-    job_event, job_spec, JobAccepted, JobRefused, JobSpec, JobState, RefusalReason, SignedJob,
+    job_event, job_finished, job_spec, JobAccepted, JobKind, JobRefused, JobSpec, JobState,
+    RefusalReason, SignedJob,
 };
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
@@ -132,7 +133,7 @@ impl Jobs {
             JobEvents::new(&rec.job_id, self.outbox.clone(), 1_000_000).finished(
                 state,
                 &rec.detail,
-                "",
+                None,
             );
         }
     }
@@ -220,7 +221,7 @@ impl Jobs {
         JobEvents::new(&rec.job_id, self.outbox.clone(), 1_000_000).finished(
             state,
             &rec.detail,
-            "",
+            None,
         );
     }
 
@@ -278,7 +279,7 @@ impl Jobs {
             events.finished(
                 JobState::Failed,
                 &format!("cannot record the job start: {e}"),
-                "",
+                empty_result(spec.kind()),
             );
             return;
         }
@@ -290,11 +291,11 @@ impl Jobs {
             }
             _ => None,
         };
-        let (mut outcome, result_json) = tokio::select! {
+        let (mut outcome, result) = tokio::select! {
             r = self.execute(&spec, &events) => r,
             _ = token.cancelled() => (
                 Err(JobError::Cancelled("cancelled by the controller".into())),
-                String::new(),
+                None,
             ),
         };
         if let (Err(JobError::Cancelled(why)), Some(job_spec::Params::Deploy(p))) =
@@ -318,10 +319,10 @@ impl Jobs {
         }
         info!(state = state.as_str_name(), detail = %detail, "job finished");
         crate::metrics::get().job_finished(spec.kind(), state);
-        events.finished(state, &detail, &result_json);
+        events.finished(state, &detail, result);
     }
 
-    /// Runs a job: its outcome and its JSON result (backups report what they wrote and hold).
+    /// Runs a job: its outcome and its typed result (backups report what they wrote and hold).
     async fn execute(&self, spec: &JobSpec, events: &JobEvents) -> backup::Outcome {
         let backups = &self.config.backups;
         match &spec.params {
@@ -335,7 +336,7 @@ impl Jobs {
             Some(job_spec::Params::IsolationProbe(p)) => {
                 probe::run_probe(p, &self.config.isolation_probe, events).await
             }
-            _ => (self.execute_deploy(spec, events).await, String::new()),
+            _ => (self.execute_deploy(spec, events).await, None),
         }
     }
 
@@ -387,6 +388,21 @@ async fn restore_after_cancel(
     match deploy::rollback(&params, events).await {
         Ok(summary) => format!("{why}; restored {live}: {summary}"),
         Err(e) => format!("{why}; restoring {live} failed: {e}"),
+    }
+}
+
+/// The result a job of `kind` answers when it fails before doing anything: empty, but of its
+/// kind, so the controller can tell it from an agent that does not report results.
+fn empty_result(kind: JobKind) -> Option<job_finished::Result> {
+    use sentinel_proto::v1::{BackupReport, ProbeReport, RestoreReport, VerifyReport};
+    match kind {
+        JobKind::Backup => Some(job_finished::Result::Backup(BackupReport::default())),
+        JobKind::VerifyBackups => Some(job_finished::Result::Verify(VerifyReport::default())),
+        JobKind::RestoreTest => Some(job_finished::Result::RestoreTest(RestoreReport::default())),
+        JobKind::IsolationProbe => {
+            Some(job_finished::Result::IsolationProbe(ProbeReport::default()))
+        }
+        _ => None,
     }
 }
 

@@ -13,8 +13,10 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use futures::StreamExt;
-use sentinel_proto::v1::{IsolationProbeParams, ProbeTarget, StepStatus};
-use serde::{Deserialize, Serialize};
+use sentinel_proto::v1::{
+    job_finished, IsolationProbeParams, ProbeAttempt, ProbeReport, ProbeTarget, StepStatus,
+};
+use serde::Deserialize;
 
 use super::{JobError, JobEvents};
 use sentinel_postgres::{connect_to, PgClientConfig, Redirect};
@@ -276,32 +278,6 @@ fn url_user(url: &str) -> Option<String> {
     config.get_user().map(str::to_string)
 }
 
-/// One attempt's outcome, as the job's JSON result carries it to the controller.
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
-pub struct ProbeAttempt {
-    /// The database user that tried.
-    pub user: String,
-    /// Its environment.
-    pub user_environment: String,
-    /// The database it tried.
-    pub database: String,
-    /// That database's environment.
-    pub database_environment: String,
-    /// Whether it got in (a violation).
-    pub connected: bool,
-    /// The server's refusal, or what got in the way.
-    pub message: String,
-    /// False when no attempt could be made (the credential could not be read).
-    pub probed: bool,
-}
-
-/// The JSON result of a probe job.
-#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq, Eq)]
-pub struct ProbeReport {
-    /// Every attempt, in credential then target order.
-    pub attempts: Vec<ProbeAttempt>,
-}
-
 /// Runs a probe job: every credential against every target of another environment.
 pub async fn run_probe(
     params: &IsolationProbeParams,
@@ -316,7 +292,7 @@ pub async fn run_probe(
                  ([[jobs.isolation_probe.credentials]] is empty)"
                     .into(),
             )),
-            String::new(),
+            Some(job_finished::Result::IsolationProbe(ProbeReport::default())),
         );
     }
     let timeout = match params.connect_timeout_ms {
@@ -389,8 +365,12 @@ pub async fn run_probe(
         attempts.len() - connected - unprobed
     );
     events.step("probe", StepStatus::Succeeded, &summary, started.elapsed());
-    let json = serde_json::to_string(&ProbeReport { attempts }).unwrap_or_default();
-    (Ok(summary), json)
+    (
+        Ok(summary),
+        Some(job_finished::Result::IsolationProbe(ProbeReport {
+            attempts,
+        })),
+    )
 }
 
 /// One connection attempt to make.

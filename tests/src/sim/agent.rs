@@ -349,7 +349,9 @@ async fn session(
 /// with real agents; every other kind is refused, like an agent whose policy allows none, so
 /// nothing waits for a job that never runs.
 fn job_answer(spec: &sentinel_proto::v1::JobSpec) -> Vec<JobEvent> {
-    use sentinel_proto::v1::{job_event::Event, JobAccepted, JobFinished, JobKind, JobState};
+    use sentinel_proto::v1::{
+        job_event::Event, job_finished, JobAccepted, JobFinished, JobKind, JobState, ProbeReport,
+    };
     let event = |seq: u64, event: Event| JobEvent {
         job_id: spec.job_id.clone(),
         seq,
@@ -364,7 +366,7 @@ fn job_answer(spec: &sentinel_proto::v1::JobSpec) -> Vec<JobEvent> {
                 Event::Finished(JobFinished {
                     state: JobState::Succeeded as i32,
                     detail: "0 attempts (simulated host)".into(),
-                    result_json: r#"{"attempts":[]}"#.into(),
+                    result: Some(job_finished::Result::IsolationProbe(ProbeReport::default())),
                 }),
             ),
         ];

@@ -2,12 +2,15 @@
 //! holds, its size and sha256, whether it is encrypted, the tool and server versions, when it
 //! was taken, and for database dumps the row count of every table. Verify checks files against
 //! it, restore tests compare row counts with it, and retention marks what it pruned in it; it
-//! is the backup directory's inventory.
+//! is the backup directory's inventory. It is a file format, not the wire: job results carry
+//! the contract's messages, converted from these types where a report is built.
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
 use jiff::Timestamp;
+use sentinel_proto::time::from_jiff;
+use sentinel_proto::v1;
 use serde::{Deserialize, Serialize};
 
 use super::{write_atomic, BackupError};
@@ -36,6 +39,15 @@ impl Kind {
             Kind::Files => "files",
         }
     }
+
+    /// The contract's name for it.
+    pub fn to_proto(self) -> v1::SeriesKind {
+        match self {
+            Kind::Database => v1::SeriesKind::Database,
+            Kind::Globals => v1::SeriesKind::Globals,
+            Kind::Files => v1::SeriesKind::Files,
+        }
+    }
 }
 
 /// Which series of backups a file belongs to: retention works per series.
@@ -47,6 +59,17 @@ pub struct Series {
     pub environment: String,
     /// The database; for globals the DSN ref; for files "files".
     pub database: String,
+}
+
+impl Series {
+    /// As job results carry it.
+    pub fn to_proto(&self) -> v1::BackupSeries {
+        v1::BackupSeries {
+            kind: self.kind.to_proto() as i32,
+            environment: self.environment.clone(),
+            database: self.database.clone(),
+        }
+    }
 }
 
 impl std::fmt::Display for Series {
@@ -104,6 +127,29 @@ pub struct Entry {
     pub damaged: Option<String>,
 }
 
+impl Entry {
+    /// As job results carry it.
+    pub fn to_proto(&self) -> v1::BackupEntry {
+        v1::BackupEntry {
+            series: Some(self.series.to_proto()),
+            file: self.file.clone(),
+            size: self.size,
+            sha256: self.sha256.clone(),
+            encrypted: self.encrypted,
+            taken_at: Some(from_jiff(self.taken_at)),
+            started_at: Some(from_jiff(self.started_at)),
+            finished_at: Some(from_jiff(self.finished_at)),
+            tool_version: self.tool_version.clone(),
+            server_version: self.server_version.clone(),
+            row_counts: self.row_counts.clone(),
+            paths: self.paths.clone(),
+            pruned_at: self.pruned_at.map(from_jiff),
+            verified_at: self.verified_at.map(from_jiff),
+            damaged: self.damaged.clone(),
+        }
+    }
+}
+
 /// A series whose backup failed in a run.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Failure {
@@ -112,6 +158,16 @@ pub struct Failure {
     pub series: Series,
     /// Why.
     pub error: String,
+}
+
+impl Failure {
+    /// As job results carry it.
+    pub fn to_proto(&self) -> v1::BackupFailure {
+        v1::BackupFailure {
+            series: Some(self.series.to_proto()),
+            error: self.error.clone(),
+        }
+    }
 }
 
 /// One backup run.
@@ -210,51 +266,32 @@ pub fn is_relative_inside(file: &str) -> bool {
             .all(|c| matches!(c, std::path::Component::Normal(_)))
 }
 
-/// One retained backup, as results report it.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub struct Item {
-    /// Path relative to the backup dir.
-    pub file: String,
-    /// When it was taken.
-    pub taken_at: Timestamp,
-    /// Bytes.
-    pub size: u64,
-    /// SHA-256.
-    pub sha256: String,
-    /// What verify found wrong with it (None: good, or not verified yet).
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub damaged: Option<String>,
-}
-
-/// The retained backups of one series, oldest first.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub struct SeriesInventory {
-    /// The series.
-    #[serde(flatten)]
-    pub series: Series,
-    /// Its retained backups.
-    pub backups: Vec<Item>,
-}
-
-/// What the backup dir holds now, per series.
-pub fn inventory(manifests: &[Manifest]) -> Vec<SeriesInventory> {
-    let mut by_series: BTreeMap<Series, Vec<Item>> = BTreeMap::new();
+/// What the backup dir holds now, per series (in series order), each series' retained
+/// backups oldest first: as job results report it.
+pub fn inventory(manifests: &[Manifest]) -> Vec<v1::SeriesInventory> {
+    let mut by_series: BTreeMap<&Series, Vec<&Entry>> = BTreeMap::new();
     for m in manifests {
         for e in m.entries.iter().filter(|e| e.pruned_at.is_none()) {
-            by_series.entry(e.series.clone()).or_default().push(Item {
-                file: e.file.clone(),
-                taken_at: e.taken_at,
-                size: e.size,
-                sha256: e.sha256.clone(),
-                damaged: e.damaged.clone(),
-            });
+            by_series.entry(&e.series).or_default().push(e);
         }
     }
     by_series
         .into_iter()
-        .map(|(series, mut backups)| {
-            backups.sort_by_key(|b| b.taken_at);
-            SeriesInventory { series, backups }
+        .map(|(series, mut entries)| {
+            entries.sort_by_key(|e| e.taken_at);
+            v1::SeriesInventory {
+                series: Some(series.to_proto()),
+                backups: entries
+                    .into_iter()
+                    .map(|e| v1::BackupItem {
+                        file: e.file.clone(),
+                        taken_at: Some(from_jiff(e.taken_at)),
+                        size: e.size,
+                        sha256: e.sha256.clone(),
+                        damaged: e.damaged.clone(),
+                    })
+                    .collect(),
+            }
         })
         .collect()
 }

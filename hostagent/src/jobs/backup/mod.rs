@@ -15,8 +15,10 @@
 //! read it; the restore test ([`restore`]) restores the newest good dump of each database into
 //! a scratch database, compares row counts with the manifest, checks invariants and drops it.
 //!
-//! Every job answers a JSON result (the `*Report` types here) that the controller keeps for
-//! `ListBackups`. Credentials never travel in jobs: `dsn_ref`s name DSNs in the agent's config.
+//! Every job answers a typed result (`BackupReport`, `VerifyReport`, `RestoreReport` of the
+//! wire contract, in `JobFinished.result`) that the controller keeps for `ListBackups`; the
+//! manifests on disk stay this module's own JSON format and are converted where a report is
+//! built. Credentials never travel in jobs: `dsn_ref`s name DSNs in the agent's config.
 
 pub mod dsn;
 pub mod dump;
@@ -33,15 +35,17 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use jiff::Timestamp;
-use sentinel_proto::v1::{BackupParams, RetentionPolicy, StepStatus};
-use serde::{Deserialize, Serialize};
+pub use sentinel_proto::backup::{safe_name, DIR_MODE, FILE_MODE};
+use sentinel_proto::time::from_jiff;
+use sentinel_proto::v1::{job_finished, BackupParams, BackupReport, RetentionPolicy, StepStatus};
 
 use crate::config::BackupsConfig;
 use crate::jobs::{JobError, JobEvents};
-use manifest::{Entry, Failure, Kind, Manifest, Series, SeriesInventory};
+use manifest::{Entry, Failure, Kind, Manifest, Series};
 
-/// What a job answers: its outcome (the detail the operator reads) and its JSON result.
-pub type Outcome = (Result<String, JobError>, String);
+/// What a job answers: its outcome (the detail the operator reads) and its typed result (None
+/// for kinds without one).
+pub type Outcome = (Result<String, JobError>, Option<job_finished::Result>);
 
 /// A file operation that failed.
 #[derive(Debug, thiserror::Error)]
@@ -54,38 +58,6 @@ pub enum BackupError {
         /// Why.
         message: String,
     },
-}
-
-/// The result of a backup job.
-#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
-pub struct BackupReport {
-    /// The run's id (its UTC stamp).
-    pub run_id: String,
-    /// The run's clock.
-    pub taken_at: Option<Timestamp>,
-    /// Why it ran.
-    pub reason: String,
-    /// The files written.
-    pub written: Vec<Entry>,
-    /// The series whose backup failed (nothing of theirs was pruned).
-    pub failures: Vec<Failure>,
-    /// Files retention removed.
-    pub pruned: Vec<String>,
-    /// The offsite copy, when a target is set.
-    pub offsite: Option<offsite::Report>,
-    /// What the backup dir holds after the run, per series.
-    pub inventory: Vec<SeriesInventory>,
-}
-
-/// Whether `name` can be a path component of the backup dir: environments, databases and DSN
-/// refs come from jobs and become directory names.
-pub fn safe_name(name: &str) -> bool {
-    !name.is_empty()
-        && name.len() <= 128
-        && !name.starts_with('.')
-        && name
-            .bytes()
-            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'_' | b'-' | b'.'))
 }
 
 /// The run's clock: the job's simulated one when it has one (refused unless the agent allows
@@ -249,12 +221,6 @@ pub async fn run_tool_io<R: Send + 'static>(
         }
     }
 }
-
-/// The mode of every file the agent writes under a backup dir (and offsite): dumps hold
-/// production data, manifests name every table.
-pub const FILE_MODE: u32 = 0o600;
-/// The mode of every directory the agent creates under a backup dir (and offsite).
-pub const DIR_MODE: u32 = 0o700;
 
 /// Creates `dir` and its missing parents as private directories ([`DIR_MODE`], whatever the
 /// process's umask). Existing directories are left as they are.
@@ -440,7 +406,7 @@ pub async fn run_backup(p: &BackupParams, config: &BackupsConfig, events: &JobEv
         ..Default::default()
     };
     let result = backup(p, config, events, &mut report).await;
-    (result, serde_json::to_string(&report).unwrap_or_default())
+    (result, Some(job_finished::Result::Backup(report)))
 }
 
 async fn backup(
@@ -452,7 +418,8 @@ async fn backup(
     let failed = JobError::Failed;
     let retention_params = p.retention.clone().unwrap_or_default();
     let (taken_at, simulated) = clock(p.retention.as_ref(), config).map_err(failed)?;
-    let tz = retention::parse_time_zone(&retention_params.time_zone).map_err(failed)?;
+    let tz =
+        sentinel_proto::backup::parse_time_zone(&retention_params.time_zone).map_err(failed)?;
     // Before anything is written: keys that stopped loading (a file changed since start-up)
     // fail the run whole, never leaving a plaintext backup where an encrypted one belongs.
     let keys = config
@@ -474,7 +441,7 @@ async fn backup(
         n += 1;
     }
     report.run_id = run_id.clone();
-    report.taken_at = Some(taken_at);
+    report.taken_at = Some(from_jiff(taken_at));
     if simulated {
         events.log(
             "agent",
@@ -564,8 +531,8 @@ async fn backup(
             sha256: None,
         });
     }
-    report.written = entries.clone();
-    report.failures = failures.clone();
+    report.written = entries.iter().map(Entry::to_proto).collect();
+    report.failures = failures.iter().map(Failure::to_proto).collect();
 
     // Retention, only for the series whose new backup just succeeded.
     let done: BTreeSet<Series> = entries.iter().map(|e| e.series.clone()).collect();
@@ -804,16 +771,6 @@ fn prune(
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn only_plain_names_become_directories() {
-        assert!(safe_name("s60_auth_prod"));
-        assert!(safe_name("prod-alfa.1"));
-        assert!(!safe_name(""));
-        assert!(!safe_name(".."));
-        assert!(!safe_name("a/b"));
-        assert!(!safe_name(".hidden"));
-    }
 
     #[test]
     fn a_simulated_clock_needs_the_agents_consent() {

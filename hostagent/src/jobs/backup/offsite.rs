@@ -16,6 +16,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
 
 use jiff::Timestamp;
+use sentinel_proto::v1::OffsiteReport;
 use serde::{Deserialize, Serialize};
 
 use super::dump::sha256_file;
@@ -36,33 +37,6 @@ pub struct Pending {
     /// The expected sha256.
     #[serde(default)]
     pub sha256: Option<String>,
-}
-
-/// What an offsite copy did.
-#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
-pub struct Report {
-    /// The destination.
-    pub target: String,
-    /// Files copied and checked in this run.
-    pub copied: Vec<String>,
-    /// Files still to copy (retried at the next run).
-    pub pending: Vec<String>,
-    /// Why the copy (or its check) failed.
-    #[serde(default)]
-    pub error: Option<String>,
-    /// Files retention removed at the target in this run (relative to it).
-    #[serde(default)]
-    pub pruned: Vec<String>,
-    /// Why pruning at the target failed (the copy itself is fine).
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub prune_error: Option<String>,
-}
-
-impl Report {
-    /// Whether the copy and the pruning both went through.
-    pub fn ok(&self) -> bool {
-        self.error.is_none() && self.prune_error.is_none()
-    }
 }
 
 #[derive(Debug, Default, Serialize, Deserialize)]
@@ -121,7 +95,7 @@ pub async fn sync(
     target: &str,
     new: Vec<Pending>,
     events: &JobEvents,
-) -> Report {
+) -> OffsiteReport {
     let pending_path = dir.join(PENDING_FILE);
     let mut items: Vec<Pending> = std::fs::read(&pending_path)
         .ok()
@@ -141,7 +115,7 @@ pub async fn sync(
             &format!("offsite: retrying {carried} file(s) earlier runs could not copy"),
         );
     }
-    let mut report = Report {
+    let mut report = OffsiteReport {
         target: target.to_string(),
         ..Default::default()
     };

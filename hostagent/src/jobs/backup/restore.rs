@@ -11,8 +11,10 @@ use std::path::PathBuf;
 use std::time::Instant;
 
 use jiff::Timestamp;
-use sentinel_proto::v1::RestoreTestParams;
-use serde::{Deserialize, Serialize};
+use sentinel_proto::time::from_jiff;
+use sentinel_proto::v1::{
+    job_finished, InvariantResult, RestoreReport, RestoreResult, RestoreTestParams,
+};
 
 use super::dsn::{self, PassFile, Resolved};
 use super::dump::{count_rows, quote_ident, TABLES_SQL};
@@ -26,53 +28,6 @@ use sentinel_postgres as postgres;
 /// Prefix of every scratch database.
 pub const SCRATCH_PREFIX: &str = "sentinel_restore_";
 
-/// One invariant's verdict.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub struct Invariant {
-    /// The query.
-    pub sql: String,
-    /// Whether it returned true.
-    pub ok: bool,
-    /// Its error, or what it returned instead of true.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub error: Option<String>,
-}
-
-/// One database's restore test.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub struct RestoreResult {
-    /// The database.
-    #[serde(flatten)]
-    pub series: Series,
-    /// The dump restored.
-    pub file: String,
-    /// When it was taken.
-    pub taken_at: Option<Timestamp>,
-    /// Whether everything passed.
-    pub ok: bool,
-    /// How long pg_restore took.
-    pub restore_seconds: f64,
-    /// Tables whose row count differs from the manifest's ("public.users: 10 in the manifest,
-    /// 9 restored"), or that are missing or extra.
-    pub mismatches: Vec<String>,
-    /// Tables compared.
-    pub tables: u32,
-    /// The invariants' verdicts.
-    pub invariants: Vec<Invariant>,
-    /// What failed, in one line.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub error: Option<String>,
-}
-
-/// The result of a restore-test job.
-#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
-pub struct RestoreReport {
-    /// When it ran.
-    pub tested_at: Option<Timestamp>,
-    /// Per database.
-    pub results: Vec<RestoreResult>,
-}
-
 /// Runs a restore-test job.
 pub async fn run_restore_test(
     p: &RestoreTestParams,
@@ -81,7 +36,7 @@ pub async fn run_restore_test(
 ) -> Outcome {
     let mut report = RestoreReport::default();
     let result = restore_test(p, config, events, &mut report).await;
-    (result, serde_json::to_string(&report).unwrap_or_default())
+    (result, Some(job_finished::Result::RestoreTest(report)))
 }
 
 async fn restore_test(
@@ -93,7 +48,7 @@ async fn restore_test(
     let failed = JobError::Failed;
     let dir = PathBuf::from(&p.backup_dir);
     let now = Timestamp::now();
-    report.tested_at = Some(now);
+    report.tested_at = Some(from_jiff(now));
     let cluster = dsn::resolve(config, &p.test_cluster_dsn_ref, events).map_err(failed)?;
     // Needed only for encrypted dumps; an error is reported by the dumps that need the keys.
     let keys = config
@@ -174,11 +129,11 @@ async fn restore_test(
         report.results.push(result);
     }
     let _ = std::fs::remove_dir_all(&tmp);
-    let bad: Vec<String> = report
-        .results
-        .iter()
-        .filter(|r| !r.ok)
-        .map(|r| format!("{}: {}", r.series, r.error.clone().unwrap_or_default()))
+    let bad: Vec<String> = newest
+        .keys()
+        .zip(&report.results)
+        .filter(|(_, r)| !r.ok)
+        .map(|(series, r)| format!("{series}: {}", r.error.clone().unwrap_or_default()))
         .chain(missing)
         .collect();
     let summary = format!(
@@ -237,9 +192,9 @@ async fn restore_one(
     events: &JobEvents,
 ) -> RestoreResult {
     let mut result = RestoreResult {
-        series: entry.series.clone(),
+        series: Some(entry.series.to_proto()),
         file: entry.file.clone(),
-        taken_at: Some(entry.taken_at),
+        taken_at: Some(from_jiff(entry.taken_at)),
         ok: false,
         restore_seconds: 0.0,
         mismatches: Vec::new(),
@@ -382,7 +337,7 @@ async fn restore_one(
                     Err(_) => Err("must return one boolean".to_string()),
                 },
             };
-            result.invariants.push(Invariant {
+            result.invariants.push(InvariantResult {
                 sql: sql.clone(),
                 ok: verdict.is_ok(),
                 error: verdict.err(),

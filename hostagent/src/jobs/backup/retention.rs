@@ -4,7 +4,7 @@
 //! over any calendar without waiting for one.
 
 use jiff::civil::Date;
-use jiff::tz::{Offset, TimeZone};
+use jiff::tz::TimeZone;
 use jiff::Timestamp;
 
 /// How many backups to keep.
@@ -118,28 +118,6 @@ fn day_number(date: Date) -> i64 {
         .unwrap_or(0)
 }
 
-/// A time zone by IANA name ("Europe/Prague"), "UTC", or a fixed offset ("+01:00", "-05:30");
-/// empty means UTC. The error says what was wrong.
-pub fn parse_time_zone(name: &str) -> Result<TimeZone, String> {
-    let name = name.trim();
-    if name.is_empty() || name.eq_ignore_ascii_case("utc") {
-        return Ok(TimeZone::UTC);
-    }
-    if let Some(rest) = name.strip_prefix(['+', '-']) {
-        let sign = if name.starts_with('-') { -1 } else { 1 };
-        let bad = || format!("{name:?} is not a UTC offset like +01:00 or -05:30");
-        let (h, m) = rest.split_once(':').unwrap_or((rest, "0"));
-        let h: i32 = h.parse().map_err(|_| bad())?;
-        let m: i32 = m.parse().map_err(|_| bad())?;
-        if !(0..=23).contains(&h) || !(0..=59).contains(&m) {
-            return Err(bad());
-        }
-        let offset = Offset::from_seconds(sign * (h * 3600 + m * 60)).map_err(|_| bad())?;
-        return Ok(TimeZone::fixed(offset));
-    }
-    TimeZone::get(name).map_err(|e| format!("unknown time zone {name:?}: {e}"))
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -226,7 +204,7 @@ mod tests {
             weekly: 0,
             minimum: 0,
         };
-        let prague = parse_time_zone("Europe/Prague").unwrap();
+        let prague = sentinel_proto::backup::parse_time_zone("Europe/Prague").unwrap();
         assert_eq!(
             kept_times(&backups, policy, "2026-04-09T12:00:00Z", &prague),
             vec!["2026-04-09T05:00:00Z"]
@@ -301,27 +279,5 @@ mod tests {
             kept_times(&backups, policy, "2026-04-09T02:00:00Z", &TimeZone::UTC).len(),
             1
         );
-    }
-
-    #[test]
-    fn time_zones_parse_by_name_and_offset() {
-        assert_eq!(parse_time_zone("").unwrap(), TimeZone::UTC);
-        assert!(parse_time_zone("Europe/Prague").is_ok());
-        let plus = parse_time_zone("+05:30").unwrap();
-        assert_eq!(
-            plus.to_offset(Timestamp::UNIX_EPOCH).seconds(),
-            5 * 3600 + 1800
-        );
-        assert_eq!(
-            parse_time_zone("-01:00")
-                .unwrap()
-                .to_offset(Timestamp::UNIX_EPOCH)
-                .seconds(),
-            -3600
-        );
-        assert!(parse_time_zone("Mars/Olympus")
-            .unwrap_err()
-            .contains("Mars/Olympus"));
-        assert!(parse_time_zone("+25:00").is_err());
     }
 }

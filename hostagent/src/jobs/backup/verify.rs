@@ -12,81 +12,17 @@ use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
 
 use jiff::Timestamp;
-use sentinel_proto::v1::VerifyBackupsParams;
-use serde::{Deserialize, Serialize};
+use sentinel_proto::time::from_jiff;
+use sentinel_proto::v1::{
+    job_finished, BackupDamage, ExposedPath, VerifyBackupsParams, VerifyReport,
+};
 
 use super::dump::sha256_file;
 use super::encryption::{self, Keys};
-use super::manifest::{self, Entry, Kind, Series, SeriesInventory};
+use super::manifest::{self, Entry, Kind};
 use super::{human_bytes, run_tool, run_tool_io, Outcome, Step};
 use crate::config::BackupsConfig;
 use crate::jobs::{JobError, JobEvents};
-
-/// A damaged backup.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub struct Damage {
-    /// Its series.
-    #[serde(flatten)]
-    pub series: Series,
-    /// The file, relative to the backup dir.
-    pub file: String,
-    /// What is wrong.
-    pub error: String,
-}
-
-/// The result of a verify job.
-#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
-pub struct VerifyReport {
-    /// When it ran.
-    pub verified_at: Option<Timestamp>,
-    /// Files checked.
-    pub checked: u32,
-    /// Bytes read.
-    pub bytes: u64,
-    /// What is damaged.
-    pub damaged: Vec<Damage>,
-    /// Manifests that could not be read or rewritten.
-    pub problems: Vec<String>,
-    /// Files in the backup dir that no manifest lists (left alone, reported).
-    pub unlisted: Vec<String>,
-    /// Encrypted files checked by sha256 and age header only: the agent has no identity to
-    /// decrypt them, so whether pg_restore can read them is unknown.
-    #[serde(default, skip_serializing_if = "Vec::is_empty")]
-    pub unread: Vec<String>,
-    /// What the backup dir holds, with what this run found.
-    pub inventory: Vec<SeriesInventory>,
-    /// Files and directories whose mode lets other users read or enter them.
-    #[serde(default, skip_serializing_if = "Vec::is_empty")]
-    pub exposed: Vec<Exposed>,
-}
-
-/// A file or directory under the backup dir whose mode is wider than the agent's own (see
-/// [`super::FILE_MODE`], [`super::DIR_MODE`]).
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct Exposed {
-    /// Relative to the backup dir (`.` for the dir itself).
-    pub path: String,
-    /// Its permission bits.
-    pub mode: u32,
-    /// Whether it is a directory.
-    #[serde(default)]
-    pub dir: bool,
-}
-
-impl std::fmt::Display for Exposed {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        let (allowed, fix) = if self.dir {
-            (super::DIR_MODE, "chmod 700")
-        } else {
-            (super::FILE_MODE, "chmod 600")
-        };
-        write!(
-            f,
-            "{} is mode {:04o}, wider than {allowed:04o} ({fix} it)",
-            self.path, self.mode
-        )
-    }
-}
 
 /// Runs a verify job.
 pub async fn run_verify(
@@ -96,7 +32,7 @@ pub async fn run_verify(
 ) -> Outcome {
     let mut report = VerifyReport::default();
     let result = verify(p, config, events, &mut report).await;
-    (result, serde_json::to_string(&report).unwrap_or_default())
+    (result, Some(job_finished::Result::Verify(report)))
 }
 
 async fn verify(
@@ -113,7 +49,7 @@ async fn verify(
         )));
     }
     let now = Timestamp::now();
-    report.verified_at = Some(now);
+    report.verified_at = Some(from_jiff(now));
     let (mut manifests, problems) = manifest::load_all(&dir);
     report.problems = problems
         .iter()
@@ -154,8 +90,8 @@ async fn verify(
                 }
                 Err(e) => {
                     events.log("agent", &format!("DAMAGED: {}: {e}", entry.file));
-                    report.damaged.push(Damage {
-                        series: entry.series.clone(),
+                    report.damaged.push(BackupDamage {
+                        series: Some(entry.series.to_proto()),
                         file: entry.file.clone(),
                         error: e.clone(),
                     });
@@ -338,7 +274,7 @@ pub fn should_be_encrypted(entry: &Entry) -> bool {
 
 /// The backup dir, and everything in it (dot-files, the agent's work files, aside), whose
 /// mode is wider than the agent's own: a dump another user can read leaks production data.
-fn exposed(dir: &Path) -> Vec<Exposed> {
+fn exposed(dir: &Path) -> Vec<ExposedPath> {
     let mut out = Vec::new();
     let mut stack = vec![dir.to_path_buf()];
     while let Some(path) = stack.pop() {
@@ -360,7 +296,7 @@ fn exposed(dir: &Path) -> Vec<Exposed> {
             super::FILE_MODE
         };
         if let Some(mode) = super::wider_mode(&meta, allowed) {
-            out.push(Exposed {
+            out.push(ExposedPath {
                 path: rel,
                 mode,
                 dir: is_dir,
