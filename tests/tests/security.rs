@@ -500,7 +500,7 @@ fn a_host_cannot_grow_a_job_without_bound_through_its_events() {
             job_event::Event::Finished(JobFinished {
                 state: JobState::Cancelled as i32,
                 detail: format!("{i}: {big}"),
-                result_json: String::new(),
+                result: None,
             }),
         );
     }
@@ -881,7 +881,7 @@ fn the_cli_shows_escape_sequences_a_host_sends_escaped_not_raw() {
         job_event::Event::Finished(JobFinished {
             state: JobState::Failed as i32,
             detail: evil.into(),
-            result_json: String::new(),
+            result: None,
         }),
     );
     eventually("the job to end", || {

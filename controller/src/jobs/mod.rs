@@ -35,9 +35,9 @@ const MAX_JOB_EVENT_BYTES: usize = 512 * 1024;
 /// Longest text kept from one event (a log line, a step's or a refusal's detail, a finish
 /// detail); the rest is cut and the cut is said.
 const MAX_EVENT_TEXT: usize = 4 * 1024;
-/// Largest kind-specific result (JSON) kept from a finish event; a larger one is dropped whole
-/// (cut JSON is of no use) and the job's detail says so.
-const MAX_RESULT_JSON: usize = 256 * 1024;
+/// Largest finish event (with its typed result) kept whole; a larger one loses its result
+/// (a cut report is of no use) and the job's detail says so.
+const MAX_RESULT_BYTES: usize = 256 * 1024;
 /// Longest `detail` of a job.
 const MAX_DETAIL: usize = 8 * 1024;
 /// Encoded bytes of events kept over all jobs of one host. Past it the host's log and step
@@ -326,7 +326,7 @@ impl JobQueue {
                     job.detail = f.detail.clone();
                     if let Some(len) = result_dropped {
                         job.detail.push_str(&format!(
-                            " (its result of {len} bytes was dropped: over {MAX_RESULT_JSON} bytes)"
+                            " (its result of {len} bytes was dropped: over {MAX_RESULT_BYTES} bytes)"
                         ));
                     }
                     info!(host, job_id = ?id, state = state.as_str_name(), detail = ?f.detail, "job finished");
@@ -628,7 +628,7 @@ impl JobQueue {
 }
 
 /// Cuts the texts of an event a host sent to [`MAX_EVENT_TEXT`], and drops a finish result
-/// over [`MAX_RESULT_JSON`] (returning its length, for the job's detail).
+/// over [`MAX_RESULT_BYTES`] (returning its length, for the job's detail).
 fn bound_event(event: &mut JobEvent) -> Option<usize> {
     bound_text(&mut event.job_id, MAX_EVENT_TEXT);
     match &mut event.event {
@@ -643,9 +643,9 @@ fn bound_event(event: &mut JobEvent) -> Option<usize> {
         }
         Some(job_event::Event::Finished(f)) => {
             bound_text(&mut f.detail, MAX_EVENT_TEXT);
-            if f.result_json.len() > MAX_RESULT_JSON {
-                let len = f.result_json.len();
-                f.result_json = String::new();
+            let len = prost::Message::encoded_len(&*f);
+            if len > MAX_RESULT_BYTES && f.result.is_some() {
+                f.result = None;
                 return Some(len);
             }
         }
