@@ -181,9 +181,10 @@ impl Proc {
     /// The address the process logged as bound on its line `message` (one of the
     /// `*_LISTENING` constants); waits for the line.
     pub fn logged_addr(&self, message: &str) -> SocketAddr {
-        eventually(&format!("{} to log \"{message} … listen=ADDR\"", self.name), || {
-            logged_addr(&self.log_text(), message).ok_or_else(|| "not logged yet".to_string())
-        })
+        eventually(
+            &format!("{} to log \"{message} … listen=ADDR\"", self.name),
+            || logged_addr(&self.log_text(), message).ok_or_else(|| "not logged yet".to_string()),
+        )
     }
 
     /// Whether the process is still running.
