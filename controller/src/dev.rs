@@ -280,6 +280,14 @@ fn print_banner(
     agent_metrics: SocketAddr,
 ) {
     let c = certs.display();
+    // A metrics port of 0 is chosen at bind time, and only the listener's log line knows it.
+    let scrape = |what: &str, listen: SocketAddr| {
+        if listen.port() == 0 {
+            format!("see the \"{what} metrics listening\" log line for the address")
+        } else {
+            format!("curl http://{listen}/metrics")
+        }
+    };
     let grpcurl = format!(
         "grpcurl -cacert {c}/ca.pem -cert {c}/operator-admin.pem -key {c}/operator-admin.key"
     );
@@ -290,9 +298,10 @@ fn print_banner(
          {grpcurl} {addr} sentinel.v1.FleetService/ListHosts\n  \
          {grpcurl} -d '{{\"name\":\"{host}\"}}' {addr} sentinel.v1.FleetService/GetHost\n  \
          {grpcurl} {addr} grpc.health.v1.Health/Check\n\n\
-         Metrics: curl http://{metrics}/metrics (controller), \
-         curl http://{agent_metrics}/metrics (local agent)\n\n\
-         Stop with Ctrl-C.\n"
+         Metrics: {} (controller), {} (local agent)\n\n\
+         Stop with Ctrl-C.\n",
+        scrape("controller", metrics),
+        scrape("agent", agent_metrics),
     );
 }
 

@@ -12,7 +12,8 @@ use std::sync::atomic::{AtomicU32, Ordering};
 
 use sha2::{Digest, Sha256};
 
-use crate::{free_port, run};
+use crate::ports::{self, Port};
+use crate::run;
 
 /// The variable in every bundle's `.env`.
 pub const SECRET_NAME: &str = "DB_PASSWORD";
@@ -51,6 +52,8 @@ pub struct FixtureApp {
     pub project: String,
     /// The loopback port the app's HTTP server is published on.
     pub port: u16,
+    /// Docker binds it only while a release runs: reserved for the app's whole life.
+    _port: Port,
     dir: tempfile::TempDir,
 }
 
@@ -67,9 +70,11 @@ impl FixtureApp {
             .prefix("sentinel-fixture-")
             .tempdir()
             .expect("creating a temp dir");
+        let port = ports::reserve();
         Self {
             project,
-            port: free_port(),
+            port: port.get(),
+            _port: port,
             dir,
         }
     }

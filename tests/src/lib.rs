@@ -1,10 +1,11 @@
 //! The shared end-to-end harness: real `sentinel` and `hostagent` processes, a dev PKI made by
 //! the real CLI, grpcurl as the operator client, and Docker for containers. Every test gets its
-//! own temp dir and ports, so tests run in parallel; waits are conditions with a deadline
+//! own temp dir, and our processes bind port 0 and log the port they got (other programs get
+//! theirs from [`ports`]), so tests run in parallel; waits are conditions with a deadline
 //! (`SENTINEL_TEST_PATIENCE` seconds, default 30), never fixed sleeps.
 
 use std::fs;
-use std::net::TcpListener;
+use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
 use std::time::{Duration, Instant};
@@ -14,6 +15,7 @@ pub mod fake_controller;
 pub use serde_json::Value;
 
 pub mod fixture;
+pub mod ports;
 pub mod postgres;
 pub mod services;
 
@@ -73,23 +75,36 @@ pub fn bin(name: &str) -> PathBuf {
     path
 }
 
-/// A free loopback port (bound and released), never the same one twice in this process.
-pub fn free_port() -> u16 {
-    // The kernel may hand the same released port to two bind(0) calls in a row; tests running
-    // in parallel in one process must never get the same one (a metrics scrape once reached
-    // another test's gRPC listener that way).
-    static HANDED_OUT: std::sync::Mutex<Vec<u16>> = std::sync::Mutex::new(Vec::new());
-    let mut handed = HANDED_OUT.lock().unwrap_or_else(|p| p.into_inner());
-    loop {
-        let port = TcpListener::bind("127.0.0.1:0")
-            .and_then(|l| l.local_addr())
-            .map(|a| a.port())
-            .expect("binding a loopback port");
-        if !handed.contains(&port) {
-            handed.push(port);
-            return port;
+/// The message of the controller's line saying where its gRPC listener is bound.
+pub const CONTROLLER_LISTENING: &str = "controller listening (mTLS, gRPC)";
+/// The message of the controller's line saying where its `/metrics` listener is bound.
+pub const CONTROLLER_METRICS_LISTENING: &str = "controller metrics listening";
+/// The message of the agent's line saying where its `/metrics` listener is bound.
+pub const AGENT_METRICS_LISTENING: &str = "agent metrics listening";
+
+/// The `listen` field of the first line of `log` whose message starts with `message`, in the
+/// text (`... MESSAGE ... listen=ADDR`) or JSON (`"message":…,"listen":"ADDR"`) log format.
+/// Our processes bind port 0 and say here which port they got.
+pub fn logged_addr(log: &str, message: &str) -> Option<SocketAddr> {
+    for line in log.lines() {
+        if line.starts_with('{') {
+            let Ok(event) = serde_json::from_str::<Value>(line) else {
+                continue;
+            };
+            if event["message"]
+                .as_str()
+                .is_some_and(|m| m.starts_with(message))
+            {
+                return event["listen"].as_str()?.parse().ok();
+            }
+        } else if let Some((_, fields)) = line.split_once(message) {
+            let value = fields
+                .split_whitespace()
+                .find_map(|f| f.strip_prefix("listen="))?;
+            return value.parse().ok();
         }
     }
+    None
 }
 
 /// Runs a command to completion and returns its output.
@@ -163,6 +178,15 @@ impl Proc {
         fs::read_to_string(&self.log).unwrap_or_default()
     }
 
+    /// The address the process logged as bound on its line `message` (one of the
+    /// `*_LISTENING` constants); waits for the line.
+    pub fn logged_addr(&self, message: &str) -> SocketAddr {
+        eventually(
+            &format!("{} to log \"{message} … listen=ADDR\"", self.name),
+            || logged_addr(&self.log_text(), message).ok_or_else(|| "not logged yet".to_string()),
+        )
+    }
+
     /// Whether the process is still running.
     pub fn is_running(&mut self) -> bool {
         matches!(self.child.as_mut().map(|c| c.try_wait()), Some(Ok(None)))
@@ -233,15 +257,24 @@ impl Fleet {
         );
     }
 
-    /// Writes a controller config and starts `sentinel serve` on `port`.
-    pub fn start_controller(&self, port: u16, extra_toml: &str) -> Controller {
+    /// Writes a controller config and starts `sentinel serve` on a port of its choosing
+    /// (`127.0.0.1:0`; the harness reads the bound address from its log). Its metrics listen
+    /// on a port of their own too unless `extra_toml` has a `[metrics]` section.
+    pub fn start_controller(&self, extra_toml: &str) -> Controller {
+        self.start_controller_on("127.0.0.1:0", extra_toml)
+    }
+
+    /// [`start_controller`](Self::start_controller) on `listen`: the address an earlier
+    /// controller of this test got, when agents must find the restarted one where they left it.
+    pub fn start_controller_on(&self, listen: &str, extra_toml: &str) -> Controller {
         let config = self.path("sentinel.toml");
         let c = self.certs.display();
         fs::write(
             &config,
             format!(
-                "listen = \"127.0.0.1:{port}\"\ndata_dir = \"{data}\"\n\n[tls]\nca = \"{c}/ca.pem\"\ncert = \"{c}/controller.pem\"\nkey = \"{c}/controller.key\"\n\n{extra_toml}\n",
-                data = self.path("data").display()
+                "listen = \"{listen}\"\ndata_dir = \"{data}\"\n\n[tls]\nca = \"{c}/ca.pem\"\ncert = \"{c}/controller.pem\"\nkey = \"{c}/controller.key\"\n\n{extra_toml}\n{metrics}",
+                data = self.path("data").display(),
+                metrics = metrics_on_port_zero(extra_toml),
             ),
         )
         .expect("writing controller config");
@@ -249,9 +282,10 @@ impl Fleet {
         cmd.arg("serve").arg("--config").arg(&config);
         let log = self.path(&format!("controller-{}.log", unique()));
         let proc = Proc::spawn(cmd, log, "controller");
+        let addr = proc.logged_addr(CONTROLLER_LISTENING).to_string();
         let controller = Controller {
             proc,
-            addr: format!("127.0.0.1:{port}"),
+            addr,
             certs: self.certs.clone(),
         };
         controller.wait_ready();
@@ -296,14 +330,25 @@ impl Fleet {
                 self.path(&format!("jobs-{host}")).display()
             )
         };
+        let metrics = metrics_on_port_zero(extra_toml);
         fs::write(
             &config,
             format!(
-                "host_name = \"{host}\"\ncontroller = \"{controller}\"\nreport_interval = \"1s\"\n{extra_toml}\n{jobs}\n[backoff]\ninitial = \"200ms\"\nmax = \"2s\"\n\n[tls]\nca = \"{c}/ca.pem\"\ncert = \"{c}/host-{cert_host}.pem\"\nkey = \"{c}/host-{cert_host}.key\"\n"
+                "host_name = \"{host}\"\ncontroller = \"{controller}\"\nreport_interval = \"1s\"\n{extra_toml}\n{jobs}\n{metrics}\n[backoff]\ninitial = \"200ms\"\nmax = \"2s\"\n\n[tls]\nca = \"{c}/ca.pem\"\ncert = \"{c}/host-{cert_host}.pem\"\nkey = \"{c}/host-{cert_host}.key\"\n"
             ),
         )
         .expect("writing agent config");
         config
+    }
+}
+
+/// A `[metrics]` section on port 0 unless `extra_toml` has its own: the defaults (9464,
+/// 9465) would be shared by every test, and a scrape could reach another test's process.
+fn metrics_on_port_zero(extra_toml: &str) -> &'static str {
+    if extra_toml.contains("[metrics]") {
+        ""
+    } else {
+        "[metrics]\nlisten = \"127.0.0.1:0\"\n"
     }
 }
 
@@ -324,6 +369,11 @@ pub struct Controller {
 }
 
 impl Controller {
+    /// The port its `/metrics` listener got (logged at start).
+    pub fn metrics_port(&self) -> u16 {
+        self.proc.logged_addr(CONTROLLER_METRICS_LISTENING).port()
+    }
+
     fn wait_ready(&self) {
         eventually("the controller to serve health checks", || {
             let r = self.grpcurl_as("operator-admin", &[], "grpc.health.v1.Health/Check");
@@ -534,4 +584,42 @@ pub fn metric_sample(text: &str, series: &str) -> Option<f64> {
     text.lines()
         .find_map(|l| l.strip_prefix(series)?.strip_prefix(' '))
         .and_then(|v| v.trim().parse().ok())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_bound_address_is_read_from_text_and_json_log_lines() {
+        let text = "2026-01-01T00:00:00Z  INFO sentinel: sentinel starting config=Config { listen: 127.0.0.1:0 }\n\
+                    2026-01-01T00:00:00Z  INFO sentinel::server: controller listening (mTLS, gRPC) listen=127.0.0.1:37091 store=/x\n\
+                    2026-01-01T00:00:00Z  INFO sentinel_daemon::metrics::serve: controller metrics listening (GET /metrics, Prometheus text format) listen=127.0.0.1:36115\n";
+        assert_eq!(
+            logged_addr(text, CONTROLLER_LISTENING),
+            Some("127.0.0.1:37091".parse().unwrap())
+        );
+        assert_eq!(
+            logged_addr(text, CONTROLLER_METRICS_LISTENING),
+            Some("127.0.0.1:36115".parse().unwrap())
+        );
+        let json = "{\"level\":\"INFO\",\"message\":\"sentinel starting\",\"listen\":\"127.0.0.1:0\"}\n\
+                    {\"level\":\"INFO\",\"message\":\"agent metrics listening (GET /metrics, Prometheus text format)\",\"listen\":\"127.0.0.1:40001\"}\n";
+        assert_eq!(
+            logged_addr(json, AGENT_METRICS_LISTENING),
+            Some("127.0.0.1:40001".parse().unwrap())
+        );
+    }
+
+    #[test]
+    fn a_log_without_the_line_or_its_address_gives_none() {
+        assert_eq!(logged_addr("", CONTROLLER_LISTENING), None);
+        // The error line of a listener that could not bind is not the listening line.
+        let refused = "ERROR x: agent metrics listener could not bind; running without metrics listen=127.0.0.1:9465";
+        assert_eq!(logged_addr(refused, AGENT_METRICS_LISTENING), None);
+        let garbled = "INFO x: controller listening (mTLS, gRPC) listen=nonsense";
+        assert_eq!(logged_addr(garbled, CONTROLLER_LISTENING), None);
+        let json = "{\"message\":\"controller listening (mTLS, gRPC)\"}";
+        assert_eq!(logged_addr(json, CONTROLLER_LISTENING), None);
+    }
 }

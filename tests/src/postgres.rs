@@ -1,7 +1,7 @@
 //! A throwaway PostgreSQL cluster for tests: Debian's server binaries (`/usr/lib/postgresql/N/bin`,
-//! or `SENTINEL_PG_BIN`), a fresh `initdb` in a temp dir, a server on a free loopback port with
-//! its unix socket in that dir, password (SCRAM) authentication over TCP, stopped and removed
-//! when dropped.
+//! or `SENTINEL_PG_BIN`), a fresh `initdb` in a temp dir, a server on a loopback port reserved by
+//! [`crate::ports`] (tried again on another when taken) with its unix socket in that dir,
+//! password (SCRAM) authentication over TCP, stopped and removed when dropped.
 //!
 //! PostgreSQL refuses to run as root, and the tests run as root in CI: then the cluster runs as
 //! the `postgres` system user (Debian's package creates it), else as `nobody`, switched to with
@@ -16,7 +16,8 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use crate::{free_port, patience, run};
+use crate::ports::{self, Port};
+use crate::{patience, run};
 
 /// The cluster's bootstrap superuser (the tests' administrator).
 pub const SUPERUSER: &str = "sentinel_test_admin";
@@ -29,6 +30,7 @@ pub struct Postgres {
     child: Option<Child>,
     /// The TCP port on 127.0.0.1.
     pub port: u16,
+    _port: Port,
     /// The directory holding the unix socket.
     pub socket_dir: PathBuf,
     bin: PathBuf,
@@ -86,7 +88,7 @@ impl Postgres {
     /// up within the tests' patience.
     pub fn start() -> Self {
         let bin = bin_dir();
-        let mut dir = tempfile::Builder::new()
+        let dir = tempfile::Builder::new()
             .prefix("sentinel-pg-")
             .tempdir()
             .expect("creating a temp dir for PostgreSQL");
@@ -144,16 +146,13 @@ impl Postgres {
         );
 
         let log = dir.path().join("postgres.log");
-        let mut last_log = String::new();
-        // A free port can be taken between our probe and the server's bind: try a few.
-        for _ in 0..3 {
-            let port = free_port();
+        let (child, [port]) = ports::start_on_ports("PostgreSQL", |[port]| {
             let log_file = fs::File::create(&log).expect("creating the server log");
             if let Some((uid, gid)) = &account {
                 let _ = run(Command::new("chown").arg(format!("{uid}:{gid}")).arg(&log));
             }
             let err = log_file.try_clone().expect("cloning a log handle");
-            let child = as_account(&bin.join("postgres"))
+            let mut child = as_account(&bin.join("postgres"))
                 .arg("-D")
                 .arg(&data)
                 .args(["-p", &port.to_string()])
@@ -168,49 +167,27 @@ impl Postgres {
                 .stderr(err)
                 .spawn()
                 .unwrap_or_else(|e| panic!("starting postgres: {e}"));
-            let mut pg = Postgres {
-                dir,
-                child: Some(child),
-                port,
-                socket_dir: socket_dir.clone(),
-                bin: bin.clone(),
-                log: log.clone(),
-            };
-            match pg.wait_ready() {
-                Ok(()) => return pg,
+            match wait_ready(&bin, port, &mut child) {
+                Ok(()) => Ok(child),
                 Err(e) => {
-                    last_log = format!("{e}\n{}", pg.log_text());
-                    pg.stop();
-                    // Keep the data dir for the next attempt.
-                    dir = std::mem::replace(&mut pg.dir, tempfile::tempdir().expect("temp dir"));
+                    stop_child(child);
+                    // The data dir stays for the next attempt.
+                    Err(format!(
+                        "{e}\n{}",
+                        fs::read_to_string(&log).unwrap_or_default()
+                    ))
                 }
             }
+        });
+        Postgres {
+            dir,
+            child: Some(child),
+            port: port.get(),
+            _port: port,
+            socket_dir,
+            bin,
+            log,
         }
-        panic!("PostgreSQL did not start:\n{last_log}");
-    }
-
-    fn wait_ready(&mut self) -> Result<(), String> {
-        let deadline = Instant::now() + patience();
-        while Instant::now() < deadline {
-            if let Some(child) = self.child.as_mut() {
-                if let Ok(Some(status)) = child.try_wait() {
-                    return Err(format!("postgres exited with {status}"));
-                }
-            }
-            let ready = Command::new(self.bin.join("pg_isready"))
-                .args(["-q", "-h", "127.0.0.1", "-p", &self.port.to_string()])
-                .args(["-U", SUPERUSER, "-d", "postgres"])
-                .stdout(Stdio::null())
-                .stderr(Stdio::null())
-                .status()
-                .map(|s| s.success())
-                .unwrap_or(false);
-            if ready {
-                return Ok(());
-            }
-            std::thread::sleep(Duration::from_millis(100));
-        }
-        Err(format!("not ready after {:?}", patience()))
     }
 
     /// The server's log so far.
@@ -291,28 +268,55 @@ impl Postgres {
 
     /// Stops the server (fast shutdown, then kill after the patience runs out).
     pub fn stop(&mut self) {
-        let Some(mut child) = self.child.take() else {
-            return;
-        };
-        // SIGINT is PostgreSQL's fast shutdown: roll back sessions, stop cleanly.
-        let _ = Command::new("kill")
-            .args(["-INT", &child.id().to_string()])
-            .status();
-        let deadline = Instant::now() + patience();
-        while Instant::now() < deadline {
-            if let Ok(Some(_)) = child.try_wait() {
-                return;
-            }
-            std::thread::sleep(Duration::from_millis(50));
+        if let Some(child) = self.child.take() {
+            stop_child(child);
         }
-        let _ = child.kill();
-        let _ = child.wait();
     }
 
     /// The temp dir (for tests that write files beside the cluster).
     pub fn dir(&self) -> &Path {
         self.dir.path()
     }
+}
+
+/// Waits until the postmaster `child` on `port` accepts connections, or says why not.
+fn wait_ready(bin: &Path, port: u16, child: &mut Child) -> Result<(), String> {
+    let deadline = Instant::now() + patience();
+    while Instant::now() < deadline {
+        if let Ok(Some(status)) = child.try_wait() {
+            return Err(format!("postgres exited with {status}"));
+        }
+        let ready = Command::new(bin.join("pg_isready"))
+            .args(["-q", "-h", "127.0.0.1", "-p", &port.to_string()])
+            .args(["-U", SUPERUSER, "-d", "postgres"])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .status()
+            .map(|s| s.success())
+            .unwrap_or(false);
+        if ready {
+            return Ok(());
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    Err(format!("not ready after {:?}", patience()))
+}
+
+/// Stops the postmaster `child`: fast shutdown, then kill after the patience runs out.
+fn stop_child(mut child: Child) {
+    // SIGINT is PostgreSQL's fast shutdown: roll back sessions, stop cleanly.
+    let _ = Command::new("kill")
+        .args(["-INT", &child.id().to_string()])
+        .status();
+    let deadline = Instant::now() + patience();
+    while Instant::now() < deadline {
+        if let Ok(Some(_)) = child.try_wait() {
+            return;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let _ = child.kill();
+    let _ = child.wait();
 }
 
 impl Drop for Postgres {

@@ -1,5 +1,5 @@
 //! Throwaway nginx and Redis instances for tests: Debian's `nginx` and `redis-server` run on
-//! free loopback ports with everything (config, pid file, logs, data) in a temp dir, and are
+//! loopback ports reserved by [`crate::ports`] (a start that finds one taken is retried) with everything (config, pid file, logs, data) in a temp dir, and are
 //! killed when dropped. The system services are never touched.
 //!
 //! Binaries: `SENTINEL_NGINX` / `SENTINEL_REDIS_SERVER` / `SENTINEL_REDIS_CLI` when set, else
@@ -11,11 +11,8 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use crate::{free_port, patience, run, Proc};
-
-/// How many ports [`RedisServer`] tries: a free port may be taken between the probe and the
-/// server's bind when tests run in parallel.
-const START_ATTEMPTS: usize = 5;
+use crate::ports::{self, Port};
+use crate::{patience, run, Proc};
 
 fn binary(env: &str, debian: &str, name: &str) -> PathBuf {
     if let Ok(path) = std::env::var(env) {
@@ -84,6 +81,8 @@ pub struct RedisTls {
 /// A throwaway `redis-server` on 127.0.0.1, no persistence to speak of, killed on drop.
 pub struct RedisServer {
     proc: Option<Proc>,
+    /// Kept after [`stop`](Self::stop): the URL of a stopped server must find nothing.
+    _port: Option<Port>,
     dir: tempfile::TempDir,
     /// The (TLS, for [`start_tls`](Self::start_tls)) port.
     pub port: u16,
@@ -110,36 +109,36 @@ impl RedisServer {
         let dir = temp_dir("sentinel-redis-");
         let mut server = Self {
             proc: None,
+            _port: None,
             dir,
             port: 0,
             url: String::new(),
             password: password.map(str::to_string),
             tls,
         };
-        let mut last_log = String::new();
-        for _ in 0..START_ATTEMPTS {
-            server.port = free_port();
+        let ((), [port]) = ports::start_on_ports("redis-server", |[port]| {
+            server.port = port;
             let scheme = if server.tls.is_some() {
                 "rediss"
             } else {
                 "redis"
             };
-            server.url = format!("{scheme}://127.0.0.1:{}/0", server.port);
+            server.url = format!("{scheme}://127.0.0.1:{port}/0");
             let config = server.dir.path().join("redis.conf");
             fs::write(&config, server.config_text()).expect("writing redis.conf");
             let mut cmd = Command::new(redis_server_binary());
             cmd.arg(&config);
-            let log = server.dir.path().join(format!("redis-{}.log", server.port));
+            let log = server.dir.path().join(format!("redis-{port}.log"));
             server.proc = Some(Proc::spawn(cmd, log, "redis-server"));
             if server.wait_ready() {
-                return server;
+                return Ok(());
             }
-            if let Some(mut proc) = server.proc.take() {
-                last_log = proc.log_text();
-                proc.stop();
-            }
-        }
-        panic!("redis-server did not start after {START_ATTEMPTS} attempts; last log:\n{last_log}");
+            let mut proc = server.proc.take().expect("the redis-server process");
+            proc.stop();
+            Err(proc.log_text())
+        });
+        server._port = Some(port);
+        server
     }
 
     fn config_text(&self) -> String {
@@ -165,7 +164,7 @@ impl RedisServer {
         text
     }
 
-    /// Waits until the server answers `PING`; false when it exited (its port was taken).
+    /// Waits until the server answers `PING`; false when it exited (its log says why).
     fn wait_ready(&mut self) -> bool {
         let deadline = Instant::now() + patience();
         while Instant::now() < deadline {
@@ -236,6 +235,8 @@ impl RedisServer {
 pub struct Nginx {
     dir: tempfile::TempDir,
     proc: Option<Proc>,
+    /// The ports of its configs, kept after [`stop`](Self::stop) (the config still names them).
+    ports: Vec<Port>,
 }
 
 impl Default for Nginx {
@@ -251,7 +252,11 @@ impl Nginx {
         for sub in ["conf", "logs", "temp"] {
             fs::create_dir_all(dir.path().join(sub)).expect("creating the nginx prefix");
         }
-        Self { dir, proc: None }
+        Self {
+            dir,
+            proc: None,
+            ports: Vec::new(),
+        }
     }
 
     /// The prefix (`nginx -p`), without a trailing slash.
@@ -295,9 +300,24 @@ impl Nginx {
         )
     }
 
-    /// Starts nginx in the foreground on `config` and waits until `port` accepts connections
-    /// and the pid file is written.
-    pub fn start(&mut self, config: &Path, port: u16) {
+    /// Starts nginx in the foreground on reserved ports: `write` gets their numbers and
+    /// writes the config (returning the main config's path), rewritten on fresh ports should
+    /// one be taken. Waits until the first port accepts connections and the pid file is
+    /// written; returns the config and the ports.
+    pub fn start<const N: usize>(
+        &mut self,
+        mut write: impl FnMut(&Self, [u16; N]) -> PathBuf,
+    ) -> (PathBuf, [u16; N]) {
+        let ((config, numbers), held) = ports::start_on_ports("nginx", |numbers| {
+            let config = write(self, numbers);
+            self.try_start(&config, numbers[0])?;
+            Ok((config, numbers))
+        });
+        self.ports.extend(held);
+        (config, numbers)
+    }
+
+    fn try_start(&mut self, config: &Path, port: u16) -> Result<(), String> {
         let mut cmd = Command::new(nginx_binary());
         cmd.arg("-p")
             .arg(format!("{}/", self.prefix().display()))
@@ -309,21 +329,24 @@ impl Nginx {
         let deadline = Instant::now() + patience();
         while Instant::now() < deadline {
             let proc = self.proc.as_mut().expect("the nginx process");
-            assert!(
-                proc.is_running(),
-                "nginx exited at start:\n{}\n{}",
-                proc.log_text(),
-                fs::read_to_string(self.prefix().join("logs/error.log")).unwrap_or_default()
-            );
+            if !proc.is_running() {
+                let failure = format!(
+                    "nginx exited at start:\n{}\n{}",
+                    proc.log_text(),
+                    fs::read_to_string(self.prefix().join("logs/error.log")).unwrap_or_default()
+                );
+                self.proc = None;
+                return Err(failure);
+            }
             if accepts(port) && self.pid_file().exists() {
-                return;
+                return Ok(());
             }
             std::thread::sleep(Duration::from_millis(50));
         }
-        panic!(
+        Err(format!(
             "nginx did not accept connections on port {port} within {:?}",
             patience()
-        );
+        ))
     }
 
     /// Stops nginx (SIGTERM: a fast shutdown that removes the pid file).

@@ -12,7 +12,7 @@ use std::time::Duration;
 use sentinel_e2e::fixture::{served, FixtureApp, ReleaseRepo as Repo, Variant, SECRET};
 use sentinel_e2e::postgres::{self, Postgres};
 use sentinel_e2e::{
-    bin, eventually, eventually_within, free_port, patience, run, Controller, Fleet, Proc, Value,
+    bin, eventually, eventually_within, patience, run, Controller, Fleet, Proc, Value,
 };
 
 const BACKUP_PASSWORD: &str = "backup-Ro-Secret-77";
@@ -59,6 +59,8 @@ struct App {
     app: FixtureApp,
     repo: Repo,
     production_port: u16,
+    /// Docker binds them only while a release runs: reserved for the whole test.
+    _ports: [sentinel_e2e::ports::Port; 2],
     _agents: Vec<Proc>,
 }
 
@@ -88,7 +90,6 @@ impl Drop for App {
 struct World {
     app: Option<App>,
     controller: Controller,
-    controller_port: u16,
     controller_toml: String,
     agent: Proc,
     agent_toml: String,
@@ -193,7 +194,11 @@ fn world(options: Options) -> World {
          invariants = [\"SELECT count(*) = {CUSTOMERS} FROM customers\", \"SELECT sum(total) > 0 FROM orders\"]\n",
         options.retention, options.schedule
     ));
-    let ports = (free_port(), free_port());
+    let reserved = [
+        sentinel_e2e::ports::reserve(),
+        sentinel_e2e::ports::reserve(),
+    ];
+    let ports = (reserved[0].get(), reserved[1].get());
     if let Some((_, repo)) = &fixture {
         let env_block = |env: &str, host: &str, port: u16| {
             std::fs::write(
@@ -214,8 +219,7 @@ fn world(options: Options) -> World {
             env_block("production", "prod-alfa", ports.1),
         ));
     }
-    let port = free_port();
-    let controller = fleet.start_controller(port, &backups);
+    let controller = fleet.start_controller(&backups);
     let agent = fleet.start_agent("argus", "argus", &controller.addr, &agent_toml);
     controller.wait_online("argus");
     let app = fixture.map(|(app, repo)| {
@@ -236,13 +240,13 @@ fn world(options: Options) -> World {
             app,
             repo,
             production_port: ports.1,
+            _ports: reserved,
             _agents: agents,
         }
     });
     World {
         app,
         controller,
-        controller_port: port,
         controller_toml: backups,
         agent,
         agent_toml,
@@ -1159,7 +1163,9 @@ fn rsync_daemon(world: &World, port: u16, dir: &Path) -> Daemon {
 
 #[test]
 fn an_offsite_target_that_is_down_leaves_local_backups_intact_and_is_caught_up_next_run() {
-    let port = free_port();
+    // Reserved, not bound: nothing listens there until the test starts the daemon.
+    let reserved = sentinel_e2e::ports::reserve();
+    let port = reserved.get();
     let target = format!("rsync://127.0.0.1:{port}/offsite");
     let w = world(Options {
         offsite: Some(target.clone()),
@@ -1304,9 +1310,10 @@ fn the_controller_down_over_two_oclock_runs_the_missed_backup_once_when_it_retur
     {
         std::thread::sleep(Duration::from_millis(200));
     }
+    // On the address the first run got: the agent knows no other.
     w.controller = w
         .fleet
-        .start_controller(w.controller_port, &w.controller_toml);
+        .start_controller_on(&w.controller.addr, &w.controller_toml);
     let job = eventually("the missed backup to run", || {
         let jobs = scheduled_jobs(&w, "backup");
         jobs.into_iter()

@@ -2,7 +2,7 @@
 //! nginx and real Redis instances, and the operator reads them with grpcurl's `GetHost`.
 
 use sentinel_e2e::services::{nginx_binary, Nginx, RedisServer};
-use sentinel_e2e::{eventually, free_port, Fleet, Value};
+use sentinel_e2e::{eventually, Fleet, Value};
 
 const REDIS_PASSWORD: &str = "e2e-Redis-Pw-7";
 
@@ -19,24 +19,24 @@ fn an_agent_reports_nginx_and_redis_through_get_host() {
     gone.stop();
 
     let mut nginx = Nginx::new();
-    let port = free_port();
-    let nginx_config = nginx.write(
-        "conf/nginx.conf",
-        &nginx.main_config(&format!(
-            "    upstream shop_app {{ server 127.0.0.1:9001; }}\n\
-             \x20   server {{\n\
-             \x20       listen 127.0.0.1:{port};\n\
-             \x20       server_name shop.example.test;\n\
-             \x20       location / {{ proxy_pass http://shop_app; }}\n\
-             \x20   }}\n"
-        )),
-    );
-    nginx.start(&nginx_config, port);
+    let (nginx_config, [port]) = nginx.start(|nginx, [port]| {
+        nginx.write(
+            "conf/nginx.conf",
+            &nginx.main_config(&format!(
+                "    upstream shop_app {{ server 127.0.0.1:9001; }}\n\
+                 \x20   server {{\n\
+                 \x20       listen 127.0.0.1:{port};\n\
+                 \x20       server_name shop.example.test;\n\
+                 \x20       location / {{ proxy_pass http://shop_app; }}\n\
+                 \x20   }}\n"
+            )),
+        )
+    });
 
     let fleet = Fleet::new(&["hub-alfa"]);
     let password_file = fleet.path("redis-password");
     std::fs::write(&password_file, REDIS_PASSWORD).unwrap();
-    let controller = fleet.start_controller(free_port(), "");
+    let controller = fleet.start_controller("");
     let extra = format!(
         "[collectors]\n\
          docker = false\n\n\

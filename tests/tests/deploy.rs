@@ -9,7 +9,7 @@ use std::sync::{Arc, Mutex};
 
 use sentinel_e2e::fixture::{served, FixtureApp, ReleaseRepo as Repo, Variant, SECRET};
 use sentinel_e2e::{
-    bin, eventually, eventually_within, free_port, run, Controller, Fleet, Proc, Value,
+    bin, eventually, eventually_within, ports, run, Controller, Fleet, Proc, Value,
 };
 
 /// Receives webhook POSTs and keeps their bodies.
@@ -54,7 +54,6 @@ fn webhook_receiver() -> (String, Arc<Mutex<Vec<String>>>) {
 
 struct Setup {
     controller: Controller,
-    controller_port: u16,
     controller_extra: String,
     _agents: Vec<Proc>,
     app: FixtureApp,
@@ -62,6 +61,8 @@ struct Setup {
     name: String,
     staging_port: u16,
     production_port: u16,
+    /// Docker binds them only while a release runs: reserved for the whole test.
+    _app_ports: [ports::Port; 2],
     webhook: Arc<Mutex<Vec<String>>>,
     // Last: the processes' logs live in its temp dir and are printed when a test fails.
     fleet: Fleet,
@@ -95,7 +96,8 @@ fn setup(tag: &str) -> Setup {
     let app = FixtureApp::new(tag);
     let name = app.project.clone();
     let repo = Repo::new(fleet.path("repo"));
-    let (staging_port, production_port) = (free_port(), free_port());
+    let app_ports = [ports::reserve(), ports::reserve()];
+    let (staging_port, production_port) = (app_ports[0].get(), app_ports[1].get());
     for (env, port) in [("staging", staging_port), ("production", production_port)] {
         std::fs::write(
             fleet.path(&format!("{env}.env")),
@@ -118,8 +120,7 @@ fn setup(tag: &str) -> Setup {
         staging = env_block("staging", "hub-alfa", staging_port),
         production = env_block("production", "prod-alfa", production_port),
     );
-    let controller_port = free_port();
-    let controller = fleet.start_controller(controller_port, &extra);
+    let controller = fleet.start_controller(&extra);
     let mut agents = Vec::new();
     for host in ["hub-alfa", "prod-alfa"] {
         let jobs = format!(
@@ -139,7 +140,6 @@ fn setup(tag: &str) -> Setup {
     Setup {
         fleet,
         controller,
-        controller_port,
         controller_extra: extra,
         _agents: agents,
         app,
@@ -147,6 +147,7 @@ fn setup(tag: &str) -> Setup {
         name,
         staging_port,
         production_port,
+        _app_ports: app_ports,
         webhook,
     }
 }
@@ -510,9 +511,10 @@ fn a_controller_restart_mid_pipeline_ends_the_deploy_in_a_definite_state() {
             .ok_or_else(|| d.to_string())
     });
     assert!(s.controller.proc.stop().is_some());
+    // On the address the first run got: the agents know no other.
     s.controller = s
         .fleet
-        .start_controller(s.controller_port, &s.controller_extra);
+        .start_controller_on(&s.controller.addr, &s.controller_extra);
 
     let after = get(&s.controller).unwrap();
     assert_eq!(after["state"], "DEPLOYMENT_STATE_FAILED", "{after}");

@@ -1,11 +1,11 @@
 //! The operator's view through grpcurl: services listed by reflection, hosts and their state.
 
-use sentinel_e2e::{docker, eventually, free_port, Fleet};
+use sentinel_e2e::{docker, eventually, Fleet};
 
 #[test]
 fn grpcurl_lists_every_service_through_reflection() {
     let fleet = Fleet::new(&["hub-alfa"]);
-    let controller = fleet.start_controller(free_port(), "");
+    let controller = fleet.start_controller("");
     let r = controller.grpcurl(None, "list");
     assert!(r.ok, "{}", r.stderr);
     for service in [
@@ -42,7 +42,7 @@ fn an_agent_reports_system_state_and_a_container_the_test_started() {
     let _container = docker::Container::run(&name, "shop", "web");
 
     let fleet = Fleet::new(&["hub-alfa"]);
-    let controller = fleet.start_controller(free_port(), "");
+    let controller = fleet.start_controller("");
     let _agent = fleet.start_agent(
         "hub-alfa",
         "hub-alfa",
@@ -124,7 +124,7 @@ fn an_agent_reports_system_state_and_a_container_the_test_started() {
 #[test]
 fn a_failing_collector_reports_its_error_while_the_others_keep_flowing() {
     let fleet = Fleet::new(&["argus"]);
-    let controller = fleet.start_controller(free_port(), "");
+    let controller = fleet.start_controller("");
     let _agent = fleet.start_agent(
         "argus",
         "argus",
@@ -147,7 +147,7 @@ fn a_failing_collector_reports_its_error_while_the_others_keep_flowing() {
 #[test]
 fn an_unknown_host_is_not_found_with_the_known_names() {
     let fleet = Fleet::new(&["argus"]);
-    let controller = fleet.start_controller(free_port(), "");
+    let controller = fleet.start_controller("");
     let _agent = fleet.start_agent("argus", "argus", &controller.addr, "");
     controller.wait_online("argus");
     let err = controller.get_host("nosuch").unwrap_err();
@@ -158,7 +158,6 @@ fn an_unknown_host_is_not_found_with_the_known_names() {
 fn a_silent_agent_is_marked_offline_after_missed_heartbeats_and_recovers() {
     let fleet = Fleet::new(&["cerebro"]);
     let controller = fleet.start_controller(
-        free_port(),
         "[agents]\nheartbeat_interval = \"300ms\"\nmissed_heartbeats_offline = 3",
     );
     let agent = fleet.start_agent("cerebro", "cerebro", &controller.addr, "");

@@ -21,7 +21,7 @@ use std::process::Command;
 use std::time::{Duration, Instant};
 
 use sentinel_e2e::postgres::{seed, Postgres, SUPERUSER, SUPERUSER_PASSWORD};
-use sentinel_e2e::{bin, eventually, free_port, metric_sample, run, scrape_metrics, Fleet, Value};
+use sentinel_e2e::{bin, eventually, metric_sample, run, scrape_metrics, Fleet, Value};
 
 /// What a `sentinel isolation ...` run gave.
 struct CliRun {
@@ -748,7 +748,7 @@ fn the_cli_json_is_the_apis_proto3_json_as_grpcurl_emit_defaults_prints_it() {
     pg.sql("ALTER ROLE s60_hub_user BYPASSRLS");
     let fleet = Fleet::new(&["hub-alfa"]);
     let policy = seed::policy_toml(&pg, &seed::password(seed::AUDITOR), "1h");
-    let controller = fleet.start_controller(free_port(), &policy);
+    let controller = fleet.start_controller(&policy);
     let api = controller
         .grpcurl_as(
             "operator-admin",
@@ -873,7 +873,7 @@ fn the_controller_serves_isolation_reports_to_grpcurl_and_the_agent_reports_role
     let fleet = Fleet::new(&["hub-alfa"]);
     fleet.issue_operator("vera", "viewer");
     let policy = seed::policy_toml(&pg, &seed::password(seed::AUDITOR), "1h");
-    let controller = fleet.start_controller(free_port(), &policy);
+    let controller = fleet.start_controller(&policy);
 
     // The scheduled check runs at start-up.
     let report = eventually("the first scheduled isolation report", || {
@@ -1016,17 +1016,14 @@ fn agents_probe_with_their_own_credentials_and_get_into_leaking_databases_only()
     let fleet = Fleet::new(&["hub-alfa", "prod-alfa", "cerebro", "argus"]);
     let c = fleet.certs.display();
     let policy = seed::policy_toml(&pg, &seed::password(seed::AUDITOR), "1h");
-    let metrics_port = free_port();
-    let controller = fleet.start_controller(
-        free_port(),
-        &format!(
-            "[signing]\nkey = \"{c}/signing.key\"\n\n{policy}\n[isolation.probe]\n\
+    let controller = fleet.start_controller(&format!(
+        "[signing]\nkey = \"{c}/signing.key\"\n\n{policy}\n[isolation.probe]\n\
              hosts = [\"hub-alfa\", \"prod-alfa\", \"cerebro\", \"argus\"]\n\
              host = \"127.0.0.1\"\nport = {}\ntimeout = \"20s\"\nconnect_timeout = \"5s\"\n\
-             on_schedule = false\n\n[metrics]\nlisten = \"127.0.0.1:{metrics_port}\"\n",
-            pg.port
-        ),
-    );
+             on_schedule = false\n",
+        pg.port
+    ));
+    let metrics_port = controller.metrics_port();
     let violations_of = |environment: &str| {
         let text = scrape_metrics(metrics_port).expect("scraping the controller");
         metric_sample(

@@ -1,7 +1,7 @@
 //! The controller's job queue: jobs for an offline host wait for it (until they expire), and
 //! what the agent reports settles them.
 
-use sentinel_e2e::{eventually, free_port, Controller, Fleet, Value};
+use sentinel_e2e::{eventually, Controller, Fleet, Value};
 
 fn controller(fleet: &Fleet, ttl: &str) -> Controller {
     let c = fleet.certs.display();
@@ -17,7 +17,7 @@ fn controller(fleet: &Fleet, ttl: &str) -> Controller {
         app("staging", "hub-alfa"),
         app("production", "prod-alfa"),
     );
-    fleet.start_controller(free_port(), &extra)
+    fleet.start_controller(&extra)
 }
 
 fn start_agent(fleet: &Fleet, controller: &Controller, host: &str) -> sentinel_e2e::Proc {

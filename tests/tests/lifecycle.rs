@@ -2,13 +2,12 @@
 
 use std::process::Command;
 
-use sentinel_e2e::{bin, eventually, free_port, run, Fleet};
+use sentinel_e2e::{bin, eventually, logged_addr, run, Fleet, CONTROLLER_LISTENING};
 
 #[test]
 fn after_a_controller_restart_the_state_is_kept_and_the_agent_is_back_within_its_backoff() {
     let fleet = Fleet::new(&["prod-alfa"]);
-    let port = free_port();
-    let mut controller = fleet.start_controller(port, "");
+    let mut controller = fleet.start_controller("");
     let _agent = fleet.start_agent("prod-alfa", "prod-alfa", &controller.addr, "");
     let before = controller.wait_online("prod-alfa");
     let status = controller.proc.stop().expect("controller exit status");
@@ -17,7 +16,8 @@ fn after_a_controller_restart_the_state_is_kept_and_the_agent_is_back_within_its
         "controller did not stop cleanly: {status:?}"
     );
 
-    let controller = fleet.start_controller(port, "");
+    // On the address the first run got: the agent knows no other.
+    let controller = fleet.start_controller_on(&controller.addr, "");
     // The stored state answers right away, even before the agent is back.
     let restored = controller
         .get_host("prod-alfa")
@@ -130,7 +130,6 @@ fn pki_init_refuses_to_overwrite_and_keeps_keys_private() {
 #[test]
 fn sentinel_dev_runs_a_controller_and_a_local_agent_in_one_command() {
     let dir = tempfile::tempdir().unwrap();
-    let port = free_port();
     let log = dir.path().join("dev.log");
     let out = std::fs::File::create(&log).unwrap();
     let mut child = Command::new(bin("sentinel"))
@@ -139,7 +138,11 @@ fn sentinel_dev_runs_a_controller_and_a_local_agent_in_one_command() {
             "--report-interval",
             "1s",
             "--listen",
-            &format!("127.0.0.1:{port}"),
+            "127.0.0.1:0",
+            "--metrics-listen",
+            "127.0.0.1:0",
+            "--agent-metrics-listen",
+            "127.0.0.1:0",
             "--data-dir",
         ])
         .arg(dir.path().join("data"))
@@ -148,6 +151,10 @@ fn sentinel_dev_runs_a_controller_and_a_local_agent_in_one_command() {
         .spawn()
         .unwrap();
     let certs = dir.path().join("data/certs");
+    let addr = eventually("sentinel dev to log its bound address", || {
+        let text = std::fs::read_to_string(&log).unwrap_or_default();
+        logged_addr(&text, CONTROLLER_LISTENING).ok_or(text)
+    });
     let hosts = eventually("the local agent in ListHosts", || {
         let o = run(Command::new("grpcurl")
             .arg("-cacert")
@@ -156,7 +163,7 @@ fn sentinel_dev_runs_a_controller_and_a_local_agent_in_one_command() {
             .arg(certs.join("operator-admin.pem"))
             .arg("-key")
             .arg(certs.join("operator-admin.key"))
-            .arg(format!("127.0.0.1:{port}"))
+            .arg(addr.to_string())
             .arg("sentinel.v1.FleetService/ListHosts"));
         let text = String::from_utf8_lossy(&o.stdout).to_string();
         if text.contains("HOST_STATUS_ONLINE") {
@@ -173,4 +180,13 @@ fn sentinel_dev_runs_a_controller_and_a_local_agent_in_one_command() {
     );
     let printed = std::fs::read_to_string(&log).unwrap();
     assert!(printed.contains("grpcurl -cacert"), "{printed}");
+    // The banner names the address the controller got, not the `:0` it was asked for.
+    assert!(
+        printed.contains(&format!("controller on {addr},")),
+        "{printed}"
+    );
+    assert!(
+        printed.contains("see the \"controller metrics listening\" log line"),
+        "{printed}"
+    );
 }

@@ -8,8 +8,8 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 
 use sentinel_e2e::{
-    eventually, free_port, http_get, metric_sample as sample, run, scrape_metrics, Controller,
-    Fleet, Proc, Value,
+    eventually, http_get, metric_sample as sample, run, scrape_metrics, Controller, Fleet, Proc,
+    Value, AGENT_METRICS_LISTENING,
 };
 
 fn packaging() -> PathBuf {
@@ -127,21 +127,18 @@ struct World {
 
 fn start() -> World {
     let fleet = Fleet::new(&["argus"]);
-    let controller_metrics = free_port();
-    let agent_metrics = free_port();
-    let controller = fleet.start_controller(
-        free_port(),
-        &format!("[metrics]\nlisten = \"127.0.0.1:{controller_metrics}\"\n"),
-    );
+    let controller = fleet.start_controller("");
+    let controller_metrics = controller.metrics_port();
     let agent = fleet.start_agent(
         "argus",
         "argus",
         &controller.addr,
         &format!(
-            "[metrics]\nlisten = \"127.0.0.1:{agent_metrics}\"\n[jobs]\nstate_dir = \"{}\"\n",
+            "[jobs]\nstate_dir = \"{}\"\n",
             fleet.path("agent-state").display()
         ),
     );
+    let agent_metrics = agent.logged_addr(AGENT_METRICS_LISTENING).port();
     controller.wait_online("argus");
     World {
         fleet,

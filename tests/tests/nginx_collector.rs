@@ -9,9 +9,11 @@ use std::time::Instant;
 use hostagent::collectors::nginx::NginxCollector;
 use hostagent::collectors::Collectors;
 use hostagent::config::{CollectorsConfig, NginxCollectorConfig};
-use sentinel_e2e::free_port;
 use sentinel_e2e::services::{nginx_binary, Nginx};
 use sentinel_proto::v1::{nginx_section, system_section, NginxServer, NginxState};
+
+/// A port for configs nginx only tests (`nginx -t` does not bind): nothing need be free.
+const NOT_BOUND: u16 = 8081;
 
 /// 2031-01-02T03:04:05Z, the test certificate's expiry.
 const NOT_AFTER: i64 = 1_925_089_445;
@@ -75,58 +77,62 @@ fn routes(server: &NginxServer) -> Vec<(&str, &str, Vec<&str>)> {
 #[tokio::test]
 async fn a_config_split_across_includes_reports_servers_routes_upstreams_and_certificates() {
     let mut nginx = Nginx::new();
-    let (shop_port, api_port, tls_port) = (free_port(), free_port(), free_port());
     self_signed(
         &nginx,
         "secure",
         &["secure.example.test", "www.secure.example.test"],
     );
-    nginx.write(
-        "conf/sites/shop.conf",
-        &format!(
-            "server {{\n\
-             \x20   listen 127.0.0.1:{shop_port};\n\
-             \x20   server_name shop.example.test www.shop.example.test;\n\
-             \x20   location / {{ proxy_pass http://app_backend; }}\n\
-             \x20   location /static/ {{ root html; }}\n\
-             }}\n"
-        ),
-    );
-    nginx.write(
-        "conf/sites/api.conf",
-        &format!(
-            "# the API goes straight to one backend\n\
-             server {{\n\
-             \x20   listen 127.0.0.1:{api_port};\n\
-             \x20   server_name \"api.example.test\";\n\
-             \x20   location /v1/ {{ proxy_pass http://127.0.0.1:9100/; }}\n\
-             }}\n"
-        ),
-    );
-    let config = nginx.write(
-        "conf/nginx.conf",
-        &nginx.main_config(&format!(
-            "    upstream app_backend {{\n\
-             \x20       server 127.0.0.1:9001;\n\
-             \x20       server 127.0.0.1:9002 backup;\n\
-             \x20   }}\n\
-             \x20   include sites/*.conf;\n\
-             \x20   server {{\n\
-             \x20       listen 127.0.0.1:{tls_port} ssl;\n\
-             \x20       server_name secure.example.test;\n\
-             \x20       ssl_certificate tls/secure.pem;\n\
-             \x20       ssl_certificate_key tls/secure.key;\n\
-             \x20       location / {{ proxy_pass http://app_backend; }}\n\
-             \x20   }}\n"
-        )),
-    );
+    let write = |nginx: &Nginx, [shop_port, api_port, tls_port]: [u16; 3]| {
+        nginx.write(
+            "conf/sites/shop.conf",
+            &format!(
+                "server {{\n\
+                 \x20   listen 127.0.0.1:{shop_port};\n\
+                 \x20   server_name shop.example.test www.shop.example.test;\n\
+                 \x20   location / {{ proxy_pass http://app_backend; }}\n\
+                 \x20   location /static/ {{ root html; }}\n\
+                 }}\n"
+            ),
+        );
+        nginx.write(
+            "conf/sites/api.conf",
+            &format!(
+                "# the API goes straight to one backend\n\
+                 server {{\n\
+                 \x20   listen 127.0.0.1:{api_port};\n\
+                 \x20   server_name \"api.example.test\";\n\
+                 \x20   location /v1/ {{ proxy_pass http://127.0.0.1:9100/; }}\n\
+                 }}\n"
+            ),
+        );
+        nginx.write(
+            "conf/nginx.conf",
+            &nginx.main_config(&format!(
+                "    upstream app_backend {{\n\
+                 \x20       server 127.0.0.1:9001;\n\
+                 \x20       server 127.0.0.1:9002 backup;\n\
+                 \x20   }}\n\
+                 \x20   include sites/*.conf;\n\
+                 \x20   server {{\n\
+                 \x20       listen 127.0.0.1:{tls_port} ssl;\n\
+                 \x20       server_name secure.example.test;\n\
+                 \x20       ssl_certificate tls/secure.pem;\n\
+                 \x20       ssl_certificate_key tls/secure.key;\n\
+                 \x20       location / {{ proxy_pass http://app_backend; }}\n\
+                 \x20   }}\n"
+            )),
+        )
+    };
+    // Before nginx runs, any ports do: `nginx -t` does not bind. Starting rewrites the config
+    // on ports reserved for it.
+    let config = write(&nginx, [NOT_BOUND, NOT_BOUND + 1, NOT_BOUND + 2]);
     let collector = NginxCollector::new(&collector_config(&nginx, &config));
 
     let stopped = collector.collect().await.unwrap();
     assert!(!stopped.running, "{stopped:#?}");
     assert!(stopped.config_ok, "{}", stopped.config_test_output);
 
-    nginx.start(&config, shop_port);
+    let (_, [shop_port, api_port, tls_port]) = nginx.start(write);
     let started = Instant::now();
     let state = collector.collect().await.unwrap();
     eprintln!("nginx collection took {:?}", started.elapsed());
@@ -193,7 +199,7 @@ async fn a_config_split_across_includes_reports_servers_routes_upstreams_and_cer
 #[tokio::test]
 async fn a_broken_config_is_reported_by_nginx_while_the_other_sections_still_flow() {
     let nginx = Nginx::new();
-    let port = free_port();
+    let port = NOT_BOUND;
     let config = nginx.write(
         "conf/nginx.conf",
         &nginx.main_config(&format!(

@@ -9,7 +9,9 @@ use std::os::unix::net::UnixDatagram;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 
-use sentinel_e2e::{bin, bin_dir, free_port, patience, run, Fleet};
+use sentinel_e2e::{
+    bin, bin_dir, eventually, logged_addr, patience, run, Fleet, CONTROLLER_LISTENING,
+};
 
 fn workspace() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("..")
@@ -362,13 +364,12 @@ fn both_binaries_tell_systemd_when_they_are_ready_and_when_they_stop() {
     let socket = UnixDatagram::bind(&socket_path).expect("binding the notify socket");
     socket.set_read_timeout(Some(patience())).expect("timeout");
 
-    let port = free_port();
     let config = fleet.path("sentinel.toml");
     let c = fleet.certs.display();
     std::fs::write(
         &config,
         format!(
-            "listen = \"127.0.0.1:{port}\"\ndata_dir = \"{}\"\n\n[tls]\nca = \"{c}/ca.pem\"\ncert = \"{c}/controller.pem\"\nkey = \"{c}/controller.key\"\n\n[metrics]\nenabled = false\n",
+            "listen = \"127.0.0.1:0\"\ndata_dir = \"{}\"\n\n[tls]\nca = \"{c}/ca.pem\"\ncert = \"{c}/controller.pem\"\nkey = \"{c}/controller.key\"\n\n[metrics]\nenabled = false\n",
             fleet.path("data").display()
         ),
     )
@@ -383,15 +384,16 @@ fn both_binaries_tell_systemd_when_they_are_ready_and_when_they_stop() {
         &controller_log,
     );
     let ready = receive(&socket, "from the controller", &controller_log);
-    assert_eq!(
-        ready,
-        format!("READY=1\nSTATUS=serving on 127.0.0.1:{port}")
-    );
+    let addr = eventually("the controller to log its bound address", || {
+        let text = std::fs::read_to_string(&controller_log).unwrap_or_default();
+        logged_addr(&text, CONTROLLER_LISTENING).ok_or(text)
+    });
+    assert_eq!(ready, format!("READY=1\nSTATUS=serving on {addr}"));
 
     let agent_config = fleet.write_agent_config(
         "argus",
         "argus",
-        &format!("127.0.0.1:{port}"),
+        &addr.to_string(),
         &format!(
             "[metrics]\nenabled = false\n[jobs]\nstate_dir = \"{}\"\n",
             fleet.path("agent-state").display()
@@ -406,10 +408,7 @@ fn both_binaries_tell_systemd_when_they_are_ready_and_when_they_stop() {
         &agent_log,
     );
     let ready = receive(&socket, "from the agent", &agent_log);
-    assert_eq!(
-        ready,
-        format!("READY=1\nSTATUS=connecting to 127.0.0.1:{port}")
-    );
+    assert_eq!(ready, format!("READY=1\nSTATUS=connecting to {addr}"));
 
     // SIGTERM: systemd hears that the controller is stopping while it drains.
     ok(Command::new("kill")

@@ -6,7 +6,7 @@
 use std::sync::{Arc, Mutex};
 
 use prost::Message;
-use sentinel_e2e::{eventually, free_port, Controller, Fleet, Value};
+use sentinel_e2e::{eventually, Controller, Fleet, Value};
 use sentinel_proto::v1::agent_service_client::AgentServiceClient;
 use sentinel_proto::v1::{
     agent_message, controller_message, job_event, AgentMessage, ControllerMessage, Hello, HostInfo,
@@ -16,7 +16,7 @@ use sentinel_proto::v1::{
 #[test]
 fn a_client_without_a_certificate_is_refused() {
     let fleet = Fleet::new(&["hub-alfa"]);
-    let controller = fleet.start_controller(free_port(), "");
+    let controller = fleet.start_controller("");
     let out = std::process::Command::new("grpcurl")
         .arg("-cacert")
         .arg(fleet.certs.join("ca.pem"))
@@ -33,7 +33,7 @@ fn a_client_without_a_certificate_is_refused() {
 fn a_certificate_of_another_ca_is_refused() {
     let fleet = Fleet::new(&["hub-alfa"]);
     let other = Fleet::new(&["hub-alfa"]);
-    let controller = fleet.start_controller(free_port(), "");
+    let controller = fleet.start_controller("");
     let out = std::process::Command::new("grpcurl")
         .arg("-cacert")
         .arg(fleet.certs.join("ca.pem"))
@@ -63,7 +63,7 @@ fn a_certificate_of_another_ca_is_refused() {
 #[test]
 fn a_host_certificate_cannot_call_the_operator_api() {
     let fleet = Fleet::new(&["hub-alfa"]);
-    let controller = fleet.start_controller(free_port(), "");
+    let controller = fleet.start_controller("");
     let r = controller.grpcurl_as("host-hub-alfa", &[], "sentinel.v1.FleetService/ListHosts");
     assert!(!r.ok);
     assert!(r.stderr.contains("PermissionDenied"), "{}", r.stderr);
@@ -77,7 +77,7 @@ fn a_host_certificate_cannot_call_the_operator_api() {
 #[test]
 fn an_operator_certificate_cannot_open_the_agent_channel() {
     let fleet = Fleet::new(&["hub-alfa"]);
-    let controller = fleet.start_controller(free_port(), "");
+    let controller = fleet.start_controller("");
     let r = controller.grpcurl_as(
         "operator-admin",
         &["-d", r#"{"hello":{"host":{"name":"hub-alfa"}}}"#],
@@ -98,7 +98,7 @@ fn an_operator_certificate_cannot_open_the_agent_channel() {
 #[test]
 fn a_host_speaking_under_another_hosts_name_is_refused_and_logged() {
     let fleet = Fleet::new(&["hub-alfa", "prod-alfa"]);
-    let controller = fleet.start_controller(free_port(), "");
+    let controller = fleet.start_controller("");
     let r = controller.grpcurl_as(
         "host-hub-alfa",
         &["-d", r#"{"hello":{"host":{"name":"prod-alfa"}}}"#],
@@ -130,7 +130,7 @@ fn a_host_speaking_under_another_hosts_name_is_refused_and_logged() {
 fn a_viewer_reads_but_cannot_start_work() {
     let fleet = Fleet::new(&["hub-alfa"]);
     fleet.issue_operator("vera", "viewer");
-    let controller = fleet.start_controller(free_port(), "");
+    let controller = fleet.start_controller("");
     let read = controller.grpcurl_as("operator-vera", &[], "sentinel.v1.FleetService/ListHosts");
     assert!(read.ok, "{}", read.stderr);
     let write = controller.grpcurl_as(
@@ -273,7 +273,7 @@ fn controller_with_jobs(fleet: &Fleet) -> Controller {
         fleet.path("apps-hub-alfa/shop").display(),
         fleet.path("apps-prod-alfa/shop").display(),
     );
-    fleet.start_controller(free_port(), &extra)
+    fleet.start_controller(&extra)
 }
 
 /// A real agent for hub-alfa that runs rollbacks.
@@ -380,7 +380,7 @@ fn forge_operator_through_intermediate(fleet: &Fleet, name: &str, role: &str) {
 fn a_certificate_issued_by_a_ca_certificate_the_fleet_ca_signed_is_refused() {
     let fleet = Fleet::new(&["hub-alfa"]);
     forge_operator_through_intermediate(&fleet, "eve", "admin");
-    let controller = fleet.start_controller(free_port(), "");
+    let controller = fleet.start_controller("");
     let r = controller.grpcurl_as(
         "operator-eve",
         &["-d", r#"{"job_id":"j-1"}"#],
@@ -639,7 +639,7 @@ fn host_tls(fleet: &Fleet, host: &str) -> Arc<rustls::ClientConfig> {
 #[test]
 fn idle_connections_of_one_host_certificate_are_capped_and_closed_and_operators_are_served() {
     let fleet = Fleet::new(&["hub-alfa"]);
-    let controller = fleet.start_controller(free_port(), "");
+    let controller = fleet.start_controller("");
     let addr = controller.addr.clone();
     let tls = host_tls(&fleet, "hub-alfa");
     let attack = std::thread::spawn(move || {
@@ -687,7 +687,7 @@ fn idle_connections_of_one_host_certificate_are_capped_and_closed_and_operators_
 #[test]
 fn a_flood_of_failed_handshakes_is_summed_up_not_logged_line_by_line() {
     let fleet = Fleet::new(&["hub-alfa"]);
-    let controller = fleet.start_controller(free_port(), "");
+    let controller = fleet.start_controller("");
     let closed = idle_connections(
         "127.0.0.3",
         &controller.addr,
@@ -724,11 +724,8 @@ fn a_flood_of_failed_handshakes_is_summed_up_not_logged_line_by_line() {
 fn junk_method_paths_from_a_host_do_not_use_up_the_metric_labels_of_real_methods() {
     use tower::ServiceExt;
     let fleet = Fleet::new(&["hub-alfa"]);
-    let metrics = free_port();
-    let controller = fleet.start_controller(
-        free_port(),
-        &format!("[metrics]\nlisten = \"127.0.0.1:{metrics}\"\n"),
-    );
+    let controller = fleet.start_controller("");
+    let metrics = controller.metrics_port();
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
@@ -774,7 +771,7 @@ fn junk_method_paths_from_a_host_do_not_use_up_the_metric_labels_of_real_methods
 #[test]
 fn strings_a_host_sends_cannot_forge_lines_in_the_controller_log() {
     let fleet = Fleet::new(&["hub-alfa"]);
-    let controller = fleet.start_controller(free_port(), "");
+    let controller = fleet.start_controller("");
     let fake = "2026-01-01T00:00:00.000000Z  WARN sentinel::authz: call refused identity=operator alice (admin)";
     // A hello claiming another name, one with a crafted version, and an event for a job id
     // that does not exist: each carries a line break and a whole fake line.

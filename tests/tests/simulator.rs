@@ -7,7 +7,7 @@ use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use sentinel_e2e::{bin, eventually, free_port, patience, run, Fleet, Value};
+use sentinel_e2e::{bin, eventually, patience, run, Fleet, Value};
 
 const AGENTS: usize = 200;
 
@@ -77,7 +77,7 @@ impl Drop for Sim {
 #[test]
 fn two_hundred_simulated_agents_all_show_up_online_through_grpcurl() {
     let fleet = Fleet::new(&["hub-alfa"]);
-    let controller = fleet.start_controller(free_port(), "");
+    let controller = fleet.start_controller("");
     let mut sim = Sim::start(&fleet, &controller.addr, AGENTS);
 
     let hosts = eventually(

@@ -37,7 +37,8 @@ pub struct ControllerSpec {
     pub data_dir: PathBuf,
     /// Where config and logs go.
     pub run_dir: PathBuf,
-    /// Listen address.
+    /// Listen address; port 0 lets the controller choose, and [`start`](Self::start) then
+    /// sets the address it got (a restart reuses it: agents know no other).
     pub addr: SocketAddr,
     /// Appended to the generated config (sections a benchmark needs, e.g. `[signing]`).
     pub extra_toml: String,
@@ -45,7 +46,7 @@ pub struct ControllerSpec {
 
 impl ControllerSpec {
     /// Writes the config and starts the process; returns once it accepts TCP connections.
-    pub async fn start(&self) -> Result<(ControllerProc, Duration)> {
+    pub async fn start(&mut self) -> Result<(ControllerProc, Duration)> {
         fs::create_dir_all(&self.run_dir)
             .with_context(|| format!("creating {}", self.run_dir.display()))?;
         let config = self.run_dir.join("sentinel.toml");
@@ -67,10 +68,16 @@ impl ControllerSpec {
         let out = fs::File::create(&log).with_context(|| format!("creating {}", log.display()))?;
         let err = out.try_clone().context("cloning the log handle")?;
         let started = Instant::now();
+        // The line naming the bound address must be logged whatever RUST_LOG says.
+        let filter = match std::env::var("RUST_LOG") {
+            Ok(f) if !f.is_empty() => format!("{f},sentinel::server=info"),
+            _ => "info".to_string(),
+        };
         let child = Command::new(&self.bin)
             .arg("serve")
             .arg("--config")
             .arg(&config)
+            .env("RUST_LOG", filter)
             .stdin(Stdio::null())
             .stdout(out)
             .stderr(err)
@@ -83,7 +90,15 @@ impl ControllerSpec {
         };
         let deadline = Duration::from_secs(60);
         loop {
-            if tokio::net::TcpStream::connect(self.addr).await.is_ok() {
+            if self.addr.port() == 0 {
+                let text = fs::read_to_string(&proc.log).unwrap_or_default();
+                if let Some(bound) =
+                    sentinel_e2e::logged_addr(&text, sentinel_e2e::CONTROLLER_LISTENING)
+                {
+                    self.addr = bound;
+                }
+            }
+            if self.addr.port() != 0 && tokio::net::TcpStream::connect(self.addr).await.is_ok() {
                 return Ok((proc, started.elapsed()));
             }
             if !proc.is_running() {
@@ -147,12 +162,6 @@ impl Drop for ControllerProc {
             let _ = child.wait();
         }
     }
-}
-
-/// A free port on 127.0.0.1 (bound and released).
-pub fn free_addr() -> Result<SocketAddr> {
-    let listener = std::net::TcpListener::bind("127.0.0.1:0").context("binding a free port")?;
-    listener.local_addr().context("reading the free port")
 }
 
 /// The operator API as the `admin` operator of the PKI in `certs`.

@@ -109,7 +109,7 @@ pub async fn run(args: AgentArgs) -> Result<()> {
 async fn idle(env: &BenchEnv, window: Duration) -> Result<Vec<String>> {
     let names = vec![AGENT_HOST.to_string()];
     crate::certs::ensure_hosts(&env.certs, &names)?;
-    let spec = env.controller("agent")?;
+    let mut spec = env.controller("agent")?;
     let (mut controller, _) = spec.start().await?;
     let config = spec.run_dir.join("agent.toml");
     let c = env.certs.display();

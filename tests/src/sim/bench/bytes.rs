@@ -34,7 +34,7 @@ pub struct BytesArgs {
 pub async fn run(args: BytesArgs) -> Result<()> {
     let env = BenchEnv::new(&args.env)?;
     crate::check_open_files(args.agents)?;
-    let spec = env.controller("bytes")?;
+    let mut spec = env.controller("bytes")?;
     let (mut controller, _) = spec.start().await?;
     let mut fleet = env.fleet(&spec, args.agent.spec())?;
     fleet.grow_to(args.agents, env.connect_rate).await?;

@@ -19,7 +19,7 @@ use anyhow::{bail, Context, Result};
 use clap::{Args, Subcommand};
 
 use crate::agent::AgentSpec;
-use crate::controller::{free_addr, ControllerSpec};
+use crate::controller::ControllerSpec;
 use crate::fleet::{Fleet, FleetConfig};
 use crate::net::Dialer;
 use crate::stats::Stats;
@@ -133,7 +133,7 @@ impl BenchEnv {
             certs: self.certs.clone(),
             data_dir: run_dir.join("data"),
             run_dir,
-            addr: free_addr()?,
+            addr: std::net::SocketAddr::from(([127, 0, 0, 1], 0)),
             extra_toml: String::new(),
         })
     }

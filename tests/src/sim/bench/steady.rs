@@ -37,7 +37,7 @@ pub async fn run(args: SteadyArgs) -> Result<()> {
     let env = BenchEnv::new(&args.env)?;
     let max = args.agents.iter().copied().max().unwrap_or(0);
     crate::check_open_files(max)?;
-    let spec = env.controller("steady")?;
+    let mut spec = env.controller("steady")?;
     let (mut controller, _) = spec.start().await?;
     let mut fleet = env.fleet(&spec, args.agent.spec())?;
     let me = std::process::id();

@@ -37,7 +37,7 @@ pub async fn run(args: StormArgs) -> Result<()> {
     let env = BenchEnv::new(&args.env)?;
     let max = args.agents.iter().copied().max().unwrap_or(0);
     crate::check_open_files(max)?;
-    let spec = env.controller("storm")?;
+    let mut spec = env.controller("storm")?;
     let (mut controller, _) = spec.start().await?;
     let mut fleet = env.fleet(&spec, args.agent.spec())?;
     let ticks = procfs::clock_ticks() as f64;
