@@ -280,6 +280,8 @@ fn print_banner(
     agent_metrics: SocketAddr,
 ) {
     let c = certs.display();
+    // The CLI's settings must work from wherever the operator runs it next.
+    let absolute = std::fs::canonicalize(certs).unwrap_or_else(|_| certs.to_path_buf());
     // A metrics port of 0 is chosen at bind time, and only the listener's log line knows it.
     let scrape = |what: &str, listen: SocketAddr| {
         if listen.port() == 0 {
@@ -298,10 +300,15 @@ fn print_banner(
          {grpcurl} {addr} sentinel.v1.FleetService/ListHosts\n  \
          {grpcurl} -d '{{\"name\":\"{host}\"}}' {addr} sentinel.v1.FleetService/GetHost\n  \
          {grpcurl} {addr} grpc.health.v1.Health/Check\n\n\
+         Or with the sentinel CLI, from any directory:\n\n  \
+         export SENTINEL_CONTROLLER={addr} SENTINEL_CA={a}/ca.pem \
+         SENTINEL_CERT={a}/operator-admin.pem SENTINEL_KEY={a}/operator-admin.key\n  \
+         sentinel hosts\n\n\
          Metrics: {} (controller), {} (local agent)\n\n\
          Stop with Ctrl-C.\n",
         scrape("controller", metrics),
         scrape("agent", agent_metrics),
+        a = absolute.display(),
     );
 }
 

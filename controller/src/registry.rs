@@ -86,8 +86,11 @@ impl EncodedState {
         // collector failed.
         macro_rules! alone {
             ($section:expr, $field:ident, $error:path) => {
+                alone!($section, $field, $error, |_| false)
+            };
+            ($section:expr, $field:ident, $error:path, $partly_failed:expr) => {
                 $section.map(|s| {
-                    let failed = matches!(s.result, Some($error(_)));
+                    let failed = matches!(s.result, Some($error(_))) || $partly_failed(&s);
                     let state = HostState {
                         $field: Some(s),
                         ..Default::default()
@@ -100,7 +103,18 @@ impl EncodedState {
             alone!(system, system, system_section::Result::Error),
             alone!(docker, docker, docker_section::Result::Error),
             alone!(nginx, nginx, nginx_section::Result::Error),
-            alone!(redis, redis, redis_section::Result::Error),
+            // One unreachable instance of several is a failing collector too: its error is in
+            // the instance, not in the section.
+            alone!(
+                redis,
+                redis,
+                redis_section::Result::Error,
+                |s: &sentinel_proto::v1::RedisSection| matches!(
+                    &s.result,
+                    Some(redis_section::Result::State(state))
+                        if state.instances.iter().any(|i| !i.reachable || !i.error.is_empty())
+                )
+            ),
             alone!(postgres, postgres, postgres_section::Result::Error),
         ];
         for (i, section) in fresh.into_iter().enumerate() {
@@ -595,6 +609,50 @@ mod tests {
             },
         );
         assert!(r.host("argus").unwrap().state.unwrap().docker.is_none());
+    }
+
+    #[test]
+    fn one_unreachable_redis_instance_makes_the_redis_collector_failing() {
+        use sentinel_proto::v1::{redis_section, RedisInstance, RedisSection, RedisState};
+        let r = registry();
+        let (tx, _rx) = mpsc::channel(1);
+        r.connect(info("argus"), None, tx);
+        let redis = |reachable_cache: bool| RedisSection {
+            collection: Some(Collection::default()),
+            result: Some(redis_section::Result::State(RedisState {
+                instances: vec![
+                    RedisInstance {
+                        name: "queue".into(),
+                        reachable: true,
+                        ..Default::default()
+                    },
+                    RedisInstance {
+                        name: "cache".into(),
+                        reachable: reachable_cache,
+                        error: if reachable_cache {
+                            String::new()
+                        } else {
+                            "connecting to 127.0.0.1:1: connection refused".into()
+                        },
+                        ..Default::default()
+                    },
+                ],
+            })),
+        };
+        for (seq, up, failing) in [(1, false, vec!["redis".to_string()]), (2, true, vec![])] {
+            r.apply_report(
+                "argus",
+                StateReport {
+                    seq,
+                    full: true,
+                    state: Some(HostState {
+                        redis: Some(redis(up)),
+                        ..Default::default()
+                    }),
+                },
+            );
+            assert_eq!(r.summaries()[0].failing_collectors, failing);
+        }
     }
 
     fn docker_with(containers: &[&str]) -> Option<DockerSection> {

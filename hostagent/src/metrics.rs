@@ -45,7 +45,7 @@ pub fn get() -> &'static AgentMetrics {
 
 impl AgentMetrics {
     fn new() -> Self {
-        Self {
+        let metrics = Self {
             started: SystemTime::now(),
             collector_duration: Histogram::new(
                 "hostagent_collector_duration_seconds",
@@ -78,7 +78,12 @@ impl AgentMetrics {
                 "1 while the agent holds a welcomed channel to the controller.",
                 &[],
             ),
-        }
+        };
+        // Label-less series exist from the start, so `rate()` and alerts see a 0 before the
+        // first reconnect rather than no series at all.
+        metrics.reconnects.inc_by(&[], 0);
+        metrics.connected.set(&[], 0.0);
+        metrics
     }
 
     /// Records one collection: each section's duration, and its error if it has one.
@@ -241,6 +246,13 @@ mod tests {
         assert_eq!(m.collector_duration.count(&["docker"]), 1);
         let text = m.render();
         assert!(text.contains("hostagent_collector_duration_seconds_bucket{collector=\"docker\",le=\"0.0025\"} 1\n"), "{text}");
+    }
+
+    #[test]
+    fn the_reconnect_counter_and_connected_gauge_have_a_sample_from_the_start() {
+        let text = AgentMetrics::new().render();
+        assert!(text.contains("hostagent_reconnects_total 0\n"), "{text}");
+        assert!(text.contains("hostagent_connected 0\n"), "{text}");
     }
 
     #[test]

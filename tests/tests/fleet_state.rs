@@ -183,3 +183,63 @@ fn a_silent_agent_is_marked_offline_after_missed_heartbeats_and_recovers() {
     assert!(host["state"]["system"].is_object());
     controller.wait_online("cerebro");
 }
+
+#[test]
+fn a_job_or_deploy_filter_naming_nothing_known_is_not_found_and_an_empty_list_is_printed_as_one() {
+    let fleet = Fleet::new(&["hub-alfa"]);
+    let controller = fleet.start_controller("");
+    let _agent = fleet.start_agent("hub-alfa", "hub-alfa", &controller.addr, "");
+    controller.wait_online("hub-alfa");
+
+    let api = controller.grpcurl(
+        Some(r#"{"host":"hub-alfq"}"#),
+        "sentinel.v1.FleetService/ListJobs",
+    );
+    assert!(!api.ok, "{}", api.stdout);
+    assert!(api.stderr.contains("NotFound"), "{}", api.stderr);
+    assert!(
+        api.stderr
+            .contains("no host named \"hub-alfq\"; known hosts: hub-alfa"),
+        "{}",
+        api.stderr
+    );
+    // A known host without jobs is an empty answer, not an error.
+    let known = controller.grpcurl(
+        Some(r#"{"host":"hub-alfa"}"#),
+        "sentinel.v1.FleetService/ListJobs",
+    );
+    assert!(known.ok, "{}", known.stderr);
+
+    let cli = |args: &[&str]| {
+        let c = &fleet.certs;
+        sentinel_e2e::run(
+            std::process::Command::new(sentinel_e2e::bin("sentinel"))
+                .args(args)
+                .args(["--controller", &controller.addr])
+                .arg("--ca")
+                .arg(c.join("ca.pem"))
+                .arg("--cert")
+                .arg(c.join("operator-admin.pem"))
+                .arg("--key")
+                .arg(c.join("operator-admin.key")),
+        )
+    };
+    let jobs = cli(&["jobs", "--host", "hub-alfq"]);
+    assert_eq!(jobs.status.code(), Some(2));
+    let err = String::from_utf8_lossy(&jobs.stderr);
+    assert!(err.contains("no host named \"hub-alfq\""), "{err}");
+    let deploys = cli(&["deploys", "--app", "pulsee"]);
+    assert_eq!(deploys.status.code(), Some(2));
+    let err = String::from_utf8_lossy(&deploys.stderr);
+    assert!(err.contains("no app \"pulsee\""), "{err}");
+
+    // No jobs at all: `--json` prints the empty list, so `jq '.jobs[]'` works.
+    let empty = cli(&["jobs", "--json"]);
+    assert!(
+        empty.status.success(),
+        "{}",
+        String::from_utf8_lossy(&empty.stderr)
+    );
+    let json: sentinel_e2e::Value = serde_json::from_slice(&empty.stdout).expect("JSON");
+    assert_eq!(json["jobs"], serde_json::json!([]), "{json}");
+}

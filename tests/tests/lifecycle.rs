@@ -180,6 +180,12 @@ fn sentinel_dev_runs_a_controller_and_a_local_agent_in_one_command() {
     );
     let printed = std::fs::read_to_string(&log).unwrap();
     assert!(printed.contains("grpcurl -cacert"), "{printed}");
+    // The CLI's settings, with absolute paths, so `sentinel hosts` works from anywhere.
+    let ca = std::fs::canonicalize(&certs).unwrap().join("ca.pem");
+    assert!(
+        printed.contains(&format!("SENTINEL_CA={}", ca.display())),
+        "{printed}"
+    );
     // The banner names the address the controller got, not the `:0` it was asked for.
     assert!(
         printed.contains(&format!("controller on {addr},")),

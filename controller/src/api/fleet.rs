@@ -117,9 +117,16 @@ impl FleetService for FleetApi {
         } else {
             req.limit as usize
         };
-        Ok(Response::new(ListJobsResponse {
-            jobs: self.ctx.jobs.list(&req.host, limit),
-        }))
+        let jobs = self.ctx.jobs.list(&req.host, limit);
+        // A filter naming a host nobody knows is a typo, not "no jobs": say so, as GetHost does.
+        if !req.host.is_empty() && jobs.is_empty() && self.registry.host(&req.host).is_none() {
+            return Err(Status::not_found(format!(
+                "no host named {:?}; known hosts: {}",
+                req.host,
+                self.registry.names().join(", ")
+            )));
+        }
+        Ok(Response::new(ListJobsResponse { jobs }))
     }
 
     async fn get_job(&self, request: Request<GetJobRequest>) -> Result<Response<Job>, Status> {
@@ -201,9 +208,12 @@ impl FleetService for FleetApi {
         } else {
             req.limit as usize
         };
-        Ok(Response::new(ListDeploysResponse {
-            deployments: self.ctx.pipeline.list(&req.app, limit),
-        }))
+        let deployments = self.ctx.pipeline.list(&req.app, limit);
+        // An app that is neither configured nor in the history is a typo, not "no deploys".
+        if !req.app.is_empty() && deployments.is_empty() {
+            self.ctx.pipeline.configured_app(&req.app)?;
+        }
+        Ok(Response::new(ListDeploysResponse { deployments }))
     }
 
     type WatchDeployStream =

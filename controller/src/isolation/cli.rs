@@ -325,10 +325,10 @@ mod tests {
             "{table}"
         );
         let json: serde_json::Value = serde_json::from_str(&report_json(&report).unwrap()).unwrap();
-        // proto3 JSON, as grpcurl prints it: defaults omitted.
-        assert!(json["isolated"].is_null());
+        // proto3 JSON, as grpcurl -emit-defaults prints it: defaults printed.
+        assert_eq!(json["isolated"], false);
         assert_eq!(json["violations"][0]["databaseEnvironment"], "production");
-        assert!(json["error"].is_null());
+        assert_eq!(json["error"], "");
         assert_eq!(json["durationMicros"], "1234");
     }
 }

@@ -150,6 +150,11 @@ impl Pipeline {
         self.state.lock().unwrap_or_else(|p| p.into_inner())
     }
 
+    /// Ok when `name` is a configured app, else NOT_FOUND naming the configured ones.
+    pub fn configured_app(&self, name: &str) -> Result<(), Status> {
+        self.app(name).map(|_| ())
+    }
+
     fn app(&self, name: &str) -> Result<AppConfig, Status> {
         self.apps.get(name).cloned().ok_or_else(|| {
             let mut known: Vec<&str> = self.apps.keys().map(String::as_str).collect();
