@@ -9,6 +9,54 @@ use crate::config::BackupsConfig;
 use crate::jobs::JobEvents;
 use sentinel_postgres::{redacted_dsn, PgClientConfig};
 
+/// Why a DSN ref could not be used.
+#[derive(Debug, thiserror::Error)]
+pub enum DsnError {
+    /// The agent's config has no DSN of that name.
+    #[error("no DSN named {name:?} in this agent's [jobs.backups.dsns] (it has: {known})")]
+    Unknown {
+        /// The ref.
+        name: String,
+        /// The names it has, joined with ", ".
+        known: String,
+    },
+    /// The entry gives no DSN.
+    #[error("DSN {name:?} has neither `dsn` nor `dsn_file`")]
+    Empty {
+        /// The ref.
+        name: String,
+    },
+    /// The DSN holds a password (not shown).
+    #[error(
+        "DSN {name:?} holds a password; pg_dump would show it on its command line, so put the \
+         password in `password_file`"
+    )]
+    InlinePassword {
+        /// The ref.
+        name: String,
+    },
+    /// A `dsn_file` or `password_file` could not be read.
+    #[error("reading {what} {path} of DSN {name:?}: {source}")]
+    Secret {
+        /// "dsn_file" or "password_file".
+        what: &'static str,
+        /// The file.
+        path: PathBuf,
+        /// The ref.
+        name: String,
+        /// Why.
+        source: std::io::Error,
+    },
+    /// The PGPASSFILE could not be written.
+    #[error("writing the password file {path}: {source}")]
+    PassFile {
+        /// The file.
+        path: PathBuf,
+        /// Why.
+        source: std::io::Error,
+    },
+}
+
 /// A DSN ref resolved for one job.
 #[derive(Clone)]
 pub struct Resolved {
@@ -38,24 +86,29 @@ pub fn has_password(dsn: &str) -> bool {
 
 /// Resolves `name` from the agent's `[jobs.backups.dsns]`, reading its files now (so a rotated
 /// secret is picked up), and registers the password as a secret of the job.
-pub fn resolve(config: &BackupsConfig, name: &str, events: &JobEvents) -> Result<Resolved, String> {
-    let entry = config.dsns.get(name).ok_or_else(|| {
-        format!(
-            "no DSN named {name:?} in this agent's [jobs.backups.dsns] (it has: {})",
-            config.dsns.keys().cloned().collect::<Vec<_>>().join(", ")
-        )
+pub fn resolve(
+    config: &BackupsConfig,
+    name: &str,
+    events: &JobEvents,
+) -> Result<Resolved, DsnError> {
+    let entry = config.dsns.get(name).ok_or_else(|| DsnError::Unknown {
+        name: name.to_string(),
+        known: config.dsns.keys().cloned().collect::<Vec<_>>().join(", "),
     })?;
     let conninfo = match (&entry.dsn, &entry.dsn_file) {
         (Some(dsn), _) => dsn.trim().to_string(),
         (None, Some(path)) => read_secret(path, "dsn_file", name)?,
-        (None, None) => return Err(format!("DSN {name:?} has neither `dsn` nor `dsn_file`")),
+        (None, None) => {
+            return Err(DsnError::Empty {
+                name: name.to_string(),
+            })
+        }
     };
     if has_password(&conninfo) {
         // Not echoing the DSN: it holds the password.
-        return Err(format!(
-            "DSN {name:?} holds a password; pg_dump would show it on its command line, so put \
-             the password in `password_file`"
-        ));
+        return Err(DsnError::InlinePassword {
+            name: name.to_string(),
+        });
     }
     let password = match &entry.password_file {
         Some(path) => {
@@ -96,10 +149,15 @@ impl Resolved {
     }
 }
 
-fn read_secret(path: &Path, what: &str, name: &str) -> Result<String, String> {
+fn read_secret(path: &Path, what: &'static str, name: &str) -> Result<String, DsnError> {
     std::fs::read_to_string(path)
         .map(|s| s.trim().to_string())
-        .map_err(|e| format!("reading {what} {} of DSN {name:?}: {e}", path.display()))
+        .map_err(|source| DsnError::Secret {
+            what,
+            path: path.to_path_buf(),
+            name: name.to_string(),
+            source,
+        })
 }
 
 /// `conninfo` pointing at `database` instead: a later `dbname` overrides an earlier one in a
@@ -132,7 +190,7 @@ pub struct PassFile {
 
 impl PassFile {
     /// Writes `password` to `dir/NAME.pgpass`, mode 0600 from the start.
-    pub fn write(dir: &Path, name: &str, password: &str) -> Result<Self, String> {
+    pub fn write(dir: &Path, name: &str, password: &str) -> Result<Self, DsnError> {
         use std::io::Write;
         let path = dir.join(format!("{name}.pgpass"));
         let mut options = std::fs::OpenOptions::new();
@@ -146,7 +204,10 @@ impl PassFile {
         options
             .open(&path)
             .and_then(|mut f| f.write_all(format!("*:*:*:*:{escaped}\n").as_bytes()))
-            .map_err(|e| format!("writing the password file {}: {e}", path.display()))?;
+            .map_err(|source| DsnError::PassFile {
+                path: path.clone(),
+                source,
+            })?;
         Ok(Self { path })
     }
 

@@ -21,7 +21,7 @@ use super::dsn::{self, PassFile};
 use super::encryption::{self, Keys};
 use super::manifest::{Entry, Kind, Series};
 use super::sink::{Sink, Written};
-use super::{place, run_tool_io};
+use super::{place, run_tool_io, BackupError};
 use crate::config::BackupsConfig;
 use crate::jobs::JobEvents;
 use sentinel_postgres as postgres;
@@ -62,7 +62,7 @@ impl RunCtx<'_> {
         what: &str,
         tmp: &Path,
         file: &str,
-    ) -> Result<Written, String> {
+    ) -> Result<Written, BackupError> {
         let sink = Sink::create(tmp, self.keys)?;
         let written = run_tool_io(
             cmd,
@@ -83,10 +83,10 @@ impl RunCtx<'_> {
     /// Renames a finished temp file into place, or removes it when writing failed.
     async fn put(
         &self,
-        written: Result<Written, String>,
+        written: Result<Written, BackupError>,
         tmp: &Path,
         file: &str,
-    ) -> Result<Written, String> {
+    ) -> Result<Written, BackupError> {
         let placed = match written {
             Ok(w) => place(tmp, &self.dir.join(file)).await.map(|()| w),
             Err(e) => Err(e),
@@ -126,19 +126,21 @@ impl RunCtx<'_> {
 }
 
 /// `NAME --version`, e.g. "pg_dump (PostgreSQL) 15.18".
-pub async fn tool_version(program: &Path) -> Result<String, String> {
+pub async fn tool_version(program: &Path) -> Result<String, BackupError> {
     let out = tokio::process::Command::new(program)
         .arg("--version")
         .stdin(std::process::Stdio::null())
         .output()
         .await
-        .map_err(|e| format!("running {} --version: {e}", program.display()))?;
+        .map_err(|source| BackupError::VersionRun {
+            program: program.to_path_buf(),
+            source,
+        })?;
     if !out.status.success() {
-        return Err(format!(
-            "{} --version failed: {}",
-            program.display(),
-            out.status
-        ));
+        return Err(BackupError::VersionFailed {
+            program: program.to_path_buf(),
+            status: out.status,
+        });
     }
     Ok(String::from_utf8_lossy(&out.stdout).trim().to_string())
 }
@@ -160,7 +162,7 @@ pub const TABLES_SQL: &str = "SELECT n.nspname::text, c.relname::text \
 pub async fn count_rows(
     client: &tokio_postgres::Client,
     tables: &[(String, String)],
-) -> Result<BTreeMap<String, i64>, String> {
+) -> Result<BTreeMap<String, i64>, BackupError> {
     let mut counts = BTreeMap::new();
     for (schema, table) in tables {
         let sql = format!(
@@ -168,27 +170,31 @@ pub async fn count_rows(
             quote_ident(schema),
             quote_ident(table)
         );
-        let row = client.query_one(&sql, &[]).await.map_err(|e| {
-            format!(
-                "counting rows of {schema}.{table}: {}",
-                postgres::describe(&e)
-            )
-        })?;
+        let row = client
+            .query_one(&sql, &[])
+            .await
+            .map_err(|e| BackupError::Query {
+                doing: format!("counting rows of {schema}.{table}"),
+                message: postgres::describe(&e),
+            })?;
         counts.insert(format!("{schema}.{table}"), row.get::<_, i64>(0));
     }
     Ok(counts)
 }
 
 /// Dumps one database; the entry describes the file now in place.
-pub async fn database(ctx: &RunCtx<'_>, db: &BackupDatabase, tool: &str) -> Result<Entry, String> {
+pub async fn database(
+    ctx: &RunCtx<'_>,
+    db: &BackupDatabase,
+    tool: &str,
+) -> Result<Entry, BackupError> {
     let started_at = Timestamp::now();
     let resolved = dsn::resolve(ctx.config, &db.dsn_ref, ctx.events)?.with_database(&db.database);
-    let conn = postgres::connect(&resolved.client, "sentinel-backup")
-        .await
-        .map_err(|e| e.to_string())?;
+    let conn = postgres::connect(&resolved.client, "sentinel-backup").await?;
     let client = &conn.client;
-    let query_err = |what: &str, e: tokio_postgres::Error| {
-        format!("{what} on {}: {}", conn.target, postgres::describe(&e))
+    let query_err = |what: &str, e: tokio_postgres::Error| BackupError::Query {
+        doing: format!("{what} on {}", conn.target),
+        message: postgres::describe(&e),
     };
     client
         .batch_execute("BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY")
@@ -207,9 +213,7 @@ pub async fn database(ctx: &RunCtx<'_>, db: &BackupDatabase, tool: &str) -> Resu
     let server_version: String = row.get(2);
     let superuser: bool = row.get::<_, Option<bool>>(3).unwrap_or(false);
     if ctx.config.require_read_only {
-        check_read_only(client, &role, superuser, &db.database)
-            .await
-            .map_err(|e| e.replace("{target}", &conn.target))?;
+        check_read_only(client, &role, superuser, &db.database, &conn.target).await?;
     }
     let tables: Vec<(String, String)> = client
         .query(TABLES_SQL, &[])
@@ -261,7 +265,7 @@ pub async fn database(ctx: &RunCtx<'_>, db: &BackupDatabase, tool: &str) -> Resu
     let counted = async {
         tokio::time::timeout(timeout, count_rows(client, &tables))
             .await
-            .map_err(|_| format!("counting rows took longer than {timeout:?}"))
+            .map_err(|_| BackupError::CountTimeout(timeout))
             .and_then(|r| r)
     };
     let both = tokio::try_join!(dumped, counted);
@@ -290,19 +294,20 @@ pub async fn database(ctx: &RunCtx<'_>, db: &BackupDatabase, tool: &str) -> Resu
 }
 
 /// Refuses a role that can write: a superuser, or one holding INSERT, UPDATE, DELETE or
-/// TRUNCATE on any table of the database (owners hold all of them).
+/// TRUNCATE on any table of the database (owners hold all of them). `target` names the
+/// server in messages.
 async fn check_read_only(
     client: &tokio_postgres::Client,
     role: &str,
     superuser: bool,
     database: &str,
-) -> Result<(), String> {
-    let advice = "back up with a read-only role (e.g. one granted pg_read_all_data), or set \
-                  [jobs.backups] require_read_only = false on the agent";
+    target: &str,
+) -> Result<(), BackupError> {
     if superuser {
-        return Err(format!(
-            "role {role} is a superuser, not a read-only role ({{target}}): {advice}"
-        ));
+        return Err(BackupError::Superuser {
+            role: role.to_string(),
+            target: target.to_string(),
+        });
     }
     let writable: Vec<String> = client
         .query(
@@ -315,11 +320,9 @@ async fn check_read_only(
             &[],
         )
         .await
-        .map_err(|e| {
-            format!(
-                "checking that role {role} is read-only: {}",
-                postgres::describe(&e)
-            )
+        .map_err(|e| BackupError::Query {
+            doing: format!("checking that role {role} is read-only"),
+            message: postgres::describe(&e),
         })?
         .iter()
         .map(|r| r.get(0))
@@ -327,15 +330,16 @@ async fn check_read_only(
     if writable.is_empty() {
         Ok(())
     } else {
-        Err(format!(
-            "role {role} is not read-only: it may write to {} in {database}: {advice}",
-            writable.join(", ")
-        ))
+        Err(BackupError::Writable {
+            role: role.to_string(),
+            tables: writable.join(", "),
+            database: database.to_string(),
+        })
     }
 }
 
 /// Dumps a cluster's globals (roles without passwords, memberships, tablespaces).
-pub async fn globals(ctx: &RunCtx<'_>, dsn_ref: &str, tool: &str) -> Result<Entry, String> {
+pub async fn globals(ctx: &RunCtx<'_>, dsn_ref: &str, tool: &str) -> Result<Entry, BackupError> {
     let started_at = Timestamp::now();
     let resolved = dsn::resolve(ctx.config, dsn_ref, ctx.events)?;
     let file = format!(
@@ -368,7 +372,7 @@ pub async fn globals(ctx: &RunCtx<'_>, dsn_ref: &str, tool: &str) -> Result<Entr
 }
 
 /// Tars `paths` (symlinks kept as links, not followed).
-pub async fn files(ctx: &RunCtx<'_>, paths: &[String]) -> Result<Entry, String> {
+pub async fn files(ctx: &RunCtx<'_>, paths: &[String]) -> Result<Entry, BackupError> {
     let started_at = Timestamp::now();
     let file = format!("files/files-{}.tar{}", ctx.run_id, ctx.suffix());
     let tmp = ctx.tmp.join("files.tar.partial");
@@ -376,7 +380,10 @@ pub async fn files(ctx: &RunCtx<'_>, paths: &[String]) -> Result<Entry, String> 
     let sink = Sink::create(&tmp, ctx.keys)?;
     let written = tokio::task::spawn_blocking(move || write_tar(sink, &sources))
         .await
-        .map_err(|e| format!("tar task failed: {e}"))
+        .map_err(|source| BackupError::Task {
+            what: "tar task".into(),
+            source,
+        })
         .and_then(|r| r);
     let written = ctx.put(written, &tmp, &file).await?;
     let series = Series {
@@ -390,28 +397,42 @@ pub async fn files(ctx: &RunCtx<'_>, paths: &[String]) -> Result<Entry, String> 
     })
 }
 
-fn write_tar(sink: Sink, sources: &[PathBuf]) -> Result<Written, String> {
+fn write_tar(sink: Sink, sources: &[PathBuf]) -> Result<Written, BackupError> {
     // Tar writes 512-byte headers and file contents in small pieces: batch them.
     let mut builder = tar::Builder::new(std::io::BufWriter::with_capacity(1 << 20, sink));
     builder.follow_symlinks(false);
     for source in sources {
         let name = source.strip_prefix("/").unwrap_or(source);
         let meta = std::fs::symlink_metadata(source)
-            .map_err(|e| format!("reading {}: {e}", source.display()))?;
+            .map_err(|e| BackupError::File {
+                doing: "reading",
+                path: source.clone(),
+                source: e,
+            })?;
         let added = if meta.is_dir() {
             builder.append_dir_all(name, source)
         } else {
             builder.append_path_with_name(source, name)
         };
-        added.map_err(|e| format!("adding {} to the tar: {e}", source.display()))?;
+        added.map_err(|e| BackupError::TarAdd {
+            path: source.clone(),
+            source: e,
+        })?;
     }
     let mut out = builder
         .into_inner()
-        .map_err(|e| format!("finishing the tar: {e}"))?;
-    out.flush().map_err(|e| format!("writing the tar: {e}"))?;
-    let sink = out
-        .into_inner()
-        .map_err(|e| format!("writing the tar: {}", e.error()))?;
+        .map_err(|source| BackupError::Tar {
+            doing: "finishing",
+            source,
+        })?;
+    out.flush().map_err(|source| BackupError::Tar {
+        doing: "writing",
+        source,
+    })?;
+    let sink = out.into_inner().map_err(|e| BackupError::Tar {
+        doing: "writing",
+        source: e.into_error(),
+    })?;
     sink.finish()
 }
 

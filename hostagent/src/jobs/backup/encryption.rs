@@ -10,6 +10,7 @@ use std::path::{Path, PathBuf};
 use age::secrecy::ExposeSecret;
 use age::x25519;
 
+use super::BackupError;
 use crate::config::EncryptionConfig;
 
 /// How every age file starts (the version line of its header).
@@ -199,9 +200,9 @@ pub fn parse_recipients(values: &[String]) -> Result<Vec<x25519::Recipient>, Enc
 
 /// Reads a recipients file: one recipient a line, `#` comments and blank lines ignored.
 pub fn read_recipients_file(path: &Path) -> Result<Vec<x25519::Recipient>, EncryptionError> {
-    let text = read_small(path).map_err(|message| EncryptionError::RecipientsFile {
+    let text = read_small(path).map_err(|e| EncryptionError::RecipientsFile {
         path: path.to_path_buf(),
-        message,
+        message: e.to_string(),
     })?;
     let mut recipients = Vec::new();
     for (n, line) in text.lines().enumerate() {
@@ -228,7 +229,7 @@ pub fn read_identity_file(path: &Path) -> Result<Vec<x25519::Identity>, Encrypti
         path: path.to_path_buf(),
         message,
     };
-    let text = read_small(path).map_err(fail)?;
+    let text = read_small(path).map_err(|e| fail(e.to_string()))?;
     let mut identities = Vec::new();
     for (n, line) in text.lines().enumerate() {
         let line = line.trim();
@@ -278,12 +279,10 @@ fn shown_recipient(value: &str) -> String {
     }
 }
 
-fn read_small(path: &Path) -> Result<String, String> {
-    let file = std::fs::File::open(path).map_err(|e| e.to_string())?;
+fn read_small(path: &Path) -> io::Result<String> {
+    let file = std::fs::File::open(path)?;
     let mut text = String::new();
-    file.take(KEY_FILE_LIMIT)
-        .read_to_string(&mut text)
-        .map_err(|e| e.to_string())?;
+    file.take(KEY_FILE_LIMIT).read_to_string(&mut text)?;
     Ok(text)
 }
 
@@ -305,14 +304,18 @@ pub fn is_age_file(path: &Path) -> io::Result<bool> {
 
 /// Fails unless the file at `path` starts with the age header: "a file that should be
 /// encrypted and is not is an error".
-pub fn ensure_encrypted(path: &Path) -> Result<(), String> {
+pub fn ensure_encrypted(path: &Path) -> Result<(), BackupError> {
     match is_age_file(path) {
         Ok(true) => Ok(()),
         Ok(false) => Err(EncryptionError::NotEncrypted {
             path: path.to_path_buf(),
         }
-        .to_string()),
-        Err(e) => Err(format!("reading {}: {e}", path.display())),
+        .into()),
+        Err(source) => Err(BackupError::File {
+            doing: "reading",
+            path: path.to_path_buf(),
+            source,
+        }),
     }
 }
 
@@ -333,8 +336,8 @@ pub fn decrypt_into(
     path: &Path,
     mut out: std::fs::File,
     to_the_end: bool,
-) -> Result<u64, String> {
-    let mut plain = keys.decrypt(path).map_err(|e| e.to_string())?;
+) -> Result<u64, BackupError> {
+    let mut plain = keys.decrypt(path)?;
     let mut buf = vec![0u8; 256 << 10];
     let mut total = 0u64;
     let mut reading = true;
@@ -343,7 +346,13 @@ pub fn decrypt_into(
             Ok(0) => break,
             Ok(n) => n,
             Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
-            Err(e) => return Err(format!("decrypting {}: {e}", path.display())),
+            Err(source) => {
+                return Err(BackupError::File {
+                    doing: "decrypting",
+                    path: path.to_path_buf(),
+                    source,
+                })
+            }
         };
         total += n as u64;
         if reading {
@@ -357,7 +366,13 @@ pub fn decrypt_into(
                     }
                     reading = false;
                 }
-                Err(e) => return Err(format!("feeding the plaintext of {}: {e}", path.display())),
+                Err(source) => {
+                    return Err(BackupError::File {
+                        doing: "feeding the plaintext of",
+                        path: path.to_path_buf(),
+                        source,
+                    })
+                }
             }
         }
     }

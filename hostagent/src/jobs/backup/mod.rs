@@ -47,7 +47,13 @@ use manifest::{Entry, Failure, Kind, Manifest, Series};
 /// for kinds without one).
 pub type Outcome = (Result<String, JobError>, Option<job_finished::Result>);
 
-/// A file operation that failed.
+/// What advice a role that can write gets.
+const READ_ONLY_ADVICE: &str = "back up with a read-only role (e.g. one granted \
+                                pg_read_all_data), or set [jobs.backups] require_read_only = \
+                                false on the agent";
+
+/// Why a backup, verify or restore-test step failed. Each variant renders the text the
+/// operator reads in the step's detail and the job's result.
 #[derive(Debug, thiserror::Error)]
 pub enum BackupError {
     /// Reading or writing `path` failed.
@@ -58,6 +64,177 @@ pub enum BackupError {
         /// Why.
         message: String,
     },
+    /// A file operation on `path` failed: "creating /backups/.tmp: Permission denied".
+    #[error("{doing} {path}: {source}")]
+    File {
+        /// What was being done to it ("creating", "renaming into", ...).
+        doing: &'static str,
+        /// The file or directory.
+        path: PathBuf,
+        /// Why.
+        source: std::io::Error,
+    },
+    /// Reading a stream (a tool's output) failed.
+    #[error("reading {what}: {source}")]
+    Read {
+        /// The stream ("the tool's output", "pg_restore's list").
+        what: &'static str,
+        /// Why.
+        source: std::io::Error,
+    },
+    /// A blocking task ended without an answer (it panicked or was cancelled).
+    #[error("{what} failed: {source}")]
+    Task {
+        /// The task ("file task", "feeding pg_restore").
+        what: String,
+        /// Why.
+        source: tokio::task::JoinError,
+    },
+    /// Adding a path to the tar failed.
+    #[error("adding {path} to the tar: {source}")]
+    TarAdd {
+        /// The path.
+        path: PathBuf,
+        /// Why.
+        source: std::io::Error,
+    },
+    /// Ending the tar failed.
+    #[error("{doing} the tar: {source}")]
+    Tar {
+        /// "finishing" or "writing".
+        doing: &'static str,
+        /// Why.
+        source: std::io::Error,
+    },
+    /// A tool could not be started.
+    #[error("starting {what} ({program}): {source}")]
+    ToolStart {
+        /// What ran ("pg_dump").
+        what: String,
+        /// The program as configured.
+        program: String,
+        /// Why.
+        source: std::io::Error,
+    },
+    /// A tool's standard input or output could not be taken over.
+    #[error("{what}'s standard {stream}: {source}")]
+    ToolPipe {
+        /// What ran.
+        what: String,
+        /// "input" or "output".
+        stream: &'static str,
+        /// Why.
+        source: std::io::Error,
+    },
+    /// A tool's standard output was not piped.
+    #[error("no standard output")]
+    NoStdout,
+    /// A tool ran over its timeout and was killed.
+    #[error("{what} took longer than {timeout:?} and was stopped")]
+    ToolTimeout {
+        /// What ran.
+        what: String,
+        /// The timeout.
+        timeout: Duration,
+    },
+    /// Waiting for a tool's exit failed.
+    #[error("waiting for {what}: {source}")]
+    ToolWait {
+        /// What ran.
+        what: String,
+        /// Why.
+        source: std::io::Error,
+    },
+    /// A tool exited unsuccessfully: its status, the last lines it printed, and what failed
+    /// feeding or draining it.
+    #[error("{what} failed ({status}){}{}", said_suffix(.said), also_suffix(.also))]
+    ToolFailed {
+        /// What ran.
+        what: String,
+        /// Its exit status.
+        status: std::process::ExitStatus,
+        /// Its last standard error lines, joined with " / ".
+        said: String,
+        /// Feed or drain errors besides.
+        also: Vec<BackupError>,
+    },
+    /// `PROGRAM --version` could not run.
+    #[error("running {program} --version: {source}")]
+    VersionRun {
+        /// The program.
+        program: PathBuf,
+        /// Why.
+        source: std::io::Error,
+    },
+    /// `PROGRAM --version` exited unsuccessfully.
+    #[error("{program} --version failed: {status}")]
+    VersionFailed {
+        /// The program.
+        program: PathBuf,
+        /// Its exit status.
+        status: std::process::ExitStatus,
+    },
+    /// A query failed: "listing tables on db:5432/app: permission denied ...".
+    #[error("{doing}: {message}")]
+    Query {
+        /// What the query was for (and where, when that is not obvious).
+        doing: String,
+        /// PostgreSQL's answer ([`sentinel_postgres::describe`]).
+        message: String,
+    },
+    /// Connecting to PostgreSQL failed.
+    #[error(transparent)]
+    Connect(#[from] sentinel_postgres::PgError),
+    /// Counting rows ran over the command timeout.
+    #[error("counting rows took longer than {0:?}")]
+    CountTimeout(Duration),
+    /// The backup role is a superuser while the agent requires a read-only one.
+    #[error("role {role} is a superuser, not a read-only role ({target}): {READ_ONLY_ADVICE}")]
+    Superuser {
+        /// The role.
+        role: String,
+        /// The server, for messages.
+        target: String,
+    },
+    /// The backup role may write to tables while the agent requires a read-only one.
+    #[error("role {role} is not read-only: it may write to {tables} in {database}: {READ_ONLY_ADVICE}")]
+    Writable {
+        /// The role.
+        role: String,
+        /// Some tables it may write to, joined with ", ".
+        tables: String,
+        /// The database.
+        database: String,
+    },
+    /// The job carries a simulated clock the agent does not accept.
+    #[error(
+        "the job carries a simulated clock, which this agent does not accept \
+         ([jobs.backups] allow_simulated_clock = false)"
+    )]
+    SimulatedClockRefused,
+    /// The job's simulated clock is not a valid time.
+    #[error("simulated clock out of range: {0}")]
+    SimulatedClockRange(String),
+    /// A DSN ref could not be resolved.
+    #[error(transparent)]
+    Dsn(#[from] dsn::DsnError),
+    /// Keys or an age file.
+    #[error(transparent)]
+    Encryption(#[from] encryption::EncryptionError),
+}
+
+/// ": LINE / LINE" after a failed tool's status, or nothing when it printed nothing.
+fn said_suffix(said: &str) -> String {
+    if said.is_empty() {
+        String::new()
+    } else {
+        format!(": {said}")
+    }
+}
+
+/// "; ERROR" for each feed or drain error after a failed tool's message.
+fn also_suffix(also: &[BackupError]) -> String {
+    also.iter().map(|e| format!("; {e}")).collect()
 }
 
 /// The run's clock: the job's simulated one when it has one (refused unless the agent allows
@@ -65,17 +242,13 @@ pub enum BackupError {
 pub fn clock(
     retention: Option<&RetentionPolicy>,
     config: &BackupsConfig,
-) -> Result<(Timestamp, bool), String> {
+) -> Result<(Timestamp, bool), BackupError> {
     match retention.and_then(|r| r.simulated_now.as_ref()) {
         None => Ok((Timestamp::now(), false)),
-        Some(_) if !config.allow_simulated_clock => Err(
-            "the job carries a simulated clock, which this agent does not accept \
-             ([jobs.backups] allow_simulated_clock = false)"
-                .into(),
-        ),
+        Some(_) if !config.allow_simulated_clock => Err(BackupError::SimulatedClockRefused),
         Some(ts) => Timestamp::new(ts.seconds, ts.nanos.clamp(0, 999_999_999))
             .map(|t| (t, true))
-            .map_err(|e| format!("simulated clock out of range: {e}")),
+            .map_err(|e| BackupError::SimulatedClockRange(e.to_string())),
     }
 }
 
@@ -96,19 +269,22 @@ pub async fn run_tool(
     what: &str,
     timeout: Duration,
     events: &JobEvents,
-) -> Result<String, String> {
+) -> Result<String, BackupError> {
     run_tool_io(cmd, what, timeout, events, None, |mut out| {
         use std::io::Read;
         let mut buf = Vec::new();
         out.read_to_end(&mut buf)
-            .map_err(|e| format!("reading the output: {e}"))?;
+            .map_err(|source| BackupError::Read {
+                what: "the output",
+                source,
+            })?;
         Ok(String::from_utf8_lossy(&buf).into_owned())
     })
     .await
 }
 
 /// Feeds a tool's standard input on a blocking thread; closing the file ends the input.
-pub type Feed = Box<dyn FnOnce(std::fs::File) -> Result<(), String> + Send>;
+pub type Feed = Box<dyn FnOnce(std::fs::File) -> Result<(), BackupError> + Send>;
 
 /// [`run_tool`] with the tool's standard input fed by `feed` (else closed) and its standard
 /// output handed to `drain`, both on blocking threads with plain blocking files, so that large
@@ -121,8 +297,8 @@ pub async fn run_tool_io<R: Send + 'static>(
     timeout: Duration,
     events: &JobEvents,
     feed: Option<Feed>,
-    drain: impl FnOnce(std::fs::File) -> Result<R, String> + Send + 'static,
-) -> Result<R, String> {
+    drain: impl FnOnce(std::fs::File) -> Result<R, BackupError> + Send + 'static,
+) -> Result<R, BackupError> {
     use tokio::io::AsyncBufReadExt;
     let stdin = if feed.is_some() {
         std::process::Stdio::piped()
@@ -136,24 +312,36 @@ pub async fn run_tool_io<R: Send + 'static>(
     let program = cmd.as_std().get_program().to_string_lossy().into_owned();
     let mut child = cmd
         .spawn()
-        .map_err(|e| format!("starting {what} ({program}): {e}"))?;
+        .map_err(|source| BackupError::ToolStart {
+            what: what.to_string(),
+            program: program.clone(),
+            source,
+        })?;
     // Blocking files: a killed tool closes its pipes, so these threads end with it.
     let stdout = child
         .stdout
         .take()
         .map(|s| s.into_owned_fd().map(std::fs::File::from))
         .transpose()
-        .map_err(|e| format!("{what}'s standard output: {e}"))?;
+        .map_err(|source| BackupError::ToolPipe {
+            what: what.to_string(),
+            stream: "output",
+            source,
+        })?;
     let stdin = child
         .stdin
         .take()
         .map(|s| s.into_owned_fd().map(std::fs::File::from))
         .transpose()
-        .map_err(|e| format!("{what}'s standard input: {e}"))?;
+        .map_err(|source| BackupError::ToolPipe {
+            what: what.to_string(),
+            stream: "input",
+            source,
+        })?;
     let stderr = child.stderr.take();
     let drained = tokio::task::spawn_blocking(move || match stdout {
         Some(out) => drain(out),
-        None => Err("no standard output".to_string()),
+        None => Err(BackupError::NoStdout),
     });
     let fed = match (feed, stdin) {
         (Some(feed), Some(input)) => Some(tokio::task::spawn_blocking(move || feed(input))),
@@ -179,7 +367,10 @@ pub async fn run_tool_io<R: Send + 'static>(
             match fed {
                 Some(task) => task
                     .await
-                    .map_err(|e| format!("feeding {what} failed: {e}"))
+                    .map_err(|source| BackupError::Task {
+                        what: format!("feeding {what}"),
+                        source,
+                    })
                     .and_then(|r| r),
                 None => Ok(()),
             }
@@ -187,7 +378,10 @@ pub async fn run_tool_io<R: Send + 'static>(
         let drained = async {
             drained
                 .await
-                .map_err(|e| format!("reading {what}'s output failed: {e}"))
+                .map_err(|source| BackupError::Task {
+                    what: format!("reading {what}'s output"),
+                    source,
+                })
                 .and_then(|r| r)
         };
         let (tail, fed, drained) = tokio::join!(read_err, fed, drained);
@@ -195,28 +389,25 @@ pub async fn run_tool_io<R: Send + 'static>(
         (tail, fed, drained, status)
     };
     match tokio::time::timeout(timeout, work).await {
-        Err(_) => Err(format!(
-            "{what} took longer than {timeout:?} and was stopped"
-        )),
-        Ok((_, _, _, Err(e))) => Err(format!("waiting for {what}: {e}")),
+        Err(_) => Err(BackupError::ToolTimeout {
+            what: what.to_string(),
+            timeout,
+        }),
+        Ok((_, _, _, Err(source))) => Err(BackupError::ToolWait {
+            what: what.to_string(),
+            source,
+        }),
         Ok((tail, fed, drained, Ok(status))) => {
             if status.success() {
                 fed?;
                 drained
             } else {
-                let said = tail.join(" / ");
-                let mut error = format!(
-                    "{what} failed ({status}){}",
-                    if said.is_empty() {
-                        String::new()
-                    } else {
-                        format!(": {said}")
-                    }
-                );
-                for e in [fed.err(), drained.err()].into_iter().flatten() {
-                    error.push_str(&format!("; {e}"));
-                }
-                Err(error)
+                Err(BackupError::ToolFailed {
+                    what: what.to_string(),
+                    status,
+                    said: tail.join(" / "),
+                    also: [fed.err(), drained.err()].into_iter().flatten().collect(),
+                })
             }
         }
     }
@@ -309,17 +500,24 @@ fn without_tool_prefix<'a>(line: &'a str, what: &str, program: &str) -> &'a str 
 
 /// Puts a finished (already fsynced) temp file in place: rename, then fsync of the directory
 /// so the rename survives a crash. Missing directories are created private.
-pub async fn place(tmp: &Path, dest: &Path) -> Result<(), String> {
+pub async fn place(tmp: &Path, dest: &Path) -> Result<(), BackupError> {
     let (tmp, dest) = (tmp.to_path_buf(), dest.to_path_buf());
     tokio::task::spawn_blocking(move || {
-        let fail = |what: &str, p: &Path, e: std::io::Error| format!("{what} {}: {e}", p.display());
+        let fail = |doing: &'static str, p: &Path, source: std::io::Error| BackupError::File {
+            doing,
+            path: p.to_path_buf(),
+            source,
+        };
         let parent = dest.parent().unwrap_or(Path::new("."));
         create_private_dir_all(parent).map_err(|e| fail("creating", parent, e))?;
         std::fs::rename(&tmp, &dest).map_err(|e| fail("renaming into", &dest, e))?;
         sentinel_daemon::fs::sync_dir(parent).map_err(|e| fail("syncing", parent, e))
     })
     .await
-    .map_err(|e| format!("file task failed: {e}"))?
+    .map_err(|source| BackupError::Task {
+        what: "file task".into(),
+        source,
+    })?
 }
 
 /// Writes `bytes` to `path` atomically and privately ([`FILE_MODE`], in a directory created
@@ -367,8 +565,13 @@ impl<'a> Step<'a> {
 /// Creates the backup dir (private, see [`DIR_MODE`]; an existing one wider than that is
 /// narrowed when the agent may, and verify reports it when not) and empties its private temp
 /// dir (`.tmp`): whatever a crashed run left there is incomplete by construction.
-pub(crate) fn prepare_dir(dir: &Path) -> Result<PathBuf, String> {
-    create_private_dir_all(dir).map_err(|e| format!("creating {}: {e}", dir.display()))?;
+pub(crate) fn prepare_dir(dir: &Path) -> Result<PathBuf, BackupError> {
+    let fail = |doing: &'static str, p: &Path, source: std::io::Error| BackupError::File {
+        doing,
+        path: p.to_path_buf(),
+        source,
+    };
+    create_private_dir_all(dir).map_err(|e| fail("creating", dir, e))?;
     if let Ok(meta) = std::fs::metadata(dir) {
         if wider_mode(&meta, DIR_MODE).is_some() {
             // Best effort: the agent may not own a mount point; verify reports what stays open.
@@ -377,9 +580,9 @@ pub(crate) fn prepare_dir(dir: &Path) -> Result<PathBuf, String> {
     }
     let tmp = dir.join(".tmp");
     if tmp.exists() {
-        std::fs::remove_dir_all(&tmp).map_err(|e| format!("clearing {}: {e}", tmp.display()))?;
+        std::fs::remove_dir_all(&tmp).map_err(|e| fail("clearing", &tmp, e))?;
     }
-    create_private_dir_all(&tmp).map_err(|e| format!("creating {}: {e}", tmp.display()))?;
+    create_private_dir_all(&tmp).map_err(|e| fail("creating", &tmp, e))?;
     Ok(tmp)
 }
 
@@ -417,7 +620,8 @@ async fn backup(
 ) -> Result<String, JobError> {
     let failed = JobError::Failed;
     let retention_params = p.retention.clone().unwrap_or_default();
-    let (taken_at, simulated) = clock(p.retention.as_ref(), config).map_err(failed)?;
+    let (taken_at, simulated) =
+        clock(p.retention.as_ref(), config).map_err(|e| failed(e.to_string()))?;
     let tz =
         sentinel_proto::backup::parse_time_zone(&retention_params.time_zone).map_err(failed)?;
     // Before anything is written: keys that stopped loading (a file changed since start-up)
@@ -433,7 +637,7 @@ async fn backup(
             ))
         })?;
     let dir = PathBuf::from(&p.backup_dir);
-    let tmp = prepare_dir(&dir).map_err(failed)?;
+    let tmp = prepare_dir(&dir).map_err(|e| failed(e.to_string()))?;
     let mut run_id = taken_at.strftime("%Y%m%dT%H%M%SZ").to_string();
     let mut n = 2;
     while Manifest::path(&dir, &run_id).exists() {
@@ -464,7 +668,10 @@ async fn backup(
     let pg_dump_version = if p.databases.is_empty() {
         Ok(String::new())
     } else {
-        dump::tool_version(&config.pg_dump).await
+        // Every database's failure repeats it, so it is kept as the text they show.
+        dump::tool_version(&config.pg_dump)
+            .await
+            .map_err(|e| e.to_string())
     };
     for db in &p.databases {
         let series = Series {
@@ -474,7 +681,9 @@ async fn backup(
         };
         let step = Step::start(events, format!("dump {series}"));
         let result = match &pg_dump_version {
-            Ok(version) => dump::database(&ctx, db, version).await,
+            Ok(version) => dump::database(&ctx, db, version)
+                .await
+                .map_err(|e| e.to_string()),
             Err(e) => Err(e.clone()),
         };
         record(step, series, result, &mut entries, &mut failures);
@@ -596,6 +805,7 @@ async fn backup(
                         r.pruned = pruned;
                     }
                     Err(e) => {
+                        let e = e.to_string();
                         step.end(&Err(e.clone()));
                         r.prune_error = Some(e);
                     }
@@ -668,7 +878,7 @@ async fn backup(
 fn record(
     step: Step<'_>,
     series: Series,
-    result: Result<Entry, String>,
+    result: Result<Entry, impl std::fmt::Display>,
     entries: &mut Vec<Entry>,
     failures: &mut Vec<Failure>,
 ) {
@@ -691,6 +901,7 @@ fn record(
             entries.push(entry);
         }
         Err(error) => {
+            let error = error.to_string();
             step.end(&Err(error.clone()));
             failures.push(Failure { series, error });
         }
@@ -784,6 +995,7 @@ mod tests {
         let mut config = BackupsConfig::default();
         assert!(clock(Some(&retention), &config)
             .unwrap_err()
+            .to_string()
             .contains("allow_simulated_clock"));
         config.allow_simulated_clock = true;
         let (now, simulated) = clock(Some(&retention), &config).unwrap();

@@ -11,6 +11,7 @@ use std::path::{Path, PathBuf};
 use sha2::{Digest, Sha256};
 
 use super::encryption::{self, Keys};
+use super::BackupError;
 
 /// A finished temp file.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -57,9 +58,12 @@ pub struct Sink {
 impl Sink {
     /// Creates the temp file `path` (private: it becomes the backup file), encrypting to `keys` when given (the age header is
     /// written now).
-    pub fn create(path: &Path, keys: Option<&Keys>) -> Result<Self, String> {
-        let file = super::create_private_file(path)
-            .map_err(|e| format!("creating {}: {e}", path.display()))?;
+    pub fn create(path: &Path, keys: Option<&Keys>) -> Result<Self, BackupError> {
+        let file = super::create_private_file(path).map_err(|source| BackupError::File {
+            doing: "creating",
+            path: path.to_path_buf(),
+            source,
+        })?;
         let hashing = Hashing {
             inner: file,
             hasher: Sha256::new(),
@@ -67,7 +71,7 @@ impl Sink {
         };
         let out = match keys {
             None => Out::Plain(hashing),
-            Some(keys) => Out::Age(keys.encrypt(hashing).map_err(|e| e.to_string())?),
+            Some(keys) => Out::Age(keys.encrypt(hashing)?),
         };
         Ok(Self {
             out,
@@ -76,7 +80,7 @@ impl Sink {
     }
 
     /// Copies everything `input` yields into the file (a tool's standard output, to its end).
-    pub fn copy_from(&mut self, mut input: impl Read) -> Result<(), String> {
+    pub fn copy_from(&mut self, mut input: impl Read) -> Result<(), BackupError> {
         // Pipes hand over at most 64 KiB per read; a bigger buffer still saves calls when the
         // writer is ahead.
         let mut buf = vec![0u8; 256 << 10];
@@ -85,18 +89,31 @@ impl Sink {
                 Ok(0) => return Ok(()),
                 Ok(n) => n,
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
-                Err(e) => return Err(format!("reading the tool's output: {e}")),
+                Err(source) => {
+                    return Err(BackupError::Read {
+                        what: "the tool's output",
+                        source,
+                    })
+                }
             };
             self.write_all(&buf[..n])
-                .map_err(|e| format!("writing {}: {e}", self.path.display()))?;
+                .map_err(|source| BackupError::File {
+                    doing: "writing",
+                    path: self.path.clone(),
+                    source,
+                })?;
         }
     }
 
     /// Ends the file: the last age chunk, fsync, and the check that an encrypted file starts
     /// with the age header.
-    pub fn finish(self) -> Result<Written, String> {
+    pub fn finish(self) -> Result<Written, BackupError> {
         let path = self.path;
-        let fail = |what: &str, e: io::Error| format!("{what} {}: {e}", path.display());
+        let fail = |doing: &'static str, source: io::Error| BackupError::File {
+            doing,
+            path: path.clone(),
+            source,
+        };
         let (hashing, encrypted) = match self.out {
             Out::Plain(h) => (h, false),
             Out::Age(w) => (w.finish().map_err(|e| fail("finishing", e))?, true),
