@@ -403,12 +403,11 @@ fn write_tar(sink: Sink, sources: &[PathBuf]) -> Result<Written, BackupError> {
     builder.follow_symlinks(false);
     for source in sources {
         let name = source.strip_prefix("/").unwrap_or(source);
-        let meta = std::fs::symlink_metadata(source)
-            .map_err(|e| BackupError::File {
-                doing: "reading",
-                path: source.clone(),
-                source: e,
-            })?;
+        let meta = std::fs::symlink_metadata(source).map_err(|e| BackupError::File {
+            doing: "reading",
+            path: source.clone(),
+            source: e,
+        })?;
         let added = if meta.is_dir() {
             builder.append_dir_all(name, source)
         } else {
@@ -419,12 +418,10 @@ fn write_tar(sink: Sink, sources: &[PathBuf]) -> Result<Written, BackupError> {
             source: e,
         })?;
     }
-    let mut out = builder
-        .into_inner()
-        .map_err(|source| BackupError::Tar {
-            doing: "finishing",
-            source,
-        })?;
+    let mut out = builder.into_inner().map_err(|source| BackupError::Tar {
+        doing: "finishing",
+        source,
+    })?;
     out.flush().map_err(|source| BackupError::Tar {
         doing: "writing",
         source,

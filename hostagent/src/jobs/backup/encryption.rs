@@ -416,7 +416,7 @@ mod tests {
         assert_eq!(plain, "PGDMP and more");
 
         std::fs::write(&path, b"PGDMP plaintext").unwrap();
-        let err = ensure_encrypted(&path).unwrap_err();
+        let err = ensure_encrypted(&path).unwrap_err().to_string();
         assert!(err.contains("should be encrypted but is not"), "{err}");
     }
 

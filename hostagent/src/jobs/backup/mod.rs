@@ -197,7 +197,9 @@ pub enum BackupError {
         target: String,
     },
     /// The backup role may write to tables while the agent requires a read-only one.
-    #[error("role {role} is not read-only: it may write to {tables} in {database}: {READ_ONLY_ADVICE}")]
+    #[error(
+        "role {role} is not read-only: it may write to {tables} in {database}: {READ_ONLY_ADVICE}"
+    )]
     Writable {
         /// The role.
         role: String,
@@ -310,13 +312,11 @@ pub async fn run_tool_io<R: Send + 'static>(
         .stderr(std::process::Stdio::piped())
         .kill_on_drop(true);
     let program = cmd.as_std().get_program().to_string_lossy().into_owned();
-    let mut child = cmd
-        .spawn()
-        .map_err(|source| BackupError::ToolStart {
-            what: what.to_string(),
-            program: program.clone(),
-            source,
-        })?;
+    let mut child = cmd.spawn().map_err(|source| BackupError::ToolStart {
+        what: what.to_string(),
+        program: program.clone(),
+        source,
+    })?;
     // Blocking files: a killed tool closes its pipes, so these threads end with it.
     let stdout = child
         .stdout

@@ -21,9 +21,45 @@ use serde::{Deserialize, Serialize};
 
 use super::dump::sha256_file;
 use super::manifest::{self, Kind, Series, MANIFESTS};
-use super::{encryption, retention, run_tool, safe_name, write_atomic};
+use super::{encryption, retention, run_tool, safe_name, write_atomic, BackupError};
 use crate::config::BackupsConfig;
 use crate::jobs::JobEvents;
+
+/// Why listing or pruning the offsite target failed.
+#[derive(Debug, thiserror::Error)]
+pub enum OffsiteError {
+    /// `rsync --list-only` of the target failed.
+    #[error("listing {target}: {source}")]
+    List {
+        /// The target.
+        target: String,
+        /// Why.
+        source: BackupError,
+    },
+    /// `rsync --delete` at the target failed.
+    #[error("pruning at {target}: {source}")]
+    Prune {
+        /// The target.
+        target: String,
+        /// Why.
+        source: BackupError,
+    },
+    /// Files rsync was to remove are still listed at the target.
+    #[error(
+        "pruning at {target}: {} file(s) still there after rsync removed them: {}",
+        .files.len(),
+        .files.join(", ")
+    )]
+    StillThere {
+        /// The target.
+        target: String,
+        /// The files still there.
+        files: Vec<String>,
+    },
+    /// Preparing the prune in the backup dir failed.
+    #[error(transparent)]
+    Local(#[from] BackupError),
+}
 
 /// The pending list's file in the backup dir.
 pub const PENDING_FILE: &str = "offsite-pending.json";
@@ -192,7 +228,7 @@ async fn copy_and_check(
         .collect();
     let list = dir.join(".offsite-files");
     let names: String = sendable.iter().map(|i| format!("{}\n", i.file)).collect();
-    write_private(&list, names.as_bytes()).map_err(|e| (Vec::new(), e))?;
+    write_private(&list, names.as_bytes()).map_err(|e| (Vec::new(), e.to_string()))?;
     let source = format!("{}/", dir.display());
     let target_dir = target_dir(target);
     let rsync = |extra: &[&str]| {
@@ -277,11 +313,15 @@ async fn copy_and_check(
 }
 
 /// Writes a small private work file (file lists, filter rules).
-fn write_private(path: &Path, bytes: &[u8]) -> Result<(), String> {
+fn write_private(path: &Path, bytes: &[u8]) -> Result<(), BackupError> {
     use std::io::Write;
     super::create_private_file(path)
         .and_then(|mut f| f.write_all(bytes))
-        .map_err(|e| format!("writing {}: {e}", path.display()))
+        .map_err(|source| BackupError::File {
+            doing: "writing",
+            path: path.to_path_buf(),
+            source,
+        })
 }
 
 /// Whether `file` is a path the agent could have written: plain names only, so it can go
@@ -295,14 +335,17 @@ pub async fn list(
     config: &BackupsConfig,
     target: &str,
     events: &JobEvents,
-) -> Result<Vec<String>, String> {
+) -> Result<Vec<String>, OffsiteError> {
     let mut cmd = rsync_for(config, &destination(target));
     cmd.arg("--list-only")
         .arg("--recursive")
         .arg(target_dir(target));
     let out = run_tool(cmd, "rsync --list-only", config.command_timeout, events)
         .await
-        .map_err(|e| format!("listing {target}: {e}"))?;
+        .map_err(|source| OffsiteError::List {
+            target: target.to_string(),
+            source,
+        })?;
     Ok(parse_listing(&out))
 }
 
@@ -384,7 +427,7 @@ pub async fn prune(
     now: Timestamp,
     tz: &jiff::tz::TimeZone,
     events: &JobEvents,
-) -> Result<Vec<String>, String> {
+) -> Result<Vec<String>, OffsiteError> {
     let (manifests, _) = manifest::load_all(dir);
     // What the backup dir knows of each file, pruned here or not: when it was taken, and
     // whether verify found it damaged.
@@ -457,17 +500,16 @@ pub async fn prune(
     delete(config, dir, target, &remove, events).await?;
     // Checked like the copies: what was meant to go is gone.
     let after: BTreeSet<String> = list(config, target, events).await?.into_iter().collect();
-    let stayed: Vec<&String> = remove.iter().filter(|f| after.contains(*f)).collect();
+    let stayed: Vec<String> = remove
+        .iter()
+        .filter(|f| after.contains(*f))
+        .cloned()
+        .collect();
     if !stayed.is_empty() {
-        return Err(format!(
-            "pruning at {target}: {} file(s) still there after rsync removed them: {}",
-            stayed.len(),
-            stayed
-                .iter()
-                .map(|s| s.as_str())
-                .collect::<Vec<_>>()
-                .join(", ")
-        ));
+        return Err(OffsiteError::StillThere {
+            target: target.to_string(),
+            files: stayed,
+        });
     }
     remove.sort();
     Ok(remove)
@@ -482,11 +524,15 @@ async fn delete(
     target: &str,
     files: &[String],
     events: &JobEvents,
-) -> Result<(), String> {
+) -> Result<(), OffsiteError> {
     let work = dir.join(".offsite-prune");
     let skeleton = work.join("dirs");
     let rules = work.join("files");
-    let io = |p: &Path, e: std::io::Error| format!("preparing the prune in {}: {e}", p.display());
+    let io = |p: &Path, source: std::io::Error| BackupError::File {
+        doing: "preparing the prune in",
+        path: p.to_path_buf(),
+        source,
+    };
     if work.exists() {
         std::fs::remove_dir_all(&work).map_err(|e| io(&work, e))?;
     }
@@ -510,9 +556,10 @@ async fn delete(
         .arg(target_dir(target));
     let result = run_tool(cmd, "rsync --delete", config.command_timeout, events).await;
     let _ = std::fs::remove_dir_all(&work);
-    result
-        .map(drop)
-        .map_err(|e| format!("pruning at {target}: {e}"))
+    result.map(drop).map_err(|source| OffsiteError::Prune {
+        target: target.to_string(),
+        source,
+    })
 }
 
 #[cfg(test)]

@@ -20,7 +20,7 @@ use super::dsn::{self, PassFile, Resolved};
 use super::dump::{count_rows, quote_ident, TABLES_SQL};
 use super::encryption::{self, Keys};
 use super::manifest::{self, Entry, Kind, Series};
-use super::{prepare_dir, run_tool, run_tool_io, verify, Outcome, Step};
+use super::{prepare_dir, run_tool, run_tool_io, verify, BackupError, Outcome, Step};
 use crate::config::BackupsConfig;
 use crate::jobs::{JobError, JobEvents};
 use sentinel_postgres as postgres;
@@ -49,15 +49,11 @@ async fn restore_test(
     let dir = PathBuf::from(&p.backup_dir);
     let now = Timestamp::now();
     report.tested_at = Some(from_jiff(now));
-    let cluster = dsn::resolve(config, &p.test_cluster_dsn_ref, events).map_err(failed)?;
+    let cluster =
+        dsn::resolve(config, &p.test_cluster_dsn_ref, events).map_err(|e| failed(e.to_string()))?;
     // Needed only for encrypted dumps; an error is reported by the dumps that need the keys.
-    let keys = config
-        .encryption
-        .as_ref()
-        .map(Keys::load)
-        .transpose()
-        .map_err(|e| format!("[jobs.backups.encryption]: {e}"));
-    let tmp = prepare_dir(&dir).map_err(failed)?;
+    let keys = config.encryption.as_ref().map(Keys::load).transpose();
+    let tmp = prepare_dir(&dir).map_err(|e| failed(e.to_string()))?;
     let admin = postgres::connect(&cluster.client, "sentinel-restore-test")
         .await
         .map_err(|e| JobError::Failed(format!("test cluster: {e}")))?;
@@ -181,7 +177,7 @@ async fn drop_database(client: &tokio_postgres::Client, name: &str) -> Option<St
 #[allow(clippy::too_many_arguments)]
 async fn restore_one(
     config: &BackupsConfig,
-    keys: &Result<Option<Keys>, String>,
+    keys: &Result<Option<Keys>, encryption::EncryptionError>,
     p: &RestoreTestParams,
     cluster: &Resolved,
     admin: &tokio_postgres::Client,
@@ -208,13 +204,13 @@ async fn restore_one(
     let path = dir.join(&entry.file);
     let usable = keys.as_ref().ok().and_then(Option::as_ref);
     if let Err(e) = verify::check_file(config, usable, &path, entry, false, events).await {
-        errors.push(e);
+        errors.push(e.to_string());
     }
     // An encrypted dump needs an identity; without one there is nothing to restore.
     let feed: Option<super::Feed> = if verify::should_be_encrypted(entry) {
         match keys.as_ref().map(Option::as_ref) {
             Err(e) => {
-                errors.push(e.clone());
+                errors.push(format!("[jobs.backups.encryption]: {e}"));
                 result.error = Some(errors.join("; "));
                 return result;
             }
@@ -282,7 +278,10 @@ async fn restore_one(
                     |mut out| {
                         std::io::copy(&mut out, &mut std::io::sink())
                             .map(|_| String::new())
-                            .map_err(|e| format!("reading pg_restore's output: {e}"))
+                            .map_err(|source| BackupError::Read {
+                                what: "pg_restore's output",
+                                source,
+                            })
                     },
                 )
                 .await
@@ -290,14 +289,15 @@ async fn restore_one(
         };
         result.restore_seconds = started.elapsed().as_secs_f64();
         r?;
-        let conn = postgres::connect(&target.client, "sentinel-restore-test")
-            .await
-            .map_err(|e| e.to_string())?;
+        let conn = postgres::connect(&target.client, "sentinel-restore-test").await?;
         let tables: Vec<(String, String)> = conn
             .client
             .query(TABLES_SQL, &[])
             .await
-            .map_err(|e| format!("listing restored tables: {}", postgres::describe(&e)))?
+            .map_err(|e| BackupError::Query {
+                doing: "listing restored tables".into(),
+                message: postgres::describe(&e),
+            })?
             .iter()
             .map(|r| (r.get(0), r.get(1)))
             .collect();
@@ -343,11 +343,11 @@ async fn restore_one(
                 error: verdict.err(),
             });
         }
-        Ok::<(), String>(())
+        Ok::<(), BackupError>(())
     }
     .await;
     if let Err(e) = restored {
-        errors.push(e);
+        errors.push(e.to_string());
     }
     if !result.mismatches.is_empty() {
         errors.push(format!(

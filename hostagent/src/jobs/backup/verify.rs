@@ -20,7 +20,7 @@ use sentinel_proto::v1::{
 use super::dump::sha256_file;
 use super::encryption::{self, Keys};
 use super::manifest::{self, Entry, Kind};
-use super::{human_bytes, run_tool, run_tool_io, Outcome, Step};
+use super::{human_bytes, run_tool, run_tool_io, BackupError, Outcome, Step};
 use crate::config::BackupsConfig;
 use crate::jobs::{JobError, JobEvents};
 
@@ -73,7 +73,9 @@ async fn verify(
             listed.insert(entry.file.clone());
             let path = dir.join(&entry.file);
             let list_toc = entry.series.kind == Kind::Database;
-            let found = check_file(config, keys.as_ref(), &path, entry, list_toc, events).await;
+            let found = check_file(config, keys.as_ref(), &path, entry, list_toc, events)
+                .await
+                .map_err(|e| e.to_string());
             report.checked += 1;
             report.bytes += entry.size;
             match &found {
@@ -165,6 +167,23 @@ async fn verify(
     result.map_err(JobError::Failed)
 }
 
+/// Why a backup file failed its check; recorded as its `damaged` text.
+#[derive(Debug, thiserror::Error)]
+pub enum VerifyError {
+    /// The file is not there.
+    #[error("missing")]
+    Missing,
+    /// Reading it to hash it failed.
+    #[error("{0}")]
+    Unreadable(std::io::Error),
+    /// The hashing task ended without an answer.
+    #[error("{0}")]
+    Task(tokio::task::JoinError),
+    /// What is wrong with it (size, sha256, header, archive), joined with ", ".
+    #[error("{}", .0.join(", "))]
+    Damaged(Vec<String>),
+}
+
 /// How far a file that passed could be checked.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Checked {
@@ -183,17 +202,17 @@ pub async fn check_file(
     entry: &Entry,
     list_toc: bool,
     events: &JobEvents,
-) -> Result<Checked, String> {
+) -> Result<Checked, VerifyError> {
     let (size, sha256) = (entry.size, entry.sha256.as_str());
     let p = path.to_path_buf();
     let (actual_size, actual) = tokio::task::spawn_blocking(move || sha256_file(&p))
         .await
-        .map_err(|e| e.to_string())?
+        .map_err(VerifyError::Task)?
         .map_err(|e| {
             if e.kind() == std::io::ErrorKind::NotFound {
-                "missing".to_string()
+                VerifyError::Missing
             } else {
-                e.to_string()
+                VerifyError::Unreadable(e)
             }
         })?;
     let mut problems = Vec::new();
@@ -212,8 +231,8 @@ pub async fn check_file(
     if encrypted {
         if let Err(e) = encryption::ensure_encrypted(path) {
             // Nothing more to learn from it: it is not what the manifest says it is.
-            problems.push(e);
-            return Err(problems.join(", "));
+            problems.push(e.to_string());
+            return Err(VerifyError::Damaged(problems));
         }
     }
     if list_toc {
@@ -239,7 +258,10 @@ pub async fn check_file(
                         use std::io::Read;
                         let mut toc = String::new();
                         out.read_to_string(&mut toc)
-                            .map_err(|e| format!("reading pg_restore's list: {e}"))?;
+                            .map_err(|source| BackupError::Read {
+                                what: "pg_restore's list",
+                                source,
+                            })?;
                         Ok(toc)
                     },
                 )
@@ -255,14 +277,14 @@ pub async fn check_file(
                     .lines()
                     .any(|l| !l.starts_with(';') && !l.trim().is_empty()) => {}
             Some(Ok(_)) => problems.push("pg_restore --list shows an empty archive".into()),
-            Some(Err(e)) => problems.push(e),
+            Some(Err(e)) => problems.push(e.to_string()),
             None => {}
         }
     }
     if problems.is_empty() {
         Ok(checked)
     } else {
-        Err(problems.join(", "))
+        Err(VerifyError::Damaged(problems))
     }
 }
 
