@@ -1045,6 +1045,86 @@ mod tests {
     }
 
     #[test]
+    fn error_texts_read_as_the_operator_has_always_read_them() {
+        use std::os::unix::process::ExitStatusExt;
+        let io = || std::io::Error::from(std::io::ErrorKind::PermissionDenied);
+        let status = std::process::ExitStatus::from_raw(1 << 8);
+        let failed = |said: &str, also: Vec<BackupError>| BackupError::ToolFailed {
+            what: "pg_restore".into(),
+            status,
+            said: said.into(),
+            also,
+        };
+        assert_eq!(
+            failed("", Vec::new()).to_string(),
+            "pg_restore failed (exit status: 1)"
+        );
+        assert_eq!(
+            failed(
+                "error: a / error: b",
+                vec![BackupError::Read {
+                    what: "pg_restore's output",
+                    source: io(),
+                }]
+            )
+            .to_string(),
+            "pg_restore failed (exit status: 1): error: a / error: b; reading pg_restore's \
+             output: permission denied"
+        );
+        assert_eq!(
+            BackupError::File {
+                doing: "renaming into",
+                path: "/b/x.dump".into(),
+                source: io(),
+            }
+            .to_string(),
+            "renaming into /b/x.dump: permission denied"
+        );
+        assert_eq!(
+            BackupError::ToolTimeout {
+                what: "rsync".into(),
+                timeout: Duration::from_secs(5),
+            }
+            .to_string(),
+            "rsync took longer than 5s and was stopped"
+        );
+        assert_eq!(
+            BackupError::Superuser {
+                role: "postgres".into(),
+                target: "db:5432/app".into(),
+            }
+            .to_string(),
+            "role postgres is a superuser, not a read-only role (db:5432/app): back up with a \
+             read-only role (e.g. one granted pg_read_all_data), or set [jobs.backups] \
+             require_read_only = false on the agent"
+        );
+        assert_eq!(
+            BackupError::Writable {
+                role: "app".into(),
+                tables: "public.a, public.b".into(),
+                database: "shop".into(),
+            }
+            .to_string(),
+            "role app is not read-only: it may write to public.a, public.b in shop: back up \
+             with a read-only role (e.g. one granted pg_read_all_data), or set [jobs.backups] \
+             require_read_only = false on the agent"
+        );
+        assert_eq!(
+            BackupError::SimulatedClockRefused.to_string(),
+            "the job carries a simulated clock, which this agent does not accept \
+             ([jobs.backups] allow_simulated_clock = false)"
+        );
+        assert_eq!(
+            BackupError::Dsn(dsn::DsnError::InlinePassword {
+                name: "prod".into(),
+            })
+            .to_string(),
+            "DSN \"prod\" holds a password; pg_dump would show it on its command line, so put \
+             the password in `password_file`"
+        );
+    }
+
+    #[test]
     fn human_bytes_reads_well() {
         assert_eq!(human_bytes(12), "12 B");
         assert_eq!(human_bytes(1536), "1.5 KiB");
