@@ -335,13 +335,7 @@ impl World {
     /// Waits (four patiences: dumps take a while) for job `id` to end; its `GetJob` answer.
     pub fn wait_job(&self, id: &str) -> Value {
         eventually_within(patience() * 4, &format!("job {id} to end"), || {
-            let j = self
-                .controller
-                .grpcurl(
-                    Some(&format!("{{\"job_id\":\"{id}\"}}")),
-                    "sentinel.v1.FleetService/GetJob",
-                )
-                .json()?;
+            let j = self.controller.get_job(id)?;
             if is_final(j["state"].as_str().unwrap_or("")) {
                 Ok(j)
             } else {

@@ -115,6 +115,18 @@ pub fn run(cmd: &mut Command) -> Output {
         .unwrap_or_else(|e| panic!("running {cmd:?}: {e}"))
 }
 
+/// `hostagent --check-config --config CONFIG`: (exit code, stderr).
+pub fn check_agent_config(config: &Path) -> (Option<i32>, String) {
+    let out = run(Command::new(bin("hostagent"))
+        .arg("--check-config")
+        .arg("--config")
+        .arg(config));
+    (
+        out.status.code(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
 /// A child process killed when dropped; its output goes to files in the test's dir.
 pub struct Proc {
     child: Option<Child>,
@@ -434,6 +446,15 @@ impl Controller {
             String::from_utf8_lossy(&out.stderr)
         );
         (out.status.code(), text)
+    }
+
+    /// `GetJob` for `id`, parsed.
+    pub fn get_job(&self, id: &str) -> Result<Value, String> {
+        self.grpcurl(
+            Some(&format!("{{\"job_id\":\"{id}\"}}")),
+            "sentinel.v1.FleetService/GetJob",
+        )
+        .json()
     }
 
     /// `GetHost` for `name`, parsed.

@@ -15,7 +15,7 @@ use sentinel_e2e::backups::{
 };
 use sentinel_e2e::fixture::{served, Variant};
 use sentinel_e2e::postgres;
-use sentinel_e2e::{bin, eventually, eventually_within, run, Fleet, Value};
+use sentinel_e2e::{bin, check_agent_config, eventually, eventually_within, run, Fleet, Value};
 
 #[test]
 fn a_backup_with_data_is_verified_and_restore_tested_with_equal_row_counts() {
@@ -354,12 +354,8 @@ fn a_bad_recipient_or_identity_in_the_agent_config_stops_the_agent_at_start_nami
 
     let config = config_with(&format!("recipients = [\"{good}\", \"age1notakey\"]\n"));
     let line = line_of(&config, "recipients");
-    let out = run(Command::new(bin("hostagent"))
-        .arg("--config")
-        .arg(&config)
-        .arg("--check-config"));
-    let err = String::from_utf8_lossy(&out.stderr).to_string();
-    assert_eq!(out.status.code(), Some(64), "{err}");
+    let (code, err) = check_agent_config(&config);
+    assert_eq!(code, Some(64), "{err}");
     assert!(
         err.contains(&format!("{}:{line}:", config.display()))
             && err.contains("jobs.backups.encryption.recipients[1]")
@@ -399,12 +395,8 @@ fn a_bad_recipient_or_identity_in_the_agent_config_stops_the_agent_at_start_nami
         missing.display()
     ));
     let line = line_of(&config, "identity_file");
-    let out = run(Command::new(bin("hostagent"))
-        .arg("--config")
-        .arg(&config)
-        .arg("--check-config"));
-    let err = String::from_utf8_lossy(&out.stderr).to_string();
-    assert_eq!(out.status.code(), Some(64), "{err}");
+    let (code, err) = check_agent_config(&config);
+    assert_eq!(code, Some(64), "{err}");
     assert!(
         err.contains(&format!("{}:{line}:", config.display()))
             && err.contains("identity_file")
@@ -420,12 +412,8 @@ fn a_bad_recipient_or_identity_in_the_agent_config_stops_the_agent_at_start_nami
         "recipients = [\"{good}\"]\nidentity_file = \"{}\"\n",
         identity.display()
     ));
-    let out = run(Command::new(bin("hostagent"))
-        .arg("--config")
-        .arg(&config)
-        .arg("--check-config"));
-    let err = String::from_utf8_lossy(&out.stderr).to_string();
-    assert_eq!(out.status.code(), Some(64), "{err}");
+    let (code, err) = check_agent_config(&config);
+    assert_eq!(code, Some(64), "{err}");
     assert!(
         err.contains("none of its identities belongs to a recipient") && !err.contains(&stranger),
         "{err}"
@@ -1359,16 +1347,8 @@ fn an_interrupted_backup_ends_interrupted_and_says_so_for_what_it_never_reached(
         .json()
         .expect("RunBackup");
     let id = job["jobId"].as_str().unwrap().to_string();
-    let get = |w: &World, id: &str| {
-        w.controller
-            .grpcurl(
-                Some(&format!("{{\"job_id\":\"{id}\"}}")),
-                "sentinel.v1.FleetService/GetJob",
-            )
-            .json()
-    };
     eventually("the dump to start", || {
-        let j = get(&w, &id)?;
+        let j = w.controller.get_job(&id)?;
         if j.to_string().contains("dump production/shop_prod") {
             Ok(())
         } else {
@@ -1381,7 +1361,7 @@ fn an_interrupted_backup_ends_interrupted_and_says_so_for_what_it_never_reached(
     assert_state(&done, "JOB_STATE_INTERRUPTED");
     // Let a re-sent copy of the job reach the agent and be refused, if it is going to.
     std::thread::sleep(Duration::from_secs(3));
-    let done = get(&w, &id).unwrap();
+    let done = w.controller.get_job(&id).unwrap();
     let last = done["events"].as_array().unwrap().last().cloned().unwrap();
     assert!(last["refused"].is_null(), "a trailing refusal: {last}");
     assert_state(&done, "JOB_STATE_INTERRUPTED");
