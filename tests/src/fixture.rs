@@ -223,6 +223,29 @@ impl Drop for FixtureApp {
     }
 }
 
+/// Removes the containers and default networks of the Compose projects `NAME-staging` and
+/// `NAME-production` that deploys of app `name` made (the agents name a project after app and
+/// environment, which [`FixtureApp`]'s own clean-up does not reach).
+pub fn remove_environment_projects(name: &str) {
+    for env in ["staging", "production"] {
+        let project = format!("{name}-{env}");
+        let out = run(Command::new("docker").args([
+            "ps",
+            "-aq",
+            "--filter",
+            &format!("label=com.docker.compose.project={project}"),
+        ]));
+        let ids: Vec<String> = String::from_utf8_lossy(&out.stdout)
+            .lines()
+            .map(str::to_string)
+            .collect();
+        if !ids.is_empty() {
+            quiet(Command::new("docker").args(["rm", "-f"]).args(&ids));
+        }
+        quiet(Command::new("docker").args(["network", "rm", &format!("{project}_default")]));
+    }
+}
+
 fn quiet(cmd: &mut Command) {
     let _ = cmd
         .stdin(Stdio::null())

@@ -14,6 +14,7 @@ pub mod fake_controller;
 
 pub use serde_json::Value;
 
+pub mod backups;
 pub mod fixture;
 pub mod ports;
 pub mod postgres;
@@ -114,6 +115,18 @@ pub fn run(cmd: &mut Command) -> Output {
         .unwrap_or_else(|e| panic!("running {cmd:?}: {e}"))
 }
 
+/// `hostagent --check-config --config CONFIG`: (exit code, stderr).
+pub fn check_agent_config(config: &Path) -> (Option<i32>, String) {
+    let out = run(Command::new(bin("hostagent"))
+        .arg("--check-config")
+        .arg("--config")
+        .arg(config));
+    (
+        out.status.code(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
 /// A child process killed when dropped; its output goes to files in the test's dir.
 pub struct Proc {
     child: Option<Child>,
@@ -123,7 +136,9 @@ pub struct Proc {
 }
 
 impl Proc {
-    fn spawn(mut cmd: Command, log: PathBuf, name: &str) -> Self {
+    /// Starts `cmd` (stdin closed, stdout and stderr to `log`, our crates logging at debug);
+    /// `name` names it in waits and in the log printed when a test fails.
+    pub fn spawn(mut cmd: Command, log: PathBuf, name: &str) -> Self {
         let out = fs::File::create(&log).expect("creating a log file");
         let err = out.try_clone().expect("cloning a log file handle");
         let child = cmd
@@ -410,6 +425,36 @@ impl Controller {
             cmd.args(method.split(' '));
         }
         GrpcResult::from(run(&mut cmd))
+    }
+
+    /// `sentinel ARGS --controller ADDR` as operator `admin`: (exit code, stdout then
+    /// stderr).
+    pub fn cli(&self, args: &[&str]) -> (Option<i32>, String) {
+        let c = &self.certs;
+        let out = run(Command::new(bin("sentinel"))
+            .args(args)
+            .args(["--controller", &self.addr])
+            .arg("--ca")
+            .arg(c.join("ca.pem"))
+            .arg("--cert")
+            .arg(c.join("operator-admin.pem"))
+            .arg("--key")
+            .arg(c.join("operator-admin.key")));
+        let text = format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        (out.status.code(), text)
+    }
+
+    /// `GetJob` for `id`, parsed.
+    pub fn get_job(&self, id: &str) -> Result<Value, String> {
+        self.grpcurl(
+            Some(&format!("{{\"job_id\":\"{id}\"}}")),
+            "sentinel.v1.FleetService/GetJob",
+        )
+        .json()
     }
 
     /// `GetHost` for `name`, parsed.

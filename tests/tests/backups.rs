@@ -5,414 +5,17 @@
 //! clock and a fixed-offset time zone chosen so that 02:00 falls inside the test.
 
 use std::collections::BTreeSet;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::Command;
 use std::time::Duration;
 
-use sentinel_e2e::fixture::{served, FixtureApp, ReleaseRepo as Repo, Variant, SECRET};
-use sentinel_e2e::postgres::{self, Postgres};
-use sentinel_e2e::{
-    bin, eventually, eventually_within, patience, run, Controller, Fleet, Proc, Value,
+use sentinel_e2e::backups::{
+    age_keys, assert_state, backup_report, flag, sha256, strings, world, Options, World,
+    AGE_HEADER, BACKUP_PASSWORD, CUSTOMERS, INVOICES, ORDERS,
 };
-
-const BACKUP_PASSWORD: &str = "backup-Ro-Secret-77";
-const RESTORE_PASSWORD: &str = "restore-Tester-Secret-78";
-const CUSTOMERS: i64 = 1000;
-const ORDERS: i64 = 5000;
-const INVOICES: i64 = 200;
-
-/// What a test's world looks like.
-struct Options {
-    /// `[backups.retention]` as TOML lines.
-    retention: &'static str,
-    /// `[backups.schedule]` as TOML lines (default: every schedule off).
-    schedule: String,
-    /// The time zone.
-    time_zone: String,
-    /// The offsite target; None: none.
-    offsite: Option<String>,
-    /// Globals and files too.
-    everything: bool,
-    /// A fixture app `shop_prod` belongs to, deployed by agents hub-alfa (staging) and
-    /// prod-alfa (production) with Docker.
-    with_app: bool,
-    /// The agent's `[jobs.backups.encryption]` body (TOML lines); None: no encryption.
-    encryption: Option<String>,
-}
-
-impl Default for Options {
-    fn default() -> Self {
-        Self {
-            retention: "daily = 7\nweekly = 4\nminimum = 3\n",
-            schedule: "backup = \"\"\nverify = \"\"\nrestore_test = \"\"\n".into(),
-            time_zone: "UTC".into(),
-            offsite: None,
-            everything: false,
-            with_app: false,
-            encryption: None,
-        }
-    }
-}
-
-/// The fixture app and its repository, when the world deploys.
-struct App {
-    app: FixtureApp,
-    repo: Repo,
-    production_port: u16,
-    /// Docker binds them only while a release runs: reserved for the whole test.
-    _ports: [sentinel_e2e::ports::Port; 2],
-    _agents: Vec<Proc>,
-}
-
-impl Drop for App {
-    fn drop(&mut self) {
-        for env in ["staging", "production"] {
-            let project = format!("{}-{env}", self.app.project);
-            let out = run(Command::new("docker").args([
-                "ps",
-                "-aq",
-                "--filter",
-                &format!("label=com.docker.compose.project={project}"),
-            ]));
-            let ids: Vec<String> = String::from_utf8_lossy(&out.stdout)
-                .lines()
-                .map(str::to_string)
-                .collect();
-            if !ids.is_empty() {
-                let _ = run(Command::new("docker").args(["rm", "-f"]).args(&ids));
-            }
-            let _ =
-                run(Command::new("docker").args(["network", "rm", &format!("{project}_default")]));
-        }
-    }
-}
-
-struct World {
-    app: Option<App>,
-    controller: Controller,
-    controller_toml: String,
-    agent: Proc,
-    agent_toml: String,
-    backup_dir: PathBuf,
-    password_file: PathBuf,
-    pg: Postgres,
-    // Last: the processes' logs live in its temp dir and are printed when a test fails.
-    fleet: Fleet,
-}
-
-fn world(options: Options) -> World {
-    let fleet = Fleet::new(&["argus", "hub-alfa", "prod-alfa"]);
-    let fixture = options.with_app.then(|| {
-        let app = FixtureApp::new("backup");
-        let repo = Repo::new(fleet.path("repo"));
-        (app, repo)
-    });
-    let app_name = fixture
-        .as_ref()
-        .map_or("shop".to_string(), |(a, _)| a.project.clone());
-    let pg = Postgres::start();
-    pg.sql(&format!(
-        "CREATE ROLE shop_owner LOGIN PASSWORD 'owner-Pw-1';
-         CREATE ROLE backup_ro LOGIN PASSWORD '{BACKUP_PASSWORD}';
-         GRANT pg_read_all_data TO backup_ro;
-         CREATE ROLE restore_tester LOGIN CREATEDB PASSWORD '{RESTORE_PASSWORD}';
-         CREATE DATABASE shop_prod OWNER shop_owner STRATEGY FILE_COPY;"
-    ));
-    pg.sql_on(
-        "shop_prod",
-        &format!(
-            "SET ROLE shop_owner;
-             CREATE TABLE customers (id int PRIMARY KEY, name text NOT NULL);
-             INSERT INTO customers SELECT g, 'customer ' || g FROM generate_series(1, {CUSTOMERS}) g;
-             CREATE TABLE orders (id int PRIMARY KEY, customer int REFERENCES customers, total numeric);
-             INSERT INTO orders SELECT g, 1 + g % {CUSTOMERS}, g * 1.5 FROM generate_series(1, {ORDERS}) g;
-             CREATE SCHEMA billing;
-             CREATE TABLE billing.invoices (id int PRIMARY KEY, body jsonb);
-             INSERT INTO billing.invoices SELECT g, jsonb_build_object('n', g) FROM generate_series(1, {INVOICES}) g;"
-        ),
-    );
-    let backup_dir = fleet.path("backups");
-    let files_dir = fleet.path("controller-files");
-    std::fs::create_dir_all(files_dir.join("secrets")).unwrap();
-    std::fs::write(
-        files_dir.join("secrets/production.env"),
-        "DB_PASSWORD=not-really\n",
-    )
-    .unwrap();
-    std::fs::write(files_dir.join("state.txt"), "controller state\n").unwrap();
-    let password_file = fleet.path("backup_ro.password");
-    std::fs::write(&password_file, format!("{BACKUP_PASSWORD}\n")).unwrap();
-    let restore_password = fleet.path("restore.password");
-    std::fs::write(&restore_password, format!("{RESTORE_PASSWORD}\n")).unwrap();
-
-    let c = fleet.certs.display();
-    let pg_bin = postgres::bin_dir();
-    let mut offsite_targets = Vec::new();
-    if let Some(t) = &options.offsite {
-        offsite_targets.push(format!("\"{t}\""));
-    }
-    let mut agent_toml = format!(
-        "[collectors]\ndocker = false\nsystem = false\n\
-         [jobs]\nstate_dir = \"{state}\"\ntrusted_keys = [\"{c}/signing.pub\"]\n\
-         allowed_kinds = [\"backup\", \"verify_backups\", \"restore_test\"]\n\
-         [jobs.backups]\nbackup_dirs = [\"{backups}\"]\nfile_roots = [\"{files}\"]\n\
-         offsite_targets = [{offsite}]\npg_dump = \"{b}/pg_dump\"\npg_dumpall = \"{b}/pg_dumpall\"\n\
-         pg_restore = \"{b}/pg_restore\"\nallow_simulated_clock = true\ncommand_timeout = \"5m\"\n\
-         [jobs.backups.dsns.backup_ro]\ndsn = \"{ro}\"\npassword_file = \"{pw}\"\n\
-         [jobs.backups.dsns.restore]\ndsn = \"{rt}\"\npassword_file = \"{rpw}\"\n",
-        state = fleet.path("agent-state").display(),
-        backups = backup_dir.display(),
-        files = files_dir.display(),
-        offsite = offsite_targets.join(", "),
-        b = pg_bin.display(),
-        ro = pg.dsn_without_password("backup_ro", "postgres"),
-        pw = password_file.display(),
-        rt = pg.dsn_without_password("restore_tester", "postgres"),
-        rpw = restore_password.display(),
-    );
-    if let Some(encryption) = &options.encryption {
-        agent_toml.push_str(&format!("[jobs.backups.encryption]\n{encryption}\n"));
-    }
-    let mut backups = format!(
-        "[signing]\nkey = \"{c}/signing.key\"\n\n[backups]\nhost = \"argus\"\nbackup_dir = \"{}\"\ntime_zone = \"{}\"\n",
-        backup_dir.display(),
-        options.time_zone
-    );
-    if let Some(t) = &options.offsite {
-        backups.push_str(&format!("offsite_target = \"{t}\"\n"));
-    }
-    if options.everything {
-        backups.push_str(&format!(
-            "globals_dsn_ref = \"backup_ro\"\nfile_paths = [\"{}\"]\n",
-            files_dir.display()
-        ));
-    }
-    backups.push_str(&format!(
-        "\n[backups.retention]\n{}\n[backups.schedule]\n{}\n\
-         [backups.restore_test]\ncluster_dsn_ref = \"restore\"\ninvariants = [\"SELECT true\"]\n\n\
-         [[backups.databases]]\nenvironment = \"production\"\ndatabase = \"shop_prod\"\ndsn_ref = \"backup_ro\"\napp = \"{app_name}\"\n\
-         invariants = [\"SELECT count(*) = {CUSTOMERS} FROM customers\", \"SELECT sum(total) > 0 FROM orders\"]\n",
-        options.retention, options.schedule
-    ));
-    let reserved = [
-        sentinel_e2e::ports::reserve(),
-        sentinel_e2e::ports::reserve(),
-    ];
-    let ports = (reserved[0].get(), reserved[1].get());
-    if let Some((_, repo)) = &fixture {
-        let env_block = |env: &str, host: &str, port: u16| {
-            std::fs::write(
-                fleet.path(&format!("{env}.env")),
-                format!("DB_PASSWORD={SECRET}\nPORT={port}\n"),
-            )
-            .unwrap();
-            format!(
-                "[apps.{env}]\nhost = \"{host}\"\napp_dir = \"{dir}\"\nsecrets_file = \"{secrets}\"\n[apps.{env}.health]\nurl = \"http://127.0.0.1:{port}/health\"\ndeadline = \"30s\"\n",
-                dir = fleet.path(&format!("apps-{host}/{app_name}")).display(),
-                secrets = fleet.path(&format!("{env}.env")).display(),
-            )
-        };
-        backups.push_str(&format!(
-            "\n[[apps]]\nname = \"{app_name}\"\nrepo = \"{}\"\nmigration_service = \"web\"\n{}{}",
-            repo.dir.display(),
-            env_block("staging", "hub-alfa", ports.0),
-            env_block("production", "prod-alfa", ports.1),
-        ));
-    }
-    let controller = fleet.start_controller(&backups);
-    let agent = fleet.start_agent("argus", "argus", &controller.addr, &agent_toml);
-    controller.wait_online("argus");
-    let app = fixture.map(|(app, repo)| {
-        let agents = ["hub-alfa", "prod-alfa"]
-            .iter()
-            .map(|host| {
-                let jobs = format!(
-                    "[collectors]\ndocker = false\n[jobs]\nstate_dir = \"{state}\"\ntrusted_keys = [\"{c}/signing.pub\"]\nallowed_kinds = [\"deploy\", \"rollback\"]\napp_dirs = [\"{apps}\"]\n",
-                    state = fleet.path(&format!("state-{host}")).display(),
-                    apps = fleet.path(&format!("apps-{host}")).display(),
-                );
-                let agent = fleet.start_agent(host, host, &controller.addr, &jobs);
-                controller.wait_online(host);
-                agent
-            })
-            .collect();
-        App {
-            app,
-            repo,
-            production_port: ports.1,
-            _ports: reserved,
-            _agents: agents,
-        }
-    });
-    World {
-        app,
-        controller,
-        controller_toml: backups,
-        agent,
-        agent_toml,
-        backup_dir,
-        password_file,
-        pg,
-        fleet,
-    }
-}
-
-fn is_final(state: &str) -> bool {
-    !matches!(
-        state,
-        "JOB_STATE_QUEUED" | "JOB_STATE_SENT" | "JOB_STATE_RUNNING" | ""
-    )
-}
-
-impl World {
-    /// Stops the backup agent and starts it again with `extra` appended to its config.
-    fn restart_agent(&mut self, extra: &str) {
-        self.agent.stop();
-        eventually("argus to go offline", || {
-            let host = self.controller.get_host("argus")?;
-            if host["status"] == "HOST_STATUS_ONLINE" {
-                Err(host["status"].to_string())
-            } else {
-                Ok(())
-            }
-        });
-        self.agent = self.fleet.start_agent(
-            "argus",
-            "argus",
-            &self.controller.addr,
-            &format!("{}{extra}", self.agent_toml),
-        );
-        self.controller.wait_online("argus");
-    }
-
-    /// Starts a run with `method` (retrying while the previous run is still being recorded)
-    /// and waits for its job to end.
-    fn run(&self, method: &str, data: &str) -> Value {
-        let job = eventually(&format!("{method} to start"), || {
-            let r = self
-                .controller
-                .grpcurl(Some(data), &format!("sentinel.v1.FleetService/{method}"));
-            match r.json() {
-                Ok(j) => Ok(j),
-                Err(e) if e.contains("already in progress") => Err(e),
-                Err(e) => panic!("{method} refused: {e}"),
-            }
-        });
-        let id = job["jobId"].as_str().expect("a job id").to_string();
-        self.wait_job(&id)
-    }
-
-    fn wait_job(&self, id: &str) -> Value {
-        eventually_within(patience() * 4, &format!("job {id} to end"), || {
-            let j = self
-                .controller
-                .grpcurl(
-                    Some(&format!("{{\"job_id\":\"{id}\"}}")),
-                    "sentinel.v1.FleetService/GetJob",
-                )
-                .json()?;
-            if is_final(j["state"].as_str().unwrap_or("")) {
-                Ok(j)
-            } else {
-                Err(j["state"].to_string())
-            }
-        })
-    }
-
-    fn backup_at(&self, at: &str) -> Value {
-        self.run(
-            "RunBackup",
-            &format!("{{\"reason\":\"test\",\"simulated_now\":\"{at}\"}}"),
-        )
-    }
-
-    fn list(&self) -> Value {
-        self.controller
-            .grpcurl(None, "sentinel.v1.FleetService/ListBackups")
-            .json()
-            .expect("ListBackups")
-    }
-
-    fn shop(&self) -> Value {
-        let list = self.list();
-        list["databases"]
-            .as_array()
-            .and_then(|a| a.iter().find(|d| d["database"] == "shop_prod").cloned())
-            .unwrap_or_else(|| panic!("shop_prod not in {list}"))
-    }
-
-    /// The shop_prod dumps on disk (plain `.dump` or encrypted `.dump.age`), by run stamp.
-    fn dumps(&self) -> BTreeSet<String> {
-        self.dump_files().into_keys().collect()
-    }
-
-    fn dump_files(&self) -> std::collections::BTreeMap<String, PathBuf> {
-        let dir = self.backup_dir.join("production/shop_prod");
-        std::fs::read_dir(&dir)
-            .map(|r| {
-                r.flatten()
-                    .filter_map(|e| {
-                        let name = e.file_name().to_string_lossy().into_owned();
-                        let rest = name.strip_prefix("shop_prod-")?;
-                        let stamp = rest
-                            .strip_suffix(".dump")
-                            .or_else(|| rest.strip_suffix(".dump.age"))?;
-                        Some((stamp.to_string(), e.path()))
-                    })
-                    .collect()
-            })
-            .unwrap_or_default()
-    }
-
-    fn newest_dump(&self) -> PathBuf {
-        self.dump_files().into_values().next_back().expect("a dump")
-    }
-
-    fn manifests(&self) -> Vec<Value> {
-        let mut out: Vec<Value> = std::fs::read_dir(self.backup_dir.join("manifests"))
-            .map(|r| {
-                r.flatten()
-                    .filter(|e| e.file_name().to_string_lossy().ends_with(".json"))
-                    .map(|e| serde_json::from_slice(&std::fs::read(e.path()).unwrap()).unwrap())
-                    .collect()
-            })
-            .unwrap_or_default();
-        out.sort_by_key(|m: &Value| m["run_id"].as_str().unwrap_or("").to_string());
-        out
-    }
-
-    fn entry_for(&self, file: &Path) -> Value {
-        let rel = file
-            .strip_prefix(&self.backup_dir)
-            .unwrap()
-            .to_string_lossy()
-            .into_owned();
-        self.manifests()
-            .iter()
-            .flat_map(|m| m["entries"].as_array().cloned().unwrap_or_default())
-            .find(|e| e["file"] == rel.as_str())
-            .unwrap_or_else(|| panic!("{rel} in no manifest"))
-    }
-}
-
-fn sha256(path: &Path) -> String {
-    use sha2::{Digest, Sha256};
-    hex::encode(Sha256::digest(std::fs::read(path).unwrap()))
-}
-
-/// A proto3 bool as grpcurl prints it (false is left out).
-fn flag(v: &Value) -> bool {
-    v.as_bool().unwrap_or(false)
-}
-
-fn assert_state(job: &Value, state: &str) {
-    assert_eq!(
-        job["state"],
-        state,
-        "{}",
-        serde_json::to_string_pretty(job).unwrap()
-    );
-}
+use sentinel_e2e::fixture::{served, Variant};
+use sentinel_e2e::postgres;
+use sentinel_e2e::{bin, check_agent_config, eventually, eventually_within, run, Fleet, Value};
 
 #[test]
 fn a_backup_with_data_is_verified_and_restore_tested_with_equal_row_counts() {
@@ -529,7 +132,7 @@ fn a_backup_with_data_is_verified_and_restore_tested_with_equal_row_counts() {
     assert_eq!(shop["newestGoodSha256"], sha256(&dump).as_str());
 
     // The operator CLI shows the same, and follows a run to its end.
-    let (ok, text) = cli(&w, &["backups", "list"]);
+    let (ok, text) = w.cli(&["backups", "list"]);
     assert!(ok, "{text}");
     assert!(
         text.contains("production/shop_prod")
@@ -537,38 +140,11 @@ fn a_backup_with_data_is_verified_and_restore_tested_with_equal_row_counts() {
             && text.contains("globals (backup_ro)"),
         "{text}"
     );
-    let (ok, text) = cli(&w, &["backups", "verify", "--wait"]);
+    let (ok, text) = w.cli(&["backups", "verify", "--wait"]);
     assert!(
         ok && text.contains("verify") && text.contains("succeeded"),
         "{text}"
     );
-}
-
-/// How every age file starts.
-const AGE_HEADER: &[u8] = b"age-encryption.org/v1\n";
-
-/// A fresh key pair in `dir` and the `[jobs.backups.encryption]` lines naming it: the backup
-/// host's recipient inline, a second (offline) recipient in a recipients file, and the
-/// identity file when `with_identity`.
-fn age_keys(dir: &Path, with_identity: bool) -> String {
-    use hostagent::jobs::backup::encryption::generate_key_pair;
-    let (identity, recipient) = generate_key_pair();
-    let (_, offline) = generate_key_pair();
-    let recipients_file = dir.join("recipients.txt");
-    std::fs::write(&recipients_file, format!("# the offline key\n{offline}\n")).unwrap();
-    let identity_file = dir.join("identity.txt");
-    std::fs::write(&identity_file, format!("# the backup host\n{identity}\n")).unwrap();
-    let mut toml = format!(
-        "recipients = [\"{recipient}\"]\nrecipients_file = \"{}\"\n",
-        recipients_file.display()
-    );
-    if with_identity {
-        toml.push_str(&format!(
-            "identity_file = \"{}\"\n",
-            identity_file.display()
-        ));
-    }
-    toml
 }
 
 fn contains(haystack: &[u8], needle: &[u8]) -> bool {
@@ -778,12 +354,8 @@ fn a_bad_recipient_or_identity_in_the_agent_config_stops_the_agent_at_start_nami
 
     let config = config_with(&format!("recipients = [\"{good}\", \"age1notakey\"]\n"));
     let line = line_of(&config, "recipients");
-    let out = run(Command::new(bin("hostagent"))
-        .arg("--config")
-        .arg(&config)
-        .arg("--check-config"));
-    let err = String::from_utf8_lossy(&out.stderr).to_string();
-    assert_eq!(out.status.code(), Some(64), "{err}");
+    let (code, err) = check_agent_config(&config);
+    assert_eq!(code, Some(64), "{err}");
     assert!(
         err.contains(&format!("{}:{line}:", config.display()))
             && err.contains("jobs.backups.encryption.recipients[1]")
@@ -823,12 +395,8 @@ fn a_bad_recipient_or_identity_in_the_agent_config_stops_the_agent_at_start_nami
         missing.display()
     ));
     let line = line_of(&config, "identity_file");
-    let out = run(Command::new(bin("hostagent"))
-        .arg("--config")
-        .arg(&config)
-        .arg("--check-config"));
-    let err = String::from_utf8_lossy(&out.stderr).to_string();
-    assert_eq!(out.status.code(), Some(64), "{err}");
+    let (code, err) = check_agent_config(&config);
+    assert_eq!(code, Some(64), "{err}");
     assert!(
         err.contains(&format!("{}:{line}:", config.display()))
             && err.contains("identity_file")
@@ -844,42 +412,12 @@ fn a_bad_recipient_or_identity_in_the_agent_config_stops_the_agent_at_start_nami
         "recipients = [\"{good}\"]\nidentity_file = \"{}\"\n",
         identity.display()
     ));
-    let out = run(Command::new(bin("hostagent"))
-        .arg("--config")
-        .arg(&config)
-        .arg("--check-config"));
-    let err = String::from_utf8_lossy(&out.stderr).to_string();
-    assert_eq!(out.status.code(), Some(64), "{err}");
+    let (code, err) = check_agent_config(&config);
+    assert_eq!(code, Some(64), "{err}");
     assert!(
         err.contains("none of its identities belongs to a recipient") && !err.contains(&stranger),
         "{err}"
     );
-}
-
-/// `sentinel ARGS` as an admin operator: (exit 0, stdout and stderr).
-fn cli(w: &World, args: &[&str]) -> (bool, String) {
-    let (code, text) = cli_code(w, args);
-    (code == Some(0), text)
-}
-
-/// `sentinel ARGS` as an admin operator: (exit code, stdout and stderr).
-fn cli_code(w: &World, args: &[&str]) -> (Option<i32>, String) {
-    let c = &w.fleet.certs;
-    let out = run(Command::new(bin("sentinel"))
-        .args(args)
-        .args(["--controller", &w.controller.addr])
-        .arg("--ca")
-        .arg(c.join("ca.pem"))
-        .arg("--cert")
-        .arg(c.join("operator-admin.pem"))
-        .arg("--key")
-        .arg(c.join("operator-admin.key")));
-    let text = format!(
-        "{}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    (out.status.code(), text)
 }
 
 /// The set of backups (as UTC stamps) the policy 7 daily + 4 weekly, minimum 3, keeps at
@@ -1113,54 +651,6 @@ fn a_wrong_password_fails_the_backup_with_a_clear_error_and_prunes_nothing() {
     assert_eq!(w.shop()["lastError"], Value::Null, "{}", w.shop());
 }
 
-/// A child process killed when dropped.
-struct Daemon(std::process::Child);
-
-impl Drop for Daemon {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
-/// An rsync daemon on loopback serving module `offsite` from `dir`.
-fn rsync_daemon(world: &World, port: u16, dir: &Path) -> Daemon {
-    let config = world.fleet.path("rsyncd.conf");
-    let uid = String::from_utf8_lossy(&run(Command::new("id").arg("-u")).stdout)
-        .trim()
-        .to_string();
-    let gid = String::from_utf8_lossy(&run(Command::new("id").arg("-g")).stdout)
-        .trim()
-        .to_string();
-    std::fs::write(
-        &config,
-        format!(
-            "use chroot = no\npid file = {}\n[offsite]\npath = {}\nread only = no\nuid = {uid}\ngid = {gid}\n",
-            world.fleet.path("rsyncd.pid").display(),
-            dir.display()
-        ),
-    )
-    .unwrap();
-    let mut cmd = Command::new("rsync");
-    cmd.args(["--daemon", "--no-detach", "--address=127.0.0.1"])
-        .arg(format!("--port={port}"))
-        .arg(format!("--config={}", config.display()));
-    let log = std::fs::File::create(world.fleet.path("rsyncd.log")).unwrap();
-    let daemon = Daemon(
-        cmd.stdin(std::process::Stdio::null())
-            .stdout(log.try_clone().unwrap())
-            .stderr(log)
-            .spawn()
-            .expect("starting rsync --daemon"),
-    );
-    eventually("the rsync daemon to listen", || {
-        std::net::TcpStream::connect(("127.0.0.1", port))
-            .map(|_| ())
-            .map_err(|e| e.to_string())
-    });
-    daemon
-}
-
 #[test]
 fn an_offsite_target_that_is_down_leaves_local_backups_intact_and_is_caught_up_next_run() {
     // Reserved, not bound: nothing listens there until the test starts the daemon.
@@ -1198,7 +688,7 @@ fn an_offsite_target_that_is_down_leaves_local_backups_intact_and_is_caught_up_n
     // The target comes back; the next run copies both runs' files and checks them.
     let remote = w.fleet.path("offsite");
     std::fs::create_dir_all(&remote).unwrap();
-    let _daemon = rsync_daemon(&w, port, &remote);
+    let _daemon = w.rsync_daemon(port, &remote);
     let second = w.backup_at("2026-06-02T02:00:00Z");
     assert_state(&second, "JOB_STATE_SUCCEEDED");
     let detail = second["detail"].as_str().unwrap();
@@ -1230,29 +720,6 @@ fn zone_where_two_oclock_is(t: i64) -> String {
     }
     let sign = if offset < 0 { '-' } else { '+' };
     format!("{sign}{:02}:{:02}", offset.abs() / 60, offset.abs() % 60)
-}
-
-fn scheduled_jobs(w: &World, schedule: &str) -> Vec<Value> {
-    let jobs = w
-        .controller
-        .grpcurl(
-            Some(r#"{"host":"argus","limit":100}"#),
-            "sentinel.v1.FleetService/ListJobs",
-        )
-        .json()
-        .unwrap();
-    jobs["jobs"]
-        .as_array()
-        .cloned()
-        .unwrap_or_default()
-        .into_iter()
-        .filter(|j| {
-            j["requestedBy"]
-                .as_str()
-                .unwrap_or("")
-                .starts_with(&format!("schedule:{schedule} "))
-        })
-        .collect()
 }
 
 #[test]
@@ -1289,7 +756,7 @@ fn the_controller_down_over_two_oclock_runs_the_missed_backup_once_when_it_retur
             other => Err(format!("{other:?}")),
         }
     });
-    let (ok, text) = cli(&w, &["backups", "list"]);
+    let (ok, text) = w.cli(&["backups", "list"]);
     let row = text
         .lines()
         .find(|l| l.starts_with("backup "))
@@ -1298,7 +765,7 @@ fn the_controller_down_over_two_oclock_runs_the_missed_backup_once_when_it_retur
         ok && row.contains("never"),
         "LAST RUN before any run: {text}"
     );
-    assert!(scheduled_jobs(&w, "backup").is_empty());
+    assert!(w.scheduled_jobs("backup").is_empty());
     w.controller.proc.stop();
 
     // Down over 02:00.
@@ -1315,7 +782,7 @@ fn the_controller_down_over_two_oclock_runs_the_missed_backup_once_when_it_retur
         .fleet
         .start_controller_on(&w.controller.addr, &w.controller_toml);
     let job = eventually("the missed backup to run", || {
-        let jobs = scheduled_jobs(&w, "backup");
+        let jobs = w.scheduled_jobs("backup");
         jobs.into_iter()
             .next()
             .ok_or_else(|| "no scheduled backup yet".to_string())
@@ -1331,7 +798,7 @@ fn the_controller_down_over_two_oclock_runs_the_missed_backup_once_when_it_retur
 
     // Up at 02:01: the verify fires on time; the backup did not run a second time.
     let verify = eventually_within(Duration::from_secs(120), "the 02:01 verify", || {
-        scheduled_jobs(&w, "verify")
+        w.scheduled_jobs("verify")
             .into_iter()
             .next()
             .ok_or_else(|| "not yet".to_string())
@@ -1345,7 +812,7 @@ fn the_controller_down_over_two_oclock_runs_the_missed_backup_once_when_it_retur
         "JOB_STATE_SUCCEEDED",
     );
     assert_eq!(
-        scheduled_jobs(&w, "backup").len(),
+        w.scheduled_jobs("backup").len(),
         1,
         "the missed backup ran exactly once"
     );
@@ -1493,39 +960,6 @@ fn backup_throughput_against_plain_pg_dump() {
     );
 }
 
-impl World {
-    /// Submits a db_change deploy with a migration and waits for its end.
-    fn deploy_db_change(&self, commit: &str) -> Value {
-        let app = self.app.as_ref().expect("a world with an app");
-        let d = self
-            .controller
-            .grpcurl(
-                Some(&format!(
-                    "{{\"app\":\"{}\",\"commit\":\"{commit}\",\"db_change\":true,\"migration\":\"echo migrating the schema\"}}",
-                    app.app.project
-                )),
-                "sentinel.v1.FleetService/SubmitDeploy",
-            )
-            .json()
-            .expect("SubmitDeploy");
-        let id = d["deployId"].as_str().unwrap().to_string();
-        eventually_within(Duration::from_secs(300), "the deploy to end", || {
-            let d = self
-                .controller
-                .grpcurl(
-                    Some(&format!("{{\"deploy_id\":\"{id}\"}}")),
-                    "sentinel.v1.FleetService/GetDeploy",
-                )
-                .json()?;
-            if d["state"] == "DEPLOYMENT_STATE_RUNNING" {
-                Err("running".into())
-            } else {
-                Ok(d)
-            }
-        })
-    }
-}
-
 #[test]
 fn a_db_change_deploy_backs_up_the_apps_production_database_first_and_does_not_migrate_when_that_fails(
 ) {
@@ -1625,60 +1059,6 @@ fn set_mode(path: &Path, mode: u32) {
     std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode)).unwrap();
 }
 
-/// The backup agent again, started by a shell with `umask` (what a unit's `UMask=` does).
-fn restart_agent_with_umask(w: &mut World, umask: &str) -> Daemon {
-    w.agent.stop();
-    eventually("argus to go offline", || {
-        let host = w.controller.get_host("argus")?;
-        if host["status"] == "HOST_STATUS_ONLINE" {
-            Err(host["status"].to_string())
-        } else {
-            Ok(())
-        }
-    });
-    let config = w
-        .fleet
-        .write_agent_config("argus", "argus", &w.controller.addr, &w.agent_toml);
-    let log = std::fs::File::create(w.fleet.path("agent-argus-umask.log")).unwrap();
-    let child = Command::new("sh")
-        .arg("-c")
-        .arg(format!("umask {umask} && exec \"$0\" --config \"$1\""))
-        .arg(bin("hostagent"))
-        .arg(&config)
-        .stdin(std::process::Stdio::null())
-        .stdout(log.try_clone().unwrap())
-        .stderr(log)
-        .spawn()
-        .expect("starting the agent under sh");
-    let agent = Daemon(child);
-    w.controller.wait_online("argus");
-    agent
-}
-
-/// The backup report a finished backup job carried (`JobFinished.backup`, as grpcurl prints
-/// it).
-fn backup_report(job: &Value) -> Value {
-    job["events"]
-        .as_array()
-        .and_then(|events| {
-            events
-                .iter()
-                .rev()
-                .find_map(|e| e["finished"].get("backup").cloned())
-        })
-        .unwrap_or_else(|| panic!("no backup result in {job}"))
-}
-
-fn strings(v: &Value) -> BTreeSet<String> {
-    v.as_array()
-        .map(|a| {
-            a.iter()
-                .filter_map(|s| s.as_str().map(str::to_string))
-                .collect()
-        })
-        .unwrap_or_default()
-}
-
 #[test]
 fn backup_files_are_private_whatever_the_umask_here_and_offsite() {
     let offsite = tempfile::tempdir().unwrap();
@@ -1689,7 +1069,7 @@ fn backup_files_are_private_whatever_the_umask_here_and_offsite() {
         everything: true,
         ..Default::default()
     });
-    let _agent = restart_agent_with_umask(&mut w, "022");
+    let _agent = w.restart_agent_with_umask("022");
     assert_state(&w.backup_at("2026-05-01T02:00:00Z"), "JOB_STATE_SUCCEEDED");
     assert_state(&w.backup_at("2026-05-02T02:00:00Z"), "JOB_STATE_SUCCEEDED");
 
@@ -1725,7 +1105,7 @@ fn backup_files_are_private_whatever_the_umask_here_and_offsite() {
         .unwrap()
         .display()
         .to_string();
-    let (ok, text) = cli(&w, &["backups", "list"]);
+    let (ok, text) = w.cli(&["backups", "list"]);
     let row = text
         .lines()
         .find(|l| l.starts_with("production/shop_prod"))
@@ -1922,13 +1302,17 @@ fn a_failed_offsite_copy_makes_backups_run_wait_exit_with_its_own_code() {
         ..Default::default()
     });
     // Not mounted: the copy fails, the backup here does not.
-    let (code, text) = cli_code(&w, &["backups", "run", "--reason", "test", "--wait"]);
+    let (code, text) = w
+        .controller
+        .cli(&["backups", "run", "--reason", "test", "--wait"]);
     assert_eq!(code, Some(3), "{text}");
     assert!(text.contains("offsite copy FAILED"), "{text}");
     assert_eq!(w.dumps().len(), 1);
 
     std::fs::create_dir(&offsite).unwrap();
-    let (code, text) = cli_code(&w, &["backups", "run", "--reason", "test", "--wait"]);
+    let (code, text) = w
+        .controller
+        .cli(&["backups", "run", "--reason", "test", "--wait"]);
     assert_eq!(code, Some(0), "{text}");
 }
 
@@ -1963,16 +1347,8 @@ fn an_interrupted_backup_ends_interrupted_and_says_so_for_what_it_never_reached(
         .json()
         .expect("RunBackup");
     let id = job["jobId"].as_str().unwrap().to_string();
-    let get = |w: &World, id: &str| {
-        w.controller
-            .grpcurl(
-                Some(&format!("{{\"job_id\":\"{id}\"}}")),
-                "sentinel.v1.FleetService/GetJob",
-            )
-            .json()
-    };
     eventually("the dump to start", || {
-        let j = get(&w, &id)?;
+        let j = w.controller.get_job(&id)?;
         if j.to_string().contains("dump production/shop_prod") {
             Ok(())
         } else {
@@ -1985,7 +1361,7 @@ fn an_interrupted_backup_ends_interrupted_and_says_so_for_what_it_never_reached(
     assert_state(&done, "JOB_STATE_INTERRUPTED");
     // Let a re-sent copy of the job reach the agent and be refused, if it is going to.
     std::thread::sleep(Duration::from_secs(3));
-    let done = get(&w, &id).unwrap();
+    let done = w.controller.get_job(&id).unwrap();
     let last = done["events"].as_array().unwrap().last().cloned().unwrap();
     assert!(last["refused"].is_null(), "a trailing refusal: {last}");
     assert_state(&done, "JOB_STATE_INTERRUPTED");
