@@ -113,7 +113,13 @@ fn an_agent_reports_nginx_and_redis_through_get_host() {
         .grpcurl(None, "sentinel.v1.FleetService/ListHosts")
         .json()
         .unwrap();
-    assert!(list["hosts"][0]["failingCollectors"].is_null(), "{list}");
+    // One unreachable instance ("gone") makes the redis collector failing, so its alert fires
+    // (issue 13: it used to show only under the collector errors).
+    assert_eq!(
+        list["hosts"][0]["failingCollectors"],
+        serde_json::json!(["redis"]),
+        "{list}"
+    );
 
     // Changes travel as delta reports.
     nginx.stop();
