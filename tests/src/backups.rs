@@ -506,20 +506,8 @@ impl World {
             .json()
             .expect("SubmitDeploy");
         let id = d["deployId"].as_str().expect("a deploy id").to_string();
-        eventually_within(Duration::from_secs(300), "the deploy to end", || {
-            let d = self
-                .controller
-                .grpcurl(
-                    Some(&format!("{{\"deploy_id\":\"{id}\"}}")),
-                    "sentinel.v1.FleetService/GetDeploy",
-                )
-                .json()?;
-            if d["state"] == "DEPLOYMENT_STATE_RUNNING" {
-                Err("running".into())
-            } else {
-                Ok(d)
-            }
-        })
+        self.controller
+            .wait_deploy_end(&id, Duration::from_secs(300))
     }
 }
 

@@ -457,6 +457,23 @@ impl Controller {
         .json()
     }
 
+    /// Waits (at most `patience`) until deploy `id` is no longer running; returns it, parsed.
+    pub fn wait_deploy_end(&self, id: &str, patience: Duration) -> Value {
+        eventually_within(patience, &format!("deploy {id} to end"), || {
+            let d = self
+                .grpcurl(
+                    Some(&format!("{{\"deploy_id\":\"{id}\"}}")),
+                    "sentinel.v1.FleetService/GetDeploy",
+                )
+                .json()?;
+            if d["state"] == "DEPLOYMENT_STATE_RUNNING" {
+                Err("running".into())
+            } else {
+                Ok(d)
+            }
+        })
+    }
+
     /// `GetHost` for `name`, parsed.
     pub fn get_host(&self, name: &str) -> Result<Value, String> {
         let r = self.grpcurl(

@@ -283,24 +283,9 @@ fn a_release_goes_through_staging_e2e_and_production_and_failures_never_reach_pr
     );
     assert!(second.stderr.contains("admin"), "{}", second.stderr);
     let id = first["deployId"].as_str().unwrap().to_string();
-    let done = eventually_within(
-        std::time::Duration::from_secs(300),
-        "the v2 deploy to end",
-        || {
-            let d = s
-                .controller
-                .grpcurl(
-                    Some(&format!("{{\"deploy_id\":\"{id}\"}}")),
-                    "sentinel.v1.FleetService/GetDeploy",
-                )
-                .json()?;
-            if d["state"] == "DEPLOYMENT_STATE_RUNNING" {
-                Err("running".into())
-            } else {
-                Ok(d)
-            }
-        },
-    );
+    let done = s
+        .controller
+        .wait_deploy_end(&id, std::time::Duration::from_secs(300));
     assert_eq!(done["state"], "DEPLOYMENT_STATE_SUCCEEDED", "{done}");
     assert!(served(s.production_port).contains("version v2"));
 
