@@ -46,6 +46,9 @@ pub struct ControllerConfig {
     /// The Prometheus endpoint (`[metrics]`).
     #[serde(default)]
     pub metrics: MetricsConfig,
+    /// How the controller's state is stored.
+    #[serde(default)]
+    pub store: StoreConfig,
 }
 
 /// Where the controller serves its Prometheus metrics (`GET /metrics`, no authentication:
@@ -103,6 +106,24 @@ impl Default for JobsConfig {
     }
 }
 
+/// The store. Every write an RPC acknowledges, and every job transition the at-most-once
+/// rule depends on, is committed before the answer; host state reports are write-behind.
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct StoreConfig {
+    /// How often write-behind host state is saved (agents resend it on every connection).
+    #[serde(default = "defaults::store_flush_interval", with = "humantime_serde")]
+    pub flush_interval: Duration,
+}
+
+impl Default for StoreConfig {
+    fn default() -> Self {
+        Self {
+            flush_interval: defaults::store_flush_interval(),
+        }
+    }
+}
+
 /// How agents are kept track of.
 #[derive(Debug, Clone, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields)]
@@ -141,6 +162,9 @@ mod defaults {
     }
     pub fn missed_heartbeats_offline() -> u32 {
         3
+    }
+    pub fn store_flush_interval() -> Duration {
+        Duration::from_secs(1)
     }
     pub fn job_ttl() -> Duration {
         Duration::from_secs(600)
@@ -211,6 +235,15 @@ impl ControllerConfig {
                 format!(
                     "{:?} is below the minimum of 100ms",
                     self.agents.heartbeat_interval
+                ),
+            ));
+        }
+        if self.store.flush_interval < Duration::from_millis(10) {
+            return Err(invalid(
+                "store.flush_interval",
+                format!(
+                    "{:?} is below the minimum of 10ms",
+                    self.store.flush_interval
                 ),
             ));
         }
@@ -318,6 +351,18 @@ heartbeat_interval = "2s"
                 Some(64)
             );
         }
+    }
+
+    #[test]
+    fn a_store_flush_interval_below_10ms_is_refused_by_name() {
+        let text = format!("{GOOD}\n[store]\nflush_interval = \"0s\"\n");
+        let c: ControllerConfig = parse_toml(Path::new("s.toml"), &text).unwrap();
+        let err = c.validate(Path::new("s.toml")).unwrap_err().to_string();
+        assert!(err.contains("store.flush_interval"), "{err}");
+        let text = format!("{GOOD}\n[store]\nflush_interval = \"5m\"\n");
+        let c: ControllerConfig = parse_toml(Path::new("s.toml"), &text).unwrap();
+        c.validate(Path::new("s.toml")).unwrap();
+        assert_eq!(c.store.flush_interval, Duration::from_secs(300));
     }
 
     #[test]

@@ -102,6 +102,7 @@ pub async fn run(opts: DevOptions, shutdown: CancellationToken) -> anyhow::Resul
         apps: Vec::new(),
         isolation: None,
         backups: None,
+        store: Default::default(),
         metrics: crate::config::MetricsConfig {
             enabled: true,
             listen: opts.metrics_listen,

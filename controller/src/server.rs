@@ -20,14 +20,12 @@ use crate::pipeline::Pipeline;
 use crate::registry::{Liveness, Registry};
 use crate::store::{embedded::EmbeddedStore, Store};
 
+/// How often jobs past their window are timed out.
+const SWEEP_INTERVAL: Duration = Duration::from_secs(1);
 /// How often release bundles that no open job needs are removed from the data directory.
 const BUNDLE_PRUNE_INTERVAL: Duration = Duration::from_secs(300);
 /// How long a bundle just built may wait for its job to be submitted before it can be pruned.
 const BUNDLE_GRACE: Duration = Duration::from_secs(600);
-
-/// How often changed host records are written to the store. Short enough that a crash loses
-/// at most a second of state, long enough that thousands of agents share one transaction.
-const FLUSH_INTERVAL: Duration = Duration::from_secs(1);
 
 /// Runs the controller until `shutdown` is cancelled. `ready` receives the bound address once
 /// the listener is up (used by `sentinel dev` and tests that listen on port 0).
@@ -132,8 +130,13 @@ pub async fn run(
             .instrument(tracing::info_span!("bundle_prune")),
     );
     let flusher = tokio::spawn(
-        flush_loop(ctx.clone(), store.clone(), shutdown.clone())
-            .instrument(tracing::info_span!("store_flush")),
+        flush_loop(
+            ctx.clone(),
+            store.clone(),
+            config.store.flush_interval,
+            shutdown.clone(),
+        )
+        .instrument(tracing::info_span!("store_flush")),
     );
     if let Some(backups) = &backups {
         backups.start(shutdown.clone());
@@ -211,15 +214,32 @@ async fn prune_bundles(ctx: Arc<Shared>, shutdown: CancellationToken) {
     }
 }
 
-async fn flush_loop(ctx: Arc<Shared>, store: Arc<dyn Store>, shutdown: CancellationToken) {
-    let mut tick = tokio::time::interval(FLUSH_INTERVAL);
+/// Saves what changed once an `interval` (`[store] flush_interval`), and at once when a writer
+/// waits on the commit barrier (writes arriving during a flush are grouped into the next one).
+async fn flush_loop(
+    ctx: Arc<Shared>,
+    store: Arc<dyn Store>,
+    interval: Duration,
+    shutdown: CancellationToken,
+) {
+    let commits = ctx.jobs.commits().clone();
+    commits.serve();
+    let mut flush_tick = tokio::time::interval(interval);
+    let mut sweep_tick = tokio::time::interval(SWEEP_INTERVAL);
     loop {
         let stopping = tokio::select! {
-            _ = tick.tick() => false,
+            _ = sweep_tick.tick() => {
+                ctx.jobs.sweep();
+                continue;
+            }
+            _ = flush_tick.tick() => false,
+            _ = commits.requested() => false,
             _ = shutdown.cancelled() => true,
         };
-        ctx.jobs.sweep();
-        flush(&ctx, &store).await;
+        let upto = commits.pending();
+        if flush(&ctx, &store).await {
+            commits.saved(upto);
+        }
         if stopping {
             return;
         }
@@ -227,12 +247,13 @@ async fn flush_loop(ctx: Arc<Shared>, store: Arc<dyn Store>, shutdown: Cancellat
 }
 
 /// Writes what changed since the last flush; on failure, puts it back for the next one.
-async fn flush(ctx: &Arc<Shared>, store: &Arc<dyn Store>) {
+/// Returns whether everything taken was saved.
+async fn flush(ctx: &Arc<Shared>, store: &Arc<dyn Store>) -> bool {
     let hosts = ctx.registry.take_dirty();
     let jobs = ctx.jobs.take_dirty();
     let deploys = ctx.pipeline.take_dirty();
     if hosts.is_empty() && jobs.is_empty() && deploys.is_empty() {
-        return;
+        return true;
     }
     let store = store.clone();
     let result = tokio::task::spawn_blocking(move || {
@@ -256,19 +277,29 @@ async fn flush(ctx: &Arc<Shared>, store: &Arc<dyn Store>) {
     .await;
     match result {
         Ok((hosts, saved_hosts, jobs, saved_jobs, deploys, saved_deploys)) => {
+            let mut all = true;
             if let Err(e) = saved_deploys {
                 warn!(error = %e, "saving deploys failed; will retry");
                 ctx.pipeline.requeue(&deploys);
+                all = false;
             }
             if let Err(e) = saved_hosts {
                 warn!(error = %e, "saving host state failed; will retry");
                 ctx.registry.requeue(&hosts);
+                all = false;
             }
             if let Err(e) = saved_jobs {
                 warn!(error = %e, "saving jobs failed; will retry");
                 ctx.jobs.requeue(&jobs);
+                all = false;
             }
+            all
         }
-        Err(e) => warn!(error = %e, "store task failed"),
+        Err(e) => {
+            // The records taken are lost to this flush; the next write marks them again, and
+            // writers waiting on the barrier are told their write may not be kept.
+            warn!(error = %e, "store task failed");
+            false
+        }
     }
 }

@@ -37,6 +37,18 @@ impl FleetApi {
         self
     }
 
+    /// Answers with `value` once the write that made it is in the store: an acknowledged job,
+    /// deploy or cancel survives a `kill -9` right after the answer.
+    async fn committed<T>(&self, value: T) -> Result<Response<T>, Status> {
+        self.ctx
+            .jobs
+            .commits()
+            .commit()
+            .await
+            .map_err(|e| Status::unavailable(e.to_string()))?;
+        Ok(Response::new(value))
+    }
+
     fn backups(&self) -> Result<&Arc<crate::backups::Backups>, Status> {
         self.ctx.backups.as_ref().ok_or_else(|| {
             Status::failed_precondition(
@@ -149,10 +161,8 @@ impl FleetService for FleetApi {
         } else {
             format!("{} (by {who})", req.reason)
         };
-        self.ctx
-            .jobs
-            .cancel(&req.job_id, &reason)
-            .map(Response::new)
+        let job = self.ctx.jobs.cancel(&req.job_id, &reason)?;
+        self.committed(job).await
     }
 
     async fn submit_deploy(
@@ -161,7 +171,7 @@ impl FleetService for FleetApi {
     ) -> Result<Response<Deployment>, Status> {
         let who = super::operator_name(&request)?;
         let d = self.ctx.pipeline.submit(request.into_inner(), &who).await?;
-        Ok(Response::new(d))
+        self.committed(d).await
     }
 
     async fn cancel_deploy(
@@ -169,7 +179,8 @@ impl FleetService for FleetApi {
         request: Request<CancelDeployRequest>,
     ) -> Result<Response<Deployment>, Status> {
         let id = request.into_inner().deploy_id;
-        self.ctx.pipeline.cancel(&id).map(Response::new)
+        let d = self.ctx.pipeline.cancel(&id)?;
+        self.committed(d).await
     }
 
     async fn rollback(
@@ -183,7 +194,7 @@ impl FleetService for FleetApi {
             .pipeline
             .rollback(&req.app, &req.environment, &req.to_commit, &who)
             .await?;
-        Ok(Response::new(d))
+        self.committed(d).await
     }
 
     async fn get_deploy(
@@ -336,7 +347,7 @@ impl FleetService for FleetApi {
         let (job, _) = self
             .backups()?
             .start_backup(&reason, &who, req.simulated_now)?;
-        Ok(Response::new(job))
+        self.committed(job).await
     }
 
     async fn verify_backups(
@@ -345,7 +356,7 @@ impl FleetService for FleetApi {
     ) -> Result<Response<Job>, Status> {
         let who = super::operator_name(&request)?;
         let (job, _) = self.backups()?.start_verify(&who)?;
-        Ok(Response::new(job))
+        self.committed(job).await
     }
 
     async fn run_restore_test(
@@ -354,7 +365,7 @@ impl FleetService for FleetApi {
     ) -> Result<Response<Job>, Status> {
         let who = super::operator_name(&request)?;
         let (job, _) = self.backups()?.start_restore_test(&who)?;
-        Ok(Response::new(job))
+        self.committed(job).await
     }
 }
 

@@ -21,7 +21,7 @@ use tonic::Status;
 use tracing::{info, warn};
 
 use crate::registry::Registry;
-use crate::store::{Store, StoreError, StoredJob};
+use crate::store::{Commits, Store, StoreError, StoredJob};
 use crate::warn_limit::WarnLimiter;
 pub use signer::Signer;
 
@@ -99,6 +99,8 @@ pub struct JobQueue {
     changed: Notify,
     events: broadcast::Sender<JobEvent>,
     run_timeout: Duration,
+    /// The store's commit barrier: submissions, sends and final states wait on it.
+    commits: Arc<Commits>,
 }
 
 /// What a caller asks to run.
@@ -149,6 +151,7 @@ impl JobQueue {
             changed: Notify::new(),
             events,
             run_timeout,
+            commits: Arc::default(),
         }))
     }
 
@@ -221,11 +224,13 @@ impl JobQueue {
     /// Sends every unfinished job of `host` to it, if connected. Jobs already sent are sent
     /// again: the agent's journal recognises them and reports how they stand instead of
     /// running them twice, which settles jobs whose report was lost with a connection.
+    /// A job becomes SENT in the store before it leaves: the send waits for the commit.
     pub fn dispatch(&self, host: &str) {
         let Some(tx) = self.registry.sender(host) else {
             return;
         };
-        let mut sent = Vec::new();
+        let mut messages = Vec::new();
+        let mut marked = Vec::new();
         {
             let mut entries = self.lock();
             let mut open = self.open.lock().unwrap_or_else(|p| p.into_inner());
@@ -245,23 +250,50 @@ impl JobQueue {
                 let Some(entry) = entries.get_mut(&id) else {
                     continue;
                 };
-                let msg = ControllerMessage {
+                messages.push(ControllerMessage {
                     msg: Some(controller_message::Msg::Job(entry.envelope.clone())),
-                };
-                if tx.try_send(Ok(msg)).is_err() {
-                    break;
-                }
+                });
                 if entry.job.state() == JobState::Queued {
                     entry.job.state = JobState::Sent as i32;
                     entry.job.detail = "sent to the agent".into();
                     entry.job.updated_at = Some(sentinel_proto::time::now());
+                    marked.push(id);
                 }
-                sent.push(entry.job.job_id.clone());
             }
         }
-        for id in sent {
-            self.touch(&id);
+        for id in &marked {
+            self.touch(id);
         }
+        let Ok(runtime) = tokio::runtime::Handle::try_current() else {
+            // Outside a runtime (unit tests of the queue alone) nothing is flushed either.
+            for msg in messages {
+                if tx.try_send(Ok(msg)).is_err() {
+                    break;
+                }
+            }
+            return;
+        };
+        let commits = self.commits.clone();
+        let host = host.to_string();
+        runtime.spawn(async move {
+            if let Err(e) = commits.commit().await {
+                // The agent's journal still runs each job id once; only the controller's
+                // record of "sent" may be behind.
+                warn!(host = %host, error = %e, "sending jobs whose SENT state is not stored yet");
+            }
+            for msg in messages {
+                // A closed stream: the jobs stay SENT and go again on the next connection.
+                if tx.send(Ok(msg)).await.is_err() {
+                    break;
+                }
+            }
+        });
+    }
+
+    /// The store's commit barrier, for callers that must have a write durable before they
+    /// answer or act on it.
+    pub fn commits(&self) -> &Arc<Commits> {
+        &self.commits
     }
 
     /// Applies an event reported by `host`. Events for jobs of other hosts are refused: an
@@ -479,12 +511,16 @@ impl JobQueue {
             .ok_or_else(|| Status::not_found(id.to_string()))
     }
 
-    /// Waits until job `id` is final (or gone) and returns it.
+    /// Waits until job `id` is final (or gone) and returns it, once its final state is in
+    /// the store: callers act on it (the next pipeline step, a backup's bookkeeping).
     pub async fn wait_final(&self, id: &str) -> Option<Job> {
         loop {
             let notified = self.changed.notified();
             let job = self.get(id)?;
             if is_final(job.state()) {
+                while let Err(e) = self.commits.commit().await {
+                    warn!(job_id = %id, error = %e, "waiting for the store before acting on a finished job");
+                }
                 return Some(job);
             }
             let _ = tokio::time::timeout(Duration::from_secs(1), notified).await;

@@ -5,7 +5,10 @@
 //!
 //! Methods are synchronous: callers on the async runtime go through `spawn_blocking`.
 
+pub mod commit;
 pub mod embedded;
+
+pub use commit::{CommitError, Commits};
 
 use sentinel_proto::v1::{Deployment, Host, Job, SignedJob};
 
