@@ -9,6 +9,7 @@ const PROTOS: &[&str] = &[
     "proto/sentinel/v1/state.proto",
     "proto/sentinel/v1/jobs.proto",
     "proto/sentinel/v1/agent.proto",
+    "proto/sentinel/v1/audit.proto",
     "proto/sentinel/v1/fleet.proto",
 ];
 

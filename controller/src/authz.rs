@@ -1,32 +1,49 @@
 //! A tower layer in front of every gRPC service that checks the caller's certificate identity
-//! against the path it calls, before any handler runs. Refusals are PERMISSION_DENIED and are
-//! logged with the peer.
+//! against the path it calls, before any handler runs. Refusals are PERMISSION_DENIED, logged
+//! with the peer, and a refused write is appended to the audit trail.
 
 use std::future::Future;
 use std::pin::Pin;
 use std::task::{Context, Poll};
 
+use std::sync::Arc;
+
 use tower::{Layer, Service};
 use tracing::warn;
 
-use crate::identity::{self, PeerInfo};
+use crate::audit::AuditLog;
+use crate::identity::{self, PeerInfo, Requirement};
+use crate::pki::scheme::Role;
 
 /// Adds [`Authz`] around a service.
-#[derive(Debug, Clone, Copy, Default)]
-pub struct AuthzLayer;
+#[derive(Clone, Default)]
+pub struct AuthzLayer {
+    audit: Option<Arc<AuditLog>>,
+}
+
+impl AuthzLayer {
+    /// The layer, recording refused writes in `audit`.
+    pub fn with_audit(audit: Arc<AuditLog>) -> Self {
+        Self { audit: Some(audit) }
+    }
+}
 
 impl<S> Layer<S> for AuthzLayer {
     type Service = Authz<S>;
 
     fn layer(&self, inner: S) -> Self::Service {
-        Authz { inner }
+        Authz {
+            inner,
+            audit: self.audit.clone(),
+        }
     }
 }
 
 /// The authorising service.
-#[derive(Debug, Clone)]
+#[derive(Clone)]
 pub struct Authz<S> {
     inner: S,
+    audit: Option<Arc<AuditLog>>,
 }
 
 type BoxFuture<T, E> = Pin<Box<dyn Future<Output = Result<T, E>> + Send>>;
@@ -53,15 +70,35 @@ where
             // its absence means a misconfigured server, so fail closed.
             None => Err("no authenticated peer on this connection".to_string()),
             Some(peer) => identity::authorize(&peer.identity, &path).inspect_err(|_| {
-                warn!(peer = ?peer.addr, identity = %peer.identity, path = %path, "call refused");
+                let addr = peer.addr.map(|a| a.to_string()).unwrap_or_default();
+                warn!(peer = %addr, identity = %peer.identity, path = %path, "call refused");
             }),
         };
         match verdict {
             Ok(()) => Box::pin(self.inner.call(req)),
             Err(reason) => {
-                let response = tonic::Status::permission_denied(reason).into_http();
-                Box::pin(async move { Ok(response) })
+                let status = tonic::Status::permission_denied(reason);
+                let audit = match (&self.audit, req.extensions().get::<PeerInfo>()) {
+                    (Some(log), Some(peer)) if is_write(&path) => Some((log.clone(), peer.clone())),
+                    _ => None,
+                };
+                Box::pin(async move {
+                    if let Some((log, peer)) = audit {
+                        let method = path.rsplit('/').next().unwrap_or_default().to_string();
+                        let refused: Result<&(), &tonic::Status> = Err(&status);
+                        log.record(&peer, &method, format!("call {path}"), refused, |_| {
+                            String::new()
+                        })
+                        .await;
+                    }
+                    Ok(status.into_http())
+                })
             }
         }
     }
+}
+
+/// Whether `path` is an operator call that changes something (it needs more than viewer).
+fn is_write(path: &str) -> bool {
+    matches!(identity::requirement(path), Requirement::Operator(role) if role > Role::Viewer)
 }

@@ -21,6 +21,10 @@ pub struct Context {
     pub bundles_dir: PathBuf,
     /// Backups, when `[backups]` is configured (also the metrics' backup ages).
     pub backups: Option<Arc<Backups>>,
+    /// The audit trail of operator writes.
+    pub audit: Arc<crate::audit::AuditLog>,
+    /// App locks (also installed in the pipeline, which refuses locked apps).
+    pub locks: Arc<crate::audit::Locks>,
 }
 
 impl Context {

@@ -142,9 +142,11 @@ pub fn requirement(path: &str) -> Requirement {
 fn fleet_method_role(method: &str) -> Role {
     match method {
         "ListHosts" | "GetHost" | "ListJobs" | "GetJob" | "GetDeploy" | "ListDeploys"
-        | "WatchDeploy" | "GetIsolationReport" | "ListBackups" => Role::Viewer,
+        | "WatchDeploy" | "GetIsolationReport" | "ListBackups" | "ListAudit" | "ListLocks" => {
+            Role::Viewer
+        }
         "SubmitDeploy" | "CancelDeploy" | "Rollback" | "RunIsolationCheck" | "RunBackup"
-        | "VerifyBackups" | "RunRestoreTest" => Role::Deployer,
+        | "VerifyBackups" | "RunRestoreTest" | "LockApp" | "UnlockApp" => Role::Deployer,
         _ => Role::Admin,
     }
 }

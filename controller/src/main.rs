@@ -129,6 +129,38 @@ enum Command {
         #[command(flatten)]
         client: ClientArgs,
     },
+    /// The audit trail: every write made through the API, newest first.
+    Audit {
+        #[command(flatten)]
+        args: sentinel::cli::audit::AuditArgs,
+        #[command(flatten)]
+        client: ClientArgs,
+    },
+    /// Lock an app: its deploys and rollbacks are refused, with the reason, until unlocked.
+    Lock {
+        /// The app.
+        app: String,
+        /// Why (shown to whoever is refused).
+        #[arg(long)]
+        reason: String,
+        #[command(flatten)]
+        client: ClientArgs,
+    },
+    /// Remove an app's lock.
+    Unlock {
+        /// The app.
+        app: String,
+        #[command(flatten)]
+        client: ClientArgs,
+    },
+    /// List the held app locks.
+    Locks {
+        #[command(flatten)]
+        client: ClientArgs,
+        /// JSON for scripts (the API's ListLocksResponse, as grpcurl prints it).
+        #[arg(long)]
+        json: bool,
+    },
 }
 
 #[derive(Debug, Subcommand)]
@@ -301,6 +333,14 @@ fn main() -> ExitCode {
             client_call(sentinel::cli::host::show(&client, name, json))
         }
         Command::Jobs { args, client } => client_call(sentinel::cli::jobs::jobs(&client, args)),
+        Command::Audit { args, client } => client_call(sentinel::cli::audit::audit(&client, args)),
+        Command::Lock {
+            app,
+            reason,
+            client,
+        } => client_call(sentinel::cli::audit::lock(&client, app, reason)),
+        Command::Unlock { app, client } => client_call(sentinel::cli::audit::unlock(&client, app)),
+        Command::Locks { client, json } => client_call(sentinel::cli::audit::locks(&client, json)),
         Command::Deploys { args, client } => {
             client_call(sentinel::cli::jobs::deploys(&client, args))
         }

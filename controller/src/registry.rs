@@ -506,40 +506,12 @@ mod tests {
     use super::*;
     use sentinel_proto::v1::{system_section, Collection, DockerSection, SystemSection};
 
-    struct NoStore;
-    impl Store for NoStore {
-        fn save_hosts(&self, _: &[Host]) -> Result<(), StoreError> {
-            Ok(())
-        }
-        fn load_hosts(&self) -> Result<Vec<Host>, StoreError> {
-            Ok(Vec::new())
-        }
-        fn save_jobs(&self, _: &[crate::store::StoredJob]) -> Result<(), StoreError> {
-            Ok(())
-        }
-        fn load_jobs(&self) -> Result<Vec<crate::store::StoredJob>, StoreError> {
-            Ok(Vec::new())
-        }
-        fn delete_jobs(&self, _: &[String]) -> Result<(), StoreError> {
-            Ok(())
-        }
-        fn save_deploys(&self, _: &[sentinel_proto::v1::Deployment]) -> Result<(), StoreError> {
-            Ok(())
-        }
-        fn load_deploys(&self) -> Result<Vec<sentinel_proto::v1::Deployment>, StoreError> {
-            Ok(Vec::new())
-        }
-        fn save_backup_records(&self, _: &[(String, Vec<u8>)]) -> Result<(), StoreError> {
-            Ok(())
-        }
-        fn load_backup_records(&self) -> Result<Vec<(String, Vec<u8>)>, StoreError> {
-            Ok(Vec::new())
-        }
-    }
-
     fn registry() -> Arc<Registry> {
+        // An empty store: the registry reads it once, at load.
+        let dir = tempfile::tempdir().unwrap();
+        let store = crate::store::embedded::EmbeddedStore::open(&dir.path().join("s")).unwrap();
         Registry::load(
-            &NoStore,
+            &store,
             Liveness {
                 heartbeat_interval: Duration::from_secs(10),
                 missed_heartbeats_offline: 3,

@@ -87,12 +87,17 @@ pub async fn run(
     if let Some(backups) = &backups {
         pipeline.set_backups(backups.clone());
     }
+    let locks =
+        crate::audit::Locks::load(store.clone()).context("loading app locks from the store")?;
+    pipeline.set_locks(locks.clone());
     let ctx = Arc::new(Shared {
         registry: registry.clone(),
         jobs: jobs.clone(),
         pipeline,
         bundles_dir,
         backups: backups.clone(),
+        audit: Arc::new(crate::audit::AuditLog::new(store.clone())),
+        locks,
     });
     // Database isolation: deploys consult its latest report, and check again before production.
     let isolation = config.isolation.clone().map(|policy| {
@@ -159,7 +164,7 @@ pub async fn run(
         .http2_keepalive_interval(Some(Duration::from_secs(30)))
         .http2_keepalive_timeout(Some(Duration::from_secs(20)))
         .layer(crate::metrics::GrpcMetricsLayer)
-        .layer(AuthzLayer)
+        .layer(AuthzLayer::with_audit(ctx.audit.clone()))
         .add_service(AgentServer::new(AgentApi::new(
             ctx.clone(),
             shutdown.clone(),

@@ -394,6 +394,21 @@ impl ReleaseRepo {
     }
 }
 
+/// A git repository at `path` (made once) with one commit of a compose file that starts
+/// nothing: enough for the controller to build a bundle, for tests whose hosts never run it.
+pub fn one_commit_repo(path: &Path) {
+    if path.join(".git").exists() {
+        return;
+    }
+    std::fs::create_dir_all(path).unwrap();
+    git(path, &["init", "-q", "-b", "main"]);
+    git(path, &["config", "user.email", "ci@example.invalid"]);
+    git(path, &["config", "user.name", "ci"]);
+    std::fs::write(path.join("docker-compose.yml"), "services: {}\n").unwrap();
+    git(path, &["add", "-A"]);
+    git(path, &["commit", "-q", "-m", "v1"]);
+}
+
 /// Runs `git -C dir args`, failing the test when it fails.
 pub fn git(dir: &Path, args: &[&str]) {
     let out = run(Command::new("git").arg("-C").arg(dir).args(args));

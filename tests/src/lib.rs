@@ -430,6 +430,11 @@ impl Controller {
     /// `sentinel ARGS --controller ADDR` as operator `admin`: (exit code, stdout then
     /// stderr).
     pub fn cli(&self, args: &[&str]) -> (Option<i32>, String) {
+        self.cli_as("operator-admin", args)
+    }
+
+    /// [`cli`](Self::cli) with the certificate `certs/CERT.pem` (e.g. `operator-ana`).
+    pub fn cli_as(&self, cert: &str, args: &[&str]) -> (Option<i32>, String) {
         let c = &self.certs;
         let out = run(Command::new(bin("sentinel"))
             .args(args)
@@ -437,9 +442,9 @@ impl Controller {
             .arg("--ca")
             .arg(c.join("ca.pem"))
             .arg("--cert")
-            .arg(c.join("operator-admin.pem"))
+            .arg(c.join(format!("{cert}.pem")))
             .arg("--key")
-            .arg(c.join("operator-admin.key")));
+            .arg(c.join(format!("{cert}.key"))));
         let text = format!(
             "{}{}",
             String::from_utf8_lossy(&out.stdout),

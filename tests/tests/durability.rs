@@ -2,7 +2,7 @@
 //! `kill -9` of the controller right after the answer loses nothing. Each case kills the
 //! controller the moment the answer arrives and checks the write after a restart.
 
-use sentinel_e2e::fixture::git;
+use sentinel_e2e::fixture::one_commit_repo;
 use sentinel_e2e::{Controller, Fleet, Value};
 
 /// A controller whose apps and backups point at hosts that never connect: every job it
@@ -11,19 +11,7 @@ use sentinel_e2e::{Controller, Fleet, Value};
 fn config(fleet: &Fleet) -> String {
     let c = fleet.certs.display();
     let repo = fleet.path("repo");
-    if !repo.exists() {
-        std::fs::create_dir_all(&repo).unwrap();
-        git(&repo, &["init", "-q", "-b", "main"]);
-        git(&repo, &["config", "user.email", "ci@example.invalid"]);
-        git(&repo, &["config", "user.name", "ci"]);
-        std::fs::write(
-            repo.join("docker-compose.yml"),
-            "services:\n  web:\n    image: none\n",
-        )
-        .unwrap();
-        git(&repo, &["add", "-A"]);
-        git(&repo, &["commit", "-q", "-m", "v1"]);
-    }
+    one_commit_repo(&repo);
     let app = |env: &str, host: &str| {
         format!(
             "[apps.{env}]\nhost = \"{host}\"\napp_dir = \"{}\"\n",

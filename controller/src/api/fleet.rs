@@ -9,6 +9,7 @@ use sentinel_proto::v1::*;
 use tonic::{Request, Response, Status};
 
 use crate::context::Context;
+use crate::identity::PeerInfo;
 use crate::isolation::IsolationState;
 use crate::registry::Registry;
 
@@ -47,6 +48,28 @@ impl FleetApi {
             .await
             .map_err(|e| Status::unavailable(e.to_string()))?;
         Ok(Response::new(value))
+    }
+
+    /// Appends the audit record of a write call and answers its result.
+    async fn audited<T>(
+        &self,
+        peer: &PeerInfo,
+        method: &str,
+        what: String,
+        result: Result<Response<T>, Status>,
+        made: impl FnOnce(&T) -> String,
+    ) -> Result<Response<T>, Status> {
+        self.ctx
+            .audit
+            .record(
+                peer,
+                method,
+                what,
+                result.as_ref().map(|r| r.get_ref()),
+                made,
+            )
+            .await;
+        result
     }
 
     fn backups(&self) -> Result<&Arc<crate::backups::Backups>, Status> {
@@ -154,47 +177,118 @@ impl FleetService for FleetApi {
         &self,
         request: Request<CancelJobRequest>,
     ) -> Result<Response<Job>, Status> {
-        let who = super::operator_name(&request)?;
-        let req = request.into_inner();
-        let reason = if req.reason.is_empty() {
-            format!("by {who}")
-        } else {
-            format!("{} (by {who})", req.reason)
+        let peer = super::peer(&request)?;
+        let what = {
+            let r = request.get_ref();
+            format!("cancel job {}: {}", r.job_id, r.reason)
         };
-        let job = self.ctx.jobs.cancel(&req.job_id, &reason)?;
-        self.committed(job).await
+        let result = async {
+            let who = super::operator_name(&request)?;
+            let req = request.into_inner();
+            let reason = if req.reason.is_empty() {
+                format!("by {who}")
+            } else {
+                format!("{} (by {who})", req.reason)
+            };
+            let job = self.ctx.jobs.cancel(&req.job_id, &reason)?;
+            self.committed(job).await
+        }
+        .await;
+        self.audited(&peer, "CancelJob", what, result, |j| {
+            format!(
+                "job {} {}",
+                j.job_id,
+                crate::cli::format::enum_word(j.state().as_str_name(), "JOB_STATE_")
+            )
+        })
+        .await
     }
 
     async fn submit_deploy(
         &self,
         request: Request<DeployRequest>,
     ) -> Result<Response<Deployment>, Status> {
-        let who = super::operator_name(&request)?;
-        let d = self.ctx.pipeline.submit(request.into_inner(), &who).await?;
-        self.committed(d).await
+        let peer = super::peer(&request)?;
+        let what = {
+            let r = request.get_ref();
+            format!(
+                "deploy {} at {}{}{}",
+                r.app,
+                r.commit,
+                if r.db_change { " with a db change" } else { "" },
+                if r.requested_by.is_empty() {
+                    String::new()
+                } else {
+                    format!(" for {}", r.requested_by)
+                }
+            )
+        };
+        let result = async {
+            let who = super::operator_name(&request)?;
+            let d = self.ctx.pipeline.submit(request.into_inner(), &who).await?;
+            self.committed(d).await
+        }
+        .await;
+        self.audited(&peer, "SubmitDeploy", what, result, |d| {
+            format!("deploy {}", d.deploy_id)
+        })
+        .await
     }
 
     async fn cancel_deploy(
         &self,
         request: Request<CancelDeployRequest>,
     ) -> Result<Response<Deployment>, Status> {
-        let id = request.into_inner().deploy_id;
-        let d = self.ctx.pipeline.cancel(&id)?;
-        self.committed(d).await
+        let peer = super::peer(&request)?;
+        let what = {
+            let r = request.get_ref();
+            format!("cancel deploy {}: {}", r.deploy_id, r.reason)
+        };
+        let result = async {
+            let id = request.into_inner().deploy_id;
+            let d = self.ctx.pipeline.cancel(&id)?;
+            self.committed(d).await
+        }
+        .await;
+        self.audited(&peer, "CancelDeploy", what, result, |d| {
+            format!("deploy {}", d.deploy_id)
+        })
+        .await
     }
 
     async fn rollback(
         &self,
         request: Request<RollbackRequest>,
     ) -> Result<Response<Deployment>, Status> {
-        let who = super::operator_name(&request)?;
-        let req = request.into_inner();
-        let d = self
-            .ctx
-            .pipeline
-            .rollback(&req.app, &req.environment, &req.to_commit, &who)
-            .await?;
-        self.committed(d).await
+        let peer = super::peer(&request)?;
+        let what = {
+            let r = request.get_ref();
+            format!(
+                "roll {} {} back to {}",
+                r.app,
+                r.environment,
+                if r.to_commit.is_empty() {
+                    "the previous release"
+                } else {
+                    r.to_commit.as_str()
+                }
+            )
+        };
+        let result = async {
+            let who = super::operator_name(&request)?;
+            let req = request.into_inner();
+            let d = self
+                .ctx
+                .pipeline
+                .rollback(&req.app, &req.environment, &req.to_commit, &who)
+                .await?;
+            self.committed(d).await
+        }
+        .await;
+        self.audited(&peer, "Rollback", what, result, |d| {
+            format!("deploy {}", d.deploy_id)
+        })
+        .await
     }
 
     async fn get_deploy(
@@ -291,25 +385,48 @@ impl FleetService for FleetApi {
         &self,
         request: Request<RunIsolationCheckRequest>,
     ) -> Result<Response<IsolationReport>, Status> {
-        let isolation = self.isolation()?;
-        let who = super::operator_name(&request)?;
-        let req = request.into_inner();
-        if !req.probe {
-            if !req.hosts.is_empty() {
-                return Err(Status::invalid_argument(
-                    "hosts names where to probe from: set probe too",
-                ));
-            }
-            return Ok(Response::new(isolation.check_now(None, &who).await));
-        }
-        let hosts = isolation.probe_hosts(&req.hosts).map_err(|e| {
-            if isolation.policy().probe.is_none() {
-                Status::failed_precondition(e)
+        let peer = super::peer(&request)?;
+        let what = {
+            let r = request.get_ref();
+            if r.probe {
+                format!(
+                    "isolation check with probes from {}",
+                    if r.hosts.is_empty() {
+                        "the configured hosts".to_string()
+                    } else {
+                        r.hosts.join(", ")
+                    }
+                )
             } else {
-                Status::invalid_argument(e)
+                "isolation check".to_string()
             }
-        })?;
-        Ok(Response::new(isolation.check_now(Some(&hosts), &who).await))
+        };
+        let result = async {
+            let isolation = self.isolation()?;
+            let who = super::operator_name(&request)?;
+            let req = request.into_inner();
+            if !req.probe {
+                if !req.hosts.is_empty() {
+                    return Err(Status::invalid_argument(
+                        "hosts names where to probe from: set probe too",
+                    ));
+                }
+                return Ok(Response::new(isolation.check_now(None, &who).await));
+            }
+            let hosts = isolation.probe_hosts(&req.hosts).map_err(|e| {
+                if isolation.policy().probe.is_none() {
+                    Status::failed_precondition(e)
+                } else {
+                    Status::invalid_argument(e)
+                }
+            })?;
+            Ok(Response::new(isolation.check_now(Some(&hosts), &who).await))
+        }
+        .await;
+        self.audited(&peer, "RunIsolationCheck", what, result, |r| {
+            format!("{} violation(s)", r.violations.len())
+        })
+        .await
     }
 
     async fn get_isolation_report(
@@ -337,35 +454,124 @@ impl FleetService for FleetApi {
         &self,
         request: Request<RunBackupRequest>,
     ) -> Result<Response<Job>, Status> {
-        let who = super::operator_name(&request)?;
-        let req = request.into_inner();
-        let reason = if req.reason.is_empty() {
-            format!("requested by {who}")
-        } else {
-            format!("{} (requested by {who})", req.reason)
+        let peer = super::peer(&request)?;
+        let what = {
+            let r = request.get_ref();
+            format!("backup now: {}", r.reason)
         };
-        let (job, _) = self
-            .backups()?
-            .start_backup(&reason, &who, req.simulated_now)?;
-        self.committed(job).await
+        let result = async {
+            let who = super::operator_name(&request)?;
+            let req = request.into_inner();
+            let reason = if req.reason.is_empty() {
+                format!("requested by {who}")
+            } else {
+                format!("{} (requested by {who})", req.reason)
+            };
+            let (job, _) = self
+                .backups()?
+                .start_backup(&reason, &who, req.simulated_now)?;
+            self.committed(job).await
+        }
+        .await;
+        self.audited(&peer, "RunBackup", what, result, |j| {
+            format!("job {}", j.job_id)
+        })
+        .await
     }
 
     async fn verify_backups(
         &self,
         request: Request<VerifyBackupsRequest>,
     ) -> Result<Response<Job>, Status> {
-        let who = super::operator_name(&request)?;
-        let (job, _) = self.backups()?.start_verify(&who)?;
-        self.committed(job).await
+        let peer = super::peer(&request)?;
+        let what = "verify backups now".to_string();
+        let result = async {
+            let who = super::operator_name(&request)?;
+            let (job, _) = self.backups()?.start_verify(&who)?;
+            self.committed(job).await
+        }
+        .await;
+        self.audited(&peer, "VerifyBackups", what, result, |j| {
+            format!("job {}", j.job_id)
+        })
+        .await
     }
 
     async fn run_restore_test(
         &self,
         request: Request<RunRestoreTestRequest>,
     ) -> Result<Response<Job>, Status> {
+        let peer = super::peer(&request)?;
+        let what = "restore test now".to_string();
+        let result = async {
+            let who = super::operator_name(&request)?;
+            let (job, _) = self.backups()?.start_restore_test(&who)?;
+            self.committed(job).await
+        }
+        .await;
+        self.audited(&peer, "RunRestoreTest", what, result, |j| {
+            format!("job {}", j.job_id)
+        })
+        .await
+    }
+
+    async fn list_audit(
+        &self,
+        request: Request<ListAuditRequest>,
+    ) -> Result<Response<ListAuditResponse>, Status> {
+        let req = request.into_inner();
+        let records = self
+            .ctx
+            .audit
+            .list(req.since.as_ref(), &req.who, req.limit)
+            .await?;
+        Ok(Response::new(ListAuditResponse { records }))
+    }
+
+    async fn lock_app(
+        &self,
+        request: Request<LockAppRequest>,
+    ) -> Result<Response<AppLock>, Status> {
+        let peer = super::peer(&request)?;
         let who = super::operator_name(&request)?;
-        let (job, _) = self.backups()?.start_restore_test(&who)?;
-        self.committed(job).await
+        let req = request.into_inner();
+        let what = format!("lock {}: {}", req.app, req.reason);
+        let result = async {
+            self.ctx.pipeline.configured_app(&req.app)?;
+            let lock = self.ctx.locks.lock(&req.app, &req.reason, &who).await?;
+            Ok(Response::new(lock))
+        }
+        .await;
+        self.audited(&peer, "LockApp", what, result, |l| {
+            format!("{} locked", l.app)
+        })
+        .await
+    }
+
+    async fn unlock_app(
+        &self,
+        request: Request<UnlockAppRequest>,
+    ) -> Result<Response<AppLock>, Status> {
+        let peer = super::peer(&request)?;
+        let req = request.into_inner();
+        let what = format!("unlock {}", req.app);
+        let result = self.ctx.locks.unlock(&req.app).await.map(Response::new);
+        self.audited(&peer, "UnlockApp", what, result, |l| {
+            format!(
+                "{} unlocked (locked by {}: {})",
+                l.app, l.locked_by, l.reason
+            )
+        })
+        .await
+    }
+
+    async fn list_locks(
+        &self,
+        _request: Request<ListLocksRequest>,
+    ) -> Result<Response<ListLocksResponse>, Status> {
+        Ok(Response::new(ListLocksResponse {
+            locks: self.ctx.locks.list(),
+        }))
     }
 }
 

@@ -7,6 +7,7 @@
 //! succeed); 2 the controller could not be reached or answered with an error (refused, unknown
 //! name); 64 a bad argument.
 
+pub mod audit;
 pub mod backups;
 pub mod deploy;
 pub mod fleet;

@@ -71,6 +71,8 @@ pub struct Pipeline {
     cancels: Mutex<HashMap<String, CancellationToken>>,
     gate: Mutex<Option<Arc<dyn DeployGate>>>,
     backups: Mutex<Option<Arc<dyn PreDeployBackup>>>,
+    /// App locks, consulted before every deploy and rollback.
+    app_locks: Mutex<Option<Arc<crate::audit::Locks>>>,
 }
 
 /// How a pipeline run failed.
@@ -129,6 +131,7 @@ impl Pipeline {
             cancels: Mutex::new(HashMap::new()),
             gate: Mutex::new(None),
             backups: Mutex::new(None),
+            app_locks: Mutex::new(None),
         }))
     }
 
@@ -144,6 +147,19 @@ impl Pipeline {
     /// Installs the built-in pre-production backup (the backups module).
     pub fn set_backups(&self, backups: Arc<dyn PreDeployBackup>) {
         *self.backups.lock().unwrap_or_else(|p| p.into_inner()) = Some(backups);
+    }
+
+    /// Installs the app locks that refuse deploys and rollbacks of a locked app.
+    pub fn set_locks(&self, locks: Arc<crate::audit::Locks>) {
+        *self.app_locks.lock().unwrap_or_else(|p| p.into_inner()) = Some(locks);
+    }
+
+    /// Refuses when `app` is locked.
+    fn check_unlocked(&self, app: &str) -> Result<(), Status> {
+        match &*self.app_locks.lock().unwrap_or_else(|p| p.into_inner()) {
+            Some(locks) => locks.check(app),
+            None => Ok(()),
+        }
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, State> {
@@ -174,6 +190,7 @@ impl Pipeline {
         who: &str,
     ) -> Result<Deployment, Status> {
         let app = self.app(&req.app)?;
+        self.check_unlocked(&app.name)?;
         if req.commit.is_empty() {
             return Err(Status::invalid_argument(
                 "a deploy needs a commit (field `commit`)",
@@ -681,6 +698,7 @@ impl Pipeline {
         who: &str,
     ) -> Result<Deployment, Status> {
         let app = self.app(app_name)?;
+        self.check_unlocked(&app.name)?;
         let env = environment_config(&app, env_name)?.clone();
         let req = DeployRequest {
             app: app_name.to_string(),

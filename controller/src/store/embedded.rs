@@ -5,7 +5,7 @@ use std::path::{Path, PathBuf};
 
 use prost::Message;
 use redb::{Database, ReadableDatabase, ReadableTable, TableDefinition, TableHandle};
-use sentinel_proto::v1::{Deployment, Host, Job, SignedJob};
+use sentinel_proto::v1::{AppLock, AuditRecord, Deployment, Host, Job, SignedJob};
 
 use super::{EncodedHost, Store, StoreError, StoredJob};
 
@@ -19,6 +19,10 @@ const ENVELOPES: TableDefinition<&str, &[u8]> = TableDefinition::new("job_envelo
 const DEPLOYS: TableDefinition<&str, &[u8]> = TableDefinition::new("deploys");
 /// Backup bookkeeping key -> JSON (schedules' last runs, per-database summaries).
 const BACKUPS: TableDefinition<&str, &[u8]> = TableDefinition::new("backups");
+/// Audit record id (time-ordered) -> encoded `sentinel.v1.AuditRecord`.
+const AUDIT: TableDefinition<&str, &[u8]> = TableDefinition::new("audit");
+/// App name -> encoded `sentinel.v1.AppLock`.
+const LOCKS: TableDefinition<&str, &[u8]> = TableDefinition::new("locks");
 
 /// redb's page cache. Its default (1 GiB) fills with pages the flusher writes and nothing
 /// reads (the store is read once, at startup): at 5,000 agents it held 18 KiB of resident
@@ -56,7 +60,7 @@ impl EmbeddedStore {
         let txn = db
             .begin_write()
             .map_err(|e| backend(action.clone())(e.into()))?;
-        for table in [HOSTS, JOBS, ENVELOPES, DEPLOYS, BACKUPS] {
+        for table in [HOSTS, JOBS, ENVELOPES, DEPLOYS, BACKUPS, AUDIT, LOCKS] {
             txn.open_table(table)
                 .map_err(|e| backend(action.clone())(e.into()))?;
         }
@@ -213,6 +217,58 @@ impl Store for EmbeddedStore {
             .map(|(_, d)| d)
             .collect())
     }
+
+    fn append_audit(&self, record: &AuditRecord) -> Result<(), StoreError> {
+        self.put(
+            &format!("appending audit record {}", record.id),
+            &[(AUDIT, record.id.as_str(), record.encode_to_vec())],
+        )
+    }
+
+    fn load_audit(
+        &self,
+        from: &str,
+        who: &str,
+        limit: usize,
+    ) -> Result<Vec<AuditRecord>, StoreError> {
+        let err = |e: redb::Error| backend("reading the audit trail")(e);
+        let txn = self.db.begin_read().map_err(|e| err(e.into()))?;
+        let table = txn.open_table(AUDIT).map_err(|e| err(e.into()))?;
+        let mut out = Vec::new();
+        for entry in table.range(from..).map_err(|e| err(e.into()))?.rev() {
+            if out.len() >= limit {
+                break;
+            }
+            let (key, value) = entry.map_err(|e| err(e.into()))?;
+            let record = AuditRecord::decode(value.value()).map_err(|e| StoreError::Corrupt {
+                key: format!("audit/{}", key.value()),
+                message: e.to_string(),
+            })?;
+            if who.is_empty() || record.who == who {
+                out.push(record);
+            }
+        }
+        Ok(out)
+    }
+
+    fn save_lock(&self, lock: &AppLock) -> Result<(), StoreError> {
+        self.put(
+            &format!("locking app {:?}", lock.app),
+            &[(LOCKS, lock.app.as_str(), lock.encode_to_vec())],
+        )
+    }
+
+    fn delete_lock(&self, app: &str) -> Result<(), StoreError> {
+        self.remove(&format!("unlocking app {app:?}"), &[(LOCKS, app)])
+    }
+
+    fn load_locks(&self) -> Result<Vec<AppLock>, StoreError> {
+        Ok(self
+            .all::<AppLock>(LOCKS)?
+            .into_iter()
+            .map(|(_, l)| l)
+            .collect())
+    }
 }
 
 #[cfg(test)]
@@ -254,6 +310,31 @@ mod tests {
             }])
             .unwrap();
         assert_eq!(store.load_hosts().unwrap(), vec![host]);
+    }
+
+    #[test]
+    fn audit_records_read_newest_first_from_a_time_and_by_caller() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = EmbeddedStore::open(&dir.path().join("s.redb")).unwrap();
+        for (i, who) in ["ana", "bo", "ana"].iter().enumerate() {
+            store
+                .append_audit(&AuditRecord {
+                    id: format!("{:020}-{i}", 1000 + i),
+                    who: who.to_string(),
+                    ..Default::default()
+                })
+                .unwrap();
+        }
+        let ids = |v: Vec<AuditRecord>| v.into_iter().map(|r| r.id).collect::<Vec<_>>();
+        let all = ids(store.load_audit("", "", 10).unwrap());
+        assert_eq!(all.len(), 3);
+        assert!(all[0] > all[1] && all[1] > all[2], "{all:?}");
+        assert_eq!(ids(store.load_audit("", "ana", 10).unwrap()).len(), 2);
+        assert_eq!(
+            ids(store.load_audit(&format!("{:020}", 1001), "", 10).unwrap()).len(),
+            2
+        );
+        assert_eq!(ids(store.load_audit("", "", 1).unwrap()).len(), 1);
     }
 
     #[test]

@@ -10,7 +10,7 @@ pub mod embedded;
 
 pub use commit::{CommitError, Commits};
 
-use sentinel_proto::v1::{Deployment, Host, Job, SignedJob};
+use sentinel_proto::v1::{AppLock, AuditRecord, Deployment, Host, Job, SignedJob};
 
 /// A storage failure, naming what was being done.
 #[derive(Debug, thiserror::Error)]
@@ -81,6 +81,27 @@ pub trait Store: Send + Sync + 'static {
 
     /// Every backup bookkeeping record.
     fn load_backup_records(&self) -> Result<Vec<(String, Vec<u8>)>, StoreError>;
+
+    /// Appends an audit record under its id (ids sort by time), committed on return.
+    fn append_audit(&self, record: &AuditRecord) -> Result<(), StoreError>;
+
+    /// Audit records whose id is at least `from`, newest first, at most `limit`; only
+    /// `who`'s when it is not empty.
+    fn load_audit(
+        &self,
+        from: &str,
+        who: &str,
+        limit: usize,
+    ) -> Result<Vec<AuditRecord>, StoreError>;
+
+    /// Stores (or replaces) the lock of `lock.app`, committed on return.
+    fn save_lock(&self, lock: &AppLock) -> Result<(), StoreError>;
+
+    /// Removes the lock of `app` (none is no error), committed on return.
+    fn delete_lock(&self, app: &str) -> Result<(), StoreError>;
+
+    /// Every held lock.
+    fn load_locks(&self) -> Result<Vec<AppLock>, StoreError>;
 }
 
 /// A host record encoded as `sentinel.v1.Host`, with its name (the key).
