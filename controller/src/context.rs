@@ -21,6 +21,8 @@ pub struct Context {
     pub bundles_dir: PathBuf,
     /// Backups, when `[backups]` is configured (also the metrics' backup ages).
     pub backups: Option<Arc<Backups>>,
+    /// Enrolment and renewal, when `[pki]` configures an issuing CA.
+    pub enrolment: Option<Arc<crate::enroll::Enrolment>>,
 }
 
 impl Context {

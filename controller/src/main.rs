@@ -129,6 +129,13 @@ enum Command {
         #[command(flatten)]
         client: ClientArgs,
     },
+    /// Join tokens: one-time credentials that enrol a new host (`hostagent enroll`).
+    Token {
+        #[command(subcommand)]
+        command: sentinel::cli::token::TokenCommand,
+        #[command(flatten)]
+        client: ClientArgs,
+    },
 }
 
 #[derive(Debug, Subcommand)]
@@ -154,6 +161,9 @@ enum PkiCommand {
         name: String,
         #[arg(long)]
         dir: PathBuf,
+        /// Certificate lifetime [default: 365d].
+        #[arg(long, value_parser = humantime::parse_duration)]
+        ttl: Option<Duration>,
         #[arg(long)]
         force: bool,
     },
@@ -165,6 +175,20 @@ enum PkiCommand {
         role: Role,
         #[arg(long)]
         dir: PathBuf,
+        /// Certificate lifetime [default: 365d].
+        #[arg(long, value_parser = humantime::parse_duration)]
+        ttl: Option<Duration>,
+        #[arg(long)]
+        force: bool,
+    },
+    /// Create the online issuing CA (issuer.pem, issuer.key) signed by the CA in DIR; the
+    /// controller's [pki] issues host certificates with it, so the CA key can go offline.
+    InitIssuer {
+        #[arg(long)]
+        dir: PathBuf,
+        /// The issuing CA's lifetime [default: 365d, at most the CA's].
+        #[arg(long, value_parser = humantime::parse_duration)]
+        ttl: Option<Duration>,
         #[arg(long)]
         force: bool,
     },
@@ -286,15 +310,22 @@ fn main() -> ExitCode {
                 hosts,
                 force,
             }),
-            PkiCommand::IssueHost { name, dir, force } => {
-                pki::cli::issue_host_command(&dir, &name, force)
-            }
+            PkiCommand::IssueHost {
+                name,
+                dir,
+                ttl,
+                force,
+            } => pki::cli::issue_host_command(&dir, &name, ttl, force),
             PkiCommand::IssueOperator {
                 name,
                 role,
                 dir,
+                ttl,
                 force,
-            } => pki::cli::issue_operator_command(&dir, &name, role, force),
+            } => pki::cli::issue_operator_command(&dir, &name, role, ttl, force),
+            PkiCommand::InitIssuer { dir, ttl, force } => {
+                pki::cli::init_issuer_command(&dir, ttl, force)
+            }
         }),
         Command::Hosts { client, json } => client_call(sentinel::cli::fleet::hosts(&client, json)),
         Command::Host { name, client, json } => {
@@ -316,6 +347,9 @@ fn main() -> ExitCode {
         } => client_call(sentinel::cli::deploy::rollback(&client, app, env, to, wait)),
         Command::Backups { command, client } => {
             client_call(sentinel::cli::backups::backups(&client, command))
+        }
+        Command::Token { command, client } => {
+            client_call(sentinel::cli::token::token(&client, command))
         }
         Command::Isolation(cmd) => isolation(cmd),
         Command::Config(ConfigCommand::Check { file }) => {

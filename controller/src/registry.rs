@@ -535,6 +535,18 @@ mod tests {
         fn load_backup_records(&self) -> Result<Vec<(String, Vec<u8>)>, StoreError> {
             Ok(Vec::new())
         }
+        fn save_join_token(&self, _: &crate::store::JoinTokenRecord) -> Result<(), StoreError> {
+            Ok(())
+        }
+        fn redeem_join_token(
+            &self,
+            _: &str,
+            _: &[u8; 32],
+            _: &str,
+            _: i64,
+        ) -> Result<crate::store::Redeemed, StoreError> {
+            Ok(crate::store::Redeemed::Unknown)
+        }
     }
 
     fn registry() -> Arc<Registry> {

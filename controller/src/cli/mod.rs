@@ -13,6 +13,7 @@ pub mod fleet;
 pub mod format;
 pub mod host;
 pub mod jobs;
+pub mod token;
 pub mod json;
 
 use std::path::PathBuf;

@@ -14,6 +14,7 @@
 pub mod cli;
 pub mod files;
 pub mod issue;
+pub mod issuer;
 pub mod keys;
 pub mod scheme;
 
@@ -25,7 +26,7 @@ pub use files::{
     CONTROLLER_KEY_FILE, SIGNING_KEY_FILE, SIGNING_PUB_FILE,
 };
 pub use issue::{default_hosts, init, issue_host, issue_operator, InitOptions, INIT_OPERATOR};
-pub use keys::{load_signing_key, load_verifying_key, signing_key_id};
+pub use keys::{load_signing_key, load_verifying_key, public_key_pem, signing_key_id};
 pub use scheme::{
     validate_name, Role, CA_COMMON_NAME, CONTROLLER_COMMON_NAME, CONTROLLER_OU, FLEET_ORGANIZATION,
     HOST_OU, HOST_URI_PREFIX, OPERATOR_OU, OPERATOR_URI_PREFIX,
@@ -96,6 +97,14 @@ pub enum PkiError {
         /// The offending file.
         path: PathBuf,
         /// What is wrong with it.
+        reason: String,
+    },
+    /// A certificate lifetime that cannot be used.
+    #[error("invalid certificate lifetime {ttl}: {reason}")]
+    InvalidTtl {
+        /// The lifetime asked for.
+        ttl: String,
+        /// Why it was refused.
         reason: String,
     },
     /// A signing key file cannot be parsed or encoded.
