@@ -5,6 +5,7 @@
 //! job-signing public keys, and an agent config ready to start.
 
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
 use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
@@ -91,11 +92,25 @@ pub async fn enroll(opts: &EnrollOptions) -> Result<Enrolled, EnrollError> {
         addr: opts.controller.clone(),
         message,
     };
-    let tls = pinned_client_config(&token.ca_sha256).map_err(|e| connect_err(e.to_string()))?;
+    let wrong_pin = Arc::new(AtomicBool::new(false));
+    let tls = pinned_client_config(&token.ca_sha256, wrong_pin.clone())
+        .map_err(|e| connect_err(e.to_string()))?;
     let channel =
         sentinel_daemon::tls::channel(&opts.controller, opts.server_name.as_deref(), tls)
             .await
-            .map_err(connect_err)?;
+            .map_err(|message| {
+                // rustls shows the verifier's error by its Debug form; say it plainly.
+                if wrong_pin.load(Ordering::SeqCst) {
+                    connect_err(
+                        WrongPin {
+                            pin: token.ca_sha256.clone(),
+                        }
+                        .to_string(),
+                    )
+                } else {
+                    connect_err(message)
+                }
+            })?;
     let answer = EnrollServiceClient::new(channel)
         .enroll(EnrollRequest {
             token: token.to_string(),
@@ -218,7 +233,10 @@ fn agent_config(
 
 /// A TLS 1.3 client config without a client certificate that accepts only a controller
 /// whose chain holds the CA with fingerprint `pin` and verifies against it.
-fn pinned_client_config(pin: &str) -> Result<Arc<rustls::ClientConfig>, rustls::Error> {
+fn pinned_client_config(
+    pin: &str,
+    wrong_pin: Arc<AtomicBool>,
+) -> Result<Arc<rustls::ClientConfig>, rustls::Error> {
     let provider = sentinel_daemon::tls::provider();
     let mut config = rustls::ClientConfig::builder_with_provider(provider.clone())
         .with_protocol_versions(&[&rustls::version::TLS13])?
@@ -226,6 +244,7 @@ fn pinned_client_config(pin: &str) -> Result<Arc<rustls::ClientConfig>, rustls::
         .with_custom_certificate_verifier(Arc::new(PinnedCa {
             pin: pin.to_owned(),
             provider,
+            wrong_pin,
         }))
         .with_no_client_auth();
     config.alpn_protocols = vec![b"h2".to_vec()];
@@ -239,6 +258,8 @@ fn pinned_client_config(pin: &str) -> Result<Arc<rustls::ClientConfig>, rustls::
 struct PinnedCa {
     pin: String,
     provider: Arc<rustls::crypto::CryptoProvider>,
+    /// Set when the pin did not match, so the caller can say so in words.
+    wrong_pin: Arc<AtomicBool>,
 }
 
 /// The controller's chain holds no CA with the pinned fingerprint.
@@ -262,6 +283,7 @@ impl ServerCertVerifier for PinnedCa {
         now: UnixTime,
     ) -> Result<ServerCertVerified, rustls::Error> {
         let wrong_pin = || {
+            self.wrong_pin.store(true, Ordering::SeqCst);
             rustls::Error::InvalidCertificate(CertificateError::Other(OtherError(Arc::new(
                 WrongPin {
                     pin: self.pin.clone(),
