@@ -110,7 +110,10 @@ impl Enrolment {
             used_at: None,
         })?;
         info!(host, operator = created_by, expires_in = ?ttl, token_id = %token.id, "join token created");
-        Ok((token, UNIX_EPOCH + Duration::from_secs(expires_at.unsigned_abs())))
+        Ok((
+            token,
+            UNIX_EPOCH + Duration::from_secs(expires_at.unsigned_abs()),
+        ))
     }
 
     /// The SHA-256 fingerprint of the fleet CA, hex.

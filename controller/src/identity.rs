@@ -234,11 +234,22 @@ mod tests {
             "/grpc.reflection.v1.ServerReflection/ServerReflectionInfo",
             "/something.Else/Call",
         ] {
-            assert!(authorize(&anon, path).is_err(), "{path} open without a certificate");
+            assert!(
+                authorize(&anon, path).is_err(),
+                "{path} open without a certificate"
+            );
         }
         assert!(authorize(&op(Role::Viewer), "/sentinel.v1.EnrollService/Enroll").is_ok());
-        assert!(authorize(&op(Role::Deployer), "/sentinel.v1.FleetService/CreateJoinToken").is_err());
-        assert!(authorize(&op(Role::Admin), "/sentinel.v1.FleetService/CreateJoinToken").is_ok());
+        assert!(authorize(
+            &op(Role::Deployer),
+            "/sentinel.v1.FleetService/CreateJoinToken"
+        )
+        .is_err());
+        assert!(authorize(
+            &op(Role::Admin),
+            "/sentinel.v1.FleetService/CreateJoinToken"
+        )
+        .is_ok());
     }
 
     #[test]

@@ -76,7 +76,17 @@ pub async fn run(
                 // An expired certificate cannot work, and no retry will change that: say so.
                 match creds.expired() {
                     Some(message) => Err(SessionError::Expired(message)),
-                    None => session(&config, &host, &creds, &mut collectors, &jobs, &mut welcomed).await,
+                    None => {
+                        session(
+                            &config,
+                            &host,
+                            &creds,
+                            &mut collectors,
+                            &jobs,
+                            &mut welcomed,
+                        )
+                        .await
+                    }
                 }
             };
             let outcome = tokio::select! {

@@ -192,7 +192,11 @@ pub fn check_host_chain(
     .map_err(|e| invalid(format!("verifier for the fleet CA: {e}")))?;
     verifier
         .verify_client_cert(leaf, intermediates, UnixTime::now())
-        .map_err(|e| invalid(format!("the new certificate does not chain to the fleet CA: {e}")))?;
+        .map_err(|e| {
+            invalid(format!(
+                "the new certificate does not chain to the fleet CA: {e}"
+            ))
+        })?;
     let (_, x509) = X509Certificate::from_der(leaf.as_ref())
         .map_err(|e| invalid(format!("the new certificate does not parse: {e}")))?;
     let want = format!("{}{host}", sentinel_daemon::csr::HOST_URI_PREFIX);

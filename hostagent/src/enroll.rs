@@ -95,22 +95,21 @@ pub async fn enroll(opts: &EnrollOptions) -> Result<Enrolled, EnrollError> {
     let wrong_pin = Arc::new(AtomicBool::new(false));
     let tls = pinned_client_config(&token.ca_sha256, wrong_pin.clone())
         .map_err(|e| connect_err(e.to_string()))?;
-    let channel =
-        sentinel_daemon::tls::channel(&opts.controller, opts.server_name.as_deref(), tls)
-            .await
-            .map_err(|message| {
-                // rustls shows the verifier's error by its Debug form; say it plainly.
-                if wrong_pin.load(Ordering::SeqCst) {
-                    connect_err(
-                        WrongPin {
-                            pin: token.ca_sha256.clone(),
-                        }
-                        .to_string(),
-                    )
-                } else {
-                    connect_err(message)
-                }
-            })?;
+    let channel = sentinel_daemon::tls::channel(&opts.controller, opts.server_name.as_deref(), tls)
+        .await
+        .map_err(|message| {
+            // rustls shows the verifier's error by its Debug form; say it plainly.
+            if wrong_pin.load(Ordering::SeqCst) {
+                connect_err(
+                    WrongPin {
+                        pin: token.ca_sha256.clone(),
+                    }
+                    .to_string(),
+                )
+            } else {
+                connect_err(message)
+            }
+        })?;
     let answer = EnrollServiceClient::new(channel)
         .enroll(EnrollRequest {
             token: token.to_string(),
@@ -226,7 +225,11 @@ fn agent_config(
         path(ca),
         path(cert),
         path(key),
-        trusted.iter().map(|p| path(p)).collect::<Vec<_>>().join(", ")
+        trusted
+            .iter()
+            .map(|p| path(p))
+            .collect::<Vec<_>>()
+            .join(", ")
     ));
     out
 }

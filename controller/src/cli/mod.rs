@@ -13,8 +13,8 @@ pub mod fleet;
 pub mod format;
 pub mod host;
 pub mod jobs;
-pub mod token;
 pub mod json;
+pub mod token;
 
 use std::path::PathBuf;
 

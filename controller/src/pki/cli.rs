@@ -101,7 +101,13 @@ mod tests {
             0
         );
         assert_eq!(
-            issue_operator_command(dir, "tiny", Role::Viewer, Some(Duration::from_secs(5)), false),
+            issue_operator_command(
+                dir,
+                "tiny",
+                Role::Viewer,
+                Some(Duration::from_secs(5)),
+                false
+            ),
             EXIT_USAGE,
             "a 5s certificate is refused"
         );

@@ -35,8 +35,8 @@ use super::files::{
 };
 use super::keys::signing_key_files;
 use super::scheme::{
-    validate_name, Role, CA_COMMON_NAME, ISSUER_COMMON_NAME, CONTROLLER_COMMON_NAME, CONTROLLER_OU, FLEET_ORGANIZATION,
-    HOST_OU, HOST_URI_PREFIX, OPERATOR_OU, OPERATOR_URI_PREFIX,
+    validate_name, Role, CA_COMMON_NAME, CONTROLLER_COMMON_NAME, CONTROLLER_OU, FLEET_ORGANIZATION,
+    HOST_OU, HOST_URI_PREFIX, ISSUER_COMMON_NAME, OPERATOR_OU, OPERATOR_URI_PREFIX,
 };
 use super::PkiError;
 
@@ -495,7 +495,9 @@ fn issue_one(
 ) -> Result<Vec<PathBuf>, PkiError> {
     let ca = Ca::load(dir)?;
     check_targets(&[key_path.clone(), cert_path.clone()], force)?;
-    let planned = ca.issue_for(leaf, lifetime)?.into_files(cert_path, key_path);
+    let planned = ca
+        .issue_for(leaf, lifetime)?
+        .into_files(cert_path, key_path);
     write_planned(dir, &planned, force)
 }
 

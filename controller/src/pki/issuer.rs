@@ -50,7 +50,9 @@ pub enum CsrError {
     #[error("the certificate signing request is not valid: {0}")]
     Invalid(String),
     /// The request names another host than the one it may be issued for.
-    #[error("the certificate signing request is for {asked:?}, but only {allowed:?} may be issued here")]
+    #[error(
+        "the certificate signing request is for {asked:?}, but only {allowed:?} may be issued here"
+    )]
     WrongName {
         /// The name in the request.
         asked: String,
@@ -116,8 +118,12 @@ impl HostIssuer {
             .remove(0);
         let is_root = root_der.as_ref() == ca.cert_der();
         if !is_root {
-            let (_, root_x509) = X509Certificate::from_der(root_der.as_ref())
-                .map_err(|e| bad(format!("the fleet CA {} does not parse: {e}", root.display())))?;
+            let (_, root_x509) = X509Certificate::from_der(root_der.as_ref()).map_err(|e| {
+                bad(format!(
+                    "the fleet CA {} does not parse: {e}",
+                    root.display()
+                ))
+            })?;
             let (_, x509) = X509Certificate::from_der(ca.cert_der())
                 .map_err(|e| bad(format!("does not parse: {e}")))?;
             x509.verify_signature(Some(root_x509.public_key()))
@@ -159,10 +165,9 @@ impl HostIssuer {
                 allowed: host.to_owned(),
             });
         }
-        let csr = CertificateSigningRequestParams::from_der(&CertificateSigningRequestDer::from(
-            csr_der,
-        ))
-        .map_err(|e| CsrError::Invalid(e.to_string()))?;
+        let csr =
+            CertificateSigningRequestParams::from_der(&CertificateSigningRequestDer::from(csr_der))
+                .map_err(|e| CsrError::Invalid(e.to_string()))?;
         let cert = self
             .ca
             .sign_leaf(&Leaf::Host(host), &csr.public_key, self.ttl)?;
@@ -200,17 +205,13 @@ fn requested_host(csr_der: &[u8]) -> Result<String, CsrError> {
             if let x509_parser::extensions::ParsedExtension::SubjectAlternativeName(san) = ext {
                 for name in &san.general_names {
                     let asked = match name {
-                        GeneralName::URI(uri) => uri
-                            .strip_prefix(HOST_URI_PREFIX)
-                            .unwrap_or(uri)
-                            .to_owned(),
+                        GeneralName::URI(uri) => {
+                            uri.strip_prefix(HOST_URI_PREFIX).unwrap_or(uri).to_owned()
+                        }
                         other => format!("{other}"),
                     };
                     if asked != cn {
-                        return Err(CsrError::WrongName {
-                            asked,
-                            allowed: cn,
-                        });
+                        return Err(CsrError::WrongName { asked, allowed: cn });
                     }
                 }
             }
@@ -250,7 +251,10 @@ mod tests {
         let issued = issuer.issue_host(&csr, "newbie").expect("issued");
         assert_eq!(issued.chain_pem.matches("BEGIN CERTIFICATE").count(), 2);
         let left = issued.not_after - OffsetDateTime::now_utc();
-        assert!(left <= Duration::hours(1) && left > Duration::minutes(59), "{left}");
+        assert!(
+            left <= Duration::hours(1) && left > Duration::minutes(59),
+            "{left}"
+        );
         match issuer.issue_host(&csr, "argus") {
             Err(CsrError::WrongName { asked, allowed }) => {
                 assert_eq!((asked.as_str(), allowed.as_str()), ("newbie", "argus"));
@@ -283,7 +287,10 @@ mod tests {
             std::time::Duration::from_secs(3600),
         )
         .expect_err("foreign issuer accepted");
-        assert!(err.to_string().contains("is not signed by the fleet CA"), "{err}");
+        assert!(
+            err.to_string().contains("is not signed by the fleet CA"),
+            "{err}"
+        );
         let missing = HostIssuer::load(
             &a.path().join("nope.pem"),
             &a.path().join(ISSUER_KEY_FILE),

@@ -257,15 +257,15 @@ impl Store for EmbeddedStore {
         let txn = self.db.begin_write().map_err(|e| err(e.into()))?;
         let outcome = {
             let mut table = txn.open_table(JOIN_TOKENS).map_err(|e| err(e.into()))?;
-            let record = match table.get(id).map_err(|e| err(e.into()))? {
-                None => return Ok(Redeemed::Unknown),
-                Some(value) => serde_json::from_slice::<JoinTokenRecord>(value.value()).map_err(
-                    |e| StoreError::Corrupt {
-                        key: format!("join_tokens/{id}"),
-                        message: e.to_string(),
-                    },
-                )?,
-            };
+            let record =
+                match table.get(id).map_err(|e| err(e.into()))? {
+                    None => return Ok(Redeemed::Unknown),
+                    Some(value) => serde_json::from_slice::<JoinTokenRecord>(value.value())
+                        .map_err(|e| StoreError::Corrupt {
+                            key: format!("join_tokens/{id}"),
+                            message: e.to_string(),
+                        })?,
+                };
             let outcome = record.redeem(secret_sha256, host, now_unix);
             if let Redeemed::Ok(used) = &outcome {
                 let value = serde_json::to_vec(used).map_err(|e| StoreError::Backend {
@@ -346,20 +346,38 @@ mod tests {
             let store = EmbeddedStore::open(&path).unwrap();
             store.save_join_token(&record).unwrap();
             assert!(store.save_join_token(&record).is_err(), "duplicate id");
-            let redeem = |s: &[u8; 32], host: &str, now| store.redeem_join_token("t1", s, host, now).unwrap();
+            let redeem = |s: &[u8; 32], host: &str, now| {
+                store.redeem_join_token("t1", s, host, now).unwrap()
+            };
             assert_eq!(redeem(&wrong, "newbie", 150), Redeemed::Unknown);
-            assert_eq!(store.redeem_join_token("t2", &secret, "newbie", 150).unwrap(), Redeemed::Unknown);
-            assert_eq!(redeem(&secret, "argus", 150), Redeemed::OtherHost("newbie".into()));
+            assert_eq!(
+                store
+                    .redeem_join_token("t2", &secret, "newbie", 150)
+                    .unwrap(),
+                Redeemed::Unknown
+            );
+            assert_eq!(
+                redeem(&secret, "argus", 150),
+                Redeemed::OtherHost("newbie".into())
+            );
             assert_eq!(redeem(&secret, "newbie", 200), Redeemed::Expired(200));
         }
         // Reopened: the refusals left it unused; the first use takes it, for good.
         let store = EmbeddedStore::open(&path).unwrap();
-        let used = match store.redeem_join_token("t1", &secret, "newbie", 150).unwrap() {
+        let used = match store
+            .redeem_join_token("t1", &secret, "newbie", 150)
+            .unwrap()
+        {
             Redeemed::Ok(used) => used,
             other => panic!("expected Ok, got {other:?}"),
         };
         assert_eq!(used.used_at, Some(150));
-        assert_eq!(store.redeem_join_token("t1", &secret, "newbie", 151).unwrap(), Redeemed::Used(150));
+        assert_eq!(
+            store
+                .redeem_join_token("t1", &secret, "newbie", 151)
+                .unwrap(),
+            Redeemed::Used(150)
+        );
     }
 
     #[test]

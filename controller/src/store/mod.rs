@@ -136,7 +136,10 @@ impl JoinTokenRecord {
     /// one decision every backend applies inside its transaction.
     pub fn redeem(&self, secret_sha256: &[u8; 32], host: &str, now_unix: i64) -> Redeemed {
         use subtle_eq::ct_eq;
-        if !ct_eq(hex::encode(secret_sha256).as_bytes(), self.secret_sha256.as_bytes()) {
+        if !ct_eq(
+            hex::encode(secret_sha256).as_bytes(),
+            self.secret_sha256.as_bytes(),
+        ) {
             return Redeemed::Unknown;
         }
         if let Some(at) = self.used_at {
