@@ -149,8 +149,11 @@ enum PkiCommand {
         #[arg(long = "san")]
         sans: Vec<String>,
         /// Hosts to issue certificates for (default: the dev fleet and this machine).
-        #[arg(long = "host")]
+        #[arg(long = "host", conflicts_with = "no_hosts")]
         hosts: Vec<String>,
+        /// Issue no host certificates (hosts enrol with join tokens instead).
+        #[arg(long)]
+        no_hosts: bool,
         /// Overwrite existing files.
         #[arg(long)]
         force: bool,
@@ -303,13 +306,17 @@ fn main() -> ExitCode {
                 dir,
                 sans,
                 hosts,
+                no_hosts,
                 force,
-            } => pki::cli::init_command(pki::InitOptions {
-                dir,
-                extra_sans: sans,
-                hosts,
-                force,
-            }),
+            } => pki::cli::init_command(
+                pki::InitOptions {
+                    dir,
+                    extra_sans: sans,
+                    hosts,
+                    force,
+                },
+                no_hosts,
+            ),
             PkiCommand::IssueHost {
                 name,
                 dir,

@@ -648,44 +648,6 @@ pub fn metric_sample(text: &str, series: &str) -> Option<f64> {
         .and_then(|v| v.trim().parse().ok())
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn the_bound_address_is_read_from_text_and_json_log_lines() {
-        let text = "2026-01-01T00:00:00Z  INFO sentinel: sentinel starting config=Config { listen: 127.0.0.1:0 }\n\
-                    2026-01-01T00:00:00Z  INFO sentinel::server: controller listening (mTLS, gRPC) listen=127.0.0.1:37091 store=/x\n\
-                    2026-01-01T00:00:00Z  INFO sentinel_daemon::metrics::serve: controller metrics listening (GET /metrics, Prometheus text format) listen=127.0.0.1:36115\n";
-        assert_eq!(
-            logged_addr(text, CONTROLLER_LISTENING),
-            Some("127.0.0.1:37091".parse().unwrap())
-        );
-        assert_eq!(
-            logged_addr(text, CONTROLLER_METRICS_LISTENING),
-            Some("127.0.0.1:36115".parse().unwrap())
-        );
-        let json = "{\"level\":\"INFO\",\"message\":\"sentinel starting\",\"listen\":\"127.0.0.1:0\"}\n\
-                    {\"level\":\"INFO\",\"message\":\"agent metrics listening (GET /metrics, Prometheus text format)\",\"listen\":\"127.0.0.1:40001\"}\n";
-        assert_eq!(
-            logged_addr(json, AGENT_METRICS_LISTENING),
-            Some("127.0.0.1:40001".parse().unwrap())
-        );
-    }
-
-    #[test]
-    fn a_log_without_the_line_or_its_address_gives_none() {
-        assert_eq!(logged_addr("", CONTROLLER_LISTENING), None);
-        // The error line of a listener that could not bind is not the listening line.
-        let refused = "ERROR x: agent metrics listener could not bind; running without metrics listen=127.0.0.1:9465";
-        assert_eq!(logged_addr(refused, AGENT_METRICS_LISTENING), None);
-        let garbled = "INFO x: controller listening (mTLS, gRPC) listen=nonsense";
-        assert_eq!(logged_addr(garbled, CONTROLLER_LISTENING), None);
-        let json = "{\"message\":\"controller listening (mTLS, gRPC)\"}";
-        assert_eq!(logged_addr(json, CONTROLLER_LISTENING), None);
-    }
-}
-
 /// Writes `operator-NAME.pem` (leaf, then a CA:TRUE intermediate signed by the fleet CA) and
 /// `operator-NAME.key`: the chain a rogue sub-CA would make.
 pub fn forge_operator_through_intermediate(fleet: &Fleet, name: &str, role: &str) {
@@ -736,4 +698,42 @@ pub fn forge_operator_through_intermediate(fleet: &Fleet, name: &str, role: &str
         leaf_key.serialize_pem(),
     )
     .unwrap();
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_bound_address_is_read_from_text_and_json_log_lines() {
+        let text = "2026-01-01T00:00:00Z  INFO sentinel: sentinel starting config=Config { listen: 127.0.0.1:0 }\n\
+                    2026-01-01T00:00:00Z  INFO sentinel::server: controller listening (mTLS, gRPC) listen=127.0.0.1:37091 store=/x\n\
+                    2026-01-01T00:00:00Z  INFO sentinel_daemon::metrics::serve: controller metrics listening (GET /metrics, Prometheus text format) listen=127.0.0.1:36115\n";
+        assert_eq!(
+            logged_addr(text, CONTROLLER_LISTENING),
+            Some("127.0.0.1:37091".parse().unwrap())
+        );
+        assert_eq!(
+            logged_addr(text, CONTROLLER_METRICS_LISTENING),
+            Some("127.0.0.1:36115".parse().unwrap())
+        );
+        let json = "{\"level\":\"INFO\",\"message\":\"sentinel starting\",\"listen\":\"127.0.0.1:0\"}\n\
+                    {\"level\":\"INFO\",\"message\":\"agent metrics listening (GET /metrics, Prometheus text format)\",\"listen\":\"127.0.0.1:40001\"}\n";
+        assert_eq!(
+            logged_addr(json, AGENT_METRICS_LISTENING),
+            Some("127.0.0.1:40001".parse().unwrap())
+        );
+    }
+
+    #[test]
+    fn a_log_without_the_line_or_its_address_gives_none() {
+        assert_eq!(logged_addr("", CONTROLLER_LISTENING), None);
+        // The error line of a listener that could not bind is not the listening line.
+        let refused = "ERROR x: agent metrics listener could not bind; running without metrics listen=127.0.0.1:9465";
+        assert_eq!(logged_addr(refused, AGENT_METRICS_LISTENING), None);
+        let garbled = "INFO x: controller listening (mTLS, gRPC) listen=nonsense";
+        assert_eq!(logged_addr(garbled, CONTROLLER_LISTENING), None);
+        let json = "{\"message\":\"controller listening (mTLS, gRPC)\"}";
+        assert_eq!(logged_addr(json, CONTROLLER_LISTENING), None);
+    }
 }

@@ -8,9 +8,10 @@ use super::{InitOptions, PkiError, Role};
 use crate::cli::EXIT_USAGE;
 
 /// `sentinel pki init`: a fresh dev PKI in `opts.dir`; no hosts given means the dev fleet's
-/// default hosts and this machine (see [`super::default_hosts`]).
-pub fn init_command(mut opts: InitOptions) -> u8 {
-    if opts.hosts.is_empty() {
+/// default hosts and this machine (see [`super::default_hosts`]), unless `no_hosts` (hosts
+/// that enrol with join tokens need none).
+pub fn init_command(mut opts: InitOptions, no_hosts: bool) -> u8 {
+    if opts.hosts.is_empty() && !no_hosts {
         opts.hosts = super::default_hosts(&crate::dev::local_host_name());
     }
     report(super::init(&opts))
@@ -67,7 +68,7 @@ mod tests {
             dir: dir.clone(),
             ..InitOptions::default()
         };
-        assert_eq!(init_command(opts.clone()), 0);
+        assert_eq!(init_command(opts.clone(), false), 0);
         for host in crate::pki::default_hosts(&crate::dev::local_host_name()) {
             assert!(
                 host_files(&dir, &host).0.exists(),
@@ -75,7 +76,7 @@ mod tests {
             );
         }
         let ca = std::fs::read(dir.join(CA_CERT_FILE)).expect("ca");
-        assert_eq!(init_command(opts), EXIT_USAGE);
+        assert_eq!(init_command(opts, false), EXIT_USAGE);
         assert_eq!(std::fs::read(dir.join(CA_CERT_FILE)).expect("ca"), ca);
     }
 
@@ -93,7 +94,7 @@ mod tests {
             hosts: vec!["argus".into()],
             ..InitOptions::default()
         };
-        assert_eq!(init_command(opts), 0);
+        assert_eq!(init_command(opts, false), 0);
         assert_eq!(issue_host_command(dir, "Bad_Name", None, false), EXIT_USAGE);
         assert_eq!(issue_host_command(dir, "new-host", None, false), 0);
         assert_eq!(
