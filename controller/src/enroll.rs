@@ -267,3 +267,91 @@ fn format_unix(at: i64) -> String {
         .map(|t| t.to_string())
         .unwrap_or_else(|_| at.to_string())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::pki::issuer::{init_issuer, ISSUER_CERT_FILE, ISSUER_KEY_FILE};
+    use crate::pki::{init, InitOptions, CA_CERT_FILE};
+    use crate::store::embedded::EmbeddedStore;
+
+    fn enrolment(dir: &std::path::Path) -> Enrolment {
+        init(&InitOptions {
+            dir: dir.to_owned(),
+            hosts: vec!["argus".into()],
+            ..InitOptions::default()
+        })
+        .expect("init");
+        init_issuer(dir, None, false).expect("init-issuer");
+        let issuer = HostIssuer::load(
+            &dir.join(ISSUER_CERT_FILE),
+            &dir.join(ISSUER_KEY_FILE),
+            &dir.join(CA_CERT_FILE),
+            Duration::from_secs(3600),
+        )
+        .expect("issuer");
+        let store: Arc<dyn Store> =
+            Arc::new(EmbeddedStore::open(&dir.join("s.redb")).expect("store"));
+        let ca = sentinel_daemon::tls::load_certs(&dir.join(CA_CERT_FILE), "CA")
+            .expect("ca")
+            .remove(0);
+        let pem = std::fs::read_to_string(dir.join(CA_CERT_FILE)).expect("ca pem");
+        Enrolment::new(issuer, store, pem, ca.as_ref(), vec!["KEY".into()])
+    }
+
+    fn request(token: &str, host: &str) -> EnrollRequest {
+        let key = sentinel_daemon::csr::new_host_key().expect("key");
+        EnrollRequest {
+            token: token.to_owned(),
+            csr_der: sentinel_daemon::csr::host_csr(host, &key).expect("csr"),
+        }
+    }
+
+    #[test]
+    fn a_token_enrols_its_host_once_and_every_refusal_names_its_reason() {
+        let tmp = tempfile::tempdir().expect("tempdir");
+        let e = enrolment(tmp.path());
+        let (token, _) = e.create_token("newbie", None, "admin").expect("token");
+        let text = token.to_string();
+
+        let other_name = e.enroll(&request(&text, "argus")).expect_err("other name");
+        assert_eq!(other_name.code(), tonic::Code::InvalidArgument);
+        let mut wrong_pin = token.clone();
+        wrong_pin.ca_sha256 = "0".repeat(64);
+        let pin = e
+            .enroll(&request(&wrong_pin.to_string(), "newbie"))
+            .expect_err("pin");
+        assert!(pin.message().contains("another fleet"), "{pin:?}");
+        let mut wrong_secret = token.clone();
+        wrong_secret.secret = "0".repeat(64);
+        let secret = e
+            .enroll(&request(&wrong_secret.to_string(), "newbie"))
+            .expect_err("secret");
+        assert!(
+            secret.message().contains("unknown join token"),
+            "{secret:?}"
+        );
+
+        let done = e.enroll(&request(&text, "newbie")).expect("enrolled");
+        assert_eq!(done.host_name, "newbie");
+        assert_eq!(done.signing_public_keys_pem, vec!["KEY".to_owned()]);
+        assert!(done.ca_pem.contains("BEGIN CERTIFICATE"));
+        let twice = e.enroll(&request(&text, "newbie")).expect_err("twice");
+        assert_eq!(twice.code(), tonic::Code::PermissionDenied);
+        assert!(twice.message().contains("already used"), "{twice:?}");
+
+        assert!(matches!(
+            e.create_token("newbie", Some(Duration::from_secs(8 * 86_400)), "admin"),
+            Err(TokenError::Ttl(_))
+        ));
+        assert!(matches!(
+            e.create_token("Bad Name", None, "admin"),
+            Err(TokenError::Name(_))
+        ));
+        // Renewal signs only the stream's own name.
+        let renewed = e.renew("argus", &request("", "argus").csr_der);
+        assert!(renewed.error.is_empty(), "{}", renewed.error);
+        let refused = e.renew("argus", &request("", "newbie").csr_der);
+        assert!(refused.error.contains("may be issued"), "{}", refused.error);
+    }
+}

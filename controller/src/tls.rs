@@ -109,7 +109,7 @@ pub fn server_config(
 
 /// The client verifier: webpki's, except that the chain is built only from certificates the
 /// controller trusts, never from intermediates the client sends. rustls does not enforce a
-/// trust anchor's own constraints, so the fleet CA's `pathlen:0` alone does not stop a CA:TRUE
+/// trust anchor's own constraints, so the fleet CA's `pathlen` alone does not stop a CA:TRUE
 /// certificate it signed (by mistake or long ago) from issuing `operator/admin/...`; with the
 /// client's intermediates ignored, a peer's certificate must be issued by the fleet CA itself
 /// or by the issuing CA of `[pki]`, the one intermediate configured here.

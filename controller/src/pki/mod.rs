@@ -4,12 +4,14 @@
 //!   the controller's identity check reads;
 //! * [`keys`]: the job-signing keys the controller's signer loads at runtime;
 //! * [`issue`]: the dev fleet CA and the certificates `sentinel pki` and `sentinel dev` issue;
+//! * [`issuer`]: the online issuing CA (`sentinel pki init-issuer`) the controller signs
+//!   enrolled and renewed host certificates with, from their CSRs;
 //! * [`files`]: the PKI directory's file names, and writing it atomically with safe modes;
 //! * [`cli`]: the `sentinel pki` subcommands.
 //!
-//! This PKI is for development only: the CA key sits next to the certificates
-//! and there is no revocation. Production fleets use their own offline CA with
-//! the same subject and SAN scheme.
+//! `sentinel pki init` writes the CA key next to the certificates: run it on an admin machine
+//! and keep `ca.key` offline; the controller holds only the issuing CA's key. Production
+//! fleets may also use their own offline CA with the same subject and SAN scheme.
 
 pub mod cli;
 pub mod files;
