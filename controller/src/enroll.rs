@@ -271,25 +271,11 @@ fn format_unix(at: i64) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::pki::issuer::{init_issuer, ISSUER_CERT_FILE, ISSUER_KEY_FILE};
-    use crate::pki::{init, InitOptions, CA_CERT_FILE};
+    use crate::pki::CA_CERT_FILE;
     use crate::store::embedded::EmbeddedStore;
 
     fn enrolment(dir: &std::path::Path) -> Enrolment {
-        init(&InitOptions {
-            dir: dir.to_owned(),
-            hosts: vec!["argus".into()],
-            ..InitOptions::default()
-        })
-        .expect("init");
-        init_issuer(dir, None, false).expect("init-issuer");
-        let issuer = HostIssuer::load(
-            &dir.join(ISSUER_CERT_FILE),
-            &dir.join(ISSUER_KEY_FILE),
-            &dir.join(CA_CERT_FILE),
-            Duration::from_secs(3600),
-        )
-        .expect("issuer");
+        let issuer = crate::pki::issuer::tests::pki(dir);
         let store: Arc<dyn Store> =
             Arc::new(EmbeddedStore::open(&dir.join("s.redb")).expect("store"));
         let ca = sentinel_daemon::tls::load_certs(&dir.join(CA_CERT_FILE), "CA")

@@ -221,11 +221,12 @@ fn requested_host(csr_der: &[u8]) -> Result<String, CsrError> {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
     use crate::pki::{init, InitOptions, CA_CERT_FILE};
 
-    fn pki(dir: &Path) -> HostIssuer {
+    /// A dev PKI with an issuing CA in `dir`, loaded for one-hour host certificates.
+    pub(crate) fn pki(dir: &Path) -> HostIssuer {
         init(&InitOptions {
             dir: dir.to_owned(),
             hosts: vec!["argus".into()],
