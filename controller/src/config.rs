@@ -49,6 +49,24 @@ pub struct ControllerConfig {
     /// How the controller's state is stored.
     #[serde(default)]
     pub store: StoreConfig,
+    /// The online issuing CA (`[pki]`): enrolment with join tokens and certificate renewal
+    /// over the agent channel; absent: neither (certificates are issued offline).
+    #[serde(default)]
+    pub pki: Option<PkiConfig>,
+}
+
+/// `[pki]`: the issuing CA the controller signs host certificates with.
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct PkiConfig {
+    /// The issuing CA's certificate (`issuer.pem` from `sentinel pki init-issuer`), signed by
+    /// the fleet CA of `[tls] ca`.
+    pub issuer_cert: PathBuf,
+    /// Its private key, mode 0600.
+    pub issuer_key: PathBuf,
+    /// Lifetime of host certificates; agents renew at two thirds of it.
+    #[serde(default = "defaults::host_cert_ttl", with = "humantime_serde")]
+    pub host_cert_ttl: Duration,
 }
 
 /// Where the controller serves its Prometheus metrics (`GET /metrics`, no authentication:
@@ -175,6 +193,9 @@ mod defaults {
     pub fn job_keep_finished() -> Duration {
         Duration::from_secs(14 * 86_400)
     }
+    pub fn host_cert_ttl() -> Duration {
+        Duration::from_secs(24 * 3600)
+    }
     pub fn metrics_enabled() -> bool {
         true
     }
@@ -270,6 +291,14 @@ impl ControllerConfig {
         if let Some((key, message)) = self.backups.as_ref().and_then(|b| b.problem()) {
             return Err(invalid(&format!("backups.{key}"), message));
         }
+        if let Some(pki) = &self.pki {
+            if pki.host_cert_ttl < Duration::from_secs(30) {
+                return Err(invalid(
+                    "pki.host_cert_ttl",
+                    format!("{:?} is below the minimum of 30s", pki.host_cert_ttl),
+                ));
+            }
+        }
         Ok(())
     }
 
@@ -295,6 +324,7 @@ impl fmt::Debug for ControllerConfig {
             .field("isolation", &self.isolation)
             .field("backups", &self.backups)
             .field("metrics", &self.metrics)
+            .field("pki", &self.pki)
             .finish_non_exhaustive()
     }
 }

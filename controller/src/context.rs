@@ -25,6 +25,8 @@ pub struct Context {
     pub audit: Arc<crate::audit::AuditLog>,
     /// App locks (also installed in the pipeline, which refuses locked apps).
     pub locks: Arc<crate::audit::Locks>,
+    /// Enrolment and renewal, when `[pki]` configures an issuing CA.
+    pub enrolment: Option<Arc<crate::enroll::Enrolment>>,
 }
 
 impl Context {

@@ -74,7 +74,7 @@ fn ensure_pki(dir: &Path, host: &str) -> anyhow::Result<()> {
             dir.display()
         );
     } else if !pki::host_files(dir, host).0.exists() {
-        pki::issue_host(dir, host, false)
+        pki::issue_host(dir, host, None, false)
             .with_context(|| format!("issuing a dev certificate for {host}"))?;
     }
     Ok(())
@@ -103,6 +103,8 @@ pub async fn run(opts: DevOptions, shutdown: CancellationToken) -> anyhow::Resul
         isolation: None,
         backups: None,
         store: Default::default(),
+        // The dev fleet's hosts get their certificates from `ensure_pki`, not by enrolment.
+        pki: None,
         metrics: crate::config::MetricsConfig {
             enabled: true,
             listen: opts.metrics_listen,

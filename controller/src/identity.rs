@@ -20,6 +20,8 @@ pub enum Identity {
         /// What it may do.
         role: Role,
     },
+    /// A client without a certificate: it may only enrol (with a join token).
+    Unauthenticated,
 }
 
 impl std::fmt::Display for Identity {
@@ -27,6 +29,7 @@ impl std::fmt::Display for Identity {
         match self {
             Identity::Host(name) => write!(f, "host {name}"),
             Identity::Operator { name, role } => write!(f, "operator {name} ({role})"),
+            Identity::Unauthenticated => f.write_str("a client without a certificate"),
         }
     }
 }
@@ -125,6 +128,8 @@ pub enum Requirement {
     Operator(Role),
     /// Health and reflection: any fleet certificate.
     AnyPeer,
+    /// Enrolment: anyone, certificate or not (the join token authenticates the call).
+    Anyone,
 }
 
 /// The requirement of a gRPC path (`/package.Service/Method`). Unknown paths of our services
@@ -135,6 +140,8 @@ pub fn requirement(path: &str) -> Requirement {
     match service {
         sentinel_proto::services::AGENT => Requirement::Host,
         sentinel_proto::services::FLEET => Requirement::Operator(fleet_method_role(method)),
+        sentinel_proto::services::ENROLL if method == "Enroll" => Requirement::Anyone,
+        sentinel_proto::services::ENROLL => Requirement::Operator(Role::Admin),
         _ => Requirement::AnyPeer,
     }
 }
@@ -155,6 +162,12 @@ fn fleet_method_role(method: &str) -> Role {
 /// the log.
 pub fn authorize(identity: &Identity, path: &str) -> Result<(), String> {
     match (requirement(path), identity) {
+        (Requirement::Anyone, _) => Ok(()),
+        // Without a certificate only enrolment is open: every other call, health and
+        // reflection included, needs a fleet certificate.
+        (_, Identity::Unauthenticated) => Err(format!(
+            "{path} needs a fleet client certificate (without one, only              sentinel.v1.EnrollService/Enroll may be called)"
+        )),
         (Requirement::AnyPeer, _) => Ok(()),
         (Requirement::Host, Identity::Host(_)) => Ok(()),
         (Requirement::Host, Identity::Operator { .. }) => Err(format!(
@@ -208,6 +221,37 @@ mod tests {
         assert!(authorize(&host, "/sentinel.v1.AgentService/Connect").is_ok());
         assert!(authorize(&host, "/sentinel.v1.FleetService/ListHosts").is_err());
         assert!(authorize(&host, "/grpc.health.v1.Health/Check").is_ok());
+    }
+
+    #[test]
+    fn a_client_without_a_certificate_may_only_enrol() {
+        let anon = Identity::Unauthenticated;
+        assert!(authorize(&anon, "/sentinel.v1.EnrollService/Enroll").is_ok());
+        for path in [
+            "/sentinel.v1.EnrollService/Other",
+            "/sentinel.v1.AgentService/Connect",
+            "/sentinel.v1.FleetService/ListHosts",
+            "/sentinel.v1.FleetService/CreateJoinToken",
+            "/grpc.health.v1.Health/Check",
+            "/grpc.reflection.v1.ServerReflection/ServerReflectionInfo",
+            "/something.Else/Call",
+        ] {
+            assert!(
+                authorize(&anon, path).is_err(),
+                "{path} open without a certificate"
+            );
+        }
+        assert!(authorize(&op(Role::Viewer), "/sentinel.v1.EnrollService/Enroll").is_ok());
+        assert!(authorize(
+            &op(Role::Deployer),
+            "/sentinel.v1.FleetService/CreateJoinToken"
+        )
+        .is_err());
+        assert!(authorize(
+            &op(Role::Admin),
+            "/sentinel.v1.FleetService/CreateJoinToken"
+        )
+        .is_ok());
     }
 
     #[test]

@@ -10,6 +10,7 @@ pub mod cli;
 pub mod config;
 pub mod context;
 pub mod dev;
+pub mod enroll;
 pub mod identity;
 pub mod isolation;
 pub mod jobs;

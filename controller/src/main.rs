@@ -161,6 +161,13 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Join tokens: one-time credentials that enrol a new host (`hostagent enroll`).
+    Token {
+        #[command(subcommand)]
+        command: sentinel::cli::token::TokenCommand,
+        #[command(flatten)]
+        client: ClientArgs,
+    },
 }
 
 #[derive(Debug, Subcommand)]
@@ -174,8 +181,11 @@ enum PkiCommand {
         #[arg(long = "san")]
         sans: Vec<String>,
         /// Hosts to issue certificates for (default: the dev fleet and this machine).
-        #[arg(long = "host")]
+        #[arg(long = "host", conflicts_with = "no_hosts")]
         hosts: Vec<String>,
+        /// Issue no host certificates (hosts enrol with join tokens instead).
+        #[arg(long)]
+        no_hosts: bool,
         /// Overwrite existing files.
         #[arg(long)]
         force: bool,
@@ -186,6 +196,9 @@ enum PkiCommand {
         name: String,
         #[arg(long)]
         dir: PathBuf,
+        /// Certificate lifetime [default: 365d].
+        #[arg(long, value_parser = humantime::parse_duration)]
+        ttl: Option<Duration>,
         #[arg(long)]
         force: bool,
     },
@@ -197,6 +210,20 @@ enum PkiCommand {
         role: Role,
         #[arg(long)]
         dir: PathBuf,
+        /// Certificate lifetime [default: 365d].
+        #[arg(long, value_parser = humantime::parse_duration)]
+        ttl: Option<Duration>,
+        #[arg(long)]
+        force: bool,
+    },
+    /// Create the online issuing CA (issuer.pem, issuer.key) signed by the CA in DIR; the
+    /// controller's [pki] issues host certificates with it, so the CA key can go offline.
+    InitIssuer {
+        #[arg(long)]
+        dir: PathBuf,
+        /// The issuing CA's lifetime [default: 365d, at most the CA's].
+        #[arg(long, value_parser = humantime::parse_duration)]
+        ttl: Option<Duration>,
         #[arg(long)]
         force: bool,
     },
@@ -311,22 +338,33 @@ fn main() -> ExitCode {
                 dir,
                 sans,
                 hosts,
+                no_hosts,
                 force,
-            } => pki::cli::init_command(pki::InitOptions {
+            } => pki::cli::init_command(
+                pki::InitOptions {
+                    dir,
+                    extra_sans: sans,
+                    hosts,
+                    force,
+                },
+                no_hosts,
+            ),
+            PkiCommand::IssueHost {
+                name,
                 dir,
-                extra_sans: sans,
-                hosts,
+                ttl,
                 force,
-            }),
-            PkiCommand::IssueHost { name, dir, force } => {
-                pki::cli::issue_host_command(&dir, &name, force)
-            }
+            } => pki::cli::issue_host_command(&dir, &name, ttl, force),
             PkiCommand::IssueOperator {
                 name,
                 role,
                 dir,
+                ttl,
                 force,
-            } => pki::cli::issue_operator_command(&dir, &name, role, force),
+            } => pki::cli::issue_operator_command(&dir, &name, role, ttl, force),
+            PkiCommand::InitIssuer { dir, ttl, force } => {
+                pki::cli::init_issuer_command(&dir, ttl, force)
+            }
         }),
         Command::Hosts { client, json } => client_call(sentinel::cli::fleet::hosts(&client, json)),
         Command::Host { name, client, json } => {
@@ -356,6 +394,9 @@ fn main() -> ExitCode {
         } => client_call(sentinel::cli::deploy::rollback(&client, app, env, to, wait)),
         Command::Backups { command, client } => {
             client_call(sentinel::cli::backups::backups(&client, command))
+        }
+        Command::Token { command, client } => {
+            client_call(sentinel::cli::token::token(&client, command))
         }
         Command::Isolation(cmd) => isolation(cmd),
         Command::Config(ConfigCommand::Check { file }) => {

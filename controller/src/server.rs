@@ -6,6 +6,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Context;
+use sentinel_proto::v1::enroll_service_server::EnrollServiceServer;
 use sentinel_proto::v1::fleet_service_server::FleetServiceServer;
 use tokio::sync::oneshot;
 use tokio_util::sync::CancellationToken;
@@ -13,8 +14,9 @@ use tracing::{info, warn, Instrument};
 
 use crate::api::{agent::AgentApi, agent_server::AgentServer, fleet::FleetApi};
 use crate::authz::AuthzLayer;
-use crate::config::ControllerConfig;
+use crate::config::{ControllerConfig, PkiConfig};
 use crate::context::Context as Shared;
+use crate::enroll::{EnrollApi, Enrolment};
 use crate::jobs::{JobQueue, Signer};
 use crate::pipeline::Pipeline;
 use crate::registry::{Liveness, Registry};
@@ -90,7 +92,14 @@ pub async fn run(
     let locks =
         crate::audit::Locks::load(store.clone()).context("loading app locks from the store")?;
     pipeline.set_locks(locks.clone());
+    let enrolment = match &config.pki {
+        Some(pki) => Some(Arc::new(
+            enrolment(&config, pki, store.clone()).context("loading the issuing CA of [pki]")?,
+        )),
+        None => None,
+    };
     let ctx = Arc::new(Shared {
+        enrolment: enrolment.clone(),
         registry: registry.clone(),
         jobs: jobs.clone(),
         pipeline,
@@ -107,8 +116,11 @@ pub async fn run(
     if let Some(isolation) = &isolation {
         ctx.pipeline.set_gate(isolation.clone());
     }
-    let tls =
-        crate::tls::server_config(&config.tls).context("loading the controller's TLS files")?;
+    let issuer_der = enrolment
+        .as_ref()
+        .map(|e| rustls::pki_types::CertificateDer::from(e.issuer().cert_der().to_vec()));
+    let tls = crate::tls::server_config(&config.tls, issuer_der)
+        .context("loading the controller's TLS files")?;
     let listener = tokio::net::TcpListener::bind(config.listen)
         .await
         .with_context(|| format!("binding {}", config.listen))?;
@@ -119,6 +131,9 @@ pub async fn run(
     health_reporter.set_serving::<AgentServer<AgentApi>>().await;
     health_reporter
         .set_serving::<FleetServiceServer<FleetApi>>()
+        .await;
+    health_reporter
+        .set_serving::<EnrollServiceServer<EnrollApi>>()
         .await;
     let reflection_v1 = reflection().build_v1().context("building reflection v1")?;
     let reflection_v1alpha = reflection()
@@ -172,6 +187,7 @@ pub async fn run(
         .add_service(FleetServiceServer::new(
             FleetApi::new(ctx.clone()).with_isolation(isolation.clone()),
         ))
+        .add_service(EnrollServiceServer::new(EnrollApi::new(enrolment)))
         .add_service(health_service)
         .add_service(reflection_v1)
         .add_service(reflection_v1alpha)
@@ -181,6 +197,37 @@ pub async fn run(
     info!("controller stopped serving; flushing state");
     let _ = flusher.await;
     Ok(())
+}
+
+/// Enrolment from `[pki]`: the issuing CA (checked against the fleet CA), the store of join
+/// tokens, and what new agents are told to trust (the fleet CA, the signing public key).
+fn enrolment(
+    config: &ControllerConfig,
+    pki: &PkiConfig,
+    store: Arc<dyn Store>,
+) -> anyhow::Result<Enrolment> {
+    let issuer = crate::pki::issuer::HostIssuer::load(
+        &pki.issuer_cert,
+        &pki.issuer_key,
+        &config.tls.ca,
+        pki.host_cert_ttl,
+    )?;
+    let ca_pem = std::fs::read_to_string(&config.tls.ca)
+        .with_context(|| format!("reading {}", config.tls.ca.display()))?;
+    let ca_der = sentinel_daemon::tls::load_certs(&config.tls.ca, "CA certificate")?.remove(0);
+    let signing_keys = match &config.signing {
+        Some(s) => vec![crate::pki::public_key_pem(&crate::pki::load_signing_key(
+            &s.key,
+        )?)?],
+        None => Vec::new(),
+    };
+    Ok(Enrolment::new(
+        issuer,
+        store,
+        ca_pem,
+        ca_der.as_ref(),
+        signing_keys,
+    ))
 }
 
 /// Reflection over every service we serve. Both reflection versions know each other's

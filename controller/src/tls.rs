@@ -45,6 +45,9 @@ const H2_PREFACE: &[u8; 24] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
 const CONNECTIONS_PER_HOST: usize = 4;
 /// Connections one operator certificate may hold at once (parallel CLI calls, watchers).
 const CONNECTIONS_PER_OPERATOR: usize = 64;
+/// Connections without a client certificate, all together (enrolments are short calls):
+/// however many an attacker opens, hosts and operators keep their own caps.
+const CONNECTIONS_UNAUTHENTICATED: usize = 32;
 /// TLS handshakes in progress from one source address: one client that opens connections
 /// and never finishes them cannot hold more than this many descriptors.
 const HANDSHAKES_PER_ADDRESS: usize = 64;
@@ -61,20 +64,32 @@ static PEER_WARNINGS: WarnLimiter = WarnLimiter::new(
     Duration::from_secs(10),
 );
 
-/// The server config: TLS 1.3 only, client certificates required and verified against the
-/// fleet CA, ALPN h2.
-pub fn server_config(files: &TlsFiles) -> Result<Arc<rustls::ServerConfig>, TlsError> {
+/// The server config: TLS 1.3 only, ALPN h2, client certificates verified against the fleet
+/// CA (issued by it directly or by the configured `issuer`, nothing else). A client may also
+/// come without a certificate: it can then only enrol (the authz layer refuses it everything
+/// else). The server's chain ends with the fleet CA, so that an enrolling agent, which has no
+/// CA yet, can check it against the fingerprint its join token pins.
+pub fn server_config(
+    files: &TlsFiles,
+    issuer: Option<CertificateDer<'static>>,
+) -> Result<Arc<rustls::ServerConfig>, TlsError> {
     let roots = Arc::new(load_roots(&files.ca)?);
     let webpki = rustls::server::WebPkiClientVerifier::builder_with_provider(roots, provider())
+        .allow_unauthenticated()
         .build()
         .map_err(|e| {
             TlsError::Config(format!("client verifier for {}: {e}", files.ca.display()))
         })?;
     let verifier = Arc::new(IssuedByFleetCa {
         inner: webpki,
-        intermediates: Vec::new(),
+        intermediates: issuer.into_iter().collect(),
     });
-    let certs = load_certs(&files.cert, "certificate")?;
+    let mut certs = load_certs(&files.cert, "certificate")?;
+    for ca in load_certs(&files.ca, "CA certificate")? {
+        if !certs.contains(&ca) {
+            certs.push(ca);
+        }
+    }
     let key = load_key(&files.key)?;
     let mut config = rustls::ServerConfig::builder_with_provider(provider())
         .with_protocol_versions(&[&rustls::version::TLS13])
@@ -94,14 +109,14 @@ pub fn server_config(files: &TlsFiles) -> Result<Arc<rustls::ServerConfig>, TlsE
 
 /// The client verifier: webpki's, except that the chain is built only from certificates the
 /// controller trusts, never from intermediates the client sends. rustls does not enforce a
-/// trust anchor's own constraints, so the fleet CA's `pathlen:0` alone does not stop a CA:TRUE
+/// trust anchor's own constraints, so the fleet CA's `pathlen` alone does not stop a CA:TRUE
 /// certificate it signed (by mistake or long ago) from issuing `operator/admin/...`; with the
 /// client's intermediates ignored, a peer's certificate must be issued by the fleet CA itself
-/// (or by an issuing intermediate configured here, once enrolment brings one).
+/// or by the issuing CA of `[pki]`, the one intermediate configured here.
 #[derive(Debug)]
 struct IssuedByFleetCa {
     inner: Arc<dyn ClientCertVerifier>,
-    /// Issuing intermediates the controller itself trusts (none yet).
+    /// The issuing CA the controller itself trusts (`[pki] issuer_cert`), if any.
     intermediates: Vec<CertificateDer<'static>>,
 }
 
@@ -369,13 +384,11 @@ async fn handshake(
         .peer_certificates()
         .and_then(|certs| certs.first())
         .map(|c| c.as_ref().to_vec());
-    let Some(der) = der else {
-        HANDSHAKE_WARNINGS.warn(&ip, || format!("no client certificate peer={addr}"));
-        return None;
-    };
-    let identity = match identity::from_certificate(&der) {
-        Ok(identity) => identity,
-        Err(e) => {
+    let identity = match der.map(|der| identity::from_certificate(&der)) {
+        // No certificate: may only enrol (see `identity::authorize`).
+        None => Identity::Unauthenticated,
+        Some(Ok(identity)) => identity,
+        Some(Err(e)) => {
             HANDSHAKE_WARNINGS.warn(&ip, || {
                 format!("client certificate refused peer={addr} error={e}")
             });
@@ -386,6 +399,7 @@ async fn handshake(
     let cap = match identity {
         Identity::Host(_) => CONNECTIONS_PER_HOST,
         Identity::Operator { .. } => CONNECTIONS_PER_OPERATOR,
+        Identity::Unauthenticated => CONNECTIONS_UNAUTHENTICATED,
     };
     let Some(slot) = Slot::acquire(&limits.identities, identity.clone(), cap) else {
         PEER_WARNINGS.warn(&who, || {

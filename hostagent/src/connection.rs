@@ -1,14 +1,15 @@
 //! The agent's channel to the controller: dial out over mTLS, say hello, stream state reports
-//! and heartbeats, and reconnect with exponential backoff and jitter, forever.
+//! and heartbeats, renew the certificate on the open stream, and reconnect with exponential
+//! backoff and jitter, forever.
 
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::{Duration, Instant, SystemTime};
 
 use sentinel_daemon::backoff::Backoff;
 use sentinel_proto::v1::agent_service_client::AgentServiceClient;
 use sentinel_proto::v1::{
-    agent_message, controller_message, AgentMessage, ControllerMessage, Heartbeat, Hello, HostInfo,
-    StateReport,
+    agent_message, controller_message, AgentMessage, CertificateIssued, ControllerMessage,
+    Heartbeat, Hello, HostInfo, RenewCertificate, StateReport,
 };
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
@@ -18,6 +19,7 @@ use tracing::{debug, info, warn, Instrument};
 
 use crate::collectors::{Collectors, DeltaTracker};
 use crate::config::AgentConfig;
+use crate::credentials::Credentials;
 use crate::jobs::Jobs;
 
 /// How long to wait for the controller's welcome after the hello.
@@ -26,6 +28,8 @@ const WELCOME_TIMEOUT: Duration = Duration::from_secs(10);
 const DEFAULT_HEARTBEAT: Duration = Duration::from_secs(10);
 /// Outbound queue depth: a report or heartbeat waits here while the stream is busy.
 const OUTBOUND_QUEUE: usize = 32;
+/// How long a renewal request may go unanswered before it is sent again.
+const RENEWAL_ANSWER_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// Why a session with the controller ended.
 #[derive(Debug, thiserror::Error)]
@@ -47,12 +51,15 @@ pub enum SessionError {
     /// The stream ended or failed after it was established.
     #[error("channel lost: {0}")]
     Lost(String),
+    /// The host certificate has expired (the message says what to do).
+    #[error("{0}")]
+    Expired(String),
 }
 
 /// Runs sessions until `shutdown` is cancelled.
 pub async fn run(
     config: AgentConfig,
-    tls: Arc<rustls::ClientConfig>,
+    creds: Arc<Credentials>,
     jobs: Arc<Jobs>,
     shutdown: CancellationToken,
 ) {
@@ -65,8 +72,25 @@ pub async fn run(
         loop {
             attempts += 1;
             let mut welcomed = false;
+            let session = async {
+                // An expired certificate cannot work, and no retry will change that: say so.
+                match creds.expired() {
+                    Some(message) => Err(SessionError::Expired(message)),
+                    None => {
+                        session(
+                            &config,
+                            &host,
+                            &creds,
+                            &mut collectors,
+                            &jobs,
+                            &mut welcomed,
+                        )
+                        .await
+                    }
+                }
+            };
             let outcome = tokio::select! {
-                r = session(&config, &host, tls.clone(), &mut collectors, &jobs, &mut welcomed) => r,
+                r = session => r,
                 _ = shutdown.cancelled() => {
                     info!("agent stopping");
                     return;
@@ -83,6 +107,7 @@ pub async fn run(
                     message = status.message(),
                     "controller refused this agent; check the host name and certificate"
                 ),
+                Err(SessionError::Expired(message)) => tracing::error!("{message}"),
                 Err(e) => warn!(error = %e, attempts, "no channel to the controller"),
             }
             let delay = backoff.next_delay();
@@ -117,12 +142,12 @@ async fn open_channel(
 async fn session(
     config: &AgentConfig,
     host: &str,
-    tls: Arc<rustls::ClientConfig>,
+    creds: &Credentials,
     collectors: &mut Collectors,
     jobs: &Jobs,
     welcomed: &mut bool,
 ) -> Result<(), SessionError> {
-    let channel = open_channel(config, tls).await?;
+    let channel = open_channel(config, creds.current()).await?;
     let mut client = AgentServiceClient::new(channel);
     let (tx, rx) = mpsc::channel::<AgentMessage>(OUTBOUND_QUEUE);
     let hello = Hello {
@@ -176,6 +201,8 @@ async fn session(
     let mut heartbeats =
         tokio::time::interval_at(tokio::time::Instant::now() + heartbeat, heartbeat);
     heartbeats.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let renewal = tokio::time::sleep_until(instant(creds.renew_at()));
+    tokio::pin!(renewal);
 
     loop {
         tokio::select! {
@@ -201,6 +228,21 @@ async fn session(
                 })).await?;
             }
             _ = outbox.notified() => flush_outbox(&outbox, &tx).await?,
+            _ = &mut renewal => {
+                let next = match creds.csr() {
+                    Ok(csr_der) => {
+                        debug!("asking for a new certificate");
+                        send(&tx, agent_message::Msg::RenewCertificate(RenewCertificate { csr_der })).await?;
+                        SystemTime::now() + RENEWAL_ANSWER_TIMEOUT
+                    }
+                    Err(e) => {
+                        warn!(error = %e, "cannot renew the certificate");
+                        crate::metrics::get().renewal("invalid");
+                        creds.retry_at()
+                    }
+                };
+                renewal.as_mut().reset(instant(next));
+            }
             msg = inbound.message() => match msg {
                 Ok(Some(ControllerMessage { msg: Some(m) })) => match m {
                     controller_message::Msg::RequestFullReport(_) => {
@@ -213,6 +255,9 @@ async fn session(
                     controller_message::Msg::Welcome(_) => {
                         return Err(SessionError::Protocol("a second welcome".into()))
                     }
+                    controller_message::Msg::CertificateIssued(issued) => {
+                        renewal.as_mut().reset(instant(renewed(creds, &issued)));
+                    }
                 },
                 Ok(Some(ControllerMessage { msg: None })) => {}
                 Ok(None) => return Ok(()),
@@ -220,6 +265,35 @@ async fn session(
             },
         }
     }
+}
+
+/// Installs a renewed certificate (or logs why not); when to renew next.
+fn renewed(creds: &Credentials, issued: &CertificateIssued) -> SystemTime {
+    if !issued.error.is_empty() {
+        warn!(reason = %issued.error, "the controller refused to renew the certificate; keeping the current one");
+        crate::metrics::get().renewal("refused");
+        return creds.retry_at();
+    }
+    match creds.install(&issued.certificate_chain_pem) {
+        Ok(validity) => {
+            info!(
+                not_after = %crate::credentials::rfc3339(validity.not_after),
+                "certificate renewed; the next connection uses it"
+            );
+            crate::metrics::get().renewal("renewed");
+            creds.renew_at()
+        }
+        Err(e) => {
+            warn!(error = %e, "the renewed certificate was not installed; keeping the current one");
+            crate::metrics::get().renewal("invalid");
+            creds.retry_at()
+        }
+    }
+}
+
+/// A wall-clock time as a tokio deadline (now, if it has passed).
+fn instant(at: SystemTime) -> tokio::time::Instant {
+    tokio::time::Instant::now() + at.duration_since(SystemTime::now()).unwrap_or_default()
 }
 
 /// Sends everything queued in the outbox (job events, bundle requests); whatever cannot be

@@ -5,6 +5,8 @@
 pub mod collectors;
 pub mod config;
 pub mod connection;
+pub mod credentials;
+pub mod enroll;
 pub mod jobs;
 pub mod metrics;
 
@@ -18,10 +20,13 @@ pub const VERSION: &str = sentinel_daemon::VERSION;
 /// Runs the agent until `shutdown` is cancelled: connects to the controller, reports state and
 /// reconnects with backoff whenever the channel drops.
 pub async fn run(config: AgentConfig, shutdown: CancellationToken) -> anyhow::Result<()> {
-    let tls = sentinel_daemon::tls::client_config(&config.tls)?;
+    let creds = std::sync::Arc::new(credentials::Credentials::load(
+        &config.tls,
+        &config.host_name(),
+    )?);
     let jobs = jobs::Jobs::start(&config.host_name(), &config.jobs, jobs::Outbox::default())?;
     metrics::start(&config.metrics, shutdown.clone()).await;
     sentinel_daemon::systemd::ready(&format!("connecting to {}", config.controller));
-    connection::run(config, tls, jobs, shutdown).await;
+    connection::run(config, creds, jobs, shutdown).await;
     Ok(())
 }

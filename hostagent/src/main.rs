@@ -32,6 +32,29 @@ struct Cli {
     /// agent never outlives it, even when it is killed with SIGKILL.
     #[arg(long, hide = true)]
     exit_with_stdin: bool,
+    #[command(subcommand)]
+    command: Option<Command>,
+}
+
+#[derive(Debug, clap::Subcommand)]
+enum Command {
+    /// Enrol this host with a join token (`sentinel token create`): make a key here, get its
+    /// certificate, the fleet CA and the signing keys, and write an agent config.
+    Enroll {
+        /// The controller's address, host:port.
+        #[arg(long)]
+        controller: String,
+        /// The join token.
+        #[arg(long, env = "HOSTAGENT_JOIN_TOKEN")]
+        token: String,
+        /// Where the key, certificates and agent.toml go.
+        #[arg(long, default_value = "/etc/hostagent")]
+        dir: PathBuf,
+        /// TLS server name to expect in the controller's certificate [default: the
+        /// address's host].
+        #[arg(long)]
+        server_name: Option<String>,
+    },
 }
 
 /// sysexits' EX_USAGE: the config was wrong, restarting will not help.
@@ -53,6 +76,20 @@ fn main() -> ExitCode {
         }
     };
     logging::init(cli.log_format);
+    if let Some(Command::Enroll {
+        controller,
+        token,
+        dir,
+        server_name,
+    }) = cli.command
+    {
+        return enroll(hostagent::enroll::EnrollOptions {
+            controller,
+            token,
+            dir,
+            server_name,
+        });
+    }
     let config = match AgentConfig::load(&cli.config) {
         Ok(c) => c,
         Err(e) => {
@@ -113,6 +150,48 @@ fn main() -> ExitCode {
             }
         }
     })
+}
+
+/// `hostagent enroll`: prints what it wrote; exit 0, 64 for a malformed token, 1 otherwise.
+fn enroll(opts: hostagent::enroll::EnrollOptions) -> ExitCode {
+    let runtime = match tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("hostagent: starting the runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match runtime.block_on(hostagent::enroll::enroll(&opts)) {
+        Ok(done) => {
+            for path in &done.written {
+                println!("wrote {}", path.display());
+            }
+            let (config, written) = &done.config;
+            if !written {
+                println!(
+                    "kept the existing {} (check that its [tls] and [jobs] trusted_keys point at the files above)",
+                    config.display()
+                );
+            }
+            println!(
+                "enrolled host {:?}; certificate valid until {}; start the agent with --config {}",
+                done.host,
+                done.not_after,
+                config.display()
+            );
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("hostagent enroll: {e}");
+            ExitCode::from(match e {
+                hostagent::enroll::EnrollError::Token(_) => EX_USAGE,
+                _ => 1,
+            })
+        }
+    }
 }
 
 /// Resolves when standard input reaches its end (or fails): the writing side is gone.

@@ -34,6 +34,8 @@ pub struct AgentMetrics {
     job_refusals: Counter,
     reconnects: Counter,
     connected: Gauge,
+    renewals: Counter,
+    cert_not_after: Gauge,
 }
 
 static METRICS: OnceLock<AgentMetrics> = OnceLock::new();
@@ -76,6 +78,16 @@ impl AgentMetrics {
             connected: Gauge::new(
                 "hostagent_connected",
                 "1 while the agent holds a welcomed channel to the controller.",
+                &[],
+            ),
+            renewals: Counter::new(
+                "hostagent_certificate_renewals_total",
+                "Certificate renewals over the channel, by outcome (renewed, refused, invalid).",
+                &["outcome"],
+            ),
+            cert_not_after: Gauge::new(
+                "hostagent_certificate_not_after_seconds",
+                "When the host certificate in use expires (Unix time).",
                 &[],
             ),
         };
@@ -152,6 +164,16 @@ impl AgentMetrics {
         self.reconnects.inc(&[]);
     }
 
+    /// A renewal ended with `outcome` (renewed, refused, invalid).
+    pub fn renewal(&self, outcome: &str) {
+        self.renewals.inc(&[outcome]);
+    }
+
+    /// The certificate in use expires at `unix` seconds.
+    pub fn set_cert_not_after(&self, unix: i64) {
+        self.cert_not_after.set(&[], unix as f64);
+    }
+
     /// How many times a collector failed, for tests.
     pub fn collector_errors(&self, collector: &str) -> u64 {
         self.collector_errors.get(&[collector])
@@ -168,6 +190,8 @@ impl AgentMetrics {
         );
         self.connected.encode(out);
         self.reconnects.encode(out);
+        self.renewals.encode(out);
+        self.cert_not_after.encode(out);
         self.collector_duration.encode(out);
         self.collector_errors.encode(out);
         self.jobs.encode(out);

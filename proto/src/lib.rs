@@ -29,4 +29,6 @@ pub mod services {
     pub const AGENT: &str = "sentinel.v1.AgentService";
     /// The operator API.
     pub const FLEET: &str = "sentinel.v1.FleetService";
+    /// Enrolment, the one service callable without a client certificate.
+    pub const ENROLL: &str = "sentinel.v1.EnrollService";
 }

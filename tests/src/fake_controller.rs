@@ -104,7 +104,7 @@ impl FakeController {
             cert: certs.join("controller.pem"),
             key: certs.join("controller.key"),
         };
-        let tls = sentinel::tls::server_config(&files).expect("controller TLS");
+        let tls = sentinel::tls::server_config(&files, None).expect("controller TLS");
         let shared = Arc::new(Mutex::new(Shared::default()));
         let shutdown = CancellationToken::new();
         let listener = runtime

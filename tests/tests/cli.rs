@@ -18,6 +18,7 @@ const SHOWN_ENV: &[&str] = &[
     "SENTINEL_CERT",
     "SENTINEL_KEY",
     "HOSTAGENT_CONFIG",
+    "HOSTAGENT_JOIN_TOKEN",
 ];
 
 fn help(binary: &str, args: &[&str]) -> String {

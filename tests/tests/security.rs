@@ -324,62 +324,10 @@ fn get_job(controller: &Controller, job_id: &str) -> Result<(Value, usize), Stri
 // Certificates
 // ---------------------------------------------------------------------------------------------
 
-/// Writes `operator-NAME.pem` (leaf, then a CA:TRUE intermediate signed by the fleet CA) and
-/// `operator-NAME.key`: the chain a rogue sub-CA would make.
-fn forge_operator_through_intermediate(fleet: &Fleet, name: &str, role: &str) {
-    use rcgen::{
-        BasicConstraints, CertificateParams, DistinguishedName, DnType, ExtendedKeyUsagePurpose,
-        IsCa, Issuer, KeyPair, KeyUsagePurpose, SanType,
-    };
-    let ca_key =
-        KeyPair::from_pem(&std::fs::read_to_string(fleet.certs.join("ca.key")).unwrap()).unwrap();
-    let dn = |cn: &str| {
-        let mut dn = DistinguishedName::new();
-        dn.push(DnType::OrganizationName, sentinel::pki::FLEET_ORGANIZATION);
-        dn.push(DnType::CommonName, cn);
-        dn
-    };
-    let mut ca_params = CertificateParams::default();
-    ca_params.distinguished_name = dn(sentinel::pki::CA_COMMON_NAME);
-    ca_params.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign];
-    let ca = Issuer::new(ca_params, ca_key);
-
-    let int_key = KeyPair::generate().unwrap();
-    let mut int_params = CertificateParams::default();
-    int_params.distinguished_name = dn("rogue intermediate");
-    int_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
-    int_params.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign];
-    let intermediate = int_params.signed_by(&int_key, &ca).unwrap();
-    let int_issuer = Issuer::new(int_params, int_key);
-
-    let leaf_key = KeyPair::generate().unwrap();
-    let mut leaf = CertificateParams::default();
-    leaf.distinguished_name = dn(name);
-    leaf.subject_alt_names = vec![SanType::URI(
-        format!("sentinel://operator/{role}/{name}")
-            .try_into()
-            .unwrap(),
-    )];
-    leaf.extended_key_usages = vec![ExtendedKeyUsagePurpose::ClientAuth];
-    leaf.is_ca = IsCa::ExplicitNoCa;
-    leaf.key_usages = vec![KeyUsagePurpose::DigitalSignature];
-    let leaf_cert = leaf.signed_by(&leaf_key, &int_issuer).unwrap();
-    std::fs::write(
-        fleet.certs.join(format!("operator-{name}.pem")),
-        format!("{}{}", leaf_cert.pem(), intermediate.pem()),
-    )
-    .unwrap();
-    std::fs::write(
-        fleet.certs.join(format!("operator-{name}.key")),
-        leaf_key.serialize_pem(),
-    )
-    .unwrap();
-}
-
 #[test]
 fn a_certificate_issued_by_a_ca_certificate_the_fleet_ca_signed_is_refused() {
     let fleet = Fleet::new(&["hub-alfa"]);
-    forge_operator_through_intermediate(&fleet, "eve", "admin");
+    sentinel_e2e::forge_operator_through_intermediate(&fleet, "eve", "admin");
     let controller = fleet.start_controller("");
     let r = controller.grpcurl_as(
         "operator-eve",

@@ -10,7 +10,8 @@ use futures::Stream;
 use futures::StreamExt;
 use sentinel_proto::v1::agent_service_server::AgentService;
 use sentinel_proto::v1::{
-    agent_message, controller_message, AgentMessage, BundleChunk, ControllerMessage, Welcome,
+    agent_message, controller_message, AgentMessage, BundleChunk, CertificateIssued,
+    ControllerMessage, Welcome,
 };
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
@@ -198,6 +199,29 @@ async fn serve_stream(
                 let _ = tx
                     .send(Ok(ControllerMessage {
                         msg: Some(controller_message::Msg::BundleChunk(chunk)),
+                    }))
+                    .await;
+            }
+            Some(agent_message::Msg::RenewCertificate(req)) => {
+                // Only the name of this stream's own certificate is ever renewed.
+                let issued = match crate::enroll::configured(&ctx.enrolment) {
+                    Ok(enrolment) => {
+                        let host = host.to_owned();
+                        tokio::task::spawn_blocking(move || enrolment.renew(&host, &req.csr_der))
+                            .await
+                            .unwrap_or_else(|e| CertificateIssued {
+                                error: format!("renewal task failed: {e}"),
+                                ..Default::default()
+                            })
+                    }
+                    Err(status) => CertificateIssued {
+                        error: status.message().to_owned(),
+                        ..Default::default()
+                    },
+                };
+                let _ = tx
+                    .send(Ok(ControllerMessage {
+                        msg: Some(controller_message::Msg::CertificateIssued(issued)),
                     }))
                     .await;
             }

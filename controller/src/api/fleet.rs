@@ -573,6 +573,34 @@ impl FleetService for FleetApi {
             locks: self.ctx.locks.list(),
         }))
     }
+
+    async fn create_join_token(
+        &self,
+        request: Request<CreateJoinTokenRequest>,
+    ) -> Result<Response<JoinToken>, Status> {
+        let who = super::operator_name(&request)?;
+        let enrolment = crate::enroll::configured(&self.ctx.enrolment)?;
+        let req = request.into_inner();
+        let ttl = req.ttl.as_ref().map(sentinel_proto::time::std_duration);
+        let host = req.host_name.clone();
+        let made = tokio::task::spawn_blocking(move || {
+            let made = enrolment.create_token(&host, ttl, &who);
+            (enrolment, made)
+        })
+        .await
+        .map_err(|e| Status::internal(format!("token task failed: {e}")))?;
+        let (enrolment, made) = made;
+        let (token, expires_at) = made.map_err(|e| match e {
+            crate::enroll::TokenError::Store(e) => Status::unavailable(e.to_string()),
+            other => Status::invalid_argument(other.to_string()),
+        })?;
+        Ok(Response::new(JoinToken {
+            token: token.to_string(),
+            host_name: req.host_name,
+            expires_at: Some(sentinel_proto::time::timestamp(expires_at)),
+            ca_sha256: enrolment.ca_sha256().to_owned(),
+        }))
+    }
 }
 
 #[cfg(test)]

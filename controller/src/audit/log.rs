@@ -61,6 +61,7 @@ impl AuditLog {
                 (name.clone(), format!("operator certificate ({role})"))
             }
             Identity::Host(name) => (name.clone(), "host certificate".to_string()),
+            Identity::Unauthenticated => (String::new(), "no client certificate".to_string()),
         };
         let credential = match peer.addr {
             Some(addr) => format!("{credential} from {addr}"),

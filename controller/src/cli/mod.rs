@@ -15,6 +15,7 @@ pub mod format;
 pub mod host;
 pub mod jobs;
 pub mod json;
+pub mod token;
 
 use std::path::PathBuf;
 

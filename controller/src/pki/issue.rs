@@ -36,7 +36,7 @@ use super::files::{
 use super::keys::signing_key_files;
 use super::scheme::{
     validate_name, Role, CA_COMMON_NAME, CONTROLLER_COMMON_NAME, CONTROLLER_OU, FLEET_ORGANIZATION,
-    HOST_OU, HOST_URI_PREFIX, OPERATOR_OU, OPERATOR_URI_PREFIX,
+    HOST_OU, HOST_URI_PREFIX, ISSUER_COMMON_NAME, OPERATOR_OU, OPERATOR_URI_PREFIX,
 };
 use super::PkiError;
 
@@ -126,10 +126,15 @@ pub fn init(opts: &InitOptions) -> Result<Vec<PathBuf>, PkiError> {
 
 /// Issues a host certificate (`host-NAME.pem` / `host-NAME.key`) signed by the
 /// fleet CA found in `dir`. Returns the files written.
-pub fn issue_host(dir: &Path, name: &str, force: bool) -> Result<Vec<PathBuf>, PkiError> {
+pub fn issue_host(
+    dir: &Path,
+    name: &str,
+    ttl: Option<std::time::Duration>,
+    force: bool,
+) -> Result<Vec<PathBuf>, PkiError> {
     validate_name(name)?;
     let (cert, key) = host_files(dir, name);
-    issue_one(dir, &Leaf::Host(name), cert, key, force)
+    issue_one(dir, &Leaf::Host(name), lifetime(ttl)?, cert, key, force)
 }
 
 /// Issues an operator certificate (`operator-NAME.pem` / `operator-NAME.key`)
@@ -138,11 +143,30 @@ pub fn issue_operator(
     dir: &Path,
     name: &str,
     role: Role,
+    ttl: Option<std::time::Duration>,
     force: bool,
 ) -> Result<Vec<PathBuf>, PkiError> {
     validate_name(name)?;
     let (cert, key) = operator_files(dir, name);
-    issue_one(dir, &Leaf::Operator(name, role), cert, key, force)
+    let leaf = Leaf::Operator(name, role);
+    issue_one(dir, &leaf, lifetime(ttl)?, cert, key, force)
+}
+
+/// A certificate lifetime from a `--ttl` (default: a year); under a minute is refused.
+pub(super) fn lifetime(ttl: Option<std::time::Duration>) -> Result<Duration, PkiError> {
+    let Some(ttl) = ttl else {
+        return Ok(LEAF_VALIDITY);
+    };
+    if ttl < std::time::Duration::from_secs(30) {
+        return Err(PkiError::InvalidTtl {
+            ttl: humantime::format_duration(ttl).to_string(),
+            reason: "certificates must live at least 30s".to_owned(),
+        });
+    }
+    Duration::try_from(ttl).map_err(|e| PkiError::InvalidTtl {
+        ttl: humantime::format_duration(ttl).to_string(),
+        reason: e.to_string(),
+    })
 }
 
 /// The development fleet's default hosts: the seed names `hub-alfa`,
@@ -168,17 +192,19 @@ pub fn default_hosts(local_hostname: &str) -> Vec<String> {
     hosts
 }
 
-/// A CA able to sign leaf certificates.
-struct Ca {
+/// A CA able to sign leaf certificates (the fleet CA, or the online issuing CA).
+pub(super) struct Ca {
     issuer: Issuer<'static, KeyPair>,
     cert_pem: String,
+    /// The CA certificate, DER.
+    cert_der: Vec<u8>,
     /// Raw DER of the CA's subject, to check issued certificates against.
     subject_der: Vec<u8>,
     not_after: OffsetDateTime,
 }
 
 /// The kinds of leaf certificate this module issues.
-enum Leaf<'a> {
+pub(super) enum Leaf<'a> {
     Controller { sans: &'a [SanType] },
     Host(&'a str),
     Operator(&'a str, Role),
@@ -195,14 +221,14 @@ impl Leaf<'_> {
 }
 
 /// A freshly issued certificate and its private key, PEM encoded.
-struct IssuedPair {
-    cert_pem: String,
-    key_pem: String,
+pub(super) struct IssuedPair {
+    pub(super) cert_pem: String,
+    pub(super) key_pem: String,
 }
 
 impl IssuedPair {
     /// The key file first, so a certificate never appears without its key.
-    fn into_files(self, cert_path: PathBuf, key_path: PathBuf) -> [PlannedFile; 2] {
+    pub(super) fn into_files(self, cert_path: PathBuf, key_path: PathBuf) -> [PlannedFile; 2] {
         [
             PlannedFile::secret(key_path, self.key_pem),
             PlannedFile::public(cert_path, self.cert_pem),
@@ -216,7 +242,9 @@ impl Ca {
         let key = new_key_pair("the fleet CA")?;
         let mut params = CertificateParams::default();
         params.distinguished_name = fleet_dn(CA_COMMON_NAME, None);
-        params.is_ca = IsCa::Ca(BasicConstraints::Constrained(0));
+        // pathlen 1: the root may sign one online issuing CA (`sentinel pki init-issuer`),
+        // which may sign only leaves.
+        params.is_ca = IsCa::Ca(BasicConstraints::Constrained(1));
         params.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign];
         params.serial_number = Some(random_serial());
         let (not_before, not_after) = validity(CA_VALIDITY, None);
@@ -237,6 +265,7 @@ impl Ca {
         };
         Ok(Ca {
             cert_pem: cert.pem(),
+            cert_der: cert.der().to_vec(),
             issuer: Issuer::new(params, key),
             subject_der,
             not_after,
@@ -244,14 +273,25 @@ impl Ca {
     }
 
     /// Loads `ca.pem` and `ca.key` from `dir`, checking that they belong together.
-    fn load(dir: &Path) -> Result<Ca, PkiError> {
-        let cert_path = dir.join(CA_CERT_FILE);
-        let key_path = dir.join(CA_KEY_FILE);
+    pub(super) fn load(dir: &Path) -> Result<Ca, PkiError> {
+        Self::load_files(&dir.join(CA_CERT_FILE), &dir.join(CA_KEY_FILE), || {
+            PkiError::MissingCa {
+                dir: dir.to_owned(),
+            }
+        })
+    }
+
+    /// Loads a CA certificate (the first PEM block of `cert_path`) and its key, checking that
+    /// they belong together; `missing` is the error for a file that does not exist.
+    pub(super) fn load_files(
+        cert_path: &Path,
+        key_path: &Path,
+        missing: impl Fn() -> PkiError,
+    ) -> Result<Ca, PkiError> {
+        let (cert_path, key_path) = (cert_path.to_owned(), key_path.to_owned());
         let read_ca_file = |path: &Path| match fs::read_to_string(path) {
             Ok(s) => Ok(s),
-            Err(e) if e.kind() == io::ErrorKind::NotFound => Err(PkiError::MissingCa {
-                dir: dir.to_owned(),
-            }),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => Err(missing()),
             Err(source) => Err(PkiError::Io {
                 path: path.to_owned(),
                 source,
@@ -315,14 +355,41 @@ impl Ca {
 
         Ok(Ca {
             issuer: Issuer::new(params, key),
+            cert_der: pem.contents.clone(),
             cert_pem,
             subject_der,
             not_after,
         })
     }
 
-    /// Issues a leaf certificate with a fresh ECDSA P-256 key.
+    /// Issues a leaf certificate with a fresh ECDSA P-256 key, valid for a year.
     fn issue(&self, leaf: &Leaf<'_>) -> Result<IssuedPair, PkiError> {
+        self.issue_for(leaf, LEAF_VALIDITY)
+    }
+
+    /// Issues a leaf certificate with a fresh ECDSA P-256 key, valid for `lifetime`.
+    pub(super) fn issue_for(
+        &self,
+        leaf: &Leaf<'_>,
+        lifetime: Duration,
+    ) -> Result<IssuedPair, PkiError> {
+        let key = new_key_pair(&leaf.describe())?;
+        let cert_pem = self.sign_leaf(leaf, &key, lifetime)?.pem();
+        Ok(IssuedPair {
+            cert_pem,
+            key_pem: key.serialize_pem(),
+        })
+    }
+
+    /// Signs a leaf certificate for `public_key` (a fresh key, or a CSR's): the names of
+    /// [`super::scheme`], valid for `lifetime` (capped at the CA's own expiry), back-dated by
+    /// a tenth of it, at most an hour, for clock skew.
+    pub(super) fn sign_leaf(
+        &self,
+        leaf: &Leaf<'_>,
+        public_key: &impl rcgen::PublicKeyData,
+        lifetime: Duration,
+    ) -> Result<rcgen::Certificate, PkiError> {
         let what = leaf.describe();
         let rcgen_err = |action: &'static str| {
             let what = &what;
@@ -331,7 +398,6 @@ impl Ca {
                 source,
             }
         };
-        let key = new_key_pair(&what)?;
         let mut params = CertificateParams::default();
         match leaf {
             Leaf::Controller { sans } => {
@@ -358,12 +424,12 @@ impl Ca {
         params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
         params.use_authority_key_identifier_extension = true;
         params.serial_number = Some(random_serial());
-        let (not_before, not_after) = validity(LEAF_VALIDITY, Some(self.not_after));
-        params.not_before = not_before;
+        let (_, not_after) = validity(lifetime, Some(self.not_after));
+        params.not_before = not_after - lifetime - (lifetime / 10_i32).min(CLOCK_SKEW);
         params.not_after = not_after;
 
         let cert = params
-            .signed_by(&key, &self.issuer)
+            .signed_by(public_key, &self.issuer)
             .map_err(rcgen_err("sign the"))?;
 
         // Belt and braces: the issuer name must be byte-identical to the CA's
@@ -379,7 +445,38 @@ impl Ca {
                 reason: format!("issuer name of the {what} does not match the CA subject"),
             });
         }
+        Ok(cert)
+    }
 
+    /// The CA certificate, PEM.
+    pub(super) fn cert_pem(&self) -> &str {
+        &self.cert_pem
+    }
+
+    /// The CA certificate, DER.
+    pub(super) fn cert_der(&self) -> &[u8] {
+        &self.cert_der
+    }
+
+    /// Issues an online issuing CA (`CA:TRUE, pathlen:0`: it signs leaves only) with a fresh
+    /// key, valid for `lifetime` (capped at this CA's expiry).
+    pub(super) fn issue_issuing_ca(&self, lifetime: Duration) -> Result<IssuedPair, PkiError> {
+        let key = new_key_pair("the issuing CA")?;
+        let mut params = CertificateParams::default();
+        params.distinguished_name = fleet_dn(ISSUER_COMMON_NAME, None);
+        params.is_ca = IsCa::Ca(BasicConstraints::Constrained(0));
+        params.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign];
+        params.use_authority_key_identifier_extension = true;
+        params.serial_number = Some(random_serial());
+        let (not_before, not_after) = validity(lifetime, Some(self.not_after));
+        params.not_before = not_before;
+        params.not_after = not_after;
+        let cert = params
+            .signed_by(&key, &self.issuer)
+            .map_err(|source| PkiError::Rcgen {
+                what: "sign the issuing CA certificate".to_owned(),
+                source,
+            })?;
         Ok(IssuedPair {
             cert_pem: cert.pem(),
             key_pem: key.serialize_pem(),
@@ -391,13 +488,16 @@ impl Ca {
 fn issue_one(
     dir: &Path,
     leaf: &Leaf<'_>,
+    lifetime: Duration,
     cert_path: PathBuf,
     key_path: PathBuf,
     force: bool,
 ) -> Result<Vec<PathBuf>, PkiError> {
     let ca = Ca::load(dir)?;
     check_targets(&[key_path.clone(), cert_path.clone()], force)?;
-    let planned = ca.issue(leaf)?.into_files(cert_path, key_path);
+    let planned = ca
+        .issue_for(leaf, lifetime)?
+        .into_files(cert_path, key_path);
     write_planned(dir, &planned, force)
 }
 
@@ -763,7 +863,7 @@ mod tests {
         assert_client_cert_accepted(&dir, &dir.join("operator-admin.pem"));
 
         // A host issued later from the loaded CA chains as well.
-        let written = issue_host(&dir, "cerebro", false).expect("issue host");
+        let written = issue_host(&dir, "cerebro", None, false).expect("issue host");
         assert_eq!(
             written,
             vec![dir.join("host-cerebro.key"), dir.join("host-cerebro.pem")]
@@ -819,7 +919,7 @@ mod tests {
             ("dan", Role::Deployer),
             ("ada", Role::Admin),
         ] {
-            issue_operator(&dir, name, role, false).expect("issue operator");
+            issue_operator(&dir, name, role, None, false).expect("issue operator");
             let path = dir.join(format!("operator-{name}.pem"));
             assert_client_cert_accepted(&dir, &path);
             let cert_der = der(&path);
@@ -841,10 +941,10 @@ mod tests {
 
         // Re-issuing needs force.
         assert!(matches!(
-            issue_operator(&dir, "dan", Role::Admin, false),
+            issue_operator(&dir, "dan", Role::Admin, None, false),
             Err(PkiError::Exists { .. })
         ));
-        issue_operator(&dir, "dan", Role::Admin, true).expect("forced re-issue");
+        issue_operator(&dir, "dan", Role::Admin, None, true).expect("forced re-issue");
         let dan_der = der(&dir.join("operator-dan.pem"));
         assert_eq!(
             uris(&parse(&dan_der)),
@@ -859,11 +959,11 @@ mod tests {
         init(&opts(&dir)).expect("init");
         let before = listing(&dir);
         assert!(matches!(
-            issue_host(&dir, "../x", false),
+            issue_host(&dir, "../x", None, false),
             Err(PkiError::InvalidName { .. })
         ));
         assert!(matches!(
-            issue_operator(&dir, "Bad_Name", Role::Viewer, false),
+            issue_operator(&dir, "Bad_Name", Role::Viewer, None, false),
             Err(PkiError::InvalidName { .. })
         ));
         assert_eq!(listing(&dir), before);
@@ -882,12 +982,12 @@ mod tests {
     fn issuing_without_a_ca_is_a_clear_error() {
         let tmp = tempfile::tempdir().expect("tempdir");
         let dir = tmp.path().to_owned();
-        match issue_host(&dir, "argus", false) {
+        match issue_host(&dir, "argus", None, false) {
             Err(PkiError::MissingCa { dir: d }) => assert_eq!(d, dir),
             other => panic!("expected MissingCa, got {other:?}"),
         }
         assert!(matches!(
-            issue_operator(&dir.join("nope"), "ada", Role::Admin, false),
+            issue_operator(&dir.join("nope"), "ada", Role::Admin, None, false),
             Err(PkiError::MissingCa { .. })
         ));
         assert!(listing(&dir).is_empty());
@@ -900,7 +1000,7 @@ mod tests {
         init(&opts(a.path())).expect("init a");
         init(&opts(b.path())).expect("init b");
         fs::copy(b.path().join(CA_KEY_FILE), a.path().join(CA_KEY_FILE)).expect("copy");
-        match issue_host(a.path(), "newhost", false) {
+        match issue_host(a.path(), "newhost", None, false) {
             Err(PkiError::InvalidCa { path, .. }) => {
                 assert_eq!(path, a.path().join(CA_KEY_FILE))
             }

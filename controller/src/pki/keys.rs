@@ -38,6 +38,17 @@ pub fn load_verifying_key(path: &Path) -> Result<ed25519_dalek::VerifyingKey, Pk
     })
 }
 
+/// The SPKI PEM public key of a job-signing key, as `signing.pub` holds it (what enrolment
+/// hands a new agent to trust).
+pub fn public_key_pem(key: &ed25519_dalek::SigningKey) -> Result<String, PkiError> {
+    key.verifying_key()
+        .to_public_key_pem(LineEnding::LF)
+        .map_err(|e| PkiError::InvalidKey {
+            path: SIGNING_PUB_FILE.into(),
+            reason: format!("cannot encode the signing public key: {e}"),
+        })
+}
+
 /// Generates the Ed25519 job-signing key pair as planned files.
 pub(super) fn signing_key_files(dir: &Path) -> Result<[PlannedFile; 2], PkiError> {
     let key_path = dir.join(SIGNING_KEY_FILE);

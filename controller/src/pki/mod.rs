@@ -4,16 +4,19 @@
 //!   the controller's identity check reads;
 //! * [`keys`]: the job-signing keys the controller's signer loads at runtime;
 //! * [`issue`]: the dev fleet CA and the certificates `sentinel pki` and `sentinel dev` issue;
+//! * [`issuer`]: the online issuing CA (`sentinel pki init-issuer`) the controller signs
+//!   enrolled and renewed host certificates with, from their CSRs;
 //! * [`files`]: the PKI directory's file names, and writing it atomically with safe modes;
 //! * [`cli`]: the `sentinel pki` subcommands.
 //!
-//! This PKI is for development only: the CA key sits next to the certificates
-//! and there is no revocation. Production fleets use their own offline CA with
-//! the same subject and SAN scheme.
+//! `sentinel pki init` writes the CA key next to the certificates: run it on an admin machine
+//! and keep `ca.key` offline; the controller holds only the issuing CA's key. Production
+//! fleets may also use their own offline CA with the same subject and SAN scheme.
 
 pub mod cli;
 pub mod files;
 pub mod issue;
+pub mod issuer;
 pub mod keys;
 pub mod scheme;
 
@@ -25,7 +28,7 @@ pub use files::{
     CONTROLLER_KEY_FILE, SIGNING_KEY_FILE, SIGNING_PUB_FILE,
 };
 pub use issue::{default_hosts, init, issue_host, issue_operator, InitOptions, INIT_OPERATOR};
-pub use keys::{load_signing_key, load_verifying_key, signing_key_id};
+pub use keys::{load_signing_key, load_verifying_key, public_key_pem, signing_key_id};
 pub use scheme::{
     validate_name, Role, CA_COMMON_NAME, CONTROLLER_COMMON_NAME, CONTROLLER_OU, FLEET_ORGANIZATION,
     HOST_OU, HOST_URI_PREFIX, OPERATOR_OU, OPERATOR_URI_PREFIX,
@@ -96,6 +99,14 @@ pub enum PkiError {
         /// The offending file.
         path: PathBuf,
         /// What is wrong with it.
+        reason: String,
+    },
+    /// A certificate lifetime that cannot be used.
+    #[error("invalid certificate lifetime {ttl}: {reason}")]
+    InvalidTtl {
+        /// The lifetime asked for.
+        ttl: String,
+        /// Why it was refused.
         reason: String,
     },
     /// A signing key file cannot be parsed or encoded.

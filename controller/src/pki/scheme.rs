@@ -13,7 +13,7 @@ use std::str::FromStr;
 use super::PkiError;
 
 /// Prefix of the SAN URI that names a host: `sentinel://host/NAME`.
-pub const HOST_URI_PREFIX: &str = "sentinel://host/";
+pub const HOST_URI_PREFIX: &str = sentinel_daemon::csr::HOST_URI_PREFIX;
 /// Prefix of the SAN URI that names an operator: `sentinel://operator/ROLE/NAME`.
 pub const OPERATOR_URI_PREFIX: &str = "sentinel://operator/";
 /// Subject organisation (O) of every fleet certificate.
@@ -26,6 +26,8 @@ pub const OPERATOR_OU: &str = "operator";
 pub const CONTROLLER_OU: &str = "controller";
 /// Common name (CN) of the development fleet CA.
 pub const CA_COMMON_NAME: &str = "Sentinel dev fleet CA";
+/// Common name (CN) of the online issuing CA (`sentinel pki init-issuer`).
+pub const ISSUER_COMMON_NAME: &str = "Sentinel fleet issuing CA";
 /// Common name (CN) of the controller's server certificate.
 pub const CONTROLLER_COMMON_NAME: &str = "Sentinel controller";
 

@@ -7,7 +7,7 @@ use prost::Message;
 use redb::{Database, ReadableDatabase, ReadableTable, TableDefinition, TableHandle};
 use sentinel_proto::v1::{AppLock, AuditRecord, Deployment, Host, Job, SignedJob};
 
-use super::{EncodedHost, Store, StoreError, StoredJob};
+use super::{EncodedHost, JoinTokenRecord, Redeemed, Store, StoreError, StoredJob};
 
 /// Host name -> encoded `sentinel.v1.Host`.
 const HOSTS: TableDefinition<&str, &[u8]> = TableDefinition::new("hosts");
@@ -23,6 +23,8 @@ const BACKUPS: TableDefinition<&str, &[u8]> = TableDefinition::new("backups");
 const AUDIT: TableDefinition<&str, &[u8]> = TableDefinition::new("audit");
 /// App name -> encoded `sentinel.v1.AppLock`.
 const LOCKS: TableDefinition<&str, &[u8]> = TableDefinition::new("locks");
+/// Join token id -> JSON [`JoinTokenRecord`] (the secret's hash, never the secret).
+const JOIN_TOKENS: TableDefinition<&str, &[u8]> = TableDefinition::new("join_tokens");
 
 /// redb's page cache. Its default (1 GiB) fills with pages the flusher writes and nothing
 /// reads (the store is read once, at startup): at 5,000 agents it held 18 KiB of resident
@@ -60,7 +62,16 @@ impl EmbeddedStore {
         let txn = db
             .begin_write()
             .map_err(|e| backend(action.clone())(e.into()))?;
-        for table in [HOSTS, JOBS, ENVELOPES, DEPLOYS, BACKUPS, AUDIT, LOCKS] {
+        for table in [
+            HOSTS,
+            JOBS,
+            ENVELOPES,
+            DEPLOYS,
+            BACKUPS,
+            AUDIT,
+            LOCKS,
+            JOIN_TOKENS,
+        ] {
             txn.open_table(table)
                 .map_err(|e| backend(action.clone())(e.into()))?;
         }
@@ -269,6 +280,74 @@ impl Store for EmbeddedStore {
             .map(|(_, l)| l)
             .collect())
     }
+
+    fn save_join_token(&self, token: &JoinTokenRecord) -> Result<(), StoreError> {
+        let action = format!("saving join token {}", token.id);
+        let value = serde_json::to_vec(token).map_err(|e| StoreError::Backend {
+            action: action.clone(),
+            message: e.to_string(),
+        })?;
+        let err = |e: redb::Error| backend(action.clone())(e);
+        let txn = self.db.begin_write().map_err(|e| err(e.into()))?;
+        {
+            let mut table = txn.open_table(JOIN_TOKENS).map_err(|e| err(e.into()))?;
+            if table
+                .get(token.id.as_str())
+                .map_err(|e| err(e.into()))?
+                .is_some()
+            {
+                return Err(StoreError::Backend {
+                    action: action.clone(),
+                    message: "a token with this id exists".to_owned(),
+                });
+            }
+            table
+                .insert(token.id.as_str(), value.as_slice())
+                .map_err(|e| err(e.into()))?;
+        }
+        txn.commit().map_err(|e| err(e.into()))
+    }
+
+    fn redeem_join_token(
+        &self,
+        id: &str,
+        secret_sha256: &[u8; 32],
+        host: &str,
+        now_unix: i64,
+    ) -> Result<Redeemed, StoreError> {
+        let action = format!("using join token {id}");
+        let err = |e: redb::Error| backend(action.clone())(e);
+        // One write transaction: redb serialises writers, so two enrolments with the same
+        // token cannot both see it unused.
+        let txn = self.db.begin_write().map_err(|e| err(e.into()))?;
+        let outcome = {
+            let mut table = txn.open_table(JOIN_TOKENS).map_err(|e| err(e.into()))?;
+            let record =
+                match table.get(id).map_err(|e| err(e.into()))? {
+                    None => return Ok(Redeemed::Unknown),
+                    Some(value) => serde_json::from_slice::<JoinTokenRecord>(value.value())
+                        .map_err(|e| StoreError::Corrupt {
+                            key: format!("join_tokens/{id}"),
+                            message: e.to_string(),
+                        })?,
+                };
+            let outcome = record.redeem(secret_sha256, host, now_unix);
+            if let Redeemed::Ok(used) = &outcome {
+                let value = serde_json::to_vec(used).map_err(|e| StoreError::Backend {
+                    action: action.clone(),
+                    message: e.to_string(),
+                })?;
+                table
+                    .insert(id, value.as_slice())
+                    .map_err(|e| err(e.into()))?;
+            }
+            outcome
+        };
+        if matches!(outcome, Redeemed::Ok(_)) {
+            txn.commit().map_err(|e| err(e.into()))?;
+        }
+        Ok(outcome)
+    }
 }
 
 #[cfg(test)]
@@ -335,6 +414,60 @@ mod tests {
             2
         );
         assert_eq!(ids(store.load_audit("", "", 1).unwrap()).len(), 1);
+    }
+
+    #[test]
+    fn a_join_token_is_used_once_and_refusals_change_nothing() {
+        use sha2::{Digest, Sha256};
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("s.redb");
+        let secret: [u8; 32] = Sha256::digest(b"secret").into();
+        let wrong: [u8; 32] = Sha256::digest(b"wrong").into();
+        let record = JoinTokenRecord {
+            id: "t1".into(),
+            secret_sha256: hex::encode(secret),
+            host: "newbie".into(),
+            created_by: "admin".into(),
+            created_at: 100,
+            expires_at: 200,
+            used_at: None,
+        };
+        {
+            let store = EmbeddedStore::open(&path).unwrap();
+            store.save_join_token(&record).unwrap();
+            assert!(store.save_join_token(&record).is_err(), "duplicate id");
+            let redeem = |s: &[u8; 32], host: &str, now| {
+                store.redeem_join_token("t1", s, host, now).unwrap()
+            };
+            assert_eq!(redeem(&wrong, "newbie", 150), Redeemed::Unknown);
+            assert_eq!(
+                store
+                    .redeem_join_token("t2", &secret, "newbie", 150)
+                    .unwrap(),
+                Redeemed::Unknown
+            );
+            assert_eq!(
+                redeem(&secret, "argus", 150),
+                Redeemed::OtherHost("newbie".into())
+            );
+            assert_eq!(redeem(&secret, "newbie", 200), Redeemed::Expired(200));
+        }
+        // Reopened: the refusals left it unused; the first use takes it, for good.
+        let store = EmbeddedStore::open(&path).unwrap();
+        let used = match store
+            .redeem_join_token("t1", &secret, "newbie", 150)
+            .unwrap()
+        {
+            Redeemed::Ok(used) => used,
+            other => panic!("expected Ok, got {other:?}"),
+        };
+        assert_eq!(used.used_at, Some(150));
+        assert_eq!(
+            store
+                .redeem_join_token("t1", &secret, "newbie", 151)
+                .unwrap(),
+            Redeemed::Used(150)
+        );
     }
 
     #[test]

@@ -102,6 +102,90 @@ pub trait Store: Send + Sync + 'static {
 
     /// Every held lock.
     fn load_locks(&self) -> Result<Vec<AppLock>, StoreError>;
+    /// Stores a new join token (its hash, never the token). Committed before it returns, so
+    /// the token works as soon as the operator has it.
+    fn save_join_token(&self, token: &JoinTokenRecord) -> Result<(), StoreError>;
+
+    /// Uses join token `id` for `host` at `now_unix` (seconds), in one transaction: the token
+    /// must exist, match `secret_sha256`, name `host`, be unexpired and unused; then it is
+    /// marked used (so it can never be used again, by any controller sharing the store) and
+    /// returned. Any refusal changes nothing.
+    fn redeem_join_token(
+        &self,
+        id: &str,
+        secret_sha256: &[u8; 32],
+        host: &str,
+        now_unix: i64,
+    ) -> Result<Redeemed, StoreError>;
+}
+
+/// A join token as stored: everything but the secret, of which only the SHA-256 is kept.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct JoinTokenRecord {
+    /// The token's public id (the key).
+    pub id: String,
+    /// SHA-256 of the token's secret, hex.
+    pub secret_sha256: String,
+    /// The host it enrols.
+    pub host: String,
+    /// Who made it (the operator's name).
+    pub created_by: String,
+    /// When it was made, Unix seconds.
+    pub created_at: i64,
+    /// When it stops working, Unix seconds.
+    pub expires_at: i64,
+    /// When it was used, Unix seconds; `None` while unused.
+    pub used_at: Option<i64>,
+}
+
+/// The outcome of [`Store::redeem_join_token`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Redeemed {
+    /// Accepted and now used up.
+    Ok(JoinTokenRecord),
+    /// No token with this id, or its secret does not match (not told apart, so a guess
+    /// learns nothing).
+    Unknown,
+    /// It expired at this Unix time.
+    Expired(i64),
+    /// It was already used at this Unix time.
+    Used(i64),
+    /// It is for another host.
+    OtherHost(String),
+}
+
+impl JoinTokenRecord {
+    /// What redeeming this record for `host` with `secret_sha256` at `now_unix` gives; the
+    /// one decision every backend applies inside its transaction.
+    pub fn redeem(&self, secret_sha256: &[u8; 32], host: &str, now_unix: i64) -> Redeemed {
+        use subtle_eq::ct_eq;
+        if !ct_eq(
+            hex::encode(secret_sha256).as_bytes(),
+            self.secret_sha256.as_bytes(),
+        ) {
+            return Redeemed::Unknown;
+        }
+        if let Some(at) = self.used_at {
+            return Redeemed::Used(at);
+        }
+        if now_unix >= self.expires_at {
+            return Redeemed::Expired(self.expires_at);
+        }
+        if self.host != host {
+            return Redeemed::OtherHost(self.host.clone());
+        }
+        let mut used = self.clone();
+        used.used_at = Some(now_unix);
+        Redeemed::Ok(used)
+    }
+}
+
+/// Constant-time comparison, so the time a wrong secret takes says nothing about the right one.
+mod subtle_eq {
+    /// Whether `a == b`, in time that depends only on the lengths.
+    pub fn ct_eq(a: &[u8], b: &[u8]) -> bool {
+        a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+    }
 }
 
 /// A host record encoded as `sentinel.v1.Host`, with its name (the key).

@@ -9,9 +9,11 @@
 
 pub mod backoff;
 pub mod config;
+pub mod csr;
 pub mod docs;
 pub mod fs;
 pub mod http;
+pub mod join_token;
 pub mod logging;
 pub mod metrics;
 pub mod signal;
