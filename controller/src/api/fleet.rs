@@ -168,8 +168,12 @@ impl FleetService for FleetApi {
         &self,
         request: Request<CancelDeployRequest>,
     ) -> Result<Response<Deployment>, Status> {
-        let id = request.into_inner().deploy_id;
-        self.ctx.pipeline.cancel(&id).map(Response::new)
+        let who = super::operator_name(&request)?;
+        let req = request.into_inner();
+        self.ctx
+            .pipeline
+            .cancel(&req.deploy_id, &who, &req.reason)
+            .map(Response::new)
     }
 
     async fn rollback(

@@ -384,6 +384,7 @@ async fn restore_after_cancel(
         health: p.health.clone(),
         deploy_id: p.deploy_id.clone(),
         compose_project: p.compose_project.clone(),
+        not_secret: p.not_secret.clone(),
     };
     match deploy::rollback(&params, events).await {
         Ok(summary) => format!("{why}; restored {live}: {summary}"),
