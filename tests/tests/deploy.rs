@@ -873,6 +873,35 @@ fn the_deploy_stream_tells_the_whole_story_and_masks_secrets_not_settings() {
         "{watched}"
     );
     assert!(served(s.production_port).contains("version v2"));
+    // 4. A rollback to "the previous release": its record names the commit the host went
+    //    back to, once the host said.
+    let (code, out) = s
+        .controller
+        .cli(&["rollback", &s.name, "--env", "production", "--wait"]);
+    assert_eq!(code, Some(0), "{out}");
+    assert!(served(s.production_port).contains("version v1"));
+    let d = latest_deploy(&s);
+    assert_eq!(d["kind"], "DEPLOYMENT_KIND_ROLLBACK", "{d}");
+    assert_eq!(d["environment"], "production", "{d}");
+    assert_eq!(d["commit"], v1.as_str(), "{d}");
+    let detail = d["detail"].as_str().unwrap_or_default();
+    assert!(
+        detail.starts_with(&format!(
+            "production on prod-alfa: rolled back {}/production from {v2} to {v1}",
+            s.name
+        )),
+        "{detail}"
+    );
+    assert!(out.contains("report           succeeded"), "{out}");
+    let (code, listed) = s
+        .controller
+        .cli(&["deploys", "--app", &s.name, "--limit", "1"]);
+    assert_eq!(code, Some(0), "{listed}");
+    assert!(
+        listed.contains("rollback production") && listed.contains(&v1[..12]),
+        "{listed}"
+    );
+
     let (code, unknown) = s.controller.cli(&["deploy", "watch", "d-nope"]);
     assert_eq!(code, Some(2), "{unknown}");
     assert!(

@@ -15,11 +15,12 @@ use std::time::{Duration, Instant};
 
 use rand::RngCore;
 use sentinel_daemon::metrics::enum_word;
+use sentinel_proto::results::finished_result;
 use sentinel_proto::time::now;
 use sentinel_proto::v1::{
-    job_event, job_spec, BackupParams, DeployParams, DeployRequest, Deployment, DeploymentEvent,
-    DeploymentKind, DeploymentState, DeploymentStep, E2eLevel, HealthCheck, Job, JobEvent, JobKind,
-    JobState, RollbackParams, StepStatus,
+    job_event, job_finished, job_spec, BackupParams, DeployParams, DeployRequest, Deployment,
+    DeploymentEvent, DeploymentKind, DeploymentState, DeploymentStep, E2eLevel, HealthCheck, Job,
+    JobEvent, JobKind, JobState, RollbackParams, StepStatus,
 };
 use tokio::sync::broadcast::{self, error::TryRecvError};
 use tokio_util::sync::CancellationToken;
@@ -834,7 +835,8 @@ impl Pipeline {
                                     job_spec::Params::Rollback(params),
                                 )
                                 .await?;
-                            Ok(((), job.detail))
+                            let unknown = me.record_release(&id, &job);
+                            Ok(((), format!("{}{unknown}", job.detail)))
                         })
                         .await?;
                     Ok(format!("{env_name} on {}: {detail}", env.host))
@@ -844,6 +846,25 @@ impl Pipeline {
             .instrument(span),
         );
         Ok(d)
+    }
+
+    /// Records the commit a rollback left live (its job's `ReleaseReport`) as the record's
+    /// commit, so "the previous release" is named once known. Returns what to add to the
+    /// detail when the agent did not say.
+    fn record_release(&self, id: &str, job: &Job) -> String {
+        let commit = match finished_result(job) {
+            Ok(Some(job_finished::Result::Rollback(r))) if !r.commit.is_empty() => r.commit.clone(),
+            Ok(_) => return " (the agent named no live release)".to_string(),
+            Err(e) => {
+                warn!(deploy_id = id, error = %e, "rollback result unusable");
+                return format!(" ({e})");
+            }
+        };
+        if let Some(d) = self.lock().deploys.get_mut(id) {
+            d.commit = commit;
+        }
+        self.touch(id);
+        String::new()
     }
 
     /// Cancels a running deploy or rollback (and its current job), recording who (the
@@ -1704,7 +1725,16 @@ mod tests {
         assert_eq!(d.state(), DeploymentState::Succeeded);
         assert_eq!(d.kind(), DeploymentKind::Rollback);
         assert_eq!(d.environment, "staging");
-        assert!(d.detail.starts_with("staging on stage-1: "), "{}", d.detail);
+        // This agent sent no ReleaseReport: the commit stays "previous", and the detail says so.
+        assert_eq!(d.commit, "");
+        assert!(
+            d.detail
+                .starts_with("staging on stage-1: rolled back (job ")
+                && d.detail
+                    .contains("without its result (JobFinished.rollback)"),
+            "{}",
+            d.detail
+        );
         let err = f
             .pipeline
             .cancel(&d.deploy_id, "ada", "too late")

@@ -304,6 +304,10 @@ fn result_strings(result: &mut job_finished::Result, f: &mut dyn FnMut(&mut Stri
                 }
             }
         }
+        job_finished::Result::Rollback(r) => {
+            f(&mut r.commit);
+            f(&mut r.previous_commit);
+        }
     }
 }
 
@@ -359,8 +363,8 @@ mod tests {
     #[test]
     fn secrets_are_masked_in_every_kind_of_result() {
         use sentinel_proto::v1::{
-            BackupFailure, BackupReport, OffsiteReport, ProbeAttempt, ProbeReport, RestoreReport,
-            RestoreResult, VerifyReport,
+            BackupFailure, BackupReport, OffsiteReport, ProbeAttempt, ProbeReport, ReleaseReport,
+            RestoreReport, RestoreResult, VerifyReport,
         };
         let outbox = Outbox::default();
         let ev = JobEvents::new("j1", outbox.clone(), 0);
@@ -395,12 +399,16 @@ mod tests {
                     ..Default::default()
                 }],
             }),
+            job_finished::Result::Rollback(ReleaseReport {
+                commit: leak(),
+                previous_commit: String::new(),
+            }),
         ];
         for r in results {
             ev.finished(JobState::Failed, "done", Some(r));
         }
         let text = format!("{:?}", outbox.drain());
         assert!(!text.contains("hunter22"), "{text}");
-        assert_eq!(text.matches("password=*** refused").count(), 5, "{text}");
+        assert_eq!(text.matches("password=*** refused").count(), 6, "{text}");
     }
 }
