@@ -99,8 +99,11 @@ enum Command {
         #[command(flatten)]
         client: ClientArgs,
     },
-    /// Deploy an app: staging, E2E, production.
+    /// Deploy an app: staging, E2E, production; or watch or cancel a deploy.
+    #[command(args_conflicts_with_subcommands = true, subcommand_negates_reqs = true)]
     Deploy {
+        #[command(subcommand)]
+        command: Option<sentinel::cli::deploy::DeployCommand>,
         #[command(flatten)]
         args: DeployArgs,
         #[command(flatten)]
@@ -382,9 +385,11 @@ fn main() -> ExitCode {
         Command::Deploys { args, client } => {
             client_call(sentinel::cli::jobs::deploys(&client, args))
         }
-        Command::Deploy { args, client } => {
-            client_call(sentinel::cli::deploy::deploy(&client, args))
-        }
+        Command::Deploy {
+            command,
+            args,
+            client,
+        } => client_call(sentinel::cli::deploy::command(&client, command, args)),
         Command::Rollback {
             app,
             env,

@@ -12,6 +12,7 @@ pub fn result_name(result: &job_finished::Result) -> &'static str {
         job_finished::Result::Verify(_) => "verify",
         job_finished::Result::RestoreTest(_) => "restore_test",
         job_finished::Result::IsolationProbe(_) => "isolation_probe",
+        job_finished::Result::Rollback(_) => "rollback",
     }
 }
 
@@ -22,6 +23,7 @@ pub fn expected_result(kind: JobKind) -> Option<&'static str> {
         JobKind::VerifyBackups => Some("verify"),
         JobKind::RestoreTest => Some("restore_test"),
         JobKind::IsolationProbe => Some("isolation_probe"),
+        JobKind::Rollback => Some("rollback"),
         _ => None,
     }
 }

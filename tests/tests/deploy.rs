@@ -109,7 +109,7 @@ fn setup(tag: &str) -> Setup {
     let c = fleet.certs.display();
     let env_block = |env: &str, host: &str, port: u16| {
         format!(
-            "[apps.{env}]\nhost = \"{host}\"\napp_dir = \"{dir}\"\nsecrets_file = \"{secrets}\"\nbase_url = \"http://127.0.0.1:{port}\"\n[apps.{env}.health]\nurl = \"http://127.0.0.1:{port}/health\"\ndeadline = \"20s\"\ncontainer_health = true\n",
+            "[apps.{env}]\nhost = \"{host}\"\napp_dir = \"{dir}\"\nsecrets_file = \"{secrets}\"\nnot_secret = [\"PORT\"]\nbase_url = \"http://127.0.0.1:{port}\"\n[apps.{env}.health]\nurl = \"http://127.0.0.1:{port}/health\"\ndeadline = \"20s\"\ncontainer_health = true\n",
             dir = fleet.path(&format!("apps-{host}/{name}")).display(),
             secrets = fleet.path(&format!("{env}.env")).display(),
         )
@@ -348,13 +348,36 @@ fn a_release_goes_through_staging_e2e_and_production_and_failures_never_reach_pr
         .arg(c.join("operator-admin.pem"))
         .arg("--key")
         .arg(c.join("operator-admin.key")));
-    assert!(
-        out.status.success(),
+    let said = format!(
         "{}{}",
         String::from_utf8_lossy(&out.stdout),
         String::from_utf8_lossy(&out.stderr)
     );
+    assert!(out.status.success(), "{said}");
     assert!(served(s.production_port).contains("version v1"));
+    // Its record says what it was and what happened.
+    let d = latest_deploy(&s);
+    assert_eq!(d["kind"], "DEPLOYMENT_KIND_ROLLBACK", "{d}");
+    assert_eq!(d["environment"], "production", "{d}");
+    assert_eq!(d["commit"], v1.as_str(), "{d}");
+    let detail = d["detail"].as_str().unwrap_or_default();
+    assert!(
+        detail.starts_with("production on prod-alfa: rolled back")
+            && detail.contains(&format!("to {v1}")),
+        "{detail}"
+    );
+    assert!(
+        said.contains(&format!(
+            "rollback {} succeeded: {detail}",
+            d["deployId"].as_str().unwrap()
+        )),
+        "{said}"
+    );
+    let (code, listed) = s
+        .controller
+        .cli(&["deploys", "--app", &s.name, "--limit", "1"]);
+    assert_eq!(code, Some(0), "{listed}");
+    assert!(listed.contains("rollback production"), "{listed}");
 
     assert_no_secret_anywhere(&s);
 }
@@ -422,13 +445,32 @@ fn cancelling_a_deploy_mid_way_puts_the_live_release_back() {
         .and_then(|st| st["jobId"].as_str())
         .map(str::to_string)
         .expect("the staging deploy job");
-    let cancelled = s.controller.grpcurl(
-        Some(&format!(
-            "{{\"deploy_id\":\"{id}\",\"reason\":\"wrong commit\"}}"
-        )),
+    // A cancel needs a reason; the CLI's is kept with who gave it.
+    let no_reason = s.controller.grpcurl(
+        Some(&format!("{{\"deploy_id\":\"{id}\",\"reason\":\"  \"}}")),
         "sentinel.v1.FleetService/CancelDeploy",
     );
-    assert!(cancelled.ok, "{}", cancelled.stderr);
+    assert!(
+        no_reason.stderr.contains("InvalidArgument") && no_reason.stderr.contains("reason"),
+        "{}",
+        no_reason.stderr
+    );
+    let (code, out) = s
+        .controller
+        .cli(&["deploy", "cancel", &id, "--reason", "wrong commit"]);
+    assert_eq!(code, Some(0), "{out}");
+    assert!(
+        out.contains(&format!(
+            "deploy {id} of {} is being cancelled by admin: wrong commit",
+            s.name
+        )),
+        "{out}"
+    );
+    let (code, again) = s
+        .controller
+        .cli(&["deploy", "cancel", &id, "--reason", "twice"]);
+    assert_eq!(code, Some(2), "{again}");
+    assert!(again.contains("FailedPrecondition"), "{again}");
 
     let job = eventually_within(
         std::time::Duration::from_secs(120),
@@ -456,8 +498,48 @@ fn cancelling_a_deploy_mid_way_puts_the_live_release_back() {
     assert_eq!(job["state"], "JOB_STATE_CANCELLED", "{job}");
     let detail = job["detail"].as_str().unwrap_or_default();
     assert!(detail.contains(&format!("restored {v1}")), "{detail}");
+    assert!(
+        detail.contains(&format!("deploy {id} cancelled by admin: wrong commit")),
+        "{detail}"
+    );
     assert!(served(s.staging_port).contains("version v1"));
     assert!(served(s.production_port).contains("version v1"));
+
+    // The history keeps who cancelled and why; watching it says so and exits 1.
+    let d = s
+        .controller
+        .wait_deploy_end(&id, std::time::Duration::from_secs(120));
+    assert_eq!(d["state"], "DEPLOYMENT_STATE_CANCELLED", "{d}");
+    assert_eq!(d["cancelledBy"], "admin", "{d}");
+    assert_eq!(d["cancelReason"], "wrong commit", "{d}");
+    assert!(
+        d["detail"]
+            .as_str()
+            .unwrap_or_default()
+            .starts_with("cancelled by admin: wrong commit"),
+        "{d}"
+    );
+    let (code, watched) = s.controller.cli(&["deploy", "watch", &id]);
+    assert_eq!(code, Some(1), "{watched}");
+    assert!(
+        watched.contains(&format!(
+            "deploy {id} cancelled: cancelled by admin: wrong commit"
+        )),
+        "{watched}"
+    );
+    let (code, listed) = s.controller.cli(&["deploys", "--app", &s.name]);
+    assert_eq!(code, Some(0), "{listed}");
+    assert!(
+        listed.lines().any(|l| l.starts_with(&id)
+            && l.contains("cancelled")
+            && l.contains("cancelled by admin: wrong commit")),
+        "{listed}"
+    );
+    let (code, ended) = s
+        .controller
+        .cli(&["deploy", "cancel", &id, "--reason", "again"]);
+    assert_eq!(code, Some(2), "{ended}");
+    assert!(ended.contains("already ended (cancelled)"), "{ended}");
 }
 
 #[test]
@@ -535,6 +617,299 @@ fn a_controller_restart_mid_pipeline_ends_the_deploy_in_a_definite_state() {
         "sentinel.v1.FleetService/SubmitDeploy",
     );
     assert!(again.ok, "{}", again.stderr);
+}
+
+/// A line as the CLI prints untrusted text on one line (control characters escaped).
+fn as_printed(line: &str) -> String {
+    line.chars()
+        .flat_map(|c| {
+            if c.is_control() {
+                c.escape_default().collect::<Vec<_>>()
+            } else {
+                vec![c]
+            }
+        })
+        .collect()
+}
+
+/// A protobuf enum word as the API's JSON gives it, as the CLI prints it:
+/// `STEP_STATUS_SUCCEEDED` -> `succeeded`.
+fn word(json_enum: &Value, prefix: &str) -> String {
+    json_enum
+        .as_str()
+        .unwrap_or_default()
+        .trim_start_matches(prefix)
+        .to_ascii_lowercase()
+        .replace('_', " ")
+}
+
+/// What a watcher of deploy `d` must have printed, in order: for each step with a host job,
+/// every event GetJob holds for that job (as the pipeline relays them), then the step's end.
+fn expected_story(s: &Setup, d: &Value) -> Vec<(String, bool)> {
+    let mut story = Vec::new();
+    for step in d["steps"].as_array().cloned().unwrap_or_default() {
+        let Some(job_id) = step["jobId"].as_str() else {
+            continue;
+        };
+        let host = step["host"].as_str().unwrap_or_default();
+        let job = s.controller.get_job(job_id).unwrap();
+        let mut relayed = 0;
+        for ev in job["events"].as_array().cloned().unwrap_or_default() {
+            let line = if ev["log"].is_object() {
+                format!(
+                    "[{host} {}] {}",
+                    ev["log"]["stream"].as_str().unwrap_or_default(),
+                    ev["log"]["line"].as_str().unwrap_or_default()
+                )
+            } else if ev["step"].is_object() {
+                let detail = ev["step"]["detail"].as_str().unwrap_or_default();
+                format!(
+                    "[{host}] step {} {}{}",
+                    ev["step"]["name"].as_str().unwrap_or_default(),
+                    word(&ev["step"]["status"], "STEP_STATUS_").replace(' ', "_"),
+                    if detail.is_empty() {
+                        String::new()
+                    } else {
+                        format!(": {detail}")
+                    }
+                )
+            } else {
+                continue;
+            };
+            relayed += 1;
+            story.push((format!("    {}", as_printed(&line)), true));
+        }
+        assert!(relayed > 5, "job {job_id} has hardly any events: {job}");
+        // The step's end comes after all of them: `NAME  WORD [ENV on HOST]`.
+        story.push((
+            format!(
+                "{:<16} {} [{} on {host}]",
+                step["name"].as_str().unwrap_or_default(),
+                word(&step["status"], "STEP_STATUS_"),
+                step["environment"].as_str().unwrap_or_default()
+            ),
+            false,
+        ));
+    }
+    story
+}
+
+/// Asserts `output` holds `story` in order: exact lines, and step ends as line prefixes.
+fn assert_story_told(output: &str, story: &[(String, bool)]) {
+    let mut next = 0;
+    for line in output.lines() {
+        let Some((want, exact)) = story.get(next) else {
+            break;
+        };
+        if (*exact && line == want) || (!*exact && line.starts_with(want.as_str())) {
+            next += 1;
+        }
+    }
+    assert!(
+        next == story.len(),
+        "the watcher missed {:?} (and {} more after it)\n--- output ---\n{output}",
+        story.get(next),
+        story.len().saturating_sub(next + 1)
+    );
+}
+
+#[test]
+fn the_deploy_stream_tells_the_whole_story_and_masks_secrets_not_settings() {
+    let s = setup("story");
+    let v1 = s.repo.commit(&s.app, "v1", Variant::Healthy, |_| {});
+    let v2 = s.repo.commit(&s.app, "v2", Variant::Healthy, |_| {});
+    let unhealthy = s.repo.commit(&s.app, "v3", Variant::Unhealthy, |_| {});
+
+    // 1. A deploy through both environments: every host event reached `--wait`, in order,
+    //    each job's before its step's end; the report is a step of the stream, and the
+    //    webhook had the report when `--wait` returned.
+    let (code, out) = cli_deploy(&s, &v1);
+    assert_eq!(code, 0, "{out}");
+    let d = latest_deploy(&s);
+    assert_eq!(d["state"], "DEPLOYMENT_STATE_SUCCEEDED", "{d}");
+    assert_eq!(d["kind"], "DEPLOYMENT_KIND_DEPLOY", "{d}");
+    let id = d["deployId"].as_str().unwrap().to_string();
+    let mut story = expected_story(&s, &d);
+    story.push(("report           started".into(), true));
+    story.push(("    [report] relay: delivered (200)".into(), true));
+    story.push((
+        "report           succeeded: relay: delivered (200)".into(),
+        true,
+    ));
+    story.push((
+        format!(
+            "deploy {id} succeeded: deployed {} to staging on hub-alfa and production on prod-alfa",
+            &v1[..12]
+        ),
+        true,
+    ));
+    assert_story_told(&out, &story);
+    for step in ["health succeeded", "prune succeeded", "timing:"] {
+        assert!(
+            out.contains(&format!("[prod-alfa] step {step}"))
+                || out.contains(&format!("[prod-alfa agent] {step}")),
+            "the end of the production job is missing ({step}):\n{out}"
+        );
+    }
+    assert!(!out.contains("STEP_STATUS_"), "enum names printed:\n{out}");
+    {
+        let bodies = s.webhook.lock().unwrap();
+        let report = bodies
+            .iter()
+            .find(|b| b.contains(&id))
+            .unwrap_or_else(|| panic!("no report of {id} when --wait returned: {bodies:?}"));
+        assert!(report.contains("\"kind\":\"deploy\""), "{report}");
+        assert!(!report.contains(SECRET), "secret in the report: {report}");
+    }
+    let report = d["steps"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|st| st["name"] == "report")
+        .cloned()
+        .unwrap_or_default();
+    assert_eq!(report["status"], "STEP_STATUS_SUCCEEDED", "{d}");
+
+    // Settings are readable where secrets are masked: the health URL's port (PORT is
+    // `not_secret`) in the job's events, the CLI's output and the host's audit log.
+    let staging_url = format!("http://127.0.0.1:{}/health", s.staging_port);
+    let production_url = format!("http://127.0.0.1:{}/health", s.production_port);
+    assert!(
+        out.contains(&staging_url) && out.contains(&production_url),
+        "{out}"
+    );
+    let audit = std::fs::read_to_string(
+        s.fleet
+            .path(&format!("apps-prod-alfa/{}/audit.log", s.name)),
+    )
+    .unwrap();
+    assert!(audit.contains(&production_url), "{audit}");
+    assert!(!out.contains(":***/health"), "a port masked:\n{out}");
+
+    // 2. A release whose staging health fails prints the secret at start: masked in the
+    //    stream, and the rolled-back deploy's story is whole too.
+    let (code, out) = cli_deploy(&s, &unhealthy);
+    assert_eq!(code, 1, "{out}");
+    let d = latest_deploy(&s);
+    assert_eq!(d["state"], "DEPLOYMENT_STATE_ROLLED_BACK", "{d}");
+    assert_story_told(&out, &expected_story(&s, &d));
+    assert!(
+        out.contains("starting with DB_PASSWORD=***"),
+        "the app's own output with its secret masked:\n{out}"
+    );
+    assert!(!out.contains(SECRET), "secret in the CLI output:\n{out}");
+    assert!(out.contains(&staging_url), "{out}");
+    let details = d.to_string();
+    assert!(!details.contains(SECRET), "secret in the deploy: {details}");
+    let rolled_back_id = d["deployId"].as_str().unwrap().to_string();
+    {
+        let bodies = s.webhook.lock().unwrap();
+        let report = bodies
+            .iter()
+            .find(|b| b.contains(&rolled_back_id))
+            .unwrap_or_else(|| panic!("no report of {rolled_back_id}: {bodies:?}"));
+        assert!(report.contains("\"rolled_back\""), "{report}");
+        assert!(!report.contains(SECRET), "secret in the report: {report}");
+    }
+
+    // 3. Ctrl-C on `--wait`: the CLI says the deploy goes on and how to watch or cancel it,
+    //    exits 130, and `deploy watch` follows it to its end, report included.
+    let c = &s.fleet.certs;
+    let out_path = s.fleet.path("ctrl-c.out");
+    let err_path = s.fleet.path("ctrl-c.err");
+    let mut child = Command::new(bin("sentinel"))
+        .args([
+            "deploy",
+            &s.name,
+            "--commit",
+            &v2,
+            "--wait",
+            "--controller",
+            &s.controller.addr,
+        ])
+        .arg("--ca")
+        .arg(c.join("ca.pem"))
+        .arg("--cert")
+        .arg(c.join("operator-admin.pem"))
+        .arg("--key")
+        .arg(c.join("operator-admin.key"))
+        .stdin(std::process::Stdio::null())
+        .stdout(std::fs::File::create(&out_path).unwrap())
+        .stderr(std::fs::File::create(&err_path).unwrap())
+        .spawn()
+        .unwrap();
+    let id = eventually("the CLI to follow the deploy", || {
+        let text = std::fs::read_to_string(&out_path).unwrap_or_default();
+        // Following once the first step shows.
+        if !text.contains("bundle ") {
+            return Err(text);
+        }
+        text.split_whitespace()
+            .nth(1)
+            .map(str::to_string)
+            .ok_or(text.clone())
+    });
+    run(Command::new("kill").arg("-INT").arg(child.id().to_string()));
+    let status = child.wait().unwrap();
+    let said = std::fs::read_to_string(&err_path).unwrap();
+    assert_eq!(status.code(), Some(130), "{said}");
+    assert!(said.contains(&format!("deploy {id} goes on")), "{said}");
+    assert!(
+        said.contains(&format!("sentinel deploy watch {id}")),
+        "{said}"
+    );
+    assert!(
+        said.contains(&format!("sentinel deploy cancel {id} --reason")),
+        "{said}"
+    );
+    let (code, watched) = s.controller.cli(&["deploy", "watch", &id]);
+    assert_eq!(code, Some(0), "{watched}");
+    assert!(watched.contains("report           succeeded"), "{watched}");
+    assert!(
+        watched.trim_end().ends_with(&format!(
+            "deploy {id} succeeded: deployed {} to staging on hub-alfa and production on prod-alfa",
+            &v2[..12]
+        )),
+        "{watched}"
+    );
+    assert!(served(s.production_port).contains("version v2"));
+    // 4. A rollback to "the previous release": its record names the commit the host went
+    //    back to, once the host said.
+    let (code, out) = s
+        .controller
+        .cli(&["rollback", &s.name, "--env", "production", "--wait"]);
+    assert_eq!(code, Some(0), "{out}");
+    assert!(served(s.production_port).contains("version v1"));
+    let d = latest_deploy(&s);
+    assert_eq!(d["kind"], "DEPLOYMENT_KIND_ROLLBACK", "{d}");
+    assert_eq!(d["environment"], "production", "{d}");
+    assert_eq!(d["commit"], v1.as_str(), "{d}");
+    let detail = d["detail"].as_str().unwrap_or_default();
+    assert!(
+        detail.starts_with(&format!(
+            "production on prod-alfa: rolled back {}/production from {v2} to {v1}",
+            s.name
+        )),
+        "{detail}"
+    );
+    assert!(out.contains("report           succeeded"), "{out}");
+    let (code, listed) = s
+        .controller
+        .cli(&["deploys", "--app", &s.name, "--limit", "1"]);
+    assert_eq!(code, Some(0), "{listed}");
+    assert!(
+        listed.contains("rollback production") && listed.contains(&v1[..12]),
+        "{listed}"
+    );
+
+    let (code, unknown) = s.controller.cli(&["deploy", "watch", "d-nope"]);
+    assert_eq!(code, Some(2), "{unknown}");
+    assert!(
+        unknown.contains("NotFound") && unknown.contains("d-nope"),
+        "{unknown}"
+    );
+
+    assert_no_secret_anywhere(&s);
 }
 
 /// Benchmark, not a test: the pipeline's own overhead per environment (bundle, signing,

@@ -154,6 +154,7 @@ impl World {
             migration: String::new(),
             migration_service: String::new(),
             build: true,
+            not_secret: Vec::new(),
         }
     }
 
@@ -192,6 +193,7 @@ impl World {
             health: Some(self.health(patience_ms())),
             deploy_id: format!("rollback-to-{to}"),
             compose_project: self.app.project.clone(),
+            not_secret: Vec::new(),
         };
         let result = deploy::rollback(&params, &self.events()).await;
         let sent = Sent {

@@ -148,13 +148,15 @@ fn every_answered_write_survives_a_kill_9_right_after_the_answer() {
     let running_id = running["deployId"].as_str().unwrap().to_string();
     let cancelled = answer_then_kill(
         &mut controller,
-        &format!(r#"{{"deploy_id":"{running_id}"}}"#),
+        &format!(r#"{{"deploy_id":"{running_id}","reason":"wrong commit"}}"#),
         "sentinel.v1.FleetService/CancelDeploy",
     );
     assert_eq!(cancelled["deployId"], running_id.as_str(), "{cancelled}");
     let controller = restart(&fleet, &controller);
     let kept = kept_deploy(&controller, &running_id);
-    assert_ne!(kept["state"], "DEPLOYMENT_STATE_RUNNING", "{kept}");
+    assert_eq!(kept["state"], "DEPLOYMENT_STATE_CANCELLED", "{kept}");
+    assert_eq!(kept["cancelledBy"], "admin", "{kept}");
+    assert_eq!(kept["cancelReason"], "wrong commit", "{kept}");
     let step_job = cancelled["steps"]
         .as_array()
         .and_then(|s| s.iter().rev().find_map(|s| s["jobId"].as_str()))

@@ -240,13 +240,17 @@ impl FleetService for FleetApi {
         request: Request<CancelDeployRequest>,
     ) -> Result<Response<Deployment>, Status> {
         let peer = super::peer(&request)?;
+        let who = super::operator_name(&request)?;
         let what = {
             let r = request.get_ref();
             format!("cancel deploy {}: {}", r.deploy_id, r.reason)
         };
         let result = async {
-            let id = request.into_inner().deploy_id;
-            let d = self.ctx.pipeline.cancel(&id)?;
+            let req = request.into_inner();
+            let d = self
+                .ctx
+                .pipeline
+                .cancel(&req.deploy_id, &who, &req.reason)?;
             self.committed(d).await
         }
         .await;

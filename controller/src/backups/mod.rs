@@ -307,11 +307,10 @@ impl Backups {
                 match me.jobs.wait_final(id).await {
                     Some(job) => {
                         let problem = me.apply(&job).await;
-                        let state = job
-                            .state()
-                            .as_str_name()
-                            .trim_start_matches("JOB_STATE_")
-                            .to_ascii_lowercase();
+                        let state = sentinel_daemon::metrics::enum_word(
+                            job.state().as_str_name(),
+                            "JOB_STATE_",
+                        );
                         let mut outcome = if job.state() == JobState::Succeeded {
                             state
                         } else {

@@ -47,9 +47,10 @@ pub async fn host(client: &ClientArgs, name: String) -> anyhow::Result<u8> {
 }
 
 fn status_word(s: i32) -> String {
-    HostStatus::try_from(s)
-        .unwrap_or(HostStatus::Unspecified)
-        .as_str_name()
-        .trim_start_matches("HOST_STATUS_")
-        .to_ascii_lowercase()
+    sentinel_daemon::metrics::enum_word(
+        HostStatus::try_from(s)
+            .unwrap_or(HostStatus::Unspecified)
+            .as_str_name(),
+        "HOST_STATUS_",
+    )
 }

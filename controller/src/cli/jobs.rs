@@ -1,7 +1,10 @@
 //! `sentinel jobs` and `sentinel deploys`: the job and deploy history, newest first, as tables
 //! or (`--json`) as the API's `ListJobsResponse` / `ListDeploysResponse`.
 
-use sentinel_proto::v1::{DeploymentState, JobKind, JobState, ListDeploysRequest, ListJobsRequest};
+use sentinel_proto::v1::{
+    Deployment, DeploymentKind, DeploymentState, JobKind, JobState, ListDeploysRequest,
+    ListJobsRequest,
+};
 
 use super::deploy::status_err;
 use super::format::{ago, between, enum_word, one_line, state, truncate};
@@ -120,20 +123,42 @@ pub async fn deploys(client: &ClientArgs, args: DeploysArgs) -> anyhow::Result<u
             vec![
                 one_line(&d.deploy_id),
                 one_line(&d.app),
-                one_line(&d.commit.chars().take(12).collect::<String>()),
+                run_kind(d),
+                if d.commit.is_empty() {
+                    "previous".to_string()
+                } else {
+                    one_line(&d.commit.chars().take(12).collect::<String>())
+                },
                 state(&word, colour),
                 ago(d.started_at.as_ref()),
                 took,
                 truncate(&one_line(&d.requested_by), 30),
-                truncate(&one_line(&d.detail), DETAIL_WIDTH),
+                truncate(&one_line(&deploy_detail(d)), DETAIL_WIDTH),
             ]
         })
         .collect();
     super::table(
         &[
-            "DEPLOY", "APP", "COMMIT", "STATE", "STARTED", "TOOK", "BY", "DETAIL",
+            "DEPLOY", "APP", "KIND", "COMMIT", "STATE", "STARTED", "TOOK", "BY", "DETAIL",
         ],
         &rows,
     );
     Ok(0)
+}
+
+/// `deploy`, or `rollback ENV` for a rollback of one environment.
+fn run_kind(d: &Deployment) -> String {
+    match d.kind() {
+        DeploymentKind::Rollback => format!("rollback {}", one_line(&d.environment)),
+        _ => "deploy".to_string(),
+    }
+}
+
+/// What the history says of a deploy: its detail, or while a cancel settles, who asked.
+fn deploy_detail(d: &Deployment) -> String {
+    if d.detail.is_empty() && !d.cancelled_by.is_empty() {
+        format!("cancelling (by {}: {})", d.cancelled_by, d.cancel_reason)
+    } else {
+        d.detail.clone()
+    }
 }

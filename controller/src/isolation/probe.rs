@@ -225,11 +225,8 @@ fn answer(host: &str, job: &Job) -> Vec<ProbeResult> {
             })
             .collect(),
         _ => {
-            let state = job
-                .state()
-                .as_str_name()
-                .trim_start_matches("JOB_STATE_")
-                .to_ascii_lowercase();
+            let state =
+                sentinel_daemon::metrics::enum_word(job.state().as_str_name(), "JOB_STATE_");
             vec![ProbeResult {
                 host: host.to_string(),
                 message: format!(

@@ -75,6 +75,11 @@ pub struct EnvironmentConfig {
     /// The environment's secrets, shipped as the release's `.env` (mode 0600 on the host).
     #[serde(default)]
     pub secrets_file: Option<PathBuf>,
+    /// Keys of the secrets file whose values are settings (a port, a host name): shown as
+    /// they are in events, details, reports and the host's audit log. Every other value of
+    /// the file is masked as `***` there.
+    #[serde(default)]
+    pub not_secret: Vec<String>,
     /// Where E2E checks send their requests, e.g. `http://hub-alfa.internal:3100`.
     #[serde(default)]
     pub base_url: String,
@@ -234,6 +239,9 @@ pub fn validate(
                     format!("{} must be absolute", env.app_dir.display()),
                 ));
             }
+            if let Err(message) = check_not_secret(env) {
+                return Err(invalid(key("not_secret"), message));
+            }
             if !env.health.url.is_empty() && !is_http_url(&env.health.url) {
                 return Err(invalid(
                     key("health.url"),
@@ -266,7 +274,105 @@ pub fn validate(
     Ok(())
 }
 
+/// Parts of a key name that say its value is a secret: such a key cannot be `not_secret`.
+const SECRET_WORDS: [&str; 11] = [
+    "PASSWORD",
+    "PASSWD",
+    "PASS",
+    "PWD",
+    "SECRET",
+    "TOKEN",
+    "KEY",
+    "APIKEY",
+    "PRIVATE",
+    "CREDENTIALS",
+    "DSN",
+];
+
+/// An environment's `not_secret` list: env-file key names, each once, none whose name says
+/// it is a secret (`DB_PASSWORD`, `API_KEY`), and only with a secrets file to refer to.
+fn check_not_secret(env: &EnvironmentConfig) -> Result<(), String> {
+    if !env.not_secret.is_empty() && env.secrets_file.is_none() {
+        return Err("names keys of secrets_file, and there is no secrets_file".into());
+    }
+    let mut seen = HashSet::new();
+    for key in &env.not_secret {
+        let valid = key
+            .bytes()
+            .next()
+            .is_some_and(|b| b.is_ascii_alphabetic() || b == b'_')
+            && key.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_');
+        if !valid {
+            return Err(format!(
+                "{key:?} is not an env file key ([A-Za-z_][A-Za-z0-9_]*)"
+            ));
+        }
+        if !seen.insert(key.as_str()) {
+            return Err(format!("{key:?} is listed twice"));
+        }
+        let upper = key.to_ascii_uppercase();
+        if let Some(word) = upper.split('_').find(|part| SECRET_WORDS.contains(part)) {
+            return Err(format!(
+                "{key:?} names a secret ({word}); its value stays masked"
+            ));
+        }
+    }
+    Ok(())
+}
+
 /// Whether `url` is one the HTTP client takes (`sentinel_daemon::http`).
 fn is_http_url(url: &str) -> bool {
     url.starts_with("http://") || url.starts_with("https://")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn apps(not_secret: &str, secrets_file: bool) -> Vec<AppConfig> {
+        let secrets = if secrets_file {
+            "secrets_file = \"/etc/sentinel/web.env\"\n"
+        } else {
+            ""
+        };
+        let text = format!(
+            "[[apps]]\nname = \"web\"\nrepo = \"/repo\"\n[apps.staging]\nhost = \"stage-1\"\napp_dir = \"/srv/web\"\n{secrets}not_secret = {not_secret}\n[apps.production]\nhost = \"prod-1\"\napp_dir = \"/srv/web\"\n"
+        );
+        #[derive(Deserialize)]
+        struct File {
+            apps: Vec<AppConfig>,
+        }
+        toml::from_str::<File>(&text).expect("parses").apps
+    }
+
+    fn check(not_secret: &str, secrets_file: bool) -> Result<(), String> {
+        validate(
+            Path::new("/etc/sentinel/sentinel.toml"),
+            &PipelineConfig::default(),
+            &apps(not_secret, secrets_file),
+        )
+        .map_err(|e| e.to_string())
+    }
+
+    #[test]
+    fn not_secret_names_settings_of_the_secrets_file_only() {
+        check("[\"PORT\", \"PUBLIC_HOST\"]", true).expect("settings");
+        check("[]", false).expect("nothing listed, no file needed");
+        for (list, file, says) in [
+            ("[\"DB_PASSWORD\"]", true, "names a secret (PASSWORD)"),
+            ("[\"stripe_api_key\"]", true, "names a secret (KEY)"),
+            ("[\"DATABASE_DSN\"]", true, "names a secret (DSN)"),
+            ("[\"PORT\", \"PORT\"]", true, "listed twice"),
+            ("[\"PORT=80\"]", true, "is not an env file key"),
+            ("[\"\"]", true, "is not an env file key"),
+            ("[\"1PORT\"]", true, "is not an env file key"),
+            ("[\"PORT\"]", false, "there is no secrets_file"),
+        ] {
+            let err = check(list, file).expect_err(list);
+            assert!(
+                err.contains("apps[0].staging.not_secret") && err.contains(says),
+                "{list}: {err}"
+            );
+        }
+    }
 }

@@ -14,13 +14,15 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use rand::RngCore;
+use sentinel_daemon::metrics::enum_word;
+use sentinel_proto::results::finished_result;
 use sentinel_proto::time::now;
 use sentinel_proto::v1::{
-    job_event, job_spec, BackupParams, DeployParams, DeployRequest, Deployment, DeploymentEvent,
-    DeploymentState, DeploymentStep, E2eLevel, HealthCheck, Job, JobKind, JobState, RollbackParams,
-    StepStatus,
+    job_event, job_finished, job_spec, BackupParams, DeployParams, DeployRequest, Deployment,
+    DeploymentEvent, DeploymentKind, DeploymentState, DeploymentStep, E2eLevel, HealthCheck, Job,
+    JobEvent, JobKind, JobState, RollbackParams, StepStatus,
 };
-use tokio::sync::broadcast;
+use tokio::sync::broadcast::{self, error::TryRecvError};
 use tokio_util::sync::CancellationToken;
 use tonic::Status;
 use tracing::{info, warn, Instrument};
@@ -68,14 +70,37 @@ pub struct Pipeline {
     state: Mutex<State>,
     dirty: crate::store::DirtyKeys,
     events: broadcast::Sender<DeploymentEvent>,
-    cancels: Mutex<HashMap<String, CancellationToken>>,
+    cancels: Mutex<HashMap<String, Arc<Cancel>>>,
     gate: Mutex<Option<Arc<dyn DeployGate>>>,
     backups: Mutex<Option<Arc<dyn PreDeployBackup>>>,
     /// App locks, consulted before every deploy and rollback.
     app_locks: Mutex<Option<Arc<crate::audit::Locks>>>,
 }
 
+/// How a running deploy is cancelled: the token its run stops on, and who cancelled it and why.
+#[derive(Default)]
+struct Cancel {
+    token: CancellationToken,
+    /// (operator, reason), set by [`Pipeline::cancel`].
+    by: Mutex<Option<(String, String)>>,
+}
+
+impl Cancel {
+    /// `cancelled by WHO: REASON`, once cancelled.
+    fn detail(&self) -> Option<String> {
+        self.by
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .as_ref()
+            .map(|(who, reason)| format!("cancelled by {who}: {reason}"))
+    }
+}
+
+/// The longest cancel reason kept (it goes into the history and every watcher's terminal).
+const MAX_CANCEL_REASON: usize = 500;
+
 /// How a pipeline run failed.
+#[derive(Debug)]
 struct Failure {
     detail: String,
     rolled_back: bool,
@@ -106,7 +131,19 @@ impl Pipeline {
         let mut deploys = HashMap::new();
         let mut dirty = HashSet::new();
         for mut d in store.load_deploys()? {
-            if d.state() == DeploymentState::Running {
+            if d.state() == DeploymentState::Running && !d.cancelled_by.is_empty() {
+                // The cancel was acknowledged (and stored) before the restart: it stands.
+                d.state = DeploymentState::Cancelled as i32;
+                d.detail = format!(
+                    "cancelled by {}: {}; {}",
+                    d.cancelled_by,
+                    d.cancel_reason,
+                    interrupted_detail(&d)
+                );
+                d.finished_at = Some(now());
+                warn!(deploy_id = %d.deploy_id, detail = %d.detail, "cancelled deploy ended by restart");
+                dirty.insert(d.deploy_id.clone());
+            } else if d.state() == DeploymentState::Running {
                 d.state = DeploymentState::Failed as i32;
                 d.detail = interrupted_detail(&d);
                 d.finished_at = Some(now());
@@ -221,12 +258,13 @@ impl Pipeline {
         } else {
             format!("{} (via {who})", req.requested_by)
         };
-        let deploy = self.start(&app.name, &commit, &req, &requested_by)?;
-        let token = CancellationToken::new();
-        self.cancels
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .insert(deploy.deploy_id.clone(), token.clone());
+        let deploy = self.start(
+            &app.name,
+            &commit,
+            &req,
+            &requested_by,
+            (DeploymentKind::Deploy, ""),
+        )?;
         let me = self.clone();
         let id = deploy.deploy_id.clone();
         let span = tracing::info_span!("deploy", deploy_id = %id, app = %app.name);
@@ -238,15 +276,51 @@ impl Pipeline {
                     commit: &commit,
                     req: &req,
                 };
-                let outcome = tokio::select! {
-                    r = me.run(&run) => r,
-                    _ = token.cancelled() => Err(Failure { cancelled: true, ..Failure::new("cancelled") }),
-                };
-                me.finish(&id, &app.name, outcome).await;
+                me.drive(&id, &app.name, me.run(&run)).await;
             }
             .instrument(span),
         );
         Ok(deploy)
+    }
+
+    /// Runs a deploy's or rollback's work until it ends or is cancelled, then finishes it
+    /// (report included). The one place a run's cancel token is made and consulted.
+    async fn drive(
+        &self,
+        id: &str,
+        app: &str,
+        work: impl std::future::Future<Output = Result<String, Failure>>,
+    ) {
+        let cancel = Arc::new(Cancel::default());
+        self.cancels
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(id.to_string(), cancel.clone());
+        let outcome = tokio::select! {
+            // The cancel first: a cancel is said as one, not as the job it stopped failing.
+            biased;
+            _ = cancel.token.cancelled() => Err(Failure::new("cancelled")),
+            r = work => r,
+        };
+        // A cancelled job may end the work before the token is seen: it is still a cancel.
+        let outcome = match (outcome, cancel.detail()) {
+            (Err(f), Some(why)) => Err(Failure {
+                detail: if f.detail == "cancelled" {
+                    why
+                } else {
+                    format!("{why} ({})", f.detail)
+                },
+                cancelled: true,
+                ..f
+            }),
+            (outcome, _) => outcome,
+        };
+        // Nothing is left to cancel: only the report is still to go out.
+        self.cancels
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(id);
+        self.finish(id, app, outcome).await;
     }
 
     /// Records a new running deploy under the app's lock.
@@ -256,6 +330,7 @@ impl Pipeline {
         commit: &str,
         req: &DeployRequest,
         who: &str,
+        (kind, environment): (DeploymentKind, &str),
     ) -> Result<Deployment, Status> {
         let mut state = self.lock();
         if let Some(running) = state.running.get(app).and_then(|id| state.deploys.get(id)) {
@@ -295,6 +370,10 @@ impl Pipeline {
             migration: req.migration.clone(),
             e2e: req.e2e,
             detail: String::new(),
+            kind: kind as i32,
+            environment: environment.to_string(),
+            cancelled_by: String::new(),
+            cancel_reason: String::new(),
         };
         state.running.insert(app.to_string(), deploy_id.clone());
         state.deploys.insert(deploy_id.clone(), d.clone());
@@ -393,7 +472,7 @@ impl Pipeline {
 
     /// Runs the deploy's stages in order; the first failure ends it, so production is never
     /// touched when staging (or the backup, or the isolation check) failed.
-    async fn run(&self, run: &Run<'_>) -> Result<(), Failure> {
+    async fn run(&self, run: &Run<'_>) -> Result<String, Failure> {
         for stage in stages(run.app, run.req) {
             match stage {
                 Stage::Environment(target) => self.environment(run, &target).await?,
@@ -401,7 +480,7 @@ impl Pipeline {
                 Stage::IsolationCheck => self.isolation_check(run).await?,
             }
         }
-        Ok(())
+        Ok(deployed_detail(run))
     }
 
     /// A fresh isolation check before production, when a gate is installed.
@@ -553,40 +632,86 @@ impl Pipeline {
         self.set_step_job(id, step, env, &job.job_id);
         let wait = self.jobs.wait_final(&job.job_id);
         tokio::pin!(wait);
+        // The host's end arrives on the event channel after everything it sent before it, so
+        // leaving on it relays every event in order. A job that ends here (cancelled, timed
+        // out) ends through `wait`; what the channel still holds is relayed after.
         let finished = loop {
             tokio::select! {
                 done = &mut wait => break done,
-                ev = events.recv() => {
-                    if let Ok(ev) = ev {
-                        if ev.job_id != job.job_id {
-                            continue;
+                ev = events.recv() => match ev {
+                    Ok(ev) if ev.job_id == job.job_id => {
+                        let end = matches!(
+                            ev.event,
+                            Some(job_event::Event::Finished(_)) | Some(job_event::Event::Refused(_))
+                        );
+                        self.relay(id, host, ev);
+                        if end {
+                            break self.jobs.get(&job.job_id);
                         }
-                        let line = match ev.event {
-                            Some(job_event::Event::Log(l)) => format!("[{host} {}] {}", l.stream, l.line),
-                            Some(job_event::Event::Step(s)) => format!(
-                                "[{host}] step {} {}{}",
-                                s.name,
-                                StepStatus::try_from(s.status).unwrap_or(StepStatus::Unspecified).as_str_name(),
-                                if s.detail.is_empty() { String::new() } else { format!(": {}", s.detail) }
-                            ),
-                            _ => continue,
-                        };
-                        let _ = self.events.send(DeploymentEvent {
-                            deploy_id: id.to_string(),
-                            at: Some(now()),
-                            log_line: line,
-                            ..Default::default()
-                        });
                     }
-                }
+                    Ok(_) => {}
+                    Err(broadcast::error::RecvError::Lagged(n)) => self.relay_lag(id, host, n),
+                    Err(broadcast::error::RecvError::Closed) => break wait.await,
+                },
             }
         };
+        loop {
+            match events.try_recv() {
+                Ok(ev) if ev.job_id == job.job_id => self.relay(id, host, ev),
+                Ok(_) => {}
+                Err(TryRecvError::Lagged(n)) => self.relay_lag(id, host, n),
+                Err(TryRecvError::Empty | TryRecvError::Closed) => break,
+            }
+        }
         let job = finished.ok_or_else(|| Failure::new(format!("job {} vanished", job.job_id)))?;
         if job.state() == JobState::Succeeded {
             Ok(job)
         } else {
             Err(job_failure(step, host, &job))
         }
+    }
+
+    /// Tells the deploy's watchers one of its job's log lines or agent steps.
+    fn relay(&self, id: &str, host: &str, ev: JobEvent) {
+        let line = match ev.event {
+            Some(job_event::Event::Log(l)) => format!("[{host} {}] {}", l.stream, l.line),
+            Some(job_event::Event::Step(s)) => format!(
+                "[{host}] step {} {}{}",
+                s.name,
+                enum_word(
+                    StepStatus::try_from(s.status)
+                        .unwrap_or(StepStatus::Unspecified)
+                        .as_str_name(),
+                    "STEP_STATUS_"
+                ),
+                if s.detail.is_empty() {
+                    String::new()
+                } else {
+                    format!(": {}", s.detail)
+                }
+            ),
+            _ => return,
+        };
+        self.log_line(id, line);
+    }
+
+    /// Says that `n` job events passed before this deploy could relay them (the controller
+    /// was too busy); GetJob still has them.
+    fn relay_lag(&self, id: &str, host: &str, n: u64) {
+        self.log_line(
+            id,
+            format!("[{host}] ({n} job events of the fleet were not relayed here: the controller fell behind; GetJob has this job's)"),
+        );
+    }
+
+    /// One log line to the deploy's watchers.
+    fn log_line(&self, id: &str, line: String) {
+        let _ = self.events.send(DeploymentEvent {
+            deploy_id: id.to_string(),
+            at: Some(now()),
+            log_line: line,
+            ..Default::default()
+        });
     }
 
     async fn backup_hook(&self, id: &str, app: &AppConfig, commit: &str) -> Result<(), Failure> {
@@ -645,7 +770,9 @@ impl Pipeline {
         .map(|_| ())
     }
 
-    async fn finish(&self, id: &str, app: &str, outcome: Result<(), Failure>) {
+    /// Ends a run: its report step (the webhooks, streamed like any step), then its final
+    /// state, so a watcher's stream and `deploy --wait` end only after the report went out.
+    async fn finish(&self, id: &str, app: &str, outcome: Result<String, Failure>) {
         let (state, detail) = final_state(outcome);
         let snapshot = {
             let mut s = self.lock();
@@ -653,40 +780,45 @@ impl Pipeline {
             let Some(d) = s.deploys.get_mut(id) else {
                 return;
             };
-            d.state = state as i32;
             d.detail = detail.clone();
-            d.finished_at = Some(now());
-            d.clone()
+            let mut snapshot = d.clone();
+            snapshot.state = state as i32;
+            snapshot.finished_at = Some(now());
+            snapshot
         };
+        if !self.config.webhooks.is_empty() {
+            let doc = report::document(&snapshot);
+            let _ = self
+                .run_step(id, "report", "", "", async {
+                    let mut lines = Vec::new();
+                    for hook in &self.config.webhooks {
+                        let line =
+                            match report::deliver(hook, &doc, self.config.webhook_attempts).await {
+                                Ok(l) | Err(l) => l,
+                            };
+                        self.log_line(id, format!("[report] {line}"));
+                        lines.push(line);
+                    }
+                    report_outcome(&lines)
+                })
+                .await;
+        }
+        {
+            let mut s = self.lock();
+            if let Some(d) = s.deploys.get_mut(id) {
+                d.state = state as i32;
+                d.finished_at = snapshot.finished_at;
+            }
+        }
         self.touch(id);
         crate::metrics::get().deploy_finished(app, state);
         info!(state = state.as_str_name(), detail = %detail, "deploy finished");
-        // The report goes out after the state is final, so watchers never wait on webhooks.
         let _ = self.events.send(DeploymentEvent {
             deploy_id: id.to_string(),
             at: Some(now()),
             final_state: state as i32,
             ..Default::default()
         });
-        self.cancels
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .remove(id);
-        if !self.config.webhooks.is_empty() {
-            let doc = report::document(&snapshot);
-            let mut lines = Vec::new();
-            for hook in &self.config.webhooks {
-                match report::deliver(hook, &doc, self.config.webhook_attempts).await {
-                    Ok(l) | Err(l) => lines.push(l),
-                }
-            }
-            let mut s = self.lock();
-            if let Some(d) = s.deploys.get_mut(id) {
-                d.steps.push(report_step(&lines));
-            }
-            drop(s);
-            self.touch(id);
-        }
     }
 
     /// A manual rollback of one environment, recorded like a deploy (and under the app's lock).
@@ -705,61 +837,136 @@ impl Pipeline {
             commit: to_commit.to_string(),
             ..Default::default()
         };
-        let d = self.start(app_name, to_commit, &req, who)?;
+        let d = self.start(
+            app_name,
+            to_commit,
+            &req,
+            who,
+            (DeploymentKind::Rollback, env_name),
+        )?;
         let me = self.clone();
         let id = d.deploy_id.clone();
         let env_name = env_name.to_string();
         let to_commit = to_commit.to_string();
-        tokio::spawn(async move {
-            let params = rollback_params(&app, &env_name, &env, &to_commit, &id);
-            let outcome = me
-                .run_step(&id, "rollback", &env_name, &env.host, async {
-                    let job = me
-                        .run_job(
-                            &id,
-                            "rollback",
-                            &env_name,
-                            &env.host,
-                            JobKind::Rollback,
-                            job_spec::Params::Rollback(params),
-                        )
+        let span = tracing::info_span!("rollback", deploy_id = %id, app = %app.name);
+        tokio::spawn(
+            async move {
+                let params = rollback_params(&app, &env_name, &env, &to_commit, &id);
+                let work = async {
+                    let (_, detail) = me
+                        .run_step(&id, "rollback", &env_name, &env.host, async {
+                            let job = me
+                                .run_job(
+                                    &id,
+                                    "rollback",
+                                    &env_name,
+                                    &env.host,
+                                    JobKind::Rollback,
+                                    job_spec::Params::Rollback(params),
+                                )
+                                .await?;
+                            let unknown = me.record_release(&id, &job);
+                            Ok(((), format!("{}{unknown}", job.detail)))
+                        })
                         .await?;
-                    Ok(((), job.detail))
-                })
-                .await
-                .map(|_| ());
-            me.finish(&id, &app.name, outcome).await;
-        });
+                    Ok(format!("{env_name} on {}: {detail}", env.host))
+                };
+                me.drive(&id, &app.name, work).await;
+            }
+            .instrument(span),
+        );
         Ok(d)
     }
 
-    /// Cancels a running deploy (and its current job).
-    pub fn cancel(&self, id: &str) -> Result<Deployment, Status> {
+    /// Records the commit a rollback left live (its job's `ReleaseReport`) as the record's
+    /// commit, so "the previous release" is named once known. Returns what to add to the
+    /// detail when the agent did not say.
+    fn record_release(&self, id: &str, job: &Job) -> String {
+        let commit = match finished_result(job) {
+            Ok(Some(job_finished::Result::Rollback(r))) if !r.commit.is_empty() => r.commit.clone(),
+            Ok(_) => return " (the agent named no live release)".to_string(),
+            Err(e) => {
+                warn!(deploy_id = id, error = %e, "rollback result unusable");
+                return format!(" ({e})");
+            }
+        };
+        if let Some(d) = self.lock().deploys.get_mut(id) {
+            d.commit = commit;
+        }
+        self.touch(id);
+        String::new()
+    }
+
+    /// Cancels a running deploy or rollback (and its current job), recording who (the
+    /// operator's certificate name) and why. Refused once it ended, or while only its report
+    /// is still going out.
+    pub fn cancel(&self, id: &str, who: &str, reason: &str) -> Result<Deployment, Status> {
+        let reason = reason.trim();
+        if reason.is_empty() {
+            return Err(Status::invalid_argument(
+                "a cancel needs a reason (field `reason`): it goes into the deploy's history",
+            ));
+        }
+        let mut reason = reason.to_string();
+        if reason.len() > MAX_CANCEL_REASON {
+            let mut end = MAX_CANCEL_REASON;
+            while !reason.is_char_boundary(end) {
+                end -= 1;
+            }
+            reason.truncate(end);
+            reason.push('…');
+        }
         let d = self
             .get(id)
             .ok_or_else(|| Status::not_found(format!("no deploy {id:?}")))?;
         if d.state() != DeploymentState::Running {
             return Err(Status::failed_precondition(format!(
-                "deploy {id} already ended"
+                "deploy {id} already ended ({})",
+                enum_word(d.state().as_str_name(), "DEPLOYMENT_STATE_")
             )));
         }
+        let cancel = self
+            .cancels
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(id)
+            .cloned()
+            .ok_or_else(|| {
+                Status::failed_precondition(format!(
+                    "deploy {id} has done its work and is sending its report; nothing is left to cancel"
+                ))
+            })?;
+        {
+            let mut by = cancel.by.lock().unwrap_or_else(|p| p.into_inner());
+            if let Some((earlier, _)) = by.as_ref() {
+                return Err(Status::failed_precondition(format!(
+                    "deploy {id} is already being cancelled (by {earlier})"
+                )));
+            }
+            *by = Some((who.to_string(), reason.clone()));
+        }
+        let d = {
+            let mut s = self.lock();
+            let Some(d) = s.deploys.get_mut(id) else {
+                return Err(Status::not_found(format!("no deploy {id:?}")));
+            };
+            d.cancelled_by = who.to_string();
+            d.cancel_reason = reason.clone();
+            d.clone()
+        };
+        self.touch(id);
+        info!(deploy_id = id, cancelled_by = who, reason = %reason, "deploy cancel requested");
         for step in d
             .steps
             .iter()
             .filter(|s| s.status == StepStatus::Started as i32 && !s.job_id.is_empty())
         {
-            let _ = self
-                .jobs
-                .cancel(&step.job_id, &format!("deploy {id} cancelled"));
+            let _ = self.jobs.cancel(
+                &step.job_id,
+                &format!("deploy {id} cancelled by {who}: {reason}"),
+            );
         }
-        if let Some(token) = self
-            .cancels
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .get(id)
-        {
-            token.cancel();
-        }
+        cancel.token.cancel();
         Ok(d)
     }
 
@@ -915,6 +1122,7 @@ fn deploy_params(run: &Run<'_>, target: &Target<'_>, bundle: &bundle::Bundle) ->
         },
         migration_service: app.migration_service.clone(),
         build: true,
+        not_secret: env.not_secret.clone(),
     }
 }
 
@@ -935,6 +1143,7 @@ fn rollback_params(
         health: Some(health_check(&env.health)),
         deploy_id: deploy_id.to_string(),
         compose_project: format!("{}-{}", app.name, env_name),
+        not_secret: env.not_secret.clone(),
     }
 }
 
@@ -954,10 +1163,7 @@ fn job_failure(step: &str, host: &str, job: &Job) -> Failure {
     Failure {
         detail: format!(
             "{step} on {host} {}: {}",
-            job.state()
-                .as_str_name()
-                .trim_start_matches("JOB_STATE_")
-                .to_ascii_lowercase(),
+            enum_word(job.state().as_str_name(), "JOB_STATE_"),
             job.detail
         ),
         rolled_back,
@@ -976,33 +1182,42 @@ fn hook_args(hook: &[String], app: &str, commit: &str, deploy_id: &str) -> Vec<S
         .collect()
 }
 
+/// What a deploy that went through did: the commit on both environments, and the migration.
+fn deployed_detail(run: &Run<'_>) -> String {
+    let commit = run.commit.get(..12).unwrap_or(run.commit);
+    let migration = if run.req.db_change && !run.req.migration.is_empty() {
+        format!(
+            "; migration {:?} ran before production's up",
+            run.req.migration
+        )
+    } else {
+        String::new()
+    };
+    format!(
+        "deployed {commit} to staging on {} and production on {}{migration}",
+        run.app.staging.host, run.app.production.host
+    )
+}
+
 /// A finished run's state and detail: a cancel wins over a rollback, which wins over a plain
 /// failure.
-fn final_state(outcome: Result<(), Failure>) -> (DeploymentState, String) {
+fn final_state(outcome: Result<String, Failure>) -> (DeploymentState, String) {
     match outcome {
-        Ok(()) => (
-            DeploymentState::Succeeded,
-            "deployed to staging and production".to_string(),
-        ),
+        Ok(detail) => (DeploymentState::Succeeded, detail),
         Err(f) if f.cancelled => (DeploymentState::Cancelled, f.detail),
         Err(f) if f.rolled_back => (DeploymentState::RolledBack, f.detail),
         Err(f) => (DeploymentState::Failed, f.detail),
     }
 }
 
-/// The `report` step: succeeded only when every webhook took the report.
-fn report_step(lines: &[String]) -> DeploymentStep {
-    DeploymentStep {
-        name: "report".into(),
-        status: if lines.iter().all(|l| l.contains("delivered (")) {
-            StepStatus::Succeeded
-        } else {
-            StepStatus::Failed
-        } as i32,
-        detail: lines.join("; "),
-        started_at: Some(now()),
-        finished_at: Some(now()),
-        ..Default::default()
+/// The `report` step's outcome: succeeded only when every webhook took the report; its
+/// detail says what each one did.
+fn report_outcome(lines: &[String]) -> Result<((), String), Failure> {
+    let detail = lines.join("; ");
+    if lines.iter().all(|l| l.contains("delivered (")) {
+        Ok(((), detail))
+    } else {
+        Err(Failure::new(detail))
     }
 }
 
@@ -1017,9 +1232,12 @@ fn interrupted_detail(d: &Deployment) -> String {
                 "{} on {} ({}{})",
                 s.name,
                 s.host,
-                StepStatus::try_from(s.status)
-                    .unwrap_or(StepStatus::Unspecified)
-                    .as_str_name(),
+                enum_word(
+                    StepStatus::try_from(s.status)
+                        .unwrap_or(StepStatus::Unspecified)
+                        .as_str_name(),
+                    "STEP_STATUS_"
+                ),
                 if s.job_id.is_empty() {
                     String::new()
                 } else {
@@ -1050,6 +1268,7 @@ mod tests {
             host: host.into(),
             app_dir: dir.into(),
             secrets_file: None,
+            not_secret: Vec::new(),
             base_url: String::new(),
             health: HealthConfig::default(),
         }
@@ -1339,11 +1558,8 @@ mod tests {
             })
         };
         assert_eq!(
-            final_state(Ok(())),
-            (
-                DeploymentState::Succeeded,
-                "deployed to staging and production".to_string()
-            )
+            final_state(Ok("deployed c0ffee".into())),
+            (DeploymentState::Succeeded, "deployed c0ffee".to_string())
         );
         assert_eq!(
             final_state(failure(true, true)).0,
@@ -1404,12 +1620,10 @@ mod tests {
     fn the_report_step_succeeds_only_when_every_webhook_took_the_report() {
         let ok = "pm: delivered (200)".to_string();
         let bad = "agent: gave up after 3 attempts".to_string();
-        let step = report_step(&[ok.clone(), ok.clone()]);
-        assert_eq!(step.name, "report");
-        assert_eq!(step.status, StepStatus::Succeeded as i32);
-        assert_eq!(step.detail, format!("{ok}; {ok}"));
-        assert!(step.started_at.is_some() && step.finished_at.is_some());
-        assert_eq!(report_step(&[ok, bad]).status, StepStatus::Failed as i32);
+        let (_, detail) = report_outcome(&[ok.clone(), ok.clone()]).expect("delivered");
+        assert_eq!(detail, format!("{ok}; {ok}"));
+        let failure = report_outcome(&[ok.clone(), bad.clone()]).expect_err("one undelivered");
+        assert_eq!(failure.detail, format!("{ok}; {bad}"));
     }
 
     #[test]
@@ -1462,7 +1676,7 @@ mod tests {
         assert!(get("d-none").detail.ends_with("production was not touched"));
         assert!(get("d-staging")
             .detail
-            .contains("at step deploy on stage-1 (STEP_STATUS_STARTED, job j-1)"));
+            .contains("at step deploy on stage-1 (started, job j-1)"));
         assert!(get("d-staging")
             .detail
             .ends_with("production was not touched"));
@@ -1476,10 +1690,13 @@ mod tests {
     fn one_deploy_per_app_at_a_time() {
         let f = fixture();
         let req = request(false, E2eLevel::Smoke);
-        let first = f.pipeline.start("web", "c1", &req, "ada").expect("first");
+        let first = f
+            .pipeline
+            .start("web", "c1", &req, "ada", (DeploymentKind::Deploy, ""))
+            .expect("first");
         let err = f
             .pipeline
-            .start("web", "c2", &req, "dan")
+            .start("web", "c2", &req, "dan", (DeploymentKind::Deploy, ""))
             .expect_err("second deploy of web");
         assert_eq!(err.code(), tonic::Code::FailedPrecondition);
         assert!(
@@ -1489,7 +1706,7 @@ mod tests {
         );
         assert!(err.message().contains("by ada"), "{}", err.message());
         f.pipeline
-            .start("api", "c1", &req, "dan")
+            .start("api", "c1", &req, "dan", (DeploymentKind::Deploy, ""))
             .expect("another app");
     }
 
@@ -1536,7 +1753,22 @@ mod tests {
         agent_finishes(&f.jobs, "stage-1", JobState::Succeeded, "rolled back").await;
         let d = wait_finished(&f.pipeline, &d.deploy_id).await;
         assert_eq!(d.state(), DeploymentState::Succeeded);
-        let err = f.pipeline.cancel(&d.deploy_id).expect_err("already ended");
+        assert_eq!(d.kind(), DeploymentKind::Rollback);
+        assert_eq!(d.environment, "staging");
+        // This agent sent no ReleaseReport: the commit stays "previous", and the detail says so.
+        assert_eq!(d.commit, "");
+        assert!(
+            d.detail
+                .starts_with("staging on stage-1: rolled back (job ")
+                && d.detail
+                    .contains("without its result (JobFinished.rollback)"),
+            "{}",
+            d.detail
+        );
+        let err = f
+            .pipeline
+            .cancel(&d.deploy_id, "ada", "too late")
+            .expect_err("already ended");
         assert_eq!(err.code(), tonic::Code::FailedPrecondition);
     }
 
@@ -1584,7 +1816,13 @@ mod tests {
         assert_eq!(doc["requested_by"], "ada");
         assert_eq!(doc["db_change"], true);
         assert_eq!(doc["migration"], "bin/migrate");
-        assert_eq!(doc["detail"], "deployed to staging and production");
+        assert_eq!(
+            doc["detail"],
+            format!(
+                "deployed {} to staging on stage-1 and production on prod-1; migration \"bin/migrate\" ran before production's up",
+                &d.commit[..12]
+            )
+        );
         assert_eq!(doc["steps"].as_array().expect("steps").len(), 5);
         assert_eq!(doc["steps"][4]["environment"], "production");
         assert_eq!(doc["steps"][4]["host"], "prod-1");

@@ -4,8 +4,9 @@
 use std::time::Duration;
 
 use sentinel_daemon::backoff::Backoff;
+use sentinel_daemon::metrics::enum_word;
 
-use sentinel_proto::v1::{Deployment, DeploymentState, StepStatus};
+use sentinel_proto::v1::{Deployment, DeploymentKind, DeploymentState, StepStatus};
 use serde_json::json;
 use tracing::{info, warn};
 
@@ -13,11 +14,18 @@ use super::config::Webhook;
 
 /// The report's JSON.
 pub fn document(d: &Deployment) -> serde_json::Value {
-    let state = DeploymentState::try_from(d.state)
-        .unwrap_or(DeploymentState::Unspecified)
-        .as_str_name()
-        .trim_start_matches("DEPLOYMENT_STATE_")
-        .to_ascii_lowercase();
+    let state = enum_word(
+        DeploymentState::try_from(d.state)
+            .unwrap_or(DeploymentState::Unspecified)
+            .as_str_name(),
+        "DEPLOYMENT_STATE_",
+    );
+    let kind = enum_word(
+        DeploymentKind::try_from(d.kind)
+            .unwrap_or(DeploymentKind::Unspecified)
+            .as_str_name(),
+        "DEPLOYMENT_KIND_",
+    );
     let steps: Vec<_> = d
         .steps
         .iter()
@@ -26,11 +34,12 @@ pub fn document(d: &Deployment) -> serde_json::Value {
                 "name": s.name,
                 "environment": s.environment,
                 "host": s.host,
-                "status": StepStatus::try_from(s.status)
-                    .unwrap_or(StepStatus::Unspecified)
-                    .as_str_name()
-                    .trim_start_matches("STEP_STATUS_")
-                    .to_ascii_lowercase(),
+                "status": enum_word(
+                    StepStatus::try_from(s.status)
+                        .unwrap_or(StepStatus::Unspecified)
+                        .as_str_name(),
+                    "STEP_STATUS_",
+                ),
                 "detail": s.detail,
                 "job_id": s.job_id,
             })
@@ -39,6 +48,8 @@ pub fn document(d: &Deployment) -> serde_json::Value {
     json!({
         "type": "deploy_report",
         "deploy_id": d.deploy_id,
+        "kind": kind,
+        "environment": d.environment,
         "app": d.app,
         "commit": d.commit,
         "state": state,
@@ -46,6 +57,8 @@ pub fn document(d: &Deployment) -> serde_json::Value {
         "db_change": d.db_change,
         "migration": d.migration,
         "detail": d.detail,
+        "cancelled_by": d.cancelled_by,
+        "cancel_reason": d.cancel_reason,
         "steps": steps,
     })
 }

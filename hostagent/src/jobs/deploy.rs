@@ -38,6 +38,7 @@ pub async fn deploy(
     bundle: &Path,
     events: &JobEvents,
 ) -> Result<String, JobError> {
+    events.set_not_secret(&params.not_secret);
     let result = deploy_inner(params, bundle, events).await;
     log_outcome("deploy", &params.deploy_id, &params.app, &result, events);
     result.map_err(|e| redacted(e, events))
@@ -48,6 +49,7 @@ pub async fn deploy(
 /// one-line summary. A failure here is reported, not undone: `current` then names the
 /// release that was being rolled back to.
 pub async fn rollback(params: &RollbackParams, events: &JobEvents) -> Result<String, JobError> {
+    events.set_not_secret(&params.not_secret);
     let result = rollback_inner(params, events).await;
     log_outcome("rollback", &params.deploy_id, &params.app, &result, events);
     result.map_err(|e| redacted(e, events))

@@ -67,6 +67,8 @@ pub struct JobEvents {
     seq: Arc<AtomicU64>,
     outbox: Outbox,
     secrets: Arc<Mutex<Vec<String>>>,
+    /// Env-file keys whose values are settings: [`JobEvents::add_env_value`] skips them.
+    not_secret: Arc<Mutex<Vec<String>>>,
 }
 
 impl JobEvents {
@@ -77,6 +79,7 @@ impl JobEvents {
             seq: Arc::new(AtomicU64::new(first_seq)),
             outbox,
             secrets: Arc::new(Mutex::new(Vec::new())),
+            not_secret: Arc::new(Mutex::new(Vec::new())),
         }
     }
 
@@ -93,6 +96,28 @@ impl JobEvents {
                 .lock()
                 .unwrap_or_else(|p| p.into_inner())
                 .push(value.to_string());
+        }
+    }
+
+    /// Names the env-file keys whose values are settings, not secrets (the job's
+    /// `not_secret`): [`JobEvents::add_env_value`] leaves their values readable. Set before
+    /// any env file is read.
+    pub fn set_not_secret(&self, keys: &[String]) {
+        *self.not_secret.lock().unwrap_or_else(|p| p.into_inner()) = keys.to_vec();
+    }
+
+    /// Registers the value of env-file key `key`: a secret ([`JobEvents::add_secret`]) unless
+    /// the key is one of [`JobEvents::set_not_secret`]'s. The one masking rule for events,
+    /// results and the audit log, which all go through [`JobEvents::redact`].
+    pub fn add_env_value(&self, key: &str, value: &str) {
+        let setting = self
+            .not_secret
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .iter()
+            .any(|k| k == key);
+        if !setting {
+            self.add_secret(value);
         }
     }
 
@@ -279,6 +304,10 @@ fn result_strings(result: &mut job_finished::Result, f: &mut dyn FnMut(&mut Stri
                 }
             }
         }
+        job_finished::Result::Rollback(r) => {
+            f(&mut r.commit);
+            f(&mut r.previous_commit);
+        }
     }
 }
 
@@ -317,10 +346,25 @@ mod tests {
     }
 
     #[test]
+    fn env_values_are_secrets_unless_their_key_is_a_setting() {
+        let outbox = Outbox::default();
+        let ev = JobEvents::new("j1", outbox.clone(), 0);
+        ev.set_not_secret(&["PORT".to_string()]);
+        ev.add_env_value("PORT", "8101");
+        ev.add_env_value("DB_PASSWORD", "hunter22");
+        // A key is a setting only by its exact name.
+        ev.add_env_value("port", "7777");
+        assert_eq!(
+            ev.redact("GET http://127.0.0.1:8101/health as hunter22 on 7777"),
+            "GET http://127.0.0.1:8101/health as *** on ***"
+        );
+    }
+
+    #[test]
     fn secrets_are_masked_in_every_kind_of_result() {
         use sentinel_proto::v1::{
-            BackupFailure, BackupReport, OffsiteReport, ProbeAttempt, ProbeReport, RestoreReport,
-            RestoreResult, VerifyReport,
+            BackupFailure, BackupReport, OffsiteReport, ProbeAttempt, ProbeReport, ReleaseReport,
+            RestoreReport, RestoreResult, VerifyReport,
         };
         let outbox = Outbox::default();
         let ev = JobEvents::new("j1", outbox.clone(), 0);
@@ -355,12 +399,16 @@ mod tests {
                     ..Default::default()
                 }],
             }),
+            job_finished::Result::Rollback(ReleaseReport {
+                commit: leak(),
+                previous_commit: String::new(),
+            }),
         ];
         for r in results {
             ev.finished(JobState::Failed, "done", Some(r));
         }
         let text = format!("{:?}", outbox.drain());
         assert!(!text.contains("hunter22"), "{text}");
-        assert_eq!(text.matches("password=*** refused").count(), 5, "{text}");
+        assert_eq!(text.matches("password=*** refused").count(), 6, "{text}");
     }
 }

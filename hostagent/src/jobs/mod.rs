@@ -336,6 +336,17 @@ impl Jobs {
             Some(job_spec::Params::IsolationProbe(p)) => {
                 probe::run_probe(p, &self.config.isolation_probe, events).await
             }
+            Some(job_spec::Params::Rollback(p)) => {
+                // Which release the rollback left live, for the controller's record.
+                let app_dir = std::path::Path::new(&p.app_dir);
+                let before = release::current_release(app_dir);
+                let outcome = deploy::rollback(p, events).await;
+                let report = sentinel_proto::v1::ReleaseReport {
+                    commit: release::current_release(app_dir).unwrap_or_default(),
+                    previous_commit: before.unwrap_or_default(),
+                };
+                (outcome, Some(job_finished::Result::Rollback(report)))
+            }
             _ => (self.execute_deploy(spec, events).await, None),
         }
     }
@@ -350,7 +361,6 @@ impl Jobs {
                 // `bundle` removes its file when dropped, also when this future is (cancel).
                 deploy::deploy(p, bundle.path(), events).await
             }
-            Some(job_spec::Params::Rollback(p)) => deploy::rollback(p, events).await,
             _ => Err(JobError::Failed(format!(
                 "this agent build cannot run {} jobs",
                 kind_name(spec.kind())
@@ -384,6 +394,7 @@ async fn restore_after_cancel(
         health: p.health.clone(),
         deploy_id: p.deploy_id.clone(),
         compose_project: p.compose_project.clone(),
+        not_secret: p.not_secret.clone(),
     };
     match deploy::rollback(&params, events).await {
         Ok(summary) => format!("{why}; restored {live}: {summary}"),
@@ -394,7 +405,9 @@ async fn restore_after_cancel(
 /// The result a job of `kind` answers when it fails before doing anything: empty, but of its
 /// kind, so the controller can tell it from an agent that does not report results.
 fn empty_result(kind: JobKind) -> Option<job_finished::Result> {
-    use sentinel_proto::v1::{BackupReport, ProbeReport, RestoreReport, VerifyReport};
+    use sentinel_proto::v1::{
+        BackupReport, ProbeReport, ReleaseReport, RestoreReport, VerifyReport,
+    };
     match kind {
         JobKind::Backup => Some(job_finished::Result::Backup(BackupReport::default())),
         JobKind::VerifyBackups => Some(job_finished::Result::Verify(VerifyReport::default())),
@@ -402,6 +415,7 @@ fn empty_result(kind: JobKind) -> Option<job_finished::Result> {
         JobKind::IsolationProbe => {
             Some(job_finished::Result::IsolationProbe(ProbeReport::default()))
         }
+        JobKind::Rollback => Some(job_finished::Result::Rollback(ReleaseReport::default())),
         _ => None,
     }
 }

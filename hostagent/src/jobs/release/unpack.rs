@@ -268,8 +268,8 @@ fn write_env_file(entry: &mut impl Read, dest: &Path, events: &JobEvents) -> Res
             dest.display()
         )));
     }
-    for value in env_values(&String::from_utf8_lossy(&content)) {
-        events.add_secret(&value);
+    for (key, value) in env_values(&String::from_utf8_lossy(&content)) {
+        events.add_env_value(&key, &value);
     }
     let mut out = create_file(dest, 0o600)?;
     out.write_all(&content)
@@ -277,9 +277,9 @@ fn write_env_file(entry: &mut impl Read, dest: &Path, events: &JobEvents) -> Res
     Ok(())
 }
 
-/// The values of a dotenv file, in every form they could be printed: as written, unquoted,
-/// and without an inline comment.
-fn env_values(text: &str) -> Vec<String> {
+/// The values of a dotenv file with their keys, each value in every form it could be printed:
+/// as written, unquoted, and without an inline comment.
+fn env_values(text: &str) -> Vec<(String, String)> {
     let mut values = Vec::new();
     for line in text.lines() {
         let line = line.trim();
@@ -287,9 +287,10 @@ fn env_values(text: &str) -> Vec<String> {
             continue;
         }
         let line = line.strip_prefix("export ").unwrap_or(line);
-        let Some((_, raw)) = line.split_once('=') else {
+        let Some((key, raw)) = line.split_once('=') else {
             continue;
         };
+        let key = key.trim();
         let raw = raw.trim();
         let mut forms = vec![raw.to_string()];
         for quote in ['"', '\''] {
@@ -301,8 +302,9 @@ fn env_values(text: &str) -> Vec<String> {
             forms.push(before.trim().to_string());
         }
         for form in forms {
-            if !form.is_empty() && !values.contains(&form) {
-                values.push(form);
+            let pair = (key.to_string(), form);
+            if !pair.1.is_empty() && !values.contains(&pair) {
+                values.push(pair);
             }
         }
     }
@@ -325,8 +327,8 @@ pub fn register_env_secrets(dir: &Path, events: &JobEvents) -> usize {
         let read =
             File::open(entry.path()).and_then(|f| f.take(MAX_ENV_FILE).read_to_end(&mut content));
         if read.is_ok() {
-            for value in env_values(&String::from_utf8_lossy(&content)) {
-                events.add_secret(&value);
+            for (key, value) in env_values(&String::from_utf8_lossy(&content)) {
+                events.add_env_value(&key, &value);
             }
             count += 1;
         }
@@ -360,19 +362,19 @@ mod tests {
         let v = env_values(
             "# comment\nDB_PASSWORD=s3cr3t\nexport TOKEN=\"quoted value\"\nK='single'\nC=raw # note\nEMPTY=\nnot a pair\n",
         );
-        for expected in [
-            "s3cr3t",
-            "\"quoted value\"",
-            "quoted value",
-            "single",
-            "raw",
+        for (key, expected) in [
+            ("DB_PASSWORD", "s3cr3t"),
+            ("TOKEN", "\"quoted value\""),
+            ("TOKEN", "quoted value"),
+            ("K", "single"),
+            ("C", "raw"),
         ] {
             assert!(
-                v.iter().any(|x| x == expected),
-                "{expected} missing in {v:?}"
+                v.iter().any(|(k, x)| k == key && x == expected),
+                "{key}={expected} missing in {v:?}"
             );
         }
-        assert!(!v.iter().any(|x| x.is_empty()));
+        assert!(!v.iter().any(|(_, x)| x.is_empty()));
     }
 
     #[test]
