@@ -1,32 +1,47 @@
 //! A tower layer in front of every gRPC service that checks the caller's certificate identity
-//! against the path it calls, before any handler runs. Refusals are PERMISSION_DENIED and are
-//! logged with the peer.
+//! against the deny list and the path it calls, before any handler runs. Refusals are
+//! PERMISSION_DENIED and are logged with the peer.
 
 use std::future::Future;
 use std::pin::Pin;
+use std::sync::Arc;
 use std::task::{Context, Poll};
 
 use tower::{Layer, Service};
 use tracing::warn;
 
 use crate::identity::{self, PeerInfo};
+use crate::revocation::{self, DenyList};
 
 /// Adds [`Authz`] around a service.
-#[derive(Debug, Clone, Copy, Default)]
-pub struct AuthzLayer;
+#[derive(Clone)]
+pub struct AuthzLayer {
+    deny: Arc<DenyList>,
+}
+
+impl AuthzLayer {
+    /// A layer refusing the identities on `deny`.
+    pub fn new(deny: Arc<DenyList>) -> Self {
+        Self { deny }
+    }
+}
 
 impl<S> Layer<S> for AuthzLayer {
     type Service = Authz<S>;
 
     fn layer(&self, inner: S) -> Self::Service {
-        Authz { inner }
+        Authz {
+            inner,
+            deny: self.deny.clone(),
+        }
     }
 }
 
 /// The authorising service.
-#[derive(Debug, Clone)]
+#[derive(Clone)]
 pub struct Authz<S> {
     inner: S,
+    deny: Arc<DenyList>,
 }
 
 type BoxFuture<T, E> = Pin<Box<dyn Future<Output = Result<T, E>> + Send>>;
@@ -52,9 +67,16 @@ where
             // Every connection passes through our TLS acceptor, which always attaches this;
             // its absence means a misconfigured server, so fail closed.
             None => Err("no authenticated peer on this connection".to_string()),
-            Some(peer) => identity::authorize(&peer.identity, &path).inspect_err(|_| {
-                warn!(peer = ?peer.addr, identity = %peer.identity, path = %path, "call refused");
-            }),
+            // A revoked certificate gets no call at all, health and reflection included.
+            Some(peer) => match self.deny.refusal(&peer.identity) {
+                Some(entry) => {
+                    warn!(peer = ?peer.addr, identity = %peer.identity, path = %path, reason = ?entry.reason, "call of a revoked certificate refused");
+                    Err(revocation::refusal_message(&entry))
+                }
+                None => identity::authorize(&peer.identity, &path).inspect_err(|_| {
+                    warn!(peer = ?peer.addr, identity = %peer.identity, path = %path, "call refused");
+                }),
+            },
         };
         match verdict {
             Ok(()) => Box::pin(self.inner.call(req)),

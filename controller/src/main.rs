@@ -67,13 +67,22 @@ enum Command {
     /// Audit database isolation, or print (and apply) the fix.
     #[command(subcommand)]
     Isolation(IsolationCommand),
-    /// List the fleet's hosts.
+    /// List the fleet's hosts, or revoke or forget one.
     Hosts {
+        #[command(subcommand)]
+        command: Option<sentinel::cli::revoke::HostsCommand>,
         #[command(flatten)]
         client: ClientArgs,
         /// JSON for scripts.
         #[arg(long)]
         json: bool,
+    },
+    /// Revoke an operator's certificates, lift that, or list the deny list.
+    Operators {
+        #[command(subcommand)]
+        command: sentinel::cli::revoke::OperatorsCommand,
+        #[command(flatten)]
+        client: ClientArgs,
     },
     /// Show one host: system, containers, nginx, Redis, PostgreSQL, collectors' errors.
     Host {
@@ -239,7 +248,7 @@ fn main() -> ExitCode {
     logging::init(cli.log_format);
     match cli.command {
         Command::Serve { config } => {
-            let config = match ControllerConfig::load_for_command(&config) {
+            let config = match ControllerConfig::load_for_daemon(&config) {
                 Ok(c) => c,
                 Err(code) => return ExitCode::from(code),
             };
@@ -296,7 +305,19 @@ fn main() -> ExitCode {
                 force,
             } => pki::cli::issue_operator_command(&dir, &name, role, force),
         }),
-        Command::Hosts { client, json } => client_call(sentinel::cli::fleet::hosts(&client, json)),
+        Command::Hosts {
+            command: Some(command),
+            client,
+            ..
+        } => client_call(sentinel::cli::revoke::hosts(&client, command)),
+        Command::Hosts {
+            command: None,
+            client,
+            json,
+        } => client_call(sentinel::cli::fleet::hosts(&client, json)),
+        Command::Operators { command, client } => {
+            client_call(sentinel::cli::revoke::operators(&client, command))
+        }
         Command::Host { name, client, json } => {
             client_call(sentinel::cli::host::show(&client, name, json))
         }

@@ -89,12 +89,16 @@ pub async fn run(
     if let Some(backups) = &backups {
         pipeline.set_backups(backups.clone());
     }
+    let deny = crate::revocation::DenyList::load(store.clone())
+        .context("loading the deny list from the store")?;
     let ctx = Arc::new(Shared {
         registry: registry.clone(),
         jobs: jobs.clone(),
         pipeline,
         bundles_dir,
         backups: backups.clone(),
+        deny: deny.clone(),
+        store: store.clone(),
     });
     // Database isolation: deploys consult its latest report, and check again before production.
     let isolation = config.isolation.clone().map(|policy| {
@@ -106,6 +110,17 @@ pub async fn run(
     }
     let tls =
         crate::tls::server_config(&config.tls).context("loading the controller's TLS files")?;
+    if let Some((not_before, not_after)) =
+        sentinel_daemon::tls::load_certs(&config.tls.cert, "certificate")
+            .ok()
+            .and_then(|certs| {
+                certs
+                    .first()
+                    .and_then(|c| crate::identity::validity(c.as_ref()))
+            })
+    {
+        crate::metrics::get().set_controller_cert(not_before, not_after);
+    }
     let listener = tokio::net::TcpListener::bind(config.listen)
         .await
         .with_context(|| format!("binding {}", config.listen))?;
@@ -156,7 +171,7 @@ pub async fn run(
         .http2_keepalive_interval(Some(Duration::from_secs(30)))
         .http2_keepalive_timeout(Some(Duration::from_secs(20)))
         .layer(crate::metrics::GrpcMetricsLayer)
-        .layer(AuthzLayer)
+        .layer(AuthzLayer::new(deny.clone()))
         .add_service(AgentServer::new(AgentApi::new(
             ctx.clone(),
             shutdown.clone(),
@@ -220,9 +235,27 @@ async fn flush_loop(ctx: Arc<Shared>, store: Arc<dyn Store>, shutdown: Cancellat
         };
         ctx.jobs.sweep();
         flush(&ctx, &store).await;
+        refresh_deny_list(&ctx).await;
         if stopping {
             return;
         }
+    }
+}
+
+/// Re-reads the deny list (another controller sharing the store may have revoked someone)
+/// and closes the streams of hosts revoked there.
+async fn refresh_deny_list(ctx: &Arc<Shared>) {
+    let deny = ctx.deny.clone();
+    match tokio::task::spawn_blocking(move || deny.refresh()).await {
+        Ok(Ok(())) => {
+            for entry in ctx.deny.list() {
+                if entry.kind() == sentinel_proto::v1::RevocationKind::Host {
+                    ctx.registry.close(&entry.name);
+                }
+            }
+        }
+        Ok(Err(e)) => warn!(error = %e, "could not re-read the deny list"),
+        Err(e) => warn!(error = %e, "the deny-list task failed"),
     }
 }
 

@@ -352,8 +352,11 @@ async fn handshake(
     let mut stream = match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await {
         Ok(Ok(stream)) => stream,
         Ok(Err(e)) => {
+            let error = sentinel_daemon::tls_explain::find(&e)
+                .map(sentinel_daemon::tls_explain::peer_certificate)
+                .unwrap_or_else(|| e.to_string());
             HANDSHAKE_WARNINGS.warn(&ip, || {
-                format!("TLS handshake refused peer={addr} error={e}")
+                format!("TLS handshake refused peer={addr} error={error}")
             });
             return None;
         }
@@ -424,6 +427,7 @@ async fn handshake(
         peer: PeerInfo {
             addr: Some(addr),
             identity,
+            validity: identity::validity(&der),
         },
         preface,
         _slot: slot,

@@ -135,7 +135,7 @@ async fn session(
         .await
         .map_err(|status| match status.code() {
             tonic::Code::Unavailable | tonic::Code::Unknown | tonic::Code::Internal => {
-                SessionError::Lost(status.to_string())
+                SessionError::Lost(sentinel_daemon::tls_explain::status(&status))
             }
             _ => SessionError::Refused(status),
         })?
@@ -216,7 +216,12 @@ async fn session(
                 },
                 Ok(Some(ControllerMessage { msg: None })) => {}
                 Ok(None) => return Ok(()),
-                Err(status) => return Err(SessionError::Lost(status.to_string())),
+                Err(status) if status.code() == tonic::Code::PermissionDenied => {
+                    return Err(SessionError::Refused(status))
+                }
+                Err(status) => {
+                    return Err(SessionError::Lost(sentinel_daemon::tls_explain::status(&status)))
+                }
             },
         }
     }

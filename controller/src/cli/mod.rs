@@ -14,6 +14,7 @@ pub mod format;
 pub mod host;
 pub mod jobs;
 pub mod json;
+pub mod revoke;
 
 use std::path::PathBuf;
 
