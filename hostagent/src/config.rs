@@ -652,11 +652,6 @@ impl AgentConfig {
             key: key.into(),
             message,
         };
-        if let Err(e) =
-            sentinel_daemon::tls::server_name_for(&self.controller, self.server_name.as_deref())
-        {
-            return Err(invalid("controller", e));
-        }
         // server_name_for takes the name from the override when there is one, so the port
         // is checked here for every address.
         let port = self
@@ -674,6 +669,11 @@ impl AgentConfig {
                     self.controller.trim_end_matches(':')
                 ),
             ));
+        }
+        if let Err(e) =
+            sentinel_daemon::tls::server_name_for(&self.controller, self.server_name.as_deref())
+        {
+            return Err(invalid("controller", e));
         }
         if self.report_interval < Duration::from_secs(1) {
             return Err(invalid(

@@ -122,6 +122,17 @@ async fn session(
     jobs: &Jobs,
     welcomed: &mut bool,
 ) -> Result<(), SessionError> {
+    // An expired certificate (the agent was offline past its end, or its renewal failed):
+    // said plainly, instead of whatever the refused handshake looks like from here.
+    if let Some(problem) = sentinel_daemon::certcheck::validity_problem(&config.tls.cert) {
+        return Err(SessionError::Connect {
+            addr: config.controller.clone(),
+            message: format!(
+                "the controller would refuse this host's certificate: {problem} (enrol the \
+                 host again)"
+            ),
+        });
+    }
     let channel = open_channel(config, tls).await?;
     let mut client = AgentServiceClient::new(channel);
     let (tx, rx) = mpsc::channel::<AgentMessage>(OUTBOUND_QUEUE);

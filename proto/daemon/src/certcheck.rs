@@ -91,25 +91,8 @@ pub fn check_files(
             ),
         ));
     }
-    if now > not_after {
-        return Err(invalid(
-            "tls.cert",
-            format!(
-                "{cert_file} expired at {} ({} ago): issue a new certificate",
-                rfc3339(not_after),
-                short(now.duration_since(not_after).unwrap_or_default())
-            ),
-        ));
-    }
-    if now < not_before {
-        return Err(invalid(
-            "tls.cert",
-            format!(
-                "{cert_file} is not valid before {} (in {}): check this machine's clock",
-                rfc3339(not_before),
-                short(not_before.duration_since(now).unwrap_or_default())
-            ),
-        ));
+    if let Err(problem) = validity_at(&files.cert, not_before, not_after, now) {
+        return Err(invalid("tls.cert", problem));
     }
     let unix = UnixTime::since_unix_epoch(now.duration_since(UNIX_EPOCH).unwrap_or_default());
     chain(&roots, &certs, usage, unix).map_err(|e| {
@@ -137,6 +120,49 @@ pub fn check_files(
         not_before,
         not_after,
     })
+}
+
+/// Why a certificate valid from `not_before` to `not_after` cannot be used at `now`.
+fn validity_at(
+    cert: &Path,
+    not_before: SystemTime,
+    not_after: SystemTime,
+    now: SystemTime,
+) -> Result<(), String> {
+    let cert = cert.display();
+    if now > not_after {
+        return Err(format!(
+            "{cert} expired at {} ({} ago): issue a new certificate",
+            rfc3339(not_after),
+            short(now.duration_since(not_after).unwrap_or_default())
+        ));
+    }
+    if now < not_before {
+        return Err(format!(
+            "{cert} is not valid before {} (in {}): check this machine's clock",
+            rfc3339(not_before),
+            short(not_before.duration_since(now).unwrap_or_default())
+        ));
+    }
+    Ok(())
+}
+
+/// Why the certificate in `cert` cannot be used now (expired, not valid yet), if it cannot:
+/// checked before dialling, so that the answer does not depend on how the controller's refusal
+/// arrives. A file that cannot be read is left to the TLS setup, which names it.
+pub fn validity_problem(cert: &Path) -> Option<String> {
+    let certs = load_certs(cert, "certificate").ok()?;
+    let (_, parsed) = X509Certificate::from_der(certs.first()?.as_ref()).ok()?;
+    let at = |t: x509_parser::time::ASN1Time| {
+        UNIX_EPOCH + Duration::from_secs(u64::try_from(t.timestamp()).unwrap_or(0))
+    };
+    validity_at(
+        cert,
+        at(parsed.validity().not_before),
+        at(parsed.validity().not_after),
+        SystemTime::now(),
+    )
+    .err()
 }
 
 /// Verifies the chain as the peer will: against the CA only, for the certificate's usage.

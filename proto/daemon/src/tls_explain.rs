@@ -51,7 +51,10 @@ pub fn certificate(e: &rustls::Error) -> Option<String> {
         CertificateError::NotValidYetContext { time, not_before } => not_yet(not_before, time),
         CertificateError::NotValidYet => "not valid yet (is a clock wrong?)".into(),
         CertificateError::UnknownIssuer => "not issued by the fleet CA".into(),
-        CertificateError::BadSignature => "its signature does not verify".into(),
+        // Two CAs of the same name: the issuer matches, its signature does not.
+        CertificateError::BadSignature => {
+            "not issued by the fleet CA (its signature does not verify against it)".into()
+        }
         CertificateError::NotValidForName | CertificateError::NotValidForNameContext { .. } => {
             format!("not valid for the name dialled ({cert})")
         }
@@ -127,6 +130,27 @@ pub fn find<'a>(e: &'a (dyn std::error::Error + 'static)) -> Option<&'a rustls::
     None
 }
 
+/// The alerts a controller sends about a client certificate.
+const CERTIFICATE_ALERTS: [AlertDescription; 8] = [
+    AlertDescription::CertificateExpired,
+    AlertDescription::UnknownCA,
+    AlertDescription::BadCertificate,
+    AlertDescription::CertificateUnknown,
+    AlertDescription::DecryptError,
+    AlertDescription::UnsupportedCertificate,
+    AlertDescription::CertificateRequired,
+    AlertDescription::CertificateRevoked,
+];
+
+/// The alert named in an error's text. HTTP/2 keeps only the text of the I/O error that ended
+/// a connection (`received fatal alert: CertificateExpired`), not the rustls error itself.
+fn alert_in(text: &str) -> Option<rustls::Error> {
+    CERTIFICATE_ALERTS
+        .into_iter()
+        .find(|a| text.contains(&format!("received fatal alert: {a:?}")))
+        .map(rustls::Error::AlertReceived)
+}
+
 /// A failed call in words: the certificate problem when there is one in the chain, else the
 /// status code and message (never the status' Debug form).
 pub fn status(s: &tonic::Status) -> String {
@@ -134,14 +158,15 @@ pub fn status(s: &tonic::Status) -> String {
     if let Some(text) = s.source().and_then(find).and_then(client) {
         return text;
     }
+    let chain = s.source().map(crate::error_chain).unwrap_or_default();
+    if let Some(text) = alert_in(&chain).as_ref().and_then(client) {
+        return text;
+    }
     let mut out = format!("{:?}: {}", s.code(), s.message());
-    if let Some(source) = s.source() {
-        let chain = crate::error_chain(source);
-        if !out.contains(&chain) {
-            out.push_str(" (");
-            out.push_str(&chain);
-            out.push(')');
-        }
+    if !chain.is_empty() && !out.contains(&chain) {
+        out.push_str(" (");
+        out.push_str(&chain);
+        out.push(')');
     }
     out
 }
