@@ -714,7 +714,7 @@ impl AgentConfig {
         let checked = check_files(path, &self.tls, Usage::Client, std::time::SystemTime::now())?;
         let name = self.host_name();
         let wanted = format!("sentinel://host/{name}");
-        if !checked.identities.iter().any(|i| *i == wanted) {
+        if !checked.identities.contains(&wanted) {
             let key = if self.host_name.is_some() {
                 "host_name"
             } else {

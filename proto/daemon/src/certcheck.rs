@@ -225,10 +225,10 @@ mod tests {
     struct Pki {
         dir: tempfile::TempDir,
         ca: rcgen::Certificate,
-        ca_key: KeyPair,
+        issuer: Issuer<'static, KeyPair>,
     }
 
-    fn pki() -> Pki {
+    fn new_pki() -> Pki {
         let ca_key = KeyPair::generate().unwrap();
         let mut params = CertificateParams::new(Vec::<String>::new()).unwrap();
         params.is_ca = IsCa::Ca(BasicConstraints::Constrained(0));
@@ -236,7 +236,7 @@ mod tests {
         Pki {
             dir: tempfile::tempdir().unwrap(),
             ca,
-            ca_key,
+            issuer: Issuer::new(params, ca_key),
         }
     }
 
@@ -251,8 +251,7 @@ mod tests {
             let now = time::OffsetDateTime::now_utc();
             params.not_before = now - time::Duration::days(2);
             params.not_after = now + time::Duration::days(not_after_days);
-            let issuer = Issuer::from_ca_cert_der(self.ca.der(), &self.ca_key).unwrap();
-            let cert = params.signed_by(&key, &issuer).unwrap();
+            let cert = params.signed_by(&key, &self.issuer).unwrap();
             let path = |f: &str| self.dir.path().join(f);
             std::fs::write(path("ca.pem"), self.ca.pem()).unwrap();
             std::fs::write(path(&format!("{name}.pem")), cert.pem()).unwrap();
@@ -279,14 +278,14 @@ mod tests {
 
     #[test]
     fn a_good_certificate_passes_with_its_identity() {
-        let pki = pki();
+        let pki = new_pki();
         let checked = check(&pki.files("argus", 30, None)).unwrap();
         assert_eq!(checked.identities, ["sentinel://host/argus"]);
     }
 
     #[test]
     fn each_problem_names_its_key_and_file() {
-        let pki = pki();
+        let pki = new_pki();
         let good = pki.files("argus", 30, None);
         let other = pki.files("cerebro", 30, None);
 
@@ -320,7 +319,7 @@ mod tests {
             "{e}"
         );
 
-        let foreign = pki();
+        let foreign = new_pki();
         let stranger = foreign.files("stranger", 30, None);
         let e = check(&TlsFiles {
             ca: good.ca.clone(),
