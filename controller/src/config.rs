@@ -76,6 +76,10 @@ impl Default for MetricsConfig {
 pub struct SigningConfig {
     /// PKCS#8 PEM private key (`signing.key` from `sentinel pki init`), mode 0600.
     pub key: PathBuf,
+    /// The next signing key's public half (`signing-next.pub` from `sentinel pki
+    /// rotate-signing-key`): announced to agents, signed by `key`, before it signs anything.
+    #[serde(default)]
+    pub next_key: Option<PathBuf>,
 }
 
 /// Job queue settings.
@@ -201,6 +205,13 @@ impl ControllerConfig {
                 key: "signing.key".into(),
                 message: format!("{}: {e}", signing.key.display()),
             })?;
+            if let Some(next) = &signing.next_key {
+                crate::pki::keys::load_verifying_key(next).map_err(|e| ConfigError::Invalid {
+                    path: path.to_path_buf(),
+                    key: "signing.next_key".into(),
+                    message: e.to_string(),
+                })?;
+            }
         }
         Ok(())
     }

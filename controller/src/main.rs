@@ -166,6 +166,19 @@ enum PkiCommand {
         #[arg(long)]
         force: bool,
     },
+    /// Rotate the job-signing key: make the next key (announced to agents once the config's
+    /// `[signing] next_key` names signing-next.pub), or with --promote make it the signing key.
+    RotateSigningKey {
+        /// The PKI directory holding signing.key.
+        #[arg(long)]
+        dir: PathBuf,
+        /// Make signing-next.* the signing key (the old one is kept as signing-old.*).
+        #[arg(long)]
+        promote: bool,
+        /// Overwrite an existing signing-next.* (or signing-old.* when promoting).
+        #[arg(long)]
+        force: bool,
+    },
     /// Issue an operator certificate with a role.
     IssueOperator {
         /// The operator's name.
@@ -304,6 +317,11 @@ fn main() -> ExitCode {
                 dir,
                 force,
             } => pki::cli::issue_operator_command(&dir, &name, role, force),
+            PkiCommand::RotateSigningKey {
+                dir,
+                promote,
+                force,
+            } => pki::cli::rotate_signing_key_command(&dir, promote, force),
         }),
         Command::Hosts {
             command: Some(command),

@@ -51,10 +51,20 @@ pub async fn run(
     )
     .context("loading hosts from the store")?;
     let signer = match &config.signing {
-        Some(s) => Some(
-            Signer::load(&s.key)
-                .with_context(|| format!("loading the job-signing key {}", s.key.display()))?,
-        ),
+        Some(s) => {
+            let signer = Signer::load(&s.key)
+                .with_context(|| format!("loading the job-signing key {}", s.key.display()))?;
+            Some(match &s.next_key {
+                Some(next) => {
+                    let key = crate::pki::keys::load_verifying_key(next).with_context(|| {
+                        format!("loading the next job-signing key {}", next.display())
+                    })?;
+                    info!(next_key = %crate::pki::keys::signing_key_id(&key), "announcing the next job-signing key to agents");
+                    signer.with_next(key)
+                }
+                None => signer,
+            })
+        }
         None => {
             warn!("no [signing] key configured: jobs cannot be sent");
             None

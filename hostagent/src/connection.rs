@@ -219,6 +219,7 @@ async fn session(
                         reports.reset_immediately();
                     }
                     controller_message::Msg::Job(job) => jobs.receive(job),
+                    controller_message::Msg::TrustedKeys(keys) => jobs.receive_keys(&keys),
                     controller_message::Msg::CancelJob(c) => jobs.cancel(&c.job_id, &c.reason),
                     controller_message::Msg::BundleChunk(chunk) => jobs.bundles().deliver(chunk),
                     controller_message::Msg::Welcome(_) => {

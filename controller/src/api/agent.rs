@@ -107,6 +107,14 @@ impl AgentService for AgentApi {
         }))
         .await
         .map_err(|_| Status::unavailable("stream closed"))?;
+        // The keys to trust, signed by the current one, before any job of this stream.
+        if let Some(keys) = self.ctx.jobs.trusted_keys() {
+            tx.send(Ok(ControllerMessage {
+                msg: Some(controller_message::Msg::TrustedKeys(keys)),
+            }))
+            .await
+            .map_err(|_| Status::unavailable("stream closed"))?;
+        }
 
         let version = info.agent_version.clone();
         // Cancelled when a newer stream of this host takes over (or at shutdown): this stream

@@ -26,6 +26,11 @@ pub fn issue_operator_command(dir: &Path, name: &str, role: Role, force: bool) -
     report(super::issue_operator(dir, name, role, force))
 }
 
+/// `sentinel pki rotate-signing-key --dir DIR [--promote]`.
+pub fn rotate_signing_key_command(dir: &Path, promote: bool, force: bool) -> u8 {
+    report(super::keys::rotate_signing_key(dir, promote, force))
+}
+
 /// Lists the files written, or prints the error with its causes; the exit code.
 fn report(result: Result<Vec<PathBuf>, PkiError>) -> u8 {
     match result {
