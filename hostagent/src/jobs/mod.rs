@@ -28,7 +28,7 @@ use sentinel_proto::v1::{
 };
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
-use tracing::{info, warn, Instrument};
+use tracing::{debug, info, warn, Instrument};
 
 use crate::config::JobsConfig;
 pub use bundle::Bundles;
@@ -143,6 +143,11 @@ impl Jobs {
     /// Takes a signed list of keys from the controller (a signing-key rotation): kept when a
     /// trusted key signed it, refused and logged otherwise.
     pub fn receive_keys(&self, keys: &sentinel_proto::v1::TrustedKeys) {
+        if self.trusted.with(|k| k.is_empty()) {
+            // No jobs.trusted_keys: this host runs no jobs, so no key can be checked or needed.
+            debug!(signed_by = %keys.key_id, "no trusted keys configured; the controller's key list is ignored");
+            return;
+        }
         match self.trusted.accept(keys) {
             Ok(new) if new.is_empty() => {}
             Ok(new) => {
