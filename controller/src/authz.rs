@@ -1,12 +1,11 @@
 //! A tower layer in front of every gRPC service that checks the caller's certificate identity
-//! against the path it calls, before any handler runs. Refusals are PERMISSION_DENIED, logged
-//! with the peer, and a refused write is appended to the audit trail.
+//! against the deny list and the path it calls, before any handler runs. Refusals are
+//! PERMISSION_DENIED, logged with the peer, and a refused write is appended to the audit trail.
 
 use std::future::Future;
 use std::pin::Pin;
-use std::task::{Context, Poll};
-
 use std::sync::Arc;
+use std::task::{Context, Poll};
 
 use tower::{Layer, Service};
 use tracing::warn;
@@ -14,17 +13,19 @@ use tracing::warn;
 use crate::audit::AuditLog;
 use crate::identity::{self, PeerInfo, Requirement};
 use crate::pki::scheme::Role;
+use crate::revocation::{self, DenyList};
 
 /// Adds [`Authz`] around a service.
-#[derive(Clone, Default)]
+#[derive(Clone)]
 pub struct AuthzLayer {
-    audit: Option<Arc<AuditLog>>,
+    deny: Arc<DenyList>,
+    audit: Arc<AuditLog>,
 }
 
 impl AuthzLayer {
-    /// The layer, recording refused writes in `audit`.
-    pub fn with_audit(audit: Arc<AuditLog>) -> Self {
-        Self { audit: Some(audit) }
+    /// A layer refusing the identities on `deny` and recording refused writes in `audit`.
+    pub fn new(deny: Arc<DenyList>, audit: Arc<AuditLog>) -> Self {
+        Self { deny, audit }
     }
 }
 
@@ -34,6 +35,7 @@ impl<S> Layer<S> for AuthzLayer {
     fn layer(&self, inner: S) -> Self::Service {
         Authz {
             inner,
+            deny: self.deny.clone(),
             audit: self.audit.clone(),
         }
     }
@@ -43,7 +45,8 @@ impl<S> Layer<S> for AuthzLayer {
 #[derive(Clone)]
 pub struct Authz<S> {
     inner: S,
-    audit: Option<Arc<AuditLog>>,
+    deny: Arc<DenyList>,
+    audit: Arc<AuditLog>,
 }
 
 type BoxFuture<T, E> = Pin<Box<dyn Future<Output = Result<T, E>> + Send>>;
@@ -69,17 +72,26 @@ where
             // Every connection passes through our TLS acceptor, which always attaches this;
             // its absence means a misconfigured server, so fail closed.
             None => Err("no authenticated peer on this connection".to_string()),
-            Some(peer) => identity::authorize(&peer.identity, &path).inspect_err(|_| {
+            // A revoked certificate gets no call at all, health and reflection included.
+            Some(peer) => {
                 let addr = peer.addr.map(|a| a.to_string()).unwrap_or_default();
-                warn!(peer = %addr, identity = %peer.identity, path = %path, "call refused");
-            }),
+                match self.deny.refusal(&peer.identity) {
+                    Some(entry) => {
+                        warn!(peer = %addr, identity = %peer.identity, path = %path, reason = %entry.reason, "call of a revoked certificate refused");
+                        Err(revocation::refusal_message(&entry))
+                    }
+                    None => identity::authorize(&peer.identity, &path).inspect_err(|_| {
+                        warn!(peer = %addr, identity = %peer.identity, path = %path, "call refused");
+                    }),
+                }
+            }
         };
         match verdict {
             Ok(()) => Box::pin(self.inner.call(req)),
             Err(reason) => {
                 let status = tonic::Status::permission_denied(reason);
-                let audit = match (&self.audit, req.extensions().get::<PeerInfo>()) {
-                    (Some(log), Some(peer)) if is_write(&path) => Some((log.clone(), peer.clone())),
+                let audit = match req.extensions().get::<PeerInfo>() {
+                    Some(peer) if is_write(&path) => Some((self.audit.clone(), peer.clone())),
                     _ => None,
                 };
                 Box::pin(async move {

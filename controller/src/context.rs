@@ -8,6 +8,8 @@ use crate::backups::Backups;
 use crate::jobs::JobQueue;
 use crate::pipeline::Pipeline;
 use crate::registry::Registry;
+use crate::revocation::DenyList;
+use crate::store::Store;
 
 /// Shared controller state, handed to every service.
 pub struct Context {
@@ -27,6 +29,11 @@ pub struct Context {
     pub locks: Arc<crate::audit::Locks>,
     /// Enrolment and renewal, when `[pki]` configures an issuing CA.
     pub enrolment: Option<Arc<crate::enroll::Enrolment>>,
+    /// Revoked hosts and operators.
+    pub deny: Arc<DenyList>,
+    /// The durable store, for the calls that must commit before they answer (revocation,
+    /// forgetting a host).
+    pub store: Arc<dyn Store>,
 }
 
 impl Context {

@@ -96,6 +96,7 @@ pub async fn run(opts: DevOptions, shutdown: CancellationToken) -> anyhow::Resul
         agents: AgentsConfig::default(),
         signing: Some(SigningConfig {
             key: certs.join(pki::SIGNING_KEY_FILE),
+            next_key: None,
         }),
         jobs: crate::config::JobsConfig::default(),
         pipeline: Default::default(),

@@ -41,6 +41,21 @@ pub struct PeerInfo {
     pub addr: Option<SocketAddr>,
     /// Who the certificate says the peer is.
     pub identity: Identity,
+    /// The certificate's validity (not before, not after), for `GetHost` and the metrics.
+    pub validity: Option<(std::time::SystemTime, std::time::SystemTime)>,
+}
+
+/// A DER certificate's validity period (not before, not after); `None` if it cannot be parsed.
+pub fn validity(der: &[u8]) -> Option<(std::time::SystemTime, std::time::SystemTime)> {
+    let (_, cert) = X509Certificate::from_der(der).ok()?;
+    let at = |t: x509_parser::time::ASN1Time| {
+        let secs = u64::try_from(t.timestamp()).unwrap_or(0);
+        std::time::UNIX_EPOCH + std::time::Duration::from_secs(secs)
+    };
+    Some((
+        at(cert.validity().not_before),
+        at(cert.validity().not_after),
+    ))
 }
 
 /// Why a certificate (already verified against the fleet CA) carries no usable identity.

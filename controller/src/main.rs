@@ -67,13 +67,22 @@ enum Command {
     /// Audit database isolation, or print (and apply) the fix.
     #[command(subcommand)]
     Isolation(IsolationCommand),
-    /// List the fleet's hosts.
+    /// List the fleet's hosts, or revoke or forget one.
     Hosts {
+        #[command(subcommand)]
+        command: Option<sentinel::cli::revoke::HostsCommand>,
         #[command(flatten)]
         client: ClientArgs,
         /// JSON for scripts.
         #[arg(long)]
         json: bool,
+    },
+    /// Revoke an operator's certificates, lift that, or list the deny list.
+    Operators {
+        #[command(subcommand)]
+        command: sentinel::cli::revoke::OperatorsCommand,
+        #[command(flatten)]
+        client: ClientArgs,
     },
     /// Show one host: system, containers, nginx, Redis, PostgreSQL, collectors' errors.
     Host {
@@ -205,6 +214,19 @@ enum PkiCommand {
         #[arg(long)]
         force: bool,
     },
+    /// Rotate the job-signing key: make the next key (announced to agents once the config's
+    /// `[signing] next_key` names signing-next.pub), or with --promote make it the signing key.
+    RotateSigningKey {
+        /// The PKI directory holding signing.key.
+        #[arg(long)]
+        dir: PathBuf,
+        /// Make signing-next.* the signing key (the old one is kept as signing-old.*).
+        #[arg(long)]
+        promote: bool,
+        /// Overwrite an existing signing-next.* (or signing-old.* when promoting).
+        #[arg(long)]
+        force: bool,
+    },
     /// Issue an operator certificate with a role.
     IssueOperator {
         /// The operator's name.
@@ -301,7 +323,7 @@ fn main() -> ExitCode {
     logging::init(cli.log_format);
     match cli.command {
         Command::Serve { config } => {
-            let config = match ControllerConfig::load_for_command(&config) {
+            let config = match ControllerConfig::load_for_daemon(&config) {
                 Ok(c) => c,
                 Err(code) => return ExitCode::from(code),
             };
@@ -368,8 +390,25 @@ fn main() -> ExitCode {
             PkiCommand::InitIssuer { dir, ttl, force } => {
                 pki::cli::init_issuer_command(&dir, ttl, force)
             }
+            PkiCommand::RotateSigningKey {
+                dir,
+                promote,
+                force,
+            } => pki::cli::rotate_signing_key_command(&dir, promote, force),
         }),
-        Command::Hosts { client, json } => client_call(sentinel::cli::fleet::hosts(&client, json)),
+        Command::Hosts {
+            command: Some(command),
+            client,
+            ..
+        } => client_call(sentinel::cli::revoke::hosts(&client, command)),
+        Command::Hosts {
+            command: None,
+            client,
+            json,
+        } => client_call(sentinel::cli::fleet::hosts(&client, json)),
+        Command::Operators { command, client } => {
+            client_call(sentinel::cli::revoke::operators(&client, command))
+        }
         Command::Host { name, client, json } => {
             client_call(sentinel::cli::host::show(&client, name, json))
         }

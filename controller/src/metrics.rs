@@ -50,6 +50,7 @@ pub struct ControllerMetrics {
     backup_verify_ok: Gauge,
     restore_test_ok: Gauge,
     restore_test_time: Gauge,
+    controller_cert: Gauge,
 }
 
 static METRICS: OnceLock<ControllerMetrics> = OnceLock::new();
@@ -159,7 +160,22 @@ impl ControllerMetrics {
                 "When the latest restore test of a database ended (unix time).",
                 &["environment", "database"],
             ),
+            controller_cert: Gauge::new(
+                "sentinel_controller_cert_seconds",
+                "The controller's own TLS certificate: when it expires (bound=\"not_after\", unix time) and its lifetime (bound=\"lifetime\", seconds).",
+                &["bound"],
+            ),
         }
+    }
+
+    /// The validity of the controller's own certificate (set at start).
+    pub fn set_controller_cert(&self, not_before: SystemTime, not_after: SystemTime) {
+        self.controller_cert
+            .set(&["not_after"], unix_seconds(not_after));
+        self.controller_cert.set(
+            &["lifetime"],
+            unix_seconds(not_after) - unix_seconds(not_before),
+        );
     }
 
     /// An agent opened its channel.
@@ -306,6 +322,7 @@ impl ControllerMetrics {
         self.backup_verify_ok.encode(out);
         self.restore_test_ok.encode(out);
         self.restore_test_time.encode(out);
+        self.controller_cert.encode(out);
     }
 
     /// The whole exposition of a controller process (and of its local agent in dev mode).
@@ -367,6 +384,29 @@ fn encode_fleet(out: &mut String, registry: &Registry) {
                     f64::from(h.containers.saturating_sub(h.containers_running)),
                 ),
             ]
+        }),
+    );
+    let seconds = |t: &Option<prost_types::Timestamp>| {
+        t.as_ref()
+            .map(|t| unix_seconds(sentinel_proto::time::system_time(t)))
+    };
+    gauge_family(
+        out,
+        "sentinel_host_cert_expiry_timestamp_seconds",
+        "When the certificate the host last connected with expires (unix time).",
+        &["host"],
+        hosts
+            .iter()
+            .filter_map(|h| seconds(&h.cert_not_after).map(|t| ([h.name.as_str()], t))),
+    );
+    gauge_family(
+        out,
+        "sentinel_host_cert_lifetime_seconds",
+        "The full lifetime (not_after - not_before) of the certificate the host last connected with.",
+        &["host"],
+        hosts.iter().filter_map(|h| {
+            let (from, to) = (seconds(&h.cert_not_before)?, seconds(&h.cert_not_after)?);
+            Some(([h.name.as_str()], to - from))
         }),
     );
     gauge_family(

@@ -199,6 +199,26 @@ impl Liveness {
     }
 }
 
+/// Why a host cannot be forgotten.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum ForgetError {
+    /// No such host.
+    #[error("no host named {name:?}")]
+    Unknown {
+        /// The name asked for.
+        name: String,
+    },
+    /// Its agent is connected: a host in service is not forgotten by mistake.
+    #[error(
+        "host {name:?} is online: stop its agent first (or revoke it: `sentinel hosts revoke \
+         {name}`), then forget it"
+    )]
+    Online {
+        /// The host.
+        name: String,
+    },
+}
+
 /// The in-memory fleet.
 pub struct Registry {
     hosts: RwLock<HashMap<String, Entry>>,
@@ -328,6 +348,49 @@ impl Registry {
         }
     }
 
+    /// Records the validity of the certificate host `name` connected with.
+    pub fn set_certificate(&self, name: &str, validity: (SystemTime, SystemTime)) {
+        if let Some(entry) = self.write().get_mut(name) {
+            entry.record.cert_not_before = Some(timestamp(validity.0));
+            entry.record.cert_not_after = Some(timestamp(validity.1));
+        } else {
+            return;
+        }
+        self.mark_dirty(name);
+    }
+
+    /// Ends the open stream of host `name`, if any, as a newer connection would (revocation).
+    /// Returns whether there was one.
+    pub fn close(&self, name: &str) -> bool {
+        let hosts = self.read();
+        match hosts.get(name).and_then(|e| e.conn.as_ref()) {
+            Some(conn) if !conn.superseded.is_cancelled() => {
+                conn.superseded.cancel();
+                true
+            }
+            _ => false,
+        }
+    }
+
+    /// Removes host `name` from the fleet (`sentinel hosts forget`). Refused while its agent is
+    /// connected; the caller removes the stored record.
+    pub fn forget(&self, name: &str) -> Result<(), ForgetError> {
+        {
+            let mut hosts = self.write();
+            let entry = hosts.get(name).ok_or_else(|| ForgetError::Unknown {
+                name: name.to_string(),
+            })?;
+            if entry.conn.is_some() {
+                return Err(ForgetError::Online {
+                    name: name.to_string(),
+                });
+            }
+            hosts.remove(name);
+        }
+        self.dirty.forget([&name.to_string()]);
+        Ok(())
+    }
+
     /// Notes that the host spoke (any message counts as a heartbeat).
     pub fn touch(&self, name: &str) {
         let now = SystemTime::now();
@@ -443,6 +506,9 @@ impl Registry {
                         .state_collected_at
                         .as_ref()
                         .map_or(0.0, |t| age_seconds(t, now)),
+                    cert_not_after: r.cert_not_after,
+                    cert_not_before: r.cert_not_before,
+                    revocation: None,
                 }
             })
             .collect();

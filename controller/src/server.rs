@@ -51,10 +51,20 @@ pub async fn run(
     )
     .context("loading hosts from the store")?;
     let signer = match &config.signing {
-        Some(s) => Some(
-            Signer::load(&s.key)
-                .with_context(|| format!("loading the job-signing key {}", s.key.display()))?,
-        ),
+        Some(s) => {
+            let signer = Signer::load(&s.key)
+                .with_context(|| format!("loading the job-signing key {}", s.key.display()))?;
+            Some(match &s.next_key {
+                Some(next) => {
+                    let key = crate::pki::keys::load_verifying_key(next).with_context(|| {
+                        format!("loading the next job-signing key {}", next.display())
+                    })?;
+                    info!(next_key = %crate::pki::keys::signing_key_id(&key), "announcing the next job-signing key to agents");
+                    signer.with_next(key)
+                }
+                None => signer,
+            })
+        }
         None => {
             warn!("no [signing] key configured: jobs cannot be sent");
             None
@@ -98,6 +108,8 @@ pub async fn run(
         )),
         None => None,
     };
+    let deny = crate::revocation::DenyList::load(store.clone())
+        .context("loading the deny list from the store")?;
     let ctx = Arc::new(Shared {
         enrolment: enrolment.clone(),
         registry: registry.clone(),
@@ -107,6 +119,8 @@ pub async fn run(
         backups: backups.clone(),
         audit: Arc::new(crate::audit::AuditLog::new(store.clone())),
         locks,
+        deny: deny.clone(),
+        store: store.clone(),
     });
     // Database isolation: deploys consult its latest report, and check again before production.
     let isolation = config.isolation.clone().map(|policy| {
@@ -121,6 +135,17 @@ pub async fn run(
         .map(|e| rustls::pki_types::CertificateDer::from(e.issuer().cert_der().to_vec()));
     let tls = crate::tls::server_config(&config.tls, issuer_der)
         .context("loading the controller's TLS files")?;
+    if let Some((not_before, not_after)) =
+        sentinel_daemon::tls::load_certs(&config.tls.cert, "certificate")
+            .ok()
+            .and_then(|certs| {
+                certs
+                    .first()
+                    .and_then(|c| crate::identity::validity(c.as_ref()))
+            })
+    {
+        crate::metrics::get().set_controller_cert(not_before, not_after);
+    }
     let listener = tokio::net::TcpListener::bind(config.listen)
         .await
         .with_context(|| format!("binding {}", config.listen))?;
@@ -179,7 +204,7 @@ pub async fn run(
         .http2_keepalive_interval(Some(Duration::from_secs(30)))
         .http2_keepalive_timeout(Some(Duration::from_secs(20)))
         .layer(crate::metrics::GrpcMetricsLayer)
-        .layer(AuthzLayer::with_audit(ctx.audit.clone()))
+        .layer(AuthzLayer::new(deny.clone(), ctx.audit.clone()))
         .add_service(AgentServer::new(AgentApi::new(
             ctx.clone(),
             shutdown.clone(),
@@ -282,6 +307,7 @@ async fn flush_loop(
         let stopping = tokio::select! {
             _ = sweep_tick.tick() => {
                 ctx.jobs.sweep();
+                refresh_deny_list(&ctx).await;
                 continue;
             }
             _ = flush_tick.tick() => false,
@@ -295,6 +321,23 @@ async fn flush_loop(
         if stopping {
             return;
         }
+    }
+}
+
+/// Re-reads the deny list (another controller sharing the store may have revoked someone)
+/// and closes the streams of hosts revoked there.
+async fn refresh_deny_list(ctx: &Arc<Shared>) {
+    let deny = ctx.deny.clone();
+    match tokio::task::spawn_blocking(move || deny.refresh()).await {
+        Ok(Ok(())) => {
+            for entry in ctx.deny.list() {
+                if entry.kind() == sentinel_proto::v1::RevocationKind::Host {
+                    ctx.registry.close(&entry.name);
+                }
+            }
+        }
+        Ok(Err(e)) => warn!(error = %e, "could not re-read the deny list"),
+        Err(e) => warn!(error = %e, "the deny-list task failed"),
     }
 }
 

@@ -367,8 +367,11 @@ async fn handshake(
     let mut stream = match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await {
         Ok(Ok(stream)) => stream,
         Ok(Err(e)) => {
+            let error = sentinel_daemon::tls_explain::find(&e)
+                .map(sentinel_daemon::tls_explain::peer_certificate)
+                .unwrap_or_else(|| e.to_string());
             HANDSHAKE_WARNINGS.warn(&ip, || {
-                format!("TLS handshake refused peer={addr} error={e}")
+                format!("TLS handshake refused peer={addr} error={error}")
             });
             return None;
         }
@@ -384,7 +387,7 @@ async fn handshake(
         .peer_certificates()
         .and_then(|certs| certs.first())
         .map(|c| c.as_ref().to_vec());
-    let identity = match der.map(|der| identity::from_certificate(&der)) {
+    let identity = match der.as_deref().map(identity::from_certificate) {
         // No certificate: may only enrol (see `identity::authorize`).
         None => Identity::Unauthenticated,
         Some(Ok(identity)) => identity,
@@ -438,6 +441,7 @@ async fn handshake(
         peer: PeerInfo {
             addr: Some(addr),
             identity,
+            validity: der.as_deref().and_then(identity::validity),
         },
         preface,
         _slot: slot,

@@ -652,6 +652,24 @@ impl AgentConfig {
             key: key.into(),
             message,
         };
+        // server_name_for takes the name from the override when there is one, so the port
+        // is checked here for every address.
+        let port = self
+            .controller
+            .rsplit_once(':')
+            .filter(|(host, _)| !host.is_empty())
+            .and_then(|(_, port)| port.parse::<u16>().ok())
+            .filter(|port| *port != 0);
+        if port.is_none() {
+            return Err(invalid(
+                "controller",
+                format!(
+                    "{:?} has no port: write it as host:port (e.g. \"{}:7443\")",
+                    self.controller,
+                    self.controller.trim_end_matches(':')
+                ),
+            ));
+        }
         if let Err(e) =
             sentinel_daemon::tls::server_name_for(&self.controller, self.server_name.as_deref())
         {
@@ -679,6 +697,50 @@ impl AgentConfig {
             if name.is_empty() || name.chars().any(|c| c.is_whitespace()) {
                 return Err(invalid("host_name", format!("{name:?} is not a host name")));
             }
+        }
+        Ok(())
+    }
+
+    /// Checks the files the config names: the TLS certificate (key matches, valid now,
+    /// chains to the CA, names this `host_name`) and that the trusted signing keys are
+    /// readable. What `--check-config` and the start-up run, so both fail alike (exit 64).
+    pub fn check_files(&self, path: &Path) -> Result<(), ConfigError> {
+        use sentinel_daemon::certcheck::{check_files, Usage};
+        let invalid = |key: &str, message: String| ConfigError::Invalid {
+            path: path.to_path_buf(),
+            key: key.into(),
+            message,
+        };
+        let checked = check_files(path, &self.tls, Usage::Client, std::time::SystemTime::now())?;
+        let name = self.host_name();
+        let wanted = format!("sentinel://host/{name}");
+        if !checked.identities.contains(&wanted) {
+            let key = if self.host_name.is_some() {
+                "host_name"
+            } else {
+                "host_name (unset: the system host name)"
+            };
+            return Err(invalid(
+                key,
+                format!(
+                    "{name:?} is not the host the certificate {} is for ({}): set host_name to \
+                     the certificate's name, or issue a certificate for {name:?}",
+                    self.tls.cert.display(),
+                    if checked.identities.is_empty() {
+                        "it carries no sentinel:// identity".to_string()
+                    } else {
+                        checked.identities.join(", ")
+                    }
+                ),
+            ));
+        }
+        for (i, key) in self.jobs.trusted_keys.iter().enumerate() {
+            std::fs::File::open(key).map_err(|e| {
+                invalid(
+                    &format!("jobs.trusted_keys[{i}]"),
+                    format!("{}: {e}", key.display()),
+                )
+            })?;
         }
         Ok(())
     }

@@ -160,7 +160,7 @@ async fn session(
         .await
         .map_err(|status| match status.code() {
             tonic::Code::Unavailable | tonic::Code::Unknown | tonic::Code::Internal => {
-                SessionError::Lost(status.to_string())
+                SessionError::Lost(sentinel_daemon::tls_explain::status(&status))
             }
             _ => SessionError::Refused(status),
         })?
@@ -250,6 +250,7 @@ async fn session(
                         reports.reset_immediately();
                     }
                     controller_message::Msg::Job(job) => jobs.receive(job),
+                    controller_message::Msg::TrustedKeys(keys) => jobs.receive_keys(&keys),
                     controller_message::Msg::CancelJob(c) => jobs.cancel(&c.job_id, &c.reason),
                     controller_message::Msg::BundleChunk(chunk) => jobs.bundles().deliver(chunk),
                     controller_message::Msg::Welcome(_) => {
@@ -261,7 +262,12 @@ async fn session(
                 },
                 Ok(Some(ControllerMessage { msg: None })) => {}
                 Ok(None) => return Ok(()),
-                Err(status) => return Err(SessionError::Lost(status.to_string())),
+                Err(status) if status.code() == tonic::Code::PermissionDenied => {
+                    return Err(SessionError::Refused(status))
+                }
+                Err(status) => {
+                    return Err(SessionError::Lost(sentinel_daemon::tls_explain::status(&status)))
+                }
             },
         }
     }

@@ -97,6 +97,12 @@ fn main() -> ExitCode {
             return ExitCode::from(EX_USAGE);
         }
     };
+    // The same checks at start-up as for --check-config: a daemon with a wrong file exits 64
+    // (systemd's RestartPreventExitStatus) instead of retrying a handshake for ever.
+    if let Err(e) = config.check_files(&cli.config) {
+        eprintln!("hostagent: invalid config: {e}");
+        return ExitCode::from(EX_USAGE);
+    }
     if cli.check_config {
         println!("{}: ok", cli.config.display());
         return ExitCode::SUCCESS;

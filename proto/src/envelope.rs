@@ -10,7 +10,7 @@ use ed25519_dalek::{Signature, Signer, SigningKey, Verifier, VerifyingKey};
 use prost::Message;
 use sha2::{Digest, Sha256};
 
-use crate::v1::{JobSpec, RefusalReason, SignedJob};
+use crate::v1::{JobSpec, RefusalReason, SignedJob, TrustedKeyList, TrustedKeys};
 
 /// Domain separation: a signature over a job can never be replayed as a signature over
 /// anything else we might sign later.
@@ -20,6 +20,57 @@ pub const SIGNING_CONTEXT: &[u8] = b"sentinel.v1.JobSpec\0";
 pub fn key_id(key: &VerifyingKey) -> String {
     let digest = Sha256::digest(key.as_bytes());
     hex::encode(&digest[..8])
+}
+
+/// Domain separation of a signed list of trusted keys (see [`sign_keys`]).
+pub const KEYS_CONTEXT: &[u8] = b"sentinel.v1.TrustedKeyList\0";
+
+/// Signs the list of job-signing public keys agents should trust, with `key` (one they trust).
+pub fn sign_keys(keys: &[VerifyingKey], key: &SigningKey) -> TrustedKeys {
+    let list = TrustedKeyList {
+        public_keys: keys.iter().map(|k| k.as_bytes().to_vec()).collect(),
+    }
+    .encode_to_vec();
+    let mut signed = KEYS_CONTEXT.to_vec();
+    signed.extend_from_slice(&list);
+    TrustedKeys {
+        signature: key.sign(&signed).to_bytes().to_vec(),
+        key_id: key_id(&key.verifying_key()),
+        keys: list,
+    }
+}
+
+/// Checks a signed key list against the keys already `trusted` and returns its keys. A list
+/// signed by a key not in `trusted` is refused, so no key reaches an agent but through one it
+/// already trusts.
+pub fn verify_keys(
+    msg: &TrustedKeys,
+    trusted: &HashMap<String, VerifyingKey>,
+) -> Result<Vec<VerifyingKey>, VerifyError> {
+    let key = trusted
+        .get(&msg.key_id)
+        .ok_or_else(|| VerifyError::UnknownKey {
+            key_id: msg.key_id.clone(),
+        })?;
+    let bad = || VerifyError::BadSignature {
+        key_id: msg.key_id.clone(),
+    };
+    let signature = Signature::from_slice(&msg.signature).map_err(|_| bad())?;
+    let mut signed = KEYS_CONTEXT.to_vec();
+    signed.extend_from_slice(&msg.keys);
+    key.verify(&signed, &signature).map_err(|_| bad())?;
+    let list = TrustedKeyList::decode(msg.keys.as_slice())
+        .map_err(|e| VerifyError::Malformed(e.to_string()))?;
+    list.public_keys
+        .iter()
+        .map(|raw| {
+            let bytes: [u8; 32] = raw
+                .as_slice()
+                .try_into()
+                .map_err(|_| VerifyError::Malformed(format!("a key of {} bytes", raw.len())))?;
+            VerifyingKey::from_bytes(&bytes).map_err(|e| VerifyError::Malformed(e.to_string()))
+        })
+        .collect()
 }
 
 fn signed_bytes(spec: &[u8]) -> Vec<u8> {
@@ -162,6 +213,39 @@ mod tests {
 
     fn key(seed: u8) -> SigningKey {
         SigningKey::from_bytes(&[seed; 32])
+    }
+
+    #[test]
+    fn a_key_list_is_taken_only_from_a_trusted_key_and_intact() {
+        let (current, next, stranger) = (key(1), key(2), key(3));
+        let trusted: HashMap<String, VerifyingKey> =
+            [(key_id(&current.verifying_key()), current.verifying_key())].into();
+        let keys = [current.verifying_key(), next.verifying_key()];
+        let msg = sign_keys(&keys, &current);
+        assert_eq!(verify_keys(&msg, &trusted).unwrap(), keys);
+        // Signed by a key the agent does not trust: refused, whatever it carries.
+        let forged = sign_keys(&[stranger.verifying_key()], &stranger);
+        assert!(matches!(
+            verify_keys(&forged, &trusted),
+            Err(VerifyError::UnknownKey { .. })
+        ));
+        // A trusted key id over other keys: the signature does not verify.
+        let tampered = TrustedKeys {
+            key_id: msg.key_id.clone(),
+            ..forged
+        };
+        assert!(matches!(
+            verify_keys(&tampered, &trusted),
+            Err(VerifyError::BadSignature { .. })
+        ));
+        // A job signature is no key-list signature (domain separation).
+        let job = sign(spec(SystemTime::now()), &current);
+        let replayed = TrustedKeys {
+            keys: job.spec,
+            key_id: job.key_id,
+            signature: job.signature,
+        };
+        assert!(verify_keys(&replayed, &trusted).is_err());
     }
 
     fn spec(now: SystemTime) -> JobSpec {

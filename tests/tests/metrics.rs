@@ -276,6 +276,14 @@ fn every_metric_the_dashboard_and_the_alerts_name_is_exported() {
             "SentinelDeployFailed",
             "sentinel_deploys_total{outcome=~\"failed|rolled_back\"}",
         ),
+        (
+            "SentinelHostCertExpiring",
+            "< sentinel_host_cert_lifetime_seconds / 3",
+        ),
+        (
+            "SentinelControllerCertExpiring",
+            "sentinel_controller_cert_seconds{bound=\"lifetime\"} / 3",
+        ),
     ] {
         let expr = alerts
             .iter()

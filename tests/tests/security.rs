@@ -108,22 +108,21 @@ fn a_host_speaking_under_another_hosts_name_is_refused_and_logged() {
     assert!(r.stderr.contains("PermissionDenied"), "{}", r.stderr);
     assert!(r.stderr.contains("prod-alfa"), "{}", r.stderr);
 
-    // A real agent misconfigured the same way never shows up as prod-alfa.
-    let mut agent = fleet.start_agent("prod-alfa", "hub-alfa", &controller.addr, "");
-    sentinel_e2e::eventually("the refusal in the controller log", || {
-        let log = controller.proc.log_text();
-        if log.contains("hello claims another host's name") {
-            Ok(())
-        } else {
-            Err("not yet".into())
-        }
-    });
+    // A real agent misconfigured the same way does not even start: its check names the
+    // mismatch (it used to retry PERMISSION_DENIED for ever), and never shows up as prod-alfa.
+    let config = fleet.write_agent_config("prod-alfa", "hub-alfa", &controller.addr, "");
+    let (code, err) = sentinel_e2e::check_agent_config(&config);
+    assert_eq!(code, Some(64), "{err}");
     assert!(
-        agent.is_running(),
-        "the agent keeps retrying instead of exiting"
+        err.contains("host_name") && err.contains("sentinel://host/hub-alfa"),
+        "{err}"
     );
     assert!(controller.get_host("prod-alfa").is_err());
     assert!(controller.get_host("hub-alfa").is_err());
+    assert!(controller
+        .proc
+        .log_text()
+        .contains("hello claims another host's name"));
 }
 
 #[test]

@@ -108,6 +108,14 @@ impl AgentService for AgentApi {
         }))
         .await
         .map_err(|_| Status::unavailable("stream closed"))?;
+        // The keys to trust, signed by the current one, before any job of this stream.
+        if let Some(keys) = self.ctx.jobs.trusted_keys() {
+            tx.send(Ok(ControllerMessage {
+                msg: Some(controller_message::Msg::TrustedKeys(keys)),
+            }))
+            .await
+            .map_err(|_| Status::unavailable("stream closed"))?;
+        }
 
         let version = info.agent_version.clone();
         // Cancelled when a newer stream of this host takes over (or at shutdown): this stream
@@ -118,6 +126,13 @@ impl AgentService for AgentApi {
         let conn_id = self
             .registry
             .connect_stream(info, peer.addr, tx.clone(), superseded.clone());
+        if let Some(validity) = peer.validity {
+            self.registry.set_certificate(&cert_name, validity);
+        }
+        // A revocation that landed between the authz check and here must not miss this stream.
+        if self.ctx.deny.host(&cert_name).is_some() {
+            superseded.cancel();
+        }
         // `?` (Debug) on strings the host chose: quotes and escapes them, so a crafted version
         // cannot write a line of its own into the log.
         info!(host = %cert_name, peer = ?peer.addr, agent_version = ?version, "agent connected");
@@ -133,6 +148,10 @@ impl AgentService for AgentApi {
                     reason = serve_stream(&ctx, &cert_name, inbound, tx.clone()) => reason,
                     _ = ended.cancelled() => if shutdown.is_cancelled() {
                         "controller shutting down".to_string()
+                    } else if let Some(entry) = ctx.deny.host(&cert_name) {
+                        let message = crate::revocation::refusal_message(&entry);
+                        let _ = tx.try_send(Err(Status::permission_denied(message)));
+                        format!("revoked: {}", entry.reason)
                     } else {
                         // Tell the peer why (it ends this response stream once the last
                         // sender is gone); the queue may be full, and then the end alone says it.

@@ -120,8 +120,10 @@ impl FleetService for FleetApi {
         request: Request<ListHostsRequest>,
     ) -> Result<Response<ListHostsResponse>, Status> {
         let req = request.into_inner();
+        let mut hosts = self.registry.summaries();
+        super::revoke::overlay_summaries(&self.ctx, &mut hosts);
         Ok(Response::new(page_of_hosts(
-            self.registry.summaries(),
+            hosts,
             req.page_size,
             &req.page_token,
         )))
@@ -134,12 +136,14 @@ impl FleetService for FleetApi {
                 "GetHost needs a host name (field `name`)",
             ));
         }
-        self.registry.host(&name).map(Response::new).ok_or_else(|| {
+        let mut host = self.registry.host(&name).ok_or_else(|| {
             Status::not_found(format!(
                 "no host named {name:?}; known hosts: {}",
                 self.registry.names().join(", ")
             ))
-        })
+        })?;
+        super::revoke::overlay_host(&self.ctx, &mut host);
+        Ok(Response::new(host))
     }
 
     async fn list_jobs(
@@ -603,6 +607,52 @@ impl FleetService for FleetApi {
             host_name: req.host_name,
             expires_at: Some(sentinel_proto::time::timestamp(expires_at)),
             ca_sha256: enrolment.ca_sha256().to_owned(),
+        }))
+    }
+    async fn revoke_host(
+        &self,
+        request: Request<RevokeRequest>,
+    ) -> Result<Response<Revocation>, Status> {
+        let who = super::operator_name(&request)?;
+        super::revoke::revoke_host(&self.ctx, &who, request.into_inner())
+            .await
+            .map(Response::new)
+    }
+
+    async fn forget_host(
+        &self,
+        request: Request<ForgetHostRequest>,
+    ) -> Result<Response<ForgetHostResponse>, Status> {
+        super::revoke::forget_host(&self.ctx, request.into_inner().name)
+            .await
+            .map(Response::new)
+    }
+
+    async fn revoke_operator(
+        &self,
+        request: Request<RevokeRequest>,
+    ) -> Result<Response<Revocation>, Status> {
+        let who = super::operator_name(&request)?;
+        super::revoke::revoke_operator(&self.ctx, &who, request.into_inner())
+            .await
+            .map(Response::new)
+    }
+
+    async fn unrevoke_operator(
+        &self,
+        request: Request<UnrevokeOperatorRequest>,
+    ) -> Result<Response<Revocation>, Status> {
+        super::revoke::unrevoke_operator(&self.ctx, request.into_inner().name)
+            .await
+            .map(Response::new)
+    }
+
+    async fn list_revocations(
+        &self,
+        _request: Request<ListRevocationsRequest>,
+    ) -> Result<Response<ListRevocationsResponse>, Status> {
+        Ok(Response::new(ListRevocationsResponse {
+            revocations: self.ctx.deny.list(),
         }))
     }
 }

@@ -3,6 +3,7 @@
 pub mod agent;
 pub mod agent_server;
 pub mod fleet;
+pub mod revoke;
 
 use tonic::{Request, Status};
 

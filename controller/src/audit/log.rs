@@ -143,6 +143,7 @@ mod tests {
         let log = AuditLog::new(store);
         let peer = PeerInfo {
             addr: "127.0.0.1:9".parse().ok(),
+            validity: None,
             identity: Identity::Operator {
                 name: "ana".into(),
                 role: Role::Deployer,

@@ -260,5 +260,5 @@ fn summary(d: &Deployment) -> u8 {
 /// A gRPC status as an error that says what the controller said.
 pub fn status_err(s: tonic::Status) -> anyhow::Error {
     // The message may carry text a host sent (a job's detail, say).
-    anyhow::anyhow!("{:?}: {}", s.code(), untrusted(s.message()))
+    anyhow::anyhow!("{}", untrusted(&sentinel_daemon::tls_explain::status(&s)))
 }

@@ -31,11 +31,14 @@ pub async fn hosts(client: &ClientArgs, json: bool) -> anyhow::Result<u8> {
                 format!("{:.0}s", h.state_age_seconds),
                 h.failing_collectors.join(","),
                 super::format::one_line(&h.agent_version),
+                super::format::expires(h.cert_not_after.as_ref()),
             ]
         })
         .collect();
     super::table(
-        &["HOST", "STATUS", "RUNNING", "AGE", "FAILING", "VERSION"],
+        &[
+            "HOST", "STATUS", "RUNNING", "AGE", "FAILING", "VERSION", "EXPIRES",
+        ],
         &rows,
     );
     Ok(0)

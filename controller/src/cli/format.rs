@@ -59,8 +59,8 @@ pub fn enum_word(name: &str, prefix: &str) -> String {
 pub fn tone_of(word: &str) -> Tone {
     match word {
         "online" | "succeeded" | "running" | "healthy" | "ok" => Tone::Good,
-        "offline" | "failed" | "refused" | "timed out" | "rolled back" | "interrupted"
-        | "unhealthy" | "exited" | "dead" => Tone::Bad,
+        "offline" | "revoked" | "expired" | "failed" | "refused" | "timed out" | "rolled back"
+        | "interrupted" | "unhealthy" | "exited" | "dead" => Tone::Bad,
         "queued" | "sent" | "started" | "cancelled" | "starting" | "restarting" | "paused"
         | "created" => Tone::Busy,
         _ => Tone::Plain,
@@ -95,15 +95,23 @@ pub fn ago(ts: Option<&prost_types::Timestamp>) -> String {
     }
 }
 
+/// When a certificate expires, relative to now: `in 23h59m`, `expired 2m0s ago`, or `-`.
+pub fn expires(ts: Option<&prost_types::Timestamp>) -> String {
+    match ts {
+        Some(t) if t.seconds > 0 => {
+            let at = sentinel_proto::time::system_time(t);
+            match at.duration_since(SystemTime::now()) {
+                Ok(left) => format!("in {}", short_duration(left)),
+                Err(past) => format!("expired {} ago", short_duration(past.duration())),
+            }
+        }
+        _ => "-".into(),
+    }
+}
+
 /// A duration in its two largest units: `45s`, `3m12s`, `5h4m`, `2d3h`.
 pub fn short_duration(d: Duration) -> String {
-    let s = d.as_secs();
-    match s {
-        0..=59 => format!("{s}s"),
-        60..=3599 => format!("{}m{}s", s / 60, s % 60),
-        3600..=86_399 => format!("{}h{}m", s / 3600, (s % 3600) / 60),
-        _ => format!("{}d{}h", s / 86_400, (s % 86_400) / 3600),
-    }
+    sentinel_daemon::certcheck::short(d)
 }
 
 /// The time between two timestamps, or `-` when either is missing.

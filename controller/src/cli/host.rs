@@ -65,6 +65,15 @@ pub fn render(h: &Host, colour: bool) -> String {
             let _ = writeln!(out, "labels: {}", labels.join(" "));
         }
     }
+    if h.cert_not_after.is_some() {
+        let _ = writeln!(
+            out,
+            "certificate valid {} to {} (expires {})",
+            when(h.cert_not_before.as_ref()),
+            when(h.cert_not_after.as_ref()),
+            super::format::expires(h.cert_not_after.as_ref())
+        );
+    }
     if h.connected_since.is_some() {
         let _ = writeln!(
             out,

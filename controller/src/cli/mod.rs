@@ -15,6 +15,7 @@ pub mod format;
 pub mod host;
 pub mod jobs;
 pub mod json;
+pub mod revoke;
 pub mod token;
 
 use std::path::PathBuf;
@@ -71,7 +72,14 @@ impl ClientArgs {
 
     /// Connects to the operator API.
     pub async fn connect(&self) -> anyhow::Result<FleetServiceClient<Channel>> {
-        let tls = sentinel_daemon::tls::client_config(&self.files())?;
+        let files = self.files();
+        if let Some(problem) = sentinel_daemon::certcheck::validity_problem(&files.cert) {
+            anyhow::bail!(
+                "the controller would refuse this certificate: {problem} (`sentinel pki \
+                 issue-operator`, or ask an admin)"
+            );
+        }
+        let tls = sentinel_daemon::tls::client_config(&files)?;
         let channel = sentinel_daemon::tls::channel(&self.controller, None, tls)
             .await
             .map_err(|e| anyhow::anyhow!("connecting to {}: {e}", self.controller))?;

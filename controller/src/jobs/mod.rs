@@ -511,6 +511,11 @@ impl JobQueue {
             .ok_or_else(|| Status::not_found(id.to_string()))
     }
 
+    /// The signed list of keys agents should trust, when a signing key is configured.
+    pub fn trusted_keys(&self) -> Option<sentinel_proto::v1::TrustedKeys> {
+        self.signer.as_ref().map(Signer::trusted_keys)
+    }
+
     /// Waits until job `id` is final (or gone) and returns it, once its final state is in
     /// the store: callers act on it (the next pipeline step, a backup's bookkeeping).
     pub async fn wait_final(&self, id: &str) -> Option<Job> {

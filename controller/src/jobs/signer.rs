@@ -10,6 +10,8 @@ use sentinel_proto::v1::{JobSpec, SignedJob};
 pub struct Signer {
     key: SigningKey,
     key_id: String,
+    /// Keys announced to agents besides this one: the next signing key during a rotation.
+    next: Vec<ed25519_dalek::VerifyingKey>,
 }
 
 impl std::fmt::Debug for Signer {
@@ -30,7 +32,24 @@ impl Signer {
     /// A signer for `key`.
     pub fn new(key: SigningKey) -> Self {
         let key_id = sentinel_proto::envelope::key_id(&key.verifying_key());
-        Self { key, key_id }
+        Self {
+            key,
+            key_id,
+            next: Vec::new(),
+        }
+    }
+
+    /// The same signer, also announcing `next` to agents (signing-key rotation, step 1).
+    pub fn with_next(mut self, next: ed25519_dalek::VerifyingKey) -> Self {
+        self.next.push(next);
+        self
+    }
+
+    /// The keys agents should trust (this one and the next), signed by this one.
+    pub fn trusted_keys(&self) -> sentinel_proto::v1::TrustedKeys {
+        let mut keys = vec![self.key.verifying_key()];
+        keys.extend(self.next.iter().copied());
+        sentinel_proto::envelope::sign_keys(&keys, &self.key)
     }
 
     /// The key id agents look the public key up by.

@@ -39,6 +39,11 @@ pub fn init_issuer_command(dir: &Path, ttl: Option<Duration>, force: bool) -> u8
     report(super::issuer::init_issuer(dir, ttl, force))
 }
 
+/// `sentinel pki rotate-signing-key --dir DIR [--promote]`.
+pub fn rotate_signing_key_command(dir: &Path, promote: bool, force: bool) -> u8 {
+    report(super::keys::rotate_signing_key(dir, promote, force))
+}
+
 /// Lists the files written, or prints the error with its causes; the exit code.
 fn report(result: Result<Vec<PathBuf>, PkiError>) -> u8 {
     match result {

@@ -3,7 +3,7 @@
 //! [`signing_key_files`] for the encoding).
 
 use std::fs;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 use ed25519_dalek::pkcs8::spki::der::pem::LineEnding;
 use ed25519_dalek::pkcs8::{DecodePrivateKey, DecodePublicKey, EncodePrivateKey, EncodePublicKey};
@@ -49,10 +49,65 @@ pub fn public_key_pem(key: &ed25519_dalek::SigningKey) -> Result<String, PkiErro
         })
 }
 
+/// File names of the next job-signing key pair during a rotation.
+pub const SIGNING_NEXT_KEY_FILE: &str = "signing-next.key";
+/// See [`SIGNING_NEXT_KEY_FILE`].
+pub const SIGNING_NEXT_PUB_FILE: &str = "signing-next.pub";
+/// Where a promotion keeps the retired pair.
+pub const SIGNING_OLD_KEY_FILE: &str = "signing-old.key";
+/// See [`SIGNING_OLD_KEY_FILE`].
+pub const SIGNING_OLD_PUB_FILE: &str = "signing-old.pub";
+
+/// Signing-key rotation. Step 1 (`promote` false): makes `signing-next.key`/`.pub` in `dir`;
+/// with `[signing] next_key` pointing at `signing-next.pub` the controller announces it to
+/// every agent, signed by the current key, and agents persist it. Step 2 (`promote` true):
+/// the next pair becomes `signing.key`/`.pub` (the old one is kept as `signing-old.*`); the
+/// controller, restarted without `next_key`, then signs with it. Returns the files written.
+pub fn rotate_signing_key(
+    dir: &Path,
+    promote: bool,
+    force: bool,
+) -> Result<Vec<PathBuf>, PkiError> {
+    let (next_key, next_pub) = (
+        dir.join(SIGNING_NEXT_KEY_FILE),
+        dir.join(SIGNING_NEXT_PUB_FILE),
+    );
+    if !promote {
+        super::files::ensure_dir(dir)?;
+        super::files::check_targets(&[next_key.clone(), next_pub.clone()], force)?;
+        let planned = key_pair_files(next_key, next_pub)?;
+        return super::files::write_planned(dir, &planned, force);
+    }
+    // Both halves of the next pair must be there and belong together.
+    let key = load_signing_key(&next_key)?;
+    if load_verifying_key(&next_pub)? != key.verifying_key() {
+        return Err(PkiError::InvalidKey {
+            path: next_pub,
+            reason: format!("is not the public half of {}", next_key.display()),
+        });
+    }
+    let moves = [
+        (dir.join(SIGNING_KEY_FILE), dir.join(SIGNING_OLD_KEY_FILE)),
+        (dir.join(SIGNING_PUB_FILE), dir.join(SIGNING_OLD_PUB_FILE)),
+        (next_key, dir.join(SIGNING_KEY_FILE)),
+        (next_pub, dir.join(SIGNING_PUB_FILE)),
+    ];
+    super::files::check_targets(&[moves[0].1.clone(), moves[1].1.clone()], force)?;
+    let mut written = Vec::new();
+    for (from, to) in moves {
+        fs::rename(&from, &to).map_err(io_err(&from))?;
+        written.push(to);
+    }
+    Ok(written)
+}
+
 /// Generates the Ed25519 job-signing key pair as planned files.
 pub(super) fn signing_key_files(dir: &Path) -> Result<[PlannedFile; 2], PkiError> {
-    let key_path = dir.join(SIGNING_KEY_FILE);
-    let pub_path = dir.join(SIGNING_PUB_FILE);
+    key_pair_files(dir.join(SIGNING_KEY_FILE), dir.join(SIGNING_PUB_FILE))
+}
+
+/// A new Ed25519 key pair as planned files at `key_path` (PKCS#8) and `pub_path` (SPKI).
+fn key_pair_files(key_path: PathBuf, pub_path: PathBuf) -> Result<[PlannedFile; 2], PkiError> {
     let signing_key = ed25519_dalek::SigningKey::generate(&mut OsRng);
     // PKCS#8 v1 (no embedded public key): OpenSSL 3.0 cannot read the v2
     // form ed25519-dalek writes by default; dalek reads both.

@@ -5,7 +5,7 @@ use std::path::{Path, PathBuf};
 
 use prost::Message;
 use redb::{Database, ReadableDatabase, ReadableTable, TableDefinition, TableHandle};
-use sentinel_proto::v1::{AppLock, AuditRecord, Deployment, Host, Job, SignedJob};
+use sentinel_proto::v1::{AppLock, AuditRecord, Deployment, Host, Job, Revocation, SignedJob};
 
 use super::{EncodedHost, JoinTokenRecord, Redeemed, Store, StoreError, StoredJob};
 
@@ -25,6 +25,8 @@ const AUDIT: TableDefinition<&str, &[u8]> = TableDefinition::new("audit");
 const LOCKS: TableDefinition<&str, &[u8]> = TableDefinition::new("locks");
 /// Join token id -> JSON [`JoinTokenRecord`] (the secret's hash, never the secret).
 const JOIN_TOKENS: TableDefinition<&str, &[u8]> = TableDefinition::new("join_tokens");
+/// Deny-list key (`host/NAME`, `operator/NAME`) -> encoded `sentinel.v1.Revocation`.
+const REVOCATIONS: TableDefinition<&str, &[u8]> = TableDefinition::new("revocations");
 
 /// redb's page cache. Its default (1 GiB) fills with pages the flusher writes and nothing
 /// reads (the store is read once, at startup): at 5,000 agents it held 18 KiB of resident
@@ -71,6 +73,7 @@ impl EmbeddedStore {
             AUDIT,
             LOCKS,
             JOIN_TOKENS,
+            REVOCATIONS,
         ] {
             txn.open_table(table)
                 .map_err(|e| backend(action.clone())(e.into()))?;
@@ -348,6 +351,34 @@ impl Store for EmbeddedStore {
         }
         Ok(outcome)
     }
+
+    fn save_revocation(&self, key: &str, revocation: &Revocation) -> Result<(), StoreError> {
+        self.put(
+            &format!("saving revocation {key}"),
+            &[(REVOCATIONS, key, revocation.encode_to_vec())],
+        )
+    }
+
+    fn delete_revocation(&self, key: &str) -> Result<(), StoreError> {
+        self.remove(&format!("deleting revocation {key}"), &[(REVOCATIONS, key)])
+    }
+
+    fn load_revocations(&self) -> Result<Vec<Revocation>, StoreError> {
+        Ok(self
+            .all::<Revocation>(REVOCATIONS)?
+            .into_iter()
+            .map(|(_, r)| r)
+            .collect())
+    }
+
+    fn delete_hosts(&self, names: &[String], revocation_keys: &[String]) -> Result<(), StoreError> {
+        let rows: Vec<_> = names
+            .iter()
+            .map(|n| (HOSTS, n.as_str()))
+            .chain(revocation_keys.iter().map(|k| (REVOCATIONS, k.as_str())))
+            .collect();
+        self.remove(&format!("deleting {} host(s)", names.len()), &rows)
+    }
 }
 
 #[cfg(test)]
@@ -468,6 +499,38 @@ mod tests {
                 .unwrap(),
             Redeemed::Used(150)
         );
+    }
+
+    #[test]
+    fn revocations_survive_reopening_and_forgetting_a_host_removes_its_entry() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("s.redb");
+        let revocation = Revocation {
+            name: "argus".into(),
+            reason: "key stolen".into(),
+            ..Default::default()
+        };
+        {
+            let store = EmbeddedStore::open(&path).unwrap();
+            store
+                .save_hosts(&[Host {
+                    name: "argus".into(),
+                    ..Default::default()
+                }])
+                .unwrap();
+            store.save_revocation("host/argus", &revocation).unwrap();
+            store
+                .save_revocation("operator/eve", &Revocation::default())
+                .unwrap();
+            store.delete_revocation("operator/eve").unwrap();
+        }
+        let store = EmbeddedStore::open(&path).unwrap();
+        assert_eq!(store.load_revocations().unwrap(), vec![revocation]);
+        store
+            .delete_hosts(&["argus".into()], &["host/argus".into()])
+            .unwrap();
+        assert!(store.load_hosts().unwrap().is_empty());
+        assert!(store.load_revocations().unwrap().is_empty());
     }
 
     #[test]

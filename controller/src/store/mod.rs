@@ -10,7 +10,7 @@ pub mod embedded;
 
 pub use commit::{CommitError, Commits};
 
-use sentinel_proto::v1::{AppLock, AuditRecord, Deployment, Host, Job, SignedJob};
+use sentinel_proto::v1::{AppLock, AuditRecord, Deployment, Host, Job, Revocation, SignedJob};
 
 /// A storage failure, naming what was being done.
 #[derive(Debug, thiserror::Error)]
@@ -117,6 +117,20 @@ pub trait Store: Send + Sync + 'static {
         host: &str,
         now_unix: i64,
     ) -> Result<Redeemed, StoreError>;
+
+    /// Upserts one deny-list entry under `key` (`host/NAME`, `operator/NAME`); committed when
+    /// this returns, so a revocation the API confirmed survives a crash.
+    fn save_revocation(&self, key: &str, revocation: &Revocation) -> Result<(), StoreError>;
+
+    /// Removes the deny-list entry `key`, if any.
+    fn delete_revocation(&self, key: &str) -> Result<(), StoreError>;
+
+    /// Every deny-list entry.
+    fn load_revocations(&self) -> Result<Vec<Revocation>, StoreError>;
+
+    /// Removes host records (`sentinel hosts forget`) and, in the same transaction, the
+    /// deny-list entries `revocation_keys`.
+    fn delete_hosts(&self, names: &[String], revocation_keys: &[String]) -> Result<(), StoreError>;
 }
 
 /// A join token as stored: everything but the secret, of which only the SHA-256 is kept.

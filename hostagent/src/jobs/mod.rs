@@ -13,6 +13,7 @@ pub mod journal;
 pub mod policy;
 pub mod probe;
 pub mod release;
+pub mod trust;
 
 use std::collections::HashMap;
 use std::path::PathBuf;
@@ -27,7 +28,7 @@ use sentinel_proto::v1::{
 };
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
-use tracing::{info, warn, Instrument};
+use tracing::{debug, info, warn, Instrument};
 
 use crate::config::JobsConfig;
 pub use bundle::Bundles;
@@ -74,7 +75,7 @@ pub fn load_trusted_keys(paths: &[PathBuf]) -> Result<HashMap<String, VerifyingK
 /// one at a time, and the outbox their events go through.
 pub struct Jobs {
     host: String,
-    trusted: HashMap<String, VerifyingKey>,
+    trusted: trust::Trust,
     config: JobsConfig,
     journal: Journal,
     outbox: Outbox,
@@ -87,8 +88,9 @@ impl Jobs {
     /// Sets up the job subsystem and starts its worker. Jobs interrupted by the previous
     /// agent run are marked so in the journal and reported once a session is up.
     pub fn start(host: &str, config: &JobsConfig, outbox: Outbox) -> Result<Arc<Self>, SetupError> {
-        let trusted = load_trusted_keys(&config.trusted_keys)?;
         let (journal, interrupted) = Journal::open(&config.state_dir)?;
+        let trusted =
+            trust::Trust::load(load_trusted_keys(&config.trusted_keys)?, &config.state_dir)?;
         let (queue, rx) = mpsc::unbounded_channel();
         let jobs = Arc::new(Self {
             host: host.to_string(),
@@ -138,17 +140,32 @@ impl Jobs {
         }
     }
 
+    /// Takes a signed list of keys from the controller (a signing-key rotation): kept when a
+    /// trusted key signed it, refused and logged otherwise.
+    pub fn receive_keys(&self, keys: &sentinel_proto::v1::TrustedKeys) {
+        if self.trusted.with(|k| k.is_empty()) {
+            // No jobs.trusted_keys: this host runs no jobs, so no key can be checked or needed.
+            debug!(signed_by = %keys.key_id, "no trusted keys configured; the controller's key list is ignored");
+            return;
+        }
+        match self.trusted.accept(keys) {
+            Ok(new) if new.is_empty() => {}
+            Ok(new) => {
+                info!(keys = ?new, signed_by = %keys.key_id, "now trusting job-signing key(s) the controller announced")
+            }
+            Err(e) => {
+                warn!(error = %e, "refused a key list from the controller: not signed by a trusted key")
+            }
+        }
+    }
+
     /// Handles a job from the controller: verify, check replay and policy, then queue it or
     /// refuse it. Never blocks on the job itself.
     pub fn receive(&self, job: SignedJob) {
         let now = SystemTime::now();
-        let spec = match envelope::verify(
-            &job,
-            &self.trusted,
-            &self.host,
-            now,
-            self.config.max_clock_skew,
-        ) {
+        let spec = match self.trusted.with(|trusted| {
+            envelope::verify(&job, trusted, &self.host, now, self.config.max_clock_skew)
+        }) {
             Ok(spec) => spec,
             Err(e) => {
                 let job_id = best_effort_job_id(&job);

@@ -8,6 +8,7 @@
 #![forbid(unsafe_code)]
 
 pub mod backoff;
+pub mod certcheck;
 pub mod config;
 pub mod csr;
 pub mod docs;
@@ -19,6 +20,7 @@ pub mod metrics;
 pub mod signal;
 pub mod systemd;
 pub mod tls;
+pub mod tls_explain;
 
 /// The version both binaries report (one workspace version).
 pub const VERSION: &str = env!("CARGO_PKG_VERSION");

@@ -188,7 +188,11 @@ pub async fn channel(
     endpoint
         .connect_with_connector(connector)
         .await
-        .map_err(|e| crate::error_chain(&e))
+        .map_err(|e| {
+            crate::tls_explain::find(&e)
+                .and_then(crate::tls_explain::client)
+                .unwrap_or_else(|| crate::error_chain(&e))
+        })
 }
 
 /// The TLS server name to check for a controller address: its host part (an IP address or a
