@@ -711,8 +711,24 @@ impl AgentConfig {
             key: key.into(),
             message,
         };
-        let checked = check_files(path, &self.tls, Usage::Client, std::time::SystemTime::now())?;
         let name = self.host_name();
+        let now = std::time::SystemTime::now();
+        let checked = check_files(path, &self.tls, Usage::Client, now).map_err(|e| {
+            // An expired host certificate is renewed by enrolling again, not by hand.
+            match sentinel_daemon::certcheck::validity(&self.tls.cert) {
+                Some((_, not_after)) if now > not_after => invalid(
+                    "tls.cert",
+                    format!(
+                        "certificate {} expired at {}; enrol again with a new token: run \
+                         `sentinel token create --host {name}` where the fleet is administered, \
+                         then `hostagent enroll --controller ADDR --token TOKEN` here",
+                        self.tls.cert.display(),
+                        sentinel_daemon::certcheck::rfc3339(not_after)
+                    ),
+                ),
+                _ => e,
+            }
+        })?;
         let wanted = format!("sentinel://host/{name}");
         if !checked.identities.contains(&wanted) {
             let key = if self.host_name.is_some() {

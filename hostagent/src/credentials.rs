@@ -242,9 +242,4 @@ fn unix(t: SystemTime) -> i64 {
         .unwrap_or(0)
 }
 
-/// A time as RFC 3339 UTC, for messages.
-pub fn rfc3339(t: SystemTime) -> String {
-    jiff::Timestamp::from_second(unix(t))
-        .map(|t| t.to_string())
-        .unwrap_or_else(|_| format!("{t:?}"))
-}
+pub use sentinel_daemon::certcheck::rfc3339;

@@ -448,16 +448,22 @@ fn an_agent_whose_certificate_expired_while_offline_says_to_enrol_again() {
     drop(controller);
     // 30s of life, back-dated by 3s: expired once 30s have passed.
     std::thread::sleep(Duration::from_secs(31));
-    let agent = start_enrolled_agent(&fleet, &dir);
-    eventually("the agent to say its certificate expired", || {
-        let log = agent.log_text();
-        if log.contains("expired at") && log.contains("enrol again with a new token") {
-            Ok(())
+    // It refuses to start (exit 64, as its config check), saying what to do.
+    let mut agent = start_enrolled_agent(&fleet, &dir);
+    eventually("the agent to refuse to start", || {
+        if agent.is_running() {
+            Err("still running".to_string())
         } else {
-            Err(log)
+            Ok(())
         }
     });
+    let status = agent.stop();
     let log = agent.log_text();
+    assert_eq!(status.and_then(|s| s.code()), Some(64), "{log}");
+    assert!(
+        log.contains("expired at") && log.contains("enrol again with a new token"),
+        "{log}"
+    );
     assert!(
         log.contains("sentinel token create --host sleeper"),
         "{log}"

@@ -151,18 +151,22 @@ fn validity_at(
 /// checked before dialling, so that the answer does not depend on how the controller's refusal
 /// arrives. A file that cannot be read is left to the TLS setup, which names it.
 pub fn validity_problem(cert: &Path) -> Option<String> {
+    let (not_before, not_after) = validity(cert)?;
+    validity_at(cert, not_before, not_after, SystemTime::now()).err()
+}
+
+/// The validity window (not before, not after) of the first certificate in `cert`, if it
+/// can be read.
+pub fn validity(cert: &Path) -> Option<(SystemTime, SystemTime)> {
     let certs = load_certs(cert, "certificate").ok()?;
     let (_, parsed) = X509Certificate::from_der(certs.first()?.as_ref()).ok()?;
     let at = |t: x509_parser::time::ASN1Time| {
         UNIX_EPOCH + Duration::from_secs(u64::try_from(t.timestamp()).unwrap_or(0))
     };
-    validity_at(
-        cert,
+    Some((
         at(parsed.validity().not_before),
         at(parsed.validity().not_after),
-        SystemTime::now(),
-    )
-    .err()
+    ))
 }
 
 /// Verifies the chain as the peer will: against the CA only, for the certificate's usage.
