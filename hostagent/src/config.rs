@@ -97,6 +97,24 @@ pub struct JobsConfig {
     /// The credentials isolation probes try (`[jobs.isolation_probe]`).
     #[serde(default, deserialize_with = "crate::jobs::probe::deserialize_config")]
     pub isolation_probe: crate::jobs::probe::ProbeConfig,
+    /// What blue/green deploys may touch of the host's proxy (`[jobs.blue_green]`).
+    #[serde(default)]
+    pub blue_green: BlueGreenPolicy,
+}
+
+/// `[jobs.blue_green]`: a blue/green deploy writes an nginx upstream file and runs nginx's
+/// config test and reload, both as the agent's user; the controller names them, this bounds
+/// them. Empty lists: no blue/green deploy runs here.
+#[derive(Debug, Clone, Default, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct BlueGreenPolicy {
+    /// Directories upstream files may be written in (a job's `upstream_file` lies below one).
+    #[serde(default)]
+    pub upstream_dirs: Vec<PathBuf>,
+    /// The exact command lines a job may run as its reload and its config test, e.g.
+    /// `[["nginx", "-s", "reload"], ["nginx", "-t"]]`.
+    #[serde(default)]
+    pub commands: Vec<Vec<String>>,
 }
 
 impl Default for JobsConfig {
@@ -109,6 +127,7 @@ impl Default for JobsConfig {
             max_clock_skew: defaults::max_clock_skew(),
             backups: BackupsConfig::default(),
             isolation_probe: Default::default(),
+            blue_green: BlueGreenPolicy::default(),
         }
     }
 }

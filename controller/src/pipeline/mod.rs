@@ -16,9 +16,9 @@ use std::time::{Duration, Instant};
 use rand::RngCore;
 use sentinel_proto::time::now;
 use sentinel_proto::v1::{
-    job_event, job_spec, BackupParams, DeployParams, DeployRequest, Deployment, DeploymentEvent,
-    DeploymentState, DeploymentStep, E2eLevel, HealthCheck, Job, JobKind, JobState, RollbackParams,
-    StepStatus,
+    job_event, job_spec, BackupParams, BlueGreen, DeployParams, DeployRequest, Deployment,
+    DeploymentEvent, DeploymentState, DeploymentStep, E2eLevel, HealthCheck, Job, JobKind,
+    JobState, RollbackParams, StepStatus,
 };
 use tokio::sync::broadcast;
 use tokio_util::sync::CancellationToken;
@@ -897,6 +897,7 @@ fn deploy_params(run: &Run<'_>, target: &Target<'_>, bundle: &bundle::Bundle) ->
         },
         migration_service: app.migration_service.clone(),
         build: true,
+        blue_green: blue_green(env),
     }
 }
 
@@ -917,7 +918,27 @@ fn rollback_params(
         health: Some(health_check(&env.health)),
         deploy_id: deploy_id.to_string(),
         compose_project: format!("{}-{}", app.name, env_name),
+        blue_green: blue_green(env),
     }
+}
+
+/// The slots and proxy of a blue/green environment, as the agent gets them; `None` for
+/// `strategy = "recreate"`.
+fn blue_green(env: &EnvironmentConfig) -> Option<BlueGreen> {
+    if env.strategy != config::Strategy::BlueGreen {
+        return None;
+    }
+    let bg = env.blue_green.as_ref()?;
+    Some(BlueGreen {
+        blue_port: u32::from(bg.ports[0]),
+        green_port: u32::from(bg.ports[1]),
+        upstream_file: bg.upstream_file.display().to_string(),
+        reload: bg.reload.clone(),
+        test: bg.test_command(),
+        through_proxy_url: bg.through_proxy_url.clone(),
+        drain_ms: u32::try_from(bg.drain.as_millis()).unwrap_or(u32::MAX),
+        keep_previous: bg.keep_previous,
+    })
 }
 
 /// The name of the E2E step at `level`.
@@ -1034,6 +1055,8 @@ mod tests {
             secrets_file: None,
             base_url: String::new(),
             health: HealthConfig::default(),
+            strategy: config::Strategy::Recreate,
+            blue_green: None,
         }
     }
 

@@ -4,6 +4,7 @@
 //! and app directory. Refusals go back to the controller and into the log.
 
 pub mod backup;
+pub mod blue_green;
 pub mod bundle;
 pub mod compose;
 pub mod deploy;
@@ -384,6 +385,7 @@ async fn restore_after_cancel(
         health: p.health.clone(),
         deploy_id: p.deploy_id.clone(),
         compose_project: p.compose_project.clone(),
+        blue_green: p.blue_green.clone(),
     };
     match deploy::rollback(&params, events).await {
         Ok(summary) => format!("{why}; restored {live}: {summary}"),
