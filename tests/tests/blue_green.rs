@@ -291,6 +291,30 @@ fn ended(sent: &Sent) -> Vec<(String, StepStatus)> {
         .collect()
 }
 
+/// The loop saw `from` first, `to` last, and nothing else. (For a moment after the reload both
+/// answer: nginx's old workers finish the connections they accepted, to the old slot, which
+/// is why it keeps running through the drain.)
+fn assert_switched(load: &LoadReport, from: &str, to: &str) {
+    let bodies = load.bodies();
+    assert!(
+        bodies.first().map(String::as_str) == Some(from)
+            && bodies.last().map(String::as_str) == Some(to)
+            && bodies.iter().all(|b| b == from || b == to),
+        "{}",
+        load.summary()
+    );
+    // The last second of the loop (after the drain and the old slot's stop) is all `to`.
+    let end = load.answers.last().map(|a| a.at).unwrap_or_default();
+    assert!(
+        load.answers
+            .iter()
+            .filter(|a| a.at + Duration::from_millis(250) >= end)
+            .all(|a| a.result.as_deref() == Ok(to)),
+        "{}",
+        load.summary()
+    );
+}
+
 fn assert_zero_failed(load: &LoadReport, sent: &Sent) {
     assert!(
         load.failures().is_empty() && load.answers.len() >= 10,
@@ -312,12 +336,7 @@ async fn a_blue_green_deploy_switches_slots_with_zero_failed_requests() {
     let ((result, sent), load) = w.under_load(w.deploy("v2", Variant::Healthy)).await;
     let summary = result.unwrap_or_else(|e| panic!("v2: {e}\n{}", sent.transcript()));
     assert_zero_failed(&load, &sent);
-    assert_eq!(
-        load.bodies(),
-        ["ok version v1", "ok version v2"],
-        "{}",
-        load.summary()
-    );
+    assert_switched(&load, "ok version v1", "ok version v2");
     let steps: Vec<String> = ended(&sent).into_iter().map(|(n, _)| n).collect();
     assert_eq!(
         steps,
@@ -463,6 +482,41 @@ async fn an_unhealthy_release_never_gets_the_traffic_and_the_deploy_says_why() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_release_that_does_not_build_leaves_the_kept_slot_as_it_was() {
+    let w = World::new("bg-build");
+    w.first().await;
+    let (result, sent) = w.deploy("v2", Variant::Healthy).await;
+    result.unwrap_or_else(|e| panic!("v2: {e}\n{}", sent.transcript()));
+
+    let ((result, sent), load) = w.under_load(w.deploy("v3", Variant::BuildFails)).await;
+    let error = result.expect_err("a failed build fails").to_string();
+    assert_zero_failed(&load, &sent);
+    assert_eq!(load.bodies(), ["ok version v2"], "{}", load.summary());
+    assert_eq!(sent.step("build"), Some(StepStatus::Failed));
+    assert_eq!(sent.step("up"), None);
+    assert!(error.contains("assets failed to compile"), "{error}");
+    assert!(
+        error.contains("the upstream was never switched: slot green"),
+        "{error}"
+    );
+    // Slot blue still holds v1's stopped containers: a rollback restarts them, no rebuild.
+    let state = w.slots();
+    assert_eq!(
+        state.blue.as_ref().map(|r| (r.commit.as_str(), r.running)),
+        Some(("v1", false))
+    );
+    let (result, sent) = w.rollback("v1").await;
+    result.unwrap_or_else(|e| panic!("rollback: {e}\n{}", sent.transcript()));
+    assert_eq!(
+        sent.step("start"),
+        Some(StepStatus::Succeeded),
+        "{}",
+        sent.transcript()
+    );
+    assert_eq!(sent.step("build"), None);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_failing_nginx_config_test_restores_the_upstream_file_and_the_old_slot_serves() {
     let w = World::new("bg-nginx-t");
     w.first().await;
@@ -525,12 +579,7 @@ async fn a_rollback_restarts_the_kept_slot_and_switches_back_without_a_rebuild()
     let took = t.elapsed();
     let summary = result.unwrap_or_else(|e| panic!("rollback: {e}\n{}", sent.transcript()));
     assert_zero_failed(&load, &sent);
-    assert_eq!(
-        load.bodies(),
-        ["ok version v2", "ok version v1"],
-        "{}",
-        load.summary()
-    );
+    assert_switched(&load, "ok version v2", "ok version v1");
     let steps: Vec<String> = ended(&sent).into_iter().map(|(n, _)| n).collect();
     assert_eq!(
         steps,

@@ -16,6 +16,7 @@
 //! beside the release history, so it survives an agent restart.
 
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
@@ -337,6 +338,9 @@ impl<'a> Slots<'a> {
             )));
         }
         let serving = state.live.map(|s| self.describe(s));
+        // Set once the slot's containers are the new release's (they must be stopped again
+        // on failure); before that the slot still holds what it held.
+        let touched = AtomicBool::new(false);
         let steps = async {
             match how {
                 Bring::StartKept => {
@@ -348,6 +352,7 @@ impl<'a> Slots<'a> {
                         ))
                     })
                     .await?;
+                    touched.store(true, Ordering::Relaxed);
                     self.mark(state, slot, commit, true)?;
                 }
                 Bring::Build { migration } => {
@@ -382,6 +387,7 @@ impl<'a> Slots<'a> {
                         }
                     }
                     // Containers from now on: remember them even if `up` fails half-way.
+                    touched.store(true, Ordering::Relaxed);
                     self.mark(state, slot, commit, true)?;
                     ctx.step("up", commit, Kind::Compose, async {
                         compose
@@ -416,15 +422,16 @@ impl<'a> Slots<'a> {
         };
         // Nothing was switched: the live slot served all along. Stop the new one so it
         // holds no port and no memory; its containers stay for inspection.
-        let stopped = match state.get(slot) {
-            Some(_) => match compose.run(&["stop"], events, "stop").await {
+        let stopped = if touched.load(Ordering::Relaxed) {
+            match compose.run(&["stop"], events, "stop").await {
                 Ok(()) => {
                     let _ = self.mark(state, slot, commit, false);
                     format!("; {} stopped", self.describe(slot))
                 }
                 Err(stop) => format!("; stopping {} failed too: {stop}", self.describe(slot)),
-            },
-            None => String::new(),
+            }
+        } else {
+            String::new()
         };
         let serving = match serving {
             Some(s) => format!("; the upstream was never switched: {s} kept serving"),

@@ -10,6 +10,9 @@
 //! makes this quick) and started, then health-checked. The error says what failed and how
 //! the rollback went.
 //!
+//! A job carrying `blue_green` goes to [`super::blue_green`] after unpack instead: the new
+//! release starts beside the live one and the host's proxy switches to it.
+//!
 //! Every step is reported as a [`JobEvents::step`] (started, then succeeded/failed/skipped
 //! with its duration) and appended to the app's audit log. Values from the releases' env
 //! files are registered as secrets before any command runs.
