@@ -109,6 +109,8 @@ struct World {
     /// Deploy with today's `recreate` instead (for the benchmark): one project on the
     /// fixture's own port, which the upstream names.
     recreate: bool,
+    /// The path `through_proxy_url` asks for.
+    proxy_path: String,
 }
 
 impl World {
@@ -131,6 +133,7 @@ impl World {
             outbox: Outbox::default(),
             keep_previous: true,
             recreate,
+            proxy_path: "/health".into(),
         }
     }
 
@@ -149,7 +152,7 @@ impl World {
             upstream_file: self.proxy.upstream_file().display().to_string(),
             reload: self.proxy.reload(),
             test: self.proxy.test(),
-            through_proxy_url: format!("http://127.0.0.1:{}/health", self.proxy.port),
+            through_proxy_url: format!("http://127.0.0.1:{}{}", self.proxy.port, self.proxy_path),
             drain_ms: DRAIN_MS,
             keep_previous: self.keep_previous,
         }
@@ -514,6 +517,107 @@ async fn a_release_that_does_not_build_leaves_the_kept_slot_as_it_was() {
         sent.transcript()
     );
     assert_eq!(sent.step("build"), None);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failed_check_through_the_proxy_switches_back_to_the_old_slot() {
+    let mut w = World::new("bg-proxy-check");
+    w.first().await;
+    let before = w.proxy.upstream();
+    // The public URL answers 404 whichever slot serves: the check after the switch fails.
+    w.proxy_path = "/missing".into();
+    let bundle = w.app.slot_bundle("v2", Variant::Healthy);
+    // Short: the proxy check is to fail (the direct one takes well under a second).
+    let params = w.params("v2", &bundle, 8000);
+
+    let ((result, sent), load) = w.under_load(w.deploy_with(params, &bundle)).await;
+    let error = result.expect_err("a failed proxy check fails").to_string();
+    assert_zero_failed(&load, &sent);
+    assert_eq!(
+        load.bodies().last().map(String::as_str),
+        Some("ok version v1"),
+        "{}",
+        load.summary()
+    );
+    assert_eq!(sent.step("switch"), Some(StepStatus::Succeeded));
+    assert_eq!(sent.step("health-proxy"), Some(StepStatus::Failed));
+    assert_eq!(
+        sent.step("switch-back"),
+        Some(StepStatus::Succeeded),
+        "{}",
+        sent.transcript()
+    );
+    assert_eq!(sent.step("drain"), None);
+    let (blue, green) = (w.port("blue"), w.port("green"));
+    assert!(error.contains("health through the proxy failed"), "{error}");
+    assert!(error.contains("/missing"), "{error}");
+    assert!(
+        error.contains(&format!(
+            "the upstream is back on slot blue (port {blue}), which was never stopped; slot green (port {green}) stopped"
+        )),
+        "{error}"
+    );
+    assert!(w
+        .proxy
+        .upstream()
+        .contains(&format!("server 127.0.0.1:{blue};")));
+    assert_eq!(
+        w.proxy.upstream(),
+        before,
+        "back as it was, not left on green"
+    );
+    assert_eq!(w.slots().live.map(|s| s.name()), Some("blue"));
+    assert_eq!(
+        release::current_release(&w.app.app_dir()).as_deref(),
+        Some("v1")
+    );
+    assert_eq!((w.running("blue"), w.running("green")), (1, 0));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_deploy_cancelled_after_the_switch_is_restored_by_switching_back() {
+    let w = World::new("bg-cancel");
+    w.first().await;
+    let green = format!("server 127.0.0.1:{};", w.port("green"));
+    let ((), load) = w
+        .under_load(async {
+            // Dropped (as a cancelled job's future is) once the upstream names green.
+            tokio::select! {
+                (result, _) = w.deploy("v2", Variant::Healthy) => {
+                    panic!("the deploy ended before it was cancelled: {result:?}")
+                }
+                () = async {
+                    while !w.proxy.upstream().contains(&green) {
+                        tokio::time::sleep(Duration::from_millis(20)).await;
+                    }
+                } => {}
+            }
+            let _ = w.outbox.drain();
+            // What the agent does after a cancel: roll back to the release live before.
+            let (result, sent) = w.rollback("v1").await;
+            let summary = result.unwrap_or_else(|e| panic!("restore: {e}\n{}", sent.transcript()));
+            assert!(
+                summary.contains(&format!("slot blue (port {}) live", w.port("blue"))),
+                "{summary}"
+            );
+            assert_eq!(sent.step("build"), None, "{}", sent.transcript());
+        })
+        .await;
+    assert!(load.failures().is_empty(), "{}", load.summary());
+    assert_eq!(
+        load.bodies().last().map(String::as_str),
+        Some("ok version v1")
+    );
+    assert_eq!(w.slots().live.map(|s| s.name()), Some("blue"));
+    assert!(w
+        .proxy
+        .upstream()
+        .contains(&format!("server 127.0.0.1:{};", w.port("blue"))));
+    assert_eq!(
+        release::current_release(&w.app.app_dir()).as_deref(),
+        Some("v1")
+    );
+    assert_eq!((w.running("blue"), w.running("green")), (1, 0));
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
