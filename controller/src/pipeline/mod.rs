@@ -1310,6 +1310,59 @@ mod tests {
     }
 
     #[test]
+    fn a_blue_green_environment_sends_its_slots_to_the_agent_and_recreate_sends_none() {
+        let mut app = app(Path::new("/repo"));
+        assert_eq!(
+            rollback_params(&app, "production", &app.production, "", "d-1").blue_green,
+            None
+        );
+        app.production.strategy = config::Strategy::BlueGreen;
+        app.production.blue_green = Some(config::BlueGreenConfig {
+            ports: [8101, 8102],
+            upstream_file: "/etc/nginx/sentinel/web.conf".into(),
+            reload: vec!["nginx".into(), "-s".into(), "reload".into()],
+            test: Vec::new(),
+            through_proxy_url: "http://127.0.0.1/health".into(),
+            drain: Duration::from_millis(2500),
+            keep_previous: false,
+        });
+        let bg = rollback_params(&app, "production", &app.production, "", "d-1")
+            .blue_green
+            .expect("blue/green");
+        assert_eq!((bg.blue_port, bg.green_port), (8101, 8102));
+        assert_eq!(bg.upstream_file, "/etc/nginx/sentinel/web.conf");
+        assert_eq!(bg.reload, ["nginx", "-s", "reload"]);
+        assert_eq!(bg.test, ["nginx", "-t"], "the default config test");
+        assert_eq!(bg.through_proxy_url, "http://127.0.0.1/health");
+        assert_eq!(bg.drain_ms, 2500);
+        assert!(!bg.keep_previous);
+        let req = request(false, E2eLevel::Smoke);
+        let run = Run {
+            id: "d-1",
+            app: &app,
+            commit: "c0ffee",
+            req: &req,
+        };
+        let bundle = bundle::Bundle {
+            sha256: "ab".repeat(32),
+            size: 42,
+            path: PathBuf::from("/bundles/x"),
+        };
+        let stages = stages(&app, &req);
+        let Some(Stage::Environment(production)) = stages.last() else {
+            panic!("production comes last");
+        };
+        assert_eq!(
+            deploy_params(&run, production, &bundle).blue_green,
+            Some(bg)
+        );
+        let Some(Stage::Environment(staging)) = stages.first() else {
+            panic!("staging comes first");
+        };
+        assert_eq!(deploy_params(&run, staging, &bundle).blue_green, None);
+    }
+
+    #[test]
     fn rollbacks_target_the_failed_environment_and_the_previous_release_by_default() {
         let app = app(Path::new("/repo"));
         let after_e2e = rollback_params(&app, "staging", &app.staging, "", "d-1");
