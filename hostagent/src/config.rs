@@ -685,6 +685,25 @@ impl AgentConfig {
         if self.full_report_every == 0 {
             return Err(invalid("full_report_every", "must be at least 1".into()));
         }
+        let bg = &self.jobs.blue_green;
+        if let Some(dir) = bg.upstream_dirs.iter().find(|d| {
+            !d.is_absolute() || d.components().any(|c| c == std::path::Component::ParentDir)
+        }) {
+            return Err(invalid(
+                "jobs.blue_green.upstream_dirs",
+                format!("{} must be an absolute path without `..`", dir.display()),
+            ));
+        }
+        if let Some(argv) = bg
+            .commands
+            .iter()
+            .find(|argv| argv.first().is_none_or(|p| p.trim().is_empty()))
+        {
+            return Err(invalid(
+                "jobs.blue_green.commands",
+                format!("{argv:?}: every command needs a program as its first word"),
+            ));
+        }
         if self.backoff.initial.is_zero() || self.backoff.max < self.backoff.initial {
             return Err(invalid(
                 "backoff",
@@ -777,6 +796,40 @@ role = "staging"
         let c: AgentConfig = parse_toml(Path::new("a.toml"), &text).unwrap();
         let err = c.validate(Path::new("a.toml")).unwrap_err().to_string();
         assert!(err.contains("`report_interval`"), "{err}");
+    }
+
+    #[test]
+    fn blue_green_policy_parses_and_bad_entries_name_the_key() {
+        let with = |section: &str| -> Result<AgentConfig, String> {
+            let text = format!("{GOOD}\n[jobs.blue_green]\n{section}\n");
+            let c: AgentConfig =
+                parse_toml(Path::new("a.toml"), &text).map_err(|e| e.to_string())?;
+            c.validate(Path::new("a.toml")).map_err(|e| e.to_string())?;
+            Ok(c)
+        };
+        let c = with(
+            "upstream_dirs = [\"/etc/nginx/sentinel\"]\ncommands = [[\"nginx\", \"-s\", \"reload\"], [\"nginx\", \"-t\"]]",
+        )
+        .expect("valid");
+        assert_eq!(
+            c.jobs.blue_green.upstream_dirs,
+            [PathBuf::from("/etc/nginx/sentinel")]
+        );
+        assert_eq!(c.jobs.blue_green.commands[1], ["nginx", "-t"]);
+        let e = with("upstream_dirs = [\"nginx/sentinel\"]").expect_err("relative");
+        assert!(
+            e.contains("jobs.blue_green.upstream_dirs") && e.contains("absolute"),
+            "{e}"
+        );
+        let e = with("upstream_dirs = [\"/etc/nginx/../x\"]").expect_err("dotdot");
+        assert!(e.contains("without `..`"), "{e}");
+        let e = with("commands = [[]]").expect_err("empty argv");
+        assert!(
+            e.contains("jobs.blue_green.commands") && e.contains("program"),
+            "{e}"
+        );
+        let e = with("reload = [\"nginx\"]").expect_err("unknown key");
+        assert!(e.contains("reload"), "{e}");
     }
 
     #[test]
