@@ -463,7 +463,7 @@ async fn an_unhealthy_release_never_gets_the_traffic_and_the_deploy_says_why() {
     );
     assert!(
         error.contains(&format!(
-            "the upstream was never switched: slot blue (port {}) kept serving",
+            "rolled back to v1: the upstream was never switched, slot blue (port {}) kept serving",
             w.port("blue")
         )),
         "{error}"
@@ -499,7 +499,7 @@ async fn a_release_that_does_not_build_leaves_the_kept_slot_as_it_was() {
     assert_eq!(sent.step("up"), None);
     assert!(error.contains("assets failed to compile"), "{error}");
     assert!(
-        error.contains("the upstream was never switched: slot green"),
+        error.contains("rolled back to v2: the upstream was never switched, slot green"),
         "{error}"
     );
     // Slot blue still holds v1's stopped containers: a rollback restarts them, no rebuild.
@@ -553,7 +553,7 @@ async fn a_failed_check_through_the_proxy_switches_back_to_the_old_slot() {
     assert!(error.contains("/missing"), "{error}");
     assert!(
         error.contains(&format!(
-            "the upstream is back on slot blue (port {blue}), which was never stopped; slot green (port {green}) stopped"
+            "rolled back to v1: the upstream is back on slot blue (port {blue}), which was never stopped; slot green (port {green}) stopped"
         )),
         "{error}"
     );
@@ -656,7 +656,7 @@ async fn a_failing_nginx_config_test_restores_the_upstream_file_and_the_old_slot
     );
     assert!(
         error.contains(&format!(
-            "the upstream stayed on slot blue (port {}), which was never stopped",
+            "rolled back to v1: the upstream stayed on slot blue (port {}), which was never stopped",
             w.port("blue")
         )),
         "{error}"

@@ -433,9 +433,17 @@ impl<'a> Slots<'a> {
         } else {
             String::new()
         };
-        let serving = match serving {
-            Some(s) => format!("; the upstream was never switched: {s} kept serving"),
-            None => "; no slot was live before, so nothing serves".to_string(),
+        // "rolled back to" as a recreate deploy says it: the release before still serves.
+        let live_commit = state
+            .live
+            .and_then(|s| state.get(s))
+            .map(|r| r.commit.clone());
+        let serving = match (serving, live_commit) {
+            (Some(s), Some(c)) => {
+                format!("; rolled back to {c}: the upstream was never switched, {s} kept serving")
+            }
+            (Some(s), None) => format!("; the upstream was never switched: {s} kept serving"),
+            (None, _) => "; no slot was live before, so nothing serves".to_string(),
         };
         Err(failed(&format!("{e}{stopped}{serving}")))
     }
@@ -574,7 +582,7 @@ impl<'a> Slots<'a> {
                     state.live = Some(old);
                     let _ = self.save(state);
                     format!(
-                        "the upstream is back on {}, which was never stopped",
+                        "rolled back to {old_commit}: the upstream is back on {}, which was never stopped",
                         self.describe(old)
                     )
                 }
@@ -585,7 +593,7 @@ impl<'a> Slots<'a> {
             }
         } else {
             format!(
-                "the upstream stayed on {}, which was never stopped",
+                "rolled back to {old_commit}: the upstream stayed on {}, which was never stopped",
                 self.describe(old)
             )
         };
