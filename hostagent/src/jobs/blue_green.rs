@@ -146,6 +146,8 @@ pub(super) struct Slots<'a> {
     project: &'a str,
     upstream_file: PathBuf,
     ports: [u16; 2],
+    /// A rollback job (its failure does not "roll back to" the release that kept serving).
+    rolling_back: bool,
 }
 
 /// How a release gets into a slot.
@@ -203,6 +205,7 @@ impl<'a> Slots<'a> {
             project,
             upstream_file,
             ports,
+            rolling_back: false,
         })
     }
 
@@ -223,6 +226,17 @@ impl<'a> Slots<'a> {
         let mut compose = compose_for(self.flavor, &self.slot_project(slot), &file);
         compose.env = vec![(PORT_VARIABLE.to_string(), self.port(slot).to_string())];
         compose
+    }
+
+    /// How a failure names the release that kept serving: a failed deploy "rolled back to" it
+    /// (the words the controller reads as ROLLED_BACK, as for recreate); a failed rollback
+    /// left it live.
+    fn kept(&self, commit: &str) -> String {
+        if self.rolling_back {
+            format!("{commit} is still live: ")
+        } else {
+            format!("rolled back to {commit}: ")
+        }
     }
 
     /// "slot green (port 8102)".
@@ -266,10 +280,11 @@ impl<'a> Slots<'a> {
     /// Rolls back to `target` (a release on this host): starts the slot that still holds it,
     /// or starts it in the idle slot, and switches to it. Returns what the summary adds.
     pub(super) async fn rollback(
-        &self,
+        mut self,
         target: &str,
         check: Option<&HealthCheck>,
     ) -> Result<String, JobError> {
+        self.rolling_back = true;
         let mut state = SlotState::load(self.ctx.app_dir)?;
         let live = state.live;
         if let Some(slot) = live.filter(|s| state.get(*s).is_some_and(|r| r.commit == target)) {
@@ -433,15 +448,15 @@ impl<'a> Slots<'a> {
         } else {
             String::new()
         };
-        // "rolled back to" as a recreate deploy says it: the release before still serves.
         let live_commit = state
             .live
             .and_then(|s| state.get(s))
             .map(|r| r.commit.clone());
         let serving = match (serving, live_commit) {
-            (Some(s), Some(c)) => {
-                format!("; rolled back to {c}: the upstream was never switched, {s} kept serving")
-            }
+            (Some(s), Some(c)) => format!(
+                "; {}the upstream was never switched, {s} kept serving",
+                self.kept(&c)
+            ),
             (Some(s), None) => format!("; the upstream was never switched: {s} kept serving"),
             (None, _) => "; no slot was live before, so nothing serves".to_string(),
         };
@@ -582,7 +597,8 @@ impl<'a> Slots<'a> {
                     state.live = Some(old);
                     let _ = self.save(state);
                     format!(
-                        "rolled back to {old_commit}: the upstream is back on {}, which was never stopped",
+                        "{}the upstream is back on {}, which was never stopped",
+                        self.kept(old_commit),
                         self.describe(old)
                     )
                 }
@@ -593,7 +609,8 @@ impl<'a> Slots<'a> {
             }
         } else {
             format!(
-                "rolled back to {old_commit}: the upstream stayed on {}, which was never stopped",
+                "{}the upstream stayed on {}, which was never stopped",
+                self.kept(old_commit),
                 self.describe(old)
             )
         };
