@@ -97,6 +97,24 @@ pub struct JobsConfig {
     /// The credentials isolation probes try (`[jobs.isolation_probe]`).
     #[serde(default, deserialize_with = "crate::jobs::probe::deserialize_config")]
     pub isolation_probe: crate::jobs::probe::ProbeConfig,
+    /// What blue/green deploys may touch of the host's proxy (`[jobs.blue_green]`).
+    #[serde(default)]
+    pub blue_green: BlueGreenPolicy,
+}
+
+/// `[jobs.blue_green]`: a blue/green deploy writes an nginx upstream file and runs nginx's
+/// config test and reload, both as the agent's user; the controller names them, this bounds
+/// them. Empty lists: no blue/green deploy runs here.
+#[derive(Debug, Clone, Default, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct BlueGreenPolicy {
+    /// Directories upstream files may be written in (a job's `upstream_file` lies below one).
+    #[serde(default)]
+    pub upstream_dirs: Vec<PathBuf>,
+    /// The exact command lines a job may run as its reload and its config test, e.g.
+    /// `[["nginx", "-s", "reload"], ["nginx", "-t"]]`.
+    #[serde(default)]
+    pub commands: Vec<Vec<String>>,
 }
 
 impl Default for JobsConfig {
@@ -109,6 +127,7 @@ impl Default for JobsConfig {
             max_clock_skew: defaults::max_clock_skew(),
             backups: BackupsConfig::default(),
             isolation_probe: Default::default(),
+            blue_green: BlueGreenPolicy::default(),
         }
     }
 }
@@ -684,6 +703,25 @@ impl AgentConfig {
         if self.full_report_every == 0 {
             return Err(invalid("full_report_every", "must be at least 1".into()));
         }
+        let bg = &self.jobs.blue_green;
+        if let Some(dir) = bg.upstream_dirs.iter().find(|d| {
+            !d.is_absolute() || d.components().any(|c| c == std::path::Component::ParentDir)
+        }) {
+            return Err(invalid(
+                "jobs.blue_green.upstream_dirs",
+                format!("{} must be an absolute path without `..`", dir.display()),
+            ));
+        }
+        if let Some(argv) = bg
+            .commands
+            .iter()
+            .find(|argv| argv.first().is_none_or(|p| p.trim().is_empty()))
+        {
+            return Err(invalid(
+                "jobs.blue_green.commands",
+                format!("{argv:?}: every command needs a program as its first word"),
+            ));
+        }
         if self.backoff.initial.is_zero() || self.backoff.max < self.backoff.initial {
             return Err(invalid(
                 "backoff",
@@ -836,6 +874,40 @@ role = "staging"
         let c: AgentConfig = parse_toml(Path::new("a.toml"), &text).unwrap();
         let err = c.validate(Path::new("a.toml")).unwrap_err().to_string();
         assert!(err.contains("`report_interval`"), "{err}");
+    }
+
+    #[test]
+    fn blue_green_policy_parses_and_bad_entries_name_the_key() {
+        let with = |section: &str| -> Result<AgentConfig, String> {
+            let text = format!("{GOOD}\n[jobs.blue_green]\n{section}\n");
+            let c: AgentConfig =
+                parse_toml(Path::new("a.toml"), &text).map_err(|e| e.to_string())?;
+            c.validate(Path::new("a.toml")).map_err(|e| e.to_string())?;
+            Ok(c)
+        };
+        let c = with(
+            "upstream_dirs = [\"/etc/nginx/sentinel\"]\ncommands = [[\"nginx\", \"-s\", \"reload\"], [\"nginx\", \"-t\"]]",
+        )
+        .expect("valid");
+        assert_eq!(
+            c.jobs.blue_green.upstream_dirs,
+            [PathBuf::from("/etc/nginx/sentinel")]
+        );
+        assert_eq!(c.jobs.blue_green.commands[1], ["nginx", "-t"]);
+        let e = with("upstream_dirs = [\"nginx/sentinel\"]").expect_err("relative");
+        assert!(
+            e.contains("jobs.blue_green.upstream_dirs") && e.contains("absolute"),
+            "{e}"
+        );
+        let e = with("upstream_dirs = [\"/etc/nginx/../x\"]").expect_err("dotdot");
+        assert!(e.contains("without `..`"), "{e}");
+        let e = with("commands = [[]]").expect_err("empty argv");
+        assert!(
+            e.contains("jobs.blue_green.commands") && e.contains("program"),
+            "{e}"
+        );
+        let e = with("reload = [\"nginx\"]").expect_err("unknown key");
+        assert!(e.contains("reload"), "{e}");
     }
 
     #[test]

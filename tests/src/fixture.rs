@@ -91,6 +91,31 @@ impl FixtureApp {
 
     /// Writes the bundle of release `version` (`[a-z0-9.-]`) in the given variant.
     pub fn bundle(&self, version: &str, variant: Variant) -> Bundle {
+        self.bundle_on(version, variant, &self.port.to_string())
+    }
+
+    /// The bundle of a release for a blue/green environment: published on the slot's port,
+    /// `${SENTINEL_PORT}`, which the agent sets per slot.
+    pub fn slot_bundle(&self, version: &str, variant: Variant) -> Bundle {
+        self.bundle_on(version, variant, "${SENTINEL_PORT}")
+    }
+
+    /// Ids of the containers of blue/green slot `slot` (`blue`, `green`), running or not.
+    pub fn slot_container_ids(&self, slot: &str, all: bool) -> Vec<String> {
+        let mut args = vec!["ps", "-q", "--no-trunc"];
+        if all {
+            args.push("-a");
+        }
+        let filter = format!("label=com.docker.compose.project={}-{slot}", self.project);
+        args.extend(["--filter", &filter]);
+        let out = run(Command::new("docker").args(&args));
+        String::from_utf8_lossy(&out.stdout)
+            .lines()
+            .map(str::to_string)
+            .collect()
+    }
+
+    fn bundle_on(&self, version: &str, variant: Variant, port: &str) -> Bundle {
         let stage = self
             .dir
             .path()
@@ -111,7 +136,7 @@ impl FixtureApp {
         .expect("writing Dockerfile");
         fs::write(
             stage.join("docker-compose.yml"),
-            compose_file(version, self.port),
+            compose_file(version, port),
         )
         .expect("writing docker-compose.yml");
         fs::write(
@@ -184,6 +209,9 @@ impl Drop for FixtureApp {
         // Whatever `down` could not reach: containers, then every image this app built
         // (rebuilds leave untagged ones behind), then the default network.
         let mut ids = self.container_ids();
+        for slot in ["blue", "green"] {
+            ids.extend(self.slot_container_ids(slot, true));
+        }
         // A failed legacy build leaves its intermediate container; it inherits the label.
         let out = run(Command::new("docker").args([
             "ps",
@@ -220,6 +248,13 @@ impl Drop for FixtureApp {
             quiet(Command::new("docker").args(["rmi", "-f"]).args(&images));
         }
         quiet(Command::new("docker").args(["network", "rm", &format!("{}_default", self.project)]));
+        for slot in ["blue", "green"] {
+            quiet(Command::new("docker").args([
+                "network",
+                "rm",
+                &format!("{}-{slot}_default", self.project),
+            ]));
+        }
     }
 }
 
@@ -306,7 +341,7 @@ fn dockerfile(project: &str, version: &str, variant: Variant) -> String {
     d
 }
 
-fn compose_file(version: &str, port: u16) -> String {
+fn compose_file(version: &str, port: &str) -> String {
     format!(
         r#"# Fixture app, release {version}.
 version: "2.4"

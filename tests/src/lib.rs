@@ -16,6 +16,8 @@ pub use serde_json::Value;
 
 pub mod backups;
 pub mod fixture;
+pub mod job_events;
+pub mod load;
 pub mod ports;
 pub mod postgres;
 pub mod services;

@@ -10,100 +10,14 @@ use hostagent::jobs::events::{JobError, JobEvents, Outbox};
 use hostagent::jobs::{deploy, release};
 use sentinel_daemon::http;
 use sentinel_e2e::fixture::{Bundle, FixtureApp, Variant, SECRET};
-use sentinel_proto::v1::{
-    agent_message, job_event, AgentMessage, DeployParams, HealthCheck, JobStep, RollbackParams,
-    StepStatus,
-};
+use sentinel_e2e::job_events::Sent;
+use sentinel_proto::v1::{DeployParams, HealthCheck, RollbackParams, StepStatus};
 
 /// A test's app and the events of its jobs.
 struct World {
     app: FixtureApp,
     outbox: Outbox,
     keep_releases: u32,
-}
-
-/// What one job sent.
-struct Sent {
-    msgs: Vec<AgentMessage>,
-}
-
-impl Sent {
-    fn steps(&self) -> Vec<JobStep> {
-        self.msgs
-            .iter()
-            .filter_map(|m| match &m.msg {
-                Some(agent_message::Msg::JobEvent(e)) => match &e.event {
-                    Some(job_event::Event::Step(s)) => Some(s.clone()),
-                    _ => None,
-                },
-                _ => None,
-            })
-            .collect()
-    }
-
-    /// The final status of `name` (its last event).
-    fn step(&self, name: &str) -> Option<StepStatus> {
-        self.steps()
-            .into_iter()
-            .rev()
-            .find(|s| s.name == name)
-            .map(|s| s.status())
-    }
-
-    fn logs(&self) -> Vec<(String, String)> {
-        self.msgs
-            .iter()
-            .filter_map(|m| match &m.msg {
-                Some(agent_message::Msg::JobEvent(e)) => match &e.event {
-                    Some(job_event::Event::Log(l)) => Some((l.stream.clone(), l.line.clone())),
-                    _ => None,
-                },
-                _ => None,
-            })
-            .collect()
-    }
-
-    /// Every step and log line, one per line, as an operator would read them.
-    fn transcript(&self) -> String {
-        let mut out = String::new();
-        for m in &self.msgs {
-            if let Some(agent_message::Msg::JobEvent(e)) = &m.msg {
-                match &e.event {
-                    Some(job_event::Event::Log(l)) => {
-                        out.push_str(&format!("  [{}] {}\n", l.stream, l.line))
-                    }
-                    Some(job_event::Event::Step(s)) => out.push_str(&format!(
-                        "  == {} {:?} {}ms {}\n",
-                        s.name,
-                        s.status(),
-                        s.duration_ms,
-                        s.detail
-                    )),
-                    _ => {}
-                }
-            }
-        }
-        out
-    }
-
-    /// "unpack 40ms, switch 1ms, ..." for the steps that ended.
-    fn durations(&self) -> String {
-        self.steps()
-            .iter()
-            .filter(|s| s.status() != StepStatus::Started)
-            .map(|s| format!("{} {}ms", s.name, s.duration_ms))
-            .collect::<Vec<_>>()
-            .join(", ")
-    }
-
-    /// The secret appears nowhere: not in a log line, a step detail, anything.
-    fn assert_no_secret(&self) {
-        let text = format!("{:?}", self.msgs);
-        assert!(
-            !text.contains(SECRET),
-            "the secret leaked into events: {text}"
-        );
-    }
 }
 
 impl World {
@@ -155,6 +69,7 @@ impl World {
             migration_service: String::new(),
             build: true,
             not_secret: Vec::new(),
+            blue_green: None,
         }
     }
 
@@ -164,9 +79,7 @@ impl World {
         bundle: &Bundle,
     ) -> (Result<String, JobError>, Sent) {
         let result = deploy::deploy(&params, &bundle.path, &self.events()).await;
-        let sent = Sent {
-            msgs: self.outbox.drain(),
-        };
+        let sent = Sent::new(self.outbox.drain());
         sent.assert_no_secret();
         (result, sent)
     }
@@ -194,11 +107,10 @@ impl World {
             deploy_id: format!("rollback-to-{to}"),
             compose_project: self.app.project.clone(),
             not_secret: Vec::new(),
+            blue_green: None,
         };
         let result = deploy::rollback(&params, &self.events()).await;
-        let sent = Sent {
-            msgs: self.outbox.drain(),
-        };
+        let sent = Sent::new(self.outbox.drain());
         sent.assert_no_secret();
         (result, sent)
     }

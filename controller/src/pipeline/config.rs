@@ -83,9 +83,66 @@ pub struct EnvironmentConfig {
     /// Where E2E checks send their requests, e.g. `http://hub-alfa.internal:3100`.
     #[serde(default)]
     pub base_url: String,
-    /// The agent's health check after `up`.
+    /// The agent's health check after `up`. On a blue/green environment its `url` names the
+    /// slot's port as `{port}` (each slot is checked directly before the switch).
     #[serde(default)]
     pub health: HealthConfig,
+    /// How a deploy replaces the running release.
+    #[serde(default)]
+    pub strategy: Strategy,
+    /// `[apps.<env>.blue_green]`: the slots and the proxy; required by `strategy = "blue_green"`.
+    #[serde(default)]
+    pub blue_green: Option<BlueGreenConfig>,
+}
+
+/// How a deploy replaces the running release of an environment.
+#[derive(Debug, Clone, Copy, Default, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "snake_case")]
+pub enum Strategy {
+    /// `build`, `down`, `up` in one Compose project: the app is away during `down` + `up` + boot.
+    #[default]
+    Recreate,
+    /// Two slots behind the host's nginx: the new release starts beside the old one, and the
+    /// proxy switches once it is healthy.
+    BlueGreen,
+}
+
+/// `[apps.<env>.blue_green]`: the two slots and how the agent switches the host's proxy.
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct BlueGreenConfig {
+    /// Slot blue's port, then slot green's; compose sees the slot's as `SENTINEL_PORT`.
+    pub ports: [u16; 2],
+    /// Absolute path of the file the agent writes `server 127.0.0.1:PORT;` into; nginx
+    /// `include`s it in an `upstream` block.
+    pub upstream_file: PathBuf,
+    /// How the host's nginx is reloaded, e.g. `["nginx", "-s", "reload"]`.
+    pub reload: Vec<String>,
+    /// How its config is checked before the reload; empty: the reload's program with `-t`.
+    #[serde(default)]
+    pub test: Vec<String>,
+    /// Health as the public sees it, probed after the switch; empty: no such probe.
+    #[serde(default)]
+    pub through_proxy_url: String,
+    /// How long the old slot keeps serving in-flight requests after the switch.
+    #[serde(default = "defaults::drain", with = "humantime_serde")]
+    pub drain: Duration,
+    /// Stop the old slot rather than remove it, so a rollback restarts it without a rebuild.
+    #[serde(default = "defaults::yes")]
+    pub keep_previous: bool,
+}
+
+impl BlueGreenConfig {
+    /// The command that checks the proxy's config: `test`, else the reload's program with `-t`.
+    pub fn test_command(&self) -> Vec<String> {
+        if !self.test.is_empty() {
+            return self.test.clone();
+        }
+        self.reload
+            .first()
+            .map(|program| vec![program.clone(), "-t".to_string()])
+            .unwrap_or_default()
+    }
 }
 
 /// The health check an agent runs after `up`.
@@ -174,6 +231,12 @@ mod defaults {
     pub fn health_deadline() -> Duration {
         Duration::from_secs(60)
     }
+    pub fn drain() -> Duration {
+        Duration::from_secs(10)
+    }
+    pub fn yes() -> bool {
+        true
+    }
 }
 
 /// Checks the apps: unique names, usable paths and URLs, sane counts. Errors name the key as
@@ -254,6 +317,8 @@ pub fn validate(
                     "E2E checks need an http:// or https:// base_url".into(),
                 ));
             }
+            validate_strategy(env, env_name)
+                .map_err(|(field, message)| invalid(key(field), message))?;
         }
         if app.staging.host == app.production.host && app.staging.app_dir == app.production.app_dir
         {
@@ -320,6 +385,104 @@ fn check_not_secret(env: &EnvironmentConfig) -> Result<(), String> {
     Ok(())
 }
 
+/// The strategy of one environment and its `blue_green` table agree and the table is usable;
+/// the error is the field (below the environment) and why.
+fn validate_strategy(
+    env: &EnvironmentConfig,
+    env_name: &str,
+) -> Result<(), (&'static str, String)> {
+    let has_port = env.health.url.contains("{port}");
+    let bg = match (env.strategy, &env.blue_green) {
+        (Strategy::Recreate, None) if has_port => return Err((
+            "health.url",
+            "{port} names a blue/green slot's port; this environment uses strategy = \"recreate\""
+                .into(),
+        )),
+        (Strategy::Recreate, None) => return Ok(()),
+        (Strategy::Recreate, Some(_)) => {
+            return Err((
+                "blue_green",
+                "is only used with strategy = \"blue_green\" (the strategy is \"recreate\")".into(),
+            ))
+        }
+        (Strategy::BlueGreen, None) => {
+            return Err((
+                "blue_green",
+                format!("strategy = \"blue_green\" needs an [apps.{env_name}.blue_green] table"),
+            ))
+        }
+        (Strategy::BlueGreen, Some(bg)) => bg,
+    };
+    if bg.ports.contains(&0) {
+        return Err((
+            "blue_green.ports",
+            format!("{:?}: ports must not be 0", bg.ports),
+        ));
+    }
+    if bg.ports[0] == bg.ports[1] {
+        return Err((
+            "blue_green.ports",
+            format!("{:?}: blue and green need two different ports", bg.ports),
+        ));
+    }
+    let file = &bg.upstream_file;
+    let clean = file.components().all(|c| {
+        matches!(
+            c,
+            std::path::Component::RootDir | std::path::Component::Normal(_)
+        )
+    });
+    if !file.is_absolute() || !clean || file.file_name().is_none() {
+        return Err((
+            "blue_green.upstream_file",
+            format!(
+                "{} must be an absolute file path without `..`",
+                file.display()
+            ),
+        ));
+    }
+    for (field, argv) in [
+        ("blue_green.reload", &bg.reload),
+        ("blue_green.test", &bg.test),
+    ] {
+        if field == "blue_green.reload" && argv.is_empty() {
+            return Err((
+                field,
+                "must name the command that reloads nginx, e.g. [\"nginx\", \"-s\", \"reload\"]"
+                    .into(),
+            ));
+        }
+        if argv
+            .first()
+            .is_some_and(|program| program.trim().is_empty())
+        {
+            return Err((
+                field,
+                format!("{argv:?}: the program (first word) is empty"),
+            ));
+        }
+    }
+    if !bg.through_proxy_url.is_empty() && !is_http_url(&bg.through_proxy_url) {
+        return Err((
+            "blue_green.through_proxy_url",
+            format!(
+                "{:?} must be an http:// or https:// URL",
+                bg.through_proxy_url
+            ),
+        ));
+    }
+    if !env.health.url.is_empty() && !has_port {
+        return Err((
+            "health.url",
+            format!(
+                "{:?}: a blue/green environment checks each slot directly; put {{port}} where the slot's port goes (e.g. http://127.0.0.1:{{port}}/health)",
+                env.health.url
+            ),
+        ));
+    }
+    Ok(())
+}
+
 /// Whether `url` is one the HTTP client takes (`sentinel_daemon::http`).
 fn is_http_url(url: &str) -> bool {
     url.starts_with("http://") || url.starts_with("https://")
@@ -374,5 +537,134 @@ mod tests {
                 "{list}: {err}"
             );
         }
+    }
+
+    #[derive(Deserialize)]
+    struct File {
+        #[serde(default)]
+        pipeline: PipelineConfig,
+        apps: Vec<AppConfig>,
+    }
+
+    const APP: &str = r#"
+[[apps]]
+name = "pulse"
+repo = "/srv/git/pulse"
+[apps.staging]
+host = "hub"
+app_dir = "/srv/apps/pulse-staging"
+[apps.production]
+host = "prod"
+app_dir = "/srv/apps/pulse"
+strategy = "blue_green"
+health = { url = "http://127.0.0.1:{port}/health" }
+[apps.production.blue_green]
+ports = [8101, 8102]
+upstream_file = "/etc/nginx/sentinel/pulse.conf"
+reload = ["nginx", "-s", "reload"]
+through_proxy_url = "http://127.0.0.1/health"
+drain = "2s"
+"#;
+
+    fn check(text: &str) -> Result<Vec<AppConfig>, String> {
+        let path = Path::new("controller.toml");
+        let file: File =
+            sentinel_daemon::config::parse_toml(path, text).map_err(|e| e.to_string())?;
+        validate(path, &file.pipeline, &file.apps).map_err(|e| e.to_string())?;
+        Ok(file.apps)
+    }
+
+    #[test]
+    fn a_blue_green_environment_parses_with_its_defaults() {
+        let apps = check(APP).expect("valid");
+        assert_eq!(apps[0].staging.strategy, Strategy::Recreate);
+        assert_eq!(apps[0].staging.blue_green, None);
+        let bg = apps[0].production.blue_green.as_ref().expect("table");
+        assert_eq!(apps[0].production.strategy, Strategy::BlueGreen);
+        assert_eq!(bg.ports, [8101, 8102]);
+        assert_eq!(bg.drain, Duration::from_secs(2));
+        assert!(bg.keep_previous);
+        assert_eq!(bg.test_command(), ["nginx", "-t"]);
+    }
+
+    #[test]
+    fn bad_blue_green_settings_name_their_key() {
+        let cases = [
+            (
+                APP.replace("[8101, 8102]", "[8101, 8101]"),
+                "apps[0].production.blue_green.ports",
+                "two different ports",
+            ),
+            (
+                APP.replace("[8101, 8102]", "[0, 8102]"),
+                "apps[0].production.blue_green.ports",
+                "must not be 0",
+            ),
+            (
+                APP.replace(
+                    "\"/etc/nginx/sentinel/pulse.conf\"",
+                    "\"sentinel/pulse.conf\"",
+                ),
+                "apps[0].production.blue_green.upstream_file",
+                "absolute",
+            ),
+            (
+                APP.replace(
+                    "\"/etc/nginx/sentinel/pulse.conf\"",
+                    "\"/etc/nginx/../pulse.conf\"",
+                ),
+                "apps[0].production.blue_green.upstream_file",
+                "without `..`",
+            ),
+            (
+                APP.replace("[\"nginx\", \"-s\", \"reload\"]", "[]"),
+                "apps[0].production.blue_green.reload",
+                "must name the command",
+            ),
+            (
+                APP.replace("[\"nginx\", \"-s\", \"reload\"]", "[\" \", \"-s\"]"),
+                "apps[0].production.blue_green.reload",
+                "program (first word) is empty",
+            ),
+            (
+                APP.replace("\"http://127.0.0.1/health\"", "\"127.0.0.1/health\""),
+                "apps[0].production.blue_green.through_proxy_url",
+                "http://",
+            ),
+            (
+                APP.replace(":{port}/health", ":8101/health"),
+                "apps[0].production.health.url",
+                "put {port}",
+            ),
+            (
+                APP.replace("strategy = \"blue_green\"", ""),
+                "apps[0].production.blue_green",
+                "only used with strategy",
+            ),
+        ];
+        for (text, key, why) in cases {
+            let e = check(&text).expect_err(key);
+            assert!(e.contains(key) && e.contains(why), "{key}: {e}");
+        }
+        let no_table = APP
+            .split("[apps.production.blue_green]")
+            .next()
+            .unwrap_or_default()
+            .to_string();
+        let e = check(&no_table).expect_err("no table");
+        assert!(
+            e.contains("apps[0].production.blue_green")
+                && e.contains("needs an [apps.production.blue_green] table"),
+            "{e}"
+        );
+        let e = check(&APP.replace("\"blue_green\"\nhealth", "\"blue-green\"\nhealth"))
+            .expect_err("word");
+        assert!(
+            e.contains("controller.toml:") && e.contains("blue-green") && e.contains("recreate"),
+            "{e}"
+        );
+        let e = check(&APP.replace("drain = \"2s\"", "drain = \"2s\"\nports_typo = 1"))
+            .expect_err("unknown key");
+        assert!(e.contains("ports_typo"), "{e}");
     }
 }

@@ -18,9 +18,9 @@ use sentinel_daemon::metrics::enum_word;
 use sentinel_proto::results::finished_result;
 use sentinel_proto::time::now;
 use sentinel_proto::v1::{
-    job_event, job_finished, job_spec, BackupParams, DeployParams, DeployRequest, Deployment,
-    DeploymentEvent, DeploymentKind, DeploymentState, DeploymentStep, E2eLevel, HealthCheck, Job,
-    JobEvent, JobKind, JobState, RollbackParams, StepStatus,
+    job_event, job_finished, job_spec, BackupParams, BlueGreen, DeployParams, DeployRequest,
+    Deployment, DeploymentEvent, DeploymentKind, DeploymentState, DeploymentStep, E2eLevel,
+    HealthCheck, Job, JobEvent, JobKind, JobState, RollbackParams, StepStatus,
 };
 use tokio::sync::broadcast::{self, error::TryRecvError};
 use tokio_util::sync::CancellationToken;
@@ -1123,6 +1123,7 @@ fn deploy_params(run: &Run<'_>, target: &Target<'_>, bundle: &bundle::Bundle) ->
         migration_service: app.migration_service.clone(),
         build: true,
         not_secret: env.not_secret.clone(),
+        blue_green: blue_green(env),
     }
 }
 
@@ -1144,7 +1145,27 @@ fn rollback_params(
         deploy_id: deploy_id.to_string(),
         compose_project: format!("{}-{}", app.name, env_name),
         not_secret: env.not_secret.clone(),
+        blue_green: blue_green(env),
     }
+}
+
+/// The slots and proxy of a blue/green environment, as the agent gets them; `None` for
+/// `strategy = "recreate"`.
+fn blue_green(env: &EnvironmentConfig) -> Option<BlueGreen> {
+    if env.strategy != config::Strategy::BlueGreen {
+        return None;
+    }
+    let bg = env.blue_green.as_ref()?;
+    Some(BlueGreen {
+        blue_port: u32::from(bg.ports[0]),
+        green_port: u32::from(bg.ports[1]),
+        upstream_file: bg.upstream_file.display().to_string(),
+        reload: bg.reload.clone(),
+        test: bg.test_command(),
+        through_proxy_url: bg.through_proxy_url.clone(),
+        drain_ms: u32::try_from(bg.drain.as_millis()).unwrap_or(u32::MAX),
+        keep_previous: bg.keep_previous,
+    })
 }
 
 /// The name of the E2E step at `level`.
@@ -1271,6 +1292,8 @@ mod tests {
             not_secret: Vec::new(),
             base_url: String::new(),
             health: HealthConfig::default(),
+            strategy: config::Strategy::Recreate,
+            blue_green: None,
         }
     }
 
@@ -1521,6 +1544,59 @@ mod tests {
         let params = deploy_params(&run, &staging, &bundle);
         assert_eq!(params.migration, "bin/migrate");
         assert_eq!(params.migration_service, "api");
+    }
+
+    #[test]
+    fn a_blue_green_environment_sends_its_slots_to_the_agent_and_recreate_sends_none() {
+        let mut app = app(Path::new("/repo"));
+        assert_eq!(
+            rollback_params(&app, "production", &app.production, "", "d-1").blue_green,
+            None
+        );
+        app.production.strategy = config::Strategy::BlueGreen;
+        app.production.blue_green = Some(config::BlueGreenConfig {
+            ports: [8101, 8102],
+            upstream_file: "/etc/nginx/sentinel/web.conf".into(),
+            reload: vec!["nginx".into(), "-s".into(), "reload".into()],
+            test: Vec::new(),
+            through_proxy_url: "http://127.0.0.1/health".into(),
+            drain: Duration::from_millis(2500),
+            keep_previous: false,
+        });
+        let bg = rollback_params(&app, "production", &app.production, "", "d-1")
+            .blue_green
+            .expect("blue/green");
+        assert_eq!((bg.blue_port, bg.green_port), (8101, 8102));
+        assert_eq!(bg.upstream_file, "/etc/nginx/sentinel/web.conf");
+        assert_eq!(bg.reload, ["nginx", "-s", "reload"]);
+        assert_eq!(bg.test, ["nginx", "-t"], "the default config test");
+        assert_eq!(bg.through_proxy_url, "http://127.0.0.1/health");
+        assert_eq!(bg.drain_ms, 2500);
+        assert!(!bg.keep_previous);
+        let req = request(false, E2eLevel::Smoke);
+        let run = Run {
+            id: "d-1",
+            app: &app,
+            commit: "c0ffee",
+            req: &req,
+        };
+        let bundle = bundle::Bundle {
+            sha256: "ab".repeat(32),
+            size: 42,
+            path: PathBuf::from("/bundles/x"),
+        };
+        let stages = stages(&app, &req);
+        let Some(Stage::Environment(production)) = stages.last() else {
+            panic!("production comes last");
+        };
+        assert_eq!(
+            deploy_params(&run, production, &bundle).blue_green,
+            Some(bg)
+        );
+        let Some(Stage::Environment(staging)) = stages.first() else {
+            panic!("staging comes first");
+        };
+        assert_eq!(deploy_params(&run, staging, &bundle).blue_green, None);
     }
 
     #[test]

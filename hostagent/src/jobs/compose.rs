@@ -119,6 +119,9 @@ pub struct Compose {
     /// Where the commands run: the compose file's directory, so relative paths and `.env`
     /// resolve as they would for an operator running Compose there.
     pub workdir: PathBuf,
+    /// Variables set for Compose (they win over `.env` in its `${VAR}` substitution), e.g. a
+    /// blue/green slot's `SENTINEL_PORT`.
+    pub env: Vec<(String, String)>,
 }
 
 impl Compose {
@@ -166,51 +169,79 @@ impl Compose {
         step: &str,
     ) -> Result<(), JobError> {
         let shown = self.command_line(args);
-        events.log("agent", &format!("[{step}] $ {shown}"));
-        let mut child = Command::new(program)
-            .args(prefix)
+        let mut cmd = Command::new(program);
+        cmd.args(prefix)
             .arg("-p")
             .arg(&self.project)
             .arg("-f")
             .arg(&self.file)
             .args(args)
             .current_dir(&self.workdir)
+            .envs(self.env.iter().map(|(k, v)| (k, v)))
             // Plain build logs instead of a redrawn terminal UI.
             .env("BUILDKIT_PROGRESS", "plain")
-            .env("COMPOSE_ANSI", "never")
-            .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .kill_on_drop(true)
-            .spawn()
-            .map_err(|e| {
-                JobError::Failed(events.redact(&format!("cannot start `{shown}`: {e}")))
-            })?;
-        let tail = Mutex::new(VecDeque::with_capacity(TAIL_LINES));
-        let stdout = child.stdout.take();
-        let stderr = child.stderr.take();
-        let (_, _, status) = tokio::join!(
-            pump(stdout, "stdout", events, &tail),
-            pump(stderr, "stderr", events, &tail),
-            child.wait(),
-        );
-        let status = status
-            .map_err(|e| JobError::Failed(events.redact(&format!("waiting for `{shown}`: {e}"))))?;
-        if status.success() {
-            return Ok(());
-        }
-        let tail = tail.into_inner().unwrap_or_else(|p| p.into_inner());
-        let last = if tail.is_empty() {
-            " (no output)".to_string()
-        } else {
-            let lines: Vec<String> = tail.iter().map(|l| format!("  {l}")).collect();
-            format!("; last output:\n{}", lines.join("\n"))
-        };
-        Err(JobError::Failed(events.redact(&format!(
-            "`{shown}` {}{last}",
-            describe_status(status)
-        ))))
+            .env("COMPOSE_ANSI", "never");
+        stream(cmd, &shown, events, step).await
     }
+}
+
+/// Runs `argv` (no shell) the way Compose commands run: output streamed into `events`, an
+/// error naming the command, its exit code and last lines. For the other programs a deploy
+/// runs, such as the proxy's config test and reload.
+pub async fn run_argv(argv: &[String], events: &JobEvents, step: &str) -> Result<(), JobError> {
+    let Some((program, args)) = argv.split_first() else {
+        return Err(JobError::Failed(format!("[{step}] no command to run")));
+    };
+    let shown = argv
+        .iter()
+        .map(|w| shell_quote(w))
+        .collect::<Vec<_>>()
+        .join(" ");
+    let mut cmd = Command::new(program);
+    cmd.args(args);
+    stream(cmd, &shown, events, step).await
+}
+
+/// Spawns `cmd` (shown as `shown`), streams its output lines into `events` and waits for it;
+/// the process is killed if the returned future is dropped.
+async fn stream(
+    mut cmd: Command,
+    shown: &str,
+    events: &JobEvents,
+    step: &str,
+) -> Result<(), JobError> {
+    events.log("agent", &format!("[{step}] $ {shown}"));
+    let mut child = cmd
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .map_err(|e| JobError::Failed(events.redact(&format!("cannot start `{shown}`: {e}"))))?;
+    let tail = Mutex::new(VecDeque::with_capacity(TAIL_LINES));
+    let stdout = child.stdout.take();
+    let stderr = child.stderr.take();
+    let (_, _, status) = tokio::join!(
+        pump(stdout, "stdout", events, &tail),
+        pump(stderr, "stderr", events, &tail),
+        child.wait(),
+    );
+    let status = status
+        .map_err(|e| JobError::Failed(events.redact(&format!("waiting for `{shown}`: {e}"))))?;
+    if status.success() {
+        return Ok(());
+    }
+    let tail = tail.into_inner().unwrap_or_else(|p| p.into_inner());
+    let last = if tail.is_empty() {
+        " (no output)".to_string()
+    } else {
+        let lines: Vec<String> = tail.iter().map(|l| format!("  {l}")).collect();
+        format!("; last output:\n{}", lines.join("\n"))
+    };
+    Err(JobError::Failed(events.redact(&format!(
+        "`{shown}` {}{last}",
+        describe_status(status)
+    ))))
 }
 
 fn describe_status(status: ExitStatus) -> String {
@@ -334,6 +365,7 @@ mod tests {
             project: "shop".into(),
             file: PathBuf::from("/srv/shop/releases/abc/docker-compose.yml"),
             workdir: PathBuf::from("/srv/shop/releases/abc"),
+            env: Vec::new(),
         };
         assert_eq!(
             c.command_line(&["run", "--rm", "web", "sh", "-c", "echo it's done"]),
@@ -393,6 +425,7 @@ mod tests {
             project: "p".into(),
             file: PathBuf::from("f.yml"),
             workdir: std::env::temp_dir(),
+            env: Vec::new(),
         };
         // A stand-in for Compose: `sh -c SCRIPT sh -p p -f f.yml build`.
         let script = "echo building; echo 'boom: token hunter22' >&2; exit 3";

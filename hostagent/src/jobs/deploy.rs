@@ -10,6 +10,9 @@
 //! makes this quick) and started, then health-checked. The error says what failed and how
 //! the rollback went.
 //!
+//! A job carrying `blue_green` goes to [`super::blue_green`] after unpack instead: the new
+//! release starts beside the live one and the host's proxy switches to it.
+//!
 //! Every step is reported as a [`JobEvents::step`] (started, then succeeded/failed/skipped
 //! with its duration) and appended to the app's audit log. Values from the releases' env
 //! files are registered as secrets before any command runs.
@@ -22,6 +25,7 @@ use std::time::{Duration, Instant};
 use sentinel_proto::v1::{DeployParams, HealthCheck, RollbackParams, StepStatus};
 use sha2::{Digest, Sha256};
 
+use super::blue_green;
 use super::compose::{self, Compose, ComposeFlavor};
 use super::events::{JobError, JobEvents};
 use super::health;
@@ -146,33 +150,41 @@ async fn deploy_inner(
     let flavor = ctx.timed(Kind::Compose, compose::detect()).await?;
     events.log("agent", &format!("using {}", flavor.name()));
 
-    ctx.step("switch", commit, Kind::Ours, async {
-        release::switch_current(&app_dir, commit)?;
-        Ok(format!("current -> releases/{commit}"))
-    })
-    .await?;
+    let mut summary_tail = String::new();
+    if let Some(bg) = &params.blue_green {
+        let slots = blue_green::Slots::new(&ctx, bg, flavor, &compose_rel, &project)?;
+        summary_tail = slots.deploy(params).await.inspect_err(|_| {
+            ctx.report_timing();
+        })?;
+    } else {
+        ctx.step("switch", commit, Kind::Ours, async {
+            release::switch_current(&app_dir, commit)?;
+            Ok(format!("current -> releases/{commit}"))
+        })
+        .await?;
 
-    // From here on, a failure rolls back.
-    let compose = compose_for(flavor, &project, &compose_file);
-    let mut progress = Progress {
-        was_live: live.as_deref() == Some(commit),
-        ..Progress::default()
-    };
-    if let Err(failure) = run_release(&ctx, &compose, params, &mut progress).await {
-        let message = recover(
-            &ctx,
-            failure,
-            commit,
-            fallback.as_deref(),
-            &compose_rel,
-            flavor,
-            &project,
-            params.health.as_ref(),
-            &progress,
-        )
-        .await;
-        ctx.report_timing();
-        return Err(JobError::Failed(message));
+        // From here on, a failure rolls back.
+        let compose = compose_for(flavor, &project, &compose_file);
+        let mut progress = Progress {
+            was_live: live.as_deref() == Some(commit),
+            ..Progress::default()
+        };
+        if let Err(failure) = run_release(&ctx, &compose, params, &mut progress).await {
+            let message = recover(
+                &ctx,
+                failure,
+                commit,
+                fallback.as_deref(),
+                &compose_rel,
+                flavor,
+                &project,
+                params.health.as_ref(),
+                &progress,
+            )
+            .await;
+            ctx.report_timing();
+            return Err(JobError::Failed(message));
+        }
     }
 
     let mut pruned = Vec::new();
@@ -188,7 +200,7 @@ async fn deploy_inner(
         .await;
     let timing = ctx.report_timing();
     let mut summary = format!(
-        "deployed {}/{} {commit} (previous: {}) in {timing}",
+        "deployed {}/{} {commit} (previous: {}) in {timing}{summary_tail}",
         params.app,
         params.environment,
         live.as_deref().unwrap_or("none"),
@@ -446,6 +458,18 @@ async fn rollback_inner(params: &RollbackParams, events: &JobEvents) -> Result<S
         )));
     }
     let flavor = ctx.timed(Kind::Compose, compose::detect()).await?;
+    if let Some(bg) = &params.blue_green {
+        let slots = blue_green::Slots::new(&ctx, bg, flavor, &compose_rel, &project)?;
+        let result = slots.rollback(&target, params.health.as_ref()).await;
+        let timing = ctx.report_timing();
+        let tail = result?;
+        return Ok(format!(
+            "rolled back {}/{} from {} to {target} in {timing}{tail}",
+            params.app,
+            params.environment,
+            live.as_deref().unwrap_or("none"),
+        ));
+    }
     let compose = compose_for(flavor, &project, &compose_file);
     let t = target.as_str();
     let steps = async {
@@ -505,7 +529,8 @@ async fn rollback_inner(params: &RollbackParams, events: &JobEvents) -> Result<S
     ))
 }
 
-fn compose_for(flavor: ComposeFlavor, project: &str, file: &Path) -> Compose {
+/// The Compose project `project` of the release whose compose file is `file`.
+pub(super) fn compose_for(flavor: ComposeFlavor, project: &str, file: &Path) -> Compose {
     Compose {
         flavor,
         project: project.to_string(),
@@ -514,6 +539,7 @@ fn compose_for(flavor: ComposeFlavor, project: &str, file: &Path) -> Compose {
             .parent()
             .map(Path::to_path_buf)
             .unwrap_or_else(|| PathBuf::from("/")),
+        env: Vec::new(),
     }
 }
 
@@ -525,7 +551,8 @@ fn register_release_secrets(app_dir: &Path, commit: &str, compose_rel: &Path, ev
     }
 }
 
-fn describe_check(check: &HealthCheck) -> String {
+/// What a passed health check checked, for a step's detail.
+pub(super) fn describe_check(check: &HealthCheck) -> String {
     let mut parts = Vec::new();
     if !check.http_url.is_empty() {
         let status = if check.expect_status == 0 {
@@ -637,7 +664,7 @@ fn validate_compose_file(file: &str) -> Result<PathBuf, JobError> {
 
 /// A Compose project name as both Compose versions accept it unchanged: lowercase letters,
 /// digits, `-` and `_`, starting with a letter or digit.
-fn validate_project(project: &str) -> Result<String, JobError> {
+pub(super) fn validate_project(project: &str) -> Result<String, JobError> {
     let ok = project
         .bytes()
         .next()
@@ -655,7 +682,8 @@ fn validate_project(project: &str) -> Result<String, JobError> {
     }
 }
 
-fn failed(message: &str) -> JobError {
+/// A failed job with `message`.
+pub(super) fn failed(message: &str) -> JobError {
     JobError::Failed(message.to_string())
 }
 
@@ -686,7 +714,7 @@ fn log_outcome(
 
 /// Which part of the time a step counts toward.
 #[derive(Clone, Copy)]
-enum Kind {
+pub(super) enum Kind {
     /// The agent's own work (unpack, switch, prune, audit).
     Ours,
     /// Compose commands (and finding Compose).
@@ -696,9 +724,9 @@ enum Kind {
 }
 
 /// One deploy's reporting: steps as events and audit lines, and where the time went.
-struct Ctx<'a> {
-    events: &'a JobEvents,
-    app_dir: &'a Path,
+pub(super) struct Ctx<'a> {
+    pub(super) events: &'a JobEvents,
+    pub(super) app_dir: &'a Path,
     deploy_id: &'a str,
     app: &'a str,
     environment: &'a str,
@@ -742,7 +770,7 @@ impl<'a> Ctx<'a> {
     }
 
     /// Awaits `fut`, counting its time toward `kind`.
-    async fn timed<T>(&self, kind: Kind, fut: impl Future<Output = T>) -> T {
+    pub(super) async fn timed<T>(&self, kind: Kind, fut: impl Future<Output = T>) -> T {
         let t = Instant::now();
         let out = fut.await;
         self.account(kind, t.elapsed());
@@ -751,7 +779,7 @@ impl<'a> Ctx<'a> {
 
     /// Runs one step: STARTED, then SUCCEEDED with the detail `fut` returns or FAILED with
     /// its error, each end also written to the audit log.
-    async fn step(
+    pub(super) async fn step(
         &self,
         name: &str,
         commit: impl AsRef<str>,
@@ -778,11 +806,18 @@ impl<'a> Ctx<'a> {
         }
     }
 
-    fn skip(&self, name: &str, commit: &str, why: &str) {
+    pub(super) fn skip(&self, name: &str, commit: &str, why: &str) {
         self.finish(name, commit, StepStatus::Skipped, why, Duration::ZERO);
     }
 
-    fn finish(&self, name: &str, commit: &str, status: StepStatus, detail: &str, took: Duration) {
+    pub(super) fn finish(
+        &self,
+        name: &str,
+        commit: &str,
+        status: StepStatus,
+        detail: &str,
+        took: Duration,
+    ) {
         self.events.step(name, status, detail, took);
         let outcome = match status {
             StepStatus::Succeeded => "succeeded",
@@ -809,7 +844,7 @@ impl<'a> Ctx<'a> {
     }
 
     /// Logs where the time went and returns it as text ("12.3s (agent 45ms, ...)").
-    fn report_timing(&self) -> String {
+    pub(super) fn report_timing(&self) -> String {
         let total = self.started.elapsed();
         let compose = Duration::from_micros(self.compose_us.load(Ordering::Relaxed));
         let health = Duration::from_micros(self.health_us.load(Ordering::Relaxed));

@@ -4,6 +4,7 @@
 //! and app directory. Refusals go back to the controller and into the log.
 
 pub mod backup;
+pub mod blue_green;
 pub mod bundle;
 pub mod compose;
 pub mod deploy;
@@ -412,6 +413,7 @@ async fn restore_after_cancel(
         deploy_id: p.deploy_id.clone(),
         compose_project: p.compose_project.clone(),
         not_secret: p.not_secret.clone(),
+        blue_green: p.blue_green.clone(),
     };
     match deploy::rollback(&params, events).await {
         Ok(summary) => format!("{why}; restored {live}: {summary}"),

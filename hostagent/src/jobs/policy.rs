@@ -3,10 +3,10 @@
 
 use std::path::{Component, Path, PathBuf};
 
-use sentinel_proto::v1::{job_spec, JobSpec};
+use sentinel_proto::v1::{job_spec, BlueGreen, JobSpec};
 
 use super::backup::safe_name;
-use crate::config::{BackupsConfig, JobsConfig};
+use crate::config::{BackupsConfig, BlueGreenPolicy, JobsConfig};
 use sentinel_proto::kinds::kind_name;
 
 /// Checks `spec` against the policy; the error is the refusal's detail.
@@ -18,16 +18,52 @@ pub fn check(spec: &JobSpec, config: &JobsConfig) -> Result<(), String> {
             config.allowed_kinds
         ));
     }
-    let app_dir = match &spec.params {
-        Some(job_spec::Params::Deploy(p)) => Some(p.app_dir.as_str()),
-        Some(job_spec::Params::Rollback(p)) => Some(p.app_dir.as_str()),
+    let (app_dir, blue_green) = match &spec.params {
+        Some(job_spec::Params::Deploy(p)) => (Some(p.app_dir.as_str()), p.blue_green.as_ref()),
+        Some(job_spec::Params::Rollback(p)) => (Some(p.app_dir.as_str()), p.blue_green.as_ref()),
         None => return Err("job carries no parameters".into()),
-        _ => None,
+        _ => (None, None),
     };
     if let Some(dir) = app_dir {
         check_app_dir(Path::new(dir), config)?;
     }
+    if let Some(bg) = blue_green {
+        check_blue_green(bg, &config.blue_green)?;
+    }
     check_backup(spec, &config.backups)
+}
+
+/// A blue/green job: its upstream file under `upstream_dirs`, its reload and config test
+/// each exactly one of `commands` (no shell is involved: the argv runs as given).
+fn check_blue_green(bg: &BlueGreen, config: &BlueGreenPolicy) -> Result<(), String> {
+    under(
+        "upstream file",
+        &bg.upstream_file,
+        &config.upstream_dirs,
+        "jobs.blue_green.upstream_dirs",
+    )?;
+    if config
+        .upstream_dirs
+        .iter()
+        .any(|root| Path::new(&bg.upstream_file) == root)
+    {
+        return Err(format!(
+            "upstream file {} is one of jobs.blue_green.upstream_dirs itself; it must name a file inside one",
+            bg.upstream_file
+        ));
+    }
+    for (what, argv) in [("reload", &bg.reload), ("config test", &bg.test)] {
+        if argv.is_empty() {
+            return Err(format!("the blue/green job has no {what} command"));
+        }
+        if !config.commands.iter().any(|allowed| allowed == argv) {
+            return Err(format!(
+                "{what} command {argv:?} is not in jobs.blue_green.commands {:?}",
+                config.commands
+            ));
+        }
+    }
+    Ok(())
 }
 
 /// Backup, verify and restore-test jobs: the backup dir under `backup_dirs`, file paths under
@@ -187,5 +223,74 @@ mod tests {
         assert!(check(&rollback, &config())
             .unwrap_err()
             .contains("not allowed"));
+    }
+
+    #[test]
+    fn blue_green_jobs_only_write_allowed_upstream_files_and_run_allowed_commands() {
+        let config = JobsConfig {
+            blue_green: BlueGreenPolicy {
+                upstream_dirs: vec!["/etc/nginx/sentinel".into()],
+                commands: vec![
+                    vec!["nginx".into(), "-s".into(), "reload".into()],
+                    vec!["nginx".into(), "-t".into()],
+                ],
+            },
+            ..config()
+        };
+        let job_with = |config: &JobsConfig, file: &str, reload: &[&str], test: &[&str]| {
+            let mut spec = deploy("/srv/apps/auth");
+            if let Some(job_spec::Params::Deploy(p)) = &mut spec.params {
+                p.blue_green = Some(BlueGreen {
+                    blue_port: 8101,
+                    green_port: 8102,
+                    upstream_file: file.into(),
+                    reload: reload.iter().map(|s| s.to_string()).collect(),
+                    test: test.iter().map(|s| s.to_string()).collect(),
+                    ..Default::default()
+                });
+            }
+            check(&spec, config)
+        };
+        let job =
+            |file: &str, reload: &[&str], test: &[&str]| job_with(&config, file, reload, test);
+        let reload = ["nginx", "-s", "reload"];
+        let test = ["nginx", "-t"];
+        assert_eq!(job("/etc/nginx/sentinel/auth.conf", &reload, &test), Ok(()));
+        let e = job("/etc/passwd", &reload, &test).unwrap_err();
+        assert!(
+            e.contains("upstream file /etc/passwd is outside jobs.blue_green.upstream_dirs"),
+            "{e}"
+        );
+        let e = job("/etc/nginx/sentinel/../nginx.conf", &reload, &test).unwrap_err();
+        assert!(e.contains("without `..`"), "{e}");
+        let e = job("sentinel/auth.conf", &reload, &test).unwrap_err();
+        assert!(e.contains("must be absolute"), "{e}");
+        let e = job("/etc/nginx/sentinel", &reload, &test).unwrap_err();
+        assert!(e.contains("must name a file inside one"), "{e}");
+        let e = job(
+            "/etc/nginx/sentinel/a.conf",
+            &["sh", "-c", "nginx -s reload"],
+            &test,
+        )
+        .unwrap_err();
+        assert!(e.contains("reload command [\"sh\", \"-c\", \"nginx -s reload\"] is not in jobs.blue_green.commands"), "{e}");
+        let e = job(
+            "/etc/nginx/sentinel/a.conf",
+            &reload,
+            &["nginx", "-t", "-c", "/tmp/x"],
+        )
+        .unwrap_err();
+        assert!(e.contains("config test command"), "{e}");
+        let e = job("/etc/nginx/sentinel/a.conf", &reload, &[]).unwrap_err();
+        assert!(e.contains("no config test command"), "{e}");
+        let unset = JobsConfig {
+            blue_green: BlueGreenPolicy::default(),
+            ..config.clone()
+        };
+        assert!(
+            job_with(&unset, "/etc/nginx/sentinel/auth.conf", &reload, &test)
+                .unwrap_err()
+                .contains("outside")
+        );
     }
 }
