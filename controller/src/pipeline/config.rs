@@ -508,7 +508,7 @@ mod tests {
         toml::from_str::<File>(&text).expect("parses").apps
     }
 
-    fn check(not_secret: &str, secrets_file: bool) -> Result<(), String> {
+    fn check_listed(not_secret: &str, secrets_file: bool) -> Result<(), String> {
         validate(
             Path::new("/etc/sentinel/sentinel.toml"),
             &PipelineConfig::default(),
@@ -519,8 +519,8 @@ mod tests {
 
     #[test]
     fn not_secret_names_settings_of_the_secrets_file_only() {
-        check("[\"PORT\", \"PUBLIC_HOST\"]", true).expect("settings");
-        check("[]", false).expect("nothing listed, no file needed");
+        check_listed("[\"PORT\", \"PUBLIC_HOST\"]", true).expect("settings");
+        check_listed("[]", false).expect("nothing listed, no file needed");
         for (list, file, says) in [
             ("[\"DB_PASSWORD\"]", true, "names a secret (PASSWORD)"),
             ("[\"stripe_api_key\"]", true, "names a secret (KEY)"),
@@ -531,7 +531,7 @@ mod tests {
             ("[\"1PORT\"]", true, "is not an env file key"),
             ("[\"PORT\"]", false, "there is no secrets_file"),
         ] {
-            let err = check(list, file).expect_err(list);
+            let err = check_listed(list, file).expect_err(list);
             assert!(
                 err.contains("apps[0].staging.not_secret") && err.contains(says),
                 "{list}: {err}"
