@@ -150,6 +150,19 @@ fn a_new_host_enrols_with_a_token_reports_state_and_renews_on_the_same_stream() 
     }
     let (code, text) = sentinel_e2e::check_agent_config(&dir.join("agent.toml"));
     assert_eq!(code, Some(0), "the written config does not load: {text}");
+    // The audit trail says a token was made for newbie, and never holds the token.
+    let audit = controller
+        .grpcurl(None, "sentinel.v1.FleetService/ListAudit")
+        .stdout;
+    assert!(
+        audit.contains("CreateJoinToken") && audit.contains("token for newbie"),
+        "{audit}"
+    );
+    let secret = token.rsplit('_').nth(1).expect("the token's secret part");
+    assert!(
+        !audit.contains(secret),
+        "the token is in the audit trail: {audit}"
+    );
 
     let mut agent = start_enrolled_agent(&fleet, &dir);
     controller.wait_online("newbie");

@@ -284,6 +284,10 @@ fn every_metric_the_dashboard_and_the_alerts_name_is_exported() {
             "SentinelControllerCertExpiring",
             "sentinel_controller_cert_seconds{bound=\"lifetime\"} / 3",
         ),
+        (
+            "HostagentCertificateRenewalFailing",
+            "hostagent_certificate_renewals_total{outcome!=\"renewed\"}",
+        ),
     ] {
         let expr = alerts
             .iter()

@@ -116,7 +116,7 @@ const HOSTAGENT: Expect = Expect {
         "User=hostagent",
         "StateDirectory=hostagent",
         "ProtectSystem=strict",
-        "ReadWritePaths=-/srv/apps -/var/backups/sentinel",
+        "ReadWritePaths=-/srv/apps -/var/backups/sentinel -/etc/hostagent",
     ],
     man_pages: &["hostagent.1.gz"],
     completes: &["--check-config", "--log-format"],

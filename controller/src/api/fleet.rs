@@ -586,65 +586,115 @@ impl FleetService for FleetApi {
         &self,
         request: Request<CreateJoinTokenRequest>,
     ) -> Result<Response<JoinToken>, Status> {
-        let who = super::operator_name(&request)?;
-        let enrolment = crate::enroll::configured(&self.ctx.enrolment)?;
-        let req = request.into_inner();
-        let ttl = req.ttl.as_ref().map(sentinel_proto::time::std_duration);
-        let host = req.host_name.clone();
-        let made = tokio::task::spawn_blocking(move || {
-            let made = enrolment.create_token(&host, ttl, &who);
-            (enrolment, made)
+        let peer = super::peer(&request)?;
+        let what = format!("join token for host {}", request.get_ref().host_name);
+        let result = async {
+            let who = super::operator_name(&request)?;
+            let enrolment = crate::enroll::configured(&self.ctx.enrolment)?;
+            let req = request.into_inner();
+            let ttl = req.ttl.as_ref().map(sentinel_proto::time::std_duration);
+            let host = req.host_name.clone();
+            let made = tokio::task::spawn_blocking(move || {
+                let made = enrolment.create_token(&host, ttl, &who);
+                (enrolment, made)
+            })
+            .await
+            .map_err(|e| Status::internal(format!("token task failed: {e}")))?;
+            let (enrolment, made) = made;
+            let (token, expires_at) = made.map_err(|e| match e {
+                crate::enroll::TokenError::Store(e) => Status::unavailable(e.to_string()),
+                other => Status::invalid_argument(other.to_string()),
+            })?;
+            Ok(Response::new(JoinToken {
+                token: token.to_string(),
+                host_name: req.host_name,
+                expires_at: Some(sentinel_proto::time::timestamp(expires_at)),
+                ca_sha256: enrolment.ca_sha256().to_owned(),
+            }))
+        }
+        .await;
+        // Never the token itself: the trail is readable by viewers.
+        self.audited(&peer, "CreateJoinToken", what, result, |t| {
+            format!(
+                "token for {} until {}",
+                t.host_name,
+                crate::cli::format::when(t.expires_at.as_ref())
+            )
         })
         .await
-        .map_err(|e| Status::internal(format!("token task failed: {e}")))?;
-        let (enrolment, made) = made;
-        let (token, expires_at) = made.map_err(|e| match e {
-            crate::enroll::TokenError::Store(e) => Status::unavailable(e.to_string()),
-            other => Status::invalid_argument(other.to_string()),
-        })?;
-        Ok(Response::new(JoinToken {
-            token: token.to_string(),
-            host_name: req.host_name,
-            expires_at: Some(sentinel_proto::time::timestamp(expires_at)),
-            ca_sha256: enrolment.ca_sha256().to_owned(),
-        }))
     }
+
     async fn revoke_host(
         &self,
         request: Request<RevokeRequest>,
     ) -> Result<Response<Revocation>, Status> {
+        let peer = super::peer(&request)?;
         let who = super::operator_name(&request)?;
-        super::revoke::revoke_host(&self.ctx, &who, request.into_inner())
-            .await
-            .map(Response::new)
+        let req = request.into_inner();
+        let what = format!("revoke host {}: {}", req.name, req.reason);
+        let result = async {
+            let r = super::revoke::revoke_host(&self.ctx, &who, req).await?;
+            // The cancelled jobs are stored before the answer, as the entry is.
+            self.committed(r).await
+        }
+        .await;
+        self.audited(&peer, "RevokeHost", what, result, |r| {
+            format!(
+                "{} revoked, {} job(s) cancelled",
+                r.name,
+                r.cancelled_jobs.len()
+            )
+        })
+        .await
     }
 
     async fn forget_host(
         &self,
         request: Request<ForgetHostRequest>,
     ) -> Result<Response<ForgetHostResponse>, Status> {
-        super::revoke::forget_host(&self.ctx, request.into_inner().name)
+        let peer = super::peer(&request)?;
+        let name = request.into_inner().name;
+        let what = format!("forget host {name}");
+        let result = super::revoke::forget_host(&self.ctx, name)
             .await
-            .map(Response::new)
+            .map(Response::new);
+        self.audited(&peer, "ForgetHost", what, result, |r| {
+            format!("{} forgotten", r.name)
+        })
+        .await
     }
 
     async fn revoke_operator(
         &self,
         request: Request<RevokeRequest>,
     ) -> Result<Response<Revocation>, Status> {
+        let peer = super::peer(&request)?;
         let who = super::operator_name(&request)?;
-        super::revoke::revoke_operator(&self.ctx, &who, request.into_inner())
+        let req = request.into_inner();
+        let what = format!("revoke operator {}: {}", req.name, req.reason);
+        let result = super::revoke::revoke_operator(&self.ctx, &who, req)
             .await
-            .map(Response::new)
+            .map(Response::new);
+        self.audited(&peer, "RevokeOperator", what, result, |r| {
+            format!("{} revoked", r.name)
+        })
+        .await
     }
 
     async fn unrevoke_operator(
         &self,
         request: Request<UnrevokeOperatorRequest>,
     ) -> Result<Response<Revocation>, Status> {
-        super::revoke::unrevoke_operator(&self.ctx, request.into_inner().name)
+        let peer = super::peer(&request)?;
+        let name = request.into_inner().name;
+        let what = format!("unrevoke operator {name}");
+        let result = super::revoke::unrevoke_operator(&self.ctx, name)
             .await
-            .map(Response::new)
+            .map(Response::new);
+        self.audited(&peer, "UnrevokeOperator", what, result, |r| {
+            format!("{} no longer revoked", r.name)
+        })
+        .await
     }
 
     async fn list_revocations(
