@@ -2,23 +2,24 @@
 //! `include` of the upstream file the agent writes), with the fixture app in real Docker:
 //! `deploy()` and `rollback()` called directly while a request loop goes through nginx at
 //! 20 requests a second. Every scenario asserts zero failed requests and that the events say
-//! what happened. The agent's policy is checked on a real agent process: upstream files
-//! outside the allowed directories and commands not allowed are refused.
+//! what happened. One scenario goes through the whole chain instead: the operator's CLI
+//! (`deploy --wait`, `rollback --wait`), a real controller whose production is blue/green, and
+//! a real agent process allowed the test's nginx. The agent's policy is checked on a real agent
+//! process: upstream files outside the allowed directories and commands not allowed are refused.
 
 use std::path::PathBuf;
-use std::process::Command;
 use std::time::{Duration, Instant, SystemTime};
 
 use hostagent::jobs::blue_green::{SlotState, SLOTS_FILE};
 use hostagent::jobs::events::{JobError, JobEvents, Outbox};
 use hostagent::jobs::{deploy, release};
 use sentinel_e2e::fake_controller::FakeController;
-use sentinel_e2e::fixture::{served, Bundle, FixtureApp, ReleaseRepo, Variant, SECRET};
+use sentinel_e2e::fixture::{self, served, Bundle, FixtureApp, ReleaseRepo, Variant, SECRET};
 use sentinel_e2e::job_events::Sent;
 use sentinel_e2e::load::{Load, LoadReport};
 use sentinel_e2e::ports::{self, Port};
 use sentinel_e2e::services::{nginx_binary, Nginx};
-use sentinel_e2e::{eventually, run, Controller, Fleet, Value};
+use sentinel_e2e::{eventually, Controller, Fleet, Value};
 use sentinel_proto::envelope;
 use sentinel_proto::time::timestamp;
 use sentinel_proto::v1::{
@@ -757,30 +758,13 @@ async fn without_kept_containers_a_rollback_starts_the_previous_release_in_the_i
 // ---------------------------------------------------------------------------------------------
 // Through the controller: the operator's CLI, a real controller and a real agent process.
 
-/// Removes the Compose projects the agent made for app `name` (staging's, production's two
-/// slots): the agent names them after app and environment, which `FixtureApp` does not reach.
+/// On drop, removes the Compose projects the agent made for app `name` (staging's,
+/// production's two slots), which `FixtureApp`'s own clean-up does not reach.
 struct Projects(String);
 
 impl Drop for Projects {
     fn drop(&mut self) {
-        for project in ["staging", "production-blue", "production-green"] {
-            let project = format!("{}-{project}", self.0);
-            let out = run(Command::new("docker").args([
-                "ps",
-                "-aq",
-                "--filter",
-                &format!("label=com.docker.compose.project={project}"),
-            ]));
-            let ids: Vec<String> = String::from_utf8_lossy(&out.stdout)
-                .lines()
-                .map(str::to_string)
-                .collect();
-            if !ids.is_empty() {
-                let _ = run(Command::new("docker").args(["rm", "-f"]).args(&ids));
-            }
-            let _ =
-                run(Command::new("docker").args(["network", "rm", &format!("{project}_default")]));
-        }
+        fixture::remove_environment_projects(&self.0);
     }
 }
 
@@ -1100,16 +1084,10 @@ fn through_the_controller_a_blue_green_production_deploys_and_rolls_back_with_ze
         "{steps:?}"
     );
     // The kept slot restarted: blue runs its v1 containers again, green is stopped, kept.
+    // (The agent's projects are `<app>-production-<slot>`.)
     let project = |slot: &str, all: bool| {
-        let mut args = vec!["ps", "-q"];
-        if all {
-            args.push("-a");
-        }
-        let filter = format!("label=com.docker.compose.project={name}-production-{slot}");
-        args.extend(["--filter", &filter]);
-        String::from_utf8_lossy(&run(Command::new("docker").args(&args)).stdout)
-            .lines()
-            .count()
+        app.slot_container_ids(&format!("production-{slot}"), all)
+            .len()
     };
     assert_eq!((project("blue", false), project("green", false)), (1, 0));
     assert_eq!(
