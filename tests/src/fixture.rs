@@ -259,10 +259,18 @@ impl Drop for FixtureApp {
 }
 
 /// Removes the containers and default networks of the Compose projects `NAME-staging` and
-/// `NAME-production` that deploys of app `name` made (the agents name a project after app and
-/// environment, which [`FixtureApp`]'s own clean-up does not reach).
+/// `NAME-production` (and their blue/green slots, `NAME-ENV-blue`, `NAME-ENV-green`) that
+/// deploys of app `name` made (the agents name a project after app and environment, which
+/// [`FixtureApp`]'s own clean-up does not reach).
 pub fn remove_environment_projects(name: &str) {
-    for env in ["staging", "production"] {
+    for env in [
+        "staging",
+        "production",
+        "staging-blue",
+        "staging-green",
+        "production-blue",
+        "production-green",
+    ] {
         let project = format!("{name}-{env}");
         let out = run(Command::new("docker").args([
             "ps",

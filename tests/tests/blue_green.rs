@@ -2,8 +2,10 @@
 //! `include` of the upstream file the agent writes), with the fixture app in real Docker:
 //! `deploy()` and `rollback()` called directly while a request loop goes through nginx at
 //! 20 requests a second. Every scenario asserts zero failed requests and that the events say
-//! what happened. The agent's policy is checked on a real agent process: upstream files
-//! outside the allowed directories and commands not allowed are refused.
+//! what happened. One scenario goes through the whole chain instead: the operator's CLI
+//! (`deploy --wait`, `rollback --wait`), a real controller whose production is blue/green, and
+//! a real agent process allowed the test's nginx. The agent's policy is checked on a real agent
+//! process: upstream files outside the allowed directories and commands not allowed are refused.
 
 use std::path::PathBuf;
 use std::time::{Duration, Instant, SystemTime};
@@ -12,12 +14,12 @@ use hostagent::jobs::blue_green::{SlotState, SLOTS_FILE};
 use hostagent::jobs::events::{JobError, JobEvents, Outbox};
 use hostagent::jobs::{deploy, release};
 use sentinel_e2e::fake_controller::FakeController;
-use sentinel_e2e::fixture::{Bundle, FixtureApp, Variant};
+use sentinel_e2e::fixture::{self, served, Bundle, FixtureApp, ReleaseRepo, Variant, SECRET};
 use sentinel_e2e::job_events::Sent;
 use sentinel_e2e::load::{Load, LoadReport};
 use sentinel_e2e::ports::{self, Port};
 use sentinel_e2e::services::{nginx_binary, Nginx};
-use sentinel_e2e::{eventually, Fleet};
+use sentinel_e2e::{eventually, Controller, Fleet, Value};
 use sentinel_proto::envelope;
 use sentinel_proto::time::timestamp;
 use sentinel_proto::v1::{
@@ -751,6 +753,355 @@ async fn without_kept_containers_a_rollback_starts_the_previous_release_in_the_i
         load.bodies().last().map(String::as_str),
         Some("ok version v1")
     );
+}
+
+// ---------------------------------------------------------------------------------------------
+// Through the controller: the operator's CLI, a real controller and a real agent process.
+
+/// On drop, removes the Compose projects the agent made for app `name` (staging's,
+/// production's two slots), which `FixtureApp`'s own clean-up does not reach.
+struct Projects(String);
+
+impl Drop for Projects {
+    fn drop(&mut self) {
+        fixture::remove_environment_projects(&self.0);
+    }
+}
+
+/// `GetJob` of `job_id`: its step events as (name, status word, detail), in order.
+fn job_steps(controller: &Controller, job_id: &str) -> Vec<(String, String, String)> {
+    let job = controller.get_job(job_id).expect("GetJob");
+    job["events"]
+        .as_array()
+        .cloned()
+        .unwrap_or_default()
+        .iter()
+        .filter_map(|e| {
+            let step = e.get("step")?;
+            Some((
+                step["name"].as_str().unwrap_or_default().to_string(),
+                step["status"].as_str().unwrap_or_default().to_string(),
+                step["detail"].as_str().unwrap_or_default().to_string(),
+            ))
+        })
+        .collect()
+}
+
+/// The names of the job's steps that ended, in order, and whether each succeeded.
+fn job_ended(steps: &[(String, String, String)]) -> Vec<(String, String)> {
+    steps
+        .iter()
+        .filter(|(_, status, _)| status != "STEP_STATUS_STARTED")
+        .map(|(name, status, _)| (name.clone(), status.clone()))
+        .collect()
+}
+
+/// The deploy record `id` (GetDeploy), parsed.
+fn get_deploy(controller: &Controller, id: &str) -> Value {
+    controller
+        .grpcurl(
+            Some(&format!("{{\"deploy_id\":\"{id}\"}}")),
+            "sentinel.v1.FleetService/GetDeploy",
+        )
+        .json()
+        .expect("GetDeploy")
+}
+
+/// The id a `sentinel deploy|rollback … --wait` printed first ("deploy ID of …").
+fn started_id(out: &str) -> String {
+    out.lines()
+        .find_map(|l| {
+            let mut words = l.split_whitespace();
+            match (words.next(), words.next(), words.next()) {
+                (Some("deploy" | "rollback"), Some(id), Some("of")) => Some(id.to_string()),
+                _ => None,
+            }
+        })
+        .unwrap_or_else(|| panic!("no deploy id in: {out}"))
+}
+
+#[test]
+fn through_the_controller_a_blue_green_production_deploys_and_rolls_back_with_zero_failed_requests()
+{
+    assert!(
+        sentinel_e2e::docker::available(),
+        "this test needs a Docker daemon"
+    );
+    let fleet = Fleet::new(&["prod-alfa"]);
+    let app = FixtureApp::new("bg-pipe");
+    let name = app.project.clone();
+    let _projects = Projects(name.clone());
+    let slots = [ports::reserve(), ports::reserve()];
+    let (blue, green) = (slots[0].get(), slots[1].get());
+    let staging_port = ports::reserve();
+    let proxy = Proxy::start(blue);
+    // The release repo's compose file publishes `${SENTINEL_PORT}`: the agent sets it per
+    // slot on production; staging (recreate) gets it from its secrets file.
+    let repo = ReleaseRepo::new(fleet.path("repo"));
+    let publish_on_slot = |dir: &std::path::Path| {
+        let compose = dir.join("docker-compose.yml");
+        let text = std::fs::read_to_string(&compose).expect("compose file");
+        assert!(text.contains("${PORT}"), "{text}");
+        std::fs::write(&compose, text.replace("${PORT}", "${SENTINEL_PORT}")).expect("write");
+    };
+    let v1 = repo.commit(&app, "v1", Variant::Healthy, publish_on_slot);
+    let v2 = repo.commit(&app, "v2", Variant::Healthy, publish_on_slot);
+    std::fs::write(
+        fleet.path("staging.env"),
+        format!(
+            "DB_PASSWORD={SECRET}\nSENTINEL_PORT={}\n",
+            staging_port.get()
+        ),
+    )
+    .expect("staging secrets");
+    std::fs::write(
+        fleet.path("production.env"),
+        format!("DB_PASSWORD={SECRET}\n"),
+    )
+    .expect("production secrets");
+
+    let c = fleet.certs.display();
+    let toml_list = |argv: &[String]| format!("{argv:?}");
+    let staging_dir = fleet.path("apps/staging");
+    let production_dir = fleet.path("apps/production");
+    let extra = format!(
+        "[signing]\nkey = \"{c}/signing.key\"\n\n\
+         [[apps]]\nname = \"{name}\"\nrepo = \"{repo}\"\n\
+         [apps.staging]\nhost = \"prod-alfa\"\napp_dir = \"{staging}\"\nsecrets_file = \"{staging_env}\"\n\
+         not_secret = [\"SENTINEL_PORT\"]\nbase_url = \"http://127.0.0.1:{sp}\"\n\
+         [apps.staging.health]\nurl = \"http://127.0.0.1:{sp}/health\"\ndeadline = \"{patience}ms\"\ncontainer_health = true\n\
+         [apps.production]\nhost = \"prod-alfa\"\napp_dir = \"{production}\"\nsecrets_file = \"{production_env}\"\n\
+         base_url = \"http://127.0.0.1:{np}\"\nstrategy = \"blue_green\"\n\
+         [apps.production.health]\nurl = \"http://127.0.0.1:{{port}}/health\"\ndeadline = \"{patience}ms\"\ncontainer_health = true\n\
+         [apps.production.blue_green]\nports = [{blue}, {green}]\nupstream_file = \"{upstream}\"\n\
+         reload = {reload}\ntest = {test}\nthrough_proxy_url = \"http://127.0.0.1:{np}/health\"\n\
+         drain = \"{DRAIN_MS}ms\"\nkeep_previous = true\n\
+         [[apps.e2e]]\nname = \"home page\"\npath = \"/\"\nexpect_body = \"fixture\"\nsmoke = true\n",
+        repo = repo.dir.display(),
+        staging = staging_dir.display(),
+        staging_env = fleet.path("staging.env").display(),
+        sp = staging_port.get(),
+        production = production_dir.display(),
+        production_env = fleet.path("production.env").display(),
+        np = proxy.port,
+        patience = patience_ms(),
+        upstream = proxy.upstream_file().display(),
+        reload = toml_list(&proxy.reload()),
+        test = toml_list(&proxy.test()),
+    );
+    let controller = fleet.start_controller(&extra);
+    let jobs = format!(
+        "[collectors]\ndocker = false\n[jobs]\nstate_dir = \"{state}\"\ntrusted_keys = [\"{c}/signing.pub\"]\n\
+         allowed_kinds = [\"deploy\", \"rollback\"]\napp_dirs = [\"{apps}\"]\n\
+         [jobs.blue_green]\nupstream_dirs = [\"{dir}\"]\ncommands = [{reload}, {test}]\n",
+        state = fleet.path("state").display(),
+        apps = fleet.path("apps").display(),
+        dir = proxy.upstream_dir().display(),
+        reload = toml_list(&proxy.reload()),
+        test = toml_list(&proxy.test()),
+    );
+    let _agent = fleet.start_agent("prod-alfa", "prod-alfa", &controller.addr, &jobs);
+    controller.wait_online("prod-alfa");
+
+    let production_job = |d: &Value, name: &str| -> String {
+        d["steps"]
+            .as_array()
+            .cloned()
+            .unwrap_or_default()
+            .iter()
+            .find(|st| st["environment"] == "production" && st["name"] == name)
+            .and_then(|st| st["jobId"].as_str().map(str::to_string))
+            .unwrap_or_else(|| panic!("no production {name} step with a job: {d}"))
+    };
+
+    // 1. v1: the first release, slot blue.
+    let (code, out) = controller.cli(&["deploy", &name, "--commit", &v1, "--wait"]);
+    assert_eq!(code, Some(0), "{out}");
+    assert!(proxy
+        .upstream()
+        .contains(&format!("server 127.0.0.1:{blue};")));
+    assert_eq!(served(proxy.port).lines().last(), Some("ok version v1"));
+
+    // 2. v2 under load: green starts beside blue, the proxy switches, nothing fails.
+    let load = Load::start(proxy.port, "/health", RATE);
+    std::thread::sleep(Duration::from_millis(300));
+    let (code, out) = controller.cli(&["deploy", &name, "--commit", &v2, "--wait"]);
+    std::thread::sleep(Duration::from_millis(300));
+    let load = load.stop();
+    assert_eq!(code, Some(0), "{out}");
+    assert!(
+        load.failures().is_empty() && load.answers.len() >= 10,
+        "requests through nginx failed during v2: {}\n{out}",
+        load.summary()
+    );
+    assert_switched(&load, "ok version v1", "ok version v2");
+    assert!(
+        proxy
+            .upstream()
+            .contains(&format!("server 127.0.0.1:{green};")),
+        "{}",
+        proxy.upstream()
+    );
+    let id = started_id(&out);
+    let d = get_deploy(&controller, &id);
+    assert_eq!(d["state"], "DEPLOYMENT_STATE_SUCCEEDED", "{d}");
+    assert_eq!(d["commit"], v2.as_str(), "{d}");
+    let job = production_job(&d, "deploy");
+    let steps = job_steps(&controller, &job);
+    let ended: Vec<String> = job_ended(&steps).into_iter().map(|(n, _)| n).collect();
+    assert_eq!(
+        ended,
+        [
+            "unpack",
+            "build",
+            "migrate",
+            "up",
+            "health",
+            "switch",
+            "health-proxy",
+            "drain",
+            "stop-old",
+            "prune"
+        ],
+        "{steps:?}"
+    );
+    let detail = |steps: &[(String, String, String)], name: &str| {
+        steps
+            .iter()
+            .rev()
+            .find(|(n, _, _)| n == name)
+            .map(|(_, _, d)| d.clone())
+            .unwrap_or_default()
+    };
+    assert!(
+        detail(&steps, "switch").contains(&format!(
+            "upstream -> slot green (port {green}), was slot blue (port {blue})"
+        )),
+        "{steps:?}"
+    );
+    assert!(
+        detail(&steps, "stop-old").contains("stopped, kept for a rollback"),
+        "{steps:?}"
+    );
+    // The controller's record of the production deploy step says what the agent said.
+    let production_detail = d["steps"]
+        .as_array()
+        .cloned()
+        .unwrap_or_default()
+        .iter()
+        .find(|st| st["environment"] == "production" && st["name"] == "deploy")
+        .map(|st| st["detail"].as_str().unwrap_or_default().to_string())
+        .unwrap_or_default();
+    assert!(
+        production_detail.contains(&format!(
+            "slot green (port {green}) live, slot blue (port {blue}) ({v1}) stopped"
+        )),
+        "{d}"
+    );
+    assert!(
+        out.contains("switch") && out.contains("upstream -> slot green"),
+        "--wait shows the agent's steps: {out}"
+    );
+
+    // 3. The rollback under load: slot blue's kept containers start again, no rebuild.
+    let load = Load::start(proxy.port, "/health", RATE);
+    std::thread::sleep(Duration::from_millis(300));
+    let (code, out) = controller.cli(&["rollback", &name, "--env", "production", "--wait"]);
+    std::thread::sleep(Duration::from_millis(300));
+    let load = load.stop();
+    assert_eq!(code, Some(0), "{out}");
+    assert!(
+        load.failures().is_empty() && load.answers.len() >= 10,
+        "requests through nginx failed during the rollback: {}\n{out}",
+        load.summary()
+    );
+    assert_switched(&load, "ok version v2", "ok version v1");
+    assert!(
+        proxy
+            .upstream()
+            .contains(&format!("server 127.0.0.1:{blue};")),
+        "{}",
+        proxy.upstream()
+    );
+    let id = started_id(&out);
+    let d = get_deploy(&controller, &id);
+    assert_eq!(d["state"], "DEPLOYMENT_STATE_SUCCEEDED", "{d}");
+    assert_eq!(d["kind"], "DEPLOYMENT_KIND_ROLLBACK", "{d}");
+    assert_eq!(d["environment"], "production", "{d}");
+    assert_eq!(d["commit"], v1.as_str(), "{d}");
+    let record = d["detail"].as_str().unwrap_or_default();
+    assert!(
+        record.starts_with(&format!(
+            "production on prod-alfa: rolled back {name}/production from {v2} to {v1}"
+        )),
+        "{record}"
+    );
+    let job = production_job(&d, "rollback");
+    let steps = job_steps(&controller, &job);
+    let ended: Vec<String> = job_ended(&steps).into_iter().map(|(n, _)| n).collect();
+    assert_eq!(
+        ended,
+        [
+            "start",
+            "health",
+            "switch",
+            "health-proxy",
+            "drain",
+            "stop-old"
+        ],
+        "no build, no up: {steps:?}"
+    );
+    assert!(
+        job_ended(&steps)
+            .iter()
+            .all(|(_, status)| status == "STEP_STATUS_SUCCEEDED"),
+        "{steps:?}"
+    );
+    // The agent's log lines (in GetJob with the steps) say why there was no rebuild.
+    let job_text = controller.get_job(&job).expect("GetJob").to_string();
+    assert!(
+        job_text.contains(&format!("{v1} is kept in slot blue")),
+        "{job_text}"
+    );
+    assert!(
+        !job_text.contains(SECRET),
+        "the secret is in GetJob: {job_text}"
+    );
+    assert!(
+        !d.to_string().contains(SECRET),
+        "the secret is in GetDeploy"
+    );
+    assert!(
+        detail(&steps, "start").contains(&format!(
+            "started the kept containers of slot blue (port {blue})"
+        )),
+        "{steps:?}"
+    );
+    assert!(
+        detail(&steps, "switch").contains(&format!(
+            "upstream -> slot blue (port {blue}), was slot green (port {green})"
+        )),
+        "{steps:?}"
+    );
+    // The kept slot restarted: blue runs its v1 containers again, green is stopped, kept.
+    // (The agent's projects are `<app>-production-<slot>`.)
+    let project = |slot: &str, all: bool| {
+        app.slot_container_ids(&format!("production-{slot}"), all)
+            .len()
+    };
+    assert_eq!((project("blue", false), project("green", false)), (1, 0));
+    assert_eq!(
+        project("green", true),
+        1,
+        "green is kept for the next rollback"
+    );
+    let state = SlotState::load(&production_dir).expect("slots.json");
+    assert_eq!(state.live.map(|s| s.name()), Some("blue"));
+    assert_eq!(
+        release::current_release(&production_dir).as_deref(),
+        Some(v1.as_str())
+    );
+    eprintln!("rollback through the controller: {}", load.summary());
 }
 
 // ---------------------------------------------------------------------------------------------
