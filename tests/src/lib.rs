@@ -309,6 +309,37 @@ impl Fleet {
         controller
     }
 
+    /// A controller signing jobs, with app `shop` on hub-alfa (staging) and prod-alfa
+    /// (production) and jobs that wait `ttl` for their host: the world of the job-queue and
+    /// revocation tests, whose jobs are rollbacks that need no release.
+    pub fn start_shop_controller(&self, ttl: &str) -> Controller {
+        let c = self.certs.display();
+        let app = |env: &str, host: &str| {
+            format!(
+                "[apps.{env}]\nhost = \"{host}\"\napp_dir = \"{}\"\n",
+                self.path(&format!("apps-{host}/shop")).display()
+            )
+        };
+        let extra = format!(
+            "[signing]\nkey = \"{c}/signing.key\"\n[jobs]\nttl = \"{ttl}\"\n\n[[apps]]\nname = \"shop\"\nrepo = \"{}\"\n{}{}",
+            self.path("repo").display(),
+            app("staging", "hub-alfa"),
+            app("production", "prod-alfa"),
+        );
+        self.start_controller(&extra)
+    }
+
+    /// An agent for `host` that runs signed rollbacks under `apps-HOST/` (no Docker collector).
+    pub fn start_rollback_agent(&self, controller: &Controller, host: &str) -> Proc {
+        let c = self.certs.display();
+        let jobs = format!(
+            "[collectors]\ndocker = false\n[jobs]\nstate_dir = \"{}\"\ntrusted_keys = [\"{c}/signing.pub\"]\nallowed_kinds = [\"rollback\"]\napp_dirs = [\"{}\"]\n",
+            self.path(&format!("state-{host}")).display(),
+            self.path(&format!("apps-{host}")).display(),
+        );
+        self.start_agent(host, host, &controller.addr, &jobs)
+    }
+
     /// Writes an agent config for `host` (using `cert_host`'s certificate) and starts it.
     pub fn start_agent(
         &self,

@@ -3,33 +3,6 @@
 
 use sentinel_e2e::{eventually, Controller, Fleet, Value};
 
-fn controller(fleet: &Fleet, ttl: &str) -> Controller {
-    let c = fleet.certs.display();
-    let app = |env: &str, host: &str| {
-        format!(
-            "[apps.{env}]\nhost = \"{host}\"\napp_dir = \"{}\"\n",
-            fleet.path(&format!("apps-{host}/shop")).display()
-        )
-    };
-    let extra = format!(
-        "[signing]\nkey = \"{c}/signing.key\"\n[jobs]\nttl = \"{ttl}\"\n\n[[apps]]\nname = \"shop\"\nrepo = \"{}\"\n{}{}",
-        fleet.path("repo").display(),
-        app("staging", "hub-alfa"),
-        app("production", "prod-alfa"),
-    );
-    fleet.start_controller(&extra)
-}
-
-fn start_agent(fleet: &Fleet, controller: &Controller, host: &str) -> sentinel_e2e::Proc {
-    let c = fleet.certs.display();
-    let jobs = format!(
-        "[collectors]\ndocker = false\n[jobs]\nstate_dir = \"{}\"\ntrusted_keys = [\"{c}/signing.pub\"]\nallowed_kinds = [\"rollback\"]\napp_dirs = [\"{}\"]\n",
-        fleet.path(&format!("state-{host}")).display(),
-        fleet.path(&format!("apps-{host}")).display(),
-    );
-    fleet.start_agent(host, host, &controller.addr, &jobs)
-}
-
 fn job_of(controller: &Controller, deploy_id: &str) -> Result<Value, String> {
     let d = controller
         .grpcurl(
@@ -52,7 +25,7 @@ fn job_of(controller: &Controller, deploy_id: &str) -> Result<Value, String> {
 #[test]
 fn a_job_for_an_offline_host_waits_and_runs_when_the_host_returns() {
     let fleet = Fleet::new(&["hub-alfa", "prod-alfa"]);
-    let controller = controller(&fleet, "10m");
+    let controller = fleet.start_shop_controller("10m");
     let d = controller
         .grpcurl(
             Some(r#"{"app":"shop","environment":"staging"}"#),
@@ -65,7 +38,7 @@ fn a_job_for_an_offline_host_waits_and_runs_when_the_host_returns() {
     assert_eq!(queued["state"], "JOB_STATE_QUEUED", "{queued}");
     assert_eq!(queued["targetHost"], "hub-alfa");
 
-    let _agent = start_agent(&fleet, &controller, "hub-alfa");
+    let _agent = fleet.start_rollback_agent(&controller, "hub-alfa");
     let done = eventually("the job to run on the returning host", || {
         let j = job_of(&controller, &id)?;
         if j["state"] == "JOB_STATE_FAILED" {
@@ -103,7 +76,7 @@ fn a_job_for_an_offline_host_waits_and_runs_when_the_host_returns() {
 #[test]
 fn a_job_whose_host_stays_away_times_out_and_is_never_run_late() {
     let fleet = Fleet::new(&["hub-alfa", "prod-alfa"]);
-    let controller = controller(&fleet, "2s");
+    let controller = fleet.start_shop_controller("2s");
     let d = controller
         .grpcurl(
             Some(r#"{"app":"shop","environment":"production"}"#),
@@ -128,7 +101,7 @@ fn a_job_whose_host_stays_away_times_out_and_is_never_run_late() {
         "{timed_out}"
     );
     // The host comes back: the expired job is not sent, let alone run.
-    let _agent = start_agent(&fleet, &controller, "prod-alfa");
+    let _agent = fleet.start_rollback_agent(&controller, "prod-alfa");
     controller.wait_online("prod-alfa");
     let later = job_of(&controller, &id).unwrap();
     assert_eq!(later["state"], "JOB_STATE_TIMED_OUT");

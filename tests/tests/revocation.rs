@@ -6,33 +6,6 @@ use std::time::{Duration, Instant};
 
 use sentinel_e2e::{eventually, Controller, Fleet};
 
-fn controller(fleet: &Fleet) -> Controller {
-    let c = fleet.certs.display();
-    let app = |env: &str, host: &str| {
-        format!(
-            "[apps.{env}]\nhost = \"{host}\"\napp_dir = \"{}\"\n",
-            fleet.path(&format!("apps-{host}/shop")).display()
-        )
-    };
-    let extra = format!(
-        "[signing]\nkey = \"{c}/signing.key\"\n[jobs]\nttl = \"10m\"\n\n[[apps]]\nname = \"shop\"\nrepo = \"{}\"\n{}{}",
-        fleet.path("repo").display(),
-        app("staging", "hub-alfa"),
-        app("production", "prod-alfa"),
-    );
-    fleet.start_controller(&extra)
-}
-
-fn start_agent(fleet: &Fleet, controller: &Controller, host: &str) -> sentinel_e2e::Proc {
-    let c = fleet.certs.display();
-    let jobs = format!(
-        "[collectors]\ndocker = false\n[jobs]\nstate_dir = \"{}\"\ntrusted_keys = [\"{c}/signing.pub\"]\nallowed_kinds = [\"rollback\"]\napp_dirs = [\"{}\"]\n",
-        fleet.path(&format!("state-{host}")).display(),
-        fleet.path(&format!("apps-{host}")).display(),
-    );
-    fleet.start_agent(host, host, &controller.addr, &jobs)
-}
-
 fn status_of(controller: &Controller, host: &str) -> String {
     controller
         .get_host(host)
@@ -43,10 +16,10 @@ fn status_of(controller: &Controller, host: &str) -> String {
 #[test]
 fn a_revoked_host_is_cut_off_within_a_second_refused_after_and_its_jobs_cancelled() {
     let fleet = Fleet::new(&["hub-alfa", "prod-alfa", "argus"]);
-    let controller = controller(&fleet);
-    let hub = start_agent(&fleet, &controller, "hub-alfa");
-    let _argus = start_agent(&fleet, &controller, "argus");
-    let mut prod = start_agent(&fleet, &controller, "prod-alfa");
+    let controller = fleet.start_shop_controller("10m");
+    let hub = fleet.start_rollback_agent(&controller, "hub-alfa");
+    let _argus = fleet.start_rollback_agent(&controller, "argus");
+    let mut prod = fleet.start_rollback_agent(&controller, "prod-alfa");
     let online = controller.wait_online("hub-alfa");
     // Expiry shows where operators look: GetHost, `sentinel hosts`.
     assert!(online["certNotAfter"].is_string(), "{online}");
@@ -170,7 +143,7 @@ fn a_revoked_host_is_cut_off_within_a_second_refused_after_and_its_jobs_cancelle
     );
 
     // A revoked host that comes back is refused too.
-    let back = start_agent(&fleet, &controller, "prod-alfa");
+    let back = fleet.start_rollback_agent(&controller, "prod-alfa");
     eventually("the returning prod-alfa refused", || {
         if back.log_text().contains(refusal) {
             Ok(())
@@ -215,7 +188,7 @@ fn a_revoked_host_is_cut_off_within_a_second_refused_after_and_its_jobs_cancelle
         .map(|a| a.iter().filter_map(|r| r["name"].as_str()).collect())
         .unwrap_or_default();
     assert_eq!(names, ["hub-alfa"], "{list}");
-    let _prod_again = start_agent(&fleet, &controller, "prod-alfa");
+    let _prod_again = fleet.start_rollback_agent(&controller, "prod-alfa");
     controller.wait_online("prod-alfa");
 }
 
