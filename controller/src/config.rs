@@ -53,6 +53,10 @@ pub struct ControllerConfig {
     /// over the agent channel; absent: neither (certificates are issued offline).
     #[serde(default)]
     pub pki: Option<PkiConfig>,
+    /// The file this was read from (SIGHUP re-reads it); `None` for a config made in code
+    /// (`sentinel dev`).
+    #[serde(skip)]
+    pub source: Option<PathBuf>,
 }
 
 /// `[pki]`: the issuing CA the controller signs host certificates with.
@@ -213,9 +217,33 @@ mod defaults {
 impl ControllerConfig {
     /// Loads and validates the config file at `path`.
     pub fn load(path: &Path) -> Result<Self, ConfigError> {
-        let config: Self = load_toml(path)?;
+        let mut config: Self = load_toml(path)?;
         config.validate(path)?;
+        config.source = Some(path.to_path_buf());
         Ok(config)
+    }
+
+    /// One start-up log line saying what runs: plain values, no Rust structures.
+    pub fn log_start(&self) {
+        let sections: Vec<&str> = [
+            ("signing", self.signing.is_some()),
+            ("pki", self.pki.is_some()),
+            ("isolation", self.isolation.is_some()),
+            ("backups", self.backups.is_some()),
+        ]
+        .into_iter()
+        .filter(|(_, on)| *on)
+        .map(|(name, _)| name)
+        .collect();
+        tracing::info!(
+            file = %self.source.as_deref().map(|p| p.display().to_string()).unwrap_or_default(),
+            listen = %self.listen,
+            data_dir = %self.data_dir.display(),
+            apps = %self.apps.iter().map(|a| a.name.as_str()).collect::<Vec<_>>().join(","),
+            sections = %sections.join(","),
+            metrics = %if self.metrics.enabled { self.metrics.listen.to_string() } else { "off".into() },
+            "sentinel starting"
+        );
     }
 
     /// Loads `path` for a subcommand; when it is unusable, prints why and gives the exit code

@@ -106,6 +106,7 @@ pub async fn run(opts: DevOptions, shutdown: CancellationToken) -> anyhow::Resul
         store: Default::default(),
         // The dev fleet's hosts get their certificates from `ensure_pki`, not by enrolment.
         pki: None,
+        source: None,
         metrics: crate::config::MetricsConfig {
             enabled: true,
             listen: opts.metrics_listen,

@@ -18,6 +18,7 @@ pub mod metrics;
 pub mod pipeline;
 pub mod pki;
 pub mod registry;
+pub mod reload;
 pub mod revocation;
 pub mod server;
 pub mod store;

@@ -328,7 +328,7 @@ fn main() -> ExitCode {
                 Err(code) => return ExitCode::from(code),
             };
             run_async(|shutdown| async move {
-                tracing::info!(config = ?config, "sentinel starting");
+                config.log_start();
                 // systemd (Type=notify) hears READY=1 once the gRPC listener is bound.
                 let (ready, listening) = tokio::sync::oneshot::channel();
                 tokio::spawn(async move {

@@ -36,6 +36,8 @@ pub async fn run(
     shutdown: CancellationToken,
     ready: Option<oneshot::Sender<SocketAddr>>,
 ) -> anyhow::Result<()> {
+    // First: until the handler exists, SIGHUP's default action ends the process.
+    let hangups = crate::reload::hangups().context("installing the SIGHUP (reload) handler")?;
     std::fs::create_dir_all(&config.data_dir)
         .with_context(|| format!("creating data directory {}", config.data_dir.display()))?;
     let store: Arc<dyn Store> = Arc::new(
@@ -133,8 +135,10 @@ pub async fn run(
     let issuer_der = enrolment
         .as_ref()
         .map(|e| rustls::pki_types::CertificateDer::from(e.issuer().cert_der().to_vec()));
-    let tls = crate::tls::server_config(&config.tls, issuer_der)
-        .context("loading the controller's TLS files")?;
+    let tls = crate::tls::ServerTls::new(
+        crate::tls::server_config(&config.tls, issuer_der.clone())
+            .context("loading the controller's TLS files")?,
+    );
     if let Some((not_before, not_after)) =
         sentinel_daemon::tls::load_certs(&config.tls.cert, "certificate")
             .ok()
@@ -195,6 +199,21 @@ pub async fn run(
         );
     }
 
+    tokio::spawn(
+        crate::reload::run(
+            hangups,
+            crate::reload::Reloadable {
+                pipeline: ctx.pipeline.clone(),
+                isolation: isolation.clone(),
+                backups: backups.clone(),
+                tls: tls.clone(),
+                issuer_der,
+            },
+            config.clone(),
+            shutdown.clone(),
+        )
+        .instrument(tracing::info_span!("reload")),
+    );
     let incoming = crate::tls::incoming(listener, tls, shutdown.clone());
     crate::metrics::start(&config.metrics, registry.clone(), shutdown.clone()).await;
     if let Some(ready) = ready {

@@ -64,6 +64,28 @@ static PEER_WARNINGS: WarnLimiter = WarnLimiter::new(
     Duration::from_secs(10),
 );
 
+/// The server's TLS settings in force: each new connection takes the current ones, and a
+/// reload (SIGHUP) replaces them; connections already open keep theirs.
+#[derive(Debug)]
+pub struct ServerTls(std::sync::RwLock<Arc<rustls::ServerConfig>>);
+
+impl ServerTls {
+    /// Settings starting as `config`.
+    pub fn new(config: Arc<rustls::ServerConfig>) -> Arc<Self> {
+        Arc::new(Self(std::sync::RwLock::new(config)))
+    }
+
+    /// The settings for the next handshake.
+    pub fn current(&self) -> Arc<rustls::ServerConfig> {
+        self.0.read().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+
+    /// Puts `config` in force for new connections.
+    pub fn replace(&self, config: Arc<rustls::ServerConfig>) {
+        *self.0.write().unwrap_or_else(|p| p.into_inner()) = config;
+    }
+}
+
 /// The server config: TLS 1.3 only, ALPN h2, client certificates verified against the fleet
 /// CA (issued by it directly or by the configured `issuer`, nothing else). A client may also
 /// come without a certificate: it can then only enrol (the authz layer refuses it everything
@@ -305,11 +327,10 @@ impl AsyncWrite for TlsConn {
 /// no fleet identity are logged and dropped; the rest come out of the returned stream.
 pub fn incoming(
     listener: TcpListener,
-    config: Arc<rustls::ServerConfig>,
+    config: Arc<ServerTls>,
     shutdown: CancellationToken,
 ) -> ReceiverStream<Result<TlsConn, io::Error>> {
     let (tx, rx) = mpsc::channel(ACCEPT_QUEUE);
-    let acceptor = tokio_rustls::TlsAcceptor::from(config);
     let limits = Arc::new(Limits::default());
     // Sums up held-back warnings of a flood that has stopped.
     let stop = shutdown.clone();
@@ -338,7 +359,9 @@ pub fn incoming(
                     }
                 },
             };
-            let (acceptor, tx, limits) = (acceptor.clone(), tx.clone(), limits.clone());
+            // Taken per connection, so a reloaded certificate serves the next handshake.
+            let acceptor = tokio_rustls::TlsAcceptor::from(config.current());
+            let (tx, limits) = (tx.clone(), limits.clone());
             tokio::spawn(async move {
                 if let Some(conn) = handshake(acceptor, &limits, tcp, addr).await {
                     let _ = tx.send(Ok(conn)).await;

@@ -347,6 +347,24 @@ pub struct CollectorsConfig {
     pub postgres: PostgresCollectorConfig,
 }
 
+impl CollectorsConfig {
+    /// The collectors that run, by name (`system,docker,redis`), for the start-up log.
+    pub fn enabled_names(&self) -> String {
+        [
+            ("system", self.system),
+            ("docker", self.docker),
+            ("nginx", self.nginx.enabled),
+            ("redis", !self.redis.is_empty()),
+            ("postgres", self.postgres.enabled),
+        ]
+        .into_iter()
+        .filter(|(_, on)| *on)
+        .map(|(name, _)| name)
+        .collect::<Vec<_>>()
+        .join(",")
+    }
+}
+
 impl Default for CollectorsConfig {
     fn default() -> Self {
         Self {

@@ -57,19 +57,33 @@ pub enum SessionError {
 }
 
 /// Runs sessions until `shutdown` is cancelled.
+/// Runs sessions until `shutdown` is cancelled. A new value in `settings` (a reload) ends the
+/// session in progress and opens the next one with it at once; jobs keep running meanwhile.
 pub async fn run(
-    config: AgentConfig,
+    mut settings: tokio::sync::watch::Receiver<Arc<AgentConfig>>,
     creds: Arc<Credentials>,
     jobs: Arc<Jobs>,
     shutdown: CancellationToken,
 ) {
+    let mut config = settings.borrow_and_update().clone();
     let host = config.host_name();
     let mut collectors = Collectors::new(&config.collectors);
     let mut backoff = Backoff::new(config.backoff.initial, config.backoff.max);
     let mut attempts: u64 = 0;
-    let span = tracing::info_span!("agent", host = %host, controller = %config.controller);
+    let span = tracing::info_span!("agent", host = %host);
     async {
         loop {
+            let new = settings.borrow_and_update().clone();
+            if !Arc::ptr_eq(&new, &config) {
+                if new.collectors != config.collectors {
+                    collectors = Collectors::new(&new.collectors);
+                }
+                if new.backoff != config.backoff {
+                    backoff = Backoff::new(new.backoff.initial, new.backoff.max);
+                }
+                config = new;
+            }
+            let config = config.clone();
             attempts += 1;
             let mut welcomed = false;
             let session = async {
@@ -91,6 +105,12 @@ pub async fn run(
             };
             let outcome = tokio::select! {
                 r = session => r,
+                // Err: no reloads any more (the sender is gone); the branch is then off.
+                Ok(()) = settings.changed() => {
+                    info!(controller = %settings.borrow().controller, "config reloaded: reconnecting with the new settings");
+                    crate::metrics::get().set_connected(false);
+                    continue;
+                }
                 _ = shutdown.cancelled() => {
                     info!("agent stopping");
                     return;

@@ -119,9 +119,22 @@ fn main() -> ExitCode {
         }
     };
     runtime.block_on(async move {
-        tracing::info!(config = ?config, "hostagent starting");
+        tracing::info!(
+            file = %cli.config.display(),
+            host = %config.host_name(),
+            controller = %config.controller,
+            report_interval = ?config.report_interval,
+            collectors = %config.collectors.enabled_names(),
+            state_dir = %config.jobs.state_dir.display(),
+            metrics = %if config.metrics.enabled { config.metrics.listen.to_string() } else { "off".into() },
+            "hostagent starting"
+        );
         let shutdown = CancellationToken::new();
-        let mut agent = tokio::spawn(hostagent::run(config, shutdown.clone()));
+        let mut agent = tokio::spawn(hostagent::run(
+            config,
+            Some(cli.config.clone()),
+            shutdown.clone(),
+        ));
         // A start-up failure (unreadable key, journal) ends the process at once, so that
         // systemd sees it and restarts, instead of idling until SIGTERM.
         let parent_gone = async {

@@ -116,7 +116,8 @@ impl FakeController {
         };
         let stop = shutdown.clone();
         runtime.spawn(async move {
-            let incoming = sentinel::tls::incoming(listener, tls, stop.clone());
+            let incoming =
+                sentinel::tls::incoming(listener, sentinel::tls::ServerTls::new(tls), stop.clone());
             let _ = tonic::transport::Server::builder()
                 .add_service(AgentServiceServer::new(service))
                 .serve_with_incoming_shutdown(incoming, stop.cancelled())

@@ -84,10 +84,16 @@ fn kind_of(kind: JobKind) -> Option<&'static str> {
 
 /// The controller's backups.
 pub struct Backups {
-    config: BackupsConfig,
+    /// Replaced whole by [`Backups::reload`]; a run in progress keeps the copy it started with.
+    config: std::sync::RwLock<Arc<BackupsConfig>>,
     jobs: Arc<JobQueue>,
     store: Arc<dyn Store>,
-    schedules: Vec<Schedule>,
+    /// The config's schedules, parsed.
+    schedules: Mutex<Vec<Schedule>>,
+    /// Stops the running schedule tasks (a reload starts new ones).
+    schedule_tasks: Mutex<Option<CancellationToken>>,
+    /// The controller's shutdown, parent of the schedules' token.
+    shutdown: Mutex<Option<CancellationToken>>,
     state: Mutex<State>,
     /// Run kind -> the jobs of its run in flight.
     running: Mutex<HashMap<&'static str, Vec<String>>>,
@@ -114,24 +120,20 @@ impl Backups {
         for key in bad {
             warn!(key, "unreadable backup record ignored");
         }
-        let mut schedules = Vec::new();
-        for (name, expr) in config.schedule.entries() {
-            match Schedule::parse(name, expr, &config.time_zone) {
-                Ok(s) => schedules.push(s),
-                Err(e) => warn!(schedule = name, error = %e, "schedule ignored"),
-            }
-        }
         let backups = Arc::new(Self {
-            config,
+            config: std::sync::RwLock::new(Arc::new(config)),
             jobs,
             store,
-            schedules,
+            schedules: Mutex::new(Vec::new()),
+            schedule_tasks: Mutex::new(None),
+            shutdown: Mutex::new(None),
             state: Mutex::new(state),
             running: Mutex::new(HashMap::new()),
             covered: Mutex::new(HashMap::new()),
             applied: Mutex::new(HashMap::new()),
             persisting: tokio::sync::Mutex::new(()),
         });
+        backups.parse_schedules();
         backups.publish_metrics();
         Ok(backups)
     }
@@ -163,8 +165,16 @@ impl Backups {
     }
 
     /// The backup host.
-    pub fn host(&self) -> &str {
-        &self.config.host
+    pub fn host(&self) -> String {
+        self.config().host.clone()
+    }
+
+    /// The `[backups]` settings in force now.
+    fn config(&self) -> Arc<BackupsConfig> {
+        self.config
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
     }
 
     /// Starts the schedules and the task that records job results. Runs left going by a
@@ -187,26 +197,62 @@ impl Backups {
             async move { me.record_results(stop).await }
                 .instrument(tracing::info_span!("backup_results")),
         );
-        for schedule in self.schedules.clone() {
+        *lock(&self.shutdown) = Some(shutdown);
+        self.start_schedules();
+    }
+
+    /// Starts one task per schedule of the config in force, stopping those of an earlier one.
+    fn start_schedules(self: &Arc<Self>) {
+        let Some(shutdown) = lock(&self.shutdown).clone() else {
+            return;
+        };
+        let stop = shutdown.child_token();
+        if let Some(old) = lock(&self.schedule_tasks).replace(stop.clone()) {
+            old.cancel();
+        }
+        for schedule in lock(&self.schedules).clone() {
             let me = self.clone();
-            let stop = shutdown.clone();
+            let stop = stop.clone();
             let span = tracing::info_span!("backup_schedule", schedule = schedule.name);
             tokio::spawn(async move { me.run_schedule(schedule, stop).await }.instrument(span));
         }
     }
 
+    /// Parses the schedules of the config in force.
+    fn parse_schedules(&self) {
+        let config = self.config();
+        let mut parsed = Vec::new();
+        for (name, expr) in config.schedule.entries() {
+            match Schedule::parse(name, expr, &config.time_zone) {
+                Ok(s) => parsed.push(s),
+                Err(e) => warn!(schedule = name, error = %e, "schedule ignored"),
+            }
+        }
+        *lock(&self.schedules) = parsed;
+    }
+
+    /// Puts new `[backups]` settings in force (SIGHUP): runs in flight finish as they
+    /// started; the schedules restart on the new times, treated as at a controller start (a
+    /// run the new times say was missed since the last one runs now).
+    pub fn reload(self: &Arc<Self>, config: BackupsConfig) {
+        *self.config.write().unwrap_or_else(|p| p.into_inner()) = Arc::new(config);
+        self.parse_schedules();
+        self.publish_metrics();
+        self.start_schedules();
+    }
+
     fn retention(&self, simulated_now: Option<prost_types::Timestamp>) -> RetentionPolicy {
         RetentionPolicy {
-            daily: self.config.retention.daily,
-            weekly: self.config.retention.weekly,
-            minimum: self.config.retention.minimum,
+            daily: self.config().retention.daily,
+            weekly: self.config().retention.weekly,
+            minimum: self.config().retention.minimum,
             simulated_now,
-            time_zone: self.config.time_zone.clone(),
+            time_zone: self.config().time_zone.clone(),
         }
     }
 
     fn databases(&self, filter: impl Fn(&config::DatabaseConfig) -> bool) -> Vec<BackupDatabase> {
-        self.config
+        self.config()
             .databases
             .iter()
             .filter(|d| filter(d))
@@ -218,17 +264,18 @@ impl Backups {
             .collect()
     }
 
-    fn files_host(&self) -> &str {
-        self.config
+    fn files_host(&self) -> String {
+        let config = self.config();
+        config
             .files_host
-            .as_deref()
-            .unwrap_or(&self.config.host)
+            .clone()
+            .unwrap_or_else(|| config.host.clone())
     }
 
     /// Every series the config asks for, in config order.
     pub fn configured_series(&self) -> Vec<Series> {
         let mut out: Vec<Series> = self
-            .config
+            .config()
             .databases
             .iter()
             .map(|d| Series {
@@ -237,14 +284,14 @@ impl Backups {
                 database: d.database.clone(),
             })
             .collect();
-        if !self.config.globals_dsn_ref.is_empty() {
+        if !self.config().globals_dsn_ref.is_empty() {
             out.push(Series {
                 kind: Kind::Globals,
                 environment: String::new(),
-                database: self.config.globals_dsn_ref.clone(),
+                database: self.config().globals_dsn_ref.clone(),
             });
         }
-        if !self.config.file_paths.is_empty() {
+        if !self.config().file_paths.is_empty() {
             out.push(Series {
                 kind: Kind::Files,
                 environment: String::new(),
@@ -286,7 +333,7 @@ impl Backups {
                 target: host.to_string(),
                 kind: job_kind,
                 params,
-                ttl: self.config.job_ttl,
+                ttl: self.config().job_ttl,
                 requested_by: who.to_string(),
             })
             .map_err(|s| StartError::Refused(s.message().to_string()))?;
@@ -340,9 +387,9 @@ impl Backups {
         self.begin(BACKUP)?;
         let result = (|| {
             let separate_files =
-                self.files_host() != self.config.host && !self.config.file_paths.is_empty();
+                self.files_host() != self.config().host && !self.config().file_paths.is_empty();
             let file_paths: Vec<String> = self
-                .config
+                .config()
                 .file_paths
                 .iter()
                 .map(|p| p.display().to_string())
@@ -350,9 +397,9 @@ impl Backups {
             let base = BackupParams {
                 databases: Vec::new(),
                 file_paths: Vec::new(),
-                backup_dir: self.config.backup_dir.display().to_string(),
+                backup_dir: self.config().backup_dir.display().to_string(),
                 retention: Some(self.retention(simulated_now)),
-                offsite_target: self.config.offsite_target.clone(),
+                offsite_target: self.config().offsite_target.clone(),
                 reason: reason.to_string(),
                 globals_dsn_ref: String::new(),
             };
@@ -363,7 +410,7 @@ impl Backups {
                 } else {
                     file_paths.clone()
                 },
-                globals_dsn_ref: self.config.globals_dsn_ref.clone(),
+                globals_dsn_ref: self.config().globals_dsn_ref.clone(),
                 ..base.clone()
             };
             let covered: Vec<Series> = self
@@ -373,7 +420,7 @@ impl Backups {
                 .collect();
             let job = self.submit(
                 BACKUP,
-                &self.config.host,
+                &self.config().host,
                 job_spec::Params::Backup(main),
                 who,
                 covered,
@@ -388,7 +435,7 @@ impl Backups {
                 }];
                 match self.submit(
                     BACKUP,
-                    self.files_host(),
+                    &self.files_host(),
                     job_spec::Params::Backup(files),
                     who,
                     covered,
@@ -407,12 +454,12 @@ impl Backups {
         self.begin(VERIFY)?;
         let result = (|| {
             let params = VerifyBackupsParams {
-                backup_dir: self.config.backup_dir.display().to_string(),
+                backup_dir: self.config().backup_dir.display().to_string(),
             };
             let covered = self.configured_series();
             let job = self.submit(
                 VERIFY,
-                &self.config.host,
+                &self.config().host,
                 job_spec::Params::VerifyBackups(params),
                 who,
                 covered,
@@ -425,7 +472,7 @@ impl Backups {
 
     /// Starts a restore test of the newest good backup of every configured database.
     pub fn start_restore_test(self: &Arc<Self>, who: &str) -> Result<Started, StartError> {
-        if self.config.restore_test.cluster_dsn_ref.is_empty() {
+        if self.config().restore_test.cluster_dsn_ref.is_empty() {
             return Err(StartError::Refused(
                 "no restore test cluster: set [backups.restore_test] cluster_dsn_ref".into(),
             ));
@@ -434,7 +481,7 @@ impl Backups {
         let result = (|| {
             let databases = self.databases(|_| true);
             let checks = self
-                .config
+                .config()
                 .databases
                 .iter()
                 .flat_map(|d| {
@@ -446,9 +493,9 @@ impl Backups {
                 })
                 .collect();
             let params = RestoreTestParams {
-                backup_dir: self.config.backup_dir.display().to_string(),
-                test_cluster_dsn_ref: self.config.restore_test.cluster_dsn_ref.clone(),
-                invariants: self.config.restore_test.invariants.clone(),
+                backup_dir: self.config().backup_dir.display().to_string(),
+                test_cluster_dsn_ref: self.config().restore_test.cluster_dsn_ref.clone(),
+                invariants: self.config().restore_test.invariants.clone(),
                 checks,
                 databases,
             };
@@ -459,7 +506,7 @@ impl Backups {
                 .collect();
             let job = self.submit(
                 RESTORE_TEST,
-                &self.config.host,
+                &self.config().host,
                 job_spec::Params::RestoreTest(params),
                 who,
                 covered,
@@ -733,8 +780,7 @@ impl Backups {
             }
         }
         let running = lock(&self.running);
-        let schedules = self
-            .schedules
+        let schedules = lock(&self.schedules)
             .iter()
             .map(|s| {
                 let saved = st.schedules.get(s.name).cloned().unwrap_or_default();
@@ -754,7 +800,7 @@ impl Backups {
             .collect();
         ListBackupsResponse {
             databases: series.iter().map(|s| st.summary(s, now)).collect(),
-            host: self.config.host.clone(),
+            host: self.config().host.clone(),
             schedules,
             offsite_pending: st.offsite.pending.len() as u32,
             offsite_error: st.offsite.error.clone().unwrap_or_default(),
@@ -813,13 +859,13 @@ impl crate::pipeline::PreDeployBackup for Backups {
             return None;
         }
         Some((
-            self.config.host.clone(),
+            self.config().host.clone(),
             BackupParams {
                 databases,
                 file_paths: Vec::new(),
-                backup_dir: self.config.backup_dir.display().to_string(),
+                backup_dir: self.config().backup_dir.display().to_string(),
                 retention: Some(self.retention(None)),
-                offsite_target: self.config.offsite_target.clone(),
+                offsite_target: self.config().offsite_target.clone(),
                 reason: format!("before deploy {deploy_id} of {app} at {commit}"),
                 globals_dsn_ref: String::new(),
             },

@@ -112,7 +112,8 @@ pub fn to_proto(v: &Violation) -> IsolationViolation {
 /// the schedule, the operator API and the deploy pipeline.
 #[derive(Debug)]
 pub struct IsolationState {
-    policy: IsolationConfig,
+    /// Replaced whole by [`IsolationState::reload`]; a check in progress keeps its copy.
+    policy: RwLock<Arc<IsolationConfig>>,
     latest: RwLock<Option<CheckOutcome>>,
     /// Sends probe jobs; None where there is no job queue (or no `[isolation.probe]`).
     prober: Option<Prober>,
@@ -121,29 +122,43 @@ pub struct IsolationState {
     /// One check at a time: a deploy's check waits for a scheduled one to finish, then runs
     /// its own, so it always judges the cluster as it is now.
     running: tokio::sync::Mutex<()>,
+    /// Wakes the schedule after a reload.
+    reloaded: tokio::sync::Notify,
 }
 
 impl IsolationState {
     /// A state with no check run yet. `prober` sends the probe jobs of `[isolation.probe]`.
     pub fn new(policy: IsolationConfig, prober: Option<Prober>) -> Arc<Self> {
         Arc::new(Self {
-            policy,
+            policy: RwLock::new(Arc::new(policy)),
             latest: RwLock::new(None),
             prober,
             probes: RwLock::new(None),
             running: tokio::sync::Mutex::new(()),
+            reloaded: tokio::sync::Notify::new(),
         })
     }
 
-    /// The policy.
-    pub fn policy(&self) -> &IsolationConfig {
-        &self.policy
+    /// The policy in force now.
+    pub fn policy(&self) -> Arc<IsolationConfig> {
+        self.policy
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+    }
+
+    /// Puts a new policy in force (SIGHUP): the next check, scheduled or asked for, uses it;
+    /// the schedule checks at once and then keeps the new interval.
+    pub fn reload(&self, policy: IsolationConfig) {
+        *self.policy.write().unwrap_or_else(|p| p.into_inner()) = Arc::new(policy);
+        self.reloaded.notify_one();
     }
 
     /// The hosts a probe asked for, checked against `[isolation.probe] hosts`: all of them
     /// when `asked` is empty. The error names the host that is not a probe host.
     pub fn probe_hosts(&self, asked: &[String]) -> Result<Vec<String>, String> {
-        let Some(settings) = self.policy.probe.as_ref().filter(|_| self.prober.is_some()) else {
+        let policy = self.policy();
+        let Some(settings) = policy.probe.as_ref().filter(|_| self.prober.is_some()) else {
             return Err(
                 "probing from the hosts is not configured: add an [isolation.probe] \
                         section (hosts, host, port) to the controller config"
@@ -172,19 +187,18 @@ impl IsolationState {
     ) -> IsolationReport {
         let _one_at_a_time = self.running.lock().await;
         let started = Instant::now();
+        let policy = self.policy();
         let probing = async {
-            match (&self.prober, &self.policy.probe, probe_from) {
+            match (&self.prober, &policy.probe, probe_from) {
                 (Some(prober), Some(settings), Some(hosts)) => {
                     let at = SystemTime::now();
-                    let results = prober
-                        .run(&self.policy, settings, hosts, requested_by)
-                        .await;
+                    let results = prober.run(&policy, settings, hosts, requested_by).await;
                     Some((at, results))
                 }
                 _ => None,
             }
         };
-        let (mut outcome, probed) = tokio::join!(check(&self.policy), probing);
+        let (mut outcome, probed) = tokio::join!(check(&policy), probing);
         if let Some((at, run)) = probed {
             if let Ok(mut probes) = self.probes.write() {
                 let previous = probes.take().map(|(_, p)| p).unwrap_or_default();
@@ -208,7 +222,7 @@ impl IsolationState {
     fn export_metrics(&self, report: &IsolationReport) {
         let metrics = crate::metrics::get();
         metrics.set_isolation_check(report.error.is_empty(), SystemTime::now());
-        for environment in self.policy.environments.keys() {
+        for environment in self.policy().environments.keys() {
             let touching = report
                 .violations
                 .iter()
@@ -248,7 +262,7 @@ impl IsolationState {
     /// (no check completed yet, or the last one failed), one entry saying so: unknown is not
     /// clean. Empty for an environment the policy does not name.
     pub fn blocking_violations(&self, environment: &str) -> Vec<IsolationViolation> {
-        if !self.policy.environments.contains_key(environment) {
+        if !self.policy().environments.contains_key(environment) {
             return Vec::new();
         }
         let unknown = |path: String| {
@@ -302,14 +316,14 @@ impl IsolationState {
     /// Checks at once, then every `interval`, until `shutdown`; probes too when
     /// `[isolation.probe] on_schedule` says so, at most every `probe.interval`.
     pub async fn run_schedule(self: Arc<Self>, shutdown: CancellationToken) {
-        let interval = self.policy.interval;
-        let probe = self
-            .policy
-            .probe
-            .as_ref()
-            .filter(|p| p.on_schedule && self.prober.is_some());
         let mut last_probe: Option<Instant> = None;
         loop {
+            // Read each round: a reload changes the interval and the probe settings.
+            let policy = self.policy();
+            let probe = policy
+                .probe
+                .as_ref()
+                .filter(|p| p.on_schedule && self.prober.is_some());
             let probe_from = probe
                 .filter(|p| last_probe.is_none_or(|at| at.elapsed() >= p.interval))
                 .map(|p| p.hosts.as_slice());
@@ -321,7 +335,9 @@ impl IsolationState {
                 _ = shutdown.cancelled() => return,
             }
             tokio::select! {
-                _ = tokio::time::sleep(interval) => {}
+                _ = tokio::time::sleep(policy.interval) => {}
+                // A new policy is checked at once rather than after the old interval.
+                _ = self.reloaded.notified() => {}
                 _ = shutdown.cancelled() => return,
             }
         }

@@ -62,8 +62,9 @@ struct State {
 
 /// The pipeline and the deploy history.
 pub struct Pipeline {
-    apps: HashMap<String, AppConfig>,
-    config: PipelineConfig,
+    /// The configured apps and the pipeline settings; replaced whole by [`Pipeline::reload`]
+    /// (a deploy in flight keeps the copy it started with).
+    settings: std::sync::RwLock<Arc<Settings>>,
     jobs: Arc<JobQueue>,
     bundles_dir: PathBuf,
     job_ttl: Duration,
@@ -75,6 +76,12 @@ pub struct Pipeline {
     backups: Mutex<Option<Arc<dyn PreDeployBackup>>>,
     /// App locks, consulted before every deploy and rollback.
     app_locks: Mutex<Option<Arc<crate::audit::Locks>>>,
+}
+
+/// What `[pipeline]` and `[[apps]]` say, as one value so a reload swaps both at once.
+struct Settings {
+    apps: HashMap<String, AppConfig>,
+    config: PipelineConfig,
 }
 
 /// How a running deploy is cancelled: the token its run stops on, and who cancelled it and why.
@@ -154,8 +161,10 @@ impl Pipeline {
         }
         let (events, _) = broadcast::channel(4096);
         Ok(Arc::new(Self {
-            apps: apps.iter().map(|a| (a.name.clone(), a.clone())).collect(),
-            config,
+            settings: std::sync::RwLock::new(Arc::new(Settings {
+                apps: apps.iter().map(|a| (a.name.clone(), a.clone())).collect(),
+                config,
+            })),
             jobs,
             bundles_dir,
             job_ttl,
@@ -208,9 +217,29 @@ impl Pipeline {
         self.app(name).map(|_| ())
     }
 
+    /// The settings in force now.
+    fn settings(&self) -> Arc<Settings> {
+        self.settings
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+    }
+
+    /// Puts new `[[apps]]` and `[pipeline]` settings in force (SIGHUP). Deploys already
+    /// running finish with the settings they started with; the next one uses these.
+    pub fn reload(&self, apps: &[AppConfig], config: PipelineConfig) {
+        let settings = Arc::new(Settings {
+            apps: apps.iter().map(|a| (a.name.clone(), a.clone())).collect(),
+            config,
+        });
+        crate::metrics::get().init_deploys(settings.apps.keys().map(String::as_str));
+        *self.settings.write().unwrap_or_else(|p| p.into_inner()) = settings;
+    }
+
     fn app(&self, name: &str) -> Result<AppConfig, Status> {
-        self.apps.get(name).cloned().ok_or_else(|| {
-            let mut known: Vec<&str> = self.apps.keys().map(String::as_str).collect();
+        let settings = self.settings();
+        settings.apps.get(name).cloned().ok_or_else(|| {
+            let mut known: Vec<&str> = settings.apps.keys().map(String::as_str).collect();
             known.sort();
             Status::not_found(format!(
                 "no app {name:?}; configured apps: {}",
@@ -742,8 +771,9 @@ impl Pipeline {
                 .map(|_| ());
         }
         let host = app.production.host.clone();
-        let hook = self.config.backup_hook.clone();
-        let timeout = self.config.backup_hook_timeout;
+        let settings = self.settings();
+        let hook = settings.config.backup_hook.clone();
+        let timeout = settings.config.backup_hook_timeout;
         self.run_step(id, "backup", "production", &host, async move {
             if hook.is_empty() {
                 return Ok((
@@ -786,14 +816,17 @@ impl Pipeline {
             snapshot.finished_at = Some(now());
             snapshot
         };
-        if !self.config.webhooks.is_empty() {
+        let settings = self.settings();
+        if !settings.config.webhooks.is_empty() {
             let doc = report::document(&snapshot);
             let _ = self
                 .run_step(id, "report", "", "", async {
                     let mut lines = Vec::new();
-                    for hook in &self.config.webhooks {
+                    for hook in &settings.config.webhooks {
                         let line =
-                            match report::deliver(hook, &doc, self.config.webhook_attempts).await {
+                            match report::deliver(hook, &doc, settings.config.webhook_attempts)
+                                .await
+                            {
                                 Ok(l) | Err(l) => l,
                             };
                         self.log_line(id, format!("[report] {line}"));

@@ -77,7 +77,8 @@ pub fn load_trusted_keys(paths: &[PathBuf]) -> Result<HashMap<String, VerifyingK
 pub struct Jobs {
     host: String,
     trusted: trust::Trust,
-    config: JobsConfig,
+    /// The policy in force; replaced by [`Jobs::set_config`] on SIGHUP.
+    config: std::sync::RwLock<Arc<JobsConfig>>,
     journal: Journal,
     outbox: Outbox,
     bundles: Bundles,
@@ -96,7 +97,7 @@ impl Jobs {
         let jobs = Arc::new(Self {
             host: host.to_string(),
             trusted,
-            config: config.clone(),
+            config: std::sync::RwLock::new(Arc::new(config.clone())),
             journal,
             bundles: Bundles::new(outbox.clone(), config.state_dir.join("bundles")),
             outbox,
@@ -110,6 +111,25 @@ impl Jobs {
         let worker = jobs.clone();
         tokio::spawn(async move { worker.work(rx).await }.instrument(tracing::info_span!("jobs")));
         Ok(jobs)
+    }
+
+    /// The `[jobs]` settings in force.
+    fn config(&self) -> Arc<JobsConfig> {
+        self.config
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+    }
+
+    /// Puts a new `[jobs]` policy in force (SIGHUP): the next job is checked against it, a
+    /// running one finishes under the policy it was accepted with. `state_dir` and
+    /// `trusted_keys` keep their running values (the journal and the keys are open).
+    pub fn set_config(&self, new: &JobsConfig) {
+        let mut config = new.clone();
+        let running = self.config();
+        config.state_dir = running.state_dir.clone();
+        config.trusted_keys = running.trusted_keys.clone();
+        *self.config.write().unwrap_or_else(|p| p.into_inner()) = Arc::new(config);
     }
 
     /// The outbox sessions drain.
@@ -165,7 +185,7 @@ impl Jobs {
     pub fn receive(&self, job: SignedJob) {
         let now = SystemTime::now();
         let spec = match self.trusted.with(|trusted| {
-            envelope::verify(&job, trusted, &self.host, now, self.config.max_clock_skew)
+            envelope::verify(&job, trusted, &self.host, now, self.config().max_clock_skew)
         }) {
             Ok(spec) => spec,
             Err(e) => {
@@ -202,7 +222,7 @@ impl Jobs {
             );
             return;
         }
-        if let Err(reason) = policy::check(&spec, &self.config) {
+        if let Err(reason) = policy::check(&spec, &self.config()) {
             self.refuse(&spec.job_id, RefusalReason::Policy, &reason);
             return;
         }
@@ -342,7 +362,8 @@ impl Jobs {
 
     /// Runs a job: its outcome and its typed result (backups report what they wrote and hold).
     async fn execute(&self, spec: &JobSpec, events: &JobEvents) -> backup::Outcome {
-        let backups = &self.config.backups;
+        let config = self.config();
+        let backups = &config.backups;
         match &spec.params {
             Some(job_spec::Params::Backup(p)) => backup::run_backup(p, backups, events).await,
             Some(job_spec::Params::VerifyBackups(p)) => {
@@ -352,7 +373,7 @@ impl Jobs {
                 backup::restore::run_restore_test(p, backups, events).await
             }
             Some(job_spec::Params::IsolationProbe(p)) => {
-                probe::run_probe(p, &self.config.isolation_probe, events).await
+                probe::run_probe(p, &config.isolation_probe, events).await
             }
             Some(job_spec::Params::Rollback(p)) => {
                 // Which release the rollback left live, for the controller's record.
