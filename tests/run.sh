@@ -9,7 +9,7 @@ need_apt=()
 # systemd (systemd-analyze), man-db and dpkg-dev check the .deb packages; prometheus brings
 # promtool for the alert rules; openssl checks the certificate a reloaded controller serves.
 for pkg in busybox-static rsync postgresql redis-server nginx-light docker-compose git \
-    systemd man-db dpkg-dev prometheus openssl; do
+    systemd man-db dpkg-dev prometheus openssl procps; do
   dpkg -s "$pkg" >/dev/null 2>&1 || need_apt+=("$pkg")
 done
 if [ "${#need_apt[@]}" -gt 0 ]; then
