@@ -56,7 +56,6 @@ pub enum SessionError {
     Expired(String),
 }
 
-/// Runs sessions until `shutdown` is cancelled.
 /// Runs sessions until `shutdown` is cancelled. A new value in `settings` (a reload) ends the
 /// session in progress and opens the next one with it at once; jobs keep running meanwhile.
 pub async fn run(
